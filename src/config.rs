@@ -1,0 +1,630 @@
+//! Command line -> validated, typed [`Config`]. Pure: reads the users file named on the command line but opens no
+//! socket.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use getopts::Options;
+
+use crate::acl::{self, ClientRules, DestRules};
+use crate::auth::Users;
+use crate::resolve::{Resolver, StaticHosts};
+use crate::upstream::Upstream;
+
+/// Everything a running server needs to know.
+#[derive(Clone)]
+pub struct Config {
+    /// Addresses to listen on (each worker binds every one with SO_REUSEPORT).
+    pub listen: Vec<SocketAddr>,
+    /// Worker threads, each with its own event loop.
+    pub threads: usize,
+    /// The users table (empty = no authentication).
+    pub users: Arc<Users>,
+    /// The users file, re-read on SIGHUP.
+    pub users_file: Option<PathBuf>,
+    /// `NAME:PASS` pairs given with `--user` (kept to merge on reload).
+    pub inline_users: Vec<(String, String)>,
+    /// Size of each relay buffer.
+    pub buffer_size: usize,
+    /// Deadline for the whole client handshake, counted from accept.
+    pub handshake_timeout: Duration,
+    /// Deadline for resolving and connecting to a target.
+    pub connect_timeout: Duration,
+    /// Close a tunnel after this long with no traffic either way.
+    pub idle_timeout: Duration,
+    /// How long established tunnels may finish after SIGTERM.
+    pub drain_timeout: Duration,
+    /// Cap on concurrent client connections across all workers.
+    pub max_connections: Option<usize>,
+    /// Cap on concurrent sessions per authenticated user.
+    pub user_max_connections: Option<usize>,
+    /// Serve SOCKS4/4a.
+    pub socks4: bool,
+    /// Let SOCKS4 through (without a password) even when users are configured.
+    pub socks4_with_users: bool,
+    /// Serve the HTTP proxy.
+    pub http: bool,
+    /// Largest HTTP request or response head.
+    pub max_head: usize,
+    /// The Via pseudonym for forwarded HTTP messages (`None` = no Via header).
+    pub via: Option<String>,
+    /// Serve SOCKS5 UDP ASSOCIATE.
+    pub udp: bool,
+    /// Address to advertise in UDP ASSOCIATE replies instead of the control connection's local IP (NAT).
+    pub udp_advertise: Option<IpAddr>,
+    /// Close a UDP association after this long with no datagrams.
+    pub udp_idle_timeout: Duration,
+    /// Serve SOCKS BIND.
+    pub bind_cmd: bool,
+    /// How long a BIND listener waits for its inbound connection.
+    pub bind_timeout: Duration,
+    /// Client address rules.
+    pub client_rules: ClientRules,
+    /// Destination rules.
+    pub dest_rules: DestRules,
+    /// Source address for outbound connections and UDP.
+    pub outbound_bind: Option<IpAddr>,
+    /// Proxy to send every outbound connection through.
+    pub upstream: Option<Upstream>,
+    /// Every connection starts with a PROXY protocol v1/v2 header.
+    pub proxy_protocol: bool,
+    /// Where to serve Prometheus metrics.
+    pub metrics: Option<SocketAddr>,
+    /// Threads that run blocking name lookups.
+    pub resolver_threads: usize,
+    /// How names are resolved (system resolver behind static `--resolve` entries).
+    pub resolver: Resolver,
+    /// Log level from -v/-q (RUST_LOG overrides).
+    pub log_level: log::LevelFilter,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Hand-written so that a debug print can never leak `inline_users` passwords.
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("threads", &self.threads)
+            .field("users", &self.users.len())
+            .field("buffer_size", &self.buffer_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 1080))],
+            threads: default_threads(),
+            users: Arc::new(Users::default()),
+            users_file: None,
+            inline_users: Vec::new(),
+            buffer_size: 16 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            drain_timeout: Duration::from_secs(30),
+            max_connections: None,
+            user_max_connections: None,
+            socks4: true,
+            socks4_with_users: false,
+            http: true,
+            max_head: 64 * 1024,
+            via: Some("socksgate".to_string()),
+            udp: true,
+            udp_advertise: None,
+            udp_idle_timeout: Duration::from_secs(120),
+            bind_cmd: true,
+            bind_timeout: Duration::from_secs(120),
+            client_rules: ClientRules::default(),
+            dest_rules: DestRules::default(),
+            outbound_bind: None,
+            upstream: None,
+            proxy_protocol: false,
+            metrics: None,
+            resolver_threads: 4,
+            resolver: Resolver::system(StaticHosts::default()),
+            log_level: log::LevelFilter::Info,
+        }
+    }
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// What the command line asked for.
+#[derive(Debug)]
+pub enum Command {
+    /// Run the server.
+    Run(Box<Config>),
+    /// Print this help text and exit 0.
+    Help(String),
+    /// Print the version and exit 0.
+    Version,
+}
+
+/// A bad flag or value: printed as one line, exit status 2.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn options() -> Options {
+    let mut o = Options::new();
+    o.optmulti(
+        "l",
+        "listen",
+        "listen address, IPv4 or [IPv6]:port; repeatable (default 127.0.0.1:1080)",
+        "ADDR:PORT",
+    );
+    o.optopt(
+        "t",
+        "threads",
+        "worker threads, one event loop each (default: number of CPUs)",
+        "N",
+    );
+    o.optmulti(
+        "U",
+        "user",
+        "allow user NAME with password PASS; repeatable; visible in ps, prefer --users",
+        "NAME:PASS",
+    );
+    o.optopt(
+        "",
+        "users",
+        "users file: NAME:PASS per line, PASS plain or $6$/$2b$ crypt hash; re-read on SIGHUP",
+        "FILE",
+    );
+    o.optopt(
+        "",
+        "buffer-size",
+        "relay buffer size in bytes (default 16384)",
+        "BYTES",
+    );
+    o.optopt(
+        "",
+        "handshake-timeout",
+        "deadline for the client handshake from accept (default 10s)",
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "connect-timeout",
+        "deadline to resolve and connect to a target (default 10s)",
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "idle-timeout",
+        "close tunnels idle this long (default 300s)",
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "drain-timeout",
+        "on SIGTERM, let tunnels finish for this long (default 30s)",
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "max-connections",
+        "cap on concurrent client connections (default unlimited)",
+        "N",
+    );
+    o.optopt(
+        "",
+        "user-max-connections",
+        "cap on concurrent sessions per user (default unlimited)",
+        "N",
+    );
+    o.optflag("", "no-socks4", "refuse SOCKS4 and SOCKS4a");
+    o.optflag(
+        "",
+        "socks4-with-users",
+        "serve SOCKS4 (which has no password) even when users are configured",
+    );
+    o.optflag(
+        "",
+        "no-http",
+        "refuse the HTTP proxy (CONNECT and forwarding)",
+    );
+    o.optopt(
+        "",
+        "max-header-size",
+        "largest HTTP head in bytes (default 65536)",
+        "BYTES",
+    );
+    o.optopt(
+        "",
+        "via",
+        "pseudonym in the Via header of forwarded HTTP (default socksgate)",
+        "NAME",
+    );
+    o.optflag("", "no-via", "do not add a Via header to forwarded HTTP");
+    o.optflag("", "no-udp", "refuse SOCKS5 UDP ASSOCIATE");
+    o.optopt(
+        "",
+        "udp-advertise",
+        "address to put in UDP ASSOCIATE replies (for NAT)",
+        "IP",
+    );
+    o.optopt(
+        "",
+        "udp-idle-timeout",
+        "close UDP associations idle this long (default 120s)",
+        "DUR",
+    );
+    o.optflag("", "no-bind", "refuse SOCKS BIND");
+    o.optopt(
+        "",
+        "bind-timeout",
+        "how long a BIND waits for its inbound connection (default 120s)",
+        "DUR",
+    );
+    o.optmulti(
+        "",
+        "allow-client",
+        "accept clients only from these networks; repeatable (default all)",
+        "CIDR",
+    );
+    o.optmulti(
+        "",
+        "allow-dest",
+        "allow only these destinations; repeatable (default all)",
+        "CIDR[:PORT[-PORT]]",
+    );
+    o.optmulti(
+        "",
+        "deny-dest",
+        "deny these destinations, wins over allow; `private` = loopback, RFC 1918, link-local, ULA",
+        "CIDR[:PORT[-PORT]]",
+    );
+    o.optopt("", "bind", "source address for outbound TCP and UDP", "IP");
+    o.optopt(
+        "",
+        "upstream",
+        "send outbound connections through socks5://[user:pass@]host:port or http://...",
+        "URL",
+    );
+    o.optflag(
+        "",
+        "proxy-protocol",
+        "require a PROXY protocol v1/v2 header on every connection (behind a load balancer)",
+    );
+    o.optopt(
+        "",
+        "metrics",
+        "serve Prometheus metrics at http://ADDR:PORT/metrics",
+        "ADDR:PORT",
+    );
+    o.optmulti(
+        "",
+        "resolve",
+        "resolve NAME to these addresses without DNS; repeatable",
+        "NAME=IP[,IP]",
+    );
+    o.optopt(
+        "",
+        "resolver-threads",
+        "threads for blocking DNS lookups (default 4)",
+        "N",
+    );
+    o.optflag(
+        "",
+        "open",
+        "allow listening on a non-loopback address without authentication or client rules",
+    );
+    o.optflagmulti("v", "verbose", "more logging (-v debug, -vv trace)");
+    o.optflagmulti("q", "quiet", "less logging (-q warn, -qq error)");
+    o.optflag("h", "help", "print this help");
+    o.optflag("V", "version", "print the version");
+    o
+}
+
+/// The usage text, every flag with its default.
+pub fn usage() -> String {
+    let brief = "Usage: socksgate [options]\n\nSOCKS5, SOCKS4/4a and HTTP proxy on one port. \
+                 DUR is a number with an optional unit: 500ms, 10s, 5m, 1h (default s).";
+    options().usage(brief)
+}
+
+/// Parses a duration such as `10`, `10s`, `500ms`, `5m`, `1h`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    match unit {
+        "" | "s" => Some(Duration::from_secs(n)),
+        "ms" => Some(Duration::from_millis(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+/// Parses `1.2.3.4:80`, `[::1]:80`, or `:80` / `80`? No: an address is always explicit.
+pub fn parse_socket_addr(s: &str) -> Option<SocketAddr> {
+    s.parse().ok()
+}
+
+fn num<T>(m: &getopts::Matches, name: &str, min: T) -> Result<Option<T>, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + Copy + fmt::Display,
+{
+    match m.opt_str(name) {
+        None => Ok(None),
+        Some(v) => match v.parse::<T>() {
+            Ok(n) if n >= min => Ok(Some(n)),
+            _ => Err(ConfigError(format!(
+                "--{name}: expected a number >= {min}, got {v:?}"
+            ))),
+        },
+    }
+}
+
+fn dur(m: &getopts::Matches, name: &str, default: Duration) -> Result<Duration, ConfigError> {
+    match m.opt_str(name) {
+        None => Ok(default),
+        Some(v) => match parse_duration(&v) {
+            Some(d) if !d.is_zero() => Ok(d),
+            _ => Err(ConfigError(format!(
+                "--{name}: expected a duration such as 10s or 500ms, got {v:?}"
+            ))),
+        },
+    }
+}
+
+fn ip(m: &getopts::Matches, name: &str) -> Result<Option<IpAddr>, ConfigError> {
+    match m.opt_str(name) {
+        None => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| ConfigError(format!("--{name}: expected an IP address, got {v:?}"))),
+    }
+}
+
+/// Parses the command line (without the program name).
+pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
+    let m = options()
+        .parse(args)
+        .map_err(|e| ConfigError(e.to_string()))?;
+    if m.opt_present("h") {
+        return Ok(Command::Help(usage()));
+    }
+    if m.opt_present("V") {
+        return Ok(Command::Version);
+    }
+    if let Some(extra) = m.free.first() {
+        return Err(ConfigError(format!(
+            "unexpected argument {extra:?} (see --help)"
+        )));
+    }
+    let mut c = Config::default();
+    let listen = m.opt_strs("l");
+    if !listen.is_empty() {
+        c.listen.clear();
+        for l in listen {
+            let a = parse_socket_addr(&l).ok_or_else(|| {
+                ConfigError(format!(
+                    "--listen: expected ADDR:PORT (IPv6 as [::1]:1080), got {l:?}"
+                ))
+            })?;
+            if !c.listen.contains(&a) {
+                c.listen.push(a);
+            }
+        }
+    }
+    if let Some(t) = num::<usize>(&m, "threads", 1)? {
+        c.threads = t.min(256);
+    }
+    for u in m.opt_strs("U") {
+        match u.split_once(':') {
+            Some((name, pass)) if !name.is_empty() => {
+                c.inline_users.push((name.to_string(), pass.to_string()))
+            }
+            _ => return Err(ConfigError("--user: expected NAME:PASS".to_string())),
+        }
+    }
+    c.users_file = m.opt_str("users").map(PathBuf::from);
+    c.users = Arc::new(load_users(&c.inline_users, c.users_file.as_deref()).map_err(ConfigError)?);
+    if let Some(b) = num::<usize>(&m, "buffer-size", 1024)? {
+        if b > 16 * 1024 * 1024 {
+            return Err(ConfigError("--buffer-size: at most 16777216".to_string()));
+        }
+        c.buffer_size = b;
+    }
+    c.handshake_timeout = dur(&m, "handshake-timeout", c.handshake_timeout)?;
+    c.connect_timeout = dur(&m, "connect-timeout", c.connect_timeout)?;
+    c.idle_timeout = dur(&m, "idle-timeout", c.idle_timeout)?;
+    c.drain_timeout = dur(&m, "drain-timeout", c.drain_timeout)?;
+    c.udp_idle_timeout = dur(&m, "udp-idle-timeout", c.udp_idle_timeout)?;
+    c.bind_timeout = dur(&m, "bind-timeout", c.bind_timeout)?;
+    c.max_connections = num::<usize>(&m, "max-connections", 1)?;
+    c.user_max_connections = num::<usize>(&m, "user-max-connections", 1)?;
+    c.socks4 = !m.opt_present("no-socks4");
+    c.socks4_with_users = m.opt_present("socks4-with-users");
+    c.http = !m.opt_present("no-http");
+    if let Some(h) = num::<usize>(&m, "max-header-size", 1024)? {
+        c.max_head = h.min(16 * 1024 * 1024);
+    }
+    if let Some(v) = m.opt_str("via") {
+        if v.is_empty() || !v.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError(format!(
+                "--via: expected a token without spaces, got {v:?}"
+            )));
+        }
+        c.via = Some(v);
+    }
+    if m.opt_present("no-via") {
+        c.via = None;
+    }
+    c.udp = !m.opt_present("no-udp");
+    c.udp_advertise = ip(&m, "udp-advertise")?;
+    c.bind_cmd = !m.opt_present("no-bind");
+    let mut clients = Vec::new();
+    for s in m.opt_strs("allow-client") {
+        clients.push(
+            s.parse::<acl::Cidr>()
+                .map_err(|e| ConfigError(format!("--allow-client: {e}")))?,
+        );
+    }
+    c.client_rules = ClientRules::new(clients);
+    let mut allow = Vec::new();
+    for s in m.opt_strs("allow-dest") {
+        allow.extend(
+            acl::parse_dest_rules(&s).map_err(|e| ConfigError(format!("--allow-dest: {e}")))?,
+        );
+    }
+    let mut deny = Vec::new();
+    for s in m.opt_strs("deny-dest") {
+        deny.extend(
+            acl::parse_dest_rules(&s).map_err(|e| ConfigError(format!("--deny-dest: {e}")))?,
+        );
+    }
+    c.dest_rules = DestRules::new(allow, deny);
+    c.outbound_bind = ip(&m, "bind")?;
+    if let Some(u) = m.opt_str("upstream") {
+        c.upstream = Some(
+            u.parse::<Upstream>()
+                .map_err(|e| ConfigError(format!("--upstream: {e}")))?,
+        );
+    }
+    c.proxy_protocol = m.opt_present("proxy-protocol");
+    if let Some(a) = m.opt_str("metrics") {
+        c.metrics = Some(
+            parse_socket_addr(&a)
+                .ok_or_else(|| ConfigError(format!("--metrics: expected ADDR:PORT, got {a:?}")))?,
+        );
+    }
+    let mut hosts = StaticHosts::default();
+    for r in m.opt_strs("resolve") {
+        hosts
+            .add(&r)
+            .map_err(|e| ConfigError(format!("--resolve: {e}")))?;
+    }
+    if let Some(n) = num::<usize>(&m, "resolver-threads", 1)? {
+        c.resolver_threads = n.min(256);
+    }
+    c.resolver = Resolver::system(hosts);
+    let verbose = m.opt_count("v") as i32 - m.opt_count("q") as i32;
+    c.log_level = match verbose {
+        i32::MIN..=-2 => log::LevelFilter::Error,
+        -1 => log::LevelFilter::Warn,
+        0 => log::LevelFilter::Info,
+        1 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    let exposed = c.listen.iter().find(|a| !a.ip().is_loopback());
+    if let Some(a) = exposed {
+        if c.users.is_empty() && c.client_rules.is_empty() && !m.opt_present("open") {
+            return Err(ConfigError(format!(
+                "refusing to run an open proxy on non-loopback address {a}: configure --user/--users or \
+                 --allow-client, or pass --open if that is really what you want"
+            )));
+        }
+    }
+    Ok(Command::Run(Box::new(c)))
+}
+
+/// Builds the users table from the users file and `--user` pairs (a `--user` flag overrides the file's entry).
+pub fn load_users(
+    inline: &[(String, String)],
+    file: Option<&std::path::Path>,
+) -> Result<Users, String> {
+    let flags = Users::from_pairs(inline).map_err(|e| e.to_string())?;
+    match file {
+        Some(path) => {
+            let from_file =
+                Users::load_file(path).map_err(|e| format!("--users {}: {e}", path.display()))?;
+            Ok(from_file.merge(flags))
+        }
+        None => Ok(flags),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    fn run(s: &str) -> Result<Config, ConfigError> {
+        match parse(&args(s))? {
+            Command::Run(c) => Ok(*c),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_safe() {
+        let c = run("").unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:1080".parse().unwrap()]);
+        assert!(c.users.is_empty());
+        assert!(c.socks4 && c.http);
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.buffer_size, 16384);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("x"), None);
+        assert_eq!(parse_duration("5 days"), None);
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        assert!(run("--threads 0").unwrap_err().0.contains("--threads"));
+        assert!(run("--idle-timeout soon")
+            .unwrap_err()
+            .0
+            .contains("--idle-timeout"));
+        assert!(run("-l nonsense").unwrap_err().0.contains("--listen"));
+        assert!(run("--bogus").is_err());
+        assert!(run("--user nocolon").unwrap_err().0.contains("--user"));
+    }
+
+    #[test]
+    fn public_listener_needs_auth_or_open() {
+        assert!(run("-l 0.0.0.0:1080").unwrap_err().0.contains("--open"));
+        assert!(run("-l 0.0.0.0:1080 --open").is_ok());
+        assert!(run("-l 0.0.0.0:1080 -U a:b").is_ok());
+        assert!(run("-l [::]:1080 --allow-client 10.0.0.0/8").is_ok());
+        assert!(run("-l [::1]:1080").is_ok());
+    }
+
+    #[test]
+    fn help_lists_every_flag_default() {
+        let u = usage();
+        for flag in [
+            "--listen",
+            "--threads",
+            "--users",
+            "--buffer-size",
+            "--handshake-timeout",
+            "--drain-timeout",
+            "--max-connections",
+            "--no-http",
+        ] {
+            assert!(u.contains(flag), "{flag} missing from help");
+        }
+        assert!(u.contains("default 16384"));
+    }
+}

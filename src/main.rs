@@ -1,0 +1,36 @@
+//! The socksgate binary: parse the command line, set up logging, run the server.
+
+use std::process::ExitCode;
+
+use socksgate::config::{self, Command};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cfg = match config::parse(&args) {
+        Ok(Command::Run(cfg)) => cfg,
+        Ok(Command::Help(text)) => {
+            println!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Version) => {
+            println!("socksgate {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("socksgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    env_logger::Builder::new()
+        .filter_level(cfg.log_level)
+        .parse_default_env()
+        .format_timestamp_millis()
+        .init();
+    match socksgate::control::run(*cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("socksgate: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! Per-worker counters and their Prometheus text rendering.
+//!
+//! Each worker owns one [`Stats`] and is its only writer, so a counter bump is a relaxed load plus store (no locked
+//! read-modify-write on the data path). The control thread reads every worker's `Stats` and sums them when
+//! `/metrics` is scraped.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use crate::proto::Failure;
+
+/// A protocol label for per-protocol series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    /// Not yet known (PROXY header or first byte pending).
+    Unknown = 0,
+    /// SOCKS5.
+    Socks5 = 1,
+    /// SOCKS4 or SOCKS4a.
+    Socks4 = 2,
+    /// HTTP proxy (CONNECT or forwarding).
+    Http = 3,
+}
+
+/// Label values of [`Proto`], in discriminant order.
+pub const PROTO_LABELS: [&str; 4] = ["unknown", "socks5", "socks4", "http"];
+
+/// Why a connection was refused before any handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `--allow-client` did not match.
+    ClientAcl = 0,
+    /// `--max-connections` reached (counted when the backlog is finally accepted and closed at drain).
+    Limit = 1,
+    /// The first byte was not a protocol we serve.
+    UnknownProtocol = 2,
+    /// A missing or invalid PROXY protocol header.
+    ProxyHeader = 3,
+}
+
+/// Label values of [`Refusal`].
+pub const REFUSAL_LABELS: [&str; 4] = ["client_acl", "limit", "unknown_protocol", "proxy_header"];
+
+/// Label values of [`Failure`] in SOCKS5 reply-code order (0x01..=0x08).
+pub const FAILURE_LABELS: [&str; 8] = [
+    "general",
+    "not_allowed",
+    "net_unreachable",
+    "host_unreachable",
+    "refused",
+    "timeout",
+    "bad_command",
+    "bad_address_type",
+];
+
+/// Why a UDP datagram was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpDrop {
+    /// From an address other than the associated client.
+    ForeignSource = 0,
+    /// FRAG != 0 (fragmentation is not supported, RFC 1928 §7).
+    Fragmented = 1,
+    /// Header did not parse.
+    Malformed = 2,
+    /// Destination rules refused it.
+    Denied = 3,
+    /// Name resolution failed.
+    Unresolved = 4,
+    /// The socket would block or send failed.
+    SendFailed = 5,
+}
+
+/// Label values of [`UdpDrop`].
+pub const UDP_DROP_LABELS: [&str; 6] = [
+    "foreign_source",
+    "fragmented",
+    "malformed",
+    "denied",
+    "unresolved",
+    "send_failed",
+];
+
+/// One worker's counters and gauges.
+#[derive(Default)]
+pub struct Stats {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Connections refused, by [`Refusal`].
+    pub refused: [AtomicU64; 4],
+    /// Sessions open now, by [`Proto`] (gauge).
+    pub active: [AtomicU64; 4],
+    /// Successful handshakes by [`Proto`].
+    pub handshakes_ok: [AtomicU64; 4],
+    /// Failed handshakes by [`Proto`] (malformed, refused, auth failure, connect failure).
+    pub handshakes_failed: [AtomicU64; 4],
+    /// Authentication failures.
+    pub auth_failures: AtomicU64,
+    /// Outbound connect failures by [`Failure`].
+    pub connect_errors: [AtomicU64; 8],
+    /// Bytes from clients to targets.
+    pub bytes_up: AtomicU64,
+    /// Bytes from targets to clients.
+    pub bytes_down: AtomicU64,
+    /// UDP datagrams relayed client -> target.
+    pub udp_up: AtomicU64,
+    /// UDP datagrams relayed target -> client.
+    pub udp_down: AtomicU64,
+    /// UDP datagrams dropped by [`UdpDrop`].
+    pub udp_drops: [AtomicU64; 6],
+    /// DNS lookups started.
+    pub dns_lookups: AtomicU64,
+    /// DNS lookups that failed.
+    pub dns_failures: AtomicU64,
+    /// HTTP requests forwarded (absolute-form).
+    pub http_requests: AtomicU64,
+    /// Pool buffers in use now (gauge).
+    pub pool_in_use: AtomicU64,
+    /// Slab entries in use now (gauge).
+    pub slab_len: AtomicU64,
+    /// Drive loops that hit their iteration cap (a fairness yield, not an error).
+    pub loop_yields: AtomicU64,
+}
+
+/// Adds `n` to a counter that only the calling worker writes.
+#[inline]
+pub fn add(c: &AtomicU64, n: u64) {
+    c.store(c.load(Relaxed).wrapping_add(n), Relaxed);
+}
+
+/// Adds one to a single-writer counter.
+#[inline]
+pub fn inc(c: &AtomicU64) {
+    add(c, 1);
+}
+
+/// Subtracts one from a single-writer gauge.
+#[inline]
+pub fn dec(c: &AtomicU64) {
+    c.store(c.load(Relaxed).saturating_sub(1), Relaxed);
+}
+
+/// Sets a gauge.
+#[inline]
+pub fn set(c: &AtomicU64, v: u64) {
+    c.store(v, Relaxed);
+}
+
+impl Stats {
+    /// Counts a connect failure.
+    pub fn connect_error(&self, f: Failure) {
+        let i = (f.socks5_reply() as usize).saturating_sub(1).min(7);
+        inc(&self.connect_errors[i]);
+    }
+
+    /// Sessions open now, all protocols.
+    pub fn active_total(&self) -> u64 {
+        self.active.iter().map(|a| a.load(Relaxed)).sum()
+    }
+}
+
+fn sum(workers: &[Arc<Stats>], f: impl Fn(&Stats) -> &AtomicU64) -> u64 {
+    workers.iter().map(|s| f(s).load(Relaxed)).sum()
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP socksgate_{name} {help}");
+    let _ = writeln!(out, "# TYPE socksgate_{name} {kind}");
+}
+
+#[allow(clippy::too_many_arguments)]
+fn labelled<const N: usize>(
+    out: &mut String,
+    workers: &[Arc<Stats>],
+    name: &str,
+    kind: &str,
+    help: &str,
+    label: &str,
+    values: &[&str; N],
+    f: impl Fn(&Stats) -> &[AtomicU64; N],
+) {
+    family(out, name, kind, help);
+    for (i, v) in values.iter().enumerate() {
+        let n = sum(workers, |s| &f(s)[i]);
+        let _ = writeln!(out, "socksgate_{name}{{{label}=\"{v}\"}} {n}");
+    }
+}
+
+fn single(
+    out: &mut String,
+    workers: &[Arc<Stats>],
+    name: &str,
+    kind: &str,
+    help: &str,
+    f: impl Fn(&Stats) -> &AtomicU64,
+) {
+    family(out, name, kind, help);
+    let _ = writeln!(out, "socksgate_{name} {}", sum(workers, f));
+}
+
+/// Renders every worker's stats, summed, in the Prometheus text exposition format (version 0.0.4).
+pub fn render(workers: &[Arc<Stats>]) -> String {
+    let mut o = String::with_capacity(8192);
+    let w = workers;
+    single(
+        &mut o,
+        w,
+        "connections_accepted_total",
+        "counter",
+        "Connections accepted.",
+        |s| &s.accepted,
+    );
+    labelled(
+        &mut o,
+        w,
+        "connections_refused_total",
+        "counter",
+        "Connections refused before a handshake completed.",
+        "reason",
+        &REFUSAL_LABELS,
+        |s| &s.refused,
+    );
+    labelled(
+        &mut o,
+        w,
+        "sessions_active",
+        "gauge",
+        "Sessions open now.",
+        "protocol",
+        &PROTO_LABELS,
+        |s| &s.active,
+    );
+    family(
+        &mut o,
+        "handshakes_total",
+        "counter",
+        "Handshakes by protocol and outcome.",
+    );
+    for (i, p) in PROTO_LABELS.iter().enumerate() {
+        let ok = sum(w, |s| &s.handshakes_ok[i]);
+        let failed = sum(w, |s| &s.handshakes_failed[i]);
+        let _ = writeln!(
+            o,
+            "socksgate_handshakes_total{{protocol=\"{p}\",outcome=\"ok\"}} {ok}"
+        );
+        let _ = writeln!(
+            o,
+            "socksgate_handshakes_total{{protocol=\"{p}\",outcome=\"failed\"}} {failed}"
+        );
+    }
+    single(
+        &mut o,
+        w,
+        "auth_failures_total",
+        "counter",
+        "Failed authentications.",
+        |s| &s.auth_failures,
+    );
+    labelled(
+        &mut o,
+        w,
+        "connect_errors_total",
+        "counter",
+        "Outbound connection failures by kind.",
+        "kind",
+        &FAILURE_LABELS,
+        |s| &s.connect_errors,
+    );
+    family(
+        &mut o,
+        "bytes_total",
+        "counter",
+        "Bytes relayed, by direction (up = client to target).",
+    );
+    let _ = writeln!(
+        o,
+        "socksgate_bytes_total{{direction=\"up\"}} {}",
+        sum(w, |s| &s.bytes_up)
+    );
+    let _ = writeln!(
+        o,
+        "socksgate_bytes_total{{direction=\"down\"}} {}",
+        sum(w, |s| &s.bytes_down)
+    );
+    family(
+        &mut o,
+        "udp_datagrams_total",
+        "counter",
+        "UDP datagrams relayed, by direction.",
+    );
+    let _ = writeln!(
+        o,
+        "socksgate_udp_datagrams_total{{direction=\"up\"}} {}",
+        sum(w, |s| &s.udp_up)
+    );
+    let _ = writeln!(
+        o,
+        "socksgate_udp_datagrams_total{{direction=\"down\"}} {}",
+        sum(w, |s| &s.udp_down)
+    );
+    labelled(
+        &mut o,
+        w,
+        "udp_drops_total",
+        "counter",
+        "UDP datagrams dropped, by reason.",
+        "reason",
+        &UDP_DROP_LABELS,
+        |s| &s.udp_drops,
+    );
+    single(
+        &mut o,
+        w,
+        "dns_lookups_total",
+        "counter",
+        "DNS lookups started.",
+        |s| &s.dns_lookups,
+    );
+    single(
+        &mut o,
+        w,
+        "dns_failures_total",
+        "counter",
+        "DNS lookups that failed.",
+        |s| &s.dns_failures,
+    );
+    single(
+        &mut o,
+        w,
+        "http_requests_total",
+        "counter",
+        "HTTP requests forwarded in absolute form.",
+        |s| &s.http_requests,
+    );
+    single(
+        &mut o,
+        w,
+        "pool_buffers_in_use",
+        "gauge",
+        "Relay buffers taken from the worker pools.",
+        |s| &s.pool_in_use,
+    );
+    single(
+        &mut o,
+        w,
+        "loop_yields_total",
+        "counter",
+        "Drive loops that yielded at their iteration cap.",
+        |s| &s.loop_yields,
+    );
+    family(
+        &mut o,
+        "worker_connections",
+        "gauge",
+        "Slab entries in use per worker.",
+    );
+    for (i, s) in w.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "socksgate_worker_connections{{worker=\"{i}\"}} {}",
+            s.slab_len.load(Relaxed)
+        );
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_summed_counters() {
+        let a = Arc::new(Stats::default());
+        let b = Arc::new(Stats::default());
+        add(&a.bytes_up, 5);
+        add(&b.bytes_up, 7);
+        inc(&a.refused[Refusal::ClientAcl as usize]);
+        a.connect_error(Failure::ConnectionRefused);
+        let text = render(&[a, b]);
+        assert!(text.contains("socksgate_bytes_total{direction=\"up\"} 12\n"));
+        assert!(text.contains("socksgate_connections_refused_total{reason=\"client_acl\"} 1\n"));
+        assert!(text.contains("socksgate_connect_errors_total{kind=\"refused\"} 1\n"));
+        assert!(text.contains("socksgate_worker_connections{worker=\"1\"} 0\n"));
+    }
+}

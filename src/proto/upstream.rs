@@ -1,0 +1,805 @@
+//! Client side of the protocols we speak to an upstream proxy when chaining: SOCKS5 (RFC 1928, RFC 1929) replies
+//! and HTTP CONNECT (RFC 9110 §9.3.6) with Basic proxy authentication (RFC 7617).
+//!
+//! The upstream is a peer like any other: its bytes are parsed with the same defensive rules as a client's.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use super::socks5::{read_target, VERSION as SOCKS5_VERSION};
+use super::{canonical_ip, Failure, Parse, ProtoError, Reader, TargetAddr, Writer};
+
+/// RFC 1929 §2: the sub-negotiation version byte.
+const AUTH_VERSION: u8 = 0x01;
+
+/// Largest CONNECT response head we buffer; a longer one is `HeadTooLarge` (no proxy needs more than a few lines).
+pub const MAX_HTTP_REPLY_HEAD: usize = 16 * 1024;
+
+/// Longest credential part accepted by [`encode_http_connect`]: the RFC 1929 limit, so one config serves both.
+const MAX_CREDENTIAL: usize = 255;
+
+/// Longest request [`encode_http_connect`] writes: a 255-byte name with port 65535 twice (request line and Host)
+/// and Basic credentials of 255 + 1 + 255 bytes (684 base64 characters).
+pub const MAX_HTTP_CONNECT_LEN: usize = b"CONNECT ".len()
+    + MAX_AUTHORITY
+    + b" HTTP/1.1\r\nHost: ".len()
+    + MAX_AUTHORITY
+    + b"\r\nProxy-Authorization: Basic ".len()
+    + base64_len(2 * MAX_CREDENTIAL + 1)
+    + b"\r\n\r\n".len();
+
+/// Longest `host:port`: a 255-byte name (RFC 1928 §5, SOCKS4a cap), ':' and a 5-digit port.
+const MAX_AUTHORITY: usize = 255 + 1 + 5;
+
+/// Returns `Ok(Parse::Incomplete)` from the enclosing parser when a read ran out of bytes.
+macro_rules! need {
+    ($e:expr) => {
+        match $e {
+            Some(v) => v,
+            None => return Ok(Parse::Incomplete),
+        }
+    };
+}
+
+/// Parses the upstream's method selection (RFC 1928 §3) `05 METHOD`; returns METHOD, X'FF' included (the caller
+/// closes on X'FF' or on a method it did not offer).
+pub fn parse_method_choice(buf: &[u8]) -> Result<Parse<u8>, ProtoError> {
+    let mut r = Reader::new(buf);
+    let ver = need!(r.u8());
+    if ver != SOCKS5_VERSION {
+        return Err(ProtoError::BadVersion(ver));
+    }
+    let method = need!(r.u8());
+    Ok(Parse::Done(method, r.pos()))
+}
+
+/// Parses the RFC 1929 §2 status `VER STATUS`; VER X'01' or, leniently, X'05'; true when STATUS is X'00' (any
+/// other value is a failure, RFC 1929 §2).
+pub fn parse_auth_status(buf: &[u8]) -> Result<Parse<bool>, ProtoError> {
+    let mut r = Reader::new(buf);
+    let ver = need!(r.u8());
+    if ver != AUTH_VERSION && ver != SOCKS5_VERSION {
+        return Err(ProtoError::BadVersion(ver));
+    }
+    let status = need!(r.u8());
+    Ok(Parse::Done(status == 0, r.pos()))
+}
+
+/// An upstream's SOCKS5 reply (RFC 1928 §6).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Socks5Reply {
+    /// REP: X'00' succeeded; see [`failure_from_socks5_reply`] for the rest.
+    pub rep: u8,
+    /// BND.ADDR and BND.PORT; RFC 1928 §6 allows a domain here, so one is parsed, not rejected.
+    pub bnd: TargetAddr,
+}
+
+/// Parses a reply (RFC 1928 §6) `05 REP RSV ATYP BND.ADDR BND.PORT`.
+///
+/// REP is returned unchecked and a non-zero RSV is tolerated (as in [`super::socks5::parse_request`]); an
+/// unknown ATYP, or a domain BND.ADDR that is empty or has bytes [`super::Name::new`] refuses, is an error.
+pub fn parse_socks5_reply(buf: &[u8]) -> Result<Parse<Socks5Reply>, ProtoError> {
+    let mut r = Reader::new(buf);
+    let ver = need!(r.u8());
+    if ver != SOCKS5_VERSION {
+        return Err(ProtoError::BadVersion(ver));
+    }
+    let rep = need!(r.u8());
+    let _rsv = need!(r.u8());
+    let bnd = need!(read_target(buf, &mut r)?);
+    Ok(Parse::Done(Socks5Reply { rep, bnd }, r.pos()))
+}
+
+/// Maps an upstream's REP (RFC 1928 §6) onto our [`Failure`], so our client sees the upstream's reason; X'00'
+/// (not a failure) and unassigned codes map to `General`.
+pub fn failure_from_socks5_reply(rep: u8) -> Failure {
+    match rep {
+        0x02 => Failure::NotAllowed,
+        0x03 => Failure::NetworkUnreachable,
+        0x04 => Failure::HostUnreachable,
+        0x05 => Failure::ConnectionRefused,
+        0x06 => Failure::TimedOut,
+        0x07 => Failure::CommandNotSupported,
+        0x08 => Failure::AddressNotSupported,
+        _ => Failure::General,
+    }
+}
+
+/// Base64 alphabet of RFC 4648 §4 (standard, not URL-safe: RFC 7617 §2 uses this one).
+const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Length of the padded base64 encoding of `n` bytes (RFC 4648 §4): 4 characters per started 3-byte group.
+pub const fn base64_len(n: usize) -> usize {
+    n.div_ceil(3).saturating_mul(4)
+}
+
+/// Encodes `input` as padded standard base64 (RFC 4648 §4) into `out`; returns the length written, or 0 if
+/// `out` is shorter than [`base64_len`]`(input.len())` (empty input also gives 0, its correct length).
+pub fn base64_encode(input: &[u8], out: &mut [u8]) -> usize {
+    if out.len() < base64_len(input.len()) {
+        return 0;
+    }
+    let sextet = |v: u32, shift: u32| {
+        BASE64
+            .get(((v >> shift) & 0x3f) as usize)
+            .copied()
+            .unwrap_or(b'=')
+    };
+    let mut w = Writer::new(out);
+    for chunk in input.chunks(3) {
+        let b0 = chunk.first().copied().unwrap_or(0);
+        let b1 = chunk.get(1).copied().unwrap_or(0);
+        let b2 = chunk.get(2).copied().unwrap_or(0);
+        let v = (u32::from(b0) << 16) | (u32::from(b1) << 8) | u32::from(b2);
+        let c2 = if chunk.len() > 1 { sextet(v, 6) } else { b'=' };
+        let c3 = if chunk.len() > 2 { sextet(v, 0) } else { b'=' };
+        w.put(&[sextet(v, 18), sextet(v, 12), c2, c3]);
+    }
+    w.finish().unwrap_or(0)
+}
+
+/// True for bytes allowed in an RFC 3986 §3.2.2 reg-name (unreserved, sub-delims, '%'): anything else (':', '@',
+/// '[', '?', '#', quotes...) would change how the upstream splits the authority.
+fn is_reg_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b)
+}
+
+/// Writes `host:port` for the request line and Host header (RFC 9110 §9.3.6, authority-form of RFC 9112 §3.2.3):
+/// IPv6 in brackets, IPv4-mapped IPv6 as IPv4, no zone id; `None` if a name is not a valid reg-name.
+fn put_authority(w: &mut Writer<'_>, target: &TargetAddr) -> Option<()> {
+    let port = target.port();
+    let written = match target {
+        TargetAddr::Ip(sa) => match canonical_ip(sa.ip()) {
+            IpAddr::V4(v4) => write!(w, "{v4}:{port}"),
+            IpAddr::V6(v6) => write!(w, "[{v6}]:{port}"),
+        },
+        TargetAddr::Domain(name, _) => {
+            if !name.as_bytes().iter().all(|&b| is_reg_name_byte(b)) {
+                return None;
+            }
+            write!(w, "{name}:{port}")
+        }
+    };
+    written.ok()
+}
+
+/// Client side: encodes an HTTP/1.1 CONNECT request (RFC 9110 §9.3.6) with an optional Basic
+/// `Proxy-Authorization` (RFC 9110 §11.7.2, RFC 7617 §2).
+///
+/// Returns 0 when the request cannot be expressed safely: a domain with a byte outside RFC 3986 reg-name, a user
+/// or password over 255 bytes, a user containing ':' (RFC 7617 §2: the server splits at the first colon), control
+/// characters in either (RFC 7617 §2), or `out` too short ([`MAX_HTTP_CONNECT_LEN`] always suffices).
+pub fn encode_http_connect(
+    target: &TargetAddr,
+    basic_auth: Option<(&[u8], &[u8])>,
+    out: &mut [u8],
+) -> usize {
+    let mut w = Writer::new(out);
+    w.put(b"CONNECT ");
+    if put_authority(&mut w, target).is_none() {
+        return 0;
+    }
+    w.put(b" HTTP/1.1\r\nHost: ");
+    if put_authority(&mut w, target).is_none() {
+        return 0;
+    }
+    w.put(b"\r\n");
+    if let Some((user, pass)) = basic_auth {
+        if user.len() > MAX_CREDENTIAL
+            || pass.len() > MAX_CREDENTIAL
+            || user.contains(&b':')
+            || user.iter().chain(pass).any(|b| b.is_ascii_control())
+        {
+            return 0;
+        }
+        // user ":" pass, assembled on the stack (no allocation), then base64-encoded.
+        let mut plain = [0u8; 2 * MAX_CREDENTIAL + 1];
+        let mut pw = Writer::new(&mut plain);
+        pw.put(user).u8(b':').put(pass);
+        let Some(plain_len) = pw.finish() else {
+            return 0;
+        };
+        let mut encoded = [0u8; base64_len(2 * MAX_CREDENTIAL + 1)];
+        let n = base64_encode(plain.get(..plain_len).unwrap_or(&[]), &mut encoded);
+        w.put(b"Proxy-Authorization: Basic ")
+            .put(encoded.get(..n).unwrap_or(&[]))
+            .put(b"\r\n");
+    }
+    w.put(b"\r\n");
+    w.finish().unwrap_or(0)
+}
+
+/// The status of an upstream's CONNECT response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpConnectReply {
+    /// Status code; any 2xx means the tunnel is open (RFC 9110 §9.3.6), anything else is a refusal.
+    pub status: u16,
+}
+
+/// Parses the head of the upstream's CONNECT response (status line and headers, RFC 9112 §4 and §5).
+///
+/// `Incomplete` until the blank line; `consumed` is the head length only: after a 2xx the next byte is tunnel data
+/// (RFC 9110 §9.3.6: Content-Length and Transfer-Encoding are ignored in a 2xx CONNECT response). A head over
+/// [`MAX_HTTP_REPLY_HEAD`] or with more than 64 header fields is `HeadTooLarge`; bad syntax is `Malformed`. A 1xx
+/// interim response is returned like any other status; callers treat every non-2xx as a failure.
+pub fn parse_http_connect_reply(buf: &[u8]) -> Result<Parse<HttpConnectReply>, ProtoError> {
+    let window = buf.get(..MAX_HTTP_REPLY_HEAD).unwrap_or(buf);
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    match response.parse(window) {
+        Ok(httparse::Status::Complete(len)) => {
+            let status = response.code.ok_or(ProtoError::Malformed)?;
+            Ok(Parse::Done(HttpConnectReply { status }, len))
+        }
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HTTP_REPLY_HEAD => {
+            Err(ProtoError::HeadTooLarge)
+        }
+        Ok(httparse::Status::Partial) => Ok(Parse::Incomplete),
+        Err(httparse::Error::TooManyHeaders) => Err(ProtoError::HeadTooLarge),
+        Err(_) => Err(ProtoError::Malformed),
+    }
+}
+
+/// Maps an upstream's CONNECT status onto our [`Failure`] (RFC 9110 §15).
+///
+/// 401/403/407 -> `NotAllowed` (policy or credentials; 401 from misconfigured proxies); 405/501 ->
+/// `CommandNotSupported` (the upstream does not do CONNECT); 408/504 -> `TimedOut`; everything else, 502 and 503
+/// included (they do not say whether the host, the network or the upstream itself failed), and 2xx (not a failure)
+/// -> `General`.
+pub fn failure_from_http_status(status: u16) -> Failure {
+    match status {
+        401 | 403 | 407 => Failure::NotAllowed,
+        405 | 501 => Failure::CommandNotSupported,
+        408 | 504 => Failure::TimedOut,
+        _ => Failure::General,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::proto::socks5;
+    use crate::proto::Name;
+    use std::net::SocketAddr;
+
+    /// Feeds every strict prefix (must be Incomplete), the whole message (Done, full length), the message followed
+    /// by `next` (Done, stops at the first message) and the message followed by junk.
+    macro_rules! check_valid {
+        ($parse:expr, $msg:expr, $expected:expr, $next:expr) => {{
+            let msg: &[u8] = $msg;
+            for k in 0..msg.len() {
+                assert_eq!(
+                    $parse(&msg[..k]),
+                    Ok(Parse::Incomplete),
+                    "prefix {k} of {msg:?}"
+                );
+            }
+            assert_eq!($parse(msg), Ok(Parse::Done($expected, msg.len())));
+            let mut joined = msg.to_vec();
+            joined.extend_from_slice($next);
+            assert_eq!($parse(&joined[..]), Ok(Parse::Done($expected, msg.len())));
+            let mut junk = msg.to_vec();
+            junk.extend_from_slice(&[0xff; 300]);
+            assert_eq!($parse(&junk[..]), Ok(Parse::Done($expected, msg.len())));
+        }};
+    }
+
+    /// The error must appear exactly once the first `at` bytes are in, and stay for every longer prefix.
+    macro_rules! check_err {
+        ($parse:expr, $msg:expr, $err:expr, $at:expr) => {{
+            let msg: &[u8] = $msg;
+            for k in 0..$at {
+                assert_eq!(
+                    $parse(&msg[..k]),
+                    Ok(Parse::Incomplete),
+                    "prefix {k} of {msg:?}"
+                );
+            }
+            for k in $at..=msg.len() {
+                assert_eq!($parse(&msg[..k]), Err($err), "prefix {k} of {msg:?}");
+            }
+        }};
+    }
+
+    fn ip(s: &str) -> TargetAddr {
+        TargetAddr::Ip(s.parse::<SocketAddr>().unwrap())
+    }
+
+    fn dom(name: &[u8], port: u16) -> TargetAddr {
+        TargetAddr::Domain(Name::new(name).unwrap(), port)
+    }
+
+    fn cat(parts: &[&[u8]]) -> Vec<u8> {
+        parts.concat()
+    }
+
+    // ---- SOCKS5 client replies ----
+
+    #[test]
+    fn method_choice() {
+        for m in [
+            socks5::METHOD_NO_AUTH,
+            socks5::METHOD_USER_PASS,
+            socks5::METHOD_NO_ACCEPTABLE,
+        ] {
+            check_valid!(parse_method_choice, &[5, m], m, &[1, 0]);
+            let mut out = [0u8; socks5::MAX_METHOD_LEN];
+            let n = socks5::encode_method(m, &mut out);
+            assert_eq!(parse_method_choice(&out[..n]), Ok(Parse::Done(m, 2)));
+        }
+        for ver in [0u8, 1, 4, 0xff] {
+            check_err!(
+                parse_method_choice,
+                &[ver, 0],
+                ProtoError::BadVersion(ver),
+                1
+            );
+        }
+    }
+
+    #[test]
+    fn auth_status() {
+        check_valid!(parse_auth_status, &[1, 0], true, &[5, 0, 0, 1]);
+        check_valid!(parse_auth_status, &[5, 0], true, &[5, 0, 0, 1]);
+        check_valid!(parse_auth_status, &[1, 1], false, &[5, 0, 0, 1]);
+        check_valid!(parse_auth_status, &[1, 0xff], false, &[5, 0, 0, 1]);
+        for ver in [0u8, 2, 4, 0xff] {
+            check_err!(parse_auth_status, &[ver, 0], ProtoError::BadVersion(ver), 1);
+        }
+        for ok in [true, false] {
+            let mut out = [0u8; socks5::MAX_AUTH_STATUS_LEN];
+            let n = socks5::encode_auth_status(ok, &mut out);
+            assert_eq!(parse_auth_status(&out[..n]), Ok(Parse::Done(ok, 2)));
+        }
+    }
+
+    #[test]
+    fn socks5_reply_valid() {
+        let next = b"tunnel bytes";
+        let r = |rep, bnd| Socks5Reply { rep, bnd };
+        check_valid!(
+            parse_socks5_reply,
+            &[5, 0, 0, 1, 10, 0, 0, 1, 0x04, 0x38],
+            r(0, ip("10.0.0.1:1080")),
+            next
+        );
+        let v6: std::net::Ipv6Addr = "2001:db8::7".parse().unwrap();
+        let msg = cat(&[&[5, 4, 0, 4], &v6.octets(), &[0, 80]]);
+        check_valid!(parse_socks5_reply, &msg, r(4, ip("[2001:db8::7]:80")), next);
+        // A domain BND.ADDR is legal (RFC 1928 §6) and parsed.
+        let msg = cat(&[&[5, 0, 0, 3, 9], b"proxy.lan", &[0x1f, 0x90]]);
+        check_valid!(
+            parse_socks5_reply,
+            &msg,
+            r(0, dom(b"proxy.lan", 8080)),
+            next
+        );
+        // Non-zero RSV tolerated.
+        check_valid!(
+            parse_socks5_reply,
+            &[5, 1, 9, 1, 0, 0, 0, 0, 0, 0],
+            r(1, ip("0.0.0.0:0")),
+            next
+        );
+    }
+
+    #[test]
+    fn socks5_reply_malformed() {
+        for ver in [0u8, 1, 4, 0xff] {
+            check_err!(
+                parse_socks5_reply,
+                &[ver, 0, 0, 1, 1, 1, 1, 1, 0, 1],
+                ProtoError::BadVersion(ver),
+                1
+            );
+        }
+        for atyp in [0u8, 2, 5, 0xff] {
+            check_err!(
+                parse_socks5_reply,
+                &[5, 0, 0, atyp, 1, 1, 1, 1, 0, 1],
+                ProtoError::BadAddressType(atyp),
+                4
+            );
+        }
+        check_err!(
+            parse_socks5_reply,
+            &[5, 0, 0, 3, 0, 0, 1],
+            ProtoError::BadName,
+            5
+        );
+        check_err!(
+            parse_socks5_reply,
+            &[5, 0, 0, 3, 3, b'a', 0, b'b', 0, 1],
+            ProtoError::BadName,
+            7
+        );
+    }
+
+    #[test]
+    fn socks5_reply_round_trip() {
+        for (rep, bnd) in [(0u8, "1.2.3.4:5"), (5, "[::1]:65535"), (1, "[fe80::1]:0")] {
+            let sa: SocketAddr = bnd.parse().unwrap();
+            let mut out = [0u8; socks5::MAX_REPLY_LEN];
+            let n = socks5::encode_reply(rep, sa, &mut out);
+            let expected = Socks5Reply {
+                rep,
+                bnd: TargetAddr::Ip(sa),
+            };
+            assert_eq!(parse_socks5_reply(&out[..n]), Ok(Parse::Done(expected, n)));
+        }
+        // IPv4-mapped BND comes back as IPv4.
+        let mut out = [0u8; socks5::MAX_REPLY_LEN];
+        let n = socks5::encode_reply(0, "[::ffff:9.8.7.6]:1".parse().unwrap(), &mut out);
+        let expected = Socks5Reply {
+            rep: 0,
+            bnd: ip("9.8.7.6:1"),
+        };
+        assert_eq!(parse_socks5_reply(&out[..n]), Ok(Parse::Done(expected, n)));
+    }
+
+    #[test]
+    fn socks5_failure_mapping() {
+        let all = [
+            Failure::General,
+            Failure::NotAllowed,
+            Failure::NetworkUnreachable,
+            Failure::HostUnreachable,
+            Failure::ConnectionRefused,
+            Failure::TimedOut,
+            Failure::CommandNotSupported,
+            Failure::AddressNotSupported,
+        ];
+        // Our own REP table read back gives the same failure.
+        for f in all {
+            assert_eq!(failure_from_socks5_reply(f.socks5_reply()), f);
+        }
+        for rep in [0x00u8, 0x09, 0x80, 0xff] {
+            assert_eq!(failure_from_socks5_reply(rep), Failure::General);
+        }
+    }
+
+    // ---- base64 (RFC 4648) ----
+
+    #[test]
+    fn base64_vectors() {
+        // RFC 4648 §10 test vectors, plus the RFC 7617 §2 example and the two non-alphanumeric characters.
+        let cases: [(&[u8], &[u8]); 10] = [
+            (b"", b""),
+            (b"f", b"Zg=="),
+            (b"fo", b"Zm8="),
+            (b"foo", b"Zm9v"),
+            (b"foob", b"Zm9vYg=="),
+            (b"fooba", b"Zm9vYmE="),
+            (b"foobar", b"Zm9vYmFy"),
+            (b"Aladdin:open sesame", b"QWxhZGRpbjpvcGVuIHNlc2FtZQ=="),
+            (&[0xff, 0xff, 0xff], b"////"),
+            (&[0xfb, 0xef, 0xbe], b"++++"),
+        ];
+        for (input, expected) in cases {
+            let mut out = [0u8; 64];
+            let n = base64_encode(input, &mut out);
+            assert_eq!(&out[..n], expected);
+            assert_eq!(n, base64_len(input.len()));
+            if n > 0 {
+                assert_eq!(base64_encode(input, &mut out[..n - 1]), 0);
+            }
+        }
+    }
+
+    // ---- HTTP CONNECT ----
+
+    /// Parses an encoded CONNECT with httparse as a server would and returns (request-target, Host, auth).
+    fn server_view(req: &[u8]) -> (String, String, Option<String>) {
+        let mut headers = [httparse::EMPTY_HEADER; 8];
+        let mut r = httparse::Request::new(&mut headers);
+        assert_eq!(r.parse(req), Ok(httparse::Status::Complete(req.len())));
+        assert_eq!(r.method, Some("CONNECT"));
+        assert_eq!(r.version, Some(1));
+        let header = |name: &str| {
+            r.headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| String::from_utf8(h.value.to_vec()).unwrap())
+        };
+        (
+            r.path.unwrap().to_string(),
+            header("Host").unwrap(),
+            header("Proxy-Authorization"),
+        )
+    }
+
+    #[test]
+    fn http_connect_encoding() {
+        let mut out = [0u8; MAX_HTTP_CONNECT_LEN];
+        let n = encode_http_connect(&dom(b"example.com", 443), None, &mut out);
+        assert_eq!(
+            &out[..n],
+            b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
+        );
+        let n = encode_http_connect(
+            &ip("192.0.2.1:22"),
+            Some((b"Aladdin", b"open sesame")),
+            &mut out,
+        );
+        assert_eq!(
+            &out[..n],
+            &b"CONNECT 192.0.2.1:22 HTTP/1.1\r\nHost: 192.0.2.1:22\r\n\
+               Proxy-Authorization: Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==\r\n\r\n"[..]
+        );
+        let cases = [
+            (ip("[2001:db8::1]:8443"), "[2001:db8::1]:8443"),
+            (ip("[::ffff:10.0.0.1]:80"), "10.0.0.1:80"),
+            (ip("[fe80::1%3]:80"), "[fe80::1]:80"),
+            (
+                dom(b"a-b_c.~x%41!$&'()*+,;=", 1),
+                "a-b_c.~x%41!$&'()*+,;=:1",
+            ),
+        ];
+        for (target, authority) in &cases {
+            let n = encode_http_connect(target, None, &mut out);
+            let (path, host, auth) = server_view(&out[..n]);
+            assert_eq!(
+                (path.as_str(), host.as_str(), auth),
+                (*authority, *authority, None)
+            );
+        }
+        // Empty user and password are legal in Basic (RFC 7617 §2).
+        let n = encode_http_connect(&ip("1.2.3.4:5"), Some((b"", b"")), &mut out);
+        assert_eq!(server_view(&out[..n]).2.as_deref(), Some("Basic Og=="));
+    }
+
+    #[test]
+    fn http_connect_worst_case_fits() {
+        let mut out = [0u8; MAX_HTTP_CONNECT_LEN];
+        let target = dom(&[b'x'; 255], 65535);
+        let (u, p) = ([0xffu8; 255], [b'p'; 255]);
+        let n = encode_http_connect(&target, Some((&u, &p)), &mut out);
+        assert_eq!(n, MAX_HTTP_CONNECT_LEN);
+        let (path, host, auth) = server_view(&out[..n]);
+        assert_eq!(path, host);
+        assert_eq!(auth.map(|a| a.len()), Some(6 + base64_len(511)));
+        assert_eq!(
+            encode_http_connect(&target, Some((&u, &p)), &mut out[..n - 1]),
+            0
+        );
+    }
+
+    #[test]
+    fn http_connect_refuses_unsafe_input() {
+        let mut out = [0u8; MAX_HTTP_CONNECT_LEN];
+        let t = dom(b"example.com", 443);
+        assert_eq!(
+            encode_http_connect(&t, Some((&[b'u'; 256], b"p")), &mut out),
+            0
+        );
+        assert_eq!(
+            encode_http_connect(&t, Some((b"u", &[b'p'; 256])), &mut out),
+            0
+        );
+        assert_eq!(encode_http_connect(&t, Some((b"a:b", b"p")), &mut out), 0);
+        assert_eq!(encode_http_connect(&t, Some((b"u", b"p\r\n")), &mut out), 0);
+        assert_eq!(encode_http_connect(&t, Some((b"u\0", b"p")), &mut out), 0);
+        // A colon in the password is fine: the server splits at the first one.
+        assert!(encode_http_connect(&t, Some((b"u", b"a:b")), &mut out) > 0);
+        for bad in [
+            &b"evil.com:80"[..],
+            b"user@host",
+            b"[::1]",
+            b"h?x",
+            b"h#x",
+            b"a\"b",
+            b"a<b",
+        ] {
+            assert_eq!(
+                encode_http_connect(&dom(bad, 80), None, &mut out),
+                0,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(encode_http_connect(&t, None, &mut out[..20]), 0);
+    }
+
+    #[test]
+    fn http_reply_valid() {
+        let next = b"\x16\x03\x01tunnel";
+        let st = |status| HttpConnectReply { status };
+        check_valid!(
+            parse_http_connect_reply,
+            b"HTTP/1.1 200 Connection established\r\n\r\n",
+            st(200),
+            next
+        );
+        check_valid!(
+            parse_http_connect_reply,
+            b"HTTP/1.0 200\r\n\r\n",
+            st(200),
+            next
+        );
+        check_valid!(
+            parse_http_connect_reply,
+            b"HTTP/1.1 204 OK\nVia: x\n\n",
+            st(204),
+            next
+        );
+        let msg = b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"p\"\r\n\
+                    Content-Length: 5\r\n\r\n";
+        check_valid!(parse_http_connect_reply, msg, st(407), b"body!");
+        // 64 header fields are accepted.
+        let mut msg = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..64 {
+            msg.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+        }
+        msg.extend_from_slice(b"\r\n");
+        check_valid!(parse_http_connect_reply, &msg, st(200), next);
+    }
+
+    #[test]
+    fn http_reply_malformed() {
+        for (msg, at) in [
+            (&b"SSH-2.0-OpenSSH\r\n\r\n"[..], 1),
+            (b"HTTP/2 200\r\n\r\n", 6),
+            // httparse checks the three status digits together.
+            (b"HTTP/1.1 20x OK\r\n\r\n", 12),
+            (b"HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n", 21),
+            (b"\x05\x00", 1),
+        ] {
+            check_err!(parse_http_connect_reply, msg, ProtoError::Malformed, at);
+        }
+        // 65 header fields: too large.
+        let mut msg = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..65 {
+            msg.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+        }
+        msg.extend_from_slice(b"\r\n");
+        assert_eq!(
+            parse_http_connect_reply(&msg),
+            Err(ProtoError::HeadTooLarge)
+        );
+    }
+
+    #[test]
+    fn http_reply_head_limit() {
+        // A head of exactly MAX_HTTP_REPLY_HEAD bytes is accepted, one byte more is not.
+        let build = |len: usize| {
+            let mut m = b"HTTP/1.1 200 OK\r\nX-Pad: ".to_vec();
+            m.resize(len - 4, b'a');
+            m.extend_from_slice(b"\r\n\r\n");
+            m
+        };
+        let exact = build(MAX_HTTP_REPLY_HEAD);
+        let mut joined = exact.clone();
+        joined.extend_from_slice(b"data");
+        assert_eq!(
+            parse_http_connect_reply(&joined),
+            Ok(Parse::Done(
+                HttpConnectReply { status: 200 },
+                MAX_HTTP_REPLY_HEAD
+            ))
+        );
+        let over = build(MAX_HTTP_REPLY_HEAD + 1);
+        assert_eq!(
+            parse_http_connect_reply(&over[..MAX_HTTP_REPLY_HEAD]),
+            Ok(Parse::Incomplete)
+        );
+        assert_eq!(
+            parse_http_connect_reply(&over),
+            Err(ProtoError::HeadTooLarge)
+        );
+        // An endless head fails as soon as it passes the limit.
+        let endless = build(4 * MAX_HTTP_REPLY_HEAD);
+        let endless = &endless[..endless.len() - 4];
+        assert_eq!(
+            parse_http_connect_reply(&endless[..MAX_HTTP_REPLY_HEAD]),
+            Ok(Parse::Incomplete)
+        );
+        assert_eq!(
+            parse_http_connect_reply(&endless[..MAX_HTTP_REPLY_HEAD + 1]),
+            Err(ProtoError::HeadTooLarge)
+        );
+        assert_eq!(
+            parse_http_connect_reply(endless),
+            Err(ProtoError::HeadTooLarge)
+        );
+    }
+
+    #[test]
+    fn http_failure_mapping() {
+        for (status, f) in [
+            (403, Failure::NotAllowed),
+            (407, Failure::NotAllowed),
+            (401, Failure::NotAllowed),
+            (405, Failure::CommandNotSupported),
+            (501, Failure::CommandNotSupported),
+            (504, Failure::TimedOut),
+            (408, Failure::TimedOut),
+            (502, Failure::General),
+            (503, Failure::General),
+            (400, Failure::General),
+            (500, Failure::General),
+            (200, Failure::General),
+        ] {
+            assert_eq!(failure_from_http_status(status), f, "{status}");
+        }
+    }
+
+    // ---- never panic on arbitrary input ----
+
+    /// xorshift64: deterministic, dependency-free pseudo-random bytes.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            x
+        }
+
+        /// A buffer of length 0..300; `shape` makes some buffers start like a real message to reach deeper code.
+        fn fill<'b>(&mut self, buf: &'b mut [u8; 300], shape: &[u8]) -> &'b [u8] {
+            let len = (self.next() % 300) as usize;
+            for b in buf.iter_mut() {
+                *b = self.next() as u8;
+            }
+            // Small values make length fields short; header-ish text makes HTTP heads complete.
+            match self.next() % 3 {
+                0 => buf.iter_mut().for_each(|b| *b %= 24),
+                1 => {
+                    let alphabet = b"\r\n\r\n: aZ-09\t";
+                    buf.iter_mut()
+                        .for_each(|b| *b = alphabet[usize::from(*b) % alphabet.len()]);
+                }
+                _ => {}
+            }
+            let keep = (self.next() % (shape.len() as u64 + 1)) as usize;
+            buf[..keep].copy_from_slice(&shape[..keep]);
+            &buf[..len]
+        }
+    }
+
+    /// Checks the sans-IO contract on `buf` and a random prefix of it: Done never overruns and does not depend on
+    /// later bytes, and once a prefix is Done or an error, every longer input gives the same answer.
+    macro_rules! check_contract {
+        ($parse:expr, $buf:expr, $rng:expr) => {{
+            let buf: &[u8] = $buf;
+            let whole = $parse(buf);
+            if let Ok(Parse::Done(v, n)) = &whole {
+                assert!(*n > 0 && *n <= buf.len());
+                assert_eq!($parse(&buf[..*n]), Ok(Parse::Done(v.clone(), *n)));
+                assert_eq!($parse(&buf[..*n - 1]), Ok(Parse::Incomplete));
+            }
+            let k = ($rng.next() % (buf.len() as u64 + 1)) as usize;
+            match $parse(&buf[..k]) {
+                Ok(Parse::Incomplete) => {}
+                prefix => assert_eq!(prefix, whole, "prefix {k} of {buf:?}"),
+            }
+        }};
+    }
+
+    const ROUNDS: usize = 100_000;
+
+    #[test]
+    fn fuzz_socks5_client_parsers() {
+        let mut rng = Rng(0xa076_1d64_78bd_642f);
+        let mut store = [0u8; 300];
+        for i in 0..ROUNDS {
+            let buf = rng.fill(&mut store, &[5, 0, 0, 1 + (i % 4) as u8]);
+            check_contract!(parse_method_choice, buf, rng);
+            check_contract!(parse_auth_status, buf, rng);
+            check_contract!(parse_socks5_reply, buf, rng);
+        }
+    }
+
+    #[test]
+    fn fuzz_http_connect_reply() {
+        let mut rng = Rng(0xe703_7ed1_a0b4_28db);
+        let mut store = [0u8; 300];
+        for _ in 0..ROUNDS {
+            let buf = rng.fill(&mut store, b"HTTP/1.1 200 OK\r\n");
+            check_contract!(parse_http_connect_reply, buf, rng);
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! Name resolution off the event loops.
+//!
+//! `getaddrinfo` blocks, so workers never call it: they send a [`Job`] to a small pool of resolver threads, which
+//! answer through the worker's channel and wake its poll with its `mio::Waker`. Every job carries the connection's
+//! `(key, gen)`, and the worker drops answers for connections that have gone away in the meantime.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+/// Names answered without DNS (`--resolve NAME=IP[,IP]`).
+#[derive(Debug, Clone, Default)]
+pub struct StaticHosts {
+    map: HashMap<String, Vec<IpAddr>>,
+}
+
+impl StaticHosts {
+    /// Adds an entry from `NAME=IP[,IP...]`.
+    pub fn add(&mut self, spec: &str) -> Result<(), String> {
+        let (name, ips) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("expected NAME=IP[,IP], got {spec:?}"))?;
+        if name.is_empty() {
+            return Err("empty name".to_string());
+        }
+        let mut list = Vec::new();
+        for ip in ips.split(',') {
+            list.push(
+                ip.trim()
+                    .parse::<IpAddr>()
+                    .map_err(|_| format!("bad address {ip:?}"))?,
+            );
+        }
+        self.map.insert(name.to_ascii_lowercase(), list);
+        Ok(())
+    }
+
+    fn get(&self, name: &str) -> Option<&Vec<IpAddr>> {
+        if self.map.is_empty() {
+            return None;
+        }
+        self.map.get(&name.to_ascii_lowercase())
+    }
+}
+
+type LookupFn = dyn Fn(&str, u16) -> io::Result<Vec<SocketAddr>> + Send + Sync;
+
+/// How names become addresses: the system resolver behind static entries, or an injected function (tests).
+#[derive(Clone)]
+pub struct Resolver {
+    lookup: Arc<LookupFn>,
+}
+
+impl fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Resolver")
+    }
+}
+
+impl Resolver {
+    /// `getaddrinfo` (through std), after the static entries.
+    pub fn system(hosts: StaticHosts) -> Resolver {
+        Resolver::custom(move |name, port| {
+            if let Some(ips) = hosts.get(name) {
+                return Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect());
+            }
+            // RFC 6761 §6.4: resolver libraries should answer "invalid." names negatively without querying DNS.
+            let lower = name.trim_end_matches('.').to_ascii_lowercase();
+            if lower == "invalid" || lower.ends_with(".invalid") {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "name does not resolve (.invalid)",
+                ));
+            }
+            let addrs: Vec<SocketAddr> = (name, port).to_socket_addrs()?.collect();
+            if addrs.is_empty() {
+                return Err(io::Error::new(io::ErrorKind::NotFound, "no addresses"));
+            }
+            Ok(addrs)
+        })
+    }
+
+    /// An injected lookup function.
+    pub fn custom(
+        f: impl Fn(&str, u16) -> io::Result<Vec<SocketAddr>> + Send + Sync + 'static,
+    ) -> Resolver {
+        Resolver {
+            lookup: Arc::new(f),
+        }
+    }
+
+    /// Runs a lookup on the calling thread (only resolver threads and tests call this).
+    pub fn lookup(&self, name: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+        (self.lookup)(name, port)
+    }
+}
+
+/// Where a resolver thread sends its answer.
+#[derive(Clone)]
+pub struct ReplyTo {
+    /// The worker's reply channel.
+    pub tx: Sender<Reply>,
+    /// The worker's waker.
+    pub waker: Arc<mio::Waker>,
+}
+
+/// A lookup request.
+pub struct Job {
+    /// Slab key of the asking connection.
+    pub key: usize,
+    /// Its generation, echoed back.
+    pub gen: u32,
+    /// What the answer is for (a worker-defined tag, e.g. TCP connect vs UDP datagram).
+    pub tag: u32,
+    /// The name.
+    pub host: String,
+    /// The port to attach to every address.
+    pub port: u16,
+    /// Where to answer.
+    pub reply: ReplyTo,
+}
+
+/// A lookup answer.
+pub struct Reply {
+    /// Slab key from the job.
+    pub key: usize,
+    /// Generation from the job.
+    pub gen: u32,
+    /// Tag from the job.
+    pub tag: u32,
+    /// The addresses, or the error.
+    pub result: io::Result<Vec<SocketAddr>>,
+}
+
+/// A fixed pool of resolver threads sharing one job queue.
+pub struct ResolverPool {
+    tx: Option<Sender<Job>>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl ResolverPool {
+    /// Starts `n` threads.
+    pub fn start(n: usize, resolver: Resolver) -> io::Result<ResolverPool> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut threads = Vec::new();
+        for i in 0..n.max(1) {
+            let rx = Arc::clone(&rx);
+            let resolver = resolver.clone();
+            threads.push(
+                thread::Builder::new()
+                    .name(format!("resolver-{i}"))
+                    .spawn(move || run(&rx, &resolver))?,
+            );
+        }
+        Ok(ResolverPool {
+            tx: Some(tx),
+            threads,
+        })
+    }
+
+    /// A handle workers use to submit jobs.
+    pub fn sender(&self) -> Sender<Job> {
+        match &self.tx {
+            Some(tx) => tx.clone(),
+            None => mpsc::channel().0,
+        }
+    }
+
+    /// Stops the threads once the queue is empty and every worker's sender is gone.
+    pub fn shutdown(mut self) {
+        self.tx = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(rx: &Mutex<Receiver<Job>>, resolver: &Resolver) {
+    loop {
+        // Hold the lock only to take a job, never while resolving.
+        let job = match rx.lock() {
+            Ok(guard) => guard.recv(),
+            Err(_) => return,
+        };
+        let Ok(job) = job else { return };
+        let result = resolver.lookup(&job.host, job.port);
+        let reply = Reply {
+            key: job.key,
+            gen: job.gen,
+            tag: job.tag,
+            result,
+        };
+        if job.reply.tx.send(reply).is_ok() {
+            let _ = job.reply.waker.wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_hosts_and_invalid_names() {
+        let mut h = StaticHosts::default();
+        h.add("Example.TEST=127.0.0.1,::1").unwrap();
+        assert!(h.add("nope").is_err());
+        assert!(h.add("x=not-an-ip").is_err());
+        let r = Resolver::system(h);
+        let a = r.lookup("example.test", 80).unwrap();
+        assert_eq!(
+            a,
+            vec!["127.0.0.1:80".parse().unwrap(), "[::1]:80".parse().unwrap()]
+        );
+        assert_eq!(
+            r.lookup("nx.invalid", 80).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+        assert!(r
+            .lookup("localhost", 1)
+            .unwrap()
+            .iter()
+            .all(|a| a.ip().is_loopback()));
+    }
+}

@@ -1,0 +1,128 @@
+//! Accepting: until `WouldBlock`, with client rules and limits checked before anything is allocated, and a pause
+//! (never a spin) when descriptors, the connection limit or the buffer pool run out.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use log::warn;
+use mio::net::TcpStream;
+use mio::Interest;
+
+use super::conn::{Conn, Phase};
+use super::timers::TimerKind;
+use super::{log_accept_error, log_refused, token, Worker};
+use crate::metrics::{self, Refusal};
+use crate::net;
+
+/// How long to wait before retrying accept after running out of descriptors or hitting a limit held by other
+/// workers (closes on this worker retry at once).
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
+impl Worker {
+    /// Accepts everything pending on listener `i`.
+    pub(super) fn accept(&mut self, i: usize) {
+        if self.accept_paused || self.ctx.draining {
+            return;
+        }
+        loop {
+            if self.at_capacity() {
+                self.pause_accept();
+                return;
+            }
+            let Some(Some(listener)) = self.listeners.get(i) else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, peer)) => self.admit(stream, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+                Err(e) if net::is_resource_exhaustion(&e) => {
+                    warn!("worker {}: accept: {e}; pausing accepts", self.id);
+                    self.pause_accept();
+                    return;
+                }
+                Err(e) => {
+                    log_accept_error(&e);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn at_capacity(&self) -> bool {
+        if let Some(max) = self.ctx.cfg.max_connections {
+            if self.open.load(Ordering::Relaxed) >= max {
+                return true;
+            }
+        }
+        self.ctx.pool.exhausted()
+    }
+
+    fn pause_accept(&mut self) {
+        if !self.accept_paused {
+            self.accept_paused = true;
+            self.ctx
+                .timers
+                .push(self.ctx.now + ACCEPT_RETRY, 0, 0, TimerKind::AcceptRetry);
+        }
+    }
+
+    /// Tries accepting again on every listener (after a close or the retry timer).
+    pub(super) fn resume_accept(&mut self) {
+        if !self.accept_paused {
+            return;
+        }
+        self.accept_paused = false;
+        for i in 0..self.listeners.len() {
+            self.accept(i);
+            if self.accept_paused {
+                return;
+            }
+        }
+    }
+
+    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr) {
+        let stats = &self.ctx.stats;
+        metrics::inc(&stats.accepted);
+        // With --proxy-protocol the real client address arrives in the header; the rules are checked then.
+        if !self.ctx.cfg.proxy_protocol && !self.ctx.cfg.client_rules.allows(peer.ip()) {
+            metrics::inc(&stats.refused[Refusal::ClientAcl as usize]);
+            log_refused(peer, "client not allowed");
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().unwrap_or(peer);
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        let tok = token::conn(key, token::Role::Client);
+        if let Err(e) =
+            self.poll
+                .registry()
+                .register(&mut stream, tok, Interest::READABLE | Interest::WRITABLE)
+        {
+            warn!("worker {}: register: {e}", self.id);
+            return;
+        }
+        self.next_gen = self.next_gen.wrapping_add(1);
+        let gen = self.next_gen;
+        let phase = if self.ctx.cfg.proxy_protocol {
+            Phase::ProxyHeader
+        } else {
+            Phase::Detect
+        };
+        let now = self.ctx.now;
+        let buf = self.ctx.pool.take();
+        let mut conn = Conn::new(gen, stream, peer, local, phase, now, buf);
+        let deadline = now + self.ctx.cfg.handshake_timeout;
+        conn.handshake_deadline = Some(deadline);
+        entry.insert(conn);
+        self.ctx
+            .timers
+            .push(deadline, key, gen, TimerKind::Handshake);
+        self.open.fetch_add(1, Ordering::Relaxed);
+        metrics::inc(&self.ctx.stats.active[metrics::Proto::Unknown as usize]);
+    }
+}

@@ -1,0 +1,351 @@
+//! One client connection and everything it owns.
+//!
+//! ```text
+//!            accept
+//!              |
+//!      [ProxyHeader] --(--proxy-protocol)--+
+//!              |                            |
+//!           [Detect] <---------------------+
+//!        /     |      \
+//! Socks5*  Socks4Request  HttpHead ------------------------+
+//!        \     |      /                                     |
+//!   [Resolving] -> [Connecting] -> [UpstreamHandshake]      | (absolute-form)
+//!                        |                |                 v
+//!                     [Relay] <-----------+            [Http forwarding]
+//!                        |
+//!   any failure reply -> [Linger] -> close
+//! ```
+//!
+//! Every socket a connection owns (client, upstream, UDP relay, BIND listener) is reached through its one slab
+//! entry, so there is exactly one removal: `Worker::close`.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+
+use crate::auth::Authorized;
+use crate::buffer::Buffer;
+use crate::metrics::Proto;
+use crate::proto::{Failure, TargetAddr};
+
+use super::bind::BindState;
+use super::http::HttpState;
+use super::udp::UdpState;
+use super::upstream::UpstreamHandshake;
+
+/// A TCP socket and the readiness we have seen for it but not yet used up (edge-triggered: an event bit is cleared
+/// only when an operation returns `WouldBlock`).
+pub struct Sock {
+    /// The socket.
+    pub stream: TcpStream,
+    /// A read may make progress.
+    pub readable: bool,
+    /// A write may make progress.
+    pub writable: bool,
+}
+
+impl Sock {
+    /// Wraps a freshly registered socket; readiness arrives with the first events.
+    pub fn new(stream: TcpStream) -> Sock {
+        Sock {
+            stream,
+            readable: false,
+            writable: false,
+        }
+    }
+
+    /// Records an event's readiness. Errors and hang-ups count as both, so the next read or write reports them.
+    pub fn mark(&mut self, ev: &mio::event::Event) {
+        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+            self.readable = true;
+        }
+        if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
+            self.writable = true;
+        }
+    }
+
+    /// Reads once; `WouldBlock` clears the readable bit and returns `Ok(None)`.
+    pub fn read(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        loop {
+            match self.stream.read(buf) {
+                Ok(n) => return Ok(Some(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.readable = false;
+                    return Ok(None);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Writes as much of `data` as the socket takes now; `WouldBlock` clears the writable bit.
+    pub fn write_some(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut off = 0;
+        while off < data.len() && self.writable {
+            match self.stream.write(&data[off..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => off += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(off)
+    }
+}
+
+/// How to answer the client once the outbound connection succeeds or fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyKind {
+    /// RFC 1928 §6 reply.
+    Socks5,
+    /// SOCKS4 reply (VN 0, CD 90/91).
+    Socks4,
+    /// `200 Connection established` or an error status.
+    HttpConnect,
+    /// Plain HTTP forwarding: on success send the rewritten request head.
+    HttpForward,
+}
+
+/// Where a connection is in its life. Each variant holds only what that phase needs.
+pub enum Phase {
+    /// Waiting for the PROXY protocol header.
+    ProxyHeader,
+    /// Waiting for the first byte.
+    Detect,
+    /// SOCKS5 method negotiation.
+    Socks5Greeting,
+    /// RFC 1929 sub-negotiation.
+    Socks5Auth,
+    /// SOCKS5 request.
+    Socks5Request,
+    /// A SOCKS4/4a request.
+    Socks4Request,
+    /// An HTTP request head (first request of the connection).
+    HttpHead,
+    /// A name lookup is out with the resolver pool.
+    Resolving {
+        /// How to answer.
+        reply: ReplyKind,
+    },
+    /// A nonblocking connect is in flight.
+    Connecting {
+        /// How to answer.
+        reply: ReplyKind,
+        /// Addresses still to try, each already passed by the destination rules.
+        addrs: Vec<(SocketAddr, crate::acl::DestAllowed)>,
+        /// Index of the next address to try.
+        next: usize,
+        /// The failure of the last attempt.
+        last: Failure,
+    },
+    /// Talking to an upstream proxy on the outbound socket.
+    Upstream(Box<UpstreamHandshake>),
+    /// Bytes flow both ways.
+    Relay,
+    /// Plain HTTP forwarding with request/response framing (state in `Conn::http`).
+    Http,
+    /// A SOCKS5 UDP association; the TCP connection is only watched for EOF.
+    Udp(Box<UdpState>),
+    /// A BIND listener waits for its inbound connection.
+    Bind(Box<BindState>),
+    /// An error reply is flushing; then the client side is shut down and read until EOF or the linger deadline, so
+    /// the reply is not destroyed by a reset.
+    Linger {
+        /// Whether the linger deadline is scheduled.
+        armed: bool,
+        /// Whether our write side is already shut down.
+        shut: bool,
+    },
+}
+
+impl Phase {
+    /// True while the client has not finished its handshake (the handshake deadline applies).
+    pub fn in_client_handshake(&self) -> bool {
+        matches!(
+            self,
+            Phase::ProxyHeader
+                | Phase::Detect
+                | Phase::Socks5Greeting
+                | Phase::Socks5Auth
+                | Phase::Socks5Request
+                | Phase::Socks4Request
+                | Phase::HttpHead
+        )
+    }
+
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::ProxyHeader => "proxy_header",
+            Phase::Detect => "detect",
+            Phase::Socks5Greeting => "socks5_greeting",
+            Phase::Socks5Auth => "socks5_auth",
+            Phase::Socks5Request => "socks5_request",
+            Phase::Socks4Request => "socks4_request",
+            Phase::HttpHead => "http_head",
+            Phase::Resolving { .. } => "resolving",
+            Phase::Connecting { .. } => "connecting",
+            Phase::Upstream(_) => "upstream_handshake",
+            Phase::Relay => "relay",
+            Phase::Http => "http",
+            Phase::Udp(_) => "udp",
+            Phase::Bind(_) => "bind",
+            Phase::Linger { .. } => "linger",
+        }
+    }
+}
+
+/// Per-direction relay state.
+#[derive(Default, Clone, Copy)]
+pub struct Half {
+    /// The source reported EOF.
+    pub eof: bool,
+    /// We shut down writing on the sink.
+    pub shut: bool,
+}
+
+/// One client connection.
+pub struct Conn {
+    /// Generation: distinguishes this connection from earlier users of the same slab slot.
+    pub gen: u32,
+    /// The client socket.
+    pub client: Sock,
+    /// The outbound socket, once connecting.
+    pub upstream: Option<Sock>,
+    /// Lifecycle phase.
+    pub phase: Phase,
+    /// Bytes from the client not yet consumed: handshake input, then relay payload parked for the upstream.
+    pub c2u: Option<Buffer>,
+    /// Bytes from the upstream parked for the client.
+    pub u2c: Option<Buffer>,
+    /// Bytes we generated for the client (replies, rewritten heads), flushed before `u2c`.
+    pub to_client: Vec<u8>,
+    /// Bytes we generated for the upstream (rewritten heads, upstream handshakes), flushed before `c2u`.
+    pub to_upstream: Vec<u8>,
+    /// Client -> upstream direction.
+    pub up: Half,
+    /// Upstream -> client direction.
+    pub down: Half,
+    /// The client's address (from the PROXY header when one was received).
+    pub peer: SocketAddr,
+    /// The local address the client connected to.
+    pub local: SocketAddr,
+    /// Protocol, once detected.
+    pub proto: Proto,
+    /// The authenticated user.
+    pub user: Option<Authorized>,
+    /// Where the client asked to go.
+    pub target: Option<TargetAddr>,
+    /// When the connection was accepted.
+    pub started: Instant,
+    /// Last relay activity (for the idle timeout).
+    pub last_active: Instant,
+    /// Handshake deadline, while in a handshake phase.
+    pub handshake_deadline: Option<Instant>,
+    /// Connect deadline, while resolving or connecting.
+    pub connect_deadline: Option<Instant>,
+    /// Bytes relayed client -> target.
+    pub bytes_up: u64,
+    /// Bytes relayed target -> client.
+    pub bytes_down: u64,
+    /// Already in the worker's "drive again" list.
+    pub queued: bool,
+    /// The failure reported to the client, for the access log.
+    pub failure: Option<Failure>,
+    /// Counted against `--user-max-connections`.
+    pub user_counted: bool,
+    /// HTTP forwarding state, for connections that forward plain HTTP requests.
+    pub http: Option<Box<HttpState>>,
+}
+
+impl Conn {
+    /// A connection just accepted.
+    pub fn new(
+        gen: u32,
+        stream: TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+        phase: Phase,
+        now: Instant,
+        c2u: Buffer,
+    ) -> Conn {
+        Conn {
+            gen,
+            client: Sock::new(stream),
+            upstream: None,
+            phase,
+            c2u: Some(c2u),
+            u2c: None,
+            to_client: Vec::new(),
+            to_upstream: Vec::new(),
+            up: Half::default(),
+            down: Half::default(),
+            peer,
+            local,
+            proto: Proto::Unknown,
+            user: None,
+            target: None,
+            started: now,
+            last_active: now,
+            handshake_deadline: None,
+            connect_deadline: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            queued: false,
+            failure: None,
+            user_counted: false,
+            http: None,
+        }
+    }
+
+    /// Queues generated bytes for the client and writes what the socket takes now. Pending generated bytes keep
+    /// their order: new ones never overtake old ones.
+    pub fn send_client(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.to_client.is_empty() {
+            let n = self.client.write_some(bytes)?;
+            if n < bytes.len() {
+                self.to_client.extend_from_slice(&bytes[n..]);
+            }
+        } else {
+            self.to_client.extend_from_slice(bytes);
+            self.flush_client()?;
+        }
+        Ok(())
+    }
+
+    /// Writes pending generated bytes to the client; true when none remain.
+    pub fn flush_client(&mut self) -> io::Result<bool> {
+        if !self.to_client.is_empty() {
+            let n = self.client.write_some(&self.to_client)?;
+            self.to_client.drain(..n);
+            if self.to_client.is_empty() {
+                // Generated bytes are rare and small: don't keep their allocation around for an idle tunnel.
+                self.to_client = Vec::new();
+            }
+        }
+        Ok(self.to_client.is_empty())
+    }
+
+    /// Writes pending generated bytes to the upstream; true when none remain.
+    pub fn flush_upstream(&mut self) -> io::Result<bool> {
+        if let Some(up) = self.upstream.as_mut() {
+            if !self.to_upstream.is_empty() {
+                let n = up.write_some(&self.to_upstream)?;
+                self.to_upstream.drain(..n);
+                if self.to_upstream.is_empty() {
+                    self.to_upstream = Vec::new();
+                }
+            }
+        }
+        Ok(self.to_upstream.is_empty())
+    }
+
+    /// The authenticated user name, or "-".
+    pub fn user_name(&self) -> &str {
+        self.user.as_ref().map(|u| u.user()).unwrap_or("-")
+    }
+}

@@ -1,0 +1,274 @@
+//! Resolving -> Connecting -> (upstream handshake) -> success reply -> relay.
+//!
+//! Every resolved address is tried in turn (the resolver's order, which getaddrinfo sorts per RFC 6724), each one
+//! checked against the destination rules first, so a name cannot be used to reach a denied address.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use log::debug;
+use mio::Interest;
+
+use super::conn::{Conn, Phase, ReplyKind, Sock};
+use super::handshake::reply_failure;
+use super::timers::TimerKind;
+use super::{http, token, upstream, Ctx, Next};
+use crate::metrics;
+use crate::net::{self, ConnectState};
+use crate::proto::{self, socks4, socks5, Failure, TargetAddr};
+use crate::resolve::Job;
+
+/// Resolver tag for TCP connects (UDP datagram lookups use other tags).
+pub const RESOLVE_TAG: u32 = u32::MAX;
+
+/// Starts connecting `conn` to `target`, answering with `reply` when done.
+pub fn start(
+    key: usize,
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    target: TargetAddr,
+    reply: ReplyKind,
+) -> Next {
+    conn.target = Some(target.clone());
+    conn.handshake_deadline = None;
+    let deadline = ctx.now + ctx.cfg.connect_timeout;
+    conn.connect_deadline = Some(deadline);
+    ctx.timers.push(deadline, key, conn.gen, TimerKind::Connect);
+    if ctx.cfg.upstream.is_some() {
+        // Through an upstream proxy the target is the upstream's business: connect to the proxy itself, but
+        // still apply the destination rules when the target is a literal address.
+        if let TargetAddr::Ip(addr) = &target {
+            if ctx.cfg.dest_rules.check(*addr).is_err() {
+                return fail(conn, ctx, reply, Failure::NotAllowed);
+            }
+        }
+        return upstream::start_connect(key, conn, ctx, reply);
+    }
+    match target {
+        TargetAddr::Ip(addr) => begin(key, conn, ctx, reply, vec![addr]),
+        TargetAddr::Domain(name, port) => {
+            metrics::inc(&ctx.stats.dns_lookups);
+            let job = Job {
+                key,
+                gen: conn.gen,
+                tag: RESOLVE_TAG,
+                host: name.as_str().to_string(),
+                port,
+                reply: ctx.reply_to.clone(),
+            };
+            if ctx.resolve_tx.send(job).is_err() {
+                return fail(conn, ctx, reply, Failure::General);
+            }
+            conn.phase = Phase::Resolving { reply };
+            Next::Wait
+        }
+    }
+}
+
+/// A resolver answer arrived for `conn`.
+pub fn on_resolved(
+    key: usize,
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    result: io::Result<Vec<SocketAddr>>,
+) -> Next {
+    let reply = match conn.phase {
+        Phase::Resolving { reply } => reply,
+        _ => return Next::Wait,
+    };
+    match result {
+        Ok(addrs) if !addrs.is_empty() => begin(key, conn, ctx, reply, addrs),
+        Ok(_) | Err(_) => {
+            metrics::inc(&ctx.stats.dns_failures);
+            debug!("{}: cannot resolve {}", conn.peer, target_str(conn));
+            fail(conn, ctx, reply, Failure::HostUnreachable)
+        }
+    }
+}
+
+fn target_str(conn: &Conn) -> String {
+    conn.target
+        .as_ref()
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+/// Filters the addresses through the destination rules and starts on the first.
+pub fn begin(
+    key: usize,
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    reply: ReplyKind,
+    addrs: Vec<SocketAddr>,
+) -> Next {
+    let allowed: Vec<_> = addrs
+        .into_iter()
+        .map(|a| SocketAddr::new(proto::canonical_ip(a.ip()), a.port()))
+        .filter_map(|a| ctx.cfg.dest_rules.check(a).ok().map(|proof| (a, proof)))
+        .collect();
+    if allowed.is_empty() {
+        debug!(
+            "{}: destination {} denied by rules",
+            conn.peer,
+            target_str(conn)
+        );
+        return fail(conn, ctx, reply, Failure::NotAllowed);
+    }
+    conn.phase = Phase::Connecting {
+        reply,
+        addrs: allowed,
+        next: 0,
+        last: Failure::General,
+    };
+    try_next(key, conn, ctx)
+}
+
+/// Starts a connect to the next address; replies with the last failure when none are left.
+fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    loop {
+        let Phase::Connecting {
+            reply,
+            addrs,
+            next,
+            last,
+        } = &mut conn.phase
+        else {
+            return Next::Wait;
+        };
+        let Some((addr, _proof)) = addrs.get(*next).copied() else {
+            let (reply, last) = (*reply, *last);
+            return fail(conn, ctx, reply, last);
+        };
+        *next += 1;
+        match open(key, ctx, addr) {
+            Ok(sock) => {
+                conn.upstream = Some(sock);
+                return Next::Wait;
+            }
+            Err(e) => {
+                debug!("{}: connect {addr}: {e}", conn.peer);
+                *last = net::failure_of(&e);
+            }
+        }
+    }
+}
+
+/// Opens and registers a nonblocking outbound socket for connection `key`.
+pub fn open(key: usize, ctx: &mut Ctx, addr: SocketAddr) -> io::Result<Sock> {
+    let mut stream = net::connect(addr, ctx.cfg.outbound_bind)?;
+    ctx.registry.register(
+        &mut stream,
+        token::conn(key, token::Role::Upstream),
+        Interest::READABLE | Interest::WRITABLE,
+    )?;
+    Ok(Sock::new(stream))
+}
+
+/// Drops the outbound socket (after a failed attempt).
+pub fn drop_upstream(conn: &mut Conn, ctx: &mut Ctx) {
+    if let Some(mut up) = conn.upstream.take() {
+        let _ = ctx.registry.deregister(&mut up.stream);
+    }
+}
+
+/// Drives the Connecting phase: on readiness of the outbound socket, checks whether the connect finished.
+pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    let Some(up) = conn.upstream.as_mut() else {
+        return Next::Wait;
+    };
+    if !up.writable && !up.readable {
+        return Next::Wait;
+    }
+    match net::connect_state(&up.stream) {
+        ConnectState::Pending => {
+            up.writable = false;
+            up.readable = false;
+            Next::Wait
+        }
+        ConnectState::Connected => connected(key, conn, ctx),
+        ConnectState::Failed(e) => {
+            debug!("{}: connect to {}: {e}", conn.peer, target_str(conn));
+            drop_upstream(conn, ctx);
+            if let Phase::Connecting { last, .. } = &mut conn.phase {
+                *last = net::failure_of(&e);
+            }
+            try_next(key, conn, ctx)
+        }
+    }
+}
+
+/// The outbound TCP connection is up.
+fn connected(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    let reply = match conn.phase {
+        Phase::Connecting { reply, .. } => reply,
+        _ => return Next::Wait,
+    };
+    established(key, conn, ctx, reply)
+}
+
+/// The path to the target is ready (directly, or through the upstream proxy): answer the client and relay.
+pub fn established(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
+    conn.connect_deadline = None;
+    let local = conn
+        .upstream
+        .as_ref()
+        .and_then(|u| u.stream.local_addr().ok())
+        .unwrap_or(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+    let mut out = [0u8; socks5::MAX_REPLY_LEN];
+    let len = match reply {
+        ReplyKind::Socks5 => socks5::encode_reply(0, local, &mut out),
+        ReplyKind::Socks4 => {
+            let v4 = match local {
+                SocketAddr::V4(a) => a,
+                SocketAddr::V6(_) => SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+            };
+            socks4::encode_reply(socks4::REPLY_GRANTED, v4, &mut out)
+        }
+        ReplyKind::HttpConnect => {
+            if conn.send_client(proto::http::CONNECT_ESTABLISHED).is_err() {
+                return Next::Close("client_error");
+            }
+            0
+        }
+        ReplyKind::HttpForward => return http::on_origin_connected(key, conn, ctx),
+    };
+    if len > 0 && conn.send_client(&out[..len]).is_err() {
+        return Next::Close("client_error");
+    }
+    metrics::inc(&ctx.stats.handshakes_ok[conn.proto as usize]);
+    start_relay(key, conn, ctx);
+    Next::Again
+}
+
+/// Switches to the relay phase with the idle timer armed.
+pub fn start_relay(key: usize, conn: &mut Conn, ctx: &mut Ctx) {
+    conn.phase = Phase::Relay;
+    conn.last_active = ctx.now;
+    ctx.timers.push(
+        ctx.now + ctx.cfg.idle_timeout,
+        key,
+        conn.gen,
+        TimerKind::Idle,
+    );
+}
+
+/// Reports a failure to resolve or connect.
+pub fn fail(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, failure: Failure) -> Next {
+    ctx.stats.connect_error(failure);
+    drop_upstream(conn, ctx);
+    if reply == ReplyKind::HttpForward {
+        return http::on_origin_failed(conn, ctx, failure);
+    }
+    reply_failure(conn, ctx, reply, failure)
+}
+
+/// The connect deadline passed while resolving or connecting.
+pub fn on_timeout(conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    let reply = match &conn.phase {
+        Phase::Resolving { reply } | Phase::Connecting { reply, .. } => *reply,
+        Phase::Upstream(u) => u.reply,
+        _ => return Next::Wait,
+    };
+    debug!("{}: connect to {} timed out", conn.peer, target_str(conn));
+    fail(conn, ctx, reply, Failure::TimedOut)
+}

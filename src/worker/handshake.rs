@@ -1,0 +1,353 @@
+//! Client handshakes: feeds the sans-IO parsers from the client buffer, applies policy (auth, limits), and hands
+//! over to `connect`, `udp`, `bind` or `http`. Also the error path: reply, linger, close.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::Duration;
+
+use log::debug;
+
+use super::conn::{Conn, Phase, ReplyKind};
+use super::timers::TimerKind;
+use super::{bind, connect, http, udp, Ctx, Next};
+use crate::metrics::{self, Proto, Refusal};
+use crate::proto::detect::{self, Protocol};
+use crate::proto::{proxy_protocol, socks4, socks5, Failure, Parse};
+
+/// How long an error reply may take to flush and the client to close after it, before we close regardless.
+pub const LINGER: Duration = Duration::from_secs(2);
+
+/// Reads what the client has sent into its buffer (until `WouldBlock`, EOF or a full buffer).
+pub fn fill_client(conn: &mut Conn, ctx: &mut Ctx) -> std::io::Result<()> {
+    let buf = conn.c2u.get_or_insert_with(|| ctx.pool.take());
+    while conn.client.readable && !conn.up.eof && !buf.is_full() {
+        match conn.client.read(buf.space())? {
+            Some(0) => conn.up.eof = true,
+            Some(n) => buf.fill(n),
+            None => break,
+        }
+    }
+    Ok(())
+}
+
+fn data(conn: &Conn) -> &[u8] {
+    conn.c2u.as_ref().map(|b| b.data()).unwrap_or(&[])
+}
+
+fn consume(conn: &mut Conn, n: usize) {
+    if let Some(b) = conn.c2u.as_mut() {
+        b.consume(n);
+    }
+}
+
+/// The parser needs more bytes: wait for them, unless the client already closed.
+fn need_more(conn: &Conn) -> Next {
+    if conn.up.eof {
+        Next::Close("client_eof")
+    } else {
+        Next::Wait
+    }
+}
+
+/// Drives a connection in one of the client-handshake phases.
+pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    match conn.flush_client() {
+        Ok(true) => {}
+        Ok(false) => return Next::Wait,
+        Err(_) => return Next::Close("client_error"),
+    }
+    if fill_client(conn, ctx).is_err() {
+        return Next::Close("client_reset");
+    }
+    match conn.phase {
+        Phase::ProxyHeader => proxy_header(conn, ctx),
+        Phase::Detect => detect(conn, ctx),
+        Phase::Socks5Greeting => socks5_greeting(conn, ctx),
+        Phase::Socks5Auth => socks5_auth(conn, ctx),
+        Phase::Socks5Request => socks5_request(key, conn, ctx),
+        Phase::Socks4Request => socks4_request(key, conn, ctx),
+        Phase::HttpHead => http::on_head(key, conn, ctx),
+        _ => Next::Wait,
+    }
+}
+
+fn proxy_header(conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    match proxy_protocol::parse(data(conn)) {
+        Ok(Parse::Incomplete) => need_more(conn),
+        Ok(Parse::Done(header, n)) => {
+            consume(conn, n);
+            if let proxy_protocol::ProxyHeader::Proxy { src, .. } = header {
+                conn.peer = SocketAddr::new(crate::proto::canonical_ip(src.ip()), src.port());
+            }
+            if !ctx.cfg.client_rules.allows(conn.peer.ip()) {
+                metrics::inc(&ctx.stats.refused[Refusal::ClientAcl as usize]);
+                super::log_refused(conn.peer, "client not allowed (PROXY header address)");
+                return Next::Close("client_not_allowed");
+            }
+            conn.phase = Phase::Detect;
+            Next::Again
+        }
+        Err(e) => {
+            metrics::inc(&ctx.stats.refused[Refusal::ProxyHeader as usize]);
+            debug!("{}: bad PROXY protocol header: {e}", conn.peer);
+            Next::Close("bad_proxy_header")
+        }
+    }
+}
+
+fn set_proto(conn: &mut Conn, ctx: &Ctx, proto: Proto) {
+    metrics::dec(&ctx.stats.active[conn.proto as usize]);
+    conn.proto = proto;
+    metrics::inc(&ctx.stats.active[proto as usize]);
+}
+
+fn detect(conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    let Some(&first) = data(conn).first() else {
+        return need_more(conn);
+    };
+    let (proto, phase) = match detect::detect(first) {
+        Protocol::Socks5 => (Proto::Socks5, Phase::Socks5Greeting),
+        Protocol::Socks4 if ctx.cfg.socks4 => (Proto::Socks4, Phase::Socks4Request),
+        Protocol::Http if ctx.cfg.http => (Proto::Http, Phase::HttpHead),
+        _ => {
+            metrics::inc(&ctx.stats.refused[Refusal::UnknownProtocol as usize]);
+            debug!(
+                "{}: unknown or disabled protocol (first byte {first:#04x})",
+                conn.peer
+            );
+            return Next::Close("unknown_protocol");
+        }
+    };
+    set_proto(conn, ctx, proto);
+    conn.phase = phase;
+    Next::Again
+}
+
+fn socks5_greeting(conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    match socks5::parse_greeting(data(conn)) {
+        Ok(Parse::Incomplete) => need_more(conn),
+        Ok(Parse::Done(g, n)) => {
+            consume(conn, n);
+            // RFC 1928 §3: when users are configured, user/password is the only acceptable method, even if the
+            // client also offers "no authentication".
+            let method = if ctx.users.is_empty() {
+                if g.no_auth {
+                    socks5::METHOD_NO_AUTH
+                } else {
+                    socks5::METHOD_NO_ACCEPTABLE
+                }
+            } else if g.user_pass {
+                socks5::METHOD_USER_PASS
+            } else {
+                socks5::METHOD_NO_ACCEPTABLE
+            };
+            let mut out = [0u8; 2];
+            let len = socks5::encode_method(method, &mut out);
+            if conn.send_client(&out[..len]).is_err() {
+                return Next::Close("client_error");
+            }
+            match method {
+                socks5::METHOD_NO_AUTH => conn.phase = Phase::Socks5Request,
+                socks5::METHOD_USER_PASS => conn.phase = Phase::Socks5Auth,
+                _ => {
+                    metrics::inc(&ctx.stats.auth_failures);
+                    return enter_linger(conn, ctx, Failure::NotAllowed);
+                }
+            }
+            Next::Again
+        }
+        Err(e) => bad_handshake(conn, ctx, e),
+    }
+}
+
+fn socks5_auth(conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    let parsed = match socks5::parse_user_pass(data(conn)) {
+        Ok(Parse::Incomplete) => return need_more(conn),
+        Ok(Parse::Done(creds, n)) => (ctx.users.verify(creds.user, creds.pass), n),
+        Err(e) => return bad_handshake(conn, ctx, e),
+    };
+    let (verdict, n) = parsed;
+    consume(conn, n);
+    let ok = verdict.is_some();
+    let mut out = [0u8; 2];
+    let len = socks5::encode_auth_status(ok, &mut out);
+    if conn.send_client(&out[..len]).is_err() {
+        return Next::Close("client_error");
+    }
+    match verdict {
+        Some(user) => {
+            conn.user = Some(user);
+            conn.phase = Phase::Socks5Request;
+            Next::Again
+        }
+        None => {
+            // RFC 1929 §2: after a failure status the server MUST close the connection.
+            metrics::inc(&ctx.stats.auth_failures);
+            debug!("{}: SOCKS5 authentication failed", conn.peer);
+            enter_linger(conn, ctx, Failure::NotAllowed)
+        }
+    }
+}
+
+fn socks5_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    match socks5::parse_request(data(conn)) {
+        Ok(Parse::Incomplete) => need_more(conn),
+        Ok(Parse::Done(req, n)) => {
+            consume(conn, n);
+            conn.target = Some(req.target.clone());
+            if !user_admit(conn, ctx) {
+                return reply_failure(conn, ctx, ReplyKind::Socks5, Failure::NotAllowed);
+            }
+            match req.command {
+                socks5::Command::Connect => {
+                    connect::start(key, conn, ctx, req.target, ReplyKind::Socks5)
+                }
+                socks5::Command::UdpAssociate if ctx.cfg.udp => {
+                    udp::start(key, conn, ctx, req.target)
+                }
+                socks5::Command::Bind if ctx.cfg.bind_cmd => {
+                    bind::start(key, conn, ctx, req.target, ReplyKind::Socks5)
+                }
+                _ => reply_failure(conn, ctx, ReplyKind::Socks5, Failure::CommandNotSupported),
+            }
+        }
+        Err(e) => {
+            debug!("{}: bad SOCKS5 request: {e}", conn.peer);
+            reply_failure(conn, ctx, ReplyKind::Socks5, e.failure())
+        }
+    }
+}
+
+fn socks4_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    let (command, target, n) = match socks4::parse_request(data(conn)) {
+        Ok(Parse::Incomplete) => return need_more(conn),
+        Ok(Parse::Done(req, n)) => (req.command, req.target, n),
+        Err(e) => {
+            debug!("{}: bad SOCKS4 request: {e}", conn.peer);
+            return reply_failure(conn, ctx, ReplyKind::Socks4, e.failure());
+        }
+    };
+    consume(conn, n);
+    conn.target = Some(target.clone());
+    // SOCKS4 carries no password: with users configured it would be a way around authentication.
+    if !ctx.users.is_empty() && !ctx.cfg.socks4_with_users {
+        metrics::inc(&ctx.stats.auth_failures);
+        debug!("{}: SOCKS4 refused: users are configured", conn.peer);
+        return reply_failure(conn, ctx, ReplyKind::Socks4, Failure::NotAllowed);
+    }
+    match command {
+        socks4::Command::Connect => connect::start(key, conn, ctx, target, ReplyKind::Socks4),
+        socks4::Command::Bind if ctx.cfg.bind_cmd => {
+            bind::start(key, conn, ctx, target, ReplyKind::Socks4)
+        }
+        socks4::Command::Bind => {
+            reply_failure(conn, ctx, ReplyKind::Socks4, Failure::CommandNotSupported)
+        }
+    }
+}
+
+/// Counts the session against its user's `--user-max-connections`; false when the user is at the limit.
+pub fn user_admit(conn: &mut Conn, ctx: &mut Ctx) -> bool {
+    let (Some(max), Some(user)) = (ctx.cfg.user_max_connections, conn.user.as_ref()) else {
+        return true;
+    };
+    if conn.user_counted {
+        return true;
+    }
+    let Ok(mut counts) = ctx.user_counts.lock() else {
+        return false;
+    };
+    let n = counts.entry(user.user().to_string()).or_insert(0);
+    if *n >= max {
+        debug!(
+            "{}: user {} at --user-max-connections {max}",
+            conn.peer,
+            user.user()
+        );
+        return false;
+    }
+    *n += 1;
+    conn.user_counted = true;
+    true
+}
+
+fn bad_handshake(conn: &mut Conn, ctx: &mut Ctx, e: crate::proto::ProtoError) -> Next {
+    debug!(
+        "{}: malformed {} message: {e}",
+        conn.peer,
+        conn.phase.name()
+    );
+    metrics::inc(&ctx.stats.handshakes_failed[conn.proto as usize]);
+    Next::Close("malformed")
+}
+
+/// Sends the protocol's failure reply, then lingers and closes (RFC 1928 §6: close after a failure reply).
+pub fn reply_failure(conn: &mut Conn, ctx: &mut Ctx, kind: ReplyKind, failure: Failure) -> Next {
+    let mut out = [0u8; crate::proto::http::MAX_CANNED_LEN];
+    let len = match kind {
+        ReplyKind::Socks5 => socks5::encode_reply(
+            failure.socks5_reply(),
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            &mut out,
+        ),
+        ReplyKind::Socks4 => socks4::encode_reply(
+            failure.socks4_reply(),
+            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+            &mut out,
+        ),
+        ReplyKind::HttpConnect | ReplyKind::HttpForward => {
+            crate::proto::http::canned_response(failure.http_status(), &mut out)
+        }
+    };
+    if conn.send_client(&out[..len]).is_err() {
+        return Next::Close("client_error");
+    }
+    enter_linger(conn, ctx, failure)
+}
+
+/// After an error reply: flush it, shut down our side, and wait briefly for the client to close, so unread input
+/// does not turn our close into a reset that destroys the reply.
+pub fn enter_linger(conn: &mut Conn, ctx: &mut Ctx, failure: Failure) -> Next {
+    conn.failure = Some(failure);
+    metrics::inc(&ctx.stats.handshakes_failed[conn.proto as usize]);
+    conn.handshake_deadline = None;
+    conn.connect_deadline = None;
+    conn.phase = Phase::Linger {
+        armed: false,
+        shut: false,
+    };
+    Next::Again
+}
+
+/// Drives the linger phase.
+pub fn linger(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    let reason = conn.failure.map(|f| f.label()).unwrap_or("error");
+    if let Phase::Linger { armed, .. } = &mut conn.phase {
+        if !*armed {
+            *armed = true;
+            ctx.timers
+                .push(ctx.now + LINGER, key, conn.gen, TimerKind::Linger);
+        }
+    }
+    match conn.flush_client() {
+        Ok(true) => {}
+        Ok(false) => return Next::Wait,
+        Err(_) => return Next::Close(reason),
+    }
+    if let Phase::Linger { shut, .. } = &mut conn.phase {
+        if !*shut {
+            *shut = true;
+            let _ = conn.client.stream.shutdown(std::net::Shutdown::Write);
+        }
+    }
+    if let Some(b) = conn.c2u.take() {
+        ctx.pool.give(b);
+    }
+    for _ in 0..16 {
+        match conn.client.read(&mut ctx.scratch) {
+            Ok(Some(0)) | Err(_) => return Next::Close(reason),
+            Ok(Some(_)) => {}
+            Ok(None) => return Next::Wait,
+        }
+    }
+    Next::Yield
+}

@@ -1,0 +1,545 @@
+//! HTTP proxy: CONNECT tunnels and plain forwarding of absolute-form requests with keep-alive.
+//!
+//! One request is in flight per client connection: the next request head stays in the client buffer until the
+//! current response is complete, so pipelined requests are answered in order. Bodies pass through verbatim
+//! (chunked stays chunked); `proto::http::BodyFramer` only says where each body ends. The origin connection is
+//! reused for the next request when it goes to the same origin and both sides allow it.
+//!
+//! ```text
+//! WaitHead --(request)--> [connect or reuse origin] --> Exchange --(response done)--> WaitHead | close
+//! ```
+
+use log::debug;
+
+use super::conn::{Conn, Phase, ReplyKind};
+use super::connect::{self, drop_upstream};
+use super::handshake::{self, enter_linger, fill_client, reply_failure, user_admit};
+use super::{Ctx, Next};
+use crate::buffer::Buffer;
+use crate::metrics;
+use crate::proto::http::{self as h, BodyFramer, RequestKind, ResponseContext, RewriteOptions};
+use crate::proto::{Failure, Parse, ProtoError, TargetAddr};
+
+/// Forwarding state of one client connection.
+pub struct HttpState {
+    /// The origin the current upstream socket is connected to.
+    origin: Option<TargetAddr>,
+    /// The origin allows another request on its connection.
+    origin_reusable: bool,
+    /// A request/response exchange is in progress.
+    busy: bool,
+    /// The current request is a HEAD request.
+    is_head: bool,
+    /// The client's HTTP minor version.
+    minor: u8,
+    /// The client wants to keep the connection.
+    client_keep_alive: bool,
+    /// The client connection stays open after the current response.
+    keep_client: bool,
+    /// Request body framing.
+    req_body: BodyFramer,
+    /// Bytes at the front of `c2u` that belong to the request body and may be forwarded.
+    up_ready: usize,
+    /// The whole request (head and body) went to the origin.
+    req_done: bool,
+    /// The final response head has been parsed.
+    resp_head_done: bool,
+    /// Response body framing.
+    resp_body: BodyFramer,
+    /// Bytes at the front of `u2c` that belong to the response body and may be forwarded.
+    down_ready: usize,
+    /// Anything of the response reached the client (after that, errors can only close).
+    resp_started: bool,
+}
+
+impl HttpState {
+    fn new() -> HttpState {
+        HttpState {
+            origin: None,
+            origin_reusable: false,
+            busy: false,
+            is_head: false,
+            minor: 1,
+            client_keep_alive: false,
+            keep_client: false,
+            req_body: BodyFramer::new(h::BodyKind::None),
+            up_ready: 0,
+            req_done: false,
+            resp_head_done: false,
+            resp_body: BodyFramer::new(h::BodyKind::None),
+            down_ready: 0,
+            resp_started: false,
+        }
+    }
+}
+
+/// True while an exchange is in flight (a drain lets it finish).
+pub fn busy(conn: &Conn) -> bool {
+    conn.http.as_ref().map(|h| h.busy).unwrap_or(false)
+}
+
+/// Makes room for a larger head: swaps the pool buffer for a bigger one, up to `max_head`. False at the limit.
+fn grow(slot: &mut Option<Buffer>, max_head: usize, ctx: &mut Ctx) -> bool {
+    let Some(old) = slot.as_ref() else {
+        return false;
+    };
+    if old.capacity() >= max_head {
+        return false;
+    }
+    let mut big = Buffer::new((old.capacity() * 4).min(max_head));
+    big.push(old.data());
+    if let Some(old) = slot.replace(big) {
+        ctx.pool.give(old);
+    }
+    true
+}
+
+/// Parses the next request head from the client buffer (phase HttpHead, or Http between requests).
+pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    let max = ctx.cfg.max_head;
+    let opts = RewriteOptions {
+        via: ctx.cfg.via.as_deref(),
+    };
+    let data = conn.c2u.as_ref().map(|b| b.data()).unwrap_or(&[]);
+    if data.is_empty() {
+        if conn.up.eof {
+            return Next::Close(if conn.http.is_some() {
+                "done"
+            } else {
+                "client_eof"
+            });
+        }
+        return Next::Wait;
+    }
+    let req = match h::parse_request(data, max, &opts, &mut ctx.head_out) {
+        Ok(Parse::Incomplete) => {
+            let full = conn.c2u.as_ref().map(|b| b.is_full()).unwrap_or(false);
+            if full && !grow(&mut conn.c2u, max, ctx) {
+                return bad_request(conn, ctx, ProtoError::HeadTooLarge);
+            }
+            if full {
+                return Next::Again;
+            }
+            return if conn.up.eof {
+                Next::Close("client_eof")
+            } else {
+                Next::Wait
+            };
+        }
+        Ok(Parse::Done(req, n)) => {
+            if let Some(b) = conn.c2u.as_mut() {
+                b.consume(n);
+            }
+            req
+        }
+        Err(e) => return bad_request(conn, ctx, e),
+    };
+    // Proxy authentication (RFC 9110 §11.7): the credentials are consumed here and never forwarded.
+    if !ctx.users.is_empty() && conn.user.is_none() {
+        let verdict = req
+            .credentials
+            .as_ref()
+            .and_then(|c| ctx.users.verify(c.user(), c.pass()));
+        match verdict {
+            Some(user) => conn.user = Some(user),
+            None => {
+                if req.auth_present {
+                    metrics::inc(&ctx.stats.auth_failures);
+                }
+                debug!("{}: HTTP proxy authentication required", conn.peer);
+                return send_status(conn, ctx, 407);
+            }
+        }
+    }
+    conn.target = Some(req.target.clone());
+    let reply = match req.kind {
+        RequestKind::Connect => ReplyKind::HttpConnect,
+        RequestKind::Forward => ReplyKind::HttpForward,
+    };
+    if !user_admit(conn, ctx) {
+        return reply_failure(conn, ctx, reply, Failure::NotAllowed);
+    }
+    if req.kind == RequestKind::Connect {
+        if conn.http.is_some() {
+            // CONNECT after forwarded requests: the old origin connection is not the tunnel's.
+            drop_upstream(conn, ctx);
+            conn.http = None;
+        }
+        return connect::start(key, conn, ctx, req.target, ReplyKind::HttpConnect);
+    }
+    metrics::inc(&ctx.stats.http_requests);
+    let st = conn.http.get_or_insert_with(|| Box::new(HttpState::new()));
+    st.busy = true;
+    st.is_head = req.is_head;
+    st.minor = req.minor_version;
+    st.client_keep_alive = req.keep_alive;
+    st.keep_client = false;
+    st.req_body = BodyFramer::new(req.body);
+    st.up_ready = 0;
+    st.req_done = false;
+    st.resp_head_done = false;
+    st.resp_body = BodyFramer::new(h::BodyKind::None);
+    st.down_ready = 0;
+    st.resp_started = false;
+    conn.to_upstream.clear();
+    conn.to_upstream.extend_from_slice(&ctx.head_out);
+    let reuse =
+        conn.upstream.is_some() && st.origin_reusable && st.origin.as_ref() == Some(&req.target);
+    if reuse {
+        conn.phase = Phase::Http;
+        return Next::Again;
+    }
+    drop_upstream(conn, ctx);
+    if let Some(st) = conn.http.as_mut() {
+        st.origin = Some(req.target.clone());
+        st.origin_reusable = false;
+    }
+    if let Some(b) = conn.u2c.take() {
+        ctx.pool.give(b);
+    }
+    connect::start(key, conn, ctx, req.target, ReplyKind::HttpForward)
+}
+
+fn bad_request(conn: &mut Conn, ctx: &mut Ctx, e: ProtoError) -> Next {
+    debug!("{}: bad HTTP request: {e}", conn.peer);
+    send_status(conn, ctx, e.http_status())
+}
+
+/// Sends a canned error response and closes (after lingering).
+fn send_status(conn: &mut Conn, ctx: &mut Ctx, status: u16) -> Next {
+    let mut out = [0u8; h::MAX_CANNED_LEN];
+    let len = h::canned_response(status, &mut out);
+    if conn.send_client(&out[..len]).is_err() {
+        return Next::Close("client_error");
+    }
+    let failure = match status {
+        407 | 403 => Failure::NotAllowed,
+        _ => Failure::General,
+    };
+    enter_linger(conn, ctx, failure)
+}
+
+/// The origin connection for a forwarded request is up.
+pub fn on_origin_connected(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    conn.connect_deadline = None;
+    if let Some(st) = conn.http.as_mut() {
+        st.origin_reusable = true;
+    }
+    if conn.proto as usize != 0 {
+        metrics::inc(&ctx.stats.handshakes_ok[conn.proto as usize]);
+    }
+    conn.phase = Phase::Http;
+    conn.last_active = ctx.now;
+    ctx.timers.push(
+        ctx.now + ctx.cfg.idle_timeout,
+        key,
+        conn.gen,
+        super::timers::TimerKind::Idle,
+    );
+    Next::Again
+}
+
+/// The origin could not be reached: 502/504/403, then close.
+pub fn on_origin_failed(conn: &mut Conn, ctx: &mut Ctx, failure: Failure) -> Next {
+    if let Some(st) = conn.http.as_mut() {
+        st.busy = false;
+        st.origin = None;
+    }
+    reply_failure(conn, ctx, ReplyKind::HttpForward, failure)
+}
+
+/// Drives a forwarding exchange (or waits for the next request).
+pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    let busy = conn.http.as_ref().map(|s| s.busy).unwrap_or(false);
+    if !busy {
+        return between_requests(key, conn, ctx);
+    }
+    let mut progress = false;
+    match upward(conn, ctx) {
+        Ok(p) => progress |= p,
+        Err(r) => return Next::Close(r),
+    }
+    match downward(conn, ctx) {
+        Ok(p) => progress |= p,
+        Err(next) => return next,
+    }
+    if progress {
+        conn.last_active = ctx.now;
+    }
+    let Some(st) = conn.http.as_ref() else {
+        return Next::Close("no_state");
+    };
+    let resp_done = st.resp_head_done
+        && st.resp_body.is_done()
+        && st.down_ready == 0
+        && conn.to_client.is_empty();
+    if !resp_done {
+        return if progress { Next::Again } else { Next::Wait };
+    }
+    // The response is complete and delivered.
+    if !st.req_done || !st.keep_client || ctx.draining {
+        // The client still sends a body we will not read, or asked to close: end gracefully.
+        return finish(conn, ctx);
+    }
+    let reuse = st.origin_reusable && conn.u2c.as_ref().map(|b| b.is_empty()).unwrap_or(true);
+    if !reuse {
+        drop_upstream(conn, ctx);
+        if let Some(st) = conn.http.as_mut() {
+            st.origin = None;
+        }
+    }
+    if let Some(b) = conn.u2c.take() {
+        ctx.pool.give(b);
+    }
+    if let Some(st) = conn.http.as_mut() {
+        st.busy = false;
+    }
+    let _ = key;
+    Next::Again
+}
+
+/// Graceful end of a forwarding connection: shut down our side and wait briefly for the client's EOF.
+fn finish(conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    if let Some(st) = conn.http.as_mut() {
+        st.busy = false;
+    }
+    drop_upstream(conn, ctx);
+    conn.phase = Phase::Linger {
+        armed: false,
+        shut: false,
+    };
+    Next::Again
+}
+
+/// Between requests: watch the idle origin connection and parse the next request.
+fn between_requests(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    if let Some(up) = conn.upstream.as_mut() {
+        if up.readable {
+            // An idle origin that speaks or closes is no longer reusable.
+            match up.read(&mut ctx.scratch) {
+                Ok(None) => {}
+                _ => {
+                    drop_upstream(conn, ctx);
+                    if let Some(st) = conn.http.as_mut() {
+                        st.origin = None;
+                    }
+                }
+            }
+        }
+    }
+    if ctx.draining {
+        return Next::Close("draining");
+    }
+    if fill_client(conn, ctx).is_err() {
+        return Next::Close("client_reset");
+    }
+    on_head(key, conn, ctx)
+}
+
+/// Request head and body toward the origin. Ok(progress) or Err(close reason).
+fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, &'static str> {
+    let mut progress = false;
+    let before = conn.to_upstream.len();
+    conn.flush_upstream().map_err(|_| "upstream_reset")?;
+    let sent = before - conn.to_upstream.len();
+    if sent > 0 {
+        progress = true;
+        conn.bytes_up += sent as u64;
+        metrics::add(&ctx.stats.bytes_up, sent as u64);
+    }
+    if !conn.to_upstream.is_empty() {
+        return Ok(progress);
+    }
+    let Some(st) = conn.http.as_mut() else {
+        return Ok(progress);
+    };
+    if st.req_done {
+        return Ok(progress);
+    }
+    for _ in 0..32 {
+        // Frame what we have, forward it, read more.
+        let buf = conn.c2u.get_or_insert_with(|| ctx.pool.take());
+        if !st.req_body.is_done() {
+            let fresh = buf.data().get(st.up_ready..).unwrap_or(&[]);
+            if !fresh.is_empty() {
+                let n = st.req_body.advance(fresh).map_err(|_| "bad_request_body")?;
+                st.up_ready += n;
+            }
+        }
+        if st.up_ready > 0 {
+            let Some(up) = conn.upstream.as_mut() else {
+                return Err("no_upstream");
+            };
+            let n = up
+                .write_some(&buf.data()[..st.up_ready])
+                .map_err(|_| "upstream_reset")?;
+            if n > 0 {
+                buf.consume(n);
+                st.up_ready -= n;
+                progress = true;
+                conn.bytes_up += n as u64;
+                metrics::add(&ctx.stats.bytes_up, n as u64);
+            }
+            if st.up_ready > 0 {
+                return Ok(progress);
+            }
+        }
+        if st.req_body.is_done() {
+            st.req_done = true;
+            return Ok(progress);
+        }
+        if conn.up.eof {
+            return Err("client_eof_in_body");
+        }
+        if !conn.client.readable || buf.is_full() {
+            return Ok(progress);
+        }
+        match conn.client.read(buf.space()) {
+            Ok(Some(0)) => conn.up.eof = true,
+            Ok(Some(n)) => {
+                buf.fill(n);
+                progress = true;
+            }
+            Ok(None) => return Ok(progress),
+            Err(_) => return Err("client_reset"),
+        }
+    }
+    Ok(progress)
+}
+
+/// Response heads and body toward the client. Ok(progress) or Err(what to do instead).
+fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
+    let mut progress = false;
+    for _ in 0..32 {
+        if !conn.to_client.is_empty() {
+            let before = conn.to_client.len();
+            conn.flush_client()
+                .map_err(|_| Next::Close("client_reset"))?;
+            let sent = before - conn.to_client.len();
+            conn.bytes_down += sent as u64;
+            metrics::add(&ctx.stats.bytes_down, sent as u64);
+            progress |= sent > 0;
+            if !conn.to_client.is_empty() {
+                return Ok(progress);
+            }
+        }
+        let Some(st) = conn.http.as_mut() else {
+            return Ok(progress);
+        };
+        let buf = conn.u2c.get_or_insert_with(|| ctx.pool.take());
+        if !st.resp_head_done {
+            if !buf.is_empty() {
+                let rctx = ResponseContext {
+                    request_is_head: st.is_head,
+                    client_keep_alive: st.client_keep_alive && !ctx.draining,
+                    client_minor_version: st.minor,
+                    via: ctx.cfg.via.as_deref(),
+                };
+                match h::parse_response(buf.data(), ctx.cfg.max_head, &rctx, &mut ctx.head_out) {
+                    Ok(Parse::Done(resp, n)) => {
+                        buf.consume(n);
+                        conn.to_client.extend_from_slice(&ctx.head_out);
+                        st.resp_started = true;
+                        progress = true;
+                        if !resp.interim {
+                            st.resp_head_done = true;
+                            st.keep_client = resp.keep_client;
+                            st.origin_reusable = resp.keep_origin;
+                            st.resp_body = BodyFramer::new(resp.body);
+                        }
+                        continue;
+                    }
+                    Ok(Parse::Incomplete) => {
+                        if buf.is_full() {
+                            if grow(&mut conn.u2c, ctx.cfg.max_head, ctx) {
+                                continue;
+                            }
+                            return Err(origin_error(conn, ctx, "response_head_too_large"));
+                        }
+                    }
+                    Err(e) => {
+                        debug!("{}: bad response from origin: {e}", conn.peer);
+                        return Err(origin_error(conn, ctx, "bad_response"));
+                    }
+                }
+            }
+        } else {
+            if !st.resp_body.is_done() {
+                let fresh = buf.data().get(st.down_ready..).unwrap_or(&[]);
+                if !fresh.is_empty() {
+                    let n = st
+                        .resp_body
+                        .advance(fresh)
+                        .map_err(|_| Next::Close("bad_response_body"))?;
+                    st.down_ready += n;
+                }
+            }
+            if st.down_ready > 0 {
+                let n = conn
+                    .client
+                    .write_some(&buf.data()[..st.down_ready])
+                    .map_err(|_| Next::Close("client_reset"))?;
+                if n > 0 {
+                    buf.consume(n);
+                    st.down_ready -= n;
+                    progress = true;
+                    conn.bytes_down += n as u64;
+                    metrics::add(&ctx.stats.bytes_down, n as u64);
+                }
+                if st.down_ready > 0 {
+                    return Ok(progress);
+                }
+            }
+            if st.resp_body.is_done() {
+                return Ok(progress);
+            }
+        }
+        // Need more bytes from the origin.
+        let Some(up) = conn.upstream.as_mut() else {
+            return Err(Next::Close("no_upstream"));
+        };
+        if !up.readable || buf.is_full() {
+            return Ok(progress);
+        }
+        match up.read(buf.space()) {
+            Ok(Some(0)) => {
+                if st.resp_head_done
+                    && matches!(st.resp_body, ref b if !b.is_done())
+                    && st.down_ready == 0
+                {
+                    // Read-until-close body (or a truncated one): the client learns the end from our close.
+                    if let Some(b) = conn.u2c.take() {
+                        ctx.pool.give(b);
+                    }
+                    return Err(finish_after_flush(conn, ctx));
+                }
+                return Err(origin_error(conn, ctx, "origin_closed"));
+            }
+            Ok(Some(n)) => {
+                buf.fill(n);
+                progress = true;
+            }
+            Ok(None) => return Ok(progress),
+            Err(_) => return Err(origin_error(conn, ctx, "origin_reset")),
+        }
+    }
+    Ok(progress)
+}
+
+fn finish_after_flush(conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    finish(conn, ctx)
+}
+
+/// The origin failed mid-exchange: a 502 if the client has seen nothing yet, otherwise just close.
+fn origin_error(conn: &mut Conn, ctx: &mut Ctx, reason: &'static str) -> Next {
+    let started = conn.http.as_ref().map(|s| s.resp_started).unwrap_or(true);
+    drop_upstream(conn, ctx);
+    if started {
+        return Next::Close(reason);
+    }
+    if let Some(st) = conn.http.as_mut() {
+        st.busy = false;
+    }
+    ctx.stats.connect_error(Failure::General);
+    handshake::reply_failure(conn, ctx, ReplyKind::HttpForward, Failure::General)
+}

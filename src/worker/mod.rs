@@ -1,0 +1,532 @@
+//! One event loop per core: poll, dispatch, timers, commands. Phases live in their own modules.
+
+pub mod accept;
+pub mod bind;
+pub mod conn;
+pub mod connect;
+pub mod handshake;
+pub mod http;
+pub mod relay;
+pub mod timers;
+pub mod token;
+pub mod udp;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, warn};
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll};
+use slab::Slab;
+
+use crate::auth::Users;
+use crate::buffer::BufferPool;
+use crate::config::Config;
+use crate::metrics::{self, Stats};
+use crate::resolve::{Job, Reply, ReplyTo};
+
+use conn::{Conn, Phase};
+use timers::{TimerKind, Timers};
+use token::{Role, Target};
+
+/// Messages from the control thread.
+pub enum Command {
+    /// Swap in a new users table (SIGHUP).
+    ReloadUsers(Arc<Users>),
+    /// Stop accepting, finish tunnels until the deadline, then exit.
+    Drain(Instant),
+    /// Exit now.
+    Stop,
+}
+
+/// What a phase handler wants next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Nothing more until new readiness arrives.
+    Wait,
+    /// The phase changed (or there is more to do): drive again.
+    Again,
+    /// The iteration cap was hit with work left: drive again on the next loop iteration, after other connections.
+    Yield,
+    /// Close the connection, with this reason for the access log.
+    Close(&'static str),
+}
+
+/// Concurrent session counts per user, shared by all workers (touched at authentication and close only).
+pub type UserCounts = Arc<Mutex<HashMap<String, usize>>>;
+
+/// Everything a phase handler may touch besides its own connection.
+pub struct Ctx {
+    /// For registering outbound, UDP and BIND sockets.
+    pub registry: mio::Registry,
+    /// The configuration.
+    pub cfg: Arc<Config>,
+    /// The current users table (replaced on SIGHUP).
+    pub users: Arc<Users>,
+    /// This worker's counters.
+    pub stats: Arc<Stats>,
+    /// Relay buffers.
+    pub pool: BufferPool,
+    /// Where relays read into before writing straight through.
+    pub scratch: Box<[u8]>,
+    /// Deadlines.
+    pub timers: Timers,
+    /// The time at the top of this loop iteration.
+    pub now: Instant,
+    /// Resolver pool job queue.
+    pub resolve_tx: Sender<Job>,
+    /// Where resolver answers come back.
+    pub reply_to: ReplyTo,
+    /// Connections to drive again next iteration.
+    pub pending: Vec<usize>,
+    /// Draining: finish what is established, start nothing new.
+    pub draining: bool,
+    /// Sessions per user (for `--user-max-connections`).
+    pub user_counts: UserCounts,
+    /// Reused output buffer for rewritten HTTP heads.
+    pub head_out: Vec<u8>,
+}
+
+/// Handles shared by all workers.
+#[derive(Clone)]
+pub struct Shared {
+    /// The configuration.
+    pub cfg: Arc<Config>,
+    /// Open client connections across all workers (for `--max-connections`).
+    pub open: Arc<AtomicUsize>,
+    /// Sessions per user.
+    pub user_counts: UserCounts,
+    /// Resolver job queue.
+    pub resolve_tx: Sender<Job>,
+}
+
+/// The channels between a worker and the other threads.
+pub struct Channels {
+    /// Commands from the control thread.
+    pub commands: Receiver<Command>,
+    /// Resolver answers.
+    pub replies: Receiver<Reply>,
+    /// Where resolver threads send answers for this worker.
+    pub reply_tx: Sender<Reply>,
+    /// Wakes this worker's poll.
+    pub waker: Arc<mio::Waker>,
+}
+
+/// A worker: one thread, one poll, one slab.
+pub struct Worker {
+    id: usize,
+    poll: Poll,
+    events: Events,
+    conns: Slab<Conn>,
+    ctx: Ctx,
+    listeners: Vec<Option<TcpListener>>,
+    commands: Receiver<Command>,
+    replies: Receiver<Reply>,
+    open: Arc<AtomicUsize>,
+    accept_paused: bool,
+    next_gen: u32,
+    drain_deadline: Option<Instant>,
+}
+
+/// Cap on phase transitions per drive, so one connection cannot monopolize the loop.
+const MAX_DRIVES: usize = 16;
+
+impl Worker {
+    /// Builds a worker around already-bound listeners.
+    pub fn new(
+        id: usize,
+        poll: Poll,
+        listeners: Vec<TcpListener>,
+        shared: &Shared,
+        stats: Arc<Stats>,
+        ch: Channels,
+    ) -> io::Result<Worker> {
+        let Channels {
+            commands,
+            replies,
+            reply_tx,
+            waker,
+        } = ch;
+        let cfg = Arc::clone(&shared.cfg);
+        let mut listeners: Vec<Option<TcpListener>> = listeners.into_iter().map(Some).collect();
+        for (i, l) in listeners.iter_mut().enumerate() {
+            if let Some(l) = l {
+                poll.registry()
+                    .register(l, token::listener(i), Interest::READABLE)?;
+            }
+        }
+        let pool_limit = (256 * 1024 * 1024 / cfg.buffer_size).max(64);
+        let ctx = Ctx {
+            registry: poll.registry().try_clone()?,
+            users: Arc::clone(&cfg.users),
+            stats,
+            pool: BufferPool::new(cfg.buffer_size, pool_limit, 4096),
+            scratch: vec![0u8; cfg.buffer_size].into_boxed_slice(),
+            timers: Timers::default(),
+            now: Instant::now(),
+            resolve_tx: shared.resolve_tx.clone(),
+            reply_to: ReplyTo {
+                tx: reply_tx,
+                waker,
+            },
+            pending: Vec::new(),
+            draining: false,
+            user_counts: Arc::clone(&shared.user_counts),
+            head_out: Vec::new(),
+            cfg,
+        };
+        Ok(Worker {
+            id,
+            poll,
+            events: Events::with_capacity(1024),
+            conns: Slab::with_capacity(1024),
+            ctx,
+            listeners,
+            commands,
+            replies,
+            open: Arc::clone(&shared.open),
+            accept_paused: false,
+            next_gen: 0,
+            drain_deadline: None,
+        })
+    }
+
+    /// Runs until stopped, or until drained.
+    pub fn run(mut self) {
+        debug!("worker {} running", self.id);
+        loop {
+            let timeout = if self.ctx.pending.is_empty() {
+                self.ctx.timers.next_timeout(Instant::now())
+            } else {
+                Some(Duration::ZERO)
+            };
+            if let Err(e) = self.poll.poll(&mut self.events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                error!("worker {}: poll failed: {e}", self.id);
+                break;
+            }
+            self.ctx.now = Instant::now();
+            let mut wake = false;
+            let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
+            for ev in events.iter() {
+                match token::decode(ev.token()) {
+                    Target::Waker => wake = true,
+                    Target::Listener(i) => self.accept(i),
+                    Target::Conn { key, role } => self.on_event(key, role, ev),
+                }
+            }
+            self.events = events;
+            if wake {
+                self.on_replies();
+                if !self.on_commands() {
+                    break;
+                }
+            }
+            self.run_pending();
+            self.run_timers();
+            self.publish_gauges();
+            if let Some(deadline) = self.drain_deadline {
+                if self.conns.is_empty() {
+                    break;
+                }
+                if self.ctx.now >= deadline {
+                    info!(
+                        "worker {}: drain deadline reached, closing {} connections",
+                        self.id,
+                        self.conns.len()
+                    );
+                    self.close_all("drain_timeout");
+                    break;
+                }
+            }
+        }
+        self.close_all("shutdown");
+        self.publish_gauges();
+        debug!("worker {} stopped", self.id);
+    }
+
+    fn publish_gauges(&self) {
+        metrics::set(&self.ctx.stats.pool_in_use, self.ctx.pool.in_use() as u64);
+        metrics::set(&self.ctx.stats.slab_len, self.conns.len() as u64);
+    }
+
+    fn on_event(&mut self, key: usize, role: Role, ev: &mio::event::Event) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        match role {
+            Role::Client => conn.client.mark(ev),
+            Role::Upstream => {
+                if let Some(up) = conn.upstream.as_mut() {
+                    up.mark(ev);
+                }
+            }
+            Role::Udp => udp::mark(conn, ev),
+            Role::BindListener => bind::mark(conn, ev),
+        }
+        self.drive(key);
+    }
+
+    /// Runs the connection's phase handlers until they have nothing more to do.
+    fn drive(&mut self, key: usize) {
+        for _ in 0..MAX_DRIVES {
+            let Some(conn) = self.conns.get_mut(key) else {
+                return;
+            };
+            let next = step(key, conn, &mut self.ctx);
+            match next {
+                Next::Wait => return,
+                Next::Again => continue,
+                Next::Yield => break,
+                Next::Close(reason) => {
+                    self.close(key, reason);
+                    return;
+                }
+            }
+        }
+        // Work remains: come back after everyone else has had a turn.
+        if let Some(conn) = self.conns.get_mut(key) {
+            if !conn.queued {
+                conn.queued = true;
+                self.ctx.pending.push(key);
+                metrics::inc(&self.ctx.stats.loop_yields);
+            }
+        }
+    }
+
+    fn run_pending(&mut self) {
+        if self.ctx.pending.is_empty() {
+            return;
+        }
+        let keys = std::mem::take(&mut self.ctx.pending);
+        for key in keys {
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.queued = false;
+                self.drive(key);
+            }
+        }
+    }
+
+    fn on_replies(&mut self) {
+        loop {
+            match self.replies.try_recv() {
+                Ok(reply) => {
+                    let Some(conn) = self.conns.get_mut(reply.key) else {
+                        continue;
+                    };
+                    if conn.gen != reply.gen {
+                        continue;
+                    }
+                    let next = if reply.tag == connect::RESOLVE_TAG {
+                        connect::on_resolved(reply.key, conn, &mut self.ctx, reply.result)
+                    } else {
+                        udp::on_resolved(reply.key, conn, &mut self.ctx, reply.tag, reply.result)
+                    };
+                    self.after(reply.key, next);
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn after(&mut self, key: usize, next: Next) {
+        match next {
+            Next::Wait => {}
+            Next::Close(reason) => self.close(key, reason),
+            Next::Again | Next::Yield => self.drive(key),
+        }
+    }
+
+    /// Returns false when the worker must exit now.
+    fn on_commands(&mut self) -> bool {
+        loop {
+            match self.commands.try_recv() {
+                Ok(Command::ReloadUsers(users)) => {
+                    self.ctx.users = users;
+                    debug!("worker {}: users reloaded", self.id);
+                }
+                Ok(Command::Drain(deadline)) => self.start_drain(deadline),
+                Ok(Command::Stop) | Err(TryRecvError::Disconnected) => return false,
+                Err(TryRecvError::Empty) => return true,
+            }
+        }
+    }
+
+    fn start_drain(&mut self, deadline: Instant) {
+        if self.drain_deadline.is_some() {
+            return;
+        }
+        self.drain_deadline = Some(deadline);
+        self.ctx.draining = true;
+        for l in self.listeners.iter_mut() {
+            if let Some(mut l) = l.take() {
+                let _ = self.poll.registry().deregister(&mut l);
+            }
+        }
+        let idle: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                !matches!(c.phase, Phase::Relay | Phase::Udp(_) | Phase::Bind(_)) && !http::busy(c)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for key in idle {
+            self.close(key, "draining");
+        }
+        info!("worker {}: draining {} sessions", self.id, self.conns.len());
+    }
+
+    fn run_timers(&mut self) {
+        let now = self.ctx.now;
+        while let Some((key, gen, kind)) = self.ctx.timers.pop_due(now) {
+            if kind == TimerKind::AcceptRetry {
+                self.resume_accept();
+                continue;
+            }
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            if conn.gen != gen {
+                continue;
+            }
+            let next = match kind {
+                TimerKind::Handshake => match conn.handshake_deadline {
+                    Some(d) if d <= now && conn.phase.in_client_handshake() => {
+                        debug!("{}: handshake timeout in {}", conn.peer, conn.phase.name());
+                        metrics::inc(&self.ctx.stats.handshakes_failed[conn.proto as usize]);
+                        Next::Close("handshake_timeout")
+                    }
+                    _ => Next::Wait,
+                },
+                TimerKind::Connect => match conn.connect_deadline {
+                    Some(d) if d <= now => connect::on_timeout(conn, &mut self.ctx),
+                    _ => Next::Wait,
+                },
+                TimerKind::Idle => relay::on_idle_timer(key, conn, &mut self.ctx),
+                TimerKind::Linger => {
+                    if matches!(conn.phase, Phase::Linger { .. }) {
+                        Next::Close(conn.failure.map(|f| f.label()).unwrap_or("error"))
+                    } else {
+                        Next::Wait
+                    }
+                }
+                TimerKind::Bind => bind::on_timeout(conn, &mut self.ctx),
+                TimerKind::UdpIdle => udp::on_idle_timer(key, conn, &mut self.ctx),
+                TimerKind::AcceptRetry => Next::Wait,
+            };
+            self.after(key, next);
+        }
+    }
+
+    fn close_all(&mut self, reason: &'static str) {
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.close(key, reason);
+        }
+    }
+
+    /// The one way a connection ends: deregister, return buffers, fix gauges, write the access-log line.
+    fn close(&mut self, key: usize, reason: &'static str) {
+        let Some(mut conn) = self.conns.try_remove(key) else {
+            return;
+        };
+        let registry = self.poll.registry();
+        let _ = registry.deregister(&mut conn.client.stream);
+        if let Some(up) = conn.upstream.as_mut() {
+            let _ = registry.deregister(&mut up.stream);
+        }
+        match &mut conn.phase {
+            Phase::Udp(u) => udp::release(u, registry, &mut self.ctx.pool),
+            Phase::Bind(b) => bind::release(b, registry),
+            _ => {}
+        }
+        if let Some(b) = conn.c2u.take() {
+            self.ctx.pool.give(b);
+        }
+        if let Some(b) = conn.u2c.take() {
+            self.ctx.pool.give(b);
+        }
+        metrics::dec(&self.ctx.stats.active[conn.proto as usize]);
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        if conn.user_counted {
+            if let Some(u) = conn.user.as_ref() {
+                if let Ok(mut counts) = self.ctx.user_counts.lock() {
+                    if let Some(n) = counts.get_mut(u.user()) {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            counts.remove(u.user());
+                        }
+                    }
+                }
+            }
+        }
+        access_log(&conn, reason, self.ctx.now);
+        if self.accept_paused {
+            self.resume_accept();
+        }
+    }
+}
+
+/// One step of a connection's current phase.
+fn step(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    match conn.phase {
+        Phase::ProxyHeader
+        | Phase::Detect
+        | Phase::Socks5Greeting
+        | Phase::Socks5Auth
+        | Phase::Socks5Request
+        | Phase::Socks4Request
+        | Phase::HttpHead => handshake::drive(key, conn, ctx),
+        Phase::Resolving { .. } => Next::Wait,
+        Phase::Connecting { .. } => connect::drive(key, conn, ctx),
+        Phase::Upstream(_) => upstream::drive(key, conn, ctx),
+        Phase::Relay => relay::drive(conn, ctx),
+        Phase::Http => http::drive(key, conn, ctx),
+        Phase::Udp(_) => udp::drive(key, conn, ctx),
+        Phase::Bind(_) => bind::drive(key, conn, ctx),
+        Phase::Linger { .. } => handshake::linger(key, conn, ctx),
+    }
+}
+
+/// One line per finished session at info level, target "access":
+/// `client=ADDR user=NAME proto=P target=T up=N down=N ms=N end=REASON`.
+fn access_log(conn: &Conn, reason: &str, now: Instant) {
+    if !log::log_enabled!(target: "access", log::Level::Info) {
+        return;
+    }
+    let target = match &conn.target {
+        Some(t) => t.to_string(),
+        None => "-".to_string(),
+    };
+    info!(
+        target: "access",
+        "client={} user={} proto={} target={} up={} down={} ms={} end={}",
+        conn.peer,
+        conn.user_name(),
+        metrics::PROTO_LABELS[conn.proto as usize],
+        target,
+        conn.bytes_up,
+        conn.bytes_down,
+        now.saturating_duration_since(conn.started).as_millis(),
+        reason
+    );
+}
+
+/// Logs a refused client at debug level (never at info: a scan would flood the log).
+pub fn log_refused(peer: SocketAddr, why: &str) {
+    debug!("{peer}: refused: {why}");
+}
+
+/// Warns once about an accept error that is neither WouldBlock nor exhaustion.
+pub fn log_accept_error(e: &io::Error) {
+    warn!("accept failed: {e}");
+}

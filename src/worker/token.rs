@@ -1,0 +1,86 @@
+//! The one place that encodes and decodes mio tokens.
+//!
+//! ```text
+//! Token(usize::MAX)          the worker's waker (commands and resolver replies)
+//! Token(usize::MAX - 1 - i)  listener i
+//! Token(key << 2 | role)     a socket of connection `key` in the slab
+//! ```
+
+use mio::Token;
+
+/// Which socket of a connection an event is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The accepted client socket.
+    Client = 0,
+    /// The outbound socket to the target (or upstream proxy).
+    Upstream = 1,
+    /// The UDP relay socket of an association.
+    Udp = 2,
+    /// The listening socket of a BIND request.
+    BindListener = 3,
+}
+
+/// What a token addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The worker's waker.
+    Waker,
+    /// Listener number `i`.
+    Listener(usize),
+    /// A socket owned by the connection at slab `key`.
+    Conn { key: usize, role: Role },
+}
+
+/// The waker's token.
+pub const WAKER: Token = Token(usize::MAX);
+/// How many tokens at the top of the range are reserved for the waker and listeners.
+const RESERVED: usize = 1024;
+
+/// Token of listener `i`.
+pub fn listener(i: usize) -> Token {
+    debug_assert!(i < RESERVED - 1);
+    Token(usize::MAX - 1 - i)
+}
+
+/// Token of socket `role` of connection `key`.
+pub fn conn(key: usize, role: Role) -> Token {
+    debug_assert!(key < (usize::MAX - RESERVED) >> 2);
+    Token(key << 2 | role as usize)
+}
+
+/// Decodes a token.
+pub fn decode(token: Token) -> Target {
+    let t = token.0;
+    if t == usize::MAX {
+        Target::Waker
+    } else if t > usize::MAX - RESERVED {
+        Target::Listener(usize::MAX - 1 - t)
+    } else {
+        let role = match t & 3 {
+            0 => Role::Client,
+            1 => Role::Upstream,
+            2 => Role::Udp,
+            _ => Role::BindListener,
+        };
+        Target::Conn { key: t >> 2, role }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        assert_eq!(decode(WAKER), Target::Waker);
+        for i in [0, 1, 7] {
+            assert_eq!(decode(listener(i)), Target::Listener(i));
+        }
+        for key in [0, 1, 12345, ((usize::MAX - RESERVED) >> 2) - 1] {
+            for role in [Role::Client, Role::Upstream, Role::Udp, Role::BindListener] {
+                assert_eq!(decode(conn(key, role)), Target::Conn { key, role });
+            }
+        }
+    }
+}
