@@ -1,0 +1,420 @@
+//! Shared helpers for integration tests: start the real binary, local target servers, raw clients.
+//!
+//! Every socket gets a generous timeout, every server binds port 0, and readiness is awaited by reading the
+//! server's `listening on` line, never by sleeping.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Timeout for every test socket operation: generous, so a slow CI machine never flakes.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A socksgate process started for one test; killed on drop.
+pub struct Proxy {
+    pub child: Child,
+    pub addrs: Vec<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
+    stdout: Option<BufReader<ChildStdout>>,
+    pub stderr_path: PathBuf,
+}
+
+impl Proxy {
+    /// Starts the binary with `args` (add `-l 127.0.0.1:0` yourself or use [`Proxy::start`]).
+    pub fn spawn(args: &[&str]) -> Proxy {
+        let dir = std::env::temp_dir().join(format!("socksgate-test-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let stderr_path = dir.join(format!("stderr-{}.log", unique()));
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_socksgate"))
+            .args(args)
+            .env("RUST_LOG", std::env::var("SOCKSGATE_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .expect("spawn socksgate");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut addrs = Vec::new();
+        let mut metrics = None;
+        let expected = args.iter().filter(|a| **a == "-l" || **a == "--listen").count().max(1);
+        let mut line = String::new();
+        while addrs.len() < expected || (args.contains(&"--metrics") && metrics.is_none()) {
+            line.clear();
+            let n = stdout.read_line(&mut line).expect("read stdout");
+            if n == 0 {
+                let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                panic!("socksgate exited before listening: {err}");
+            }
+            if let Some(a) = line.trim().strip_prefix("socksgate: listening on ") {
+                addrs.push(a.parse().expect("listen addr"));
+            } else if let Some(a) = line.trim().strip_prefix("socksgate: metrics on http://") {
+                metrics = Some(a.trim_end_matches("/metrics").parse().expect("metrics addr"));
+            }
+        }
+        Proxy {
+            child,
+            addrs,
+            metrics,
+            stdout: Some(stdout),
+            stderr_path,
+        }
+    }
+
+    /// Starts on 127.0.0.1:0 with extra args.
+    pub fn start(extra: &[&str]) -> Proxy {
+        let mut args = vec!["-l", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        Proxy::spawn(&args)
+    }
+
+    /// The first listen address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Number of open file descriptors of the proxy process.
+    pub fn fd_count(&self) -> usize {
+        fd_count(self.pid())
+    }
+
+    /// Everything the proxy logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Sends a signal to the proxy.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit (up to `limit`) and returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return st.code();
+            }
+            if start.elapsed() > limit {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Fetches /metrics text.
+    pub fn metrics_text(&self) -> String {
+        let addr = self.metrics.expect("started with --metrics");
+        let mut s = connect(addr);
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    /// Reads one metric value (exact series text, e.g. `socksgate_bytes_total{direction="up"}`).
+    pub fn metric(&self, series: &str) -> u64 {
+        let text = self.metrics_text();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix(series) {
+                if let Some(v) = rest.strip_prefix(' ') {
+                    return v.trim().parse().expect("metric value");
+                }
+            }
+        }
+        panic!("series {series} not found in:\n{text}");
+    }
+
+    /// Waits until `cond` holds, polling (bounded by `limit`).
+    pub fn wait_for(&self, limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+        wait_until(limit, &mut cond)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.stdout.take();
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, cond: &mut dyn FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::AtomicU64;
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Open file descriptors of a process.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// A TCP connection with read/write timeouts set.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect");
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// Reads exactly `n` bytes.
+pub fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    s.read_exact(&mut buf).expect("read_exact");
+    buf
+}
+
+/// Reads until EOF (bounded by the socket timeout).
+pub fn read_to_end(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+/// True when the peer closed (EOF or reset) within the socket timeout.
+pub fn closed(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// A background TCP server on 127.0.0.1:0 handling each connection on its own thread; stops on drop.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl TestServer {
+    /// Starts a server that runs `handler` for every accepted connection.
+    pub fn start<F>(handler: F) -> TestServer
+    where
+        F: Fn(TcpStream) + Send + Sync + 'static,
+    {
+        Self::start_on("127.0.0.1:0", handler)
+    }
+
+    /// Same, on a given address (e.g. "[::1]:0").
+    pub fn start_on<F>(bind: &str, handler: F) -> TestServer
+    where
+        F: Fn(TcpStream) + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind(bind).expect("bind test server");
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = Arc::clone(&stop);
+        let handler = Arc::new(handler);
+        thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        s.set_nonblocking(false).unwrap();
+                        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                        s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+                        let h = Arc::clone(&handler);
+                        thread::spawn(move || h(s));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        TestServer { addr, stop }
+    }
+
+    /// An echo server: writes back everything, half-closes when the client does.
+    pub fn echo() -> TestServer {
+        TestServer::start(echo_handler)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Echoes until EOF, then shuts down writing.
+pub fn echo_handler(mut s: TcpStream) {
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = s.shutdown(Shutdown::Write);
+}
+
+/// A UDP echo server on `bind`; stops on drop of the returned flag holder.
+pub struct UdpEcho {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl UdpEcho {
+    /// Starts on 127.0.0.1:0.
+    pub fn start() -> UdpEcho {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let addr = s.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = Arc::clone(&stop);
+        thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !stop2.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = s.recv_from(&mut buf) {
+                    let _ = s.send_to(&buf[..n], from);
+                }
+            }
+        });
+        UdpEcho { addr, stop }
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so payloads are reproducible.
+pub fn pseudo_random(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// FNV-1a 64-bit: a cheap, dependency-free digest for comparing payloads.
+pub fn digest(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// SOCKS5 no-auth CONNECT to `target` through `proxy`; returns the stream after a successful reply, or the REP
+/// code on failure.
+pub fn socks5_connect(proxy: SocketAddr, target: SocketAddr) -> Result<TcpStream, u8> {
+    let mut s = connect(proxy);
+    s.write_all(&[5, 1, 0]).unwrap();
+    assert_eq!(read_n(&mut s, 2), vec![5, 0]);
+    s.write_all(&socks5_request(1, target)).unwrap();
+    let rep = read_socks5_reply(&mut s);
+    if rep.0 == 0 {
+        Ok(s)
+    } else {
+        Err(rep.0)
+    }
+}
+
+/// A SOCKS5 request for an IP target.
+pub fn socks5_request(cmd: u8, target: SocketAddr) -> Vec<u8> {
+    let mut r = vec![5, cmd, 0];
+    match target {
+        SocketAddr::V4(a) => {
+            r.push(1);
+            r.extend_from_slice(&a.ip().octets());
+        }
+        SocketAddr::V6(a) => {
+            r.push(4);
+            r.extend_from_slice(&a.ip().octets());
+        }
+    }
+    r.extend_from_slice(&target.port().to_be_bytes());
+    r
+}
+
+/// A SOCKS5 request for a domain target.
+pub fn socks5_request_domain(cmd: u8, host: &str, port: u16) -> Vec<u8> {
+    let mut r = vec![5, cmd, 0, 3, host.len() as u8];
+    r.extend_from_slice(host.as_bytes());
+    r.extend_from_slice(&port.to_be_bytes());
+    r
+}
+
+/// Reads a SOCKS5 reply: (REP, bound address).
+pub fn read_socks5_reply(s: &mut TcpStream) -> (u8, SocketAddr) {
+    let head = read_n(s, 4);
+    assert_eq!(head[0], 5, "reply version");
+    let addr = match head[3] {
+        1 => {
+            let b = read_n(s, 6);
+            SocketAddr::from(([b[0], b[1], b[2], b[3]], u16::from_be_bytes([b[4], b[5]])))
+        }
+        4 => {
+            let b = read_n(s, 18);
+            let mut ip = [0u8; 16];
+            ip.copy_from_slice(&b[..16]);
+            SocketAddr::from((ip, u16::from_be_bytes([b[16], b[17]])))
+        }
+        other => panic!("unexpected ATYP {other} in reply"),
+    };
+    (head[1], addr)
+}
+
+/// True when `curl` is installed (tests that need it are skipped with a message otherwise; `.ci/run` installs it).
+pub fn have_curl() -> bool {
+    Command::new("curl").arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+/// Runs curl with args and returns (exit code, stdout bytes, stderr text).
+pub fn curl(args: &[&str]) -> (i32, Vec<u8>, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "60"])
+        .args(args)
+        .output()
+        .expect("run curl");
+    (out.status.code().unwrap_or(-1), out.stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+}
