@@ -1,8 +1,9 @@
-//! Name resolution off the event loops.
+//! Blocking work off the event loops: name resolution and slow password-hash verification.
 //!
-//! `getaddrinfo` blocks, so workers never call it: they send a [`Job`] to a small pool of resolver threads, which
-//! answer through the worker's channel and wake its poll with its `mio::Waker`. Every job carries the connection's
-//! `(key, gen)`, and the worker drops answers for connections that have gone away in the meantime.
+//! `getaddrinfo` blocks and bcrypt takes milliseconds on purpose, so workers never run them: they send a [`Job`]
+//! to a small pool of threads, which answer through the worker's channel and wake its poll with its
+//! `mio::Waker`. Every job carries the connection's `(key, gen)`, and the worker drops answers for connections that
+//! have gone away in the meantime.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -11,6 +12,8 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
+
+use crate::auth::{Authorized, Users};
 
 /// Names answered without DNS (`--resolve NAME=IP[,IP]`).
 #[derive(Debug, Clone, Default)]
@@ -108,7 +111,35 @@ pub struct ReplyTo {
     pub waker: Arc<mio::Waker>,
 }
 
-/// A lookup request.
+/// What a job asks for.
+pub enum Work {
+    /// Resolve `host` and attach `port` to every address.
+    Resolve {
+        /// The name.
+        host: String,
+        /// The port.
+        port: u16,
+    },
+    /// Check a password against a hashed users-table entry.
+    Verify {
+        /// The table the client authenticates against.
+        users: Arc<Users>,
+        /// User name as sent.
+        user: Vec<u8>,
+        /// Password as sent.
+        pass: Vec<u8>,
+    },
+}
+
+/// The answer to a [`Work`].
+pub enum Outcome {
+    /// Addresses, or the lookup error.
+    Resolved(io::Result<Vec<SocketAddr>>),
+    /// The authenticated user, or `None` for a wrong password or unknown name.
+    Verified(Option<Authorized>),
+}
+
+/// A request to the pool.
 pub struct Job {
     /// Slab key of the asking connection.
     pub key: usize,
@@ -116,15 +147,13 @@ pub struct Job {
     pub gen: u32,
     /// What the answer is for (a worker-defined tag, e.g. TCP connect vs UDP datagram).
     pub tag: u32,
-    /// The name.
-    pub host: String,
-    /// The port to attach to every address.
-    pub port: u16,
+    /// The work.
+    pub work: Work,
     /// Where to answer.
     pub reply: ReplyTo,
 }
 
-/// A lookup answer.
+/// An answer from the pool.
 pub struct Reply {
     /// Slab key from the job.
     pub key: usize,
@@ -132,8 +161,8 @@ pub struct Reply {
     pub gen: u32,
     /// Tag from the job.
     pub tag: u32,
-    /// The addresses, or the error.
-    pub result: io::Result<Vec<SocketAddr>>,
+    /// The result.
+    pub outcome: Outcome,
 }
 
 /// A fixed pool of resolver threads sharing one job queue.
@@ -188,12 +217,23 @@ fn run(rx: &Mutex<Receiver<Job>>, resolver: &Resolver) {
             Err(_) => return,
         };
         let Ok(job) = job else { return };
-        let result = resolver.lookup(&job.host, job.port);
+        let outcome = match job.work {
+            Work::Resolve { host, port } => Outcome::Resolved(resolver.lookup(&host, port)),
+            Work::Verify {
+                users,
+                user,
+                mut pass,
+            } => {
+                let v = users.verify(&user, &pass);
+                pass.fill(0);
+                Outcome::Verified(v)
+            }
+        };
         let reply = Reply {
             key: job.key,
             gen: job.gen,
             tag: job.tag,
-            result,
+            outcome,
         };
         if job.reply.tx.send(reply).is_ok() {
             let _ = job.reply.waker.wake();

@@ -1,36 +1,198 @@
-//! SOCKS BIND (RFC 1928 §4, SOCKS4).
+//! SOCKS BIND (RFC 1928 §4 and SOCKS4): one inbound connection, two replies, then the shared relay.
+//!
+//! The listener is bound to `--bind` or to the local IP the control connection arrived on (port chosen by the
+//! kernel). The first reply carries its address; when the expected peer connects (the address named in the
+//! request, when it named one), the second reply carries the peer's address and the relay starts. Bytes the client
+//! sent meanwhile stay in its buffer and are relayed first.
 
-use super::conn::{Conn, ReplyKind};
-use super::handshake::reply_failure;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use log::debug;
+use mio::net::TcpListener;
+use mio::Interest;
+
+use super::conn::{Conn, Phase, ReplyKind, Sock};
+use super::connect::start_relay;
+use super::handshake::{fill_client, reply_failure};
+use super::timers::TimerKind;
+use super::token::{self, Role};
 use super::{Ctx, Next};
-use crate::proto::{Failure, TargetAddr};
+use crate::metrics;
+use crate::net;
+use crate::proto::{canonical_ip, socks4, socks5, Failure, TargetAddr};
 
 /// State of one BIND request.
-pub struct BindState {}
+pub struct BindState {
+    listener: TcpListener,
+    readable: bool,
+    expected: Option<IpAddr>,
+    reply: ReplyKind,
+}
 
-/// Records readiness of the BIND listener or the accepted peer.
-pub fn mark(_conn: &mut Conn, _ev: &mio::event::Event) {}
+/// Records readiness of the BIND listener.
+pub fn mark(conn: &mut Conn, ev: &mio::event::Event) {
+    if let Phase::Bind(b) = &mut conn.phase {
+        b.readable |= ev.is_readable() || ev.is_error();
+    }
+}
 
-/// Starts a BIND.
+fn encode(reply: ReplyKind, ok: bool, failure: Failure, addr: SocketAddr, out: &mut [u8]) -> usize {
+    match reply {
+        ReplyKind::Socks4 => {
+            // SOCKS4: DSTIP 0.0.0.0 in a BIND reply means "use the proxy's address".
+            let v4 = match addr {
+                SocketAddr::V4(a) => a,
+                SocketAddr::V6(a) => SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, a.port()),
+            };
+            let code = if ok {
+                socks4::REPLY_GRANTED
+            } else {
+                failure.socks4_reply()
+            };
+            socks4::encode_reply(code, v4, out)
+        }
+        _ => socks5::encode_reply(if ok { 0 } else { failure.socks5_reply() }, addr, out),
+    }
+}
+
+/// Starts a BIND; `peer` is the address the client expects to connect.
 pub fn start(
-    _key: usize,
+    key: usize,
     conn: &mut Conn,
     ctx: &mut Ctx,
-    _peer: TargetAddr,
+    peer: TargetAddr,
     reply: ReplyKind,
 ) -> Next {
-    reply_failure(conn, ctx, reply, Failure::CommandNotSupported)
+    if ctx.cfg.upstream.is_some() {
+        return reply_failure(conn, ctx, reply, Failure::CommandNotSupported);
+    }
+    let expected = match &peer {
+        TargetAddr::Ip(a) if !a.ip().is_unspecified() => Some(canonical_ip(a.ip())),
+        // A name or 0.0.0.0 names no particular peer: accept the first connection.
+        _ => None,
+    };
+    let ip = ctx.cfg.outbound_bind.unwrap_or(conn.local.ip());
+    let mut listener = match net::bind_listener(SocketAddr::new(ip, 0)) {
+        Ok(l) => l,
+        Err(e) => {
+            debug!("{}: BIND listener: {e}", conn.peer);
+            return reply_failure(conn, ctx, reply, Failure::General);
+        }
+    };
+    let bound = match listener.local_addr() {
+        Ok(a) => a,
+        Err(_) => return reply_failure(conn, ctx, reply, Failure::General),
+    };
+    if ctx
+        .registry
+        .register(
+            &mut listener,
+            token::conn(key, Role::BindListener),
+            Interest::READABLE,
+        )
+        .is_err()
+    {
+        return reply_failure(conn, ctx, reply, Failure::General);
+    }
+    let mut out = [0u8; socks5::MAX_REPLY_LEN];
+    let len = encode(reply, true, Failure::General, bound, &mut out);
+    if conn.send_client(&out[..len]).is_err() {
+        let _ = ctx.registry.deregister(&mut listener);
+        return Next::Close("client_error");
+    }
+    conn.handshake_deadline = None;
+    conn.phase = Phase::Bind(Box::new(BindState {
+        listener,
+        readable: true,
+        expected,
+        reply,
+    }));
+    ctx.timers.push(
+        ctx.now + ctx.cfg.bind_timeout,
+        key,
+        conn.gen,
+        TimerKind::Bind,
+    );
+    Next::Again
 }
 
-/// Drives the BIND.
-pub fn drive(_key: usize, _conn: &mut Conn, _ctx: &mut Ctx) -> Next {
+/// Waits for the inbound connection; watches the client for EOF meanwhile.
+pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    if conn.flush_client().is_err() || fill_client(conn, ctx).is_err() {
+        return Next::Close("client_reset");
+    }
+    if conn.up.eof {
+        return Next::Close("client_eof");
+    }
+    let Phase::Bind(b) = &mut conn.phase else {
+        return Next::Wait;
+    };
+    while b.readable {
+        match b.listener.accept() {
+            Ok((stream, from)) => {
+                if b.expected.is_some_and(|ip| ip != canonical_ip(from.ip())) {
+                    debug!(
+                        "{}: BIND: refused connection from unexpected {from}",
+                        conn.peer
+                    );
+                    continue;
+                }
+                return accepted(key, conn, ctx, stream, from);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => b.readable = false,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => b.readable = false,
+        }
+    }
     Next::Wait
 }
 
-/// The BIND timer popped.
-pub fn on_timeout(_conn: &mut Conn, _ctx: &mut Ctx) -> Next {
-    Next::Wait
+fn accepted(
+    key: usize,
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    mut stream: mio::net::TcpStream,
+    from: SocketAddr,
+) -> Next {
+    let Phase::Bind(mut b) = std::mem::replace(&mut conn.phase, Phase::Relay) else {
+        return Next::Wait;
+    };
+    let _ = ctx.registry.deregister(&mut b.listener);
+    let _ = stream.set_nodelay(true);
+    if ctx
+        .registry
+        .register(
+            &mut stream,
+            token::conn(key, Role::Upstream),
+            Interest::READABLE | Interest::WRITABLE,
+        )
+        .is_err()
+    {
+        return Next::Close("register_failed");
+    }
+    conn.upstream = Some(Sock::new(stream));
+    let from = SocketAddr::new(canonical_ip(from.ip()), from.port());
+    let mut out = [0u8; socks5::MAX_REPLY_LEN];
+    let len = encode(b.reply, true, Failure::General, from, &mut out);
+    if conn.send_client(&out[..len]).is_err() {
+        return Next::Close("client_error");
+    }
+    metrics::inc(&ctx.stats.handshakes_ok[conn.proto as usize]);
+    start_relay(key, conn, ctx);
+    Next::Again
+}
+
+/// Nobody connected within `--bind-timeout`: send the failure as the second reply and close.
+pub fn on_timeout(conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    let Phase::Bind(b) = &conn.phase else {
+        return Next::Wait;
+    };
+    let reply = b.reply;
+    ctx.stats.connect_error(Failure::TimedOut);
+    reply_failure(conn, ctx, reply, Failure::TimedOut)
 }
 
 /// Frees the listener.
-pub fn release(_b: &mut BindState, _registry: &mio::Registry) {}
+pub fn release(b: &mut BindState, registry: &mio::Registry) {
+    let _ = registry.deregister(&mut b.listener);
+}

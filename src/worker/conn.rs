@@ -126,6 +126,8 @@ pub enum Phase {
     Socks4Request,
     /// An HTTP request head (first request of the connection).
     HttpHead,
+    /// A password is being checked against a slow hash on the blocking pool.
+    Verifying(Box<PendingAuth>),
     /// A name lookup is out with the resolver pool.
     Resolving {
         /// How to answer.
@@ -174,6 +176,7 @@ impl Phase {
                 | Phase::Socks5Request
                 | Phase::Socks4Request
                 | Phase::HttpHead
+                | Phase::Verifying(_)
         )
     }
 
@@ -187,6 +190,7 @@ impl Phase {
             Phase::Socks5Request => "socks5_request",
             Phase::Socks4Request => "socks4_request",
             Phase::HttpHead => "http_head",
+            Phase::Verifying(_) => "verifying",
             Phase::Resolving { .. } => "resolving",
             Phase::Connecting { .. } => "connecting",
             Phase::Upstream(_) => "upstream_handshake",
@@ -197,6 +201,16 @@ impl Phase {
             Phase::Linger { .. } => "linger",
         }
     }
+}
+
+/// What to resume once a slow password check answers. It is boxed inside `Phase::Verifying`, so the size gap
+/// between variants costs nothing on other connections.
+#[allow(clippy::large_enum_variant)]
+pub enum PendingAuth {
+    /// Send the RFC 1929 status, then read the SOCKS5 request.
+    Socks5,
+    /// Carry on with this HTTP request (its rewritten head is kept alongside).
+    Http(crate::proto::http::Request, Vec<u8>),
 }
 
 /// Per-direction relay state.

@@ -16,7 +16,7 @@ use super::{http, token, upstream, Ctx, Next};
 use crate::metrics;
 use crate::net::{self, ConnectState};
 use crate::proto::{self, socks4, socks5, Failure, TargetAddr};
-use crate::resolve::Job;
+use crate::resolve::{Job, Work};
 
 /// Resolver tag for TCP connects (UDP datagram lookups use other tags).
 pub const RESOLVE_TAG: u32 = u32::MAX;
@@ -52,8 +52,10 @@ pub fn start(
                 key,
                 gen: conn.gen,
                 tag: RESOLVE_TAG,
-                host: name.as_str().to_string(),
-                port,
+                work: Work::Resolve {
+                    host: name.as_str().to_string(),
+                    port,
+                },
                 reply: ctx.reply_to.clone(),
             };
             if ctx.resolve_tx.send(job).is_err() {

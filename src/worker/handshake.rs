@@ -2,16 +2,19 @@
 //! over to `connect`, `udp`, `bind` or `http`. Also the error path: reply, linger, close.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
 use std::time::Duration;
 
 use log::debug;
 
-use super::conn::{Conn, Phase, ReplyKind};
+use super::conn::{Conn, PendingAuth, Phase, ReplyKind};
 use super::timers::TimerKind;
 use super::{bind, connect, http, udp, Ctx, Next};
+use crate::auth::Authorized;
 use crate::metrics::{self, Proto, Refusal};
 use crate::proto::detect::{self, Protocol};
 use crate::proto::{proxy_protocol, socks4, socks5, Failure, Parse};
+use crate::resolve::{Job, Work};
 
 /// How long an error reply may take to flush and the client to close after it, before we close regardless.
 pub const LINGER: Duration = Duration::from_secs(2);
@@ -62,7 +65,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Phase::ProxyHeader => proxy_header(conn, ctx),
         Phase::Detect => detect(conn, ctx),
         Phase::Socks5Greeting => socks5_greeting(conn, ctx),
-        Phase::Socks5Auth => socks5_auth(conn, ctx),
+        Phase::Socks5Auth => socks5_auth(key, conn, ctx),
         Phase::Socks5Request => socks5_request(key, conn, ctx),
         Phase::Socks4Request => socks4_request(key, conn, ctx),
         Phase::HttpHead => http::on_head(key, conn, ctx),
@@ -159,14 +162,68 @@ fn socks5_greeting(conn: &mut Conn, ctx: &mut Ctx) -> Next {
     }
 }
 
-fn socks5_auth(conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    let parsed = match socks5::parse_user_pass(data(conn)) {
+fn socks5_auth(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    let (verdict, n) = match socks5::parse_user_pass(data(conn)) {
         Ok(Parse::Incomplete) => return need_more(conn),
+        Ok(Parse::Done(creds, n)) if ctx.users.needs_slow_verify(creds.user) => {
+            // A hashed password takes milliseconds to check: do it on the blocking pool, never on the loop.
+            let work = Work::Verify {
+                users: Arc::clone(&ctx.users),
+                user: creds.user.to_vec(),
+                pass: creds.pass.to_vec(),
+            };
+            consume(conn, n);
+            return verify_off_loop(key, conn, ctx, work, PendingAuth::Socks5);
+        }
         Ok(Parse::Done(creds, n)) => (ctx.users.verify(creds.user, creds.pass), n),
         Err(e) => return bad_handshake(conn, ctx, e),
     };
-    let (verdict, n) = parsed;
     consume(conn, n);
+    socks5_auth_result(conn, ctx, verdict)
+}
+
+/// Sends a slow password check to the blocking pool and parks the connection until it answers.
+pub fn verify_off_loop(
+    key: usize,
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    work: Work,
+    then: PendingAuth,
+) -> Next {
+    let job = Job {
+        key,
+        gen: conn.gen,
+        tag: 0,
+        work,
+        reply: ctx.reply_to.clone(),
+    };
+    if ctx.resolve_tx.send(job).is_err() {
+        return Next::Close("internal_error");
+    }
+    conn.phase = Phase::Verifying(Box::new(then));
+    Next::Wait
+}
+
+/// A slow password check answered.
+pub fn on_verified(
+    key: usize,
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    verdict: Option<Authorized>,
+) -> Next {
+    let Phase::Verifying(_) = &conn.phase else {
+        return Next::Wait;
+    };
+    let Phase::Verifying(pending) = std::mem::replace(&mut conn.phase, Phase::Socks5Auth) else {
+        return Next::Wait;
+    };
+    match *pending {
+        PendingAuth::Socks5 => socks5_auth_result(conn, ctx, verdict),
+        PendingAuth::Http(req, head) => http::on_verified(key, conn, ctx, verdict, req, head),
+    }
+}
+
+fn socks5_auth_result(conn: &mut Conn, ctx: &mut Ctx, verdict: Option<Authorized>) -> Next {
     let ok = verdict.is_some();
     let mut out = [0u8; 2];
     let len = socks5::encode_auth_status(ok, &mut out);

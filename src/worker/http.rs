@@ -9,16 +9,20 @@
 //! WaitHead --(request)--> [connect or reuse origin] --> Exchange --(response done)--> WaitHead | close
 //! ```
 
+use std::sync::Arc;
+
 use log::debug;
 
-use super::conn::{Conn, Phase, ReplyKind};
+use super::conn::{Conn, PendingAuth, Phase, ReplyKind};
 use super::connect::{self, drop_upstream};
 use super::handshake::{self, enter_linger, fill_client, reply_failure, user_admit};
 use super::{Ctx, Next};
+use crate::auth::Authorized;
 use crate::buffer::Buffer;
 use crate::metrics;
 use crate::proto::http::{self as h, BodyFramer, RequestKind, ResponseContext, RewriteOptions};
 use crate::proto::{Failure, Parse, ProtoError, TargetAddr};
+use crate::resolve::Work;
 
 /// Forwarding state of one client connection.
 pub struct HttpState {
@@ -134,23 +138,58 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         }
         Err(e) => return bad_request(conn, ctx, e),
     };
+    let head = std::mem::take(&mut ctx.head_out);
     // Proxy authentication (RFC 9110 §11.7): the credentials are consumed here and never forwarded.
     if !ctx.users.is_empty() && conn.user.is_none() {
-        let verdict = req
-            .credentials
-            .as_ref()
-            .and_then(|c| ctx.users.verify(c.user(), c.pass()));
-        match verdict {
-            Some(user) => conn.user = Some(user),
-            None => {
-                if req.auth_present {
-                    metrics::inc(&ctx.stats.auth_failures);
-                }
-                debug!("{}: HTTP proxy authentication required", conn.peer);
-                return send_status(conn, ctx, 407);
+        let verdict = match req.credentials.as_ref() {
+            Some(c) if ctx.users.needs_slow_verify(c.user()) => {
+                let work = Work::Verify {
+                    users: Arc::clone(&ctx.users),
+                    user: c.user().to_vec(),
+                    pass: c.pass().to_vec(),
+                };
+                return handshake::verify_off_loop(
+                    key,
+                    conn,
+                    ctx,
+                    work,
+                    PendingAuth::Http(req, head),
+                );
             }
+            Some(c) => ctx.users.verify(c.user(), c.pass()),
+            None => None,
+        };
+        return on_verified(key, conn, ctx, verdict, req, head);
+    }
+    proceed(key, conn, ctx, req, head)
+}
+
+/// The proxy credentials of `req` were checked (on the loop, or on the blocking pool for hashes).
+pub fn on_verified(
+    key: usize,
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    verdict: Option<Authorized>,
+    req: h::Request,
+    head: Vec<u8>,
+) -> Next {
+    match verdict {
+        Some(user) => {
+            conn.user = Some(user);
+            proceed(key, conn, ctx, req, head)
+        }
+        None => {
+            if req.auth_present {
+                metrics::inc(&ctx.stats.auth_failures);
+            }
+            debug!("{}: HTTP proxy authentication required", conn.peer);
+            send_status(conn, ctx, 407)
         }
     }
+}
+
+/// Carries out an authorized request: open a tunnel, or forward (reusing the origin connection when possible).
+fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, req: h::Request, head: Vec<u8>) -> Next {
     conn.target = Some(req.target.clone());
     let reply = match req.kind {
         RequestKind::Connect => ReplyKind::HttpConnect,
@@ -182,7 +221,13 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     st.down_ready = 0;
     st.resp_started = false;
     conn.to_upstream.clear();
-    conn.to_upstream.extend_from_slice(&ctx.head_out);
+    conn.to_upstream.extend_from_slice(&head);
+    if ctx.head_out.capacity() == 0 {
+        // Give the allocation back for the next head.
+        let mut head = head;
+        head.clear();
+        ctx.head_out = head;
+    }
     let reuse =
         conn.upstream.is_some() && st.origin_reusable && st.origin.as_ref() == Some(&req.target);
     if reuse {

@@ -29,7 +29,7 @@ use crate::auth::Users;
 use crate::buffer::BufferPool;
 use crate::config::Config;
 use crate::metrics::{self, Stats};
-use crate::resolve::{Job, Reply, ReplyTo};
+use crate::resolve::{Job, Outcome, Reply, ReplyTo};
 
 use conn::{Conn, Phase};
 use timers::{TimerKind, Timers};
@@ -91,6 +91,8 @@ pub struct Ctx {
     pub user_counts: UserCounts,
     /// Reused output buffer for rewritten HTTP heads.
     pub head_out: Vec<u8>,
+    /// Datagram buffer for UDP associations (allocated on first use: 64 KiB plus header room).
+    pub udp_buf: Vec<u8>,
 }
 
 /// Handles shared by all workers.
@@ -179,6 +181,7 @@ impl Worker {
             draining: false,
             user_counts: Arc::clone(&shared.user_counts),
             head_out: Vec::new(),
+            udp_buf: Vec::new(),
             cfg,
         };
         Ok(Worker {
@@ -264,12 +267,11 @@ impl Worker {
         };
         match role {
             Role::Client => conn.client.mark(ev),
-            Role::Upstream => {
-                if let Some(up) = conn.upstream.as_mut() {
-                    up.mark(ev);
-                }
-            }
-            Role::Udp => udp::mark(conn, ev),
+            Role::Upstream => match conn.upstream.as_mut() {
+                Some(up) => up.mark(ev),
+                None => udp::mark(conn, role, ev),
+            },
+            Role::Udp => udp::mark(conn, role, ev),
             Role::BindListener => bind::mark(conn, ev),
         }
         self.drive(key);
@@ -325,10 +327,16 @@ impl Worker {
                     if conn.gen != reply.gen {
                         continue;
                     }
-                    let next = if reply.tag == connect::RESOLVE_TAG {
-                        connect::on_resolved(reply.key, conn, &mut self.ctx, reply.result)
-                    } else {
-                        udp::on_resolved(reply.key, conn, &mut self.ctx, reply.tag, reply.result)
+                    let next = match reply.outcome {
+                        Outcome::Verified(v) => {
+                            handshake::on_verified(reply.key, conn, &mut self.ctx, v)
+                        }
+                        Outcome::Resolved(r) if reply.tag == connect::RESOLVE_TAG => {
+                            connect::on_resolved(reply.key, conn, &mut self.ctx, r)
+                        }
+                        Outcome::Resolved(r) => {
+                            udp::on_resolved(reply.key, conn, &mut self.ctx, reply.tag, r)
+                        }
                     };
                     self.after(reply.key, next);
                 }
@@ -445,7 +453,7 @@ impl Worker {
             let _ = registry.deregister(&mut up.stream);
         }
         match &mut conn.phase {
-            Phase::Udp(u) => udp::release(u, registry, &mut self.ctx.pool),
+            Phase::Udp(u) => udp::release(u, registry),
             Phase::Bind(b) => bind::release(b, registry),
             _ => {}
         }
@@ -486,7 +494,7 @@ fn step(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         | Phase::Socks5Request
         | Phase::Socks4Request
         | Phase::HttpHead => handshake::drive(key, conn, ctx),
-        Phase::Resolving { .. } => Next::Wait,
+        Phase::Resolving { .. } | Phase::Verifying(_) => Next::Wait,
         Phase::Connecting { .. } => connect::drive(key, conn, ctx),
         Phase::Upstream(_) => upstream::drive(key, conn, ctx),
         Phase::Relay => relay::drive(conn, ctx),

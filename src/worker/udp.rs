@@ -1,45 +1,381 @@
 //! SOCKS5 UDP ASSOCIATE (RFC 1928 §7).
+//!
+//! An association owns two UDP sockets, both reached through the control connection's slab entry:
+//! - the relay socket (role `Udp`), bound to the local IP the control connection arrived on and advertised in the
+//!   reply, so the client can reach it and replies come from the address it sends to;
+//! - the outbound socket (role `Upstream`), bound to `--bind` or the wildcard (dual-stack), which talks to targets.
+//!
+//! Datagrams are accepted only from the control connection's client IP; the port must match when the client named
+//! one, otherwise it is learned from the first datagram (PySocks sends `0.0.0.0:<its port>`, others send zeros or
+//! even the target, which we treat as "unknown"). Every datagram passes the destination rules; names are resolved
+//! on the blocking pool and cached per association. The association ends with the control connection, or after
+//! `--udp-idle-timeout` without datagrams.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::time::Instant;
 
-use super::conn::{Conn, ReplyKind};
+use log::debug;
+use mio::net::UdpSocket;
+use mio::Interest;
+
+use super::conn::{Conn, Phase, ReplyKind};
 use super::handshake::reply_failure;
+use super::timers::TimerKind;
+use super::token::{self, Role};
 use super::{Ctx, Next};
-use crate::buffer::BufferPool;
-use crate::proto::{Failure, TargetAddr};
+use crate::config::Config;
+use crate::metrics::{self, Stats, UdpDrop};
+use crate::net;
+use crate::proto::{canonical_ip, socks5, Failure, Name, TargetAddr};
+use crate::resolve::{Job, Work};
+
+/// Room kept in front of a received answer for the SOCKS5 UDP header.
+const HEADROOM: usize = socks5::MAX_UDP_HEADER_LEN;
+/// Largest UDP payload plus headroom.
+const DATAGRAM_BUF: usize = HEADROOM + 65536;
+/// Datagrams processed per socket per turn before yielding.
+const PER_TURN: usize = 64;
+/// Names cached per association.
+const CACHE_SIZE: usize = 16;
+/// Datagrams held while their name resolves.
+const MAX_QUEUED: usize = 16;
 
 /// State of one UDP association.
-pub struct UdpState {}
-
-/// Records readiness of the association's UDP sockets.
-pub fn mark(_conn: &mut Conn, _ev: &mio::event::Event) {}
-
-/// Starts an association.
-pub fn start(_key: usize, conn: &mut Conn, ctx: &mut Ctx, _client_hint: TargetAddr) -> Next {
-    reply_failure(conn, ctx, ReplyKind::Socks5, Failure::CommandNotSupported)
+pub struct UdpState {
+    relay: UdpSocket,
+    out: UdpSocket,
+    relay_readable: bool,
+    out_readable: bool,
+    client_ip: IpAddr,
+    client_port: Option<u16>,
+    /// The outbound socket is IPv6 dual-stack: IPv4 targets are sent to as mapped addresses.
+    out_dual: bool,
+    cache: Vec<(Name, IpAddr)>,
+    queued: Vec<(Name, u16, Vec<u8>)>,
+    next_tag: u32,
+    last_active: Instant,
 }
 
-/// Drives the association.
-pub fn drive(_key: usize, _conn: &mut Conn, _ctx: &mut Ctx) -> Next {
-    Next::Wait
+/// Records readiness of the association's sockets.
+pub fn mark(conn: &mut Conn, role: Role, ev: &mio::event::Event) {
+    if let Phase::Udp(u) = &mut conn.phase {
+        let r = ev.is_readable() || ev.is_error();
+        match role {
+            Role::Udp => u.relay_readable |= r,
+            Role::Upstream => u.out_readable |= r,
+            _ => {}
+        }
+    }
 }
 
-/// A resolver answer for a datagram's domain target.
+fn open_out(ctx: &Ctx) -> io::Result<(UdpSocket, bool)> {
+    match ctx.cfg.outbound_bind {
+        Some(ip) => Ok((net::udp_socket(SocketAddr::new(ip, 0))?, false)),
+        None => match net::udp_socket(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0)) {
+            Ok(s) => Ok((s, true)),
+            // No IPv6 on this host: IPv4 only.
+            Err(_) => Ok((net::udp_socket(SocketAddr::from(([0, 0, 0, 0], 0)))?, false)),
+        },
+    }
+}
+
+/// Starts an association for a UDP ASSOCIATE request whose DST names the client's sending address (`hint`).
+pub fn start(key: usize, conn: &mut Conn, ctx: &mut Ctx, hint: TargetAddr) -> Next {
+    if ctx.cfg.upstream.is_some() {
+        // Relaying UDP through an upstream proxy is not supported: say so with the protocol's own code.
+        return reply_failure(conn, ctx, ReplyKind::Socks5, Failure::CommandNotSupported);
+    }
+    let client_ip = canonical_ip(conn.peer.ip());
+    let client_port = match &hint {
+        TargetAddr::Ip(a) if a.port() != 0 => {
+            let ip = canonical_ip(a.ip());
+            // Only a port paired with the client's own (or an unspecified) address describes the client; some
+            // clients put the target here instead.
+            (ip.is_unspecified() || ip == client_ip).then_some(a.port())
+        }
+        _ => None,
+    };
+    let opened = net::udp_socket(SocketAddr::new(conn.local.ip(), 0)).and_then(|relay| {
+        let (out, dual) = open_out(ctx)?;
+        Ok((relay, out, dual))
+    });
+    let (mut relay, mut out, out_dual) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            debug!("{}: UDP ASSOCIATE: cannot open sockets: {e}", conn.peer);
+            return reply_failure(conn, ctx, ReplyKind::Socks5, Failure::General);
+        }
+    };
+    let reg = ctx
+        .registry
+        .register(&mut relay, token::conn(key, Role::Udp), Interest::READABLE)
+        .and_then(|_| {
+            ctx.registry.register(
+                &mut out,
+                token::conn(key, Role::Upstream),
+                Interest::READABLE,
+            )
+        });
+    let bound = relay.local_addr();
+    let (Ok(()), Ok(bound)) = (reg, bound) else {
+        let _ = ctx.registry.deregister(&mut relay);
+        let _ = ctx.registry.deregister(&mut out);
+        return reply_failure(conn, ctx, ReplyKind::Socks5, Failure::General);
+    };
+    let advertised = SocketAddr::new(ctx.cfg.udp_advertise.unwrap_or(bound.ip()), bound.port());
+    let mut buf = [0u8; socks5::MAX_REPLY_LEN];
+    let len = socks5::encode_reply(0, advertised, &mut buf);
+    if conn.send_client(&buf[..len]).is_err() {
+        let _ = ctx.registry.deregister(&mut relay);
+        let _ = ctx.registry.deregister(&mut out);
+        return Next::Close("client_error");
+    }
+    conn.handshake_deadline = None;
+    metrics::inc(&ctx.stats.handshakes_ok[conn.proto as usize]);
+    if let Some(b) = conn.c2u.take() {
+        ctx.pool.give(b);
+    }
+    if ctx.udp_buf.len() < DATAGRAM_BUF {
+        ctx.udp_buf = vec![0u8; DATAGRAM_BUF];
+    }
+    conn.phase = Phase::Udp(Box::new(UdpState {
+        relay,
+        out,
+        relay_readable: true,
+        out_readable: true,
+        client_ip,
+        client_port,
+        out_dual,
+        cache: Vec::new(),
+        queued: Vec::new(),
+        next_tag: 0,
+        last_active: ctx.now,
+    }));
+    ctx.timers.push(
+        ctx.now + ctx.cfg.udp_idle_timeout,
+        key,
+        conn.gen,
+        TimerKind::UdpIdle,
+    );
+    Next::Again
+}
+
+/// Sends `payload` to `dest` from the outbound socket, after the destination rules (checked per datagram).
+fn send_out(u: &UdpState, cfg: &Config, stats: &Stats, dest: SocketAddr, payload: &[u8]) -> bool {
+    let dest = SocketAddr::new(canonical_ip(dest.ip()), dest.port());
+    if cfg.dest_rules.check(dest).is_err() {
+        metrics::inc(&stats.udp_drops[UdpDrop::Denied as usize]);
+        return false;
+    }
+    let wire = match (dest.ip(), u.out_dual) {
+        (IpAddr::V4(v4), true) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), dest.port()),
+        _ => dest,
+    };
+    match u.out.send_to(payload, wire) {
+        Ok(_) => {
+            metrics::inc(&stats.udp_up);
+            true
+        }
+        Err(_) => {
+            metrics::inc(&stats.udp_drops[UdpDrop::SendFailed as usize]);
+            false
+        }
+    }
+}
+
+/// Drives the association: watches the control connection, relays both ways.
+pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    // The control connection: EOF (or an error) ends the association; anything the client sends is ignored.
+    while conn.client.readable {
+        match conn.client.read(&mut ctx.scratch) {
+            Ok(Some(0)) | Err(_) => return Next::Close("udp_control_closed"),
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+        }
+    }
+    if conn.flush_client().is_err() {
+        return Next::Close("client_error");
+    }
+    let gen = conn.gen;
+    let Phase::Udp(u) = &mut conn.phase else {
+        return Next::Wait;
+    };
+    let mut more = false;
+    let buf = &mut ctx.udp_buf;
+    // Client -> targets.
+    for i in 0..=PER_TURN {
+        if !u.relay_readable {
+            break;
+        }
+        if i == PER_TURN {
+            more = true;
+            break;
+        }
+        let (n, from) = match u.relay.recv_from(buf) {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                u.relay_readable = false;
+                break;
+            }
+            Err(_) => continue,
+        };
+        if canonical_ip(from.ip()) != u.client_ip || u.client_port.is_some_and(|p| p != from.port())
+        {
+            metrics::inc(&ctx.stats.udp_drops[UdpDrop::ForeignSource as usize]);
+            continue;
+        }
+        u.client_port.get_or_insert(from.port());
+        let dgram = &buf[..n];
+        let (header, off) = match socks5::parse_udp_header(dgram) {
+            Ok(x) => x,
+            Err(_) => {
+                metrics::inc(&ctx.stats.udp_drops[UdpDrop::Malformed as usize]);
+                continue;
+            }
+        };
+        if header.frag != 0 {
+            // RFC 1928 §7: without fragmentation support, drop any datagram whose FRAG is not zero.
+            metrics::inc(&ctx.stats.udp_drops[UdpDrop::Fragmented as usize]);
+            continue;
+        }
+        let payload = &dgram[off..];
+        u.last_active = ctx.now;
+        conn.bytes_up += payload.len() as u64;
+        match header.target {
+            TargetAddr::Ip(dest) => {
+                send_out(u, &ctx.cfg, &ctx.stats, dest, payload);
+            }
+            TargetAddr::Domain(name, port) => {
+                if let Some((_, ip)) = u.cache.iter().find(|(n, _)| *n == name) {
+                    let dest = SocketAddr::new(*ip, port);
+                    send_out(u, &ctx.cfg, &ctx.stats, dest, payload);
+                    continue;
+                }
+                if u.queued.len() >= MAX_QUEUED {
+                    metrics::inc(&ctx.stats.udp_drops[UdpDrop::Unresolved as usize]);
+                    continue;
+                }
+                let first = !u.queued.iter().any(|(n, _, _)| *n == name);
+                u.queued.push((name.clone(), port, payload.to_vec()));
+                if first {
+                    u.next_tag = (u.next_tag + 1) % (u32::MAX - 1);
+                    metrics::inc(&ctx.stats.dns_lookups);
+                    let _ = ctx.resolve_tx.send(Job {
+                        key,
+                        gen,
+                        tag: u.next_tag,
+                        work: Work::Resolve {
+                            host: name.as_str().to_string(),
+                            port,
+                        },
+                        reply: ctx.reply_to.clone(),
+                    });
+                }
+            }
+        }
+    }
+    // Targets -> client, from the relay socket, with the answering remote's address in the header.
+    for i in 0..=PER_TURN {
+        if !u.out_readable {
+            break;
+        }
+        if i == PER_TURN {
+            more = true;
+            break;
+        }
+        let (n, from) = match u.out.recv_from(&mut buf[HEADROOM..]) {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                u.out_readable = false;
+                break;
+            }
+            Err(_) => continue,
+        };
+        let Some(port) = u.client_port else {
+            // Nothing came from the client yet, so there is nowhere to send this.
+            metrics::inc(&ctx.stats.udp_drops[UdpDrop::SendFailed as usize]);
+            continue;
+        };
+        let src = TargetAddr::Ip(SocketAddr::new(canonical_ip(from.ip()), from.port()));
+        let mut head = [0u8; HEADROOM];
+        let hl = socks5::encode_udp_header(&src, &mut head);
+        let start = HEADROOM - hl;
+        buf[start..HEADROOM].copy_from_slice(&head[..hl]);
+        u.last_active = ctx.now;
+        conn.bytes_down += n as u64;
+        match u.relay.send_to(
+            &buf[start..HEADROOM + n],
+            SocketAddr::new(u.client_ip, port),
+        ) {
+            Ok(_) => metrics::inc(&ctx.stats.udp_down),
+            Err(_) => metrics::inc(&ctx.stats.udp_drops[UdpDrop::SendFailed as usize]),
+        }
+    }
+    if more {
+        Next::Yield
+    } else {
+        Next::Wait
+    }
+}
+
+/// A resolver answer for a datagram's domain target: cache it and send what was waiting.
 pub fn on_resolved(
     _key: usize,
-    _conn: &mut Conn,
-    _ctx: &mut Ctx,
+    conn: &mut Conn,
+    ctx: &mut Ctx,
     _tag: u32,
-    _r: io::Result<Vec<SocketAddr>>,
+    r: io::Result<Vec<SocketAddr>>,
 ) -> Next {
+    let Phase::Udp(u) = &mut conn.phase else {
+        return Next::Wait;
+    };
+    // Answers come back in order per name: the oldest queued name is the one resolved.
+    let Some(name) = u.queued.first().map(|(n, _, _)| n.clone()) else {
+        return Next::Wait;
+    };
+    let waiting: Vec<(Name, u16, Vec<u8>)> = {
+        let (mine, rest): (Vec<_>, Vec<_>) = u.queued.drain(..).partition(|(n, _, _)| *n == name);
+        u.queued = rest;
+        mine
+    };
+    let ip = match r {
+        Ok(addrs) => addrs.first().map(|a| a.ip()),
+        Err(_) => None,
+    };
+    let Some(ip) = ip else {
+        metrics::inc(&ctx.stats.dns_failures);
+        for _ in &waiting {
+            metrics::inc(&ctx.stats.udp_drops[UdpDrop::Unresolved as usize]);
+        }
+        return Next::Wait;
+    };
+    if u.cache.len() >= CACHE_SIZE {
+        u.cache.remove(0);
+    }
+    u.cache.push((name, ip));
+    for (_, port, payload) in waiting {
+        send_out(u, &ctx.cfg, &ctx.stats, SocketAddr::new(ip, port), &payload);
+    }
     Next::Wait
 }
 
-/// Idle check.
-pub fn on_idle_timer(_key: usize, _conn: &mut Conn, _ctx: &mut Ctx) -> Next {
-    Next::Wait
+/// Idle check: close after `--udp-idle-timeout` without datagrams, else re-arm.
+pub fn on_idle_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    let Phase::Udp(u) = &conn.phase else {
+        return Next::Wait;
+    };
+    let due = u.last_active + ctx.cfg.udp_idle_timeout;
+    if due <= ctx.now {
+        Next::Close("udp_idle_timeout")
+    } else {
+        ctx.timers.push(due, key, conn.gen, TimerKind::UdpIdle);
+        Next::Wait
+    }
 }
 
-/// Frees the association's sockets.
-pub fn release(_u: &mut UdpState, _registry: &mio::Registry, _pool: &mut BufferPool) {}
+/// Frees the association's sockets (closing them when the state drops).
+pub fn release(u: &mut UdpState, registry: &mio::Registry) {
+    let _ = registry.deregister(&mut u.relay);
+    let _ = registry.deregister(&mut u.out);
+}
