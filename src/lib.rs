@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod net;
 pub mod proto;
 pub mod resolve;
+pub mod sys;
 pub mod upstream;
 pub mod worker;
 

@@ -26,6 +26,10 @@ fn main() -> ExitCode {
         .parse_default_env()
         .format_timestamp_millis()
         .init();
+    match socksgate::sys::raise_nofile_limit() {
+        Ok(n) => log::debug!("open file limit: {n}"),
+        Err(e) => log::warn!("cannot raise the open file limit: {e}"),
+    }
     match socksgate::control::run(*cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
