@@ -117,7 +117,7 @@ impl Worker {
         let buf = self.ctx.pool.take();
         let mut conn = Conn::new(gen, stream, peer, local, phase, now, buf);
         let deadline = now + self.ctx.cfg.handshake_timeout;
-        conn.handshake_deadline = Some(deadline);
+        conn.deadline = Some(deadline);
         entry.insert(conn);
         self.ctx
             .timers

@@ -100,7 +100,7 @@ pub fn start(
         let _ = ctx.registry.deregister(&mut listener);
         return Next::Close("client_error");
     }
-    conn.handshake_deadline = None;
+    conn.deadline = None;
     conn.phase = Phase::Bind(Box::new(BindState {
         listener,
         readable: true,

@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use log::debug;
 use mio::Interest;
 
-use super::conn::{Conn, Phase, ReplyKind, Sock};
+use super::conn::{Conn, Dest, Phase, ReplyKind, Sock};
 use super::handshake::reply_failure;
 use super::timers::TimerKind;
 use super::{http, token, upstream, Ctx, Next};
@@ -29,10 +29,10 @@ pub fn start(
     target: TargetAddr,
     reply: ReplyKind,
 ) -> Next {
-    conn.target = Some(target.clone());
-    conn.handshake_deadline = None;
+    conn.target = Some(Dest::from(&target));
+    conn.deadline = None;
     let deadline = ctx.now + ctx.cfg.connect_timeout;
-    conn.connect_deadline = Some(deadline);
+    conn.deadline = Some(deadline);
     ctx.timers.push(deadline, key, conn.gen, TimerKind::Connect);
     if ctx.cfg.upstream.is_some() {
         // Through an upstream proxy the target is the upstream's business: connect to the proxy itself, but
@@ -210,7 +210,7 @@ fn connected(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 
 /// The path to the target is ready (directly, or through the upstream proxy): answer the client and relay.
 pub fn established(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
-    conn.connect_deadline = None;
+    conn.deadline = None;
     let local = conn
         .upstream
         .as_ref()

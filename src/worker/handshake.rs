@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use log::debug;
 
-use super::conn::{Conn, PendingAuth, Phase, ReplyKind};
+use super::conn::{Conn, Dest, PendingAuth, Phase, ReplyKind};
 use super::timers::TimerKind;
 use super::{bind, connect, http, udp, Ctx, Next};
 use crate::auth::Authorized;
@@ -250,7 +250,7 @@ fn socks5_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Ok(Parse::Incomplete) => need_more(conn),
         Ok(Parse::Done(req, n)) => {
             consume(conn, n);
-            conn.target = Some(req.target.clone());
+            conn.target = Some(Dest::from(&req.target));
             if !user_admit(conn, ctx) {
                 return reply_failure(conn, ctx, ReplyKind::Socks5, Failure::NotAllowed);
             }
@@ -284,7 +284,7 @@ fn socks4_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         }
     };
     consume(conn, n);
-    conn.target = Some(target.clone());
+    conn.target = Some(Dest::from(&target));
     // SOCKS4 carries no password: with users configured it would be a way around authentication.
     if !ctx.users.is_empty() && !ctx.cfg.socks4_with_users {
         metrics::inc(&ctx.stats.auth_failures);
@@ -366,8 +366,7 @@ pub fn reply_failure(conn: &mut Conn, ctx: &mut Ctx, kind: ReplyKind, failure: F
 pub fn enter_linger(conn: &mut Conn, ctx: &mut Ctx, failure: Failure) -> Next {
     conn.failure = Some(failure);
     metrics::inc(&ctx.stats.handshakes_failed[conn.proto as usize]);
-    conn.handshake_deadline = None;
-    conn.connect_deadline = None;
+    conn.deadline = None;
     conn.phase = Phase::Linger {
         armed: false,
         shut: false,

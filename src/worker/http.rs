@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use log::debug;
 
-use super::conn::{Conn, PendingAuth, Phase, ReplyKind};
+use super::conn::{Conn, Dest, PendingAuth, Phase, ReplyKind};
 use super::connect::{self, drop_upstream};
 use super::handshake::{self, enter_linger, fill_client, reply_failure, user_admit};
 use super::{Ctx, Next};
@@ -190,7 +190,7 @@ pub fn on_verified(
 
 /// Carries out an authorized request: open a tunnel, or forward (reusing the origin connection when possible).
 fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, req: h::Request, head: Vec<u8>) -> Next {
-    conn.target = Some(req.target.clone());
+    conn.target = Some(Dest::from(&req.target));
     let reply = match req.kind {
         RequestKind::Connect => ReplyKind::HttpConnect,
         RequestKind::Forward => ReplyKind::HttpForward,
@@ -266,7 +266,7 @@ fn send_status(conn: &mut Conn, ctx: &mut Ctx, status: u16) -> Next {
 
 /// The origin connection for a forwarded request is up.
 pub fn on_origin_connected(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    conn.connect_deadline = None;
+    conn.deadline = None;
     if let Some(st) = conn.http.as_mut() {
         st.origin_reusable = true;
     }

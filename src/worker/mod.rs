@@ -407,7 +407,7 @@ impl Worker {
                 continue;
             }
             let next = match kind {
-                TimerKind::Handshake => match conn.handshake_deadline {
+                TimerKind::Handshake => match conn.deadline {
                     Some(d) if d <= now && conn.phase.in_client_handshake() => {
                         debug!("{}: handshake timeout in {}", conn.peer, conn.phase.name());
                         metrics::inc(&self.ctx.stats.handshakes_failed[conn.proto as usize]);
@@ -415,7 +415,7 @@ impl Worker {
                     }
                     _ => Next::Wait,
                 },
-                TimerKind::Connect => match conn.connect_deadline {
+                TimerKind::Connect => match conn.deadline {
                     Some(d) if d <= now => connect::on_timeout(conn, &mut self.ctx),
                     _ => Next::Wait,
                 },

@@ -5,7 +5,7 @@
 
 use log::debug;
 
-use super::conn::{Conn, Phase, ReplyKind};
+use super::conn::{Conn, Dest, Phase, ReplyKind};
 use super::connect::{self, drop_upstream, fail};
 use super::{Ctx, Next};
 use crate::net::{self, ConnectState};
@@ -206,7 +206,7 @@ fn greet(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
     let Some(upstream) = ctx.cfg.upstream.as_ref() else {
         return Next::Close("no_upstream");
     };
-    let Some(target) = conn.target.clone() else {
+    let Some(target) = conn.target.as_ref().and_then(Dest::to_target) else {
         return Next::Close("no_target");
     };
     let mut out = [0u8; up::MAX_HTTP_CONNECT_LEN];
@@ -260,7 +260,7 @@ fn advance(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, then: T
             Next::Again
         }
         Then::SendRequest => {
-            let Some(target) = conn.target.clone() else {
+            let Some(target) = conn.target.as_ref().and_then(Dest::to_target) else {
                 return Next::Close("no_target");
             };
             let len = socks5::encode_request(socks5::Command::Connect, &target, &mut out);
