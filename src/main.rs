@@ -26,6 +26,11 @@ fn main() -> ExitCode {
         .parse_default_env()
         .format_timestamp_millis()
         .init();
+    if !cfg.inline_users.is_empty() {
+        if let Err(e) = socksgate::sys::hide_passwords_in_cmdline() {
+            log::warn!("cannot hide --user passwords from ps ({e}); prefer --users FILE");
+        }
+    }
     match socksgate::sys::raise_nofile_limit() {
         Ok(n) => log::debug!("open file limit: {n}"),
         Err(e) => log::warn!("cannot raise the open file limit: {e}"),
