@@ -94,7 +94,6 @@ impl Worker {
             return;
         }
         let _ = stream.set_nodelay(true);
-        let local = stream.local_addr().unwrap_or(peer);
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         let tok = token::conn(key, token::Role::Client);
@@ -115,7 +114,7 @@ impl Worker {
         };
         let now = self.ctx.now;
         let buf = self.ctx.pool.take();
-        let mut conn = Conn::new(gen, stream, peer, local, phase, now, buf);
+        let mut conn = Conn::new(gen, stream, peer, phase, now, buf);
         let deadline = now + self.ctx.cfg.handshake_timeout;
         conn.deadline = Some(deadline);
         entry.insert(conn);

@@ -71,7 +71,9 @@ pub fn start(
         // A name or 0.0.0.0 names no particular peer: accept the first connection.
         _ => None,
     };
-    let ip = ctx.cfg.outbound_bind.unwrap_or(conn.local.ip());
+    let Some(ip) = ctx.cfg.outbound_bind.or_else(|| conn.local_ip()) else {
+        return reply_failure(conn, ctx, reply, Failure::General);
+    };
     let mut listener = match net::bind_listener(SocketAddr::new(ip, 0)) {
         Ok(l) => l,
         Err(e) => {

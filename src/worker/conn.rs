@@ -66,7 +66,8 @@ impl Sock {
         }
     }
 
-    /// Reads once; `WouldBlock` clears the readable bit and returns `Ok(None)`.
+    /// Reads once; `WouldBlock` clears the readable bit and returns `Ok(None)`. (A short read does not: a FIN that
+    /// arrived with the data raised no separate event, and reading again often finds more data, batching better.)
     pub fn read(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
         loop {
             match self.stream.read(buf) {
@@ -81,13 +82,19 @@ impl Sock {
         }
     }
 
-    /// Writes as much of `data` as the socket takes now; `WouldBlock` clears the writable bit.
+    /// Writes as much of `data` as the socket takes now; `WouldBlock` clears the writable bit, and so does a short
+    /// write (the send buffer is full; the edge-triggered writable event comes when it drains).
     pub fn write_some(&mut self, data: &[u8]) -> io::Result<usize> {
         let mut off = 0;
         while off < data.len() && self.writable {
             match self.stream.write(&data[off..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => off += n,
+                Ok(n) => {
+                    off += n;
+                    if off < data.len() {
+                        self.writable = false;
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -286,8 +293,6 @@ pub struct Conn {
     pub down: Half,
     /// The client's address (from the PROXY header when one was received).
     pub peer: SocketAddr,
-    /// The local address the client connected to.
-    pub local: SocketAddr,
     /// Protocol, once detected.
     pub proto: Proto,
     /// The authenticated user.
@@ -321,7 +326,6 @@ impl Conn {
         gen: u32,
         stream: TcpStream,
         peer: SocketAddr,
-        local: SocketAddr,
         phase: Phase,
         now: Instant,
         c2u: Buffer,
@@ -338,7 +342,6 @@ impl Conn {
             up: Half::default(),
             down: Half::default(),
             peer,
-            local,
             proto: Proto::Unknown,
             user: None,
             target: None,
@@ -394,6 +397,16 @@ impl Conn {
             }
         }
         Ok(self.to_upstream.is_empty())
+    }
+
+    /// The local IP the client connected to (asked of the kernel only by UDP ASSOCIATE and BIND, which bind there:
+    /// most connections never need it, so accept does not pay a getsockname for it).
+    pub fn local_ip(&self) -> Option<std::net::IpAddr> {
+        self.client
+            .stream
+            .local_addr()
+            .ok()
+            .map(|a| crate::proto::canonical_ip(a.ip()))
     }
 
     /// The authenticated user name, or "-".

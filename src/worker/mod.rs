@@ -447,11 +447,9 @@ impl Worker {
         let Some(mut conn) = self.conns.try_remove(key) else {
             return;
         };
+        // The client and upstream sockets are not deregistered: they were never dup'd, so closing them (when
+        // `conn` drops below) removes them from the epoll set, and two epoll_ctl calls per connection are saved.
         let registry = self.poll.registry();
-        let _ = registry.deregister(&mut conn.client.stream);
-        if let Some(up) = conn.upstream.as_mut() {
-            let _ = registry.deregister(&mut up.stream);
-        }
         match &mut conn.phase {
             Phase::Udp(u) => udp::release(u, registry),
             Phase::Bind(b) => bind::release(b, registry),

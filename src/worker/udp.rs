@@ -96,7 +96,10 @@ pub fn start(key: usize, conn: &mut Conn, ctx: &mut Ctx, hint: TargetAddr) -> Ne
         }
         _ => None,
     };
-    let opened = net::udp_socket(SocketAddr::new(conn.local.ip(), 0)).and_then(|relay| {
+    let Some(local_ip) = conn.local_ip() else {
+        return reply_failure(conn, ctx, ReplyKind::Socks5, Failure::General);
+    };
+    let opened = net::udp_socket(SocketAddr::new(local_ip, 0)).and_then(|relay| {
         let (out, dual) = open_out(ctx)?;
         Ok((relay, out, dual))
     });
