@@ -292,6 +292,11 @@ fn reload(server: &Server) {
         return;
     }
     match config::load_users(&cfg.inline_users, cfg.users_file.as_deref()) {
+        Ok(users) if users.is_empty() && !cfg.users.is_empty() => {
+            // An empty table would switch authentication off (and open the proxy): a file caught half-written or
+            // emptied by mistake must not do that.
+            error!("SIGHUP: the users file has no users; keeping the old table (authentication stays on)");
+        }
         Ok(users) => {
             info!("SIGHUP: reloaded {} users", users.len());
             server.reload_users(Arc::new(users));

@@ -374,6 +374,8 @@ impl Worker {
         }
         self.drain_deadline = Some(deadline);
         self.ctx.draining = true;
+        // Idle tunnels raise no events: without this entry nothing would wake the loop at the deadline.
+        self.ctx.timers.push(deadline, 0, 0, TimerKind::Drain);
         for l in self.listeners.iter_mut() {
             if let Some(mut l) = l.take() {
                 let _ = self.poll.registry().deregister(&mut l);
@@ -396,9 +398,13 @@ impl Worker {
     fn run_timers(&mut self) {
         let now = self.ctx.now;
         while let Some((key, gen, kind)) = self.ctx.timers.pop_due(now) {
-            if kind == TimerKind::AcceptRetry {
-                self.resume_accept();
-                continue;
+            match kind {
+                TimerKind::AcceptRetry => {
+                    self.resume_accept();
+                    continue;
+                }
+                TimerKind::Drain => continue,
+                _ => {}
             }
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
@@ -429,7 +435,7 @@ impl Worker {
                 }
                 TimerKind::Bind => bind::on_timeout(conn, &mut self.ctx),
                 TimerKind::UdpIdle => udp::on_idle_timer(key, conn, &mut self.ctx),
-                TimerKind::AcceptRetry => Next::Wait,
+                TimerKind::AcceptRetry | TimerKind::Drain => Next::Wait,
             };
             self.after(key, next);
         }

@@ -25,6 +25,8 @@ pub enum TimerKind {
     UdpIdle,
     /// Try accepting again after running out of descriptors or hitting a limit.
     AcceptRetry,
+    /// The drain deadline: wakes the loop so it can close what is left and exit.
+    Drain,
 }
 
 type Entry = Reverse<(Instant, usize, u32, TimerKind)>;
