@@ -1,0 +1,756 @@
+//! SOCKS5 (RFC 1928) and username/password (RFC 1929) against the real binary: CONNECT to IPv4, IPv6 and domain
+//! targets, BND.ADDR, authentication, every reply code we can provoke on loopback, pipelined and fragmented
+//! handshakes, the handshake timeout, many concurrent tunnels, half-close and descriptor leaks.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// What the server answers today to BIND (CMD 2) and UDP ASSOCIATE (CMD 3): both are stubs in `src/worker/bind.rs`
+/// and `src/worker/udp.rs` that reply "command not supported". Update these when the commands are implemented.
+const REP_FOR_BIND_TODAY: u8 = 0x07;
+const REP_FOR_UDP_TODAY: u8 = 0x07;
+
+/// A failure reply (RFC 1928 §6) must be `05 REP 00 01 0.0.0.0:0` (we never send a domain BND.ADDR), followed by
+/// the server closing the connection. Returns REP.
+fn expect_failure_then_close(s: &mut TcpStream) -> u8 {
+    let (rep, bnd) = read_socks5_reply(s);
+    assert_ne!(rep, 0, "expected a failure reply");
+    assert_eq!(bnd, "0.0.0.0:0".parse().unwrap(), "failure BND.ADDR");
+    let (rest, closed) = read_until_closed(s);
+    assert!(rest.is_empty(), "bytes after a failure reply: {rest:?}");
+    assert!(
+        closed,
+        "connection not closed after failure reply {rep:#04x}"
+    );
+    rep
+}
+
+/// No-auth greeting, then `request`; returns the stream positioned at the reply.
+fn noauth_request(proxy: SocketAddr, request: &[u8]) -> TcpStream {
+    let mut s = connect(proxy);
+    s.write_all(&[5, 1, 0]).unwrap();
+    assert_eq!(read_n(&mut s, 2), vec![5, 0]);
+    s.write_all(request).unwrap();
+    s
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// CONNECT, no authentication
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn connect_ipv4_echo_and_bnd_is_outbound_address() {
+    let (echo, peers) = recording_echo("127.0.0.1:0");
+    let proxy = Proxy::start(&[]);
+    let mut s = connect(proxy.addr());
+    s.write_all(&[5, 1, 0]).unwrap();
+    assert_eq!(
+        read_n(&mut s, 2),
+        vec![5, 0],
+        "method 00 chosen when no users"
+    );
+    s.write_all(&socks5_request(1, echo.addr)).unwrap();
+    // Read the raw reply so the exact layout is checked: 05 00 00 01 + 4 bytes + 2 bytes port.
+    let reply = read_n(&mut s, 10);
+    assert_eq!(&reply[..4], &[5, 0, 0, 1], "success reply header");
+    let bnd = SocketAddr::from((
+        [reply[4], reply[5], reply[6], reply[7]],
+        u16::from_be_bytes([reply[8], reply[9]]),
+    ));
+    assert_eq!(bnd.ip().to_string(), "127.0.0.1");
+    assert_ne!(bnd.port(), 0, "BND.PORT must be the outbound socket's port");
+    let seen = peers
+        .recv_timeout(IO_TIMEOUT)
+        .expect("target saw a connection");
+    assert_eq!(
+        bnd, seen,
+        "BND.ADDR:PORT must be the proxy's outbound local address (what the target sees)"
+    );
+    assert_echo(&mut s, b"hello through socks5");
+    assert_echo(&mut s, &pseudo_random(1, 200_000));
+}
+
+#[test]
+fn connect_ipv6_echo() {
+    if !have_ipv6() {
+        eprintln!("skipped: [::1] is not available");
+        return;
+    }
+    let (echo, peers) = recording_echo("[::1]:0");
+    let proxy = Proxy::start(&[]);
+    let mut s = noauth_request(proxy.addr(), &socks5_request(1, echo.addr));
+    let head = read_n(&mut s, 4);
+    assert_eq!(
+        head,
+        vec![5, 0, 0, 4],
+        "success reply with an IPv6 BND.ADDR (ATYP 4)"
+    );
+    let b = read_n(&mut s, 18);
+    let mut ip = [0u8; 16];
+    ip.copy_from_slice(&b[..16]);
+    let bnd = SocketAddr::from((ip, u16::from_be_bytes([b[16], b[17]])));
+    assert_eq!(bnd.ip().to_string(), "::1");
+    assert_eq!(bnd, peers.recv_timeout(IO_TIMEOUT).unwrap());
+    assert_echo(&mut s, b"hello over v6");
+}
+
+#[test]
+fn connect_domain_localhost() {
+    let echo = TestServer::echo();
+    let proxy = Proxy::start(&[]);
+    let mut s = noauth_request(
+        proxy.addr(),
+        &socks5_request_domain(1, "localhost", echo.addr.port()),
+    );
+    let (rep, bnd) = read_socks5_reply(&mut s);
+    assert_eq!(rep, 0);
+    assert!(bnd.ip().is_loopback() && bnd.port() != 0, "BND {bnd}");
+    assert_echo(&mut s, b"domain target");
+}
+
+#[test]
+fn connect_domain_via_resolve_tries_every_address() {
+    // The first address refuses (nothing listens on 127.0.0.2:port), the second is the echo server.
+    let echo = TestServer::echo();
+    let spec = "multi.test=127.0.0.2,127.0.0.1";
+    let proxy = Proxy::start(&["--resolve", spec]);
+    let mut s = noauth_request(
+        proxy.addr(),
+        &socks5_request_domain(1, "multi.test", echo.addr.port()),
+    );
+    let (rep, _) = read_socks5_reply(&mut s);
+    assert_eq!(
+        rep, 0,
+        "the second resolved address must be tried after the first refuses"
+    );
+    assert_echo(&mut s, b"second address");
+}
+
+#[test]
+fn third_party_client_socks_crate() {
+    let echo = TestServer::echo();
+    let proxy = Proxy::start(&[]);
+    // IPv4 literal.
+    let mut s =
+        socks::Socks5Stream::connect(proxy.addr(), echo.addr).expect("socks crate CONNECT v4");
+    match s.proxy_addr() {
+        socks::TargetAddr::Ip(a) => assert!(a.ip().is_loopback() && a.port() != 0, "{a}"),
+        other => panic!("BND.ADDR must be a literal, got {other:?}"),
+    }
+    s.get_ref().set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let data = pseudo_random(7, 100_000);
+    s.write_all(&data).unwrap();
+    let mut back = vec![0u8; data.len()];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(digest(&back), digest(&data));
+    // Domain (sent as ATYP 3, resolved by the proxy).
+    let mut s = socks::Socks5Stream::connect(proxy.addr(), ("localhost", echo.addr.port()))
+        .expect("CONNECT domain");
+    s.get_ref().set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"ping");
+    // IPv6.
+    if have_ipv6() {
+        let echo6 = TestServer::start_on("[::1]:0", echo_handler);
+        let mut s = socks::Socks5Stream::connect(proxy.addr(), echo6.addr).expect("CONNECT v6");
+        s.get_ref().set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s.write_all(b"six").unwrap();
+        let mut b = [0u8; 3];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"six");
+    }
+    // Refused target: the crate maps REP 5 to an error.
+    let err = socks::Socks5Stream::connect(
+        proxy.addr(),
+        SocketAddr::from(([127, 0, 0, 1], closed_port())),
+    )
+    .expect_err("CONNECT to a closed port must fail");
+    assert!(err.to_string().to_lowercase().contains("refused"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Username/password (RFC 1929)
+// ---------------------------------------------------------------------------------------------------------------
+
+fn users_file(text: &str) -> std::path::PathBuf {
+    let p = temp_path("users");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn auth_success_inline_and_file_users() {
+    let echo = TestServer::echo();
+    let hash = bcrypt::hash("hashed-pw", 4).unwrap();
+    let file = users_file(&format!("# users\nbob:hunter2\ncarol:{hash}\n"));
+    let proxy = Proxy::start(&["-U", "alice:secret", "--users", file.to_str().unwrap()]);
+    for (user, pass) in [
+        ("alice", "secret"),
+        ("bob", "hunter2"),
+        ("carol", "hashed-pw"),
+    ] {
+        let mut s = socks5_connect_auth(proxy.addr(), user, pass, echo.addr)
+            .unwrap_or_else(|e| panic!("{user}: CONNECT failed with {e:#x}"));
+        assert_echo(&mut s, user.as_bytes());
+    }
+    // The socks crate offers 02 and 00; with users configured the server must pick 02.
+    let mut s =
+        socks::Socks5Stream::connect_with_password(proxy.addr(), echo.addr, "alice", "secret")
+            .expect("socks crate with password");
+    s.get_ref().set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).unwrap();
+    // A client offering both 00 and 02 gets 02, never 00.
+    let mut s = connect(proxy.addr());
+    s.write_all(&[5, 2, 0, 2]).unwrap();
+    assert_eq!(read_n(&mut s, 2), vec![5, 2]);
+    // RFC 1929 VER 5 instead of 1 is accepted (lenient), and the answer still carries VER 1.
+    let mut req = socks5_user_pass(b"alice", b"secret");
+    req[0] = 5;
+    s.write_all(&req).unwrap();
+    assert_eq!(read_n(&mut s, 2), vec![1, 0]);
+}
+
+#[test]
+fn auth_wrong_password_unknown_user_are_refused_and_closed() {
+    let echo = TestServer::echo();
+    let file = users_file("bob:hunter2\n");
+    let proxy = Proxy::start(&["-U", "alice:secret", "--users", file.to_str().unwrap()]);
+    for (user, pass) in [
+        ("alice", "wrong"),
+        ("alice", ""),
+        ("bob", "secret"),
+        ("mallory", "secret"),
+        ("Alice", "secret"),
+    ] {
+        let (mut s, status) = socks5_login(proxy.addr(), user, pass);
+        assert_eq!(status, 1, "{user}:{pass} must fail with status 01");
+        // RFC 1929 §2: the server MUST close after a failure status; no request is served.
+        let _ = s.write_all(&socks5_request(1, echo.addr));
+        let (rest, closed) = read_until_closed(&mut s);
+        assert!(
+            rest.is_empty(),
+            "{user}: bytes after failure status: {rest:?}"
+        );
+        assert!(closed, "{user}: not closed after failure status");
+    }
+    let err = socks::Socks5Stream::connect_with_password(proxy.addr(), echo.addr, "alice", "nope")
+        .expect_err("wrong password must fail");
+    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+}
+
+#[test]
+fn auth_required_but_only_noauth_offered() {
+    let proxy = Proxy::start(&["-U", "alice:secret"]);
+    let mut s = connect(proxy.addr());
+    s.write_all(&[5, 1, 0]).unwrap();
+    assert_eq!(read_n(&mut s, 2), vec![5, 0xFF], "no acceptable method");
+    let (rest, closed) = read_until_closed(&mut s);
+    assert!(
+        rest.is_empty() && closed,
+        "must close after 05 FF (got {rest:?}, closed {closed})"
+    );
+    // Offering only an unknown method (GSSAPI 01) gives the same answer.
+    let mut s = connect(proxy.addr());
+    s.write_all(&[5, 1, 1]).unwrap();
+    assert_eq!(read_n(&mut s, 2), vec![5, 0xFF]);
+    assert!(closed_within(&mut s));
+}
+
+fn closed_within(s: &mut TcpStream) -> bool {
+    let (rest, closed) = read_until_closed(s);
+    rest.is_empty() && closed
+}
+
+#[test]
+fn auth_ulen_zero_is_rejected_without_success() {
+    let proxy = Proxy::start(&["-U", "alice:secret"]);
+    let mut s = connect(proxy.addr());
+    s.write_all(&[5, 1, 2]).unwrap();
+    assert_eq!(read_n(&mut s, 2), vec![5, 2]);
+    // ULEN = 0 (RFC 1929 gives UNAME 1..255 octets), then a password.
+    s.write_all(&[1, 0, 6]).unwrap();
+    s.write_all(b"secret").unwrap();
+    let (rest, closed) = read_until_closed(&mut s);
+    assert!(closed, "ULEN=0 must end the connection");
+    // Today the server closes without a status; a `01 01` failure status would be acceptable too.
+    assert!(
+        rest.is_empty() || rest == [1, 1],
+        "unexpected answer to ULEN=0: {rest:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Reply codes (RFC 1928 §6)
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn reply_connection_refused_is_05() {
+    let proxy = Proxy::start(&[]);
+    let target = SocketAddr::from(([127, 0, 0, 1], closed_port()));
+    let mut s = noauth_request(proxy.addr(), &socks5_request(1, target));
+    assert_eq!(expect_failure_then_close(&mut s), 0x05);
+}
+
+#[test]
+fn reply_dns_failure_is_04() {
+    let proxy = Proxy::start(&[]);
+    let mut s = noauth_request(proxy.addr(), &socks5_request_domain(1, "nx.invalid", 80));
+    assert_eq!(expect_failure_then_close(&mut s), 0x04);
+}
+
+#[test]
+fn reply_not_allowed_is_02() {
+    let echo = TestServer::echo();
+    let other = TestServer::echo();
+    // A whole block.
+    let proxy = Proxy::start(&["--deny-dest", "127.0.0.0/8"]);
+    let mut s = noauth_request(proxy.addr(), &socks5_request(1, echo.addr));
+    assert_eq!(expect_failure_then_close(&mut s), 0x02);
+    // A name that resolves into the denied block is denied too.
+    let mut s = noauth_request(
+        proxy.addr(),
+        &socks5_request_domain(1, "localhost", echo.addr.port()),
+    );
+    assert_eq!(expect_failure_then_close(&mut s), 0x02);
+    drop(proxy);
+    // A port rule: only that port is denied.
+    let rule = format!("127.0.0.1/32:{}", echo.addr.port());
+    let proxy = Proxy::start(&["--deny-dest", &rule]);
+    let mut s = noauth_request(proxy.addr(), &socks5_request(1, echo.addr));
+    assert_eq!(expect_failure_then_close(&mut s), 0x02);
+    let mut s = socks5_connect(proxy.addr(), other.addr).expect("other port allowed");
+    assert_echo(&mut s, b"allowed");
+    drop(proxy);
+    // An allow list: everything else is denied.
+    let rule = format!("127.0.0.1/32:{}", other.addr.port());
+    let proxy = Proxy::start(&["--allow-dest", &rule]);
+    let mut s = noauth_request(proxy.addr(), &socks5_request(1, echo.addr));
+    assert_eq!(expect_failure_then_close(&mut s), 0x02);
+    assert!(socks5_connect(proxy.addr(), other.addr).is_ok());
+}
+
+#[test]
+fn reply_bad_command_is_07() {
+    let echo = TestServer::echo();
+    let proxy = Proxy::start(&[]);
+    for cmd in [0u8, 4, 9, 0xff] {
+        let mut s = noauth_request(proxy.addr(), &socks5_request(cmd, echo.addr));
+        assert_eq!(expect_failure_then_close(&mut s), 0x07, "CMD {cmd}");
+    }
+}
+
+#[test]
+fn reply_bad_address_type_is_08() {
+    let proxy = Proxy::start(&[]);
+    for atyp in [0u8, 2, 5, 0xff] {
+        let mut s = noauth_request(proxy.addr(), &[5, 1, 0, atyp, 127, 0, 0, 1, 0, 80]);
+        assert_eq!(expect_failure_then_close(&mut s), 0x08, "ATYP {atyp}");
+    }
+}
+
+#[test]
+fn bind_and_udp_associate_current_behaviour() {
+    let echo = TestServer::echo();
+    let proxy = Proxy::start(&[]);
+    let mut s = noauth_request(proxy.addr(), &socks5_request(2, echo.addr));
+    assert_eq!(
+        expect_failure_then_close(&mut s),
+        REP_FOR_BIND_TODAY,
+        "BIND"
+    );
+    let mut s = noauth_request(
+        proxy.addr(),
+        &socks5_request(3, "0.0.0.0:0".parse().unwrap()),
+    );
+    assert_eq!(
+        expect_failure_then_close(&mut s),
+        REP_FOR_UDP_TODAY,
+        "UDP ASSOCIATE"
+    );
+    drop(proxy);
+    // Disabled by flag: always "command not supported".
+    let proxy = Proxy::start(&["--no-bind", "--no-udp"]);
+    let mut s = noauth_request(proxy.addr(), &socks5_request(2, echo.addr));
+    assert_eq!(
+        expect_failure_then_close(&mut s),
+        0x07,
+        "BIND with --no-bind"
+    );
+    let mut s = noauth_request(
+        proxy.addr(),
+        &socks5_request(3, "0.0.0.0:0".parse().unwrap()),
+    );
+    assert_eq!(expect_failure_then_close(&mut s), 0x07, "UDP with --no-udp");
+}
+
+#[test]
+fn reply_connect_timeout_is_06() {
+    // A listener with backlog 0 and one connection already queued: Linux drops further SYNs (accept queue
+    // full), so a connect to it hangs until the proxy's --connect-timeout.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    sock.listen(0).unwrap();
+    let listener: TcpListener = sock.into();
+    let target = listener.local_addr().unwrap();
+    let _filler =
+        TcpStream::connect_timeout(&target, IO_TIMEOUT).expect("first connect fills the queue");
+    if TcpStream::connect_timeout(&target, Duration::from_millis(300)).is_ok() {
+        eprintln!("skipped: this kernel does not drop SYNs to a full accept queue; cannot make a connect hang");
+        return;
+    }
+    let proxy = Proxy::start(&["--connect-timeout", "1s"]);
+    let start = Instant::now();
+    let mut s = noauth_request(proxy.addr(), &socks5_request(1, target));
+    let rep = expect_failure_then_close(&mut s);
+    let took = start.elapsed();
+    assert_eq!(rep, 0x06, "connect timeout is reported as 06 (TTL expired)");
+    assert!(
+        took >= Duration::from_millis(900),
+        "answered before the timeout: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "timeout took far too long: {took:?}"
+    );
+}
+
+#[test]
+fn bad_version_bytes() {
+    let echo = TestServer::echo();
+    let proxy = Proxy::start(&[]);
+    // An unknown first byte: closed without an answer.
+    for first in [0u8, 6, 0x16, 0xff] {
+        let mut s = connect(proxy.addr());
+        s.write_all(&[first, 1, 0]).unwrap();
+        let (rest, closed) = read_until_closed(&mut s);
+        assert!(closed, "first byte {first:#04x}: not closed");
+        assert!(
+            rest.is_empty(),
+            "first byte {first:#04x}: answered {rest:?}"
+        );
+    }
+    // NMETHODS = 0: closed without an answer.
+    let mut s = connect(proxy.addr());
+    s.write_all(&[5, 0]).unwrap();
+    assert!(closed_within(&mut s), "NMETHODS=0");
+    // A request with VER 4 after a good greeting: general failure (01), then close.
+    let mut req = socks5_request(1, echo.addr);
+    req[0] = 4;
+    let mut s = noauth_request(proxy.addr(), &req);
+    assert_eq!(expect_failure_then_close(&mut s), 0x01, "request VER 4");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Framing: pipelined and fragmented handshakes
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn pipelined_greeting_request_and_payload() {
+    let echo = TestServer::echo();
+    let proxy = Proxy::start(&[]);
+    let payload = pseudo_random(3, 3000);
+    let mut all = vec![5, 1, 0];
+    all.extend_from_slice(&socks5_request(1, echo.addr));
+    all.extend_from_slice(&payload);
+    let mut s = connect(proxy.addr());
+    s.write_all(&all).unwrap();
+    assert_eq!(read_n(&mut s, 2), vec![5, 0]);
+    let (rep, _) = read_socks5_reply(&mut s);
+    assert_eq!(rep, 0);
+    assert_eq!(
+        read_n(&mut s, payload.len()),
+        payload,
+        "payload sent before the reply must arrive intact"
+    );
+    assert_echo(&mut s, b"and more afterwards");
+}
+
+#[test]
+fn pipelined_with_authentication() {
+    let echo = TestServer::echo();
+    let proxy = Proxy::start(&["-U", "alice:secret"]);
+    let payload = pseudo_random(4, 5000);
+    let mut all = vec![5, 1, 2];
+    all.extend_from_slice(&socks5_user_pass(b"alice", b"secret"));
+    all.extend_from_slice(&socks5_request_domain(1, "localhost", echo.addr.port()));
+    all.extend_from_slice(&payload);
+    let mut s = connect(proxy.addr());
+    s.write_all(&all).unwrap();
+    assert_eq!(read_n(&mut s, 2), vec![5, 2]);
+    assert_eq!(read_n(&mut s, 2), vec![1, 0]);
+    assert_eq!(read_socks5_reply(&mut s).0, 0);
+    assert_eq!(read_n(&mut s, payload.len()), payload);
+}
+
+#[test]
+fn handshake_one_byte_at_a_time() {
+    let echo = TestServer::echo();
+    let proxy = Proxy::start(&["-U", "alice:secret"]);
+    let mut msg = vec![5, 1, 2];
+    msg.extend_from_slice(&socks5_user_pass(b"alice", b"secret"));
+    msg.extend_from_slice(&socks5_request_domain(1, "localhost", echo.addr.port()));
+    let mut s = connect(proxy.addr());
+    for b in &msg {
+        s.write_all(&[*b]).unwrap();
+        // Give each byte its own segment (nodelay is set); correctness does not depend on it.
+        thread::sleep(Duration::from_millis(3));
+    }
+    assert_eq!(read_n(&mut s, 2), vec![5, 2]);
+    assert_eq!(read_n(&mut s, 2), vec![1, 0]);
+    assert_eq!(read_socks5_reply(&mut s).0, 0);
+    assert_echo(&mut s, b"fragmented handshake works");
+}
+
+#[test]
+fn slow_client_is_closed_at_handshake_timeout() {
+    let echo = TestServer::echo();
+    let proxy = Proxy::start(&["--handshake-timeout", "2s"]);
+    let mut s = connect(proxy.addr());
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let start = Instant::now();
+    let mut msg = vec![5, 1, 0];
+    msg.extend_from_slice(&socks5_request(1, echo.addr));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let mut w = s.try_clone().unwrap();
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            for b in msg {
+                if stop.load(Ordering::Relaxed) || w.write_all(&[b]).is_err() {
+                    return;
+                }
+                thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    let (got, closed) = read_until_closed(&mut s);
+    let took = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    assert!(
+        closed,
+        "a client sending 1 byte/s was not closed (got {got:?})"
+    );
+    assert!(
+        took >= Duration::from_millis(1900),
+        "closed before the 2s handshake timeout: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "closed far after the 2s handshake timeout: {took:?}"
+    );
+    // At most the method selection was answered; never a CONNECT reply.
+    assert!(got.is_empty() || got == [5, 0], "unexpected bytes {got:?}");
+    let _ = writer.join();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Relay
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn half_close_delivers_full_echo_then_eof() {
+    let echo = TestServer::echo();
+    let proxy = Proxy::start(&[]);
+    let mut s = socks5_connect(proxy.addr(), echo.addr).expect("connect");
+    let data = pseudo_random(11, 2 * 1024 * 1024);
+    let writer = {
+        let mut w = s.try_clone().unwrap();
+        let data = data.clone();
+        thread::spawn(move || {
+            w.write_all(&data).unwrap();
+            w.shutdown(Shutdown::Write).unwrap();
+        })
+    };
+    let mut back = Vec::new();
+    s.read_to_end(&mut back)
+        .expect("read until EOF after our half-close");
+    writer.join().unwrap();
+    assert_eq!(back.len(), data.len(), "echo length after half-close");
+    assert_eq!(
+        digest(&back),
+        digest(&data),
+        "echo content after half-close"
+    );
+}
+
+/// Opens a tunnel without panicking (for use inside worker threads that must reach their barriers).
+fn try_tunnel(proxy: SocketAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect_timeout(&proxy, IO_TIMEOUT)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    s.set_nodelay(true)?;
+    let mut req = vec![5, 1, 0];
+    req.extend_from_slice(&socks5_request(1, target));
+    s.write_all(&req)?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)?;
+    if head[..2] != [5, 0] || head[2..6] != [5, 0, 0, 1] {
+        return Err(std::io::Error::other(format!(
+            "bad handshake answer {head:?}"
+        )));
+    }
+    Ok(s)
+}
+
+#[test]
+fn many_concurrent_tunnels_and_no_fd_leak() {
+    const TUNNELS: usize = 500;
+    const PER_THREAD: usize = 10;
+    const SIZE: usize = 64 * 1024;
+    const CHUNK: usize = 8 * 1024;
+    let echo = TestServer::echo();
+    let proxy = Proxy::start(&["--threads", "2"]);
+    let baseline = proxy.fd_count();
+    assert!(baseline > 0, "cannot count the proxy's descriptors");
+    let threads = TUNNELS / PER_THREAD;
+    let opened = Arc::new(Barrier::new(threads + 1));
+    let go = Arc::new(Barrier::new(threads + 1));
+    let (proxy_addr, target) = (proxy.addr(), echo.addr);
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (opened, go) = (Arc::clone(&opened), Arc::clone(&go));
+            thread::spawn(move || -> Result<(), String> {
+                let tunnels: Result<Vec<TcpStream>, _> = (0..PER_THREAD)
+                    .map(|_| try_tunnel(proxy_addr, target))
+                    .collect();
+                opened.wait();
+                go.wait();
+                let mut tunnels = tunnels.map_err(|e| format!("thread {t}: open: {e}"))?;
+                let payloads: Vec<Vec<u8>> = (0..PER_THREAD)
+                    .map(|i| pseudo_random((t * PER_THREAD + i) as u64 + 1000, SIZE))
+                    .collect();
+                let mut received: Vec<Vec<u8>> =
+                    (0..PER_THREAD).map(|_| Vec::with_capacity(SIZE)).collect();
+                for off in (0..SIZE).step_by(CHUNK) {
+                    for (s, p) in tunnels.iter_mut().zip(&payloads) {
+                        s.write_all(&p[off..off + CHUNK])
+                            .map_err(|e| format!("thread {t}: write: {e}"))?;
+                    }
+                    for (s, r) in tunnels.iter_mut().zip(received.iter_mut()) {
+                        let mut buf = vec![0u8; CHUNK];
+                        s.read_exact(&mut buf)
+                            .map_err(|e| format!("thread {t}: read: {e}"))?;
+                        r.extend_from_slice(&buf);
+                    }
+                }
+                for (i, (p, r)) in payloads.iter().zip(&received).enumerate() {
+                    if digest(p) != digest(r) {
+                        return Err(format!(
+                            "tunnel {}: echoed data differs",
+                            t * PER_THREAD + i
+                        ));
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    opened.wait();
+    // Every tunnel is open at this point: the proxy holds a client and an outbound socket for each.
+    let during = proxy.fd_count();
+    go.wait();
+    let errors: Vec<String> = handles
+        .into_iter()
+        .filter_map(|h| h.join().unwrap().err())
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{} tunnels failed, first: {:?}",
+        errors.len(),
+        errors.first()
+    );
+    assert!(
+        during >= baseline + 2 * TUNNELS,
+        "expected >= {} descriptors with {TUNNELS} tunnels open, saw {during}",
+        baseline + 2 * TUNNELS
+    );
+    let mut now = 0;
+    let back = wait_until(Duration::from_secs(30), &mut || {
+        now = proxy.fd_count();
+        now <= baseline
+    });
+    assert!(
+        back,
+        "descriptor leak: baseline {baseline}, after all tunnels closed {now}"
+    );
+}
+
+#[test]
+fn no_fd_leak_after_failures() {
+    let echo = TestServer::echo();
+    let proxy = Proxy::start(&[
+        "-U",
+        "alice:secret",
+        "--handshake-timeout",
+        "1s",
+        "--deny-dest",
+        "127.0.0.2/32",
+    ]);
+    let baseline = proxy.fd_count();
+    let mut keep = Vec::new();
+    for i in 0..20u8 {
+        match i % 5 {
+            0 => assert_eq!(
+                socks5_connect_auth(proxy.addr(), "alice", "bad", echo.addr).err(),
+                Some(0xFF01)
+            ),
+            1 => assert_eq!(
+                socks5_connect_auth(
+                    proxy.addr(),
+                    "alice",
+                    "secret",
+                    SocketAddr::from(([127, 0, 0, 1], closed_port()))
+                )
+                .err(),
+                Some(5)
+            ),
+            2 => assert_eq!(
+                socks5_connect_auth(
+                    proxy.addr(),
+                    "alice",
+                    "secret",
+                    SocketAddr::from(([127, 0, 0, 2], 80))
+                )
+                .err(),
+                Some(2)
+            ),
+            3 => {
+                // Silent client: closed by the handshake timeout.
+                keep.push(connect(proxy.addr()));
+            }
+            _ => {
+                let mut s =
+                    socks5_connect_auth(proxy.addr(), "alice", "secret", echo.addr).expect("ok");
+                assert_echo(&mut s, &[i; 100]);
+            }
+        }
+    }
+    for s in keep.iter_mut() {
+        assert!(
+            closed_within(s),
+            "silent client not closed by the handshake timeout"
+        );
+    }
+    let mut now = 0;
+    let back = wait_until(Duration::from_secs(20), &mut || {
+        now = proxy.fd_count();
+        now <= baseline
+    });
+    assert!(
+        back,
+        "descriptor leak after failures: baseline {baseline}, now {now}"
+    );
+}
