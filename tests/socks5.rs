@@ -754,3 +754,270 @@ fn no_fd_leak_after_failures() {
         "descriptor leak after failures: baseline {baseline}, now {now}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// More edge cases: policy bypasses, pipelining after failures, timers that must not touch tunnels
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn deny_private_covers_every_spelling_of_the_local_host() {
+    let echo = TestServer::echo();
+    let port = echo.addr.port();
+    let proxy = Proxy::start(&[
+        "--deny-dest",
+        "private",
+        "--resolve",
+        "sneaky.test=::ffff:127.0.0.1",
+    ]);
+    let mut requests: Vec<(String, Vec<u8>)> = Vec::new();
+    for ip in [
+        "127.0.0.1",
+        "127.1.2.3",
+        "0.0.0.0",
+        "::1",
+        "::",
+        "::ffff:127.0.0.1",
+        "::ffff:0.0.0.0",
+    ] {
+        let addr = SocketAddr::new(ip.parse().unwrap(), port);
+        requests.push((ip.to_string(), socks5_request(1, addr)));
+    }
+    for name in ["localhost", "sneaky.test"] {
+        requests.push((name.to_string(), socks5_request_domain(1, name, port)));
+    }
+    for (what, req) in requests {
+        let mut s = noauth_request(proxy.addr(), &req);
+        let rep = expect_failure_then_close(&mut s);
+        assert_eq!(rep, 0x02, "{what}: --deny-dest private must refuse with 02");
+    }
+}
+
+#[test]
+fn ipv4_mapped_ipv6_target_reaches_the_ipv4_address() {
+    let (echo, peers) = recording_echo("127.0.0.1:0");
+    let proxy = Proxy::start(&[]);
+    let target = SocketAddr::new("::ffff:127.0.0.1".parse().unwrap(), echo.addr.port());
+    let mut s = noauth_request(proxy.addr(), &socks5_request(1, target));
+    let (rep, bnd) = read_socks5_reply(&mut s);
+    assert_eq!(rep, 0);
+    assert_eq!(
+        bnd,
+        peers.recv_timeout(IO_TIMEOUT).unwrap(),
+        "BND is the IPv4 outbound address (ATYP 1)"
+    );
+    assert_echo(&mut s, b"mapped");
+}
+
+#[test]
+fn bad_domain_names_are_general_failure() {
+    let proxy = Proxy::start(&[]);
+    // Zero-length name, a name with a space, a name with a NUL: 01 (general failure), then close.
+    for req in [
+        vec![5, 1, 0, 3, 0, 0, 80],
+        socks5_request_domain(1, "bad name", 80),
+        socks5_request_domain(1, "nul\0byte", 80),
+    ] {
+        let mut s = noauth_request(proxy.addr(), &req);
+        assert_eq!(expect_failure_then_close(&mut s), 0x01, "request {req:?}");
+    }
+    // The longest legal name (255 bytes) is parsed and then fails to resolve: 04.
+    let long = format!("{}.invalid", "a".repeat(255 - ".invalid".len()));
+    assert_eq!(long.len(), 255);
+    let mut s = noauth_request(proxy.addr(), &socks5_request_domain(1, &long, 80));
+    assert_eq!(expect_failure_then_close(&mut s), 0x04);
+}
+
+#[test]
+fn pipelined_request_after_failed_auth_is_not_served() {
+    let (echo, peers) = recording_echo("127.0.0.1:0");
+    let proxy = Proxy::start(&["-U", "alice:secret"]);
+    // Wrong password with a request and payload right behind it.
+    let mut all = vec![5, 1, 2];
+    all.extend_from_slice(&socks5_user_pass(b"alice", b"wrong"));
+    all.extend_from_slice(&socks5_request(1, echo.addr));
+    all.extend_from_slice(b"payload that must never reach the target");
+    let mut s = connect(proxy.addr());
+    s.write_all(&all).unwrap();
+    let (got, closed) = read_until_closed(&mut s);
+    assert_eq!(
+        got,
+        vec![5, 2, 1, 1],
+        "only the method choice and the failure status"
+    );
+    assert!(closed);
+    // Only no-auth offered, with a request behind it.
+    let mut all = vec![5, 1, 0];
+    all.extend_from_slice(&socks5_request(1, echo.addr));
+    let mut s = connect(proxy.addr());
+    s.write_all(&all).unwrap();
+    let (got, closed) = read_until_closed(&mut s);
+    assert_eq!(got, vec![5, 0xFF]);
+    assert!(closed);
+    assert!(
+        peers.try_recv().is_err(),
+        "the target was contacted although authentication failed"
+    );
+}
+
+#[test]
+fn failure_reply_survives_unread_pipelined_payload() {
+    // The client pipelines 200 KiB after a request that will be refused. The reply must still arrive intact (not
+    // destroyed by a reset because of unread input), followed by an orderly close.
+    let proxy = Proxy::start(&[]);
+    let target = SocketAddr::from(([127, 0, 0, 1], closed_port()));
+    let mut all = vec![5, 1, 0];
+    all.extend_from_slice(&socks5_request(1, target));
+    all.extend_from_slice(&pseudo_random(5, 200 * 1024));
+    let mut s = connect(proxy.addr());
+    let writer = {
+        let mut w = s.try_clone().unwrap();
+        thread::spawn(move || {
+            let _ = w.write_all(&all);
+        })
+    };
+    assert_eq!(read_n(&mut s, 2), vec![5, 0]);
+    let (rep, _) = read_socks5_reply(&mut s);
+    assert_eq!(rep, 0x05);
+    let (rest, closed) = read_until_closed(&mut s);
+    assert!(rest.is_empty() && closed);
+    let _ = writer.join();
+}
+
+#[test]
+fn large_pipelined_payload_with_half_close() {
+    // Greeting, request, 1 MiB of payload and our FIN, all before reading anything.
+    let echo = TestServer::echo();
+    let proxy = Proxy::start(&[]);
+    let data = pseudo_random(6, 1024 * 1024);
+    let mut s = connect(proxy.addr());
+    let writer = {
+        let mut w = s.try_clone().unwrap();
+        let mut all = vec![5, 1, 0];
+        all.extend_from_slice(&socks5_request_domain(1, "localhost", echo.addr.port()));
+        all.extend_from_slice(&data);
+        thread::spawn(move || {
+            w.write_all(&all).unwrap();
+            w.shutdown(Shutdown::Write).unwrap();
+        })
+    };
+    assert_eq!(read_n(&mut s, 2), vec![5, 0]);
+    assert_eq!(read_socks5_reply(&mut s).0, 0);
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).expect("echo then EOF");
+    writer.join().unwrap();
+    assert_eq!(back.len(), data.len());
+    assert_eq!(digest(&back), digest(&data));
+}
+
+#[test]
+fn half_close_from_the_target_side() {
+    // The target sends a banner and shuts down its write side, then keeps reading: the client must get the
+    // banner and EOF, and what it sends afterwards must still reach the target.
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let tx = std::sync::Mutex::new(tx);
+    let target = TestServer::start(move |mut s| {
+        s.write_all(b"banner").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let _ = tx.lock().unwrap().send(got);
+    });
+    let proxy = Proxy::start(&[]);
+    let mut s = socks5_connect(proxy.addr(), target.addr).expect("connect");
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).expect("banner then EOF");
+    assert_eq!(got, b"banner");
+    let upload = pseudo_random(8, 300_000);
+    s.write_all(&upload)
+        .expect("client may still send after the target's FIN");
+    s.shutdown(Shutdown::Write).unwrap();
+    let received = rx.recv_timeout(IO_TIMEOUT).expect("target finished");
+    assert_eq!(received.len(), upload.len());
+    assert_eq!(digest(&received), digest(&upload));
+    // Both directions finished: the proxy closes.
+    let (_, closed) = read_until_closed(&mut s);
+    assert!(closed);
+}
+
+#[test]
+fn handshake_and_connect_timeouts_do_not_touch_established_tunnels() {
+    let echo = TestServer::echo();
+    let proxy = Proxy::start(&["--handshake-timeout", "1s", "--connect-timeout", "1s"]);
+    let mut s = socks5_connect(proxy.addr(), echo.addr).expect("connect");
+    assert_echo(&mut s, b"before");
+    // Sleeping is the point here: stay idle well past both deadlines.
+    thread::sleep(Duration::from_millis(2500));
+    assert_echo(&mut s, b"after both deadlines passed");
+}
+
+#[test]
+fn idle_timeout_closes_quiet_tunnels_only() {
+    let echo = TestServer::echo();
+    let proxy = Proxy::start(&["--idle-timeout", "2s"]);
+    let mut quiet = socks5_connect(proxy.addr(), echo.addr).expect("quiet");
+    let mut busy = socks5_connect(proxy.addr(), echo.addr).expect("busy");
+    let start = Instant::now();
+    // Keep `busy` active every 300 ms for 4 s (twice the idle timeout).
+    while start.elapsed() < Duration::from_secs(4) {
+        assert_echo(&mut busy, b"tick");
+        thread::sleep(Duration::from_millis(300));
+    }
+    quiet
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let (_, closed) = read_until_closed(&mut quiet);
+    assert!(closed, "an idle tunnel outlived --idle-timeout 2s by far");
+    assert!(start.elapsed() < Duration::from_secs(12));
+    assert_echo(&mut busy, b"still alive");
+}
+
+#[test]
+fn user_max_connections_is_per_user_and_released_on_close() {
+    let echo = TestServer::echo();
+    let proxy = Proxy::start(&[
+        "-U",
+        "alice:secret",
+        "-U",
+        "bob:pw",
+        "--user-max-connections",
+        "1",
+    ]);
+    let mut a1 = socks5_connect_auth(proxy.addr(), "alice", "secret", echo.addr).expect("alice #1");
+    assert_echo(&mut a1, b"a1");
+    // A second session for alice is refused by policy (02); bob is unaffected.
+    assert_eq!(
+        socks5_connect_auth(proxy.addr(), "alice", "secret", echo.addr).err(),
+        Some(0x02)
+    );
+    let mut b1 = socks5_connect_auth(proxy.addr(), "bob", "pw", echo.addr).expect("bob #1");
+    assert_echo(&mut b1, b"b1");
+    // After alice's tunnel closes, she may connect again.
+    drop(a1);
+    let ok = wait_until(Duration::from_secs(10), &mut || {
+        socks5_connect_auth(proxy.addr(), "alice", "secret", echo.addr).is_ok()
+    });
+    assert!(
+        ok,
+        "alice's session count was not released when her tunnel closed"
+    );
+}
+
+#[test]
+fn outbound_bind_address_is_used_and_reported() {
+    if TcpListener::bind("127.0.0.2:0").is_err() {
+        eprintln!("skipped: 127.0.0.2 is not bindable here");
+        return;
+    }
+    let (echo, peers) = recording_echo("127.0.0.1:0");
+    let proxy = Proxy::start(&["--bind", "127.0.0.2"]);
+    let mut s = noauth_request(proxy.addr(), &socks5_request(1, echo.addr));
+    let (rep, bnd) = read_socks5_reply(&mut s);
+    assert_eq!(rep, 0);
+    assert_eq!(bnd.ip().to_string(), "127.0.0.2", "BND.ADDR follows --bind");
+    assert_eq!(
+        bnd,
+        peers.recv_timeout(IO_TIMEOUT).unwrap(),
+        "the target sees the --bind source"
+    );
+    assert_echo(&mut s, b"from 127.0.0.2");
+}
