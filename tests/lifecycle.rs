@@ -366,3 +366,96 @@ fn cli_public_listener_without_users_needs_open() {
         assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
     }
 }
+
+#[test]
+fn sighup_keeps_inline_users_and_survives_a_missing_file() {
+    let echo = TestServer::echo();
+    let file = temp_path("users");
+    std::fs::write(&file, "alice:secret\n").unwrap();
+    let proxy = Proxy::start(&["-U", "carol:inline", "--users", file.to_str().unwrap()]);
+    assert_eq!(socks5_login(proxy.addr(), "carol", "inline").1, 0);
+    // Replace alice by bob in the file: carol (from --user) must survive the reload.
+    std::fs::write(&file, "bob:pw2\n").unwrap();
+    proxy.signal("HUP");
+    let reloaded = wait_until(Duration::from_secs(10), &mut || {
+        socks5_login(proxy.addr(), "bob", "pw2").1 == 0
+    });
+    assert!(reloaded, "bob cannot log in after SIGHUP");
+    assert_eq!(
+        socks5_login(proxy.addr(), "alice", "secret").1,
+        1,
+        "alice was removed from the file"
+    );
+    assert_eq!(
+        socks5_login(proxy.addr(), "carol", "inline").1,
+        0,
+        "--user entries survive a reload"
+    );
+    // The file disappears: one error, the table stays.
+    std::fs::remove_file(&file).unwrap();
+    proxy.signal("HUP");
+    let logged = wait_until(Duration::from_secs(10), &mut || {
+        proxy.log().contains("keeping the old users table")
+    });
+    assert!(
+        logged,
+        "no error logged for a missing users file:\n{}",
+        proxy.log()
+    );
+    let mut t = socks5_connect_auth(proxy.addr(), "bob", "pw2", echo.addr)
+        .expect("bob after failed reload");
+    assert_echo(&mut t, b"bob");
+}
+
+#[test]
+fn sighup_with_an_empty_users_file_must_not_disable_authentication() {
+    // A users file that is empty at reload time (all users commented out, or caught half-written by a
+    // non-atomic editor) must not turn a password-protected proxy into an open one.
+    let echo = TestServer::echo();
+    let file = temp_path("users");
+    std::fs::write(&file, "alice:secret\n").unwrap();
+    let proxy = Proxy::start(&["--users", file.to_str().unwrap()]);
+    let mut s = connect(proxy.addr());
+    s.write_all(&[5, 1, 0]).unwrap();
+    assert_eq!(
+        read_n(&mut s, 2),
+        vec![5, 0xFF],
+        "authentication required before the reload"
+    );
+    std::fs::write(&file, "# nobody for now\n").unwrap();
+    proxy.signal("HUP");
+    assert!(
+        wait_until(Duration::from_secs(10), &mut || proxy
+            .log()
+            .contains("SIGHUP")),
+        "reload not logged:\n{}",
+        proxy.log()
+    );
+    // Give the workers the same chance to apply the new table as the positive reload tests do.
+    let mut answer = Vec::new();
+    let opened = wait_until(Duration::from_secs(3), &mut || {
+        let mut s = connect(proxy.addr());
+        s.write_all(&[5, 1, 0]).unwrap();
+        answer = read_n(&mut s, 2);
+        answer == [5, 0]
+    });
+    assert!(
+        !opened,
+        "after reloading an empty users file the proxy accepts clients without authentication \
+         (greeting 05 01 00 answered {answer:?}); log:\n{}",
+        proxy.log()
+    );
+    // SOCKS4 (no password at all) must stay refused as well.
+    let (port, ip) = match echo.addr {
+        SocketAddr::V4(a) => (a.port(), a.ip().octets()),
+        _ => unreachable!(),
+    };
+    let mut s = connect(proxy.addr());
+    s.write_all(&socks4_request(1, port, ip, b"", None))
+        .unwrap();
+    let r = read_n(&mut s, 8);
+    assert_eq!(
+        r[1], 91,
+        "SOCKS4 served without authentication after reloading an empty users file"
+    );
+}
