@@ -1021,3 +1021,53 @@ fn outbound_bind_address_is_used_and_reported() {
     );
     assert_echo(&mut s, b"from 127.0.0.2");
 }
+
+#[test]
+fn slow_password_hash_does_not_stall_other_tunnels() {
+    // `Users::needs_slow_verify` (src/auth.rs) documents that bcrypt/SHA-512-crypt checks take milliseconds and
+    // are handed off the event loop. Check the effect: while one client's bcrypt login is being verified, a
+    // tunnel on the same (single) worker must keep relaying. Latency is the feature here, so the margins are wide:
+    // the hash is calibrated to take >= 1.5 s in this build, and the tunnel must answer in under a third of that.
+    let t = Instant::now();
+    bcrypt::hash("x", 8).unwrap();
+    let mut expected = t.elapsed();
+    let mut cost = 8u32;
+    while expected < Duration::from_millis(1500) && cost < 16 {
+        cost += 1;
+        expected *= 2;
+    }
+    // Hashing and verifying cost the same key derivation, so the hashing time is the verify time.
+    let started = Instant::now();
+    let hash = bcrypt::hash("slow-pw", cost).unwrap();
+    let verify_time = started.elapsed();
+    let file = users_file(&format!("carol:{hash}\n"));
+    let echo = TestServer::echo();
+    let proxy = Proxy::start(&[
+        "--threads",
+        "1",
+        "-U",
+        "alice:secret",
+        "--users",
+        file.to_str().unwrap(),
+    ]);
+    let mut tunnel =
+        socks5_connect_auth(proxy.addr(), "alice", "secret", echo.addr).expect("alice");
+    assert_echo(&mut tunnel, b"warm-up");
+    let paddr = proxy.addr();
+    let login = thread::spawn(move || socks5_login(paddr, "carol", "slow-pw").1);
+    // Let the proxy receive carol's credentials and start verifying them.
+    thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    assert_echo(&mut tunnel, b"are you still there?");
+    let rtt = t.elapsed();
+    assert_eq!(
+        login.join().unwrap(),
+        0,
+        "carol's bcrypt password must verify"
+    );
+    assert!(
+        rtt < verify_time / 3,
+        "a tunnel on the same worker stalled for {rtt:?} while a bcrypt hash (verify takes {verify_time:?}) was \
+         checked: password hashing blocks the event loop"
+    );
+}
