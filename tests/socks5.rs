@@ -1071,3 +1071,109 @@ fn slow_password_hash_does_not_stall_other_tunnels() {
          checked: password hashing blocks the event loop"
     );
 }
+
+#[test]
+fn proxy_closes_after_failure_even_if_the_client_does_not() {
+    // RFC 1928 §6: after a failure reply the server must close within 10 s of detecting the condition. The
+    // clients here read the reply and then neither read nor close; the proxy's descriptors must still go.
+    let proxy = Proxy::start(&[]);
+    let baseline = proxy.fd_count();
+    let target = SocketAddr::from(([127, 0, 0, 1], closed_port()));
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        let mut s = noauth_request(proxy.addr(), &socks5_request(1, target));
+        assert_eq!(read_socks5_reply(&mut s).0, 0x05);
+        held.push(s);
+    }
+    let start = Instant::now();
+    let mut now = 0;
+    let released = wait_until(Duration::from_secs(10), &mut || {
+        now = proxy.fd_count();
+        now <= baseline
+    });
+    assert!(
+        released,
+        "proxy still holds {now} descriptors (baseline {baseline}) 10 s after failure replies"
+    );
+    assert!(start.elapsed() < Duration::from_secs(10));
+    drop(held);
+}
+
+#[test]
+fn clients_abandoning_a_pending_connect_leak_nothing() {
+    // Clients send a CONNECT that cannot complete (accept queue full, see reply_connect_timeout_is_06) and go
+    // away at once; once the connect timeout has passed, everything must be released.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    sock.listen(0).unwrap();
+    let listener: TcpListener = sock.into();
+    let target = listener.local_addr().unwrap();
+    let _filler = TcpStream::connect_timeout(&target, IO_TIMEOUT).unwrap();
+    if TcpStream::connect_timeout(&target, Duration::from_millis(300)).is_ok() {
+        eprintln!("skipped: cannot make a connect hang on this kernel");
+        return;
+    }
+    let proxy = Proxy::start(&["--connect-timeout", "1s"]);
+    let baseline = proxy.fd_count();
+    for _ in 0..10 {
+        let mut s = connect(proxy.addr());
+        let mut all = vec![5, 1, 0];
+        all.extend_from_slice(&socks5_request(1, target));
+        s.write_all(&all).unwrap();
+        assert_eq!(read_n(&mut s, 2), vec![5, 0]);
+        drop(s);
+    }
+    let mut now = 0;
+    let released = wait_until(Duration::from_secs(15), &mut || {
+        now = proxy.fd_count();
+        now <= baseline
+    });
+    assert!(
+        released,
+        "descriptors leaked by abandoned connects: baseline {baseline}, now {now}"
+    );
+}
+
+#[test]
+fn resets_propagate_both_ways() {
+    // The target resets the connection: the client sees the tunnel end.
+    let target = TestServer::start(|mut s| {
+        let mut b = [0u8; 5];
+        let _ = s.read_exact(&mut b);
+        let sock = socket2::Socket::from(s);
+        sock.set_linger(Some(Duration::ZERO)).unwrap();
+        drop(sock);
+    });
+    let proxy = Proxy::start(&[]);
+    let baseline = proxy.fd_count();
+    let mut s = socks5_connect(proxy.addr(), target.addr).expect("connect");
+    s.write_all(b"hello").unwrap();
+    let (_, closed) = read_until_closed(&mut s);
+    assert!(closed, "target reset not propagated to the client");
+    // The client resets: the target sees the end of its connection.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let target2 = TestServer::start(move |mut s| {
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let _ = tx.lock().unwrap().send(got.len());
+    });
+    let mut s = socks5_connect(proxy.addr(), target2.addr).expect("connect");
+    s.write_all(b"bye").unwrap();
+    let sock = socket2::Socket::from(s);
+    sock.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(sock);
+    let n = rx
+        .recv_timeout(IO_TIMEOUT)
+        .expect("target saw the end of the connection");
+    assert!(n <= 3);
+    let mut now = 0;
+    assert!(
+        wait_until(Duration::from_secs(10), &mut || {
+            now = proxy.fd_count();
+            now <= baseline
+        }),
+        "descriptors leaked after resets: baseline {baseline}, now {now}"
+    );
+}
