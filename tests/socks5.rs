@@ -1177,3 +1177,24 @@ fn resets_propagate_both_ways() {
         "descriptors leaked after resets: baseline {baseline}, now {now}"
     );
 }
+
+#[test]
+fn proxy_listening_on_ipv4_and_ipv6_at_once() {
+    if !have_ipv6() {
+        eprintln!("skipped: [::1] is not available");
+        return;
+    }
+    let echo = TestServer::echo();
+    let proxy = Proxy::spawn(&["-l", "127.0.0.1:0", "-l", "[::1]:0"]);
+    assert_eq!(proxy.addrs.len(), 2, "one listening line per -l");
+    assert!(
+        proxy.addrs[0].is_ipv4() && proxy.addrs[1].is_ipv6(),
+        "{:?}",
+        proxy.addrs
+    );
+    for addr in &proxy.addrs {
+        let mut s =
+            socks5_connect(*addr, echo.addr).unwrap_or_else(|rep| panic!("via {addr}: REP {rep}"));
+        assert_echo(&mut s, addr.to_string().as_bytes());
+    }
+}
