@@ -30,7 +30,16 @@ fn sigterm_drains_until_the_client_closes() {
     let mut proxy = Proxy::start(&["--threads", "2"]);
     let mut tunnel = socks5_connect(proxy.addr(), echo.addr).expect("tunnel");
     assert_echo(&mut tunnel, b"before SIGTERM");
+    // A client still in its handshake (greeting answered, no request yet) is not an established session.
+    let mut pending = connect(proxy.addr());
+    pending.write_all(&[5, 1, 0]).unwrap();
+    assert_eq!(read_n(&mut pending, 2), vec![5, 0]);
     proxy.signal("TERM");
+    let (got, closed) = read_until_closed(&mut pending);
+    assert!(
+        closed && got.is_empty(),
+        "a client in its handshake must be closed by the drain ({got:?})"
+    );
     // New connections are refused once every worker has closed its listener.
     let refused = wait_until(Duration::from_secs(15), &mut || {
         TcpStream::connect_timeout(&proxy.addr(), Duration::from_secs(2)).is_err()
