@@ -66,7 +66,18 @@ fn sigterm_drains_until_the_client_closes() {
 #[test]
 fn sigterm_with_drain_timeout_closes_open_tunnels() {
     let echo = TestServer::echo();
-    let mut proxy = Proxy::start(&["--threads", "2", "--drain-timeout", "1s"]);
+    // Long handshake/connect timeouts: their (stale) timer entries must not wake the worker inside the window
+    // below and hide a drain deadline that nothing enforces.
+    let mut proxy = Proxy::start(&[
+        "--threads",
+        "2",
+        "--drain-timeout",
+        "1s",
+        "--handshake-timeout",
+        "60s",
+        "--connect-timeout",
+        "60s",
+    ]);
     let mut tunnel = socks5_connect(proxy.addr(), echo.addr).expect("tunnel");
     assert_echo(&mut tunnel, b"open and then left idle");
     tunnel
@@ -75,7 +86,7 @@ fn sigterm_with_drain_timeout_closes_open_tunnels() {
     let start = Instant::now();
     proxy.signal("TERM");
     // The tunnel is idle: nothing but the drain deadline can end it.
-    let code = proxy.wait_exit(Duration::from_secs(10));
+    let code = proxy.wait_exit(Duration::from_secs(6));
     let took = start.elapsed();
     assert_eq!(
         code,
