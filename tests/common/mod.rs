@@ -443,3 +443,139 @@ pub fn curl(args: &[&str]) -> (i32, Vec<u8>, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+// ============================================================================================================
+// Helpers added by the tests-socks branch (SOCKS5/SOCKS4, real clients, lifecycle). Append-only block.
+// ============================================================================================================
+
+/// True when an IPv6 loopback socket can be bound here (tests needing `[::1]` skip otherwise).
+pub fn have_ipv6() -> bool {
+    TcpListener::bind("[::1]:0").is_ok()
+}
+
+/// A 127.0.0.1 port with nothing listening on it (bound, then released).
+pub fn closed_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    port
+}
+
+/// Reads until the peer closes (EOF or reset) or the socket's read timeout passes. Returns the bytes received and
+/// whether the connection was closed (false: the timeout passed with the connection still open).
+pub fn read_until_closed(s: &mut TcpStream) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (out, true),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return (out, false)
+            }
+            Err(_) => return (out, true),
+        }
+    }
+}
+
+/// Writes `data` and reads back exactly as many bytes, asserting they are identical (an echo round trip).
+pub fn assert_echo(s: &mut TcpStream, data: &[u8]) {
+    s.write_all(data).expect("write through tunnel");
+    let back = read_n(s, data.len());
+    assert!(
+        back == data,
+        "echo mismatch: sent {} bytes, got different bytes back",
+        data.len()
+    );
+}
+
+/// SOCKS5 greeting offering only username/password, then the RFC 1929 sub-negotiation. Returns the stream and
+/// the status byte of the RFC 1929 reply (0 = success). Asserts the server chose method 02 and answered VER 1.
+pub fn socks5_login(proxy: SocketAddr, user: &str, pass: &str) -> (TcpStream, u8) {
+    let mut s = connect(proxy);
+    s.write_all(&[5, 1, 2]).unwrap();
+    assert_eq!(read_n(&mut s, 2), vec![5, 2], "method selection");
+    s.write_all(&socks5_user_pass(user.as_bytes(), pass.as_bytes()))
+        .unwrap();
+    let st = read_n(&mut s, 2);
+    assert_eq!(st[0], 1, "RFC 1929 reply VER must be 1");
+    (s, st[1])
+}
+
+/// An RFC 1929 request `01 ULEN UNAME PLEN PASSWD`.
+pub fn socks5_user_pass(user: &[u8], pass: &[u8]) -> Vec<u8> {
+    let mut v = vec![1, user.len() as u8];
+    v.extend_from_slice(user);
+    v.push(pass.len() as u8);
+    v.extend_from_slice(pass);
+    v
+}
+
+/// SOCKS5 user/password login then CONNECT to `target`: the stream after success, or the REP code (or 0xFF00 +
+/// auth status when authentication failed).
+pub fn socks5_connect_auth(
+    proxy: SocketAddr,
+    user: &str,
+    pass: &str,
+    target: SocketAddr,
+) -> Result<TcpStream, u16> {
+    let (mut s, st) = socks5_login(proxy, user, pass);
+    if st != 0 {
+        return Err(0xFF00 | st as u16);
+    }
+    s.write_all(&socks5_request(1, target)).unwrap();
+    let (rep, _) = read_socks5_reply(&mut s);
+    if rep == 0 {
+        Ok(s)
+    } else {
+        Err(rep as u16)
+    }
+}
+
+/// A SOCKS4 (or, with `domain`, SOCKS4a: DSTIP 0.0.0.1) request `04 CD DSTPORT DSTIP USERID 00 [DOMAIN 00]`.
+pub fn socks4_request(
+    cmd: u8,
+    port: u16,
+    ip: [u8; 4],
+    userid: &[u8],
+    domain: Option<&str>,
+) -> Vec<u8> {
+    let mut v = vec![4, cmd];
+    v.extend_from_slice(&port.to_be_bytes());
+    match domain {
+        Some(_) => v.extend_from_slice(&[0, 0, 0, 1]),
+        None => v.extend_from_slice(&ip),
+    }
+    v.extend_from_slice(userid);
+    v.push(0);
+    if let Some(d) = domain {
+        v.extend_from_slice(d.as_bytes());
+        v.push(0);
+    }
+    v
+}
+
+/// An echo server that also reports the peer address of every connection it accepts (the proxy's outbound
+/// socket), so a test can compare it with BND.ADDR/BND.PORT.
+pub fn recording_echo(bind: &str) -> (TestServer, std::sync::mpsc::Receiver<SocketAddr>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let server = TestServer::start_on(bind, move |s| {
+        if let Ok(peer) = s.peer_addr() {
+            let _ = tx.lock().unwrap().send(peer);
+        }
+        echo_handler(s)
+    });
+    (server, rx)
+}
+
+/// A fresh path in this test process's temp directory (the file is not created).
+pub fn temp_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("socksgate-test-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    dir.join(format!("{}-{name}", unique()))
+}
