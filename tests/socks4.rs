@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::*;
 
-/// CD answered today to SOCKS4 BIND (CD 2): `src/worker/bind.rs` is a stub that refuses. Update when implemented.
-const CD_FOR_BIND_TODAY: u8 = 91;
+/// CD answered to SOCKS4 BIND (CD 2): the first reply grants it (tests/udp_bind.rs covers the whole exchange).
+const CD_FOR_BIND_TODAY: u8 = 90;
 
 fn port_ip(a: SocketAddr) -> (u16, [u8; 4]) {
     match a {
@@ -192,7 +192,7 @@ fn socks4_failures_are_91_then_close() {
     // An empty 4a DOMAIN.
     let (mut s, r) = request(proxy.addr(), &socks4_request(1, 80, [0; 4], b"", Some("")));
     expect_rejected_then_close(&mut s, r, "empty 4a domain");
-    // BIND, today.
+    // BIND: granted (first reply).
     let (mut s, r) = request(
         proxy.addr(),
         &socks4_request(2, 80, [127, 0, 0, 1], b"", None),

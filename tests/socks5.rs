@@ -13,11 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// What the server answers today to BIND (CMD 2) and UDP ASSOCIATE (CMD 3): both are stubs in `src/worker/bind.rs`
-/// and `src/worker/udp.rs` that reply "command not supported". Update these when the commands are implemented.
-const REP_FOR_BIND_TODAY: u8 = 0x07;
-const REP_FOR_UDP_TODAY: u8 = 0x07;
-
 /// A failure reply (RFC 1928 §6) must be `05 REP 00 01 0.0.0.0:0` (we never send a domain BND.ADDR), followed by
 /// the server closing the connection. Returns REP.
 fn expect_failure_then_close(s: &mut TcpStream) -> u8 {
@@ -361,22 +356,25 @@ fn reply_bad_address_type_is_08() {
 }
 
 #[test]
-fn bind_and_udp_associate_current_behaviour() {
+fn bind_and_udp_associate_are_served_and_can_be_switched_off() {
     let echo = TestServer::echo();
     let proxy = Proxy::start(&[]);
+    // Served: the first reply succeeds with a concrete address (tests/udp_bind.rs covers the exchanges).
     let mut s = noauth_request(proxy.addr(), &socks5_request(2, echo.addr));
+    let (rep, bnd) = read_socks5_reply(&mut s);
     assert_eq!(
-        expect_failure_then_close(&mut s),
-        REP_FOR_BIND_TODAY,
+        (rep, bnd.ip().is_loopback(), bnd.port() != 0),
+        (0, true, true),
         "BIND"
     );
     let mut s = noauth_request(
         proxy.addr(),
         &socks5_request(3, "0.0.0.0:0".parse().unwrap()),
     );
+    let (rep, bnd) = read_socks5_reply(&mut s);
     assert_eq!(
-        expect_failure_then_close(&mut s),
-        REP_FOR_UDP_TODAY,
+        (rep, bnd.ip().is_loopback(), bnd.port() != 0),
+        (0, true, true),
         "UDP ASSOCIATE"
     );
     drop(proxy);
