@@ -121,6 +121,8 @@ impl Recorded {
 struct Shared {
     requests: Mutex<Vec<Recorded>>,
     next_conn: AtomicU64,
+    /// Connections whose handler has finished (the peer closed, or the origin did).
+    ended: Mutex<Vec<u64>>,
 }
 
 /// A recording HTTP/1.1 origin server on a loopback port; stops accepting on drop.
@@ -133,6 +135,10 @@ struct Shared {
 ///   `/interim` (a 103 before the 200), `/big-header` (a 40 KB response head).
 /// - `/close`: HTTP/1.0 response, [`close_body`] ended by closing the connection.
 /// - `/slow-headers`: the response head written a few bytes at a time.
+/// - `/hang`: no response; the connection is held until the proxy closes it.
+/// - `/server-close`: a complete response with `Connection: close`, then close.
+/// - `/bad-response`: an unparsable status line. `/hangup`: close without a response.
+/// - `/truncated`: Content-Length 1000 but only 9 body bytes, then close.
 /// - anything else: 200 with body `path=TARGET\n`.
 ///
 /// Every response carries `X-Origin-Port`. A request with `Expect: 100-continue` and a body gets an interim
@@ -154,6 +160,7 @@ impl Origin {
         let shared = Arc::new(Shared {
             requests: Mutex::new(Vec::new()),
             next_conn: AtomicU64::new(0),
+            ended: Mutex::new(Vec::new()),
         });
         let s2 = Arc::clone(&shared);
         let server = TestServer::start_on(bind, move |s| serve(s, &s2));
@@ -205,6 +212,23 @@ impl Origin {
     /// TCP connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.shared.next_conn.load(Ordering::SeqCst)
+    }
+
+    /// Waits (up to `limit`) until a request to `target` has been received; returns it.
+    pub fn wait_request(&self, target: &str, limit: Duration) -> Option<Recorded> {
+        let mut found = None;
+        super::wait_until(limit, &mut || {
+            found = self.requests_to(target).pop();
+            found.is_some()
+        });
+        found
+    }
+
+    /// Waits (up to `limit`) until connection `conn` has ended (the proxy closed it, or the origin did).
+    pub fn wait_ended(&self, conn: u64, limit: Duration) -> bool {
+        super::wait_until(limit, &mut || {
+            self.shared.ended.lock().unwrap().contains(&conn)
+        })
     }
 }
 
@@ -381,6 +405,11 @@ fn has_token(headers: &[(String, String)], name: &str, token: &str) -> bool {
 /// Serves one connection until the client closes or a response ends it.
 fn serve(s: TcpStream, shared: &Shared) {
     let conn = shared.next_conn.fetch_add(1, Ordering::SeqCst);
+    serve_conn(s, shared, conn);
+    shared.ended.lock().unwrap().push(conn);
+}
+
+fn serve_conn(s: TcpStream, shared: &Shared, conn: u64) {
     let _ = s.set_nodelay(true);
     let port = s.local_addr().map(|a| a.port()).unwrap_or(0);
     let mut w = Wire::new(s);
@@ -520,6 +549,36 @@ fn respond(
                 out.extend_from_slice(&close_body());
             }
             s.write_all(&out)?;
+            return Ok(false);
+        }
+        "/hang" => {
+            // Never answer; hold the connection until the proxy closes it.
+            let mut sink = [0u8; 4096];
+            while let Ok(n) = s.read(&mut sink) {
+                if n == 0 {
+                    break;
+                }
+            }
+            return Ok(false);
+        }
+        "/server-close" => {
+            // Closes after the response although the client asked to keep the connection.
+            let out = format!(
+                "HTTP/1.1 200 OK\r\nX-Origin-Port: {port}\r\nConnection: close\r\nContent-Length: 13\r\n\r\nserver-close\n"
+            );
+            s.write_all(out.as_bytes())?;
+            return Ok(false);
+        }
+        "/bad-response" => {
+            s.write_all(b"HTTP/1.1 2OO OK\r\nContent-Length: 2\r\n\r\nok")?;
+            return Ok(false);
+        }
+        "/hangup" => return Ok(false),
+        "/truncated" => {
+            let out = format!(
+                "HTTP/1.1 200 OK\r\nX-Origin-Port: {port}\r\nContent-Length: 1000\r\n\r\nonly-this"
+            );
+            s.write_all(out.as_bytes())?;
             return Ok(false);
         }
         "/slow-headers" => {
