@@ -439,6 +439,27 @@ fn scenario_pipelined(proxy: SocketAddr) {
         ["/pipe-1", "/echo?pipe-2", "/big/1000", "/pipe-4", "/pipe-5"]
     );
     assert!(reqs.iter().all(|r| r.conn == reqs[0].conn));
+
+    // More pipelined requests than fit in a relay buffer, written while the responses are being read.
+    let o = Origin::start();
+    let n = 600;
+    let mut batch = Vec::new();
+    for i in 0..n {
+        batch.extend_from_slice(&get(&o, &format!("/many-{i}"), ""));
+    }
+    batch.extend_from_slice(&get(&o, "/many-last", "Connection: close\r\n"));
+    assert!(batch.len() > 32 * 1024);
+    let mut c = HttpConn::connect(proxy);
+    let mut writer = c.w.s.try_clone().unwrap();
+    let t = std::thread::spawn(move || writer.write_all(&batch));
+    for i in 0..n {
+        let r = c.read_response(false);
+        assert_eq!(r.body, format!("path=/many-{i}\n").as_bytes());
+    }
+    assert_eq!(c.read_response(false).body, b"path=/many-last\n");
+    t.join().unwrap().unwrap();
+    assert!(c.is_closed());
+    assert_eq!(o.connections(), 1);
 }
 
 /// HEAD, 204 and 304 (whose Content-Length describes no body) are followed by another response on the same
@@ -658,6 +679,14 @@ fn scenario_http10_close(proxy: SocketAddr) {
     assert!(c.is_closed(), "HTTP/1.0 client connection not closed");
     let rec = o.request_to("/old");
     assert_eq!(rec.header("connection"), Some("close"));
+
+    // No 1xx may be sent to an HTTP/1.0 client (RFC 9110 §15.2): the 103 is dropped, the 200 relayed.
+    let mut c = HttpConn::connect(proxy);
+    c.send(format!("GET {} HTTP/1.0\r\n\r\n", o.url("/interim")).as_bytes());
+    let r = c.read_response(false);
+    assert_eq!(r.status, 200, "{}", r.head_text());
+    assert_eq!(r.body, b"after interim\n");
+    assert!(c.is_closed());
 }
 
 /// CONNECT: curl tunnels through it; raw: exact 200 reply, early bytes relayed, half-close propagates.
@@ -836,6 +865,16 @@ fn scenario_errors(proxy: SocketAddr, max_head: usize) {
         "CONNECT DNS failure",
     );
 
+    if max_head < 40 * 1024 {
+        // The origin's 40 KB response head is over the limit too: 502.
+        expect_error(
+            proxy,
+            &get(&o, "/big-header", ""),
+            502,
+            "response head too large",
+        );
+    }
+
     // An error after successful requests on a kept-alive connection still answers, then closes.
     let mut c = HttpConn::connect(proxy);
     c.send(&get(&o, "/ok-before-error", ""));
@@ -989,6 +1028,90 @@ fn scenario_auth(proxy: SocketAddr) {
     }
 }
 
+/// The origin misbehaves or goes away mid-exchange: 502 while nothing was sent, a truncated body is ended by
+/// closing the client connection, and an origin that closes after a complete response is simply replaced.
+fn scenario_origin_failures(proxy: SocketAddr) {
+    let o = Origin::start();
+    expect_error(
+        proxy,
+        &get(&o, "/bad-response", ""),
+        502,
+        "unparsable response",
+    );
+    expect_error(
+        proxy,
+        &get(&o, "/hangup", ""),
+        502,
+        "origin closed without a response",
+    );
+
+    let mut c = HttpConn::connect(proxy);
+    c.send(&get(&o, "/truncated", ""));
+    let head = c.w.read_head().unwrap().expect("response head");
+    assert!(head.starts_with(b"HTTP/1.1 200 OK\r\n"), "{}", text(&head));
+    let (rest, closed) = c.w.read_until_eof();
+    assert_eq!(rest, b"only-this", "truncated body");
+    assert!(
+        closed,
+        "client connection not closed after a truncated body"
+    );
+
+    let mut c = HttpConn::connect(proxy);
+    c.send(&get(&o, "/server-close", ""));
+    let r = c.read_response(false);
+    assert_eq!(r.body, b"server-close\n");
+    let first = o.request_to("/server-close").conn;
+    c.send(&get(&o, "/after-server-close", "Connection: close\r\n"));
+    let r = c.read_response(false);
+    assert_eq!(r.status, 200, "{}", r.head_text());
+    assert_eq!(r.body, b"path=/after-server-close\n");
+    assert_ne!(o.request_to("/after-server-close").conn, first);
+    assert!(c.is_closed());
+}
+
+/// A CONNECT after forwarded requests on the same client connection becomes a clean tunnel.
+fn scenario_forward_then_connect(proxy: SocketAddr) {
+    let o = Origin::start();
+    let echo = TestServer::echo();
+    let mut c = HttpConn::connect(proxy);
+    c.send(&get(&o, "/before-connect", ""));
+    assert_eq!(c.read_response(false).body, b"path=/before-connect\n");
+    c.send(format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\ntunnel", echo.addr).as_bytes());
+    assert_eq!(
+        text(&c.w.read_exact(CONNECT_OK.len()).unwrap()),
+        text(CONNECT_OK)
+    );
+    assert_eq!(c.w.read_exact(6).unwrap(), b"tunnel");
+    c.w.s.shutdown(std::net::Shutdown::Write).unwrap();
+    let (rest, closed) = c.w.read_until_eof();
+    assert!(rest.is_empty() && closed);
+}
+
+/// TRACE and OPTIONS have their Max-Forwards decremented (RFC 9110 §7.6.2); other methods do not.
+fn scenario_max_forwards(proxy: SocketAddr) {
+    let o = Origin::start();
+    let mut c = HttpConn::connect(proxy);
+    for (method, path, sent, want) in [
+        ("OPTIONS", "/mf-options", "5", "4"),
+        ("TRACE", "/mf-trace", "1", "0"),
+        ("GET", "/mf-get", "5", "5"),
+    ] {
+        c.send(
+            format!(
+                "{method} {} HTTP/1.1\r\nHost: x\r\nMax-Forwards: {sent}\r\n\r\n",
+                o.url(path)
+            )
+            .as_bytes(),
+        );
+        assert_eq!(c.read_response(false).status, 200);
+        assert_eq!(
+            o.request_to(path).header("max-forwards"),
+            Some(want),
+            "{method}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------------------------
@@ -1092,6 +1215,51 @@ fn ipv6_connect_and_forward() {
 }
 
 #[test]
+fn origin_failures_mid_exchange() {
+    let p = Proxy::start(&[]);
+    scenario_origin_failures(p.addr());
+}
+
+#[test]
+fn connect_after_forwarded_requests() {
+    let p = Proxy::start(&[]);
+    scenario_forward_then_connect(p.addr());
+}
+
+#[test]
+fn max_forwards_decremented() {
+    let p = Proxy::start(&[]);
+    scenario_max_forwards(p.addr());
+}
+
+/// A client that resets its connection while the origin has not answered yet: the proxy must notice and close
+/// the origin connection (and both descriptors) instead of holding them until the idle timeout (300 s).
+#[test]
+fn client_reset_while_origin_is_silent_releases_both_sides() {
+    let o = Origin::start();
+    let p = Proxy::start(&[]);
+    let baseline = p.fd_count();
+    let mut c = HttpConn::connect(p.addr());
+    c.send(&get(&o, "/hang", ""));
+    let rec = o
+        .wait_request("/hang", IO_TIMEOUT)
+        .expect("request never reached the origin");
+    // SO_LINGER 0: close with a reset, so the client is unambiguously gone (not a half-close).
+    socket2::SockRef::from(&c.w.s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    assert!(
+        o.wait_ended(rec.conn, Duration::from_secs(5)),
+        "5 s after the client reset, the proxy still holds the origin connection (proxy fds {} vs {baseline})",
+        p.fd_count()
+    );
+    assert!(common::wait_until(Duration::from_secs(5), &mut || p
+        .fd_count()
+        <= baseline));
+}
+
+#[test]
 fn errors_answer_and_close() {
     let p = Proxy::start(&["--max-header-size", "4096"]);
     scenario_errors(p.addr(), 4096);
@@ -1179,6 +1347,9 @@ fn fd_count_back_to_baseline_after_everything() {
     scenario_errors(a, 64 * 1024);
     scenario_denied(a, refused_and_denied.addr);
     scenario_connect_timeout(a);
+    scenario_origin_failures(a);
+    scenario_forward_then_connect(a);
+    scenario_max_forwards(a);
     // Connections left open by the client side, then dropped mid-exchange.
     {
         let o = Origin::start();
