@@ -139,6 +139,8 @@ struct Shared {
 /// - `/server-close`: a complete response with `Connection: close`, then close.
 /// - `/bad-response`: an unparsable status line. `/hangup`: close without a response.
 /// - `/truncated`: Content-Length 1000 but only 9 body bytes, then close.
+/// - `/reject-upload`: a 413 sent right after the head, before the body is read; then close at once (a reset,
+///   since the body is unread), or with `?hold` keep the connection open with the body unread for 5 s.
 /// - anything else: 200 with body `path=TARGET\n`.
 ///
 /// Every response carries `X-Origin-Port`. A request with `Expect: 100-continue` and a body gets an interim
@@ -431,6 +433,31 @@ fn serve_conn(s: TcpStream, shared: &Shared, conn: u64) {
         let expect = field(&head.headers, "expect")
             .map(|v| v.eq_ignore_ascii_case("100-continue"))
             .unwrap_or(false);
+        if target.starts_with("/reject-upload") {
+            // Answer before reading the body. "?hold": leave the body unread and keep the connection open for a
+            // while; otherwise close at once with the body unread (the kernel then resets the connection).
+            let out = format!(
+                "HTTP/1.1 413 Content Too Large\r\nX-Origin-Port: {port}\r\nConnection: close\r\nContent-Length: 9\r\n\r\ntoo large"
+            );
+            let _ = w.s.write_all(out.as_bytes());
+            shared.requests.lock().unwrap().push(Recorded {
+                conn,
+                seq,
+                method,
+                target: target.clone(),
+                version,
+                headers: head.headers.clone(),
+                raw_head,
+                body: Vec::new(),
+                chunked,
+                sent_continue: false,
+            });
+            if target.ends_with("?hold") {
+                // Not synchronization: just keeps the socket open (unread) while the test runs.
+                std::thread::sleep(Duration::from_secs(5));
+            }
+            return;
+        }
         let sent_continue = expect && has_body && version == "HTTP/1.1";
         if sent_continue && w.s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err() {
             return;
