@@ -1112,6 +1112,32 @@ fn scenario_max_forwards(proxy: SocketAddr) {
     }
 }
 
+/// Uploads `size` bytes to `path` with Content-Length (head and body written as one stream, like curl without
+/// Expect) while reading; returns the first response.
+fn upload_and_read(proxy: SocketAddr, o: &Origin, path: &str, size: usize) -> Response {
+    let mut c = HttpConn::connect(proxy);
+    let mut req = format!(
+        "POST {} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n",
+        o.url(path)
+    )
+    .into_bytes();
+    req.resize(req.len() + size, b'u');
+    let mut w = c.w.s.try_clone().unwrap();
+    // The write may fail once the proxy gives up on the body: that is fine, the response is what matters.
+    std::thread::spawn(move || {
+        let _ = w.write_all(&req);
+    });
+    c.read_response(false)
+}
+
+/// The origin answers an upload before reading its body and keeps the connection: the answer reaches the client.
+fn scenario_early_response(proxy: SocketAddr) {
+    let o = Origin::start();
+    let r = upload_and_read(proxy, &o, "/reject-upload?hold", 16 << 20);
+    assert_eq!(r.status, 413, "{}", r.head_text());
+    assert_eq!(r.body, b"too large");
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------------------------
@@ -1260,6 +1286,23 @@ fn client_reset_while_origin_is_silent_releases_both_sides() {
 }
 
 #[test]
+fn early_response_to_an_upload_is_relayed() {
+    let p = Proxy::start(&[]);
+    scenario_early_response(p.addr());
+}
+
+/// The origin answers an upload with 413 and closes at once, leaving the body unread (so its kernel resets the
+/// connection). The 413 was sent before the reset and is readable from the proxy's socket; the client must get it.
+#[test]
+fn early_response_then_origin_reset_still_reaches_client() {
+    let o = Origin::start();
+    let p = Proxy::start(&[]);
+    let r = upload_and_read(p.addr(), &o, "/reject-upload", 16 << 20);
+    assert_eq!(r.status, 413, "{}", r.head_text());
+    assert_eq!(r.body, b"too large");
+}
+
+#[test]
 fn errors_answer_and_close() {
     let p = Proxy::start(&["--max-header-size", "4096"]);
     scenario_errors(p.addr(), 4096);
@@ -1350,6 +1393,7 @@ fn fd_count_back_to_baseline_after_everything() {
     scenario_origin_failures(a);
     scenario_forward_then_connect(a);
     scenario_max_forwards(a);
+    scenario_early_response(a);
     // Connections left open by the client side, then dropped mid-exchange.
     {
         let o = Origin::start();
