@@ -30,12 +30,13 @@ fn curl_via(proxy: SocketAddr, args: &[&str]) -> (i32, Vec<u8>, String) {
     common::curl(&a)
 }
 
-fn skip_without_curl() -> bool {
+/// True when curl is installed; otherwise says that the curl part of a test is skipped.
+fn curl_available() -> bool {
     if have_curl() {
-        return false;
+        return true;
     }
-    eprintln!("skipping: curl is not installed");
-    true
+    eprintln!("skipping the curl part of this test: curl is not installed");
+    false
 }
 
 /// A file with `data` in a per-process temp dir.
@@ -118,7 +119,7 @@ fn ipv6_available() -> bool {
 fn scenario_big_download(proxy: SocketAddr) {
     let o = Origin::start();
     let want = big_body(BIG_DEFAULT);
-    if have_curl() {
+    if curl_available() {
         let (code, out, err) = curl_via(proxy, &["-f", &o.url("/big")]);
         assert_eq!(code, 0, "curl failed: {err}");
         assert_eq!(out.len(), want.len());
@@ -162,7 +163,7 @@ fn scenario_chunked_response(proxy: SocketAddr) {
     let r = c.read_response(false);
     assert_eq!(r.body, b"path=/after-chunked\n", "{}", r.head_text());
     assert!(c.is_closed());
-    if have_curl() {
+    if curl_available() {
         let (code, out, err) = curl_via(proxy, &["-f", &o.url("/chunked")]);
         assert_eq!(code, 0, "curl failed: {err}");
         assert_eq!(digest(&out), digest(&chunked_body()));
@@ -175,7 +176,7 @@ fn scenario_upload_bodies(proxy: SocketAddr) {
     let data = pseudo_random(0x5EED, 2_500_003);
     let file = temp_file(&format!("upload-{}", o.addr.port()), &data);
     let at = format!("@{}", file.display());
-    if have_curl() {
+    if curl_available() {
         // POST with Content-Length.
         let (code, out, err) = curl_via(
             proxy,
@@ -305,7 +306,7 @@ fn scenario_expect_continue(proxy: SocketAddr) {
     assert_eq!(fin.status, 200);
     assert_eq!(fin.body, b"after interim\n");
 
-    if have_curl() {
+    if curl_available() {
         let data = pseudo_random(0xE4, 3 << 20);
         let file = temp_file(&format!("expect-{}", o.addr.port()), &data);
         let at = format!("@{}", file.display());
@@ -335,7 +336,7 @@ fn scenario_expect_continue(proxy: SocketAddr) {
 /// Two URLs on one kept-alive client connection: answered in order, and forwarded on one origin connection.
 fn scenario_keep_alive_reuse(proxy: SocketAddr) {
     let o = Origin::start();
-    if have_curl() {
+    if curl_available() {
         let (code, out, err) = curl_via(
             proxy,
             &[
@@ -723,7 +724,7 @@ fn scenario_connect(proxy: SocketAddr) {
     );
     assert_eq!(digest(&back), digest(&payload));
 
-    if have_curl() {
+    if curl_available() {
         let o = Origin::start();
         let (code, out, err) = curl_via(proxy, &["-f", "-p", &o.url("/through-tunnel")]);
         assert_eq!(code, 0, "curl failed: {err}");
@@ -769,7 +770,7 @@ fn scenario_ipv6(proxy: SocketAddr) {
     assert_eq!(r.body, b"path=/v6\n");
     let host = format!("[::1]:{}", o.addr.port());
     assert_eq!(o.request_to("/v6").header("host"), Some(host.as_str()));
-    if have_curl() {
+    if curl_available() {
         let (code, out, err) = curl_via(proxy, &["-f", "-p", &o.url("/v6-curl-tunnel")]);
         assert_eq!(code, 0, "curl failed: {err}");
         assert_eq!(out, b"path=/v6-curl-tunnel\n");
@@ -989,7 +990,7 @@ fn scenario_auth(proxy: SocketAddr) {
     );
     assert_eq!(c.w.read_exact(4).unwrap(), b"ping");
 
-    if have_curl() {
+    if curl_available() {
         let (code, out, err) = curl_via(proxy, &["-w", "|%{http_code}", &o.url("/curl-no-auth")]);
         assert_eq!(code, 0, "curl failed: {err}");
         assert!(text(&out).ends_with("|407"), "{}", text(&out));
@@ -1339,7 +1340,7 @@ fn no_http_closes_without_response() {
     c.send(format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", o.addr).as_bytes());
     assert!(c.is_closed(), "--no-http: CONNECT connection not closed");
     assert_eq!(o.connections(), 0);
-    if have_curl() {
+    if curl_available() {
         let (code, _, _) = curl_via(p.addr(), &[&o.url("/refused-curl")]);
         assert_ne!(code, 0, "curl got an answer from a --no-http proxy");
     }
@@ -1348,7 +1349,7 @@ fn no_http_closes_without_response() {
 #[test]
 fn curl_is_available_or_skipped() {
     // Makes a missing curl visible in the test output instead of silently weakening the suite.
-    if skip_without_curl() {
+    if !curl_available() {
         return;
     }
     let (code, out, _) = common::curl(&["--version"]);
