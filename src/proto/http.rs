@@ -666,6 +666,14 @@ pub fn parse_request(
             }
             continue;
         }
+        // RFC 9110 §7.6.2: an intermediary MUST decrement Max-Forwards on TRACE and OPTIONS before forwarding.
+        // (A received 0 asks the proxy to answer itself; that needs the event loop and is forwarded unchanged.)
+        if (method == "TRACE" || method == "OPTIONS") && name_is(h, "max-forwards") {
+            if let Some(n) = parse_decimal(trim_ows(h.value)).filter(|&n| n > 0) {
+                let _ = write!(VecWriter(out), "{}: {}\r\n", h.name, n.saturating_sub(1));
+                continue;
+            }
+        }
         put_header(out, h.name.as_bytes(), h.value);
     }
     if !keep_alive {
@@ -1557,6 +1565,36 @@ mod tests {
             text(&out),
             "GET / HTTP/1.0\r\nHost: e.x\r\nConnection: keep-alive\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn max_forwards_is_decremented_on_trace_and_options_only() {
+        let (_, out) = req(
+            b"OPTIONS http://e.x/ HTTP/1.1\r\nMax-Forwards: 3\r\n\r\n",
+            &NO_VIA,
+        );
+        assert_eq!(
+            text(&out),
+            "OPTIONS / HTTP/1.1\r\nHost: e.x\r\nMax-Forwards: 2\r\n\r\n"
+        );
+        let (_, out) = req(
+            b"TRACE http://e.x/t HTTP/1.1\r\nmax-forwards: 1\r\n\r\n",
+            &NO_VIA,
+        );
+        assert_eq!(
+            text(&out),
+            "TRACE /t HTTP/1.1\r\nHost: e.x\r\nmax-forwards: 0\r\n\r\n"
+        );
+        // Other methods, and values that are not a positive number, pass unchanged.
+        for raw in [
+            &b"GET http://e.x/ HTTP/1.1\r\nMax-Forwards: 3\r\n\r\n"[..],
+            b"OPTIONS http://e.x/ HTTP/1.1\r\nMax-Forwards: 0\r\n\r\n",
+            b"OPTIONS http://e.x/ HTTP/1.1\r\nMax-Forwards: x1\r\n\r\n",
+        ] {
+            let (_, out) = req(raw, &NO_VIA);
+            let want = text(raw).split("\r\n").nth(1).unwrap_or("").to_string();
+            assert!(text(&out).contains(&format!("{want}\r\n")), "{}", text(raw));
+        }
     }
 
     #[test]

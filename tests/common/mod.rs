@@ -4,6 +4,8 @@
 //! server's `listening on` line, never by sleeping.
 #![allow(dead_code)]
 
+pub mod origin;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
