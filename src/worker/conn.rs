@@ -150,6 +150,8 @@ pub enum Phase {
         next: usize,
         /// The failure of the last attempt.
         last: Failure,
+        /// When the current attempt gives way to the next address.
+        attempt_deadline: Instant,
     },
     /// Talking to an upstream proxy on the outbound socket.
     Upstream(Box<UpstreamHandshake>),

@@ -5,6 +5,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::Duration;
 
 use log::debug;
 use mio::Interest;
@@ -121,18 +122,28 @@ pub fn begin(
         addrs: allowed,
         next: 0,
         last: Failure::General,
+        attempt_deadline: ctx.now,
     };
     try_next(key, conn, ctx)
 }
 
+/// Least time an attempt gets before the next address is tried.
+const MIN_ATTEMPT: Duration = Duration::from_secs(1);
+
 /// Starts a connect to the next address; replies with the last failure when none are left.
+///
+/// Addresses are tried one after another, but an attempt that neither succeeds nor fails (a blackholed address)
+/// gets only its share of the remaining connect time, so one dead address (typically IPv6) cannot eat the whole
+/// `--connect-timeout` while a working one waits behind it.
 fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    let overall = conn.deadline.unwrap_or(ctx.now + ctx.cfg.connect_timeout);
     loop {
         let Phase::Connecting {
             reply,
             addrs,
             next,
             last,
+            attempt_deadline,
         } = &mut conn.phase
         else {
             return Next::Wait;
@@ -142,9 +153,18 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             return fail(conn, ctx, reply, last);
         };
         *next += 1;
+        let left = (addrs.len() - *next) as u32;
         match open(key, ctx, addr) {
             Ok(sock) => {
                 conn.upstream = Some(sock);
+                if left > 0 {
+                    let remaining = overall.saturating_duration_since(ctx.now);
+                    let share = (remaining / (left + 1)).max(MIN_ATTEMPT).min(remaining);
+                    *attempt_deadline = ctx.now + share;
+                    ctx.timers.push(*attempt_deadline, key, conn.gen, TimerKind::Connect);
+                } else {
+                    *attempt_deadline = overall;
+                }
                 return Next::Wait;
             }
             Err(e) => {
@@ -262,6 +282,32 @@ pub fn fail(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, failure: Failure) 
         return http::on_origin_failed(conn, ctx, failure);
     }
     reply_failure(conn, ctx, reply, failure)
+}
+
+/// A connect timer popped: move on to the next address when this attempt's share is used up, or fail when the
+/// whole connect deadline has passed.
+pub fn on_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    let overall_due = conn.deadline.is_some_and(|d| d <= ctx.now);
+    if let Phase::Connecting {
+        addrs,
+        next,
+        last,
+        attempt_deadline,
+        ..
+    } = &mut conn.phase
+    {
+        if !overall_due && *attempt_deadline <= ctx.now && *next < addrs.len() {
+            *last = Failure::TimedOut;
+            debug!("{}: connect attempt timed out; trying the next address", conn.peer);
+            drop_upstream(conn, ctx);
+            return try_next(key, conn, ctx);
+        }
+    }
+    if overall_due {
+        on_timeout(conn, ctx)
+    } else {
+        Next::Wait
+    }
 }
 
 /// The connect deadline passed while resolving or connecting.

@@ -421,10 +421,7 @@ impl Worker {
                     }
                     _ => Next::Wait,
                 },
-                TimerKind::Connect => match conn.deadline {
-                    Some(d) if d <= now => connect::on_timeout(conn, &mut self.ctx),
-                    _ => Next::Wait,
-                },
+                TimerKind::Connect => connect::on_timer(key, conn, &mut self.ctx),
                 TimerKind::Idle => relay::on_idle_timer(key, conn, &mut self.ctx),
                 TimerKind::Linger => {
                     if matches!(conn.phase, Phase::Linger { .. }) {
