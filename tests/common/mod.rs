@@ -443,3 +443,28 @@ pub fn curl(args: &[&str]) -> (i32, Vec<u8>, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// tests-ops helpers (udp_bind.rs, operations.rs)
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Reads until the peer closes (EOF or reset) and returns what arrived. Unlike [`read_to_end`], a connection that
+/// stays open is a failure: panics if nothing closes it within 10 s.
+pub fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                panic!("connection still open after 10 s (received {out:?})")
+            }
+            Err(_) => return out,
+        }
+    }
+}
