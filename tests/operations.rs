@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,23 +29,6 @@ fn with_metrics(extra: &[&str]) -> Proxy {
     let mut args = vec!["--metrics", "127.0.0.1:0"];
     args.extend_from_slice(extra);
     Proxy::start(&args)
-}
-
-/// Reads until the peer closes (EOF or reset) and returns what arrived; panics if it stays open for 10 s.
-fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return out,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                panic!("connection still open after 10 s (received {out:?})")
-            }
-            Err(_) => return out,
-        }
-    }
 }
 
 /// Sends `n` pseudo-random bytes through a tunnel to an echo server and checks they come back intact.

@@ -289,6 +289,61 @@ fn udp_domain_target_localhost() {
     assert_eq!(proxy.metric("socksgate_dns_failures_total"), 0);
 }
 
+/// Several names in flight at once on one association: each datagram must go to the address of *its own* name.
+/// "localhost" goes through getaddrinfo (slower) and is sent first; three `--resolve` names (instant, ::1) follow,
+/// so with several resolver threads their answers usually return before the first one. Every reply must come from
+/// the address its name resolves to: "A" from 127.0.0.1, "B" from ::1. Repeated over many associations, because
+/// answer order depends on thread scheduling; a correct relay passes every round.
+#[test]
+fn udp_domain_answers_matched_to_their_names() {
+    let echo = DualEcho::start();
+    let proxy = with_metrics(&[
+        "--resolver-threads",
+        "4",
+        "--resolve",
+        "s1.test=::1",
+        "--resolve",
+        "s2.test=::1",
+        "--resolve",
+        "s3.test=::1",
+    ]);
+    let localhost_is_v4_only = std::net::ToSocketAddrs::to_socket_addrs(&("localhost", 0))
+        .map(|it| it.collect::<Vec<_>>())
+        .unwrap_or_default()
+        .iter()
+        .all(|a| a.ip() == IpAddr::V4(Ipv4Addr::LOCALHOST));
+    for round in 0..300 {
+        let (_ctl, relay) = associate(proxy.addr(), "0.0.0.0:0".parse().unwrap());
+        let client = udp_client();
+        client
+            .send_to(&dgram_domain("localhost", echo.port, b"A"), relay)
+            .unwrap();
+        for name in ["s1.test", "s2.test", "s3.test"] {
+            client
+                .send_to(&dgram_domain(name, echo.port, b"B"), relay)
+                .unwrap();
+        }
+        for _ in 0..4 {
+            let d = recv_relayed(&client, relay);
+            let (src, data) = parse_dgram(&d);
+            match data {
+                b"B" => assert_eq!(
+                    src.ip(),
+                    "::1".parse::<IpAddr>().unwrap(),
+                    "round {round}: a datagram for s*.test (::1) was sent to {src}: another name's answer was applied"
+                ),
+                b"A" if localhost_is_v4_only => assert_eq!(
+                    src.ip(),
+                    IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    "round {round}: the datagram for localhost was sent to {src}"
+                ),
+                b"A" => assert!(src.ip().is_loopback()),
+                other => panic!("unexpected payload {other:?}"),
+            }
+        }
+    }
+}
+
 /// DST 0.0.0.0:<real port> (what PySocks sends): the association is pinned to that port; a datagram from another
 /// port of the same host is dropped and counted.
 #[test]
@@ -340,6 +395,55 @@ fn udp_learned_port_rejects_other_ports() {
     assert!(quiet(&intruder, QUIET));
     assert!(quiet(&client, QUIET));
     round_trip(&client, relay, echo.addr, b"owner unaffected");
+}
+
+/// With DST 0.0.0.0:0 the port is learned, but only from the control connection's IP: a first datagram from
+/// another host (127.0.0.2) is dropped and does not claim the association.
+#[test]
+fn udp_other_ip_cannot_claim_unlearned_association() {
+    let echo = UdpEcho::start();
+    let proxy = with_metrics(&[]);
+    let (_ctl, relay) = associate(proxy.addr(), "0.0.0.0:0".parse().unwrap());
+    let intruder = UdpSocket::bind("127.0.0.2:0").unwrap();
+    intruder
+        .send_to(&dgram(echo.addr, b"hijack"), relay)
+        .unwrap();
+    assert!(wait_until(POLL_LIMIT, &mut || proxy.metric(DROP_FOREIGN) == 1));
+    assert!(
+        quiet(&intruder, QUIET),
+        "a datagram from another IP was relayed"
+    );
+    let client = udp_client();
+    round_trip(&client, relay, echo.addr, b"the real client");
+    assert_eq!(proxy.metric(UDP_UP), 1);
+}
+
+/// An association over IPv6: BND is ::1 (the control connection's local address), an IPv4 target answers with an
+/// ATYP 1 header (not a mapped IPv6 address) and an IPv6 target with ATYP 4.
+#[test]
+fn udp_associate_over_ipv6() {
+    let echo4 = UdpEcho::start();
+    let echo6 = DualEcho::start();
+    let proxy = Proxy::spawn(&["-l", "[::1]:0"]);
+    let mut ctl = connect(proxy.addr());
+    greet(&mut ctl);
+    ctl.write_all(&socks5_request(3, "[::]:0".parse().unwrap()))
+        .unwrap();
+    let (rep, relay) = read_socks5_reply(&mut ctl);
+    assert_eq!(rep, 0);
+    assert_eq!(relay.ip(), "::1".parse::<IpAddr>().unwrap(), "BND.ADDR");
+    assert_ne!(relay.port(), 0);
+    let client = UdpSocket::bind("[::1]:0").unwrap();
+    client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let d = pseudo_random(61, 4000);
+    client.send_to(&dgram(echo4.addr, &d), relay).unwrap();
+    let back = recv_relayed(&client, relay);
+    assert_eq!(back[3], 1, "an IPv4 source is written as ATYP 1");
+    let (src, data) = parse_dgram(&back);
+    assert_eq!(src, echo4.addr);
+    assert_eq!(data, &d[..]);
+    let six = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, echo6.port));
+    round_trip(&client, relay, six, b"over v6");
 }
 
 /// FRAG != 0 is dropped (RFC 1928 §7) and counted; FRAG 0 right after still works.
@@ -465,7 +569,7 @@ fn udp_disabled_replies_command_not_supported() {
     let (mut s, rep, _) = associate_raw(proxy.addr(), "0.0.0.0:0".parse().unwrap());
     assert_eq!(rep, 0x07);
     assert!(
-        read_to_end(&mut s).is_empty(),
+        read_until_closed(&mut s).is_empty(),
         "bytes after a failure reply"
     );
 }
@@ -615,6 +719,42 @@ fn bind_rejects_unexpected_peer() {
     );
 }
 
+/// BIND sessions give their descriptors back: after a completed session and after an abandoned BIND (client
+/// closes before any peer connects) the fd count returns to the baseline.
+#[test]
+fn bind_releases_descriptors() {
+    let proxy = Proxy::start(&[]);
+    let baseline = proxy.fd_count();
+    assert!(baseline > 0, "cannot read /proc/PID/fd");
+    let (mut ctl, rep, listen) = bind5(proxy.addr(), "127.0.0.1:0".parse().unwrap());
+    assert_eq!(rep, 0);
+    let mut peer = connect(listen);
+    let (rep2, _) = read_socks5_reply(&mut ctl);
+    assert_eq!(rep2, 0);
+    peer.write_all(b"x").unwrap();
+    assert_eq!(read_n(&mut ctl, 1), b"x".to_vec());
+    drop(ctl);
+    drop(peer);
+    assert!(
+        wait_until(POLL_LIMIT, &mut || proxy.fd_count() == baseline),
+        "after a BIND session: {} fds, baseline {baseline}",
+        proxy.fd_count()
+    );
+    let (ctl, rep, listen) = bind5(proxy.addr(), "127.0.0.1:0".parse().unwrap());
+    assert_eq!(rep, 0);
+    drop(ctl);
+    assert!(
+        wait_until(POLL_LIMIT, &mut || proxy.fd_count() == baseline),
+        "after an abandoned BIND: {} fds, baseline {baseline}",
+        proxy.fd_count()
+    );
+    // The abandoned listener is gone: its port refuses connections.
+    assert!(
+        TcpStream::connect_timeout(&listen, IO_TIMEOUT).is_err(),
+        "BIND listener still open"
+    );
+}
+
 /// --bind-timeout 1s: nobody connects, so the second reply is REP 0x06 and the connection closes.
 #[test]
 fn bind_timeout_second_reply_ttl_expired() {
@@ -634,7 +774,7 @@ fn bind_timeout_second_reply_ttl_expired() {
         "timed out only after {waited:?}"
     );
     assert!(
-        read_to_end(&mut ctl).is_empty(),
+        read_until_closed(&mut ctl).is_empty(),
         "connection must close after the failure reply"
     );
 }
@@ -683,7 +823,7 @@ fn bind_disabled() {
     let proxy = Proxy::start(&["--no-bind"]);
     let (mut s, rep, _) = bind5(proxy.addr(), "127.0.0.1:0".parse().unwrap());
     assert_eq!(rep, 0x07);
-    assert!(read_to_end(&mut s).is_empty());
+    assert!(read_until_closed(&mut s).is_empty());
     let mut s4 = connect(proxy.addr());
     s4.write_all(&[4, 2, 0, 0, 127, 0, 0, 1, 0]).unwrap();
     let r = read_n(&mut s4, 8);
