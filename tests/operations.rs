@@ -484,6 +484,33 @@ fn sighup_with_bad_users_file_keeps_old_table() {
         socks5_auth_connect(proxy.addr(), "bob", "BobSecret-3", echo.addr).err(),
         Some(Socks5Err::AuthStatus(1))
     );
+    // A missing file is an error too: still the old table.
+    std::fs::remove_file(&users).unwrap();
+    proxy.signal("HUP");
+    assert!(
+        wait_until(POLL_LIMIT, &mut || proxy
+            .log()
+            .matches("keeping the old users table")
+            .count()
+            == 2),
+        "no error for a missing file:\n{}",
+        proxy.log()
+    );
+    assert!(socks5_auth_connect(proxy.addr(), "alice", "OldSecret-1", echo.addr).is_ok());
+    // Once the file is fixed, the next SIGHUP applies it.
+    write_atomic(&users, "alice:NewSecret-2\nbob:BobSecret-3\n");
+    proxy.signal("HUP");
+    assert!(wait_until(POLL_LIMIT, &mut || proxy
+        .log()
+        .contains("SIGHUP: reloaded 2 users")));
+    assert!(wait_until(POLL_LIMIT, &mut || {
+        socks5_auth_connect(proxy.addr(), "bob", "BobSecret-3", echo.addr).is_ok()
+    }));
+    assert!(socks5_auth_connect(proxy.addr(), "alice", "NewSecret-2", echo.addr).is_ok());
+    assert_eq!(
+        socks5_auth_connect(proxy.addr(), "alice", "OldSecret-1", echo.addr).err(),
+        Some(Socks5Err::AuthStatus(1))
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -598,6 +625,13 @@ fn chain_through_http_upstream() {
     let a2 = Proxy::start(&["--upstream", &up2]);
     let mut s = socks5_connect(a2.addr(), echo.addr).expect("through the authenticated HTTP chain");
     echo_check(&mut s, 2, 10_000);
+    // A name is passed to the HTTP upstream as is and resolved there.
+    let b3 = with_metrics(&["--resolve", "echo.test=127.0.0.1"]);
+    let a4 = Proxy::start(&["--upstream", &format!("http://{}", b3.addr())]);
+    let mut s =
+        socks5_connect_domain(a4.addr(), "echo.test", echo.addr.port()).expect("name via HTTP");
+    echo_check(&mut s, 3, 10_000);
+    assert_eq!(b3.metric("socksgate_dns_lookups_total"), 1);
     let bad = format!("http://up:wrong@{}", b2.addr());
     let a3 = Proxy::start(&["--upstream", &bad]);
     assert_eq!(
@@ -632,6 +666,95 @@ fn chain_failures_map_to_client_reply_codes() {
     assert_eq!(a2.metric(&connect_errors("general")), 1);
     let a3 = Proxy::start(&["--upstream", &format!("http://{dead}")]);
     assert_eq!(socks5_connect(a3.addr(), echo.addr).err(), Some(0x01));
+}
+
+/// A scripted SOCKS5 upstream: answers the no-auth greeting, reads a CONNECT for an IPv4 target, writes `reply`
+/// in a single write (so anything after the reply arrives in the same segment), then echoes.
+fn fake_socks5_upstream(reply: Vec<u8>) -> TestServer {
+    TestServer::start(move |mut s| {
+        let g = read_n(&mut s, 3);
+        assert_eq!(g, vec![5, 1, 0], "greeting sent upstream");
+        s.write_all(&[5, 0]).unwrap();
+        let req = read_n(&mut s, 10);
+        assert_eq!(&req[..4], &[5, 1, 0, 1], "CONNECT sent upstream");
+        s.write_all(&reply).unwrap();
+        echo_handler(s);
+    })
+}
+
+/// A scripted HTTP upstream: reads the CONNECT head, writes `reply` in one write, then echoes.
+fn fake_http_upstream(reply: Vec<u8>) -> TestServer {
+    TestServer::start(move |mut s| {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut b).unwrap_or(0) == 0 {
+                return;
+            }
+            head.push(b[0]);
+        }
+        assert!(
+            head.starts_with(b"CONNECT "),
+            "{:?}",
+            String::from_utf8_lossy(&head)
+        );
+        s.write_all(&reply).unwrap();
+        echo_handler(s);
+    })
+}
+
+/// Bytes the upstream sends right behind its success reply (a server that speaks first) reach the client, after
+/// the client's own success reply; then the tunnel works both ways. SOCKS5 and HTTP upstreams.
+#[test]
+fn chain_upstream_data_right_after_reply_is_kept() {
+    let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let mut socks_reply = vec![5, 0, 0, 1, 127, 0, 0, 1, 0x30, 0x39];
+    socks_reply.extend_from_slice(b"BANNER-1\n");
+    let http_reply =
+        b"HTTP/1.1 200 Connection established\r\nX-Extra: 1\r\n\r\nBANNER-2\n".to_vec();
+    let s5 = fake_socks5_upstream(socks_reply);
+    let h = fake_http_upstream(http_reply);
+    for (up, banner) in [
+        (format!("socks5://{}", s5.addr), b"BANNER-1\n"),
+        (format!("http://{}", h.addr), b"BANNER-2\n"),
+    ] {
+        let a = Proxy::start(&["--upstream", &up]);
+        let mut s =
+            socks5_connect(a.addr(), target).unwrap_or_else(|rep| panic!("{up}: REP {rep}"));
+        assert_eq!(
+            read_n(&mut s, banner.len()),
+            banner.to_vec(),
+            "{up}: banner lost or mangled"
+        );
+        echo_check(&mut s, 5, 20_000);
+    }
+}
+
+/// Failure codes from an upstream map onto the client's codes: SOCKS5 REP passes through; HTTP statuses map to
+/// the closest SOCKS5 code.
+#[test]
+fn chain_upstream_failure_codes_map() {
+    let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    for rep in [0x02u8, 0x03, 0x04, 0x05, 0x06] {
+        let up = fake_socks5_upstream(vec![5, rep, 0, 1, 0, 0, 0, 0, 0, 0]);
+        let a = Proxy::start(&["--upstream", &format!("socks5://{}", up.addr)]);
+        assert_eq!(
+            socks5_connect(a.addr(), target).err(),
+            Some(rep),
+            "upstream REP {rep:#04x}"
+        );
+    }
+    for (status, rep) in [(403u16, 0x02u8), (407, 0x02), (504, 0x06), (502, 0x01)] {
+        let up = fake_http_upstream(
+            format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n").into_bytes(),
+        );
+        let a = Proxy::start(&["--upstream", &format!("http://{}", up.addr)]);
+        assert_eq!(
+            socks5_connect(a.addr(), target).err(),
+            Some(rep),
+            "upstream HTTP {status}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -700,6 +823,42 @@ fn proxy_protocol_v1_raw() {
         log_has(&proxy, "client=[2001:db8::99]:6000 "),
         "access log:\n{}",
         proxy.log()
+    );
+}
+
+/// v1 `PROXY UNKNOWN`: the real socket address is used.
+#[test]
+fn proxy_protocol_v1_unknown_uses_real_address() {
+    let echo = TestServer::echo();
+    let proxy = Proxy::start(&["--proxy-protocol"]);
+    let s = connect(proxy.addr());
+    let real = s.local_addr().unwrap();
+    socks5_after_header(s, b"PROXY UNKNOWN\r\n", echo.addr, 1);
+    assert!(
+        log_has(&proxy, &format!("client={real} ")),
+        "access log:\n{}",
+        proxy.log()
+    );
+}
+
+/// A header that never completes is not waited for forever: the connection is closed at the handshake deadline
+/// (1 s here), without a byte sent.
+#[test]
+fn proxy_protocol_incomplete_header_times_out() {
+    let proxy = Proxy::start(&["--proxy-protocol", "--handshake-timeout", "1s"]);
+    let mut s = connect(proxy.addr());
+    let started = std::time::Instant::now();
+    s.write_all(b"PROXY TCP4 192.0.2.1 127.0.0.1 5").unwrap();
+    let got = read_until_closed(&mut s);
+    let waited = started.elapsed();
+    assert!(got.is_empty(), "{got:?}");
+    assert!(
+        waited >= Duration::from_millis(800),
+        "closed after only {waited:?}"
+    );
+    assert!(
+        waited <= Duration::from_secs(8),
+        "closed only after {waited:?}"
     );
 }
 

@@ -446,6 +446,47 @@ fn udp_associate_over_ipv6() {
     round_trip(&client, relay, six, b"over v6");
 }
 
+/// Behind a load balancer (--proxy-protocol) the client's address is the one in the PROXY header, so the UDP
+/// source check must use it (PROTOCOL-NOTES §6): datagrams from 127.0.0.5 (the header's source) are relayed, and
+/// datagrams from the balancer's own address 127.0.0.1 are foreign.
+#[test]
+fn udp_source_check_uses_proxy_protocol_address() {
+    use socksgate::proto::proxy_protocol::{encode_v2, ProxyHeader};
+    let echo = UdpEcho::start();
+    let proxy = with_metrics(&["--proxy-protocol"]);
+    let mut header = vec![0u8; 64];
+    let n = encode_v2(
+        &ProxyHeader::Proxy {
+            src: "127.0.0.5:40000".parse().unwrap(),
+            dst: proxy.addr(),
+        },
+        &[],
+        &mut header,
+    );
+    header.truncate(n);
+    let mut ctl = connect(proxy.addr());
+    header.extend_from_slice(&[5, 1, 0]);
+    ctl.write_all(&header).unwrap();
+    assert_eq!(read_n(&mut ctl, 2), vec![5, 0]);
+    ctl.write_all(&socks5_request(3, "0.0.0.0:0".parse().unwrap()))
+        .unwrap();
+    let (rep, relay) = read_socks5_reply(&mut ctl);
+    assert_eq!(rep, 0);
+    assert_eq!(relay.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+
+    let balancer = udp_client();
+    balancer
+        .send_to(&dgram(echo.addr, b"from the balancer"), relay)
+        .unwrap();
+    assert!(wait_until(POLL_LIMIT, &mut || proxy.metric(DROP_FOREIGN) == 1));
+    assert!(quiet(&balancer, QUIET));
+
+    let client = UdpSocket::bind("127.0.0.5:0").unwrap();
+    client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    round_trip(&client, relay, echo.addr, b"from the real client");
+    assert_eq!(proxy.metric(UDP_UP), 1);
+}
+
 /// FRAG != 0 is dropped (RFC 1928 §7) and counted; FRAG 0 right after still works.
 #[test]
 fn udp_fragment_is_dropped() {
