@@ -559,6 +559,30 @@ fn user_max_connections_per_user() {
         "alice's slot was not released after her session closed"
     );
     echo_check(again.as_mut().unwrap(), 3, 1000);
+    drop(again);
+    // A session that fails (refused target) gives its slot back too.
+    let (_hold, closed) = refusing_port();
+    let r = wait_until(POLL_LIMIT, &mut || match socks5_auth_connect(
+        proxy.addr(),
+        "alice",
+        "a-pw",
+        closed,
+    ) {
+        Err(Socks5Err::Rep(0x05)) => true,
+        Err(Socks5Err::Rep(0x02)) => false,
+        other => panic!("unexpected {other:?}"),
+    });
+    assert!(r, "slot not released");
+    assert!(
+        wait_until(POLL_LIMIT, &mut || socks5_auth_connect(
+            proxy.addr(),
+            "alice",
+            "a-pw",
+            echo.addr
+        )
+        .is_ok()),
+        "alice's slot leaked by a failed session"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1086,6 +1110,12 @@ fn metrics_counters_and_gauges() {
     echo_check(&mut s, 1, 12_345);
     up += 12_345;
     down += 12_345;
+    // While it is open, the gauges see it.
+    assert_eq!(m("socksgate_sessions_active{protocol=\"socks5\"}"), 1);
+    let open: u64 = (0..2)
+        .map(|w| m(&format!("socksgate_worker_connections{{worker=\"{w}\"}}")))
+        .sum();
+    assert_eq!(open, 1, "one slab entry in use across the workers");
     drop(s);
     // SOCKS4: 1,000 bytes.
     let mut s = socks::Socks4Stream::connect(proxy.addr(), echo.addr, "u")

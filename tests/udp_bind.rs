@@ -262,6 +262,35 @@ fn udp_associate_echoes_500_datagrams_of_all_sizes() {
     assert_eq!(proxy.metric(UDP_DOWN), N as u64);
 }
 
+/// A burst of 130 datagrams sent without waiting: more than the relay handles per turn (64), so the association
+/// has to yield and come back on its own (edge-triggered readiness is not re-signalled). Small datagrams, so the
+/// burst fits the default socket buffers and the kernel has no reason to drop.
+#[test]
+fn udp_burst_larger_than_one_turn() {
+    let echo = UdpEcho::start();
+    let proxy = with_metrics(&[]);
+    let (_ctl, relay) = associate(proxy.addr(), "0.0.0.0:0".parse().unwrap());
+    let client = udp_client();
+    round_trip(&client, relay, echo.addr, b"learn");
+    const N: u32 = 130;
+    for i in 0..N {
+        client
+            .send_to(&dgram(echo.addr, &i.to_be_bytes()), relay)
+            .unwrap();
+    }
+    let mut seen = vec![false; N as usize];
+    for _ in 0..N {
+        let d = recv_relayed(&client, relay);
+        let (src, data) = parse_dgram(&d);
+        assert_eq!(src, echo.addr);
+        let i = u32::from_be_bytes(data.try_into().expect("4-byte payload")) as usize;
+        assert!(!seen[i], "datagram {i} twice");
+        seen[i] = true;
+    }
+    assert_eq!(proxy.metric(UDP_UP), u64::from(N) + 1);
+    assert_eq!(proxy.metric(UDP_DOWN), u64::from(N) + 1);
+}
+
 /// A datagram for "localhost" is resolved by the proxy (once, then cached) and the reply header carries the
 /// answering IP, never the name.
 #[test]
@@ -799,7 +828,7 @@ fn bind_releases_descriptors() {
 /// --bind-timeout 1s: nobody connects, so the second reply is REP 0x06 and the connection closes.
 #[test]
 fn bind_timeout_second_reply_ttl_expired() {
-    let proxy = Proxy::start(&["--bind-timeout", "1s"]);
+    let proxy = with_metrics(&["--bind-timeout", "1s"]);
     let started = Instant::now();
     let (mut ctl, rep, _listen) = bind5(proxy.addr(), "127.0.0.1:0".parse().unwrap());
     assert_eq!(rep, 0);
@@ -813,6 +842,10 @@ fn bind_timeout_second_reply_ttl_expired() {
     assert!(
         waited <= Duration::from_secs(8),
         "timed out only after {waited:?}"
+    );
+    assert_eq!(
+        proxy.metric("socksgate_connect_errors_total{kind=\"timeout\"}"),
+        1
     );
     assert!(
         read_until_closed(&mut ctl).is_empty(),
