@@ -232,10 +232,11 @@ fn allow_client_refuses_other_networks() {
     assert!(wait_until(POLL_LIMIT, &mut || proxy
         .metric(&refused_metric("client_acl"))
         == 1));
-    assert_eq!(proxy.metric("socksgate_connections_accepted_total"), 1);
-    assert_eq!(
-        proxy.metric("socksgate_handshakes_total{protocol=\"socks5\",outcome=\"ok\"}"),
-        0
+    wait_metric(&proxy, "socksgate_connections_accepted_total", 1);
+    wait_metric(
+        &proxy,
+        "socksgate_handshakes_total{protocol=\"socks5\",outcome=\"ok\"}",
+        0,
     );
 }
 
@@ -261,8 +262,8 @@ fn deny_dest_applies_to_ips_and_resolved_names() {
         None,
     );
     assert_eq!(status, 403);
-    assert_eq!(proxy.metric(&connect_errors("not_allowed")), 3);
-    assert_eq!(proxy.metric("socksgate_dns_lookups_total"), 2);
+    wait_metric(&proxy, &connect_errors("not_allowed"), 3);
+    wait_metric(&proxy, "socksgate_dns_lookups_total", 2);
     assert_eq!(
         contacts.load(Ordering::SeqCst),
         0,
@@ -388,7 +389,7 @@ fn users_file_plain_sha512_bcrypt_over_socks5_and_http() {
     let mut s = connect(proxy.addr());
     s.write_all(&[5, 1, 0]).unwrap();
     assert_eq!(read_n(&mut s, 2), vec![5, 0xFF]);
-    assert_eq!(proxy.metric("socksgate_auth_failures_total"), 7);
+    wait_metric(&proxy, "socksgate_auth_failures_total", 7);
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -602,14 +603,15 @@ fn chain_through_socks5_upstream() {
         .expect("name through the chain");
     echo_check(&mut s, 2, 10_000);
     // The name was resolved by the upstream, not by the first hop.
-    assert_eq!(b.metric("socksgate_dns_lookups_total"), 1);
+    wait_metric(&b, "socksgate_dns_lookups_total", 1);
     // SOCKS4 and HTTP CONNECT clients are chained the same way.
     let (status, mut t) = http_connect(a.addr(), &echo.addr.to_string(), None);
     assert_eq!(status, 200);
     echo_check(&mut t, 3, 10_000);
-    assert_eq!(
-        b.metric("socksgate_handshakes_total{protocol=\"socks5\",outcome=\"ok\"}"),
-        3
+    wait_metric(
+        &b,
+        "socksgate_handshakes_total{protocol=\"socks5\",outcome=\"ok\"}",
+        3,
     );
 }
 
@@ -639,9 +641,10 @@ fn chain_through_http_upstream() {
     let a = Proxy::start(&["--upstream", &up]);
     let mut s = socks5_connect(a.addr(), echo.addr).expect("through the HTTP chain");
     echo_check(&mut s, 1, 100_000);
-    assert_eq!(
-        b.metric("socksgate_handshakes_total{protocol=\"http\",outcome=\"ok\"}"),
-        1
+    wait_metric(
+        &b,
+        "socksgate_handshakes_total{protocol=\"http\",outcome=\"ok\"}",
+        1,
     );
 
     let b2 = Proxy::start(&["-U", "up:up-pw"]);
@@ -655,7 +658,7 @@ fn chain_through_http_upstream() {
     let mut s =
         socks5_connect_domain(a4.addr(), "echo.test", echo.addr.port()).expect("name via HTTP");
     echo_check(&mut s, 3, 10_000);
-    assert_eq!(b3.metric("socksgate_dns_lookups_total"), 1);
+    wait_metric(&b3, "socksgate_dns_lookups_total", 1);
     let bad = format!("http://up:wrong@{}", b2.addr());
     let a3 = Proxy::start(&["--upstream", &bad]);
     assert_eq!(
@@ -673,8 +676,8 @@ fn chain_failures_map_to_client_reply_codes() {
     let b = with_metrics(&[]);
     let a = with_metrics(&["--upstream", &format!("socks5://{}", b.addr())]);
     assert_eq!(socks5_connect(a.addr(), closed).err(), Some(0x05));
-    assert_eq!(b.metric(&connect_errors("refused")), 1);
-    assert_eq!(a.metric(&connect_errors("refused")), 1);
+    wait_metric(&b, &connect_errors("refused"), 1);
+    wait_metric(&a, &connect_errors("refused"), 1);
     // SOCKS4 client through the same chain: CD 91.
     let mut s = connect(a.addr());
     let mut req = vec![4, 1];
@@ -687,7 +690,7 @@ fn chain_failures_map_to_client_reply_codes() {
     let a2 = with_metrics(&["--upstream", &format!("socks5://{dead}")]);
     let echo = TestServer::echo();
     assert_eq!(socks5_connect(a2.addr(), echo.addr).err(), Some(0x01));
-    assert_eq!(a2.metric(&connect_errors("general")), 1);
+    wait_metric(&a2, &connect_errors("general"), 1);
     let a3 = Proxy::start(&["--upstream", &format!("http://{dead}")]);
     assert_eq!(socks5_connect(a3.addr(), echo.addr).err(), Some(0x01));
 }
@@ -1062,7 +1065,7 @@ fn proxy_protocol_source_is_subject_to_allow_client() {
         1,
     );
     assert!(log_has(&proxy, "client=127.0.0.5:5555 "), "{}", proxy.log());
-    assert_eq!(proxy.metric(&refused_metric("client_acl")), 1);
+    wait_metric(&proxy, &refused_metric("client_acl"), 1);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1094,7 +1097,7 @@ fn metrics_counters_and_gauges() {
         "good.test=127.0.0.1",
     ]);
     let m = |s: &str| proxy.metric(s);
-    assert_eq!(m("socksgate_connections_accepted_total"), 0);
+    wait_metric(&proxy, "socksgate_connections_accepted_total", 0);
     let mut accepted = 0;
     let (mut up, mut down) = (0u64, 0u64);
 
@@ -1111,11 +1114,18 @@ fn metrics_counters_and_gauges() {
     up += 12_345;
     down += 12_345;
     // While it is open, the gauges see it.
-    assert_eq!(m("socksgate_sessions_active{protocol=\"socks5\"}"), 1);
-    let open: u64 = (0..2)
-        .map(|w| m(&format!("socksgate_worker_connections{{worker=\"{w}\"}}")))
-        .sum();
-    assert_eq!(open, 1, "one slab entry in use across the workers");
+    wait_metric(&proxy, "socksgate_sessions_active{protocol=\"socks5\"}", 1);
+    // The slab gauges are published once per loop turn, so poll.
+    let slab_sum = || -> u64 {
+        (0..2)
+            .map(|w| m(&format!("socksgate_worker_connections{{worker=\"{w}\"}}")))
+            .sum()
+    };
+    assert!(
+        wait_until(POLL_LIMIT, &mut || slab_sum() == 1),
+        "one slab entry in use across the workers, got {}",
+        slab_sum()
+    );
     drop(s);
     // SOCKS4: 1,000 bytes.
     let mut s = socks::Socks4Stream::connect(proxy.addr(), echo.addr, "u")
@@ -1191,34 +1201,42 @@ fn metrics_counters_and_gauges() {
         "gauges did not return to zero:\n{}",
         proxy.metrics_text()
     );
-    assert_eq!(m("socksgate_connections_accepted_total"), accepted);
-    assert_eq!(m("socksgate_bytes_total{direction=\"up\"}"), up);
-    assert_eq!(m("socksgate_bytes_total{direction=\"down\"}"), down);
-    assert_eq!(
-        m("socksgate_handshakes_total{protocol=\"socks5\",outcome=\"ok\"}"),
-        2
+    wait_metric(&proxy, "socksgate_connections_accepted_total", accepted);
+    wait_metric(&proxy, "socksgate_bytes_total{direction=\"up\"}", up);
+    wait_metric(&proxy, "socksgate_bytes_total{direction=\"down\"}", down);
+    wait_metric(
+        &proxy,
+        "socksgate_handshakes_total{protocol=\"socks5\",outcome=\"ok\"}",
+        2,
     );
-    assert_eq!(
-        m("socksgate_handshakes_total{protocol=\"socks5\",outcome=\"failed\"}"),
-        3
+    wait_metric(
+        &proxy,
+        "socksgate_handshakes_total{protocol=\"socks5\",outcome=\"failed\"}",
+        3,
     );
-    assert_eq!(
-        m("socksgate_handshakes_total{protocol=\"socks4\",outcome=\"ok\"}"),
-        1
+    wait_metric(
+        &proxy,
+        "socksgate_handshakes_total{protocol=\"socks4\",outcome=\"ok\"}",
+        1,
     );
-    assert_eq!(
-        m("socksgate_handshakes_total{protocol=\"http\",outcome=\"ok\"}"),
-        1
+    wait_metric(
+        &proxy,
+        "socksgate_handshakes_total{protocol=\"http\",outcome=\"ok\"}",
+        1,
     );
-    assert_eq!(m("socksgate_auth_failures_total"), 1);
-    assert_eq!(m(&connect_errors("refused")), 1);
-    assert_eq!(m(&connect_errors("host_unreachable")), 1);
-    assert_eq!(m(&connect_errors("general")), 0);
-    assert_eq!(m("socksgate_dns_lookups_total"), 2);
-    assert_eq!(m("socksgate_dns_failures_total"), 1);
-    assert_eq!(m("socksgate_udp_datagrams_total{direction=\"up\"}"), 1);
-    assert_eq!(m("socksgate_udp_datagrams_total{direction=\"down\"}"), 1);
-    assert_eq!(m(&refused_metric("client_acl")), 0);
+    wait_metric(&proxy, "socksgate_auth_failures_total", 1);
+    wait_metric(&proxy, &connect_errors("refused"), 1);
+    wait_metric(&proxy, &connect_errors("host_unreachable"), 1);
+    wait_metric(&proxy, &connect_errors("general"), 0);
+    wait_metric(&proxy, "socksgate_dns_lookups_total", 2);
+    wait_metric(&proxy, "socksgate_dns_failures_total", 1);
+    wait_metric(&proxy, "socksgate_udp_datagrams_total{direction=\"up\"}", 1);
+    wait_metric(
+        &proxy,
+        "socksgate_udp_datagrams_total{direction=\"down\"}",
+        1,
+    );
+    wait_metric(&proxy, &refused_metric("client_acl"), 0);
 
     let text = http_get(proxy.metrics.unwrap(), "/metrics");
     assert!(text.starts_with("HTTP/1.1 200 "), "{text}");

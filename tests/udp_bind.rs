@@ -258,8 +258,8 @@ fn udp_associate_echoes_500_datagrams_of_all_sizes() {
         bytes_out -= size;
         got += 1;
     }
-    assert_eq!(proxy.metric(UDP_UP), N as u64);
-    assert_eq!(proxy.metric(UDP_DOWN), N as u64);
+    wait_metric(&proxy, UDP_UP, N as u64);
+    wait_metric(&proxy, UDP_DOWN, N as u64);
 }
 
 /// A burst of 130 datagrams sent without waiting: more than the relay handles per turn (64), so the association
@@ -287,8 +287,8 @@ fn udp_burst_larger_than_one_turn() {
         assert!(!seen[i], "datagram {i} twice");
         seen[i] = true;
     }
-    assert_eq!(proxy.metric(UDP_UP), u64::from(N) + 1);
-    assert_eq!(proxy.metric(UDP_DOWN), u64::from(N) + 1);
+    wait_metric(&proxy, UDP_UP, u64::from(N) + 1);
+    wait_metric(&proxy, UDP_DOWN, u64::from(N) + 1);
 }
 
 /// A datagram for "localhost" is resolved by the proxy (once, then cached) and the reply header carries the
@@ -310,12 +310,8 @@ fn udp_domain_target_localhost() {
         assert_eq!(src.port(), echo.port);
         assert_eq!(data, &payload[..]);
     }
-    assert_eq!(
-        proxy.metric("socksgate_dns_lookups_total"),
-        1,
-        "one lookup, then the cache"
-    );
-    assert_eq!(proxy.metric("socksgate_dns_failures_total"), 0);
+    wait_metric(&proxy, "socksgate_dns_lookups_total", 1);
+    wait_metric(&proxy, "socksgate_dns_failures_total", 0);
 }
 
 /// Several names in flight at once on one association: each datagram must go to the address of *its own* name.
@@ -397,10 +393,10 @@ fn udp_declared_port_pins_source_and_foreign_port_is_dropped() {
         "the foreign datagram was answered to the intruder"
     );
     assert!(quiet(&client, QUIET), "the foreign datagram was relayed");
-    assert_eq!(proxy.metric(UDP_UP), 1);
+    wait_metric(&proxy, UDP_UP, 1);
     // The association still works for its owner.
     round_trip(&client, relay, echo.addr, b"still alive");
-    assert_eq!(proxy.metric(DROP_FOREIGN), 1);
+    wait_metric(&proxy, DROP_FOREIGN, 1);
 }
 
 /// DST 0.0.0.0:0: the first datagram's source port is learned; later datagrams from another port are dropped.
@@ -444,7 +440,7 @@ fn udp_other_ip_cannot_claim_unlearned_association() {
     );
     let client = udp_client();
     round_trip(&client, relay, echo.addr, b"the real client");
-    assert_eq!(proxy.metric(UDP_UP), 1);
+    wait_metric(&proxy, UDP_UP, 1);
 }
 
 /// An association over IPv6: BND is ::1 (the control connection's local address), an IPv4 target answers with an
@@ -513,7 +509,7 @@ fn udp_source_check_uses_proxy_protocol_address() {
     let client = UdpSocket::bind("127.0.0.5:0").unwrap();
     client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     round_trip(&client, relay, echo.addr, b"from the real client");
-    assert_eq!(proxy.metric(UDP_UP), 1);
+    wait_metric(&proxy, UDP_UP, 1);
 }
 
 /// FRAG != 0 is dropped (RFC 1928 §7) and counted; FRAG 0 right after still works.
@@ -531,7 +527,7 @@ fn udp_fragment_is_dropped() {
     }
     assert!(wait_until(POLL_LIMIT, &mut || proxy.metric(DROP_FRAG) == 2));
     assert!(quiet(&client, QUIET), "a fragment was relayed");
-    assert_eq!(proxy.metric(UDP_UP), 1);
+    wait_metric(&proxy, UDP_UP, 1);
     round_trip(&client, relay, echo.addr, b"whole");
 }
 
@@ -551,8 +547,8 @@ fn udp_deny_dest_drops_datagrams() {
     assert!(wait_until(POLL_LIMIT, &mut || proxy.metric(DROP_DENIED) == 1));
     assert!(quiet(&client, QUIET), "a denied datagram was relayed");
     round_trip(&client, relay, allowed.addr, b"allowed again");
-    assert_eq!(proxy.metric(DROP_DENIED), 1);
-    assert_eq!(proxy.metric(UDP_UP), 2);
+    wait_metric(&proxy, DROP_DENIED, 1);
+    wait_metric(&proxy, UDP_UP, 2);
 }
 
 /// Closing the control connection ends the association: its sockets are closed (fd count back to the baseline),
@@ -585,7 +581,7 @@ fn udp_association_ends_with_control_connection() {
     assert!(wait_until(POLL_LIMIT, &mut || {
         proxy.metric("socksgate_sessions_active{protocol=\"socks5\"}") == 0
     }));
-    assert_eq!(proxy.metric(UDP_UP), 1);
+    wait_metric(&proxy, UDP_UP, 1);
 }
 
 /// --udp-idle-timeout 1s: datagrams keep the association alive; after 1 s without any, the control connection
@@ -843,9 +839,10 @@ fn bind_timeout_second_reply_ttl_expired() {
         waited <= Duration::from_secs(8),
         "timed out only after {waited:?}"
     );
-    assert_eq!(
-        proxy.metric("socksgate_connect_errors_total{kind=\"timeout\"}"),
-        1
+    wait_metric(
+        &proxy,
+        "socksgate_connect_errors_total{kind=\"timeout\"}",
+        1,
     );
     assert!(
         read_until_closed(&mut ctl).is_empty(),

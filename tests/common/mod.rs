@@ -468,3 +468,14 @@ pub fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
         }
     }
 }
+
+/// Waits (up to 10 s) until `series` reads exactly `want`, and fails with the last value otherwise. Counters may be
+/// bumped just after the bytes a test observes (a reply is sent, then counted), so exact checks poll.
+pub fn wait_metric(proxy: &Proxy, series: &str, want: u64) {
+    let mut last = 0;
+    let ok = wait_until(Duration::from_secs(10), &mut || {
+        last = proxy.metric(series);
+        last == want
+    });
+    assert!(ok, "{series} is {last}, expected {want}");
+}
