@@ -425,7 +425,8 @@ fn sighup_reload_adds_and_removes_users_and_keeps_tunnels() {
         "no reload line in the log:\n{}",
         proxy.log()
     );
-    // The workers pick the new table up right after the control thread logs it.
+    // Each worker picks the new table up from its command channel right after the control thread logs it; a
+    // connection may land on either worker, so every check polls.
     assert!(
         wait_until(POLL_LIMIT, &mut || {
             socks5_auth_connect(proxy.addr(), "bob", "bob-pw", echo.addr).err()
@@ -433,9 +434,15 @@ fn sighup_reload_adds_and_removes_users_and_keeps_tunnels() {
         }),
         "removed user still authenticates"
     );
-    let mut c =
-        socks5_auth_connect(proxy.addr(), "carol", "carol-pw", echo.addr).expect("added user");
-    echo_check(&mut c, 2, 3000);
+    let mut carol = None;
+    assert!(
+        wait_until(POLL_LIMIT, &mut || {
+            carol = socks5_auth_connect(proxy.addr(), "carol", "carol-pw", echo.addr).ok();
+            carol.is_some()
+        }),
+        "added user cannot authenticate"
+    );
+    echo_check(carol.as_mut().unwrap(), 2, 3000);
     echo_check(&mut tunnel, 3, 3000);
     assert!(socks5_auth_connect(proxy.addr(), "alice", "alice-pw", echo.addr).is_ok());
     let _ = std::fs::remove_dir_all(dir);
@@ -507,11 +514,13 @@ fn sighup_with_bad_users_file_keeps_old_table() {
     assert!(wait_until(POLL_LIMIT, &mut || {
         socks5_auth_connect(proxy.addr(), "bob", "BobSecret-3", echo.addr).is_ok()
     }));
-    assert!(socks5_auth_connect(proxy.addr(), "alice", "NewSecret-2", echo.addr).is_ok());
-    assert_eq!(
-        socks5_auth_connect(proxy.addr(), "alice", "OldSecret-1", echo.addr).err(),
-        Some(Socks5Err::AuthStatus(1))
-    );
+    assert!(wait_until(POLL_LIMIT, &mut || {
+        socks5_auth_connect(proxy.addr(), "alice", "NewSecret-2", echo.addr).is_ok()
+    }));
+    assert!(wait_until(POLL_LIMIT, &mut || {
+        socks5_auth_connect(proxy.addr(), "alice", "OldSecret-1", echo.addr).err()
+            == Some(Socks5Err::AuthStatus(1))
+    }));
     let _ = std::fs::remove_dir_all(dir);
 }
 
