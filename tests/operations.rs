@@ -997,6 +997,22 @@ fn proxy_protocol_v2_variants() {
         "LOCAL must log the real address:\n{}",
         proxy.log()
     );
+    // LOCAL with a TCP4 family and an address block (built by hand): the block is skipped, not used.
+    let s = connect(proxy.addr());
+    let real = s.local_addr().unwrap();
+    let mut local4 = vec![
+        0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
+    ];
+    local4.extend_from_slice(&[
+        0x20, 0x11, 0, 12, 10, 9, 9, 9, 127, 0, 0, 1, 0x12, 0x34, 0x04, 0x38,
+    ]);
+    socks5_after_header(s, &local4, echo.addr, 5);
+    assert!(
+        log_has(&proxy, &format!("client={real} ")),
+        "LOCAL with addresses must log the real address:\n{}",
+        proxy.log()
+    );
+    assert!(!proxy.log().contains("10.9.9.9"));
 
     let tlvs: &[(u8, &[u8])] = &[
         (0x01, b"h2"),
