@@ -931,3 +931,58 @@ fn bind_socks_crate_listener() {
         other => panic!("peer address {other:?}"),
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// PySocks (optional: skipped when python3 or the `socks` module is missing)
+// ---------------------------------------------------------------------------------------------------------------
+
+fn have_pysocks() -> bool {
+    std::process::Command::new("python3")
+        .args(["-c", "import socks"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// PySocks' UDP client: DST 0.0.0.0:<its port>, ignores BND.ADDR (uses the proxy host with BND.PORT) and
+/// `connect()`s its socket, so replies must come from the relay. With user/password, as PySocks sends them.
+#[test]
+fn udp_pysocks_client() {
+    if !have_pysocks() {
+        eprintln!("python3 with PySocks not available: skipping");
+        return;
+    }
+    let echo = UdpEcho::start();
+    let proxy = Proxy::start(&["-U", "py:py-pw"]);
+    let script = r#"
+import socket, sys, hashlib
+import socks
+proxy_port, echo_port = int(sys.argv[1]), int(sys.argv[2])
+s = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
+s.set_proxy(socks.SOCKS5, "127.0.0.1", proxy_port, username="py", password="py-pw")
+s.settimeout(20)
+s.bind(("127.0.0.1", 0))
+for size in (1, 512, 8000, 60000):
+    payload = bytes((i * 7 + size) % 251 for i in range(size))
+    s.sendto(payload, ("127.0.0.1", echo_port))
+    data, addr = s.recvfrom(65535)
+    assert data == payload, (size, len(data))
+    assert addr == ("127.0.0.1", echo_port), addr
+print("ok")
+"#;
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            script,
+            &proxy.addr().port().to_string(),
+            &echo.addr.port().to_string(),
+        ])
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.trim() == "ok",
+        "PySocks UDP failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
