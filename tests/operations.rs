@@ -727,6 +727,27 @@ fn chain_failures_map_to_client_reply_codes() {
     assert_eq!(socks5_connect(a3.addr(), echo.addr).err(), Some(0x01));
 }
 
+/// UDP ASSOCIATE and BIND cannot be chained through --upstream: both get REP 0x07 (command not supported), and
+/// SOCKS4 BIND gets CD 91.
+#[test]
+fn chain_refuses_udp_and_bind() {
+    let b = Proxy::start(&[]);
+    let a = Proxy::start(&["--upstream", &format!("socks5://{}", b.addr())]);
+    for cmd in [2u8, 3] {
+        let mut s = connect(a.addr());
+        s.write_all(&[5, 1, 0]).unwrap();
+        assert_eq!(read_n(&mut s, 2), vec![5, 0]);
+        s.write_all(&socks5_request(cmd, "0.0.0.0:0".parse().unwrap()))
+            .unwrap();
+        let (rep, _) = read_socks5_reply(&mut s);
+        assert_eq!(rep, 0x07, "command {cmd}");
+        assert!(read_until_closed(&mut s).is_empty());
+    }
+    let mut s = connect(a.addr());
+    s.write_all(&[4, 2, 0, 0, 127, 0, 0, 1, 0]).unwrap();
+    assert_eq!(&read_n(&mut s, 8)[..2], &[0, 91]);
+}
+
 /// A scripted SOCKS5 upstream: answers the no-auth greeting, reads a CONNECT for an IPv4 target, writes `reply`
 /// in a single write (so anything after the reply arrives in the same segment), then echoes.
 fn fake_socks5_upstream(reply: Vec<u8>) -> TestServer {
