@@ -161,7 +161,8 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                     let remaining = overall.saturating_duration_since(ctx.now);
                     let share = (remaining / (left + 1)).max(MIN_ATTEMPT).min(remaining);
                     *attempt_deadline = ctx.now + share;
-                    ctx.timers.push(*attempt_deadline, key, conn.gen, TimerKind::Connect);
+                    ctx.timers
+                        .push(*attempt_deadline, key, conn.gen, TimerKind::Connect);
                 } else {
                     *attempt_deadline = overall;
                 }
@@ -298,7 +299,10 @@ pub fn on_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     {
         if !overall_due && *attempt_deadline <= ctx.now && *next < addrs.len() {
             *last = Failure::TimedOut;
-            debug!("{}: connect attempt timed out; trying the next address", conn.peer);
+            debug!(
+                "{}: connect attempt timed out; trying the next address",
+                conn.peer
+            );
             drop_upstream(conn, ctx);
             return try_next(key, conn, ctx);
         }

@@ -581,3 +581,39 @@ pub fn temp_path(name: &str) -> PathBuf {
     let _ = std::fs::create_dir_all(&dir);
     dir.join(format!("{}-{name}", unique()))
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// tests-ops helpers (udp_bind.rs, operations.rs)
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Reads until the peer closes (EOF or reset) and returns what arrived. Unlike [`read_to_end`], a connection that
+/// stays open is a failure: panics if nothing closes it within 10 s.
+pub fn read_all_until_closed(s: &mut TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                panic!("connection still open after 10 s (received {out:?})")
+            }
+            Err(_) => return out,
+        }
+    }
+}
+
+/// Waits (up to 10 s) until `series` reads exactly `want`, and fails with the last value otherwise. Counters may be
+/// bumped just after the bytes a test observes (a reply is sent, then counted), so exact checks poll.
+pub fn wait_metric(proxy: &Proxy, series: &str, want: u64) {
+    let mut last = 0;
+    let ok = wait_until(Duration::from_secs(10), &mut || {
+        last = proxy.metric(series);
+        last == want
+    });
+    assert!(ok, "{series} is {last}, expected {want}");
+}
