@@ -52,7 +52,9 @@ pub struct UdpState {
     /// The outbound socket is IPv6 dual-stack: IPv4 targets are sent to as mapped addresses.
     out_dual: bool,
     cache: Vec<(Name, IpAddr)>,
-    queued: Vec<(Name, u16, Vec<u8>)>,
+    /// Datagrams waiting for their name: (lookup tag, name, port, payload). One lookup (tag) per name in flight;
+    /// answers come back in any order (the pool has several threads), so they are matched by tag.
+    queued: Vec<(u32, Name, u16, Vec<u8>)>,
     next_tag: u32,
     last_active: Instant,
 }
@@ -259,22 +261,27 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                     metrics::inc(&ctx.stats.udp_drops[UdpDrop::Unresolved as usize]);
                     continue;
                 }
-                let first = !u.queued.iter().any(|(n, _, _)| *n == name);
-                u.queued.push((name.clone(), port, payload.to_vec()));
-                if first {
-                    u.next_tag = (u.next_tag + 1) % (u32::MAX - 1);
-                    metrics::inc(&ctx.stats.dns_lookups);
-                    let _ = ctx.resolve_tx.send(Job {
-                        key,
-                        gen,
-                        tag: u.next_tag,
-                        work: Work::Resolve {
-                            host: name.as_str().to_string(),
-                            port,
-                        },
-                        reply: ctx.reply_to.clone(),
-                    });
-                }
+                let in_flight = u.queued.iter().find(|q| q.1 == name).map(|q| q.0);
+                let tag = match in_flight {
+                    Some(tag) => tag,
+                    None => {
+                        // Tags stay below the TCP connect tag (u32::MAX).
+                        u.next_tag = (u.next_tag + 1) % (u32::MAX - 1);
+                        metrics::inc(&ctx.stats.dns_lookups);
+                        let _ = ctx.resolve_tx.send(Job {
+                            key,
+                            gen,
+                            tag: u.next_tag,
+                            work: Work::Resolve {
+                                host: name.as_str().to_string(),
+                                port,
+                            },
+                            reply: ctx.reply_to.clone(),
+                        });
+                        u.next_tag
+                    }
+                };
+                u.queued.push((tag, name.clone(), port, payload.to_vec()));
             }
         }
     }
@@ -327,18 +334,17 @@ pub fn on_resolved(
     _key: usize,
     conn: &mut Conn,
     ctx: &mut Ctx,
-    _tag: u32,
+    tag: u32,
     r: io::Result<Vec<SocketAddr>>,
 ) -> Next {
     let Phase::Udp(u) = &mut conn.phase else {
         return Next::Wait;
     };
-    // Answers come back in order per name: the oldest queued name is the one resolved.
-    let Some(name) = u.queued.first().map(|(n, _, _)| n.clone()) else {
+    let Some(name) = u.queued.iter().find(|q| q.0 == tag).map(|q| q.1.clone()) else {
         return Next::Wait;
     };
-    let waiting: Vec<(Name, u16, Vec<u8>)> = {
-        let (mine, rest): (Vec<_>, Vec<_>) = u.queued.drain(..).partition(|(n, _, _)| *n == name);
+    let waiting: Vec<(u32, Name, u16, Vec<u8>)> = {
+        let (mine, rest): (Vec<_>, Vec<_>) = u.queued.drain(..).partition(|q| q.0 == tag);
         u.queued = rest;
         mine
     };
@@ -357,7 +363,7 @@ pub fn on_resolved(
         u.cache.remove(0);
     }
     u.cache.push((name, ip));
-    for (_, port, payload) in waiting {
+    for (_, _, port, payload) in waiting {
         send_out(u, &ctx.cfg, &ctx.stats, SocketAddr::new(ip, port), &payload);
     }
     Next::Wait
