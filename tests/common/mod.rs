@@ -34,7 +34,10 @@ impl Proxy {
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_socksgate"))
             .args(args)
-            .env("RUST_LOG", std::env::var("SOCKSGATE_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("SOCKSGATE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))
@@ -43,7 +46,11 @@ impl Proxy {
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut addrs = Vec::new();
         let mut metrics = None;
-        let expected = args.iter().filter(|a| **a == "-l" || **a == "--listen").count().max(1);
+        let expected = args
+            .iter()
+            .filter(|a| **a == "-l" || **a == "--listen")
+            .count()
+            .max(1);
         let mut line = String::new();
         while addrs.len() < expected || (args.contains(&"--metrics") && metrics.is_none()) {
             line.clear();
@@ -55,7 +62,11 @@ impl Proxy {
             if let Some(a) = line.trim().strip_prefix("socksgate: listening on ") {
                 addrs.push(a.parse().expect("listen addr"));
             } else if let Some(a) = line.trim().strip_prefix("socksgate: metrics on http://") {
-                metrics = Some(a.trim_end_matches("/metrics").parse().expect("metrics addr"));
+                metrics = Some(
+                    a.trim_end_matches("/metrics")
+                        .parse()
+                        .expect("metrics addr"),
+                );
             }
         }
         Proxy {
@@ -122,7 +133,8 @@ impl Proxy {
     pub fn metrics_text(&self) -> String {
         let addr = self.metrics.expect("started with --metrics");
         let mut s = connect(addr);
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
@@ -177,7 +189,9 @@ fn unique() -> u64 {
 
 /// Open file descriptors of a process.
 pub fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// A TCP connection with read/write timeouts set.
@@ -210,7 +224,10 @@ pub fn closed(s: &mut TcpStream) -> bool {
         match s.read(&mut b) {
             Ok(0) => return true,
             Ok(_) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
                 return false
             }
             Err(_) => return true,
@@ -406,7 +423,11 @@ pub fn read_socks5_reply(s: &mut TcpStream) -> (u8, SocketAddr) {
 
 /// True when `curl` is installed (tests that need it are skipped with a message otherwise; `.ci/run` installs it).
 pub fn have_curl() -> bool {
-    Command::new("curl").arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new("curl")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 /// Runs curl with args and returns (exit code, stdout bytes, stderr text).
@@ -416,5 +437,9 @@ pub fn curl(args: &[&str]) -> (i32, Vec<u8>, String) {
         .args(args)
         .output()
         .expect("run curl");
-    (out.status.code().unwrap_or(-1), out.stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
