@@ -9,7 +9,8 @@
 //!
 //! Every test asserts outcomes (bytes, reply codes, gauges, descriptor counts), never timings: waits are
 //! `wait_until` polls with generous limits, sockets have generous timeouts, and every loop is bounded in count and
-//! in time. Each test starts its own proxy (two workers, `--metrics`) and its own target servers on port 0.
+//! in time. Each test starts its own proxy (two workers and `--metrics`, or one worker under `ulimit -n` for the
+//! descriptor-exhaustion tests) and its own target servers on port 0.
 
 mod common;
 
@@ -337,6 +338,11 @@ fn target_reset_mid_transfer_closes_tunnel() {
     });
     let mut c = socks5_connect(p.addr(), resetter.addr).expect("CONNECT to the resetting target");
     let (got, end) = read_until_end(&mut c, usize::MAX);
+    eprintln!(
+        "(a) the client read {} of {} bytes, then {end:?}",
+        got.len(),
+        sent.len()
+    );
     assert_ne!(
         end,
         End::TimedOut,
@@ -532,21 +538,21 @@ fn stalled_peers_backpressure_bounds_memory() {
     assert_settled(&p, fd_base, "after closing the stalled sessions");
 }
 
-/// A client that resets while the target is stalled (never reading) cannot be noticed by the relay until the
-/// parked bytes move; the idle timeout must still release the tunnel, its socket to the target and its buffer.
-/// Likewise a client that resets in the middle of a two-way transfer: the tunnel closes at once.
+/// A client that resets in the middle of a two-way transfer: the tunnel closes and everything is freed. A client
+/// that resets while the target is stalled (never reading) cannot be noticed by the relay until the parked bytes
+/// move; the idle timeout (3 s here) must still release the tunnel, its socket to the target and its buffer.
 #[test]
 fn client_reset_mid_transfer_frees_tunnel() {
     let p = start_proxy(&["--idle-timeout", "3s"]);
     let echo = TestServer::echo();
     let fd_base = baseline(&p, echo.addr);
 
-    // (a) Reset in the middle of an echo: the proxy's writes to the client fail, the tunnel closes.
+    // (a) Reset in the middle of an echo, with bytes parked both ways (the client stops reading and writes until
+    // its writes block, so the echo backs up): the proxy's writes to the client fail, the tunnel closes.
     let mut c = socks5_connect(p.addr(), echo.addr).unwrap();
-    let data = pseudo_random(80, 4 * MIB);
-    c.write_all(&data[..2 * MIB]).unwrap();
-    let got = read_n(&mut c, 64 * KIB);
-    assert_eq!(got[..], data[..64 * KIB]);
+    roundtrip(&mut c, 80, 256 * KIB);
+    let pushed = write_until_stalled(&mut c, 64 * MIB);
+    assert!(pushed < 64 * MIB, "no backpressure through the echo");
     abort_close(c);
     assert_settled(&p, fd_base, "after a client reset mid-echo");
 
@@ -579,15 +585,22 @@ fn blackhole() -> (TcpListener, Vec<TcpStream>) {
     for _ in 0..4 {
         match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
             Ok(s) => fillers.push(s),
-            Err(_) => break,
+            Err(e) => {
+                assert_eq!(
+                    e.kind(),
+                    ErrorKind::TimedOut,
+                    "connect to the full listener: {e}"
+                );
+                return (l, fillers);
+            }
         }
     }
-    (l, fillers)
+    panic!("the listener's accept queue never filled up");
 }
 
-/// Clients that vanish mid-handshake, with a FIN or a reset, in every handshake phase of every protocol (and while
-/// the outbound connect is still in flight): the proxy frees each slab entry, session and buffer, and its
-/// descriptors return to the baseline.
+/// Clients that vanish mid-handshake, with a FIN or a reset, in every handshake phase of every protocol, while the
+/// outbound connect is still in flight, before reading the CONNECT reply, and with a UDP association or a BIND
+/// open: the proxy frees each slab entry, session, buffer and socket, and its descriptors return to the baseline.
 #[test]
 fn client_vanishing_mid_handshake_frees_everything() {
     let (hole, _fillers) = blackhole();
@@ -600,6 +613,7 @@ fn client_vanishing_mid_handshake_frees_everything() {
         "2s",
     ]);
     let echo = TestServer::echo();
+    let udp_echo = UdpEcho::start();
     // The warm-up needs authentication here.
     let auth = |s: &mut TcpStream| {
         s.write_all(&[5, 1, 2]).unwrap();
@@ -666,11 +680,7 @@ fn client_vanishing_mid_handshake_frees_everything() {
                 assert_eq!(read_n(&mut s, 2), vec![5, 2], "{name}");
             }
             s.write_all(bytes).unwrap();
-            if reset {
-                abort_close(s);
-            } else {
-                drop(s);
-            }
+            vanish(s, reset);
             clients += 1;
         }
         // Vanishing while the outbound connect is in flight (the target never answers the SYN): the proxy only
@@ -678,17 +688,70 @@ fn client_vanishing_mid_handshake_frees_everything() {
         let mut s = connect(p.addr());
         auth(&mut s);
         s.write_all(&socks5_request(1, hole_addr)).unwrap();
-        if reset {
-            abort_close(s);
-        } else {
-            drop(s);
-        }
+        vanish(s, reset);
         clients += 1;
+        // A complete CONNECT, gone before reading the reply.
+        let mut s = connect(p.addr());
+        auth(&mut s);
+        s.write_all(&socks5_request(1, echo.addr)).unwrap();
+        vanish(s, reset);
+        // A UDP association that relayed one datagram: its two UDP sockets must go with the control connection.
+        let mut s = connect(p.addr());
+        auth(&mut s);
+        s.write_all(&socks5_request(3, SocketAddr::from(([0, 0, 0, 0], 0))))
+            .unwrap();
+        let (rep, relay) = read_socks5_reply(&mut s);
+        assert_eq!(rep, 0, "UDP ASSOCIATE");
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        u.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut dgram = vec![0, 0, 0, 1, 127, 0, 0, 1];
+        dgram.extend_from_slice(&udp_echo.addr.port().to_be_bytes());
+        dgram.extend_from_slice(b"ping");
+        u.send_to(&dgram, relay).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, _) = u
+            .recv_from(&mut buf)
+            .expect("UDP echo through the association");
+        assert!(buf[..n].ends_with(b"ping"));
+        vanish(s, reset);
+        // A BIND whose listener is still waiting.
+        let mut s = connect(p.addr());
+        auth(&mut s);
+        s.write_all(&socks5_request(2, SocketAddr::from(([0, 0, 0, 0], 0))))
+            .unwrap();
+        assert_eq!(read_socks5_reply(&mut s).0, 0, "BIND first reply");
+        vanish(s, reset);
+        // A BIND whose inbound peer connected: the peer must see the close.
+        let mut s = connect(p.addr());
+        auth(&mut s);
+        s.write_all(&socks5_request(2, SocketAddr::from(([0, 0, 0, 0], 0))))
+            .unwrap();
+        let (rep, bound) = read_socks5_reply(&mut s);
+        assert_eq!(rep, 0, "BIND first reply");
+        let mut peer = connect(bound);
+        assert_eq!(read_socks5_reply(&mut s).0, 0, "BIND second reply");
+        peer.write_all(b"hello").unwrap();
+        assert_eq!(read_n(&mut s, 5), b"hello");
+        vanish(s, reset);
+        assert!(
+            closed(&mut peer),
+            "the BIND peer's connection stayed open after the client left"
+        );
+        clients += 5;
     }
     assert!(clients > 20);
     assert_serves_auth(&p, echo.addr, auth);
     assert_settled(&p, fd_base, "after clients vanished mid-handshake");
     drop(hole);
+}
+
+/// Closes with a reset or a FIN.
+fn vanish(s: TcpStream, reset: bool) {
+    if reset {
+        abort_close(s);
+    } else {
+        drop(s);
+    }
 }
 
 fn assert_serves_auth(p: &Proxy, echo: SocketAddr, auth: impl Fn(&mut TcpStream)) {
@@ -891,10 +954,10 @@ fn pipelined_payload_is_relayed() {
 // Resource exhaustion
 // ---------------------------------------------------------------------------------------------------------------
 
-/// Out of descriptors (`ulimit -n 64`, ~100 clients): the proxy pauses accepting instead of spinning (under 0.5 s of
-/// CPU over 2 s while exhausted, with new connections knocking), answers a CONNECT it cannot open a socket for with
-/// 0x01, keeps relaying established tunnels, serves every waiting client once descriptors free up, and then serves
-/// a fresh client normally with descriptors back at the baseline.
+/// Out of descriptors (`ulimit -n 64`, ~100 clients doing SOCKS5 handshakes): the proxy pauses accepting instead
+/// of spinning (under 0.5 s of CPU over 2 s while exhausted, with new connections knocking), answers CONNECTs it
+/// cannot open a socket for with 0x01, keeps relaying established tunnels, serves every waiting client once
+/// descriptors free up, and then serves a fresh client normally with descriptors back at the baseline.
 #[test]
 fn fd_exhaustion_pauses_accept_without_spinning() {
     const LIMIT: usize = 64;
@@ -993,17 +1056,37 @@ fn fd_exhaustion_pauses_accept_without_spinning() {
     let mut s = served.pop().unwrap();
     s.write_all(&socks5_request(1, echo.addr)).unwrap();
     let (rep, _) = read_socks5_reply(&mut s);
-    assert_eq!(rep, 0x01, "CONNECT while out of descriptors");
+    assert_eq!(rep, 0x01, "a CONNECT while out of descriptors");
     assert!(closed(&mut s), "no close after the failure reply");
     drop(s);
 
-    // Established tunnels still relay.
+    // Every other served client sends its CONNECT at once. Each needs a descriptor; one freed by a failed client
+    // may go to a waiting client or to a CONNECT, so each answer is a success or a general failure, never silence.
+    for s in served.iter_mut() {
+        s.write_all(&socks5_request(1, echo.addr)).unwrap();
+    }
+    let mut failed = 0;
+    for mut s in served.drain(..) {
+        match read_socks5_reply(&mut s).0 {
+            0x00 => tunnels.push(s),
+            0x01 => {
+                failed += 1;
+                assert!(closed(&mut s), "no close after the failure reply");
+            }
+            other => panic!("CONNECT while out of descriptors answered {other:#04x}"),
+        }
+    }
+    assert!(
+        failed > 0,
+        "every CONNECT got a descriptor although none were free"
+    );
+
+    // Established tunnels (old and new) still relay.
     for (i, t) in tunnels.iter_mut().enumerate() {
         roundtrip(t, 70 + i as u64, 64 * KIB);
     }
 
-    // Close the served clients: every waiting one is accepted and served in turn (each closed once served).
-    drop(served);
+    // Every waiting client is accepted and served in turn (each closed once served).
     let mut done = Vec::new();
     let all = wait_until(Duration::from_secs(120), &mut || {
         collect_method_replies(&mut waiting, &mut done);
@@ -1019,6 +1102,125 @@ fn fd_exhaustion_pauses_accept_without_spinning() {
     tunnels.clear();
     assert_serves(&p, echo.addr);
     assert_settled(&p, fd_base, "after descriptor exhaustion");
+}
+
+/// Starts a one-worker proxy under `ulimit -n LIMIT` and exhausts its descriptors with clients that send a SOCKS5
+/// greeting and wait (the surplus waits in the listen backlog). `before` runs first, with descriptors to spare.
+fn exhausted_proxy<T>(
+    extra: &[&str],
+    before: impl FnOnce(&Proxy) -> T,
+) -> (Proxy, usize, T, Vec<TcpStream>) {
+    const LIMIT: usize = 32;
+    let mut args = vec!["-l", "127.0.0.1:0", "-t", "1", "--metrics", "127.0.0.1:0"];
+    args.extend_from_slice(&["--handshake-timeout", "600s"]);
+    args.extend_from_slice(extra);
+    let p = Proxy::spawn_in_shell(&format!("ulimit -n {LIMIT}"), &args);
+    let echo = TestServer::echo();
+    let fd_base = baseline(&p, echo.addr);
+    let low_base = fds_below(p.pid(), LIMIT);
+    assert!(
+        low_base + 8 < LIMIT,
+        "baseline of {low_base} fds leaves no room under {LIMIT}"
+    );
+    let state = before(&p);
+    let hogs: Vec<TcpStream> = (0..LIMIT)
+        .map(|_| {
+            let mut s = connect(p.addr());
+            s.write_all(&[5, 1, 0]).unwrap();
+            s
+        })
+        .collect();
+    let pid = p.pid();
+    assert!(
+        p.wait_for(Duration::from_secs(60), || fds_below(pid, LIMIT) == LIMIT),
+        "the proxy never reached its descriptor limit"
+    );
+    assert!(
+        p.wait_for(Duration::from_secs(30), || p
+            .log()
+            .contains("pausing accepts")),
+        "no 'pausing accepts' in the log"
+    );
+    (p, fd_base, state, hogs)
+}
+
+/// Frees the descriptors taken by `hogs` and waits until the proxy is back to `fd_base` plus `extra` descriptors.
+fn release_hogs(p: &Proxy, hogs: Vec<TcpStream>, fd_base: usize, extra: usize) {
+    drop(hogs);
+    assert!(
+        p.wait_for(Duration::from_secs(60), || p.fd_count() <= fd_base + extra),
+        "descriptors not freed: {} (baseline {fd_base} + {extra})",
+        p.fd_count()
+    );
+}
+
+/// A `/metrics` scrape that arrives while the proxy is out of descriptors cannot be accepted then, but must be
+/// answered once descriptors are free again, without waiting for another connection to the metrics port.
+#[test]
+fn metrics_scrape_during_fd_exhaustion_is_answered_afterwards() {
+    let (p, fd_base, (), hogs) = exhausted_proxy(&[], |_| ());
+    let metrics = p.metrics.expect("metrics address");
+    let scrape = thread::spawn(move || -> Result<String, String> {
+        let mut s = TcpStream::connect_timeout(&metrics, IO_TIMEOUT).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)
+            .map_err(|e| format!("{e} after {} bytes", out.len()))?;
+        Ok(out)
+    });
+    // Give the control thread time to see the connection (and fail to accept it) while still exhausted. Best
+    // effort: on a slower machine the test may pass without exercising the case, it cannot fail because of it.
+    thread::sleep(Duration::from_millis(500));
+    release_hogs(&p, hogs, fd_base, 0);
+    // No other connection to the metrics port may be made meanwhile: it would trigger the accept.
+    let answered = wait_until(Duration::from_secs(30), &mut || scrape.is_finished());
+    assert!(
+        answered,
+        "a /metrics scrape made while out of descriptors is still unanswered 30 s after they were freed \
+         (it stays in the metrics listener's accept queue until another connection arrives)"
+    );
+    let out = scrape.join().expect("scrape thread");
+    assert!(
+        out.as_ref().is_ok_and(|t| t.starts_with("HTTP/1.1 200")),
+        "{out:?}"
+    );
+}
+
+/// A BIND whose inbound peer connects while the proxy is out of descriptors: the peer cannot be accepted then, but
+/// must be once descriptors are free again (second reply, relay), not only at `--bind-timeout`.
+#[test]
+fn bind_peer_arriving_during_fd_exhaustion_is_accepted_afterwards() {
+    let (p, fd_base, (mut client, bound), hogs) =
+        exhausted_proxy(&["--bind-timeout", "600s"], |p| {
+            let mut s = connect(p.addr());
+            s.write_all(&[5, 1, 0]).unwrap();
+            assert_eq!(read_n(&mut s, 2), vec![5, 0]);
+            s.write_all(&socks5_request(2, SocketAddr::from(([0, 0, 0, 0], 0))))
+                .unwrap();
+            let (rep, bound) = read_socks5_reply(&mut s);
+            assert_eq!(rep, 0, "BIND first reply");
+            (s, bound)
+        });
+    // The peer's connection completes in the kernel (the BIND listener's backlog); the proxy cannot accept it yet.
+    let mut peer = connect(bound);
+    // Give the worker time to see the peer (and fail to accept it) while still exhausted. Best effort, as above.
+    thread::sleep(Duration::from_millis(500));
+    release_hogs(&p, hogs, fd_base, 2);
+    client
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut second = [0u8; 10];
+    let got = client.read_exact(&mut second);
+    assert!(
+        got.is_ok(),
+        "no second BIND reply 30 s after descriptors were freed ({got:?}): the peer that connected during the \
+         exhaustion is still in the BIND listener's accept queue"
+    );
+    assert_eq!(second[..2], [5, 0], "second BIND reply {second:02x?}");
+    peer.write_all(b"through").unwrap();
+    assert_eq!(read_n(&mut client, 7), b"through");
 }
 
 /// How many descriptors of a process have numbers below `limit` (the ones RLIMIT_NOFILE counts against).
@@ -1081,6 +1283,8 @@ fn churn(sessions: usize, threads: usize) {
     let fd_base = baseline(&p, echo.addr);
     let ok_series = "socksgate_handshakes_total{protocol=\"socks5\",outcome=\"ok\"}";
     let ok_before = p.metric(ok_series);
+    let rss0 = rss_kib(p.pid());
+    let started = Instant::now();
     let next = Arc::new(AtomicUsize::new(0));
     let ok = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(Mutex::new(Vec::new()));
@@ -1112,6 +1316,11 @@ fn churn(sessions: usize, threads: usize) {
         "{} of {sessions} sessions failed; first ones: {:?}",
         failures.len(),
         &failures[..failures.len().min(10)]
+    );
+    eprintln!(
+        "churn: {sessions} sessions from {threads} threads in {:?}; proxy RSS {rss0} -> {} KiB",
+        started.elapsed(),
+        rss_kib(p.pid())
     );
     assert_settled(&p, fd_base, "after churn");
     assert_eq!(
@@ -1161,6 +1370,7 @@ fn soak(tunnels: usize, bytes: usize) {
         .collect();
     connected.wait();
     let g = gauges(&p);
+    let started = Instant::now();
     go.wait();
     let mut failures = Vec::new();
     for (i, h) in handles.into_iter().enumerate() {
@@ -1173,6 +1383,11 @@ fn soak(tunnels: usize, bytes: usize) {
         "{} of {tunnels} tunnels failed; first ones: {:?}",
         failures.len(),
         &failures[..failures.len().min(10)]
+    );
+    eprintln!(
+        "soak: {tunnels} tunnels x {bytes} bytes each way in {:?}; proxy RSS {} KiB",
+        started.elapsed(),
+        rss_kib(p.pid())
     );
     assert_eq!(g.sessions, tunnels as u64, "tunnels open at once: {g:?}");
     assert_eq!(
@@ -1677,7 +1892,9 @@ fn garbage(random: usize, stride: usize, seed: u64) {
     cases.extend(enumerated_cases(stride));
     cases.extend(random_cases(random, seed));
     let total = cases.len();
+    let started = Instant::now();
     let failures = run_cases(&p, cases);
+    eprintln!("garbage: {total} connections in {:?}", started.elapsed());
     assert!(
         failures.is_empty(),
         "{} of {total} garbage cases failed; first ones:\n{}",
