@@ -617,3 +617,129 @@ pub fn wait_metric(proxy: &Proxy, series: &str, want: u64) {
     });
     assert!(ok, "{series} is {last}, expected {want}");
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Helpers for tests/faults.rs: starting the proxy under resource limits, process accounting from /proc, resets.
+// ---------------------------------------------------------------------------------------------------------------
+
+impl Proxy {
+    /// Like [`Proxy::spawn`], but runs `shell_prefix` (e.g. `ulimit -n 64`) in `sh -c` first, which then `exec`s the
+    /// binary with `args`: the pid stays the same, so `pid()`, `fd_count()` and `signal()` reach the proxy itself.
+    pub fn spawn_in_shell(shell_prefix: &str, args: &[&str]) -> Proxy {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("{shell_prefix}; exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_socksgate"))
+            .args(args);
+        Proxy::spawn_command(cmd, args)
+    }
+
+    /// Starts `cmd`, which must end up running the socksgate binary with `args`, and waits for its `listening on`
+    /// lines (and the metrics line with `--metrics`), as [`Proxy::spawn`] does.
+    pub fn spawn_command(mut cmd: Command, args: &[&str]) -> Proxy {
+        let dir = std::env::temp_dir().join(format!("socksgate-test-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let stderr_path = dir.join(format!("stderr-cmd-{}.log", unique()));
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let mut child = cmd
+            .env(
+                "RUST_LOG",
+                std::env::var("SOCKSGATE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .expect("spawn socksgate");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut addrs = Vec::new();
+        let mut metrics = None;
+        let expected = args
+            .iter()
+            .filter(|a| **a == "-l" || **a == "--listen")
+            .count()
+            .max(1);
+        let mut line = String::new();
+        while addrs.len() < expected || (args.contains(&"--metrics") && metrics.is_none()) {
+            line.clear();
+            let n = stdout.read_line(&mut line).expect("read stdout");
+            if n == 0 {
+                let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                panic!("socksgate exited before listening: {err}");
+            }
+            if let Some(a) = line.trim().strip_prefix("socksgate: listening on ") {
+                addrs.push(a.parse().expect("listen addr"));
+            } else if let Some(a) = line.trim().strip_prefix("socksgate: metrics on http://") {
+                metrics = Some(
+                    a.trim_end_matches("/metrics")
+                        .parse()
+                        .expect("metrics addr"),
+                );
+            }
+        }
+        Proxy {
+            child,
+            addrs,
+            metrics,
+            stdout: Some(stdout),
+            stderr_path,
+        }
+    }
+}
+
+/// Resident set size of a process in KiB (`VmRSS` in /proc/PID/status); 0 when unreadable.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Clock ticks per second for /proc/PID/stat times (`getconf CLK_TCK`, 100 when unavailable).
+pub fn clock_ticks_per_second() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|&t| t > 0)
+        .unwrap_or(100)
+}
+
+/// CPU time a process has used so far (utime + stime from /proc/PID/stat, all threads), in clock ticks.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    // The command name may contain spaces and parentheses: fields are counted after the last ')'. There, index 0
+    // is field 3 (state), so utime (field 14) is index 11 and stime (field 15) index 12.
+    let rest = &stat[stat.rfind(')').expect("stat format") + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields[11].parse().expect("utime");
+    let stime: u64 = fields[12].parse().expect("stime");
+    utime + stime
+}
+
+/// What each open descriptor of a process points to (`socket:[N]`, `anon_inode:[eventpoll]`, ...), for diagnostics.
+pub fn fd_targets(pid: u32) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| {
+                    std::fs::read_link(e.path())
+                        .map(|t| t.display().to_string())
+                        .unwrap_or_else(|_| "?".into())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// Closes a socket with a reset instead of a FIN (SO_LINGER 0), as a crashing or hostile peer would.
+pub fn abort_close(s: TcpStream) {
+    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    drop(s);
+}
