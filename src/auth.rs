@@ -138,7 +138,7 @@ fn check_bcrypt(s: &str) -> Result<(), String> {
 /// Constant-time equality for plain passwords. The work depends only on the candidate's length (which the client
 /// already knows): every candidate byte is XORed with a secret byte and OR-accumulated, the length difference is
 /// folded in, and there is no early exit, so timing reveals neither where a mismatch is nor how long the secret is.
-fn ct_eq(candidate: &[u8], secret: &[u8]) -> bool {
+pub(crate) fn ct_eq(candidate: &[u8], secret: &[u8]) -> bool {
     let mut diff = candidate.len() ^ secret.len();
     let n = secret.len().max(1);
     for (i, &c) in candidate.iter().enumerate() {

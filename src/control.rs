@@ -227,6 +227,7 @@ pub fn run(cfg: Config) -> io::Result<()> {
     let mut events = Events::with_capacity(64);
     let mut scrapes: Slab<Scrape> = Slab::new();
     let mut draining = false;
+    let mut metrics_backlog = false;
     loop {
         match poll.poll(&mut events, Some(Duration::from_millis(100))) {
             Ok(()) => {}
@@ -253,7 +254,7 @@ pub fn run(cfg: Config) -> io::Result<()> {
                 }
                 METRICS => {
                     if let Some(l) = metrics_listener.as_mut() {
-                        accept_scrapes(l, &mut poll, &mut scrapes);
+                        metrics_backlog = accept_scrapes(l, &mut poll, &mut scrapes);
                     }
                 }
                 Token(key) => {
@@ -263,6 +264,13 @@ pub fn run(cfg: Config) -> io::Result<()> {
                         }
                     }
                 }
+            }
+        }
+        // Out of descriptors at the last accept: the edge-triggered listener raises no new event for connections
+        // already queued, so try again every loop turn (100 ms) until the backlog is drained.
+        if metrics_backlog {
+            if let Some(l) = metrics_listener.as_mut() {
+                metrics_backlog = accept_scrapes(l, &mut poll, &mut scrapes);
             }
         }
         let now = Instant::now();
@@ -305,7 +313,8 @@ fn reload(server: &Server) {
     }
 }
 
-fn accept_scrapes(l: &mut TcpListener, poll: &mut Poll, scrapes: &mut Slab<Scrape>) {
+/// Accepts pending scrapes; true when it stopped on resource exhaustion with connections possibly still queued.
+fn accept_scrapes(l: &mut TcpListener, poll: &mut Poll, scrapes: &mut Slab<Scrape>) -> bool {
     loop {
         match l.accept() {
             Ok((mut stream, _)) => {
@@ -331,8 +340,8 @@ fn accept_scrapes(l: &mut TcpListener, poll: &mut Poll, scrapes: &mut Slab<Scrap
                     });
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(e) if net::is_resource_exhaustion(&e) => return,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if net::is_resource_exhaustion(&e) => return true,
             Err(_) => continue,
         }
     }

@@ -35,12 +35,22 @@ impl Worker {
                 return;
             };
             match listener.accept() {
-                Ok((stream, peer)) => self.admit(stream, peer),
+                Ok((stream, peer)) => {
+                    self.exhausted = false;
+                    self.admit(stream, peer)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
                 Err(e) if net::is_resource_exhaustion(&e) => {
-                    warn!("worker {}: accept: {e}; pausing accepts", self.id);
+                    // Once per episode, not once per 50 ms retry.
+                    if !self.exhausted {
+                        self.exhausted = true;
+                        warn!(
+                            "worker {}: accept: {e}; pausing accepts until descriptors free up",
+                            self.id
+                        );
+                    }
                     self.pause_accept();
                     return;
                 }

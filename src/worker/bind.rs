@@ -6,6 +6,7 @@
 //! sent meanwhile stay in its buffer and are relayed first.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::{Duration, Instant};
 
 use log::debug;
 use mio::net::TcpListener;
@@ -25,6 +26,8 @@ use crate::proto::{canonical_ip, socks4, socks5, Failure, TargetAddr};
 pub struct BindState {
     listener: TcpListener,
     readable: bool,
+    /// When nobody connecting means failure.
+    deadline: Instant,
     expected: Option<IpAddr>,
     reply: ReplyKind,
 }
@@ -106,6 +109,7 @@ pub fn start(
     conn.phase = Phase::Bind(Box::new(BindState {
         listener,
         readable: true,
+        deadline: ctx.now + ctx.cfg.bind_timeout,
         expected,
         reply,
     }));
@@ -143,6 +147,13 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => b.readable = false,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if net::is_resource_exhaustion(&e) => {
+                // Out of descriptors: the peer stays queued, and no new event will come for it, so look again
+                // shortly (the same timer kind; `on_timeout` tells a retry from the deadline).
+                ctx.timers
+                    .push(ctx.now + RETRY, key, conn.gen, TimerKind::Bind);
+                return Next::Wait;
+            }
             Err(_) => b.readable = false,
         }
     }
@@ -184,11 +195,18 @@ fn accepted(
     Next::Again
 }
 
-/// Nobody connected within `--bind-timeout`: send the failure as the second reply and close.
+/// How soon to retry an accept that failed for lack of descriptors.
+const RETRY: Duration = Duration::from_millis(50);
+
+/// A BIND timer popped: retry a starved accept, or (at the deadline) send the failure as the second reply.
 pub fn on_timeout(conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    let Phase::Bind(b) = &conn.phase else {
+    let Phase::Bind(b) = &mut conn.phase else {
         return Next::Wait;
     };
+    if ctx.now < b.deadline {
+        b.readable = true;
+        return Next::Again;
+    }
     let reply = b.reply;
     ctx.stats.connect_error(Failure::TimedOut);
     reply_failure(conn, ctx, reply, Failure::TimedOut)

@@ -44,6 +44,8 @@ pub struct Sock {
     pub readable: bool,
     /// A write may make progress.
     pub writable: bool,
+    /// The kernel reported an error (typically a reset) on this socket.
+    pub error: bool,
 }
 
 impl Sock {
@@ -53,6 +55,7 @@ impl Sock {
             stream,
             readable: false,
             writable: false,
+            error: false,
         }
     }
 
@@ -63,6 +66,9 @@ impl Sock {
         }
         if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
             self.writable = true;
+        }
+        if ev.is_error() {
+            self.error = true;
         }
     }
 

@@ -24,6 +24,15 @@ use crate::proto::http::{self as h, BodyFramer, RequestKind, ResponseContext, Re
 use crate::proto::{Failure, Parse, ProtoError, TargetAddr};
 use crate::resolve::Work;
 
+/// The credential bytes that passed verification, kept to recognise them on the next request.
+fn auth_token(user: &[u8], pass: &[u8]) -> Box<[u8]> {
+    let mut t = Vec::with_capacity(user.len() + 1 + pass.len());
+    t.extend_from_slice(user);
+    t.push(0);
+    t.extend_from_slice(pass);
+    t.into_boxed_slice()
+}
+
 /// Forwarding state of one client connection.
 pub struct HttpState {
     /// The origin the current upstream socket is connected to.
@@ -54,6 +63,11 @@ pub struct HttpState {
     down_ready: usize,
     /// Anything of the response reached the client (after that, errors can only close).
     resp_started: bool,
+    /// The origin reset while the request was still being sent: deliver whatever response it managed to send,
+    /// then close the client connection.
+    abandoned: bool,
+    /// Credentials that passed verification on this connection (user NUL pass).
+    auth_token: Option<Box<[u8]>>,
 }
 
 impl HttpState {
@@ -73,6 +87,8 @@ impl HttpState {
             resp_body: BodyFramer::new(h::BodyKind::None),
             down_ready: 0,
             resp_started: false,
+            abandoned: false,
+            auth_token: None,
         }
     }
 }
@@ -113,6 +129,10 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 "client_eof"
             });
         }
+        // A kept-alive connection between requests holds no buffer.
+        if let Some(b) = conn.c2u.take() {
+            ctx.pool.give(b);
+        }
         return Next::Wait;
     }
     let req = match h::parse_request(data, max, &opts, &mut ctx.head_out) {
@@ -139,8 +159,18 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Err(e) => return bad_request(conn, ctx, e),
     };
     let head = std::mem::take(&mut ctx.head_out);
-    // Proxy authentication (RFC 9110 §11.7): the credentials are consumed here and never forwarded.
-    if !ctx.users.is_empty() && conn.user.is_none() {
+    // Proxy authentication (RFC 9110 §11.7), on every request of a kept-alive connection (Basic credentials are
+    // per request); the credentials are consumed here and never forwarded. Credentials equal to the ones that
+    // already passed on this connection are accepted without verifying a slow hash again.
+    if !ctx.users.is_empty() {
+        if let (Some(c), Some(token)) = (
+            req.credentials.as_ref(),
+            conn.http.as_ref().and_then(|h| h.auth_token.as_deref()),
+        ) {
+            if conn.user.is_some() && crate::auth::ct_eq(&auth_token(c.user(), c.pass()), token) {
+                return proceed(key, conn, ctx, req, head);
+            }
+        }
         let verdict = match req.credentials.as_ref() {
             Some(c) if ctx.users.needs_slow_verify(c.user()) => {
                 let work = Work::Verify {
@@ -175,7 +205,14 @@ pub fn on_verified(
 ) -> Next {
     match verdict {
         Some(user) => {
-            conn.user = Some(user);
+            if let Some(c) = req.credentials.as_ref() {
+                let st = conn.http.get_or_insert_with(|| Box::new(HttpState::new()));
+                st.auth_token = Some(auth_token(c.user(), c.pass()));
+            }
+            // Sessions are counted against the user that first authenticated on the connection.
+            if conn.user.is_none() {
+                conn.user = Some(user);
+            }
             proceed(key, conn, ctx, req, head)
         }
         None => {
@@ -220,6 +257,7 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, req: h::Request, head: Ve
     st.resp_body = BodyFramer::new(h::BodyKind::None);
     st.down_ready = 0;
     st.resp_started = false;
+    st.abandoned = false;
     conn.to_upstream.clear();
     conn.to_upstream.extend_from_slice(&head);
     if ctx.head_out.capacity() == 0 {
@@ -302,6 +340,20 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let mut progress = false;
     match upward(conn, ctx) {
         Ok(p) => progress |= p,
+        Err("upstream_reset") => {
+            // The origin stopped taking the request (say it answered 413 and reset): what it sent before the
+            // reset is still readable, so deliver that response, then close.
+            if let Some(st) = conn.http.as_mut() {
+                st.req_done = true;
+                st.abandoned = true;
+                st.up_ready = 0;
+            }
+            conn.to_upstream.clear();
+        }
+        Err("bad_request_body") if !conn.http.as_ref().is_some_and(|s| s.resp_started) => {
+            drop_upstream(conn, ctx);
+            return send_status(conn, ctx, 400);
+        }
         Err(r) => return Next::Close(r),
     }
     match downward(conn, ctx) {
@@ -322,7 +374,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         return if progress { Next::Again } else { Next::Wait };
     }
     // The response is complete and delivered.
-    if !st.req_done || !st.keep_client || ctx.draining {
+    if !st.req_done || st.abandoned || !st.keep_client || ctx.draining || conn.up.eof {
         // The client still sends a body we will not read, or asked to close: end gracefully.
         return finish(conn, ctx);
     }
@@ -398,7 +450,21 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, &'static str> {
     let Some(st) = conn.http.as_mut() else {
         return Ok(progress);
     };
+    if conn.client.error {
+        return Err("client_reset");
+    }
     if st.req_done {
+        // Keep watching the client while the response is awaited: a reset (or close) must not leave both sockets
+        // open until the idle timeout. Bytes it sends now are its next (pipelined) request: keep them.
+        let buf = conn.c2u.get_or_insert_with(|| ctx.pool.take());
+        while conn.client.readable && !conn.up.eof && !buf.is_full() {
+            match conn.client.read(buf.space()) {
+                Ok(Some(0)) => conn.up.eof = true,
+                Ok(Some(n)) => buf.fill(n),
+                Ok(None) => break,
+                Err(_) => return Err("client_reset"),
+            }
+        }
         return Ok(progress);
     }
     for _ in 0..32 {
@@ -476,7 +542,12 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
             if !buf.is_empty() {
                 let rctx = ResponseContext {
                     request_is_head: st.is_head,
-                    client_keep_alive: st.client_keep_alive && !ctx.draining,
+                    // A response that arrives before the request is complete ends the connection (we will not
+                    // read the rest of that body), so it must say `Connection: close`.
+                    client_keep_alive: st.client_keep_alive
+                        && !ctx.draining
+                        && st.req_done
+                        && !st.abandoned,
                     client_minor_version: st.minor,
                     via: ctx.cfg.via.as_deref(),
                 };

@@ -132,6 +132,8 @@ pub struct Worker {
     replies: Receiver<Reply>,
     open: Arc<AtomicUsize>,
     accept_paused: bool,
+    /// Accept failed for lack of descriptors (warned once until an accept succeeds again).
+    exhausted: bool,
     next_gen: u32,
     drain_deadline: Option<Instant>,
 }
@@ -195,6 +197,7 @@ impl Worker {
             replies,
             open: Arc::clone(&shared.open),
             accept_paused: false,
+            exhausted: false,
             next_gen: 0,
             drain_deadline: None,
         })
@@ -452,6 +455,16 @@ impl Worker {
         };
         // The client and upstream sockets are not deregistered: they were never dup'd, so closing them (when
         // `conn` drops below) removes them from the epoll set, and two epoll_ctl calls per connection are saved.
+        // A reset on one side is passed on as a reset (SO_LINGER 0), not a clean EOF: a peer that frames its data
+        // by EOF must not mistake a cut-off stream for a complete one.
+        let abort = match reason {
+            "upstream_reset" => Some(&conn.client.stream),
+            "client_reset" => conn.upstream.as_ref().map(|u| &u.stream),
+            _ => None,
+        };
+        if let Some(s) = abort {
+            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+        }
         let registry = self.poll.registry();
         match &mut conn.phase {
             Phase::Udp(u) => udp::release(u, registry),

@@ -153,6 +153,14 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
     if conn.up.shut && conn.down.shut {
         return Next::Close("done");
     }
+    // A reset peer is gone: what could be delivered was delivered above. Without this check a reset client whose
+    // target is not reading (so the client is not being read) would hold the tunnel until the idle timeout.
+    if conn.client.error {
+        return Next::Close("client_reset");
+    }
+    if conn.upstream.as_ref().is_some_and(|u| u.error) {
+        return Next::Close("upstream_reset");
+    }
     if more {
         Next::Yield
     } else {
