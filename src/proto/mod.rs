@@ -9,6 +9,48 @@
 //! Encoders write into a caller-supplied `&mut [u8]` and return the number of bytes written.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+// Shared by the parsers' unit tests; defined before the modules so they are in scope there.
+/// Test helper: feeds every strict prefix (must be Incomplete), the whole message (Done, full length), the message followed
+/// by `next` (Done, stops at the first message) and the message followed by junk.
+#[cfg(test)]
+macro_rules! check_valid {
+    ($parse:expr, $msg:expr, $expected:expr, $next:expr) => {{
+        let msg: &[u8] = $msg;
+        for k in 0..msg.len() {
+            assert_eq!(
+                $parse(&msg[..k]),
+                Ok(Parse::Incomplete),
+                "prefix {k} of {msg:?}"
+            );
+        }
+        assert_eq!($parse(msg), Ok(Parse::Done($expected, msg.len())));
+        let mut joined = msg.to_vec();
+        joined.extend_from_slice($next);
+        assert_eq!($parse(&joined[..]), Ok(Parse::Done($expected, msg.len())));
+        let mut junk = msg.to_vec();
+        junk.extend_from_slice(&[0xff; 600]);
+        assert_eq!($parse(&junk[..]), Ok(Parse::Done($expected, msg.len())));
+    }};
+}
+
+/// The error must appear exactly once the first `at` bytes are in, and stay for every longer prefix.
+#[cfg(test)]
+macro_rules! check_err {
+    ($parse:expr, $msg:expr, $err:expr, $at:expr) => {{
+        let msg: &[u8] = $msg;
+        for k in 0..$at {
+            assert_eq!(
+                $parse(&msg[..k]),
+                Ok(Parse::Incomplete),
+                "prefix {k} of {msg:?}"
+            );
+        }
+        for k in $at..=msg.len() {
+            assert_eq!($parse(&msg[..k]), Err($err), "prefix {k} of {msg:?}");
+        }
+    }};
+}
+
 pub mod detect;
 pub mod http;
 pub mod proxy_protocol;

@@ -263,45 +263,6 @@ mod tests {
     use crate::proto::Name;
     use std::net::SocketAddr;
 
-    /// Feeds every strict prefix (must be Incomplete), the whole message (Done, full length), the message followed
-    /// by `next` (Done, stops at the first message) and the message followed by junk.
-    macro_rules! check_valid {
-        ($parse:expr, $msg:expr, $expected:expr, $next:expr) => {{
-            let msg: &[u8] = $msg;
-            for k in 0..msg.len() {
-                assert_eq!(
-                    $parse(&msg[..k]),
-                    Ok(Parse::Incomplete),
-                    "prefix {k} of {msg:?}"
-                );
-            }
-            assert_eq!($parse(msg), Ok(Parse::Done($expected, msg.len())));
-            let mut joined = msg.to_vec();
-            joined.extend_from_slice($next);
-            assert_eq!($parse(&joined[..]), Ok(Parse::Done($expected, msg.len())));
-            let mut junk = msg.to_vec();
-            junk.extend_from_slice(&[0xff; 300]);
-            assert_eq!($parse(&junk[..]), Ok(Parse::Done($expected, msg.len())));
-        }};
-    }
-
-    /// The error must appear exactly once the first `at` bytes are in, and stay for every longer prefix.
-    macro_rules! check_err {
-        ($parse:expr, $msg:expr, $err:expr, $at:expr) => {{
-            let msg: &[u8] = $msg;
-            for k in 0..$at {
-                assert_eq!(
-                    $parse(&msg[..k]),
-                    Ok(Parse::Incomplete),
-                    "prefix {k} of {msg:?}"
-                );
-            }
-            for k in $at..=msg.len() {
-                assert_eq!($parse(&msg[..k]), Err($err), "prefix {k} of {msg:?}");
-            }
-        }};
-    }
-
     fn ip(s: &str) -> TargetAddr {
         TargetAddr::Ip(s.parse::<SocketAddr>().unwrap())
     }
