@@ -30,54 +30,9 @@ pub struct Proxy {
 impl Proxy {
     /// Starts the binary with `args` (add `-l 127.0.0.1:0` yourself or use [`Proxy::start`]).
     pub fn spawn(args: &[&str]) -> Proxy {
-        let dir = std::env::temp_dir().join(format!("socksgate-test-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let stderr_path = dir.join(format!("stderr-{}.log", unique()));
-        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_socksgate"))
-            .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("SOCKSGATE_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
-            .spawn()
-            .expect("spawn socksgate");
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut addrs = Vec::new();
-        let mut metrics = None;
-        let expected = args
-            .iter()
-            .filter(|a| **a == "-l" || **a == "--listen")
-            .count()
-            .max(1);
-        let mut line = String::new();
-        while addrs.len() < expected || (args.contains(&"--metrics") && metrics.is_none()) {
-            line.clear();
-            let n = stdout.read_line(&mut line).expect("read stdout");
-            if n == 0 {
-                let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-                panic!("socksgate exited before listening: {err}");
-            }
-            if let Some(a) = line.trim().strip_prefix("socksgate: listening on ") {
-                addrs.push(a.parse().expect("listen addr"));
-            } else if let Some(a) = line.trim().strip_prefix("socksgate: metrics on http://") {
-                metrics = Some(
-                    a.trim_end_matches("/metrics")
-                        .parse()
-                        .expect("metrics addr"),
-                );
-            }
-        }
-        Proxy {
-            child,
-            addrs,
-            metrics,
-            stdout: Some(stdout),
-            stderr_path,
-        }
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_socksgate"));
+        cmd.args(args);
+        Proxy::spawn_command(cmd, args)
     }
 
     /// Starts on 127.0.0.1:0 with extra args.
