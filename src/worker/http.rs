@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use log::debug;
 
-use super::conn::{Conn, Dest, PendingAuth, Phase, ReplyKind};
+use super::conn::{Conn, Dest, PendingAuth, Phase, ReplyKind, Sock};
 use super::connect::{self, drop_upstream};
 use super::handshake::{self, enter_linger, fill_client, reply_failure, user_admit};
 use super::{Ctx, Next};
@@ -433,6 +433,40 @@ fn between_requests(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     on_head(key, conn, ctx)
 }
 
+/// Why forwarding a framed body stopped.
+enum Framed {
+    /// The body's framing is invalid.
+    Body,
+    /// Writing to the sink failed.
+    Sink,
+}
+
+/// Frames the newly buffered bytes of a body (`ready` counts the bytes at the front of `buf` already known to be
+/// body) and writes the framed bytes to `sink`; returns how many were written. Bytes after the end of the body stay
+/// in `buf`: they are the next message.
+fn forward_framed(
+    framer: &mut BodyFramer,
+    ready: &mut usize,
+    buf: &mut Buffer,
+    sink: &mut Sock,
+) -> Result<usize, Framed> {
+    if !framer.is_done() {
+        let fresh = buf.data().get(*ready..).unwrap_or(&[]);
+        if !fresh.is_empty() {
+            *ready += framer.advance(fresh).map_err(|_| Framed::Body)?;
+        }
+    }
+    if *ready == 0 {
+        return Ok(0);
+    }
+    let n = sink
+        .write_some(&buf.data()[..*ready])
+        .map_err(|_| Framed::Sink)?;
+    buf.consume(n);
+    *ready -= n;
+    Ok(n)
+}
+
 /// Request head and body toward the origin. Ok(progress) or Err(close reason).
 fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, &'static str> {
     let mut progress = false;
@@ -470,30 +504,21 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, &'static str> {
     for _ in 0..32 {
         // Frame what we have, forward it, read more.
         let buf = conn.c2u.get_or_insert_with(|| ctx.pool.take());
-        if !st.req_body.is_done() {
-            let fresh = buf.data().get(st.up_ready..).unwrap_or(&[]);
-            if !fresh.is_empty() {
-                let n = st.req_body.advance(fresh).map_err(|_| "bad_request_body")?;
-                st.up_ready += n;
-            }
+        let Some(up) = conn.upstream.as_mut() else {
+            return Err("no_upstream");
+        };
+        let n = match forward_framed(&mut st.req_body, &mut st.up_ready, buf, up) {
+            Ok(n) => n,
+            Err(Framed::Body) => return Err("bad_request_body"),
+            Err(Framed::Sink) => return Err("upstream_reset"),
+        };
+        if n > 0 {
+            progress = true;
+            conn.bytes_up += n as u64;
+            metrics::add(&ctx.stats.bytes_up, n as u64);
         }
         if st.up_ready > 0 {
-            let Some(up) = conn.upstream.as_mut() else {
-                return Err("no_upstream");
-            };
-            let n = up
-                .write_some(&buf.data()[..st.up_ready])
-                .map_err(|_| "upstream_reset")?;
-            if n > 0 {
-                buf.consume(n);
-                st.up_ready -= n;
-                progress = true;
-                conn.bytes_up += n as u64;
-                metrics::add(&ctx.stats.bytes_up, n as u64);
-            }
-            if st.up_ready > 0 {
-                return Ok(progress);
-            }
+            return Ok(progress);
         }
         if st.req_body.is_done() {
             st.req_done = true;
@@ -580,31 +605,23 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
                 }
             }
         } else {
-            if !st.resp_body.is_done() {
-                let fresh = buf.data().get(st.down_ready..).unwrap_or(&[]);
-                if !fresh.is_empty() {
-                    let n = st
-                        .resp_body
-                        .advance(fresh)
-                        .map_err(|_| Next::Close("bad_response_body"))?;
-                    st.down_ready += n;
-                }
+            let n = match forward_framed(
+                &mut st.resp_body,
+                &mut st.down_ready,
+                buf,
+                &mut conn.client,
+            ) {
+                Ok(n) => n,
+                Err(Framed::Body) => return Err(Next::Close("bad_response_body")),
+                Err(Framed::Sink) => return Err(Next::Close("client_reset")),
+            };
+            if n > 0 {
+                progress = true;
+                conn.bytes_down += n as u64;
+                metrics::add(&ctx.stats.bytes_down, n as u64);
             }
             if st.down_ready > 0 {
-                let n = conn
-                    .client
-                    .write_some(&buf.data()[..st.down_ready])
-                    .map_err(|_| Next::Close("client_reset"))?;
-                if n > 0 {
-                    buf.consume(n);
-                    st.down_ready -= n;
-                    progress = true;
-                    conn.bytes_down += n as u64;
-                    metrics::add(&ctx.stats.bytes_down, n as u64);
-                }
-                if st.down_ready > 0 {
-                    return Ok(progress);
-                }
+                return Ok(progress);
             }
             if st.resp_body.is_done() {
                 return Ok(progress);
