@@ -27,8 +27,12 @@ pub fn reuseport_listener(addr: SocketAddr, backlog: i32) -> io::Result<TcpListe
 /// Starts a nonblocking connect to `addr`, from `bind` when given. The connect completes later: see
 /// [`connect_state`].
 pub fn connect(addr: SocketAddr, bind: Option<IpAddr>) -> io::Result<TcpStream> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_nonblocking(true)?;
+    // SOCK_NONBLOCK at creation: two fcntl calls fewer per outbound connection than set_nonblocking.
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     socket.set_tcp_nodelay(true)?;
     if let Some(ip) = bind {
         if ip.is_ipv4() != addr.is_ipv4() {

@@ -35,6 +35,7 @@ fn pump(
     half: &mut Half,
     pool: &mut BufferPool,
     scratch: &mut [u8],
+    other_done: bool,
     src_err: &'static str,
     dst_err: &'static str,
 ) -> Result<Pumped, &'static str> {
@@ -85,7 +86,11 @@ fn pump(
     if half.eof && !half.shut {
         half.shut = true;
         p.progress = true;
-        let _ = dst.stream.shutdown(Shutdown::Write);
+        // When the other direction is already finished the tunnel closes right away, and close sends the FIN:
+        // the shutdown call would be redundant.
+        if !other_done {
+            let _ = dst.stream.shutdown(Shutdown::Write);
+        }
     }
     Ok(p)
 }
@@ -116,6 +121,7 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
             &mut conn.up,
             &mut ctx.pool,
             &mut ctx.scratch,
+            conn.down.shut,
             "client_reset",
             "upstream_reset",
         );
@@ -130,6 +136,7 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
             &mut conn.down,
             &mut ctx.pool,
             &mut ctx.scratch,
+            conn.up.shut,
             "upstream_reset",
             "client_reset",
         );
