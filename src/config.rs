@@ -29,6 +29,8 @@ pub struct Config {
     pub inline_users: Vec<(String, String)>,
     /// Size of each relay buffer.
     pub buffer_size: usize,
+    /// Relay with splice(2) through pipes instead of copying through user space.
+    pub splice: bool,
     /// Deadline for the whole client handshake, counted from accept.
     pub handshake_timeout: Duration,
     /// Deadline for resolving and connecting to a target.
@@ -102,6 +104,7 @@ impl Default for Config {
             users_file: None,
             inline_users: Vec::new(),
             buffer_size: 16 * 1024,
+            splice: true,
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
@@ -191,6 +194,11 @@ fn options() -> Options {
         "buffer-size",
         "relay buffer size in bytes (default 16384)",
         "BYTES",
+    );
+    o.optflag(
+        "",
+        "no-splice",
+        "relay with read/write through user space instead of splice(2) through pipes",
     );
     o.optopt(
         "",
@@ -446,6 +454,7 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
         }
         c.buffer_size = b;
     }
+    c.splice = !m.opt_present("no-splice");
     c.handshake_timeout = dur(&m, "handshake-timeout", c.handshake_timeout)?;
     c.connect_timeout = dur(&m, "connect-timeout", c.connect_timeout)?;
     c.idle_timeout = dur(&m, "idle-timeout", c.idle_timeout)?;

@@ -90,3 +90,80 @@ pub fn hide_passwords_in_cmdline() -> io::Result<usize> {
     }
     Ok(hidden)
 }
+
+/// A nonblocking pipe used as an in-kernel buffer for `splice(2)`: socket -> pipe -> socket moves bytes without
+/// copying them through user space. `held` counts the bytes in it not yet spliced out.
+pub struct Pipe {
+    read: std::os::fd::OwnedFd,
+    write: std::os::fd::OwnedFd,
+    /// Bytes in the pipe.
+    pub held: usize,
+}
+
+impl Pipe {
+    /// A fresh nonblocking, close-on-exec pipe.
+    pub fn new() -> io::Result<Pipe> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 writes two descriptors into `fds`, a valid array of two c_ints.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+        let (read, write) = unsafe {
+            (
+                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+            )
+        };
+        // Bigger pipes mean fewer splice calls per megabyte; the kernel may refuse (pipe-max-size, per-user
+        // limits), and the default 64 KiB still works.
+        // SAFETY: fcntl on a descriptor we own; F_SETPIPE_SZ takes an int argument and touches no memory of ours.
+        let _ = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, 256 * 1024) };
+        Ok(Pipe {
+            read,
+            write,
+            held: 0,
+        })
+    }
+
+    /// Moves up to `len` bytes from the socket `from` into the pipe.
+    pub fn fill_from(&mut self, from: std::os::fd::RawFd, len: usize) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let n = splice(from, self.write.as_raw_fd(), len)?;
+        self.held += n;
+        Ok(n)
+    }
+
+    /// Moves what the pipe holds into the socket `to`, as far as it takes it.
+    pub fn drain_to(&mut self, to: std::os::fd::RawFd) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let n = splice(self.read.as_raw_fd(), to, self.held)?;
+        self.held -= n.min(self.held);
+        Ok(n)
+    }
+}
+
+fn splice(from: std::os::fd::RawFd, to: std::os::fd::RawFd, len: usize) -> io::Result<usize> {
+    loop {
+        // SAFETY: splice takes two descriptors and null offsets (both ends are a socket or a pipe); it touches no
+        // memory of ours. Invalid descriptors are reported as errors, not undefined behaviour.
+        let n = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}

@@ -44,6 +44,8 @@ impl Worker {
                 Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
                 Err(e) if net::is_resource_exhaustion(&e) => {
                     // Once per episode, not once per 50 ms retry.
+                    // Idle pipes hold descriptors that accept needs more.
+                    self.ctx.pipes.clear();
                     if !self.exhausted {
                         self.exhausted = true;
                         warn!(

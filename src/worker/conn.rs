@@ -275,6 +275,8 @@ pub struct Half {
     pub eof: bool,
     /// We shut down writing on the sink.
     pub shut: bool,
+    /// The current burst is bulk: relay it with splice (when enabled).
+    pub bulk: bool,
 }
 
 /// One client connection.
@@ -291,6 +293,10 @@ pub struct Conn {
     pub c2u: Option<Buffer>,
     /// Bytes from the upstream parked for the client.
     pub u2c: Option<Buffer>,
+    /// Splice mode: client -> upstream bytes held in a pipe because the upstream would not take them yet.
+    pub up_pipe: Option<crate::sys::Pipe>,
+    /// Splice mode: upstream -> client bytes held in a pipe.
+    pub down_pipe: Option<crate::sys::Pipe>,
     /// Bytes we generated for the client (replies, rewritten heads), flushed before `u2c`.
     pub to_client: Vec<u8>,
     /// Bytes we generated for the upstream (rewritten heads, upstream handshakes), flushed before `c2u`.
@@ -345,6 +351,8 @@ impl Conn {
             phase,
             c2u: Some(c2u),
             u2c: None,
+            up_pipe: None,
+            down_pipe: None,
             to_client: Vec::new(),
             to_upstream: Vec::new(),
             up: Half::default(),

@@ -93,6 +93,8 @@ pub struct Ctx {
     pub head_out: Vec<u8>,
     /// Datagram buffer for UDP associations (allocated on first use: 64 KiB plus header room).
     pub udp_buf: Vec<u8>,
+    /// Idle pipes for `--splice` (a tunnel holds one only while a sink refuses bytes).
+    pub pipes: Vec<crate::sys::Pipe>,
 }
 
 /// Handles shared by all workers.
@@ -184,6 +186,7 @@ impl Worker {
             user_counts: Arc::clone(&shared.user_counts),
             head_out: Vec::new(),
             udp_buf: Vec::new(),
+            pipes: Vec::new(),
             cfg,
         };
         Ok(Worker {
@@ -492,6 +495,11 @@ impl Worker {
             }
         }
         access_log(&conn, reason, self.ctx.now);
+        drop(conn);
+        if self.conns.is_empty() {
+            // Idle pipes cost two descriptors each: a worker with no connections keeps none.
+            self.ctx.pipes.clear();
+        }
         if self.accept_paused {
             self.resume_accept();
         }

@@ -13,38 +13,136 @@ use std::net::Shutdown;
 use super::conn::{Conn, Half, Phase, Sock};
 use super::timers::TimerKind;
 use super::{Ctx, Next};
+use std::io;
+use std::os::fd::AsRawFd;
+
 use crate::buffer::{Buffer, BufferPool};
 use crate::metrics;
+use crate::sys::Pipe;
 
 /// Reads per direction per turn before yielding to other connections.
 const READS_PER_TURN: usize = 32;
 
 /// Outcome of pumping one direction.
+#[derive(Default)]
 struct Pumped {
     progress: bool,
     more: bool,
     bytes: u64,
 }
 
+/// One direction's state: bytes parked in user space, bytes held in a pipe (splice mode), EOF bookkeeping.
+struct Way<'a> {
+    parked: &'a mut Option<Buffer>,
+    pipe: &'a mut Option<Pipe>,
+    half: &'a mut Half,
+}
+
+/// The worker resources a pump uses.
+struct Res<'a> {
+    pool: &'a mut BufferPool,
+    pipes: &'a mut Vec<Pipe>,
+    scratch: &'a mut [u8],
+    splice: bool,
+}
+
+/// Pipes kept per worker for reuse.
+const MAX_IDLE_PIPES: usize = 64;
+/// Bytes moved per splice call (pipes are sized for it when the kernel allows).
+const SPLICE_CHUNK: usize = 256 * 1024;
+
+fn give_pipe(pipes: &mut Vec<Pipe>, pipe: Option<Pipe>) {
+    if let Some(p) = pipe {
+        if p.held == 0 && pipes.len() < MAX_IDLE_PIPES {
+            pipes.push(p);
+        }
+    }
+}
+
+/// Result of one splice round trip socket -> pipe -> socket.
+enum Spliced {
+    /// The source reached EOF.
+    Eof,
+    /// Moved this many bytes; `true` when some are left in the pipe because the sink is full.
+    Moved(usize, bool),
+    /// Nothing to read now.
+    WouldBlock,
+    /// No pipe could be had (descriptors exhausted): use the copying path.
+    NoPipe,
+    /// Reading the source failed.
+    SrcErr,
+    /// Writing the sink failed.
+    DstErr,
+}
+
+fn drain_pipe(pipe: &mut Pipe, dst: &mut Sock) -> Result<usize, ()> {
+    let mut moved = 0;
+    while pipe.held > 0 && dst.writable {
+        let want = pipe.held;
+        match pipe.drain_to(dst.stream.as_raw_fd()) {
+            Ok(0) => return Err(()),
+            Ok(n) => {
+                moved += n;
+                if n < want {
+                    // The send buffer is full: wait for the writable edge.
+                    dst.writable = false;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable = false,
+            Err(_) => return Err(()),
+        }
+    }
+    Ok(moved)
+}
+
+fn splice_once(
+    src: &mut Sock,
+    dst: &mut Sock,
+    slot: &mut Option<Pipe>,
+    pipes: &mut Vec<Pipe>,
+) -> Spliced {
+    if slot.is_none() {
+        match pipes.pop().map(Ok).unwrap_or_else(Pipe::new) {
+            Ok(p) => *slot = Some(p),
+            Err(_) => return Spliced::NoPipe,
+        }
+    }
+    let Some(pipe) = slot.as_mut() else {
+        return Spliced::NoPipe;
+    };
+    match pipe.fill_from(src.stream.as_raw_fd(), SPLICE_CHUNK) {
+        Ok(0) => {
+            give_pipe(pipes, slot.take());
+            Spliced::Eof
+        }
+        Ok(n) => match drain_pipe(pipe, dst) {
+            Ok(_) if pipe.held > 0 => Spliced::Moved(n, true),
+            Ok(_) => {
+                give_pipe(pipes, slot.take());
+                Spliced::Moved(n, false)
+            }
+            Err(()) => Spliced::DstErr,
+        },
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            src.readable = false;
+            give_pipe(pipes, slot.take());
+            Spliced::WouldBlock
+        }
+        Err(_) => Spliced::SrcErr,
+    }
+}
+
 /// Moves bytes `src -> dst`, parking what `dst` would not take.
-#[allow(clippy::too_many_arguments)]
 fn pump(
     src: &mut Sock,
     dst: &mut Sock,
-    parked: &mut Option<Buffer>,
-    half: &mut Half,
-    pool: &mut BufferPool,
-    scratch: &mut [u8],
+    way: Way<'_>,
+    res: &mut Res<'_>,
     other_done: bool,
-    src_err: &'static str,
-    dst_err: &'static str,
+    (src_err, dst_err): (&'static str, &'static str),
 ) -> Result<Pumped, &'static str> {
-    let mut p = Pumped {
-        progress: false,
-        more: false,
-        bytes: 0,
-    };
-    if let Some(buf) = parked.as_mut() {
+    let mut p = Pumped::default();
+    if let Some(buf) = way.parked.as_mut() {
         let n = dst.write_some(buf.data()).map_err(|_| dst_err)?;
         if n > 0 {
             buf.consume(n);
@@ -53,29 +151,64 @@ fn pump(
         if !buf.is_empty() {
             return Ok(p);
         }
-        if let Some(b) = parked.take() {
-            pool.give(b);
+        if let Some(b) = way.parked.take() {
+            res.pool.give(b);
         }
+    }
+    if let Some(pipe) = way.pipe.as_mut() {
+        p.progress |= drain_pipe(pipe, dst).map_err(|_| dst_err)? > 0;
+        if pipe.held > 0 {
+            return Ok(p);
+        }
+        give_pipe(res.pipes, way.pipe.take());
     }
     let mut reads = 0;
     // Reading while the sink is blocked would only move bytes from the kernel into our memory.
-    while !half.eof && src.readable && dst.writable {
+    while !way.half.eof && src.readable && dst.writable {
         if reads == READS_PER_TURN {
             p.more = true;
             break;
         }
         reads += 1;
-        match src.read(scratch) {
-            Ok(Some(0)) => half.eof = true,
+        if res.splice && way.half.bulk {
+            match splice_once(src, dst, way.pipe, res.pipes) {
+                Spliced::Eof => {
+                    way.half.eof = true;
+                    continue;
+                }
+                Spliced::Moved(n, blocked) => {
+                    p.progress = true;
+                    p.bytes += n as u64;
+                    if blocked {
+                        return Ok(p);
+                    }
+                    continue;
+                }
+                Spliced::WouldBlock => {
+                    // The burst is over: the next one starts on the copying path again.
+                    way.half.bulk = false;
+                    break;
+                }
+                Spliced::SrcErr => return Err(src_err),
+                Spliced::DstErr => return Err(dst_err),
+                // Out of descriptors for a pipe: this read goes through the scratch buffer instead.
+                Spliced::NoPipe => {}
+            }
+        }
+        match src.read(res.scratch) {
+            Ok(Some(0)) => way.half.eof = true,
             Ok(Some(n)) => {
                 p.progress = true;
                 p.bytes += n as u64;
-                let chunk = &scratch[..n];
+                // A read that fills the whole scratch buffer means a bulk flow: splice the rest of the burst.
+                // Small messages (interactive traffic, handshakes) stay on read/write, which costs no pipe.
+                way.half.bulk = n == res.scratch.len();
+                let chunk = &res.scratch[..n];
                 let w = dst.write_some(chunk).map_err(|_| dst_err)?;
                 if w < n {
-                    let mut b = pool.take();
+                    let mut b = res.pool.take();
                     b.push(&chunk[w..]);
-                    *parked = Some(b);
+                    *way.parked = Some(b);
                     return Ok(p);
                 }
             }
@@ -83,8 +216,8 @@ fn pump(
             Err(_) => return Err(src_err),
         }
     }
-    if half.eof && !half.shut {
-        half.shut = true;
+    if way.half.eof && !way.half.shut {
+        way.half.shut = true;
         p.progress = true;
         // When the other direction is already finished the tunnel closes right away, and close sends the FIN:
         // the shutdown call would be redundant.
@@ -114,31 +247,43 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
         let Some(up) = conn.upstream.as_mut() else {
             break;
         };
+        let mut res = Res {
+            pool: &mut ctx.pool,
+            pipes: &mut ctx.pipes,
+            scratch: &mut ctx.scratch,
+            splice: ctx.cfg.splice,
+        };
+        let up_way = Way {
+            parked: &mut conn.c2u,
+            pipe: &mut conn.up_pipe,
+            half: &mut conn.up,
+        };
+        let down_done = conn.down.shut;
         let a = pump(
             &mut conn.client,
             up,
-            &mut conn.c2u,
-            &mut conn.up,
-            &mut ctx.pool,
-            &mut ctx.scratch,
-            conn.down.shut,
-            "client_reset",
-            "upstream_reset",
+            up_way,
+            &mut res,
+            down_done,
+            ("client_reset", "upstream_reset"),
         );
         let a = match a {
             Ok(a) => a,
             Err(reason) => return Next::Close(reason),
         };
+        let down_way = Way {
+            parked: &mut conn.u2c,
+            pipe: &mut conn.down_pipe,
+            half: &mut conn.down,
+        };
+        let up_done = conn.up.shut;
         let b = pump(
             up,
             &mut conn.client,
-            &mut conn.u2c,
-            &mut conn.down,
-            &mut ctx.pool,
-            &mut ctx.scratch,
-            conn.up.shut,
-            "upstream_reset",
-            "client_reset",
+            down_way,
+            &mut res,
+            up_done,
+            ("upstream_reset", "client_reset"),
         );
         let b = match b {
             Ok(b) => b,
