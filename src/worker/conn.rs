@@ -46,6 +46,8 @@ pub struct Sock {
     pub writable: bool,
     /// The kernel reported an error (typically a reset) on this socket.
     pub error: bool,
+    /// The peer's FIN (or an error) was reported: keep reading until EOF even after short reads.
+    pub read_closed: bool,
 }
 
 impl Sock {
@@ -56,6 +58,7 @@ impl Sock {
             readable: false,
             writable: false,
             error: false,
+            read_closed: false,
         }
     }
 
@@ -70,14 +73,24 @@ impl Sock {
         if ev.is_error() {
             self.error = true;
         }
+        if ev.is_read_closed() || ev.is_error() {
+            self.read_closed = true;
+        }
     }
 
-    /// Reads once; `WouldBlock` clears the readable bit and returns `Ok(None)`. (A short read does not: a FIN that
-    /// arrived with the data raised no separate event, and reading again often finds more data, batching better.)
+    /// Reads once; `WouldBlock` clears the readable bit and returns `Ok(None)`. A short read clears it too: the
+    /// receive queue was empty, and epoll reports every later arrival as a new edge, so the read that would only
+    /// return `WouldBlock` is saved. The exception is a FIN that arrived together with the data (one edge for both):
+    /// once the peer's close was reported, we read on until EOF.
     pub fn read(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
         loop {
             match self.stream.read(buf) {
-                Ok(n) => return Ok(Some(n)),
+                Ok(n) => {
+                    if n > 0 && n < buf.len() && !self.read_closed {
+                        self.readable = false;
+                    }
+                    return Ok(Some(n));
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.readable = false;
                     return Ok(None);

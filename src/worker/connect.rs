@@ -267,12 +267,7 @@ pub fn established(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind)
 pub fn start_relay(key: usize, conn: &mut Conn, ctx: &mut Ctx) {
     conn.phase = Phase::Relay;
     conn.last_active = ctx.now;
-    ctx.timers.push(
-        ctx.now + ctx.cfg.idle_timeout,
-        key,
-        conn.gen,
-        TimerKind::Idle,
-    );
+    super::relay::arm_idle(key, conn, ctx);
 }
 
 /// Reports a failure to resolve or connect.

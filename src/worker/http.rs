@@ -313,12 +313,7 @@ pub fn on_origin_connected(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     }
     conn.phase = Phase::Http;
     conn.last_active = ctx.now;
-    ctx.timers.push(
-        ctx.now + ctx.cfg.idle_timeout,
-        key,
-        conn.gen,
-        super::timers::TimerKind::Idle,
-    );
+    super::relay::arm_idle(key, conn, ctx);
     Next::Again
 }
 

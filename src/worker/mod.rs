@@ -172,7 +172,9 @@ impl Worker {
             registry: poll.registry().try_clone()?,
             users: Arc::clone(&cfg.users),
             stats,
-            pool: BufferPool::new(cfg.buffer_size, pool_limit, 4096),
+            // Free buffers beyond a small reserve go back to the allocator: a burst of handshakes must not pin
+            // its peak memory for the life of the process.
+            pool: BufferPool::new(cfg.buffer_size, pool_limit, 64),
             scratch: vec![0u8; cfg.buffer_size].into_boxed_slice(),
             timers: Timers::default(),
             now: Instant::now(),

@@ -15,6 +15,7 @@ use super::timers::TimerKind;
 use super::{Ctx, Next};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::time::Duration;
 
 use crate::buffer::{Buffer, BufferPool};
 use crate::metrics;
@@ -320,17 +321,31 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
     }
 }
 
-/// The idle timer of a tunnel popped: close it, or re-arm for the remaining time (lazy re-arm: activity never
-/// touches the timer heap).
+/// Longest an idle-check entry waits in the timer heap. Entries are never removed when their connection closes,
+/// only dropped when they pop; checking at least this often bounds what a high connection rate leaves behind
+/// (at most this many seconds' worth of closed connections, instead of a whole `--idle-timeout`'s).
+const IDLE_CHECK: Duration = Duration::from_secs(10);
+
+/// Schedules the next idle check of a tunnel.
+pub fn arm_idle(key: usize, conn: &Conn, ctx: &mut Ctx) {
+    let due = conn.last_active + ctx.cfg.idle_timeout;
+    ctx.timers.push(
+        due.min(ctx.now + IDLE_CHECK),
+        key,
+        conn.gen,
+        TimerKind::Idle,
+    );
+}
+
+/// The idle timer of a tunnel popped: close it, or re-arm (lazy re-arm: activity never touches the timer heap).
 pub fn on_idle_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     if !matches!(conn.phase, Phase::Relay | Phase::Http) {
         return Next::Wait;
     }
-    let due = conn.last_active + ctx.cfg.idle_timeout;
-    if due <= ctx.now {
+    if conn.last_active + ctx.cfg.idle_timeout <= ctx.now {
         Next::Close("idle_timeout")
     } else {
-        ctx.timers.push(due, key, conn.gen, TimerKind::Idle);
+        arm_idle(key, conn, ctx);
         Next::Wait
     }
 }
