@@ -46,6 +46,14 @@ fn main() {
     let server = Server::start(cfg).expect("start socksgate");
     let proxy = server.addrs()[0];
     println!("socksgate: 1 worker on {proxy}");
+    // What every connection costs in the slab before any buffer: the idle-memory floor.
+    println!(
+        "size_of: Conn {} B, Phase {} B, TargetAddr {} B, Buffer {} B",
+        std::mem::size_of::<socksgate::worker::conn::Conn>(),
+        std::mem::size_of::<socksgate::worker::conn::Phase>(),
+        std::mem::size_of::<socksgate::proto::TargetAddr>(),
+        std::mem::size_of::<socksgate::buffer::Buffer>(),
+    );
     println!(
         "{:<28}  {:>10}  {:>12}  {:>8}",
         "run", "amount", "rate", "seconds"

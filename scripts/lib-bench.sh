@@ -1,4 +1,6 @@
-# Shared helpers for scripts/loadtest.sh and scripts/compare-peers.sh (sourced, not run).
+# shellcheck shell=bash disable=SC2034
+# Shared helpers for scripts/loadtest.sh, compare-peers.sh and profile.sh (sourced, not run).
+# (SC2034: the variables set here are used by the scripts that source this file.)
 #
 # Every process a script starts goes through start_bg, which records its PID; cleanup stops
 # exactly those PIDs (and, for forking servers such as danted, the children they had), never
@@ -49,7 +51,7 @@ child_pids() {
 
 # Stop one process we started (SIGTERM, then SIGKILL after 3 s), and any children it had.
 stop_pid() {
-    local pid=$1 kids i
+    local pid=$1 kids i k
     [ -n "$pid" ] || return 0
     kill -0 "$pid" 2>/dev/null || return 0
     kids=$(child_pids "$pid")
@@ -58,14 +60,18 @@ stop_pid() {
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
     wait "$pid" 2>/dev/null || true
     for k in $kids; do
         for i in $(seq 1 30); do
             kill -0 "$k" 2>/dev/null || break
             sleep 0.1
         done
-        kill -0 "$k" 2>/dev/null && kill -KILL "$k" 2>/dev/null || true
+        if kill -0 "$k" 2>/dev/null; then
+            kill -KILL "$k" 2>/dev/null || true
+        fi
     done
     return 0
 }
@@ -79,16 +85,13 @@ stop_all() {
 }
 
 # Start socksgate on a free port: start_socksgate LOGFILE [taskset-cpu|-] ARGS...
-# Sets SG_PID and SG_PORT.
+# Sets SG_PID and SG_PORT. The PRIO array (e.g. nice -n -10), if set, prefixes the command.
 start_socksgate() {
-    local logfile=$1 cpu=$2
+    local logfile=$1 cpu=$2 pin=()
     shift 2
     SG_PORT=$(free_port)
-    if [ "$cpu" = "-" ]; then
-        start_bg "$logfile" "$SOCKSGATE" -q -l "127.0.0.1:$SG_PORT" "$@"
-    else
-        start_bg "$logfile" taskset -c "$cpu" "$SOCKSGATE" -q -l "127.0.0.1:$SG_PORT" "$@"
-    fi
+    [ "$cpu" != "-" ] && pin=(taskset -c "$cpu")
+    start_bg "$logfile" ${PRIO[@]+"${PRIO[@]}"} "${pin[@]}" "$SOCKSGATE" -q -l "127.0.0.1:$SG_PORT" "$@"
     SG_PID=$BG_PID
     wait_port "$SG_PORT" || die "socksgate did not start: $(cat "$logfile")"
 }

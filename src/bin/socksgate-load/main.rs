@@ -174,8 +174,9 @@ Common options:
   --seconds S     measured time (default 10)
   --warmup S      time before measuring (default 1)
   --json-only     no progress output
-  --cpu-pid PID   also report the CPU seconds (user+system) PID used in the measured
-                  window, from /proc/PID/stat: \"cpu_pid\", \"cpu_seconds\"
+  --cpu-pid PID   also report the CPU seconds (user+system) that PID and the processes
+                  below it used in the measured window, from /proc/PID/stat:
+                  \"cpu_pid\", \"cpu_seconds\"
 
 Standalone targets (for proxies that forward to a fixed address, e.g. haproxy):
   socksgate-load target --help

@@ -253,22 +253,63 @@ pub fn set_cpu_pid(pid: u32) {
     let _ = CPU_PID.set(pid);
 }
 
-/// utime + stime of `pid` in clock ticks, from /proc/PID/stat (fields 14 and 15).
+/// CPU time of `pid` and of every process below it, in clock ticks: utime + stime of each,
+/// plus cutime + cstime (children already reaped), so forking servers such as danted are
+/// counted whole. Processes that exit without being reaped between two samples are missed.
 pub fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_cpu_ticks(&stat)
+    let (own, reaped) = parse_cpu_ticks(&stat)?;
+    let mut total = own + reaped;
+    let mut stack = children(pid);
+    let mut seen = 0;
+    while let Some(c) = stack.pop() {
+        // Bounded: a fork bomb under the proxy must not hang the load generator.
+        seen += 1;
+        if seen > 100_000 {
+            break;
+        }
+        if let Some((o, r)) = std::fs::read_to_string(format!("/proc/{c}/stat"))
+            .ok()
+            .and_then(|s| parse_cpu_ticks(&s))
+        {
+            total += o + r;
+        }
+        stack.extend(children(c));
+    }
+    Some(total)
 }
 
-/// The utime + stime fields of a /proc/PID/stat line; the command name may contain
+/// Direct children of `pid`, from /proc/PID/task/*/children.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for t in tasks.flatten() {
+        if let Ok(list) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(
+                list.split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    out
+}
+
+/// (utime + stime, cutime + cstime) of a /proc/PID/stat line; the command name may contain
 /// spaces and parentheses, so fields are counted after the last ')'.
-pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+pub fn parse_cpu_ticks(stat: &str) -> Option<(u64, u64)> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let mut f = rest.split_whitespace();
     // After the name: state(3) ppid pgrp session tty_nr tpgid flags minflt cminflt majflt
-    // cmajflt utime(14) stime(15).
-    let utime: u64 = f.nth(11)?.parse().ok()?;
-    let stime: u64 = f.next()?.parse().ok()?;
-    Some(utime + stime)
+    // cmajflt utime(14) stime(15) cutime(16) cstime(17).
+    let mut num = |skip: usize| -> Option<u64> { f.nth(skip)?.parse().ok() };
+    let utime = num(11)?;
+    let stime = num(0)?;
+    // cutime/cstime are signed in proc(5); negative values never occur in practice.
+    let cutime = num(0).unwrap_or(0);
+    let cstime = num(0).unwrap_or(0);
+    Some((utime + stime, cutime + cstime))
 }
 
 /// Clock ticks per second for /proc times.
@@ -567,8 +608,8 @@ mod tests {
 
     #[test]
     fn proc_stat_cpu_fields() {
-        let line = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 17 5 0 0 20 0 3 0";
-        assert_eq!(parse_cpu_ticks(line), Some(22));
+        let line = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 17 5 3 1 20 0 3 0";
+        assert_eq!(parse_cpu_ticks(line), Some((22, 4)));
         assert_eq!(parse_cpu_ticks("garbage"), None);
         assert!(cpu_ticks(std::process::id()).is_some());
     }
