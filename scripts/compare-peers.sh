@@ -8,7 +8,7 @@
 # across proxies so machine noise spreads evenly) and the medians go into a Markdown table
 # with ratios, plus a chart, under bench-results/.
 #
-#   scripts/compare-peers.sh            # full run, ~20 minutes
+#   scripts/compare-peers.sh            # full run, ~14 minutes (up to ~19 with retries)
 #   scripts/compare-peers.sh --quick    # ~5 minutes, shorter windows
 #   scripts/compare-peers.sh --only connrate,latency
 set -euo pipefail
@@ -19,8 +19,8 @@ usage() {
 Usage: scripts/compare-peers.sh [--quick] [--seconds S] [--reps N] [--only LIST]
                                 [--out PREFIX] [--idle-conns N] [--no-build] [--no-install]
 
-  --quick          2 s windows and a shorter idle hold (about 5 minutes in all)
-  --seconds S      measured seconds per run (default 7; quick 2)
+  --quick          1.5 s windows, 0.3 s warmup, 1 s idle hold (about 5 minutes in all)
+  --seconds S      measured seconds per run (default 7; quick 1.5)
   --reps N         repetitions of every measurement (default 3)
   --only LIST      comma-separated sections: throughput,connrate,latency,idle,udp,http,threads
   --out PREFIX     output files PREFIX.md, PREFIX.svg, PREFIX.jsonl (raw), PREFIX.meta.json
@@ -71,8 +71,8 @@ done
 if [ "$QUICK" = 1 ]; then
     # Fewer retries, so a busy machine cannot stretch the quick run much past 5 minutes.
     RETRY_BUDGET=8
-    SECS=${SECS:-2}
-    WARMUP=0.5
+    SECS=${SECS:-1.5}
+    WARMUP=0.3
     HOLD=1
     OUT=${OUT:-$ROOT/bench-results/compare-quick}
 else
