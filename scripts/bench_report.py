@@ -77,6 +77,7 @@ COMPARISONS = [
     ("udp", "received_per_sec", "socksgate", "dante", 2.0, True),
     ("udp", "received_per_sec", "socksgate", "direct", None, True),
     ("udp", "cpu_us_per_op", "socksgate", "dante", None, False),
+    ("udp", "loss_pct", "socksgate", "dante", None, False),
     ("http", "requests_per_sec", "socksgate", "tinyproxy", 3.0, True),
     ("http", "requests_per_sec", "socksgate", "direct", None, True),
     ("http", "cpu_us_per_op", "socksgate", "tinyproxy", None, False),
