@@ -10,6 +10,7 @@ mod http;
 mod idle;
 mod latency;
 mod proxy;
+mod serve;
 mod stats;
 mod target;
 mod throughput;
@@ -91,7 +92,7 @@ pub fn finish_plain(
     measured: u64,
     samples: &[String],
 ) -> i32 {
-    println!("{line}");
+    println!("{}", stats::with_cpu(line));
     if errors > 0 {
         eprintln!("socksgate-load: {errors} errors out of {attempts} operations:");
         for s in samples {
@@ -173,6 +174,12 @@ Common options:
   --seconds S     measured time (default 10)
   --warmup S      time before measuring (default 1)
   --json-only     no progress output
+  --cpu-pid PID   also report the CPU seconds (user+system) that PID and the processes
+                  below it used in the measured window, from /proc/PID/stat:
+                  \"cpu_pid\", \"cpu_seconds\"
+
+Standalone targets (for proxies that forward to a fixed address, e.g. haproxy):
+  socksgate-load target --help
 
 Defaults: --streams 1 --dir up, --concurrency 50, --conns 1 (latency) or 1000 (idle),
 --hold 3, --pid this process, --rate unlimited.
@@ -229,6 +236,7 @@ fn parse_args(args: &[String], nofile: u64) -> Result<Action, String> {
     o.optopt("", "seconds", "measured seconds", "S");
     o.optopt("", "warmup", "warmup seconds", "S");
     o.optflag("", "json-only", "suppress progress output");
+    o.optopt("", "cpu-pid", "measure this process's CPU time", "PID");
     o.optopt("", "streams", "throughput streams", "N");
     o.optopt("", "dir", "throughput direction", "up|down");
     o.optopt("", "concurrency", "parallel workers", "C");
@@ -255,6 +263,13 @@ fn parse_args(args: &[String], nofile: u64) -> Result<Action, String> {
     }
     if mode_name == "idle" && (m.opt_present("seconds") || m.opt_present("warmup")) {
         return Err("idle has no --seconds/--warmup; use --hold".into());
+    }
+    if let Some(p) = m.opt_str("cpu-pid") {
+        let pid: u32 = p.parse().map_err(|_| format!("--cpu-pid: bad PID {p:?}"))?;
+        if stats::cpu_ticks(pid).is_none() {
+            return Err(format!("--cpu-pid {pid}: no such process"));
+        }
+        stats::set_cpu_pid(pid);
     }
     let proxy = match m.opt_str("proxy") {
         Some(p) => parse_proxy(&p)?,
@@ -347,6 +362,9 @@ fn main() {
         }
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("target") {
+        std::process::exit(serve::run(&args[1..]));
+    }
     let code = match parse_args(&args, nofile) {
         Ok(Action::Help) => {
             print!("{USAGE}");

@@ -3,7 +3,7 @@
 
 use std::fmt::{Display, Write as _};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Sub-buckets per power of two are 2^SUB_BITS: 32 keeps the error under ~3%.
@@ -243,6 +243,102 @@ pub struct Window {
     pub elapsed: f64,
 }
 
+/// Process whose CPU time is measured over the measured window (`--cpu-pid`).
+static CPU_PID: OnceLock<u32> = OnceLock::new();
+/// CPU seconds that process used in the measured window, set when `drive` returns.
+static CPU_USED: Mutex<Option<f64>> = Mutex::new(None);
+
+/// Measure the CPU time (user + system, all threads) of `pid` over the measured window.
+pub fn set_cpu_pid(pid: u32) {
+    let _ = CPU_PID.set(pid);
+}
+
+/// CPU time of `pid` and of every process below it, in clock ticks: utime + stime of each,
+/// plus cutime + cstime (children already reaped), so forking servers such as danted are
+/// counted whole. Processes that exit without being reaped between two samples are missed.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (own, reaped) = parse_cpu_ticks(&stat)?;
+    let mut total = own + reaped;
+    let mut stack = children(pid);
+    let mut seen = 0;
+    while let Some(c) = stack.pop() {
+        // Bounded: a fork bomb under the proxy must not hang the load generator.
+        seen += 1;
+        if seen > 100_000 {
+            break;
+        }
+        if let Some((o, r)) = std::fs::read_to_string(format!("/proc/{c}/stat"))
+            .ok()
+            .and_then(|s| parse_cpu_ticks(&s))
+        {
+            total += o + r;
+        }
+        stack.extend(children(c));
+    }
+    Some(total)
+}
+
+/// Direct children of `pid`, from /proc/PID/task/*/children.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for t in tasks.flatten() {
+        if let Ok(list) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(
+                list.split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    out
+}
+
+/// (utime + stime, cutime + cstime) of a /proc/PID/stat line; the command name may contain
+/// spaces and parentheses, so fields are counted after the last ')'.
+pub fn parse_cpu_ticks(stat: &str) -> Option<(u64, u64)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace();
+    // After the name: state(3) ppid pgrp session tty_nr tpgid flags minflt cminflt majflt
+    // cmajflt utime(14) stime(15) cutime(16) cstime(17).
+    let mut num = |skip: usize| -> Option<u64> { f.nth(skip)?.parse().ok() };
+    let utime = num(11)?;
+    let stime = num(0)?;
+    // cutime/cstime are signed in proc(5); negative values never occur in practice.
+    let cutime = num(0).unwrap_or(0);
+    let cstime = num(0).unwrap_or(0);
+    Some((utime + stime, cutime + cstime))
+}
+
+/// Clock ticks per second for /proc times.
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// Append `"cpu_pid"` and `"cpu_seconds"` to a finished JSON line when `--cpu-pid` was
+/// given and the window was measured.
+pub fn with_cpu(mut line: String) -> String {
+    let (Some(pid), Some(secs)) = (
+        CPU_PID.get(),
+        *CPU_USED.lock().unwrap_or_else(|e| e.into_inner()),
+    ) else {
+        return line;
+    };
+    if line.ends_with('}') && line.len() > 2 {
+        line.pop();
+        let _ = write!(line, ",\"cpu_pid\":{pid},\"cpu_seconds\":{secs:.3}}}");
+    }
+    line
+}
+
 /// Run the warmup + measure clock on the calling thread, printing a progress line per
 /// second; returns when the time is up or a worker stopped the run (then stops it).
 ///
@@ -262,11 +358,13 @@ pub fn drive(
     let mut last_total = run.total();
     let mut last_tick = start;
     let mut measure_start = None;
+    let mut cpu_start = None;
     let mut now = start;
     loop {
         if measure_start.is_none() && now >= measure_at {
             run.recording.store(true, Relaxed);
             measure_start = Some(now);
+            cpu_start = CPU_PID.get().and_then(|&p| cpu_ticks(p));
         }
         if now >= end_at || !run.running() {
             break;
@@ -307,6 +405,10 @@ pub fn drive(
     }
     run.recording.store(false, Relaxed);
     let end = Instant::now();
+    if let (Some(t0), Some(t1)) = (cpu_start, CPU_PID.get().and_then(|&p| cpu_ticks(p))) {
+        *CPU_USED.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(t1.saturating_sub(t0) as f64 / clk_tck());
+    }
     run.stop();
     Window {
         elapsed: measure_start.map_or(0.0, |s| (end - s).as_secs_f64()),
@@ -502,6 +604,14 @@ mod tests {
         assert_eq!(a.percentile(50.0), Some(7));
         assert_eq!(a.percentile(75.0), Some(24));
         assert_eq!(Histogram::new().percentile(50.0), None);
+    }
+
+    #[test]
+    fn proc_stat_cpu_fields() {
+        let line = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 17 5 3 1 20 0 3 0";
+        assert_eq!(parse_cpu_ticks(line), Some((22, 4)));
+        assert_eq!(parse_cpu_ticks("garbage"), None);
+        assert!(cpu_ticks(std::process::id()).is_some());
     }
 
     #[test]

@@ -57,10 +57,15 @@ pub struct TcpTarget {
 impl TcpTarget {
     /// Start `kind` on 127.0.0.1 (and ::1 on the same port when possible).
     pub fn start(kind: Kind) -> io::Result<Self> {
+        Self::start_on(kind, 0)
+    }
+
+    /// Start `kind` on 127.0.0.1:`port` (0 picks a free port).
+    pub fn start_on(kind: Kind, port: u16) -> io::Result<Self> {
         let n = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .clamp(1, 4);
-        let first = bind_listener(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0))?;
+        let first = bind_listener(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port))?;
         let addr = first.local_addr()?;
         let mut sets = vec![vec![first]];
         for _ in 1..n {
@@ -467,7 +472,12 @@ pub struct UdpEcho {
 impl UdpEcho {
     /// Start the echo on 127.0.0.1 (and ::1 on the same port when possible).
     pub fn start() -> io::Result<Self> {
-        let v4 = std::net::UdpSocket::bind(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0))?;
+        Self::start_on(0)
+    }
+
+    /// Start the echo on 127.0.0.1:`port` (0 picks a free port).
+    pub fn start_on(port: u16) -> io::Result<Self> {
+        let v4 = std::net::UdpSocket::bind(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port))?;
         let addr = v4.local_addr()?;
         let mut socks = vec![v4];
         if let Ok(v6) = std::net::UdpSocket::bind(SocketAddr::new(
