@@ -13,6 +13,7 @@ use mio::Interest;
 use super::conn::{Conn, Phase};
 use super::timers::TimerKind;
 use super::{log_accept_error, log_refused, token, Worker};
+use crate::buffer::Buffer;
 use crate::metrics::{self, Refusal};
 use crate::net;
 
@@ -125,7 +126,7 @@ impl Worker {
             Phase::Detect
         };
         let now = self.ctx.now;
-        let buf = self.ctx.pool.take();
+        let buf = Buffer::new(super::handshake::HANDSHAKE_BUFFER);
         let mut conn = Conn::new(gen, stream, peer, phase, now, buf);
         let deadline = now + self.ctx.cfg.handshake_timeout;
         conn.deadline = Some(deadline);

@@ -11,6 +11,7 @@ use super::conn::{Conn, Dest, PendingAuth, Phase, ReplyKind};
 use super::timers::TimerKind;
 use super::{bind, connect, http, udp, Ctx, Next};
 use crate::auth::Authorized;
+use crate::buffer::{Buffer, BufferPool};
 use crate::metrics::{self, Proto, Refusal};
 use crate::proto::detect::{self, Protocol};
 use crate::proto::{proxy_protocol, socks4, socks5, Failure, Parse};
@@ -42,8 +43,41 @@ fn consume(conn: &mut Conn, n: usize) {
     }
 }
 
-/// The parser needs more bytes: wait for them, unless the client already closed.
-fn need_more(conn: &Conn) -> Next {
+/// Bytes a connection starts with for its handshake: every SOCKS message (at most 520 bytes) fits, so SOCKS never
+/// needs more; HTTP heads and long PROXY v2 headers grow it. Not a pool buffer: a 2 KiB allocation touches half a
+/// page, where a 16 KiB pool buffer touched a whole one and kept it resident in the pool.
+pub const HANDSHAKE_BUFFER: usize = 2048;
+
+/// Largest PROXY protocol v2 header (16-byte preamble plus a 16-bit length).
+const MAX_PROXY_HEADER: usize = 16 + 65535;
+
+/// Swaps the buffer in `slot` for one four times as large (at most `limit`), keeping its bytes. False at the limit.
+pub fn grow(slot: &mut Option<Buffer>, limit: usize, pool: &mut BufferPool) -> bool {
+    let Some(old) = slot.as_ref() else {
+        return false;
+    };
+    if old.capacity() >= limit {
+        return false;
+    }
+    let mut big = Buffer::new((old.capacity() * 4).min(limit));
+    big.push(old.data());
+    if let Some(old) = slot.replace(big) {
+        pool.give(old);
+    }
+    true
+}
+
+/// The parser needs more bytes: wait for them, unless the client already closed. A full buffer grows (up to the
+/// largest PROXY v2 header) so a message can always complete.
+fn need_more(conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    let full = conn.c2u.as_ref().is_some_and(|b| b.is_full());
+    if full {
+        return if grow(&mut conn.c2u, MAX_PROXY_HEADER, &mut ctx.pool) {
+            Next::Again
+        } else {
+            Next::Close("oversized_message")
+        };
+    }
     if conn.up.eof {
         Next::Close("client_eof")
     } else {
@@ -75,7 +109,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 
 fn proxy_header(conn: &mut Conn, ctx: &mut Ctx) -> Next {
     match proxy_protocol::parse(data(conn)) {
-        Ok(Parse::Incomplete) => need_more(conn),
+        Ok(Parse::Incomplete) => need_more(conn, ctx),
         Ok(Parse::Done(header, n)) => {
             consume(conn, n);
             if let proxy_protocol::ProxyHeader::Proxy { src, .. } = header {
@@ -105,7 +139,7 @@ fn set_proto(conn: &mut Conn, ctx: &Ctx, proto: Proto) {
 
 fn detect(conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let Some(&first) = data(conn).first() else {
-        return need_more(conn);
+        return need_more(conn, ctx);
     };
     let (proto, phase) = match detect::detect(first) {
         Protocol::Socks5 => (Proto::Socks5, Phase::Socks5Greeting),
@@ -127,7 +161,7 @@ fn detect(conn: &mut Conn, ctx: &mut Ctx) -> Next {
 
 fn socks5_greeting(conn: &mut Conn, ctx: &mut Ctx) -> Next {
     match socks5::parse_greeting(data(conn)) {
-        Ok(Parse::Incomplete) => need_more(conn),
+        Ok(Parse::Incomplete) => need_more(conn, ctx),
         Ok(Parse::Done(g, n)) => {
             consume(conn, n);
             // RFC 1928 §3: when users are configured, user/password is the only acceptable method, even if the
@@ -164,7 +198,7 @@ fn socks5_greeting(conn: &mut Conn, ctx: &mut Ctx) -> Next {
 
 fn socks5_auth(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let (verdict, n) = match socks5::parse_user_pass(data(conn)) {
-        Ok(Parse::Incomplete) => return need_more(conn),
+        Ok(Parse::Incomplete) => return need_more(conn, ctx),
         Ok(Parse::Done(creds, n)) if ctx.users.needs_slow_verify(creds.user) => {
             // A hashed password takes milliseconds to check: do it on the blocking pool, never on the loop.
             let work = Work::Verify {
@@ -247,7 +281,7 @@ fn socks5_auth_result(conn: &mut Conn, ctx: &mut Ctx, verdict: Option<Authorized
 
 fn socks5_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     match socks5::parse_request(data(conn)) {
-        Ok(Parse::Incomplete) => need_more(conn),
+        Ok(Parse::Incomplete) => need_more(conn, ctx),
         Ok(Parse::Done(req, n)) => {
             consume(conn, n);
             conn.target = Some(Dest::from(&req.target));
@@ -276,7 +310,7 @@ fn socks5_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 
 fn socks4_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let (command, target, n) = match socks4::parse_request(data(conn)) {
-        Ok(Parse::Incomplete) => return need_more(conn),
+        Ok(Parse::Incomplete) => return need_more(conn, ctx),
         Ok(Parse::Done(req, n)) => (req.command, req.target, n),
         Err(e) => {
             debug!("{}: bad SOCKS4 request: {e}", conn.peer);

@@ -15,7 +15,7 @@ use log::debug;
 
 use super::conn::{Conn, Dest, PendingAuth, Phase, ReplyKind, Sock};
 use super::connect::{self, drop_upstream};
-use super::handshake::{self, enter_linger, fill_client, reply_failure, user_admit};
+use super::handshake::{self, enter_linger, fill_client, grow, reply_failure, user_admit};
 use super::{Ctx, Next};
 use crate::auth::Authorized;
 use crate::buffer::Buffer;
@@ -98,22 +98,6 @@ pub fn busy(conn: &Conn) -> bool {
     conn.http.as_ref().map(|h| h.busy).unwrap_or(false)
 }
 
-/// Makes room for a larger head: swaps the pool buffer for a bigger one, up to `max_head`. False at the limit.
-fn grow(slot: &mut Option<Buffer>, max_head: usize, ctx: &mut Ctx) -> bool {
-    let Some(old) = slot.as_ref() else {
-        return false;
-    };
-    if old.capacity() >= max_head {
-        return false;
-    }
-    let mut big = Buffer::new((old.capacity() * 4).min(max_head));
-    big.push(old.data());
-    if let Some(old) = slot.replace(big) {
-        ctx.pool.give(old);
-    }
-    true
-}
-
 /// Parses the next request head from the client buffer (phase HttpHead, or Http between requests).
 pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let max = ctx.cfg.max_head;
@@ -138,7 +122,7 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let req = match h::parse_request(data, max, &opts, &mut ctx.head_out) {
         Ok(Parse::Incomplete) => {
             let full = conn.c2u.as_ref().map(|b| b.is_full()).unwrap_or(false);
-            if full && !grow(&mut conn.c2u, max, ctx) {
+            if full && !grow(&mut conn.c2u, max, &mut ctx.pool) {
                 return bad_request(conn, ctx, ProtoError::HeadTooLarge);
             }
             if full {
@@ -587,7 +571,7 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
                     }
                     Ok(Parse::Incomplete) => {
                         if buf.is_full() {
-                            if grow(&mut conn.u2c, ctx.cfg.max_head, ctx) {
+                            if grow(&mut conn.u2c, ctx.cfg.max_head, &mut ctx.pool) {
                                 continue;
                             }
                             return Err(origin_error(conn, ctx, "response_head_too_large"));
