@@ -49,7 +49,7 @@ impl Secret {
         // itself the password. Refuse it instead.
         if let Some(id) = mcf_id(pass) {
             return Err(format!(
-                "unsupported password hash scheme \"${id}$\" (supported: $6$ SHA-512-crypt, $2a$/$2b$/$2y$ bcrypt)"
+                "unsupported password hash scheme \"${id}$\" (supported: crypt(5) id 6 SHA-512-crypt, ids 2a, 2b, 2y bcrypt)"
             ));
         }
         Ok(Secret::Plain(pass.as_bytes().into()))
@@ -97,7 +97,10 @@ fn mcf_id(s: &str) -> Option<&str> {
 /// Validates `$6$[rounds=N$]salt$hash` the way `sha-crypt`'s verifier will read it (mcf fields, rounds within
 /// 1000..=999999999, an 86-character digest decoding to 64 bytes), without running the key derivation.
 fn check_sha512_crypt(s: &str) -> Result<(), String> {
-    const BAD: &str = "malformed SHA-512-crypt hash (expected $6$[rounds=N$]SALT$HASH)";
+    // No '$' in the message: a malformed "hash" may really be a password, and a message that spelled out the
+    // format could then contain it (the fuzzer found "$6$[").
+    const BAD: &str =
+        "malformed SHA-512-crypt hash (crypt(5) id 6: optional rounds=N, salt, 86-character hash)";
     let hash = mcf::PasswordHashRef::new(s).map_err(|_| BAD.to_string())?;
     if hash.id() != "6" {
         return Err(BAD.into());
@@ -126,9 +129,10 @@ fn check_sha512_crypt(s: &str) -> Result<(), String> {
 
 /// Validates a bcrypt string with the crate's own parser, plus the cost range it enforces only when verifying.
 fn check_bcrypt(s: &str) -> Result<(), String> {
-    let parts: bcrypt::HashParts = s
-        .parse()
-        .map_err(|_| "malformed bcrypt hash (expected $2b$CC$ + 53 characters)".to_string())?;
+    let parts: bcrypt::HashParts = s.parse().map_err(|_| {
+        "malformed bcrypt hash (crypt(5) id 2a, 2b or 2y: two-digit cost, 53 characters)"
+            .to_string()
+    })?;
     if !(4..=31).contains(&parts.get_cost()) {
         return Err("bcrypt cost must be 04..=31".into());
     }
@@ -658,5 +662,26 @@ mod tests {
         assert!(!pretty.contains("plain-secret-1") && !pretty.contains('$'));
         let auth = users.verify(b"zed", b"plain-secret-1").unwrap();
         assert!(!format!("{auth:?}").contains("plain-secret-1"));
+    }
+}
+
+#[cfg(test)]
+mod message_regressions {
+    /// Found by fuzzing: a malformed "hash" may be a password, so messages must not spell out formats that could
+    /// contain it.
+    #[test]
+    fn malformed_hash_messages_do_not_echo_the_secret() {
+        for (text, secret) in [
+            ("bu:$6$[\n", "$6$["),
+            ("bu:$2b$CC$\n", "$2b$CC$"),
+            ("bu:$6$S\n", "$6$S"),
+        ] {
+            let e = super::Users::parse(text).unwrap_err();
+            assert!(
+                !e.message.contains(secret),
+                "{:?} quotes {secret:?}",
+                e.message
+            );
+        }
     }
 }
