@@ -86,25 +86,10 @@ fn expect_error(proxy: SocketAddr, request: &[u8], status: u16, what: &str) -> R
 }
 
 fn basic(user: &str, pass: &str) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let input = format!("{user}:{pass}").into_bytes();
-    let mut out = String::new();
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    format!("Basic {out}")
+    let input = format!("{user}:{pass}");
+    let mut out = vec![0u8; input.len().div_ceil(3) * 4];
+    let n = socksgate::proto::upstream::base64_encode(input.as_bytes(), &mut out);
+    format!("Basic {}", String::from_utf8_lossy(&out[..n]))
 }
 
 fn ipv6_available() -> bool {

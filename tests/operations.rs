@@ -115,24 +115,9 @@ fn socks5_connect_domain(proxy: SocketAddr, host: &str, port: u16) -> Result<Tcp
 
 /// Standard base64 (RFC 4648 §4) with padding, for Basic credentials.
 fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    let mut out = vec![0u8; data.len().div_ceil(3) * 4];
+    let n = socksgate::proto::upstream::base64_encode(data, &mut out);
+    String::from_utf8_lossy(&out[..n]).into_owned()
 }
 
 /// Reads an HTTP response head (through the blank line) byte by byte, so no tunnel byte is consumed.

@@ -5,8 +5,6 @@ mod common;
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -156,7 +154,7 @@ fn round_trip(s: &UdpSocket, relay: SocketAddr, target: SocketAddr, payload: &[u
 /// A UDP echo on the dual-stack wildcard, so a name resolving to 127.0.0.1 or ::1 reaches it on one port.
 struct DualEcho {
     port: u16,
-    stop: Arc<AtomicBool>,
+    _echo: UdpEcho,
 }
 
 impl DualEcho {
@@ -166,26 +164,11 @@ impl DualEcho {
         s.set_only_v6(false).unwrap();
         s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)).into())
             .unwrap();
-        let s: UdpSocket = s.into();
-        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        let port = s.local_addr().unwrap().port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = Arc::clone(&stop);
-        thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            while !stop2.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = s.recv_from(&mut buf) {
-                    let _ = s.send_to(&buf[..n], from);
-                }
-            }
-        });
-        DualEcho { port, stop }
-    }
-}
-
-impl Drop for DualEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        let echo = UdpEcho::on(s.into());
+        DualEcho {
+            port: echo.addr.port(),
+            _echo: echo,
+        }
     }
 }
 

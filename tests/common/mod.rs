@@ -272,7 +272,11 @@ pub struct UdpEcho {
 impl UdpEcho {
     /// Starts on 127.0.0.1:0.
     pub fn start() -> UdpEcho {
-        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        UdpEcho::on(UdpSocket::bind("127.0.0.1:0").unwrap())
+    }
+
+    /// Echoes on an already bound socket (e.g. a dual-stack one).
+    pub fn on(s: UdpSocket) -> UdpEcho {
         s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         let addr = s.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
