@@ -615,15 +615,12 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
         }
         match up.read(buf.space()) {
             Ok(Some(0)) => {
-                if st.resp_head_done
-                    && matches!(st.resp_body, ref b if !b.is_done())
-                    && st.down_ready == 0
-                {
+                if st.resp_head_done && !st.resp_body.is_done() && st.down_ready == 0 {
                     // Read-until-close body (or a truncated one): the client learns the end from our close.
                     if let Some(b) = conn.u2c.take() {
                         ctx.pool.give(b);
                     }
-                    return Err(finish_after_flush(conn, ctx));
+                    return Err(finish(conn, ctx));
                 }
                 return Err(origin_error(conn, ctx, "origin_closed"));
             }
@@ -636,10 +633,6 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
         }
     }
     Ok(progress)
-}
-
-fn finish_after_flush(conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    finish(conn, ctx)
 }
 
 /// The origin failed mid-exchange: a 502 if the client has seen nothing yet, otherwise just close.
