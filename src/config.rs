@@ -31,6 +31,8 @@ pub struct Config {
     pub buffer_size: usize,
     /// Relay with splice(2) through pipes instead of copying through user space.
     pub splice: bool,
+    /// SO_RCVBUF/SO_SNDBUF for both legs of proxied TCP connections (`None` = kernel autotuning).
+    pub socket_buffer: Option<usize>,
     /// Deadline for the whole client handshake, counted from accept.
     pub handshake_timeout: Duration,
     /// Deadline for resolving and connecting to a target.
@@ -105,6 +107,7 @@ impl Default for Config {
             inline_users: Vec::new(),
             buffer_size: 16 * 1024,
             splice: true,
+            socket_buffer: None,
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
@@ -193,6 +196,14 @@ fn options() -> Options {
         "",
         "buffer-size",
         "relay buffer size in bytes (default 16384)",
+        "BYTES",
+    );
+    o.optopt(
+        "",
+        "socket-buffer",
+        "SO_RCVBUF and SO_SNDBUF for both legs of every proxied TCP connection (client, target, upstream), e.g. \
+         64KiB; caps the kernel memory a stalled tunnel holds, at the cost of throughput on long fat paths; \
+         capped by net.core.rmem_max/wmem_max (default: kernel autotuning)",
         "BYTES",
     );
     o.optflag(
@@ -367,6 +378,29 @@ pub fn parse_socket_addr(s: &str) -> Option<SocketAddr> {
     s.parse().ok()
 }
 
+/// Parses a byte count: plain digits or with a binary suffix (`K`/`KiB`, `M`/`MiB`, case-insensitive).
+pub fn parse_size(s: &str) -> Option<usize> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, suffix) = s.split_at(split);
+    let unit: usize = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1024,
+        "m" | "mib" => 1024 * 1024,
+        _ => return None,
+    };
+    digits.parse::<usize>().ok()?.checked_mul(unit)
+}
+
+/// The `--socket-buffer` value: the kernel takes an int and doubles it, and refuses less than about 2 KiB.
+fn socket_buffer(v: &str) -> Result<usize, ConfigError> {
+    match parse_size(v) {
+        Some(n) if (4096..=1 << 30).contains(&n) => Ok(n),
+        _ => Err(ConfigError(format!(
+            "--socket-buffer: expected BYTES from 4096 to 1GiB (suffixes KiB, MiB), got {v:?}"
+        ))),
+    }
+}
+
 fn num<T>(m: &getopts::Matches, name: &str, min: T) -> Result<Option<T>, ConfigError>
 where
     T: std::str::FromStr + PartialOrd + Copy + fmt::Display,
@@ -455,6 +489,9 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
         c.buffer_size = b;
     }
     c.splice = !m.opt_present("no-splice");
+    if let Some(v) = m.opt_str("socket-buffer") {
+        c.socket_buffer = Some(socket_buffer(&v)?);
+    }
     c.handshake_timeout = dur(&m, "handshake-timeout", c.handshake_timeout)?;
     c.connect_timeout = dur(&m, "connect-timeout", c.connect_timeout)?;
     c.idle_timeout = dur(&m, "idle-timeout", c.idle_timeout)?;
@@ -599,6 +636,28 @@ mod tests {
     }
 
     #[test]
+    fn socket_buffer_sizes() {
+        assert_eq!(parse_size("65536"), Some(65536));
+        assert_eq!(parse_size("64KiB"), Some(65536));
+        assert_eq!(parse_size("64k"), Some(65536));
+        assert_eq!(parse_size("2MiB"), Some(2 << 20));
+        assert_eq!(parse_size("2M"), Some(2 << 20));
+        assert_eq!(parse_size("MiB"), None);
+        assert_eq!(parse_size("1.5MiB"), None);
+        assert_eq!(parse_size("64 KiB"), None);
+        assert_eq!(parse_size("99999999999999999999M"), None);
+        assert_eq!(run("").unwrap().socket_buffer, None);
+        assert_eq!(
+            run("--socket-buffer 64KiB").unwrap().socket_buffer,
+            Some(65536)
+        );
+        for bad in ["0", "100", "2GiB", "lots"] {
+            let e = run(&format!("--socket-buffer {bad}")).unwrap_err().0;
+            assert!(e.contains("--socket-buffer"), "{e}");
+        }
+    }
+
+    #[test]
     fn bad_values_name_the_flag() {
         assert!(run("--threads 0").unwrap_err().0.contains("--threads"));
         assert!(run("--idle-timeout soon")
@@ -631,6 +690,7 @@ mod tests {
             "--drain-timeout",
             "--max-connections",
             "--no-http",
+            "--socket-buffer",
         ] {
             assert!(u.contains(flag), "{flag} missing from help");
         }

@@ -37,6 +37,22 @@ pub struct Server {
     cfg: Arc<Config>,
 }
 
+/// The kernel silently clamps SO_RCVBUF/SO_SNDBUF to net.core.rmem_max/wmem_max (then doubles them): say so
+/// once at startup rather than let `--socket-buffer 4MiB` quietly mean 208 KiB.
+fn warn_if_capped(want: usize, listener: &TcpListener) {
+    let sock = socket2::SockRef::from(listener);
+    let rcv = sock.recv_buffer_size().unwrap_or(0);
+    let snd = sock.send_buffer_size().unwrap_or(0);
+    if rcv < want || snd < want {
+        warn!(
+            "--socket-buffer {want}: the kernel granted SO_RCVBUF {} and SO_SNDBUF {} (capped by \
+             net.core.rmem_max / net.core.wmem_max)",
+            rcv / 2,
+            snd / 2
+        );
+    }
+}
+
 impl Server {
     /// Binds every listener on every worker and starts the threads. Port 0 in a listen address is resolved once
     /// (by the first worker's bind) and reused by the others, so all workers share one port.
@@ -48,12 +64,18 @@ impl Server {
         for _ in 0..threads {
             let mut ls = Vec::with_capacity(addrs.len());
             for a in addrs.iter_mut() {
-                let l = net::reuseport_listener(*a, 1024)
+                let l = net::reuseport_listener(*a, 1024, cfg.socket_buffer)
                     .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))?;
                 *a = l.local_addr()?;
                 ls.push(l);
             }
             per_worker.push(ls);
+        }
+        if let (Some(want), Some(l)) = (
+            cfg.socket_buffer,
+            per_worker.first().and_then(|l| l.first()),
+        ) {
+            warn_if_capped(want, l);
         }
         let resolver = ResolverPool::start(cfg.resolver_threads, cfg.resolver.clone())?;
         let shared = Shared {

@@ -8,9 +8,24 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::proto::Failure;
 
+/// Sets SO_RCVBUF and SO_SNDBUF to `bytes` (`--socket-buffer`), or leaves the kernel's autotuning alone on `None`.
+/// Set before listen/connect so the window advertised in the SYN is already small; an accepted socket inherits
+/// the listener's values.
+pub fn set_socket_buffer(socket: &Socket, bytes: Option<usize>) -> io::Result<()> {
+    if let Some(n) = bytes {
+        socket.set_recv_buffer_size(n)?;
+        socket.set_send_buffer_size(n)?;
+    }
+    Ok(())
+}
+
 /// A nonblocking listener with SO_REUSEPORT, so every worker can bind the same address and the kernel spreads
-/// incoming connections across them.
-pub fn reuseport_listener(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
+/// incoming connections across them. `socket_buffer` is inherited by every accepted connection.
+pub fn reuseport_listener(
+    addr: SocketAddr,
+    backlog: i32,
+    socket_buffer: Option<usize>,
+) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         // Keep [::]:p and 0.0.0.0:p independent, so both can be listed with -l.
@@ -18,6 +33,7 @@ pub fn reuseport_listener(addr: SocketAddr, backlog: i32) -> io::Result<TcpListe
     }
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    set_socket_buffer(&socket, socket_buffer)?;
     socket.set_nonblocking(true)?;
     socket.bind(&SockAddr::from(addr))?;
     socket.listen(backlog)?;
@@ -25,8 +41,12 @@ pub fn reuseport_listener(addr: SocketAddr, backlog: i32) -> io::Result<TcpListe
 }
 
 /// Starts a nonblocking connect to `addr`, from `bind` when given. The connect completes later: see
-/// [`connect_state`].
-pub fn connect(addr: SocketAddr, bind: Option<IpAddr>) -> io::Result<TcpStream> {
+/// [`connect_state`]. `socket_buffer` as in [`set_socket_buffer`].
+pub fn connect(
+    addr: SocketAddr,
+    bind: Option<IpAddr>,
+    socket_buffer: Option<usize>,
+) -> io::Result<TcpStream> {
     // SOCK_NONBLOCK at creation: two fcntl calls fewer per outbound connection than set_nonblocking.
     let socket = Socket::new(
         Domain::for_address(addr),
@@ -34,6 +54,7 @@ pub fn connect(addr: SocketAddr, bind: Option<IpAddr>) -> io::Result<TcpStream> 
         Some(Protocol::TCP),
     )?;
     socket.set_tcp_nodelay(true)?;
+    set_socket_buffer(&socket, socket_buffer)?;
     if let Some(ip) = bind {
         if ip.is_ipv4() != addr.is_ipv4() {
             return Err(io::Error::new(
@@ -112,9 +133,10 @@ pub fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
     Ok(UdpSocket::from_std(socket.into()))
 }
 
-/// A nonblocking single-use listener for SOCKS BIND.
-pub fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+/// A nonblocking single-use listener for SOCKS BIND; its accepted connection inherits `socket_buffer`.
+pub fn bind_listener(addr: SocketAddr, socket_buffer: Option<usize>) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    set_socket_buffer(&socket, socket_buffer)?;
     socket.set_nonblocking(true)?;
     socket.bind(&SockAddr::from(addr))?;
     socket.listen(1)?;
@@ -149,9 +171,34 @@ mod tests {
 
     #[test]
     fn reuseport_allows_many_binds() {
-        let a = reuseport_listener("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let a = reuseport_listener("127.0.0.1:0".parse().unwrap(), 16, None).unwrap();
         let addr = a.local_addr().unwrap();
-        let b = reuseport_listener(addr, 16).unwrap();
+        let b = reuseport_listener(addr, 16, None).unwrap();
         assert_eq!(b.local_addr().unwrap(), addr);
+    }
+
+    #[test]
+    fn socket_buffer_reaches_accepted_and_outbound_sockets() {
+        // Linux reports twice the value set (bookkeeping overhead); small values are below every rmem_max.
+        let want = 16 * 1024;
+        let l = reuseport_listener("127.0.0.1:0".parse().unwrap(), 16, Some(want)).unwrap();
+        let out = connect(l.local_addr().unwrap(), None, Some(want)).unwrap();
+        let out = socket2::SockRef::from(&out);
+        assert_eq!(out.recv_buffer_size().unwrap(), 2 * want);
+        assert_eq!(out.send_buffer_size().unwrap(), 2 * want);
+        let start = std::time::Instant::now();
+        let accepted = loop {
+            match l.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    assert!(start.elapsed().as_secs() < 20, "no connection to accept");
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        let accepted = socket2::SockRef::from(&accepted);
+        assert_eq!(accepted.recv_buffer_size().unwrap(), 2 * want);
+        assert_eq!(accepted.send_buffer_size().unwrap(), 2 * want);
     }
 }

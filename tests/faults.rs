@@ -610,6 +610,65 @@ fn client_reset_mid_transfer_frees_tunnel() {
     assert_settled(&p, fd_base, "at the end");
 }
 
+/// Bytes a stalled SOCKS5 tunnel absorbs before the writer blocks: `upload` = client writes to a target that never
+/// reads; otherwise the target writes to a client that never reads. The test's own sockets are small either way.
+fn absorbed(p: &Proxy, upload: bool) -> usize {
+    let limit = stall_limit(2);
+    let (n, stalled) = if upload {
+        let sink = Holder::start();
+        let mut c = socks5_connect_small(p.addr(), sink.addr());
+        let r = write_until_stalled(&mut c, limit);
+        sink.close_all();
+        r
+    } else {
+        let (tx, rx) = mpsc::channel();
+        let flood = TestServer::start_buffered(TEST_SOCKET_BUFFER, move |mut s| {
+            let _ = tx.send(write_until_stalled(&mut s, limit));
+        });
+        let mut c = socks5_connect_small(p.addr(), flood.addr);
+        c.write_all(b"x").unwrap();
+        rx.recv_timeout(Duration::from_secs(180))
+            .expect("flooding target finished")
+    };
+    let way = if upload { "upload" } else { "download" };
+    assert!(
+        stalled,
+        "{way}: {n} bytes went in without the writes blocking"
+    );
+    n
+}
+
+/// `--socket-buffer 64KiB`: a tunnel whose far end never reads holds at most about twice the cap per socket on the
+/// path (the kernel doubles SO_RCVBUF/SO_SNDBUF for its bookkeeping), plus the relay's splice pipe and buffer: four
+/// sockets (the test's own sending one and receiving one, set to the same 64 KiB, and the proxy's two legs), each
+/// allowed 2 x 64 KiB plus one 64 KiB loopback segment of overshoot, plus a 256 KiB pipe (src/sys.rs) and the
+/// 16 KiB relay buffer: 1040 KiB. Without the flag the proxy's sockets autotune (up to tcp_rmem/tcp_wmem's maximum)
+/// and only "the writes block" is asserted; both figures are printed.
+#[test]
+fn socket_buffer_caps_what_a_stalled_tunnel_absorbs() {
+    const CAP: usize = 64 * KIB;
+    const PIPE: usize = 256 * KIB;
+    const RELAY_BUFFER: usize = 16 * KIB;
+    const SEGMENT: usize = 64 * KIB;
+    let bound = 4 * (2 * CAP + SEGMENT) + PIPE + RELAY_BUFFER;
+    let capped = start_proxy(&["--socket-buffer", "64KiB"]);
+    let free = start_proxy(&[]);
+    for upload in [true, false] {
+        let way = if upload { "upload" } else { "download" };
+        let with_cap = absorbed(&capped, upload);
+        let autotuned = absorbed(&free, upload);
+        eprintln!(
+            "{way}: a stalled tunnel absorbed {with_cap} bytes with --socket-buffer 64KiB (bound {bound}), \
+             {autotuned} bytes with kernel autotuning (tcp_rmem/tcp_wmem maxima {:?})",
+            tcp_autotune_max()
+        );
+        assert!(
+            with_cap <= bound,
+            "{way}: {with_cap} bytes went into a stalled tunnel with --socket-buffer 64KiB (bound {bound})"
+        );
+    }
+}
+
 /// A listener whose accept queue is full, so connects to it hang in SYN_SENT until their timeout.
 fn blackhole() -> (TcpListener, Vec<TcpStream>) {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();

@@ -300,6 +300,7 @@ fn cli_bad_flags_exit_2_with_one_line() {
         (&["--handshake-timeout", "soon"][..], "--handshake-timeout"),
         (&["-l", "nonsense"][..], "--listen"),
         (&["--user", "nocolon"][..], "--user"),
+        (&["--socket-buffer", "1k2"][..], "--socket-buffer"),
         (&["--deny-dest", "300.0.0.0/8"][..], "--deny-dest"),
         (
             &["--users", "/nonexistent/socksgate-users"][..],
@@ -333,6 +334,7 @@ fn cli_help_lists_every_flag() {
             "--user",
             "--users",
             "--buffer-size",
+            "--socket-buffer",
             "--handshake-timeout",
             "--connect-timeout",
             "--idle-timeout",

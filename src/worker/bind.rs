@@ -77,7 +77,7 @@ pub fn start(
     let Some(ip) = ctx.cfg.outbound_bind.or_else(|| conn.local_ip()) else {
         return reply_failure(conn, ctx, reply, Failure::General);
     };
-    let mut listener = match net::bind_listener(SocketAddr::new(ip, 0)) {
+    let mut listener = match net::bind_listener(SocketAddr::new(ip, 0), ctx.cfg.socket_buffer) {
         Ok(l) => l,
         Err(e) => {
             debug!("{}: BIND listener: {e}", conn.peer);

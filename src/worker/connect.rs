@@ -178,7 +178,7 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 
 /// Opens and registers a nonblocking outbound socket for connection `key`.
 pub fn open(key: usize, ctx: &mut Ctx, addr: SocketAddr) -> io::Result<Sock> {
-    let mut stream = net::connect(addr, ctx.cfg.outbound_bind)?;
+    let mut stream = net::connect(addr, ctx.cfg.outbound_bind, ctx.cfg.socket_buffer)?;
     ctx.registry.register(
         &mut stream,
         token::conn(key, token::Role::Upstream),
