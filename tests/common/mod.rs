@@ -513,8 +513,16 @@ pub fn read_until_closed(s: &mut TcpStream) -> (Vec<u8>, bool) {
 
 /// Writes `data` and reads back exactly as many bytes, asserting they are identical (an echo round trip).
 pub fn assert_echo(s: &mut TcpStream, data: &[u8]) {
-    s.write_all(data).expect("write through tunnel");
+    // Written from a second thread while this one reads: writing everything first would need the whole round trip
+    // to fit in the kernel's socket buffers, which is a sysctl, not a property of the proxy.
+    let mut w = s.try_clone().expect("clone");
+    let out = data.to_vec();
+    let writer = thread::spawn(move || w.write_all(&out));
     let back = read_n(s, data.len());
+    writer
+        .join()
+        .expect("writer thread")
+        .expect("write through tunnel");
     assert!(
         back == data,
         "echo mismatch: sent {} bytes, got different bytes back",
