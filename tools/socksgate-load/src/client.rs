@@ -11,7 +11,7 @@ use crate::proxy::{Dest, Endpoint, ProxySpec, Scheme};
 
 /// What the tunnel request asks the proxy to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Command {
+pub(crate) enum Command {
     /// Open a TCP connection to the destination.
     Connect,
     /// SOCKS5 only: set up a UDP relay; the destination is our UDP source address.
@@ -34,7 +34,7 @@ enum Step {
 
 /// Result of feeding the handshake with bytes from the proxy.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Progress {
+pub(crate) enum Progress {
     /// The proxy has not answered completely yet (check `output()` for bytes to send).
     NeedMore,
     /// The tunnel is up.
@@ -43,16 +43,16 @@ pub enum Progress {
 
 /// What a completed handshake yields.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Established {
+pub(crate) struct Established {
     /// Bound address from the proxy reply (the UDP relay for UDP ASSOCIATE).
-    pub bound: Option<SocketAddr>,
+    pub(crate) bound: Option<SocketAddr>,
     /// Bytes received after the reply: they already belong to the tunnel.
-    pub leftover: Vec<u8>,
+    pub(crate) leftover: Vec<u8>,
 }
 
 /// Sans-IO client handshake for one tunnel.
 #[derive(Debug)]
-pub struct Handshake {
+pub(crate) struct Handshake {
     step: Step,
     out: Vec<u8>,
     inbuf: Vec<u8>,
@@ -64,7 +64,7 @@ pub struct Handshake {
 
 impl Handshake {
     /// Prepare the handshake; the first message is immediately available in `output()`.
-    pub fn new(proxy: &ProxySpec, dest: &Dest, cmd: Command) -> io::Result<Self> {
+    pub(crate) fn new(proxy: &ProxySpec, dest: &Dest, cmd: Command) -> io::Result<Self> {
         if cmd == Command::UdpAssociate && !proxy.scheme.is_socks5() {
             return Err(invalid("UDP ASSOCIATE needs a socks5 proxy"));
         }
@@ -97,22 +97,22 @@ impl Handshake {
     }
 
     /// Bytes that must be sent to the proxy now.
-    pub fn output(&self) -> &[u8] {
+    pub(crate) fn output(&self) -> &[u8] {
         &self.out
     }
 
     /// Mark `n` bytes of `output()` as sent.
-    pub fn consume_output(&mut self, n: usize) {
+    pub(crate) fn consume_output(&mut self, n: usize) {
         self.out.drain(..n);
     }
 
     /// Whether no proxy exchange is needed at all (direct).
-    pub fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         self.step == Step::Done
     }
 
     /// Feed bytes read from the proxy and advance as far as they allow.
-    pub fn input(&mut self, data: &[u8]) -> io::Result<Progress> {
+    pub(crate) fn input(&mut self, data: &[u8]) -> io::Result<Progress> {
         self.inbuf.extend_from_slice(data);
         loop {
             match self.step {
@@ -218,17 +218,21 @@ impl Handshake {
 
 /// An established tunnel over a blocking socket.
 #[derive(Debug)]
-pub struct Tunnel {
+pub(crate) struct Tunnel {
     /// The socket (to the proxy, or to the target for `direct`).
-    pub stream: TcpStream,
+    pub(crate) stream: TcpStream,
     /// Tunnel bytes that arrived together with the proxy reply.
-    pub leftover: Vec<u8>,
+    pub(crate) leftover: Vec<u8>,
     /// Bound address reported by the proxy.
-    pub bound: Option<SocketAddr>,
+    pub(crate) bound: Option<SocketAddr>,
 }
 
 /// Open a blocking TCP tunnel to `target` through `proxy` (or straight to it for `direct`).
-pub fn connect(proxy: &ProxySpec, target: &Endpoint, timeout: Duration) -> io::Result<Tunnel> {
+pub(crate) fn connect(
+    proxy: &ProxySpec,
+    target: &Endpoint,
+    timeout: Duration,
+) -> io::Result<Tunnel> {
     let dest = target.dest(proxy.scheme);
     let hs = Handshake::new(proxy, &dest, Command::Connect)?;
     let addr = proxy.addr.unwrap_or(target.addr);
@@ -237,7 +241,7 @@ pub fn connect(proxy: &ProxySpec, target: &Endpoint, timeout: Duration) -> io::R
 }
 
 /// Open the SOCKS5 control connection for UDP ASSOCIATE, announcing `udp_src` as our source.
-pub fn udp_associate(
+pub(crate) fn udp_associate(
     proxy: &ProxySpec,
     udp_src: SocketAddr,
     timeout: Duration,
@@ -293,7 +297,7 @@ fn drive(mut stream: TcpStream, mut hs: Handshake) -> io::Result<Tunnel> {
 }
 
 /// SOCKS5 greeting offering no-auth, plus username/password when we have credentials.
-pub fn socks5_greeting(with_auth: bool) -> Vec<u8> {
+pub(crate) fn socks5_greeting(with_auth: bool) -> Vec<u8> {
     if with_auth {
         vec![5, 2, 0x00, 0x02]
     } else {
@@ -302,7 +306,7 @@ pub fn socks5_greeting(with_auth: bool) -> Vec<u8> {
 }
 
 /// RFC 1929 username/password message.
-pub fn socks5_auth(user: &str, pass: &str) -> io::Result<Vec<u8>> {
+pub(crate) fn socks5_auth(user: &str, pass: &str) -> io::Result<Vec<u8>> {
     if user.is_empty() || user.len() > 255 || pass.len() > 255 {
         return Err(invalid("SOCKS5 username/password must be 1..=255 bytes"));
     }
@@ -316,7 +320,7 @@ pub fn socks5_auth(user: &str, pass: &str) -> io::Result<Vec<u8>> {
 }
 
 /// RFC 1928 request: VER CMD RSV ATYP DST.ADDR DST.PORT.
-pub fn socks5_request(cmd: Command, dest: &Dest) -> io::Result<Vec<u8>> {
+pub(crate) fn socks5_request(cmd: Command, dest: &Dest) -> io::Result<Vec<u8>> {
     let code = match cmd {
         Command::Connect => 1,
         Command::UdpAssociate => 3,
@@ -327,7 +331,7 @@ pub fn socks5_request(cmd: Command, dest: &Dest) -> io::Result<Vec<u8>> {
 }
 
 /// ATYP + address + port, shared by requests and UDP datagram headers.
-pub fn encode_socks5_addr(dest: &Dest, m: &mut Vec<u8>) -> io::Result<()> {
+pub(crate) fn encode_socks5_addr(dest: &Dest, m: &mut Vec<u8>) -> io::Result<()> {
     match dest {
         Dest::Ip(SocketAddr::V4(a)) => {
             m.push(1);
@@ -356,7 +360,7 @@ pub fn encode_socks5_addr(dest: &Dest, m: &mut Vec<u8>) -> io::Result<()> {
 ///
 /// Returns the address (None for a domain, which we never need to connect to) and the
 /// number of bytes used.
-pub fn parse_socks5_addr(b: &[u8]) -> io::Result<Option<(Option<SocketAddr>, usize)>> {
+pub(crate) fn parse_socks5_addr(b: &[u8]) -> io::Result<Option<(Option<SocketAddr>, usize)>> {
     let Some(&atyp) = b.first() else {
         return Ok(None);
     };
@@ -388,7 +392,7 @@ pub fn parse_socks5_addr(b: &[u8]) -> io::Result<Option<(Option<SocketAddr>, usi
 }
 
 /// SOCKS4 CONNECT (IPv4) or SOCKS4a CONNECT (domain, with the 0.0.0.x marker address).
-pub fn socks4_request(dest: &Dest, userid: &str) -> io::Result<Vec<u8>> {
+pub(crate) fn socks4_request(dest: &Dest, userid: &str) -> io::Result<Vec<u8>> {
     let mut m = vec![4, 1];
     match dest {
         Dest::Ip(SocketAddr::V4(a)) => {
@@ -411,7 +415,7 @@ pub fn socks4_request(dest: &Dest, userid: &str) -> io::Result<Vec<u8>> {
 }
 
 /// `host:port` authority for HTTP, with brackets for IPv6.
-pub fn authority(dest: &Dest) -> String {
+pub(crate) fn authority(dest: &Dest) -> String {
     match dest {
         Dest::Ip(a) => a.to_string(),
         Dest::Domain(n, p) => format!("{n}:{p}"),
@@ -419,7 +423,7 @@ pub fn authority(dest: &Dest) -> String {
 }
 
 /// HTTP/1.1 CONNECT request, with Basic proxy auth when credentials are given.
-pub fn http_connect_request(dest: &Dest, creds: Option<(&str, &str)>) -> Vec<u8> {
+pub(crate) fn http_connect_request(dest: &Dest, creds: Option<(&str, &str)>) -> Vec<u8> {
     let auth = authority(dest);
     let mut r = format!("CONNECT {auth} HTTP/1.1\r\nHost: {auth}\r\n");
     if let Some(h) = proxy_authorization(creds) {
@@ -430,7 +434,7 @@ pub fn http_connect_request(dest: &Dest, creds: Option<(&str, &str)>) -> Vec<u8>
 }
 
 /// `Proxy-Authorization: Basic ...\r\n` header line, if credentials are given.
-pub fn proxy_authorization(creds: Option<(&str, &str)>) -> Option<String> {
+pub(crate) fn proxy_authorization(creds: Option<(&str, &str)>) -> Option<String> {
     creds.map(|(u, p)| {
         format!(
             "Proxy-Authorization: Basic {}\r\n",
@@ -440,7 +444,7 @@ pub fn proxy_authorization(creds: Option<(&str, &str)>) -> Option<String> {
 }
 
 /// Standard base64 with padding (for HTTP Basic auth; no dependency for 15 lines).
-pub fn base64(data: &[u8]) -> String {
+pub(crate) fn base64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut s = String::with_capacity(data.len().div_ceil(3) * 4);
     for c in data.chunks(3) {
@@ -459,7 +463,7 @@ pub fn base64(data: &[u8]) -> String {
 }
 
 /// Three-digit status code from an `HTTP/1.x NNN reason` line.
-pub fn parse_status_code(line: &str) -> Option<u16> {
+pub(crate) fn parse_status_code(line: &str) -> Option<u16> {
     let mut parts = line.split_ascii_whitespace();
     let version = parts.next()?;
     if !version.starts_with("HTTP/1.") {
@@ -473,7 +477,7 @@ pub fn parse_status_code(line: &str) -> Option<u16> {
 }
 
 /// Position of `needle` in `hay`.
-pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+pub(crate) fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 

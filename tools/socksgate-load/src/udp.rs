@@ -15,7 +15,7 @@ use crate::target::UdpEcho;
 use crate::{finish, Common};
 
 /// Datagrams in flight at most: measures the relay, not socket buffer overflow.
-pub const WINDOW: usize = 64;
+pub(crate) const WINDOW: usize = 64;
 /// Payload size of every datagram (after the SOCKS5 UDP header).
 const PAYLOAD: usize = 64;
 /// A datagram not echoed within this time counts as lost.
@@ -38,7 +38,7 @@ struct UdpStats {
 }
 
 /// Reject the proxy schemes that have no UDP relay.
-pub fn check_proxy(p: &ProxySpec) -> Result<(), String> {
+pub(crate) fn check_proxy(p: &ProxySpec) -> Result<(), String> {
     if p.scheme == Scheme::Direct || p.scheme.is_socks5() {
         Ok(())
     } else {
@@ -50,7 +50,7 @@ pub fn check_proxy(p: &ProxySpec) -> Result<(), String> {
 }
 
 /// Run the mode; returns the exit code.
-pub fn run(c: &Common, rate: Option<f64>) -> i32 {
+pub(crate) fn run(c: &Common, rate: Option<f64>) -> i32 {
     let echo = match c.target {
         Some(_) => None,
         None => match UdpEcho::start() {
