@@ -43,6 +43,8 @@ const CHUNK: usize = 256 * 1024;
 const MAX_HEAD: usize = 64 * 1024;
 /// Largest HTTP request body we are willing to skip.
 const MAX_BODY: usize = 1024 * 1024;
+/// Datagrams the UDP echo takes from one socket per readiness event before it serves the others.
+const UDP_BUDGET: usize = 256;
 /// Body of every HTTP response: exactly 64 bytes.
 pub(crate) const HTTP_BODY: &[u8; 64] =
     b"socksgate-load origin: 64 byte body for http mode benchmarks..\r\n";
@@ -557,7 +559,7 @@ fn serve_udp(mut poll: Poll, socks: Vec<UdpSocket>, stop: &AtomicBool) -> io::Re
             }
             busy[i] = false;
             let mut drained = false;
-            for _ in 0..256 {
+            for _ in 0..UDP_BUDGET {
                 match s.recv_from(&mut buf) {
                     Ok((n, from)) => {
                         // A full send buffer drops the echo, which the client counts as loss.
