@@ -21,6 +21,8 @@ pub mod metrics;
 pub mod net;
 pub mod proto;
 pub mod resolve;
+// The one module allowed to use `unsafe` (workspace lint `unsafe_code = "deny"`); each block has a SAFETY comment.
+#[allow(unsafe_code)]
 pub mod sys;
 pub mod upstream;
 pub mod worker;

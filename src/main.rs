@@ -1,5 +1,7 @@
 //! The socksgate binary: parse the command line, set up logging, run the server.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use socksgate::config::{self, Command};

@@ -67,17 +67,12 @@ pub fn connect(
     match socket.connect(&SockAddr::from(addr)) {
         Ok(()) => {}
         Err(e)
-            if e.raw_os_error() == Some(EINPROGRESS) || e.kind() == io::ErrorKind::WouldBlock => {}
+            if e.raw_os_error() == Some(libc::EINPROGRESS)
+                || e.kind() == io::ErrorKind::WouldBlock => {}
         Err(e) => return Err(e),
     }
     Ok(TcpStream::from_std(socket.into()))
 }
-
-const EINPROGRESS: i32 = 115;
-const ENFILE: i32 = 23;
-const EMFILE: i32 = 24;
-const ENOBUFS: i32 = 105;
-const ENOMEM: i32 = 12;
 
 /// Where a nonblocking connect stands.
 #[derive(Debug)]
@@ -119,7 +114,10 @@ pub fn failure_of(err: &io::Error) -> Failure {
 
 /// True for errors that mean "out of file descriptors or kernel memory": pause accepting instead of spinning.
 pub fn is_resource_exhaustion(err: &io::Error) -> bool {
-    matches!(err.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS | ENOMEM))
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 /// A nonblocking UDP socket bound to `addr` (port 0 = kernel's choice).
@@ -156,14 +154,16 @@ mod tests {
         );
         assert_eq!(failure_of(&e(io::ErrorKind::TimedOut)), Failure::TimedOut);
         assert_eq!(
-            failure_of(&io::Error::from_raw_os_error(101)),
+            failure_of(&io::Error::from_raw_os_error(libc::ENETUNREACH)),
             Failure::NetworkUnreachable
         );
         assert_eq!(
-            failure_of(&io::Error::from_raw_os_error(113)),
+            failure_of(&io::Error::from_raw_os_error(libc::EHOSTUNREACH)),
             Failure::HostUnreachable
         );
-        assert!(is_resource_exhaustion(&io::Error::from_raw_os_error(24)));
+        assert!(is_resource_exhaustion(&io::Error::from_raw_os_error(
+            libc::EMFILE
+        )));
         assert!(!is_resource_exhaustion(&e(
             io::ErrorKind::ConnectionRefused
         )));

@@ -27,6 +27,14 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(lim.rlim_cur as u64)
 }
 
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`), the unit of the CPU times in /proc/PID/stat; `None` if the
+/// system does not say.
+pub fn clock_ticks_per_second() -> Option<u64> {
+    // SAFETY: sysconf has no preconditions; it reads a configuration value and touches no memory of ours.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(t).ok().filter(|&t| t > 0)
+}
+
 /// Overwrites the password part of `-U/--user NAME:PASS` arguments in this process's own argument block, so
 /// `ps` and `/proc/PID/cmdline` no longer show them (what microsocks calls `zero_arg`). Call it after the command
 /// line was parsed: std reads the arguments from the same memory. Returns how many passwords were hidden.

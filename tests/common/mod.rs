@@ -2,7 +2,9 @@
 //!
 //! Every socket gets a generous timeout, every server binds port 0, and readiness is awaited by reading the
 //! server's `listening on` line, never by sleeping.
-#![allow(dead_code)]
+// Each test binary is its own crate and uses a different part of these helpers; `pub` marks what they may use
+// (the workspace lint would have `pub(crate)` here, which means the same in a test crate).
+#![allow(dead_code, unreachable_pub)]
 
 pub mod origin;
 
