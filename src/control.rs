@@ -17,6 +17,7 @@ use slab::Slab;
 
 use crate::auth::Users;
 use crate::config::{self, Config};
+use crate::listen::{ListenError, ListenSet};
 use crate::metrics::{self, Stats};
 use crate::net;
 use crate::resolve::ResolverPool;
@@ -31,6 +32,9 @@ struct WorkerHandle {
 /// A running server: its workers, their stats, and the addresses it listens on.
 pub struct Server {
     addrs: Vec<SocketAddr>,
+    /// Our own copy of every listening socket, to hand on in an upgrade; closed when the workers stop accepting,
+    /// so a drained listener refuses connections instead of queueing them.
+    listen_set: Option<ListenSet>,
     workers: Vec<WorkerHandle>,
     stats: Vec<Arc<Stats>>,
     resolver: Option<ResolverPool>,
@@ -38,23 +42,21 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds every listener on every worker and starts the threads. Port 0 in a listen address is resolved once
-    /// (by the first worker's bind) and reused by the others, so all workers share one port.
+    /// Binds every `-l` address on every worker (see [`ListenSet::bind`]) and starts the threads.
     pub fn start(cfg: Config) -> io::Result<Server> {
+        let set = ListenSet::bind(&cfg.listen, cfg.threads).map_err(|e| match e {
+            ListenError::InUse(_) => io::Error::new(io::ErrorKind::AddrInUse, e.to_string()),
+            ListenError::Other(s) => io::Error::other(s),
+        })?;
+        Server::start_with(cfg, set)
+    }
+
+    /// Starts the workers on listening sockets obtained elsewhere.
+    pub fn start_with(cfg: Config, set: ListenSet) -> io::Result<Server> {
         let cfg = Arc::new(cfg);
         let threads = cfg.threads.max(1);
-        let mut addrs: Vec<SocketAddr> = cfg.listen.clone();
-        let mut per_worker: Vec<Vec<TcpListener>> = Vec::with_capacity(threads);
-        for _ in 0..threads {
-            let mut ls = Vec::with_capacity(addrs.len());
-            for a in addrs.iter_mut() {
-                let l = net::reuseport_listener(*a, 1024)
-                    .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))?;
-                *a = l.local_addr()?;
-                ls.push(l);
-            }
-            per_worker.push(ls);
-        }
+        let addrs = set.addrs();
+        let per_worker = set.for_workers(threads)?;
         let resolver = ResolverPool::start(cfg.resolver_threads, cfg.resolver.clone())?;
         let shared = Shared {
             cfg: Arc::clone(&cfg),
@@ -95,6 +97,7 @@ impl Server {
         }
         Ok(Server {
             addrs,
+            listen_set: Some(set),
             workers,
             stats,
             resolver: Some(resolver),
@@ -131,7 +134,8 @@ impl Server {
     }
 
     /// Stops accepting and lets established tunnels run until `deadline`.
-    pub fn drain(&self, deadline: Instant) {
+    pub fn drain(&mut self, deadline: Instant) {
+        self.listen_set = None;
         self.send(|| Command::Drain(deadline));
     }
 
@@ -185,9 +189,46 @@ struct Scrape {
     started: Instant,
 }
 
+/// Why [`run`] ended other than by a completed drain.
+#[derive(Debug)]
+pub enum RunError {
+    /// Startup refused (a listen address in use, bad passed sockets): exit status 2.
+    Startup(String),
+    /// A system error: exit status 1.
+    Io(io::Error),
+    /// A second SIGTERM/SIGINT while draining asked to exit at once: exit status 1.
+    Forced,
+}
+
+impl RunError {
+    /// The process exit status for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Startup(_) => 2,
+            RunError::Io(_) | RunError::Forced => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Startup(s) => f.write_str(s),
+            RunError::Io(e) => write!(f, "{e}"),
+            RunError::Forced => f.write_str("second signal: exited without waiting for tunnels"),
+        }
+    }
+}
+
+impl From<io::Error> for RunError {
+    fn from(e: io::Error) -> RunError {
+        RunError::Io(e)
+    }
+}
+
 /// Runs the server until SIGTERM/SIGINT and the drain that follows. Prints one `listening on ADDR` line per
 /// listener (and `metrics on ADDR`) to stdout once ready, which scripts and tests wait for.
-pub fn run(cfg: Config) -> io::Result<()> {
+pub fn run(cfg: Config) -> Result<(), RunError> {
     let metrics_addr = cfg.metrics;
     let drain_timeout = cfg.drain_timeout;
     let mut poll = Poll::new()?;
@@ -204,7 +245,9 @@ pub fn run(cfg: Config) -> io::Result<()> {
         }
         None => None,
     };
-    let server = Server::start(cfg)?;
+    let set =
+        ListenSet::bind(&cfg.listen, cfg.threads).map_err(|e| RunError::Startup(e.to_string()))?;
+    let mut server = Server::start_with(cfg, set)?;
     {
         let mut out = io::stdout().lock();
         for a in server.addrs() {
@@ -232,7 +275,7 @@ pub fn run(cfg: Config) -> io::Result<()> {
         match poll.poll(&mut events, Some(Duration::from_millis(100))) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
         for ev in events.iter() {
             match ev.token() {
@@ -242,7 +285,7 @@ pub fn run(cfg: Config) -> io::Result<()> {
                             SIGHUP => reload(&server),
                             _ if draining => {
                                 warn!("second signal: exiting now");
-                                std::process::exit(1);
+                                return Err(RunError::Forced);
                             }
                             _ => {
                                 draining = true;
