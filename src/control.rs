@@ -1,6 +1,6 @@
 //! The control thread: starts workers, handles signals, serves `/metrics`, and fans out reload and drain.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc::{self, Sender};
@@ -9,17 +9,15 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
-use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
-use slab::Slab;
 
 use crate::auth::Users;
 use crate::config::{self, Config};
 use crate::listen::{ListenError, ListenSet};
-use crate::metrics::{self, Stats};
-use crate::net;
+use crate::metrics::serve::Exporter;
+use crate::metrics::Stats;
 use crate::resolve::ResolverPool;
 use crate::worker::{self, Command, Shared, Worker};
 
@@ -178,16 +176,6 @@ impl Drop for Server {
 
 const SIGNALS: Token = Token(usize::MAX);
 const METRICS: Token = Token(usize::MAX - 1);
-/// A scrape connection that has not finished within this time is closed.
-const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
-
-struct Scrape {
-    stream: TcpStream,
-    request: Vec<u8>,
-    response: Vec<u8>,
-    written: usize,
-    started: Instant,
-}
 
 /// Why [`run`] ended other than by a completed drain.
 #[derive(Debug)]
@@ -235,13 +223,11 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
     let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
     poll.registry()
         .register(&mut signals, SIGNALS, Interest::READABLE)?;
-    let mut metrics_listener = match metrics_addr {
+    let mut exporter = match metrics_addr {
         Some(a) => {
-            let mut l = TcpListener::bind(a)
-                .map_err(|e| io::Error::new(e.kind(), format!("--metrics {a}: {e}")))?;
-            poll.registry()
-                .register(&mut l, METRICS, Interest::READABLE)?;
-            Some(l)
+            let mut e = Exporter::bind(a)?;
+            e.register(poll.registry(), METRICS)?;
+            Some(e)
         }
         None => None,
     };
@@ -253,8 +239,8 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
         for a in server.addrs() {
             let _ = writeln!(out, "socksgate: listening on {a}");
         }
-        if let Some(l) = &metrics_listener {
-            if let Ok(a) = l.local_addr() {
+        if let Some(e) = &exporter {
+            if let Ok(a) = e.local_addr() {
                 let _ = writeln!(out, "socksgate: metrics on http://{a}/metrics");
             }
         }
@@ -268,9 +254,7 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
         server.config().users.len()
     );
     let mut events = Events::with_capacity(64);
-    let mut scrapes: Slab<Scrape> = Slab::new();
     let mut draining = false;
-    let mut metrics_backlog = false;
     loop {
         match poll.poll(&mut events, Some(Duration::from_millis(100))) {
             Ok(()) => {}
@@ -295,37 +279,15 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
                         }
                     }
                 }
-                METRICS => {
-                    if let Some(l) = metrics_listener.as_mut() {
-                        metrics_backlog = accept_scrapes(l, &mut poll, &mut scrapes);
-                    }
-                }
-                Token(key) => {
-                    if serve_scrape(&mut scrapes, key, &server) {
-                        if let Some(mut s) = scrapes.try_remove(key) {
-                            let _ = poll.registry().deregister(&mut s.stream);
-                        }
+                t => {
+                    if let Some(e) = exporter.as_mut().filter(|e| e.owns(t)) {
+                        e.on_event(poll.registry(), t, server.stats());
                     }
                 }
             }
         }
-        // Out of descriptors at the last accept: the edge-triggered listener raises no new event for connections
-        // already queued, so try again every loop turn (100 ms) until the backlog is drained.
-        if metrics_backlog {
-            if let Some(l) = metrics_listener.as_mut() {
-                metrics_backlog = accept_scrapes(l, &mut poll, &mut scrapes);
-            }
-        }
-        let now = Instant::now();
-        let stale: Vec<usize> = scrapes
-            .iter()
-            .filter(|(_, s)| now.duration_since(s.started) > SCRAPE_TIMEOUT)
-            .map(|(k, _)| k)
-            .collect();
-        for k in stale {
-            if let Some(mut s) = scrapes.try_remove(k) {
-                let _ = poll.registry().deregister(&mut s.stream);
-            }
+        if let Some(e) = exporter.as_mut() {
+            e.tick(poll.registry(), Instant::now());
         }
         if draining && server.finished() {
             break;
@@ -354,95 +316,4 @@ fn reload(server: &Server) {
         }
         Err(e) => error!("SIGHUP: keeping the old users table: {e}"),
     }
-}
-
-/// Accepts pending scrapes; true when it stopped on resource exhaustion with connections possibly still queued.
-fn accept_scrapes(l: &mut TcpListener, poll: &mut Poll, scrapes: &mut Slab<Scrape>) -> bool {
-    loop {
-        match l.accept() {
-            Ok((mut stream, _)) => {
-                if scrapes.len() >= 64 {
-                    continue;
-                }
-                let entry = scrapes.vacant_entry();
-                if poll
-                    .registry()
-                    .register(
-                        &mut stream,
-                        Token(entry.key()),
-                        Interest::READABLE | Interest::WRITABLE,
-                    )
-                    .is_ok()
-                {
-                    entry.insert(Scrape {
-                        stream,
-                        request: Vec::new(),
-                        response: Vec::new(),
-                        written: 0,
-                        started: Instant::now(),
-                    });
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-            Err(e) if net::is_resource_exhaustion(&e) => return true,
-            Err(_) => continue,
-        }
-    }
-}
-
-/// Advances one scrape; true when it is finished and should be closed.
-fn serve_scrape(scrapes: &mut Slab<Scrape>, key: usize, server: &Server) -> bool {
-    let Some(s) = scrapes.get_mut(key) else {
-        return false;
-    };
-    if s.response.is_empty() {
-        let mut buf = [0u8; 2048];
-        loop {
-            match s.stream.read(&mut buf) {
-                Ok(0) => return true,
-                Ok(n) => {
-                    s.request.extend_from_slice(&buf[..n]);
-                    if s.request.len() > 16 * 1024 {
-                        return true;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return true,
-            }
-        }
-        if !s.request.windows(4).any(|w| w == b"\r\n\r\n") {
-            return false;
-        }
-        let line_end = s.request.iter().position(|&b| b == b'\r').unwrap_or(0);
-        let line = &s.request[..line_end];
-        let (status, ctype, body) =
-            if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET / ") {
-                (
-                    "200 OK",
-                    "text/plain; version=0.0.4",
-                    metrics::render(server.stats()),
-                )
-            } else {
-                (
-                    "404 Not Found",
-                    "text/plain",
-                    "not found; try /metrics\n".to_string(),
-                )
-            };
-        s.response = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .into_bytes();
-    }
-    while s.written < s.response.len() {
-        match s.stream.write(&s.response[s.written..]) {
-            Ok(n) => s.written += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return true,
-        }
-    }
-    true
 }
