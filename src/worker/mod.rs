@@ -21,8 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
-use mio::net::TcpListener;
-use mio::{Events, Interest, Poll};
+use mio::{Events, Poll};
 use slab::Slab;
 
 use crate::auth::Users;
@@ -129,7 +128,7 @@ pub struct Worker {
     events: Events,
     conns: Slab<Conn>,
     ctx: Ctx,
-    listeners: Vec<Option<TcpListener>>,
+    listeners: Vec<Option<crate::net::Listener>>,
     commands: Receiver<Command>,
     replies: Receiver<Reply>,
     open: Arc<AtomicUsize>,
@@ -148,7 +147,7 @@ impl Worker {
     pub fn new(
         id: usize,
         poll: Poll,
-        listeners: Vec<TcpListener>,
+        listeners: Vec<crate::net::Listener>,
         shared: &Shared,
         stats: Arc<Stats>,
         ch: Channels,
@@ -160,11 +159,11 @@ impl Worker {
             waker,
         } = ch;
         let cfg = Arc::clone(&shared.cfg);
-        let mut listeners: Vec<Option<TcpListener>> = listeners.into_iter().map(Some).collect();
+        let mut listeners: Vec<Option<crate::net::Listener>> =
+            listeners.into_iter().map(Some).collect();
         for (i, l) in listeners.iter_mut().enumerate() {
             if let Some(l) = l {
-                poll.registry()
-                    .register(l, token::listener(i), Interest::READABLE)?;
+                l.register(poll.registry(), token::listener(i))?;
             }
         }
         let pool_limit = (256 * 1024 * 1024 / cfg.buffer_size).max(64);
@@ -386,7 +385,7 @@ impl Worker {
         self.ctx.timers.push(deadline, 0, 0, TimerKind::Drain);
         for l in self.listeners.iter_mut() {
             if let Some(mut l) = l.take() {
-                let _ = self.poll.registry().deregister(&mut l);
+                let _ = l.deregister(self.poll.registry());
             }
         }
         let idle: Vec<usize> = self
