@@ -1210,6 +1210,31 @@ pub fn canned_response(status: u16, out: &mut [u8]) -> usize {
     w.finish().unwrap_or(0)
 }
 
+/// Like [`canned_response`], but the body names what went wrong after the reason phrase (`detail`, one line for a
+/// person to read; control characters are replaced so it cannot break the line). Appends to `out`.
+pub fn error_response(status: u16, detail: &str, out: &mut Vec<u8>) {
+    let status = if (200..=599).contains(&status) {
+        status
+    } else {
+        500
+    };
+    let reason = reason_phrase(status);
+    let clean: String = detail
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let body_len = reason.len() + 2 + clean.len() + 1;
+    let _ = write!(
+        VecWriter(out),
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {body_len}\r\nConnection: close\r\n"
+    );
+    if status == 407 {
+        // RFC 9110 §15.5.8: a 407 MUST carry a Proxy-Authenticate challenge.
+        out.extend_from_slice(b"Proxy-Authenticate: Basic realm=\"socksgate\"\r\n");
+    }
+    let _ = write!(VecWriter(out), "\r\n{reason}: {clean}\n");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2400,6 +2425,24 @@ mod tests {
     }
 
     // ---- canned responses -------------------------------------------------------------------------------------
+
+    #[test]
+    fn error_responses_frame_their_detail() {
+        let mut out = Vec::new();
+        error_response(502, "refused\r\nX: y", &mut out);
+        let mut head = Vec::new();
+        let r = match parse_response(&out, DEFAULT_MAX_HEAD, &ctx(false, true, 1), &mut head) {
+            Ok(Parse::Done(r, _)) => r,
+            other => panic!("{other:?}"),
+        };
+        let body = out.get(r.head_len..).unwrap_or(&[]);
+        assert_eq!(r.status, 502);
+        assert_eq!(body, b"Bad Gateway: refused  X: y\n");
+        assert_eq!(r.body, BodyKind::Length(body.len() as u64));
+        out.clear();
+        error_response(407, "proxy authentication required", &mut out);
+        assert!(text(&out).contains("Proxy-Authenticate: Basic realm=\"socksgate\"\r\n"));
+    }
 
     #[test]
     fn canned_responses_are_valid_http() {
