@@ -375,11 +375,11 @@ fn serve_scrape(scrapes: &mut Slab<Scrape>, key: usize, server: &Server) -> bool
         let line = &s.request[..line_end];
         let (status, ctype, body) =
             if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET / ") {
-                (
-                    "200 OK",
-                    "text/plain; version=0.0.4",
-                    metrics::render(server.stats()),
-                )
+                ("200 OK", "text/plain; version=0.0.4", {
+                    let mut text = metrics::render(server.stats());
+                    server.config().resolver.stats().render(&mut text);
+                    text
+                })
             } else {
                 (
                     "404 Not Found",
