@@ -686,4 +686,34 @@ mod tests {
         }
         assert!(u.contains("default 16384"));
     }
+
+    #[test]
+    fn dns_flags() {
+        let c = run("--dns 127.0.0.1:5353 --dns ::1 --dns-timeout 500ms --dns-max-ttl 1m").unwrap();
+        let d = c
+            .resolver
+            .dns_settings()
+            .expect("built-in resolver by default");
+        assert_eq!(
+            d.conf.servers,
+            vec![
+                "127.0.0.1:5353".parse().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ]
+        );
+        assert_eq!(d.conf.timeout, Duration::from_millis(500));
+        assert_eq!(d.max_ttl, Duration::from_secs(60));
+        assert!(run("--dns-system")
+            .unwrap()
+            .resolver
+            .dns_settings()
+            .is_none());
+        for (bad, flag) in [
+            ("--dns dns.example", "--dns"),
+            ("--dns-max-ttl soon", "--dns-max-ttl"),
+            ("--dns-timeout 0", "--dns-timeout"),
+        ] {
+            assert!(run(bad).unwrap_err().0.contains(flag), "{bad}");
+        }
+    }
 }
