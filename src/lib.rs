@@ -18,6 +18,7 @@ pub mod buffer;
 pub mod config;
 pub mod control;
 pub mod dns;
+pub mod happy;
 pub mod metrics;
 pub mod net;
 pub mod proto;
