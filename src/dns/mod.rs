@@ -111,13 +111,9 @@ impl Dns {
         Ok(Dns { shared, engine })
     }
 
-    /// Answers `job` (a `Work::Resolve`) from the hosts file or the cache, or hands it to the resolver thread.
-    pub fn submit(&self, job: Job) {
-        let Work::Resolve { host, .. } = &job.work else {
-            return;
-        };
+    /// The answer for `host` if it needs no query: the hosts file or a live cache entry (counted as a hit).
+    pub fn quick(&self, host: &str, now: Instant) -> Option<Outcome> {
         let name = host.to_ascii_lowercase();
-        let now = Instant::now();
         let from_hosts = self
             .shared
             .hosts
@@ -126,15 +122,27 @@ impl Dns {
             .and_then(|mut h| h.get(name.trim_end_matches('.'), now));
         if let Some(ips) = from_hosts {
             self.shared.stats.static_hits.fetch_add(1, Relaxed);
-            answer_job(job, &Outcome::Addrs(ips, 0), &self.shared.stats);
-            return;
+            return Some(Outcome::Addrs(ips, 0));
         }
-        if let Some(hit) = self.shared.cached(&name, now) {
-            self.shared.stats.cache_hits.fetch_add(1, Relaxed);
-            answer_job(job, &hit, &self.shared.stats);
+        let hit = self.shared.cached(&name, now)?;
+        self.shared.stats.cache_hits.fetch_add(1, Relaxed);
+        Some(hit)
+    }
+
+    /// Answers `job` (a `Work::Resolve`) from the hosts file or the cache, or hands it to the resolver thread.
+    pub fn submit(&self, job: Job) {
+        let Work::Resolve { host, .. } = &job.work else {
             return;
+        };
+        match self.quick(host, Instant::now()) {
+            Some(hit) => answer_job(job, &hit, &self.shared.stats),
+            None => self.engine.submit(job),
         }
-        self.engine.submit(job);
+    }
+
+    /// Converts an outcome into what a worker sees, counting a failure by kind.
+    pub fn result(&self, outcome: &Outcome, port: u16) -> io::Result<Vec<SocketAddr>> {
+        to_result(outcome, port, &self.shared.stats)
     }
 
     /// Stops the resolver thread.
@@ -164,13 +172,7 @@ pub fn answer_job(job: Job, outcome: &Outcome, stats: &DnsStats) {
     let Work::Resolve { port, .. } = job.work else {
         return;
     };
-    let result = match outcome {
-        Outcome::Addrs(ips, _) => Ok(with_port(ips, port)),
-        Outcome::Failed(e, _) => {
-            stats.errors[error_index(*e)].fetch_add(1, Relaxed);
-            Err(io_error(*e))
-        }
-    };
+    let result = to_result(outcome, port, stats);
     let reply = Reply {
         key: job.key,
         gen: job.gen,
@@ -179,6 +181,16 @@ pub fn answer_job(job: Job, outcome: &Outcome, stats: &DnsStats) {
     };
     if job.reply.tx.send(reply).is_ok() {
         let _ = job.reply.waker.wake();
+    }
+}
+
+fn to_result(outcome: &Outcome, port: u16, stats: &DnsStats) -> io::Result<Vec<SocketAddr>> {
+    match outcome {
+        Outcome::Addrs(ips, _) => Ok(with_port(ips, port)),
+        Outcome::Failed(e, _) => {
+            stats.errors[error_index(*e)].fetch_add(1, Relaxed);
+            Err(io_error(*e))
+        }
     }
 }
 
