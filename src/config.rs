@@ -11,6 +11,8 @@ use getopts::Options;
 
 use crate::acl::{self, ClientRules, DestRules};
 use crate::auth::Users;
+use crate::dns::conf::{self, ResolvConf};
+use crate::dns::DnsSettings;
 use crate::resolve::{Resolver, StaticHosts};
 use crate::upstream::Upstream;
 
@@ -336,8 +338,31 @@ fn options() -> Options {
     o.optopt(
         "",
         "resolver-threads",
-        "threads for blocking DNS lookups (default 4)",
+        "threads for blocking work: getaddrinfo with --dns-system, password hashes (default 4)",
         "N",
+    );
+    o.optmulti(
+        "",
+        "dns",
+        "nameserver to ask instead of those in /etc/resolv.conf; repeatable, tried in order",
+        "IP[:PORT]",
+    );
+    o.optflag(
+        "",
+        "dns-system",
+        "resolve with getaddrinfo on the pool threads (NSS: LDAP, mDNS) instead of the built-in resolver",
+    );
+    o.optopt(
+        "",
+        "dns-max-ttl",
+        "longest time a DNS answer is cached, whatever its TTL (default 5m)",
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "dns-timeout",
+        "wait for one DNS answer before asking the next server (default: resolv.conf timeout, else 5s)",
+        "DUR",
     );
     o.optflag(
         "",
@@ -426,6 +451,27 @@ fn dur(m: &getopts::Matches, name: &str, default: Duration) -> Result<Duration, 
             ))),
         },
     }
+}
+
+/// The built-in resolver's settings: /etc/resolv.conf (a missing file means a nameserver on the local host, as
+/// for the C library), overridden by `--dns`, `--dns-timeout` and `--dns-max-ttl`.
+fn dns_settings(m: &getopts::Matches) -> Result<DnsSettings, ConfigError> {
+    let mut s = DnsSettings {
+        conf: ResolvConf::parse(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()),
+        ..DnsSettings::default()
+    };
+    let servers = m.opt_strs("dns");
+    if !servers.is_empty() {
+        s.conf.servers.clear();
+        for v in servers {
+            let a = conf::parse_server(&v)
+                .ok_or_else(|| ConfigError(format!("--dns: expected IP or IP:PORT, got {v:?}")))?;
+            s.conf.servers.push(a);
+        }
+    }
+    s.conf.timeout = dur(m, "dns-timeout", s.conf.timeout)?;
+    s.max_ttl = dur(m, "dns-max-ttl", s.max_ttl)?;
+    Ok(s)
 }
 
 fn ip(m: &getopts::Matches, name: &str) -> Result<Option<IpAddr>, ConfigError> {
@@ -564,7 +610,11 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
     if let Some(n) = num::<usize>(&m, "resolver-threads", 1)? {
         c.resolver_threads = n.min(256);
     }
-    c.resolver = Resolver::system(hosts);
+    c.resolver = if m.opt_present("dns-system") {
+        Resolver::system(hosts)
+    } else {
+        Resolver::dns(hosts, dns_settings(&m)?)
+    };
     let verbose = m.opt_count("v") as i32 - m.opt_count("q") as i32;
     c.log_level = match verbose {
         i32::MIN..=-2 => log::LevelFilter::Error,
@@ -695,5 +745,35 @@ mod tests {
             assert!(u.contains(flag), "{flag} missing from help");
         }
         assert!(u.contains("default 16384"));
+    }
+
+    #[test]
+    fn dns_flags() {
+        let c = run("--dns 127.0.0.1:5353 --dns ::1 --dns-timeout 500ms --dns-max-ttl 1m").unwrap();
+        let d = c
+            .resolver
+            .dns_settings()
+            .expect("built-in resolver by default");
+        assert_eq!(
+            d.conf.servers,
+            vec![
+                "127.0.0.1:5353".parse().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ]
+        );
+        assert_eq!(d.conf.timeout, Duration::from_millis(500));
+        assert_eq!(d.max_ttl, Duration::from_secs(60));
+        assert!(run("--dns-system")
+            .unwrap()
+            .resolver
+            .dns_settings()
+            .is_none());
+        for (bad, flag) in [
+            ("--dns dns.example", "--dns"),
+            ("--dns-max-ttl soon", "--dns-max-ttl"),
+            ("--dns-timeout 0", "--dns-timeout"),
+        ] {
+            assert!(run(bad).unwrap_err().0.contains(flag), "{bad}");
+        }
     }
 }

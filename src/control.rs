@@ -305,7 +305,12 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
                 }
                 t => {
                     if let Some(e) = exporter.as_mut().filter(|e| e.owns(t)) {
-                        e.on_event(poll.registry(), t, server.stats());
+                        let render = || {
+                            let mut text = crate::metrics::render(server.stats());
+                            server.config().resolver.stats().render(&mut text);
+                            text
+                        };
+                        e.on_event(poll.registry(), t, &render);
                     }
                 }
             }

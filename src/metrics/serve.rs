@@ -3,14 +3,12 @@
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 use slab::Slab;
 
-use super::{render, Stats};
 use crate::net;
 
 /// A scrape connection that has not finished within this time is closed.
@@ -77,11 +75,12 @@ impl Exporter {
         token == self.token || token.0 < MAX_SCRAPES
     }
 
-    /// Handles a readiness event for one of its tokens.
-    pub fn on_event(&mut self, registry: &Registry, token: Token, stats: &[Arc<Stats>]) {
+    /// Handles a readiness event for one of its tokens; `render` produces the exposition text when a scrape
+    /// asks for it (the caller adds what lives outside the workers' [`Stats`], such as the resolver's).
+    pub fn on_event(&mut self, registry: &Registry, token: Token, render: &dyn Fn() -> String) {
         if token == self.token {
             self.accept(registry);
-        } else if self.serve(token.0, stats) {
+        } else if self.serve(token.0, render) {
             if let Some(mut s) = self.scrapes.try_remove(token.0) {
                 let _ = registry.deregister(&mut s.stream);
             }
@@ -146,7 +145,7 @@ impl Exporter {
     }
 
     /// Advances one scrape; true when it is finished and should be closed.
-    fn serve(&mut self, key: usize, stats: &[Arc<Stats>]) -> bool {
+    fn serve(&mut self, key: usize, render: &dyn Fn() -> String) -> bool {
         let Some(s) = self.scrapes.get_mut(key) else {
             return false;
         };
@@ -169,7 +168,7 @@ impl Exporter {
             if !s.request.windows(4).any(|w| w == b"\r\n\r\n") {
                 return false;
             }
-            s.response = respond(&s.request, stats);
+            s.response = respond(&s.request, render);
         }
         while s.written < s.response.len() {
             match s.stream.write(&s.response[s.written..]) {
@@ -184,12 +183,12 @@ impl Exporter {
 }
 
 /// The whole response to one request head.
-fn respond(request: &[u8], stats: &[Arc<Stats>]) -> Vec<u8> {
+fn respond(request: &[u8], render: &dyn Fn() -> String) -> Vec<u8> {
     let line_end = request.iter().position(|&b| b == b'\r').unwrap_or(0);
     let line = &request[..line_end];
     let (status, ctype, body) = if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET / ")
     {
-        ("200 OK", "text/plain; version=0.0.4", render(stats))
+        ("200 OK", "text/plain; version=0.0.4", render())
     } else {
         (
             "404 Not Found",
@@ -207,14 +206,17 @@ fn respond(request: &[u8], stats: &[Arc<Stats>]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Stats;
+    use std::sync::Arc;
 
     #[test]
     fn routes() {
         let stats = vec![Arc::new(Stats::default())];
-        let ok = String::from_utf8(respond(b"GET /metrics HTTP/1.1\r\n\r\n", &stats)).unwrap();
+        let render = || crate::metrics::render(&stats);
+        let ok = String::from_utf8(respond(b"GET /metrics HTTP/1.1\r\n\r\n", &render)).unwrap();
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
         assert!(ok.contains("socksgate_"), "{ok}");
-        let missing = String::from_utf8(respond(b"GET /x HTTP/1.1\r\n\r\n", &stats)).unwrap();
+        let missing = String::from_utf8(respond(b"GET /x HTTP/1.1\r\n\r\n", &render)).unwrap();
         assert!(missing.starts_with("HTTP/1.1 404 "), "{missing}");
     }
 }
