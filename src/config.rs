@@ -403,7 +403,7 @@ pub fn parse_socket_addr(s: &str) -> Option<SocketAddr> {
     s.parse().ok()
 }
 
-/// Parses a byte count: plain digits or with a binary suffix (`K`/`KiB`, `M`/`MiB`, case-insensitive).
+/// Parses a byte count: plain digits or with a binary suffix (`K`/`KiB`, `M`/`MiB`, `G`/`GiB`, case-insensitive).
 pub fn parse_size(s: &str) -> Option<usize> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, suffix) = s.split_at(split);
@@ -411,6 +411,7 @@ pub fn parse_size(s: &str) -> Option<usize> {
         "" | "b" => 1,
         "k" | "kib" => 1024,
         "m" | "mib" => 1024 * 1024,
+        "g" | "gib" => 1024 * 1024 * 1024,
         _ => return None,
     };
     digits.parse::<usize>().ok()?.checked_mul(unit)
@@ -421,7 +422,7 @@ fn socket_buffer(v: &str) -> Result<usize, ConfigError> {
     match parse_size(v) {
         Some(n) if (4096..=1 << 30).contains(&n) => Ok(n),
         _ => Err(ConfigError(format!(
-            "--socket-buffer: expected BYTES from 4096 to 1GiB (suffixes KiB, MiB), got {v:?}"
+            "--socket-buffer: expected BYTES from 4096 to 1GiB (suffixes KiB, MiB, GiB), got {v:?}"
         ))),
     }
 }
@@ -692,6 +693,7 @@ mod tests {
         assert_eq!(parse_size("64k"), Some(65536));
         assert_eq!(parse_size("2MiB"), Some(2 << 20));
         assert_eq!(parse_size("2M"), Some(2 << 20));
+        assert_eq!(parse_size("1GiB"), Some(1 << 30));
         assert_eq!(parse_size("MiB"), None);
         assert_eq!(parse_size("1.5MiB"), None);
         assert_eq!(parse_size("64 KiB"), None);
