@@ -74,6 +74,19 @@ pub fn start(
         // A name or 0.0.0.0 names no particular peer: accept the first connection.
         _ => None,
     };
+    // The expected peer is the other end of the tunnel, so it passes the destination rules like a CONNECT target
+    // (the inbound peer is checked again when it arrives, in `accepted`).
+    if let (Some(ip), TargetAddr::Ip(a)) = (expected, &peer) {
+        if ctx
+            .cfg
+            .dest_rules
+            .check(SocketAddr::new(ip, a.port()))
+            .is_err()
+        {
+            debug!("{}: BIND expecting {a}: denied by rules", conn.peer);
+            return reply_failure(conn, ctx, reply, Failure::NotAllowed);
+        }
+    }
     let Some(ip) = ctx.cfg.outbound_bind.or_else(|| conn.local_ip()) else {
         return reply_failure(conn, ctx, reply, Failure::General);
     };
@@ -171,6 +184,14 @@ fn accepted(
         return Next::Wait;
     };
     let _ = ctx.registry.deregister(&mut b.listener);
+    let from = SocketAddr::new(canonical_ip(from.ip()), from.port());
+    if ctx.cfg.dest_rules.check(from).is_err() {
+        // A denied peer never gets a byte of the tunnel: it is closed (dropping `stream`) and the client's second
+        // reply says "not allowed".
+        debug!("{}: BIND: inbound peer {from} denied by rules", conn.peer);
+        drop(stream);
+        return reply_failure(conn, ctx, b.reply, Failure::NotAllowed);
+    }
     let _ = stream.set_nodelay(true);
     if ctx
         .registry
@@ -184,7 +205,6 @@ fn accepted(
         return Next::Close("register_failed");
     }
     conn.upstream = Some(Sock::new(stream));
-    let from = SocketAddr::new(canonical_ip(from.ip()), from.port());
     let mut out = [0u8; socks5::MAX_REPLY_LEN];
     let len = encode(b.reply, true, Failure::General, from, &mut out);
     if conn.send_client(&out[..len]).is_err() {
