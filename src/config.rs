@@ -347,7 +347,7 @@ pub fn usage() -> String {
     options().usage(brief)
 }
 
-/// Parses a duration such as `10`, `10s`, `500ms`, `5m`, `1h`.
+/// Parses a duration such as `10`, `10s`, `500ms`, `5m`, `1h`, `30d`.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -358,6 +358,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "ms" => Some(Duration::from_millis(n)),
         "m" => n.checked_mul(60).map(Duration::from_secs),
         "h" => n.checked_mul(3600).map(Duration::from_secs),
+        "d" => n.checked_mul(86400).map(Duration::from_secs),
         _ => None,
     }
 }

@@ -19,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod metrics;
 pub mod net;
+pub mod policy;
 pub mod proto;
 pub mod resolve;
 pub mod sys;
