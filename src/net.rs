@@ -52,6 +52,60 @@ pub fn connect(addr: SocketAddr, bind: Option<IpAddr>) -> io::Result<TcpStream> 
     Ok(TcpStream::from_std(socket.into()))
 }
 
+/// Starts a nonblocking connect to `addr` from the egress address `source` of a user's policy. With `freebind`
+/// (an address picked from a block) the address need not be configured on an interface (IP_FREEBIND). A source
+/// that cannot be bound is an `Other` error, which [`failure_of`] reports as a general failure: the gateway's
+/// configuration failed, not the target.
+pub fn connect_from(addr: SocketAddr, source: IpAddr, freebind: bool) -> io::Result<TcpStream> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    bind_source(&socket, SocketAddr::new(source, 0), freebind)?;
+    match socket.connect(&SockAddr::from(addr)) {
+        Ok(()) => {}
+        Err(e)
+            if e.raw_os_error() == Some(EINPROGRESS) || e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(e) => return Err(e),
+    }
+    Ok(TcpStream::from_std(socket.into()))
+}
+
+/// Binds `socket` to an egress address (see [`connect_from`]); failures become `Other` errors naming the address.
+fn bind_source(socket: &Socket, source: SocketAddr, freebind: bool) -> io::Result<()> {
+    let bound = (|| {
+        if freebind {
+            match source {
+                SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
+                SocketAddr::V6(_) => socket.set_freebind_v6(true)?,
+            }
+        }
+        socket.bind(&SockAddr::from(source))
+    })();
+    bound.map_err(|e| io::Error::other(format!("cannot bind egress address {}: {e}", source.ip())))
+}
+
+/// A nonblocking UDP socket bound to a user's egress address (port chosen by the kernel).
+pub fn udp_socket_from(source: IpAddr, freebind: bool) -> io::Result<UdpSocket> {
+    let addr = SocketAddr::new(source, 0);
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_nonblocking(true)?;
+    bind_source(&socket, addr, freebind)?;
+    Ok(UdpSocket::from_std(socket.into()))
+}
+
+/// A nonblocking single-use BIND listener on a user's egress address.
+pub fn bind_listener_from(source: IpAddr, freebind: bool) -> io::Result<TcpListener> {
+    let addr = SocketAddr::new(source, 0);
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    bind_source(&socket, addr, freebind)?;
+    socket.listen(1)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
 const EINPROGRESS: i32 = 115;
 const ENFILE: i32 = 23;
 const EMFILE: i32 = 24;

@@ -14,6 +14,7 @@ use mio::Interest;
 
 use super::conn::{Conn, Phase, ReplyKind, Sock};
 use super::connect::start_relay;
+use super::gate;
 use super::handshake::{fill_client, reply_failure};
 use super::timers::TimerKind;
 use super::token::{self, Role};
@@ -77,22 +78,30 @@ pub fn start(
     // The expected peer is the other end of the tunnel, so it passes the destination rules like a CONNECT target
     // (the inbound peer is checked again when it arrives, in `accepted`).
     if let (Some(ip), TargetAddr::Ip(a)) = (expected, &peer) {
-        if ctx
-            .cfg
-            .dest_rules
-            .check(SocketAddr::new(ip, a.port()))
-            .is_err()
+        let expected = SocketAddr::new(ip, a.port());
+        if ctx.cfg.dest_rules.check(expected).is_err()
+            || !gate::allows_bind_peer(conn, ctx, expected)
         {
             debug!("{}: BIND expecting {a}: denied by rules", conn.peer);
             return reply_failure(conn, ctx, reply, Failure::NotAllowed);
         }
     }
-    let Some(ip) = ctx.cfg.outbound_bind.or_else(|| conn.local_ip()) else {
-        return reply_failure(conn, ctx, reply, Failure::General);
+    let local = conn.local_ip();
+    // A user's egress address (of the control connection's family) is where her BIND listens.
+    let listening = match gate::egress(conn, ctx, local.is_none_or(|ip| ip.is_ipv4())) {
+        Ok(Some((ip, freebind))) => net::bind_listener_from(ip, freebind),
+        Ok(None) => match ctx.cfg.outbound_bind.or(local) {
+            Some(ip) => net::bind_listener(SocketAddr::new(ip, 0)),
+            None => return reply_failure(conn, ctx, reply, Failure::General),
+        },
+        Err(e) => Err(e),
     };
-    let mut listener = match net::bind_listener(SocketAddr::new(ip, 0)) {
+    let mut listener = match listening {
         Ok(l) => l,
         Err(e) => {
+            if e.kind() == std::io::ErrorKind::Other {
+                gate::log_egress_error(conn, &e);
+            }
             debug!("{}: BIND listener: {e}", conn.peer);
             return reply_failure(conn, ctx, reply, Failure::General);
         }
@@ -185,7 +194,7 @@ fn accepted(
     };
     let _ = ctx.registry.deregister(&mut b.listener);
     let from = SocketAddr::new(canonical_ip(from.ip()), from.port());
-    if ctx.cfg.dest_rules.check(from).is_err() {
+    if ctx.cfg.dest_rules.check(from).is_err() || !gate::allows_bind_peer(conn, ctx, from) {
         // A denied peer never gets a byte of the tunnel: it is closed (dropping `stream`) and the client's second
         // reply says "not allowed".
         debug!("{}: BIND: inbound peer {from} denied by rules", conn.peer);

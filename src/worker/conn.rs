@@ -345,6 +345,8 @@ pub struct Conn {
     pub user_counted: bool,
     /// HTTP forwarding state, for connections that forward plain HTTP requests.
     pub http: Option<Box<HttpState>>,
+    /// The source address picked from the user's policy egress list for this session.
+    pub egress: Option<std::net::IpAddr>,
 }
 
 impl Conn {
@@ -383,6 +385,7 @@ impl Conn {
             failure: None,
             user_counted: false,
             http: None,
+            egress: None,
         }
     }
 

@@ -13,7 +13,7 @@ use mio::Interest;
 use super::conn::{Conn, Dest, Phase, ReplyKind, Sock};
 use super::handshake::reply_failure;
 use super::timers::TimerKind;
-use super::{http, token, upstream, Ctx, Next};
+use super::{gate, http, token, upstream, Ctx, Next};
 use crate::metrics;
 use crate::net::{self, ConnectState};
 use crate::proto::{self, socks4, socks5, Failure, TargetAddr};
@@ -31,6 +31,14 @@ pub fn start(
     reply: ReplyKind,
 ) -> Next {
     conn.target = Some(Dest::from(&target));
+    if let Err(f) = gate::check_target(conn, ctx, gate::command_of(reply), &target) {
+        debug!(
+            "{}: target {} refused by the policy file",
+            conn.peer,
+            target_str(conn)
+        );
+        return fail(conn, ctx, reply, f);
+    }
     conn.deadline = None;
     let deadline = ctx.now + ctx.cfg.connect_timeout;
     conn.deadline = Some(deadline);
@@ -39,7 +47,9 @@ pub fn start(
         // Through an upstream proxy the target is the upstream's business: connect to the proxy itself, but
         // still apply the destination rules when the target is a literal address.
         if let TargetAddr::Ip(addr) = &target {
-            if ctx.cfg.dest_rules.check(*addr).is_err() {
+            if ctx.cfg.dest_rules.check(*addr).is_err()
+                || !gate::allows(conn, ctx, gate::command_of(reply), *addr)
+            {
                 return fail(conn, ctx, reply, Failure::NotAllowed);
             }
         }
@@ -104,10 +114,12 @@ pub fn begin(
     reply: ReplyKind,
     addrs: Vec<SocketAddr>,
 ) -> Next {
+    let cmd = gate::command_of(reply);
     let allowed: Vec<_> = addrs
         .into_iter()
         .map(|a| SocketAddr::new(proto::canonical_ip(a.ip()), a.port()))
         .filter_map(|a| ctx.cfg.dest_rules.check(a).ok().map(|proof| (a, proof)))
+        .filter(|(a, _)| gate::allows(conn, ctx, cmd, *a))
         .collect();
     if allowed.is_empty() {
         debug!(
@@ -138,23 +150,35 @@ const MIN_ATTEMPT: Duration = Duration::from_secs(1);
 fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let overall = conn.deadline.unwrap_or(ctx.now + ctx.cfg.connect_timeout);
     loop {
+        let (addr, left) = {
+            let Phase::Connecting {
+                reply,
+                addrs,
+                next,
+                last,
+                ..
+            } = &mut conn.phase
+            else {
+                return Next::Wait;
+            };
+            let Some((addr, _proof)) = addrs.get(*next).copied() else {
+                let (reply, last) = (*reply, *last);
+                return fail(conn, ctx, reply, last);
+            };
+            *next += 1;
+            (addr, (addrs.len() - *next) as u32)
+        };
+        let opened =
+            gate::egress(conn, ctx, addr.is_ipv4()).and_then(|src| open(key, ctx, addr, src));
         let Phase::Connecting {
-            reply,
-            addrs,
-            next,
             last,
             attempt_deadline,
+            ..
         } = &mut conn.phase
         else {
             return Next::Wait;
         };
-        let Some((addr, _proof)) = addrs.get(*next).copied() else {
-            let (reply, last) = (*reply, *last);
-            return fail(conn, ctx, reply, last);
-        };
-        *next += 1;
-        let left = (addrs.len() - *next) as u32;
-        match open(key, ctx, addr) {
+        match opened {
             Ok(sock) => {
                 conn.upstream = Some(sock);
                 if left > 0 {
@@ -169,16 +193,29 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 return Next::Wait;
             }
             Err(e) => {
-                debug!("{}: connect {addr}: {e}", conn.peer);
                 *last = net::failure_of(&e);
+                if e.kind() == io::ErrorKind::Other {
+                    gate::log_egress_error(conn, &e);
+                } else {
+                    debug!("{}: connect {addr}: {e}", conn.peer);
+                }
             }
         }
     }
 }
 
-/// Opens and registers a nonblocking outbound socket for connection `key`.
-pub fn open(key: usize, ctx: &mut Ctx, addr: SocketAddr) -> io::Result<Sock> {
-    let mut stream = net::connect(addr, ctx.cfg.outbound_bind)?;
+/// Opens and registers a nonblocking outbound socket for connection `key`, from the user's egress address
+/// (`source`, with IP_FREEBIND when picked from a block) or else `--bind`.
+pub fn open(
+    key: usize,
+    ctx: &mut Ctx,
+    addr: SocketAddr,
+    source: Option<(std::net::IpAddr, bool)>,
+) -> io::Result<Sock> {
+    let mut stream = match source {
+        Some((ip, freebind)) => net::connect_from(addr, ip, freebind)?,
+        None => net::connect(addr, ctx.cfg.outbound_bind)?,
+    };
     ctx.registry.register(
         &mut stream,
         token::conn(key, token::Role::Upstream),

@@ -336,9 +336,16 @@ fn socks4_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     }
 }
 
-/// Counts the session against its user's `--user-max-connections`; false when the user is at the limit.
+/// Counts the session against its user's session limit (`max_connections` of the policy file, else
+/// `--user-max-connections`); false when the user is at the limit.
 pub fn user_admit(conn: &mut Conn, ctx: &mut Ctx) -> bool {
-    let (Some(max), Some(user)) = (ctx.cfg.user_max_connections, conn.user.as_ref()) else {
+    let Some(user) = conn.user.as_ref() else {
+        return true;
+    };
+    let Some(max) = ctx
+        .policy
+        .max_connections(user.user(), ctx.cfg.user_max_connections)
+    else {
         return true;
     };
     if conn.user_counted {
@@ -350,7 +357,7 @@ pub fn user_admit(conn: &mut Conn, ctx: &mut Ctx) -> bool {
     let n = counts.entry(user.user().to_string()).or_insert(0);
     if *n >= max {
         debug!(
-            "{}: user {} at --user-max-connections {max}",
+            "{}: user {} at her session limit {max}",
             conn.peer,
             user.user()
         );

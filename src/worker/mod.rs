@@ -4,6 +4,7 @@ pub mod accept;
 pub mod bind;
 pub mod conn;
 pub mod connect;
+pub mod gate;
 pub mod handshake;
 pub mod http;
 pub mod relay;
@@ -39,6 +40,9 @@ use token::{Role, Target};
 pub enum Command {
     /// Swap in a new users table (SIGHUP).
     ReloadUsers(Arc<Users>),
+    /// Swap in a new users table and policy together (SIGHUP with `--policy`); revokes sessions of users whose
+    /// credentials are gone.
+    ReloadPolicy(Arc<Users>, Arc<crate::policy::Policy>),
     /// Stop accepting, finish tunnels until the deadline, then exit.
     Drain(Instant),
     /// Exit now.
@@ -69,6 +73,8 @@ pub struct Ctx {
     pub cfg: Arc<Config>,
     /// The current users table (replaced on SIGHUP).
     pub users: Arc<Users>,
+    /// The current policy file (replaced on SIGHUP with the users table).
+    pub policy: Arc<crate::policy::Policy>,
     /// This worker's counters.
     pub stats: Arc<Stats>,
     /// Relay buffers.
@@ -171,6 +177,7 @@ impl Worker {
         let ctx = Ctx {
             registry: poll.registry().try_clone()?,
             users: Arc::clone(&cfg.users),
+            policy: Arc::clone(&cfg.policy),
             stats,
             // Free buffers beyond a small reserve go back to the allocator: a burst of handshakes must not pin
             // its peak memory for the life of the process.
@@ -369,6 +376,26 @@ impl Worker {
                     self.ctx.users = users;
                     debug!("worker {}: users reloaded", self.id);
                 }
+                Ok(Command::ReloadPolicy(users, policy)) => {
+                    // Sessions that authenticated with credentials that are no longer valid end now.
+                    let old = Arc::clone(&self.ctx.users);
+                    let revoked: Vec<usize> = self
+                        .conns
+                        .iter()
+                        .filter(|(_, c)| {
+                            c.user
+                                .as_ref()
+                                .is_some_and(|u| !users.same_secret(&old, u.user()))
+                        })
+                        .map(|(k, _)| k)
+                        .collect();
+                    for key in revoked {
+                        self.close(key, "revoked");
+                    }
+                    self.ctx.users = users;
+                    self.ctx.policy = policy;
+                    debug!("worker {}: users and policy reloaded", self.id);
+                }
                 Ok(Command::Drain(deadline)) => self.start_drain(deadline),
                 Ok(Command::Stop) | Err(TryRecvError::Disconnected) => return false,
                 Err(TryRecvError::Empty) => return true,
@@ -539,9 +566,14 @@ fn access_log(conn: &Conn, reason: &str, now: Instant) {
         Some(t) => t.to_string(),
         None => "-".to_string(),
     };
+    // `egress=` only for sessions that used a policy egress address, so other lines keep their old shape.
+    let egress = match conn.egress {
+        Some(ip) => format!(" egress={ip}"),
+        None => String::new(),
+    };
     info!(
         target: "access",
-        "client={} user={} proto={} target={} up={} down={} ms={} end={}",
+        "client={} user={} proto={} target={} up={} down={} ms={}{egress} end={}",
         conn.peer,
         conn.user_name(),
         metrics::PROTO_LABELS[conn.proto as usize],

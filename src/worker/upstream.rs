@@ -56,7 +56,7 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let reply = hs.reply;
     while let Some(addr) = upstream.addrs.get(hs.next_addr).copied() {
         hs.next_addr += 1;
-        match connect::open(key, ctx, addr) {
+        match connect::open(key, ctx, addr, None) {
             Ok(sock) => {
                 conn.upstream = Some(sock);
                 return Next::Wait;
