@@ -64,9 +64,12 @@ fn policy_with(n: usize) -> Policy {
     }
 }
 
+/// One timed decision: the policy and its rule count.
+type Case = Box<dyn Fn(&Policy, usize) -> bool>;
+
 fn main() {
     let client: IpAddr = [127, 0, 0, 1].into();
-    let cases: [(&str, Box<dyn Fn(&Policy, usize) -> bool>); 4] = [
+    let cases: [(&str, Case); 4] = [
         (
             "name, no rule matches (the common case)",
             Box::new(move |p: &Policy, _| {
