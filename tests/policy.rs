@@ -790,3 +790,29 @@ fn check_config_reports_file_line_and_key() {
     assert_eq!(code, 2);
     assert!(err.contains("line 2"), "{err}");
 }
+
+/// Every TOML example in the README passes --check-config (bob, who has no password in the example, comes from a
+/// users file), so the documentation cannot drift from the parser.
+#[test]
+fn readme_examples_pass_check_config() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let users = temp_path("users");
+    std::fs::write(&users, "bob:bob-pw\n").unwrap();
+    let mut n = 0;
+    for (i, block) in readme.split("```toml\n").skip(1).enumerate() {
+        let text = block.split("```").next().unwrap();
+        let path = temp_path(&format!("readme{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let (code, out, err) = check_config(&[
+            "--users",
+            users.to_str().unwrap(),
+            "--policy",
+            path.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "README example {i}: {err}\n{text}");
+        assert!(out.contains("configuration ok"));
+        n += 1;
+    }
+    assert!(n >= 3, "the README has its policy examples");
+}
