@@ -816,3 +816,25 @@ fn readme_examples_pass_check_config() {
     }
     assert!(n >= 3, "the README has its policy examples");
 }
+
+/// Through `--upstream`, the user's egress address is the source of the connection to the upstream proxy (a
+/// second socksgate, whose access log names the client address it saw).
+#[test]
+fn egress_applies_to_the_upstream_connection() {
+    let echo = TestServer::echo();
+    let upstream = Proxy::start(&[]);
+    let url = format!("socks5://{}", upstream.addr());
+    let (proxy, _) = with_policy(
+        "[users.alice]\npassword = \"alice-pw\"\negress = [\"127.0.0.3\"]\n",
+        &["--upstream", &url],
+    );
+    let mut s = connect_ip(proxy.addr(), Some(("alice", "alice-pw")), echo.addr)
+        .expect("through the upstream");
+    assert_echo(&mut s, b"chained");
+    drop(s);
+    assert!(
+        upstream.wait_for(IO_TIMEOUT, || upstream.log().contains("client=127.0.0.3:")),
+        "upstream log: {}",
+        upstream.log()
+    );
+}
