@@ -838,3 +838,42 @@ fn egress_applies_to_the_upstream_connection() {
         upstream.log()
     );
 }
+
+/// Without users, `[defaults] max_connections` limits each client address: SOCKS5 0x02, SOCKS4 91, HTTP 403, and a
+/// closed session frees its slot.
+#[test]
+fn max_connections_for_anonymous_clients_per_address() {
+    let echo = TestServer::echo();
+    let (proxy, _) = with_policy("[defaults]\nmax_connections = 2\n", &[]);
+    let s1 = connect_ip(proxy.addr(), None, echo.addr).expect("first");
+    let mut s4 = connect(proxy.addr());
+    let ip = [127, 0, 0, 1];
+    s4.write_all(&socks4_request(1, echo.addr.port(), ip, b"u", None))
+        .unwrap();
+    assert_eq!(&read_n(&mut s4, 8)[..2], &[0, 90], "second (SOCKS4)");
+    assert_eq!(
+        connect_ip(proxy.addr(), None, echo.addr).err(),
+        Some(0x02),
+        "third (SOCKS5)"
+    );
+    let mut s = connect(proxy.addr());
+    s.write_all(&socks4_request(1, echo.addr.port(), ip, b"u", None))
+        .unwrap();
+    assert_eq!(&read_n(&mut s, 8)[..2], &[0, 91], "third (SOCKS4)");
+    let mut s = connect(proxy.addr());
+    s.write_all(format!("CONNECT {a} HTTP/1.1\r\nHost: {a}\r\n\r\n", a = echo.addr).as_bytes())
+        .unwrap();
+    let resp = String::from_utf8_lossy(&read_all_until_closed(&mut s)).into_owned();
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    // Another client address has its own count.
+    let mut other = connect_from(Ipv4Addr::new(127, 0, 0, 5), proxy.addr());
+    greet(&mut other);
+    other.write_all(&socks5_request(1, echo.addr)).unwrap();
+    assert_eq!(read_socks5_reply(&mut other).0, 0, "another address");
+    drop(s1);
+    assert!(
+        proxy.wait_for(IO_TIMEOUT, || connect_ip(proxy.addr(), None, echo.addr)
+            .is_ok())
+    );
+    drop(s4);
+}

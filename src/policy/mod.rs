@@ -216,6 +216,11 @@ impl Policy {
             .or(flag)
     }
 
+    /// The concurrent-session limit per client address for clients that did not authenticate (`[defaults]`).
+    pub fn anonymous_max_connections(&self) -> Option<usize> {
+        self.default_max_connections
+    }
+
     /// The user's egress list (empty when none is configured).
     pub fn egress(&self, user: Option<&str>) -> &[Egress] {
         user.and_then(|u| self.users.get(u))
@@ -502,21 +507,6 @@ pub fn parse(text: &str, file: &str, mut users: Users) -> Loaded {
                     ),
                 );
             }
-        }
-    }
-
-    if let Some(m) = parsed
-        .defaults
-        .as_ref()
-        .and_then(|d| d.max_connections.as_ref())
-    {
-        if users.is_empty() {
-            // Counting anonymous clients by address is not wired: refuse rather than leave a limit unenforced.
-            errs.push(
-                m.span(),
-                "defaults.max_connections",
-                format!("applies to authenticated users; without users (anonymous clients) it is {NOT_SUPPORTED}"),
-            );
         }
     }
 

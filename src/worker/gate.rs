@@ -105,6 +105,15 @@ pub fn egress(conn: &mut Conn, ctx: &Ctx, v4: bool) -> io::Result<Option<(IpAddr
     }
 }
 
+/// The key a session is counted under for session limits: the user's name, or for an anonymous client its
+/// address behind a NUL (user names never contain control characters, so the two kinds cannot collide).
+pub fn session_key(conn: &Conn) -> String {
+    match &conn.user {
+        Some(u) => u.user().to_string(),
+        None => format!("\0{}", conn.peer.ip()),
+    }
+}
+
 /// Logs an egress address that could not be bound (once per failed socket, at warn: it is a configuration
 /// problem on our side, and the session fails with the general failure code).
 pub fn log_egress_error(conn: &Conn, e: &io::Error) {

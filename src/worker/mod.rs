@@ -512,13 +512,12 @@ impl Worker {
         metrics::dec(&self.ctx.stats.active[conn.proto as usize]);
         self.open.fetch_sub(1, Ordering::Relaxed);
         if conn.user_counted {
-            if let Some(u) = conn.user.as_ref() {
-                if let Ok(mut counts) = self.ctx.user_counts.lock() {
-                    if let Some(n) = counts.get_mut(u.user()) {
-                        *n = n.saturating_sub(1);
-                        if *n == 0 {
-                            counts.remove(u.user());
-                        }
+            let key = gate::session_key(&conn);
+            if let Ok(mut counts) = self.ctx.user_counts.lock() {
+                if let Some(n) = counts.get_mut(&key) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        counts.remove(&key);
                     }
                 }
             }
