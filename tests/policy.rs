@@ -241,6 +241,8 @@ action = "deny"
     for bad in ["a..blocked.test", "a_b.blocked.test", ".x.corp.test"] {
         assert_eq!(rep(&proxy, bad, p), 0x08, "{bad:?}");
     }
+    // Names denied by a name rule and invalid names are never looked up: only the four allowed names were.
+    wait_metric(&proxy, "socksgate_dns_lookups_total", 4);
 }
 
 #[test]

@@ -335,7 +335,8 @@ impl RuleSet {
     pub fn check_name(&self, who: &Who<'_>, cmd: Command, name: &str, port: u16) -> NameVerdict {
         let best = self.best(who, cmd, Some(name), None, port);
         match best {
-            Some(i) if i < self.first_cidr => NameVerdict::Decided(self.action(i)),
+            // Rule `i` itself may have address patterns too: it matched by name, and no address rule comes before it.
+            Some(i) if i <= self.first_cidr => NameVerdict::Decided(self.action(i)),
             None if self.first_cidr == usize::MAX => NameVerdict::Decided(self.default),
             _ => NameVerdict::NeedAddress,
         }
@@ -518,6 +519,16 @@ mod tests {
         );
         assert_eq!(name(&rs, "ok.test", 1), NameVerdict::Decided(Action::Allow));
         assert_eq!(name(&rs, "no.test", 1), NameVerdict::Decided(Action::Deny));
+        // A rule with names and addresses that matches by name decides without an address.
+        let mixed = set(
+            &[(&["*.blocked.test", "10.0.0.0/8"], Action::Deny)],
+            Action::Allow,
+        );
+        assert_eq!(
+            name(&mixed, "a.blocked.test", 1),
+            NameVerdict::Decided(Action::Deny)
+        );
+        assert_eq!(name(&mixed, "ok.test", 1), NameVerdict::NeedAddress);
         // Not decided by a name: the address rule at index 2 comes first.
         assert_eq!(name(&rs, "other.example", 25), NameVerdict::NeedAddress);
         let w = who(None);
