@@ -879,3 +879,65 @@ fn max_connections_for_anonymous_clients_per_address() {
     );
     drop(s4);
 }
+
+/// `clients` matches the client address only, and `commands = ["udp"]` denies datagrams but not CONNECT.
+#[test]
+fn per_client_and_udp_command_rules() {
+    let echo = TestServer::echo();
+    let udp_echo = UdpEcho::start();
+    let (proxy, _) = with_policy(
+        r#"
+[[rules]]
+clients = ["127.0.0.5/32"]
+action = "deny"
+
+[[rules]]
+commands = ["udp"]
+dest = ["ok.test"]
+action = "deny"
+"#,
+        &[],
+    );
+    let mut from5 = connect_from(Ipv4Addr::new(127, 0, 0, 5), proxy.addr());
+    greet(&mut from5);
+    from5.write_all(&socks5_request(1, echo.addr)).unwrap();
+    assert_eq!(
+        read_socks5_reply(&mut from5).0,
+        0x02,
+        "client 127.0.0.5 is denied"
+    );
+    let mut from6 = connect_from(Ipv4Addr::new(127, 0, 0, 6), proxy.addr());
+    greet(&mut from6);
+    from6.write_all(&socks5_request(1, echo.addr)).unwrap();
+    assert_eq!(
+        read_socks5_reply(&mut from6).0,
+        0,
+        "client 127.0.0.6 is not"
+    );
+    assert_echo(&mut from6, b"six");
+    // CONNECT to ok.test is allowed; a datagram to ok.test is dropped, one to the address is echoed.
+    assert_eq!(rep(&proxy, "ok.test", echo.addr.port()), 0);
+    let mut ctl = connect(proxy.addr());
+    greet(&mut ctl);
+    ctl.write_all(&socks5_request(3, "0.0.0.0:0".parse().unwrap()))
+        .unwrap();
+    let (r, relay) = read_socks5_reply(&mut ctl);
+    assert_eq!(r, 0);
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let port = udp_echo.addr.port().to_be_bytes();
+    let mut by_name = vec![0, 0, 0, 3, 7];
+    by_name.extend_from_slice(b"ok.test");
+    by_name.extend_from_slice(&port);
+    by_name.extend_from_slice(b"named");
+    client.send_to(&by_name, relay).unwrap();
+    wait_metric(&proxy, "socksgate_udp_drops_total{reason=\"rule\"}", 1);
+    let mut by_ip = vec![0, 0, 0, 1, 127, 0, 0, 1];
+    by_ip.extend_from_slice(&port);
+    by_ip.extend_from_slice(b"addressed");
+    client.send_to(&by_ip, relay).unwrap();
+    let mut buf = [0u8; 128];
+    let (n, _) = client.recv_from(&mut buf).unwrap();
+    assert!(buf[..n].ends_with(b"addressed"), "echoed: {:?}", &buf[..n]);
+    drop(ctl);
+}
