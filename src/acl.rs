@@ -43,6 +43,16 @@ impl Cidr {
         Some(cidr)
     }
 
+    /// The network address (host bits zero; IPv4 for mapped blocks).
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The prefix length.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
     /// True when `ip` (in canonical form) lies in this block. An IPv6 block never matches an IPv4 address and
     /// vice versa; mapped addresses count as IPv4.
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -59,7 +69,7 @@ impl Cidr {
 }
 
 /// Netmask for an IPv4 prefix; `None` past /32.
-fn v4_mask(prefix: u8) -> Option<u32> {
+pub fn v4_mask(prefix: u8) -> Option<u32> {
     match prefix {
         0 => Some(0),
         1..=32 => Some(u32::MAX << (32 - prefix)),
@@ -68,7 +78,7 @@ fn v4_mask(prefix: u8) -> Option<u32> {
 }
 
 /// Netmask for an IPv6 prefix; `None` past /128.
-fn v6_mask(prefix: u8) -> Option<u128> {
+pub fn v6_mask(prefix: u8) -> Option<u128> {
     match prefix {
         0 => Some(0),
         1..=128 => Some(u128::MAX << (128 - prefix)),
@@ -205,7 +215,7 @@ pub fn parse_dest_rules(s: &str) -> Result<Vec<DestRule>, String> {
 }
 
 /// `PORT` or `LO-HI`, each 1..=65535 (port 0 cannot be connected to).
-fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let (lo, hi) = match s.split_once('-') {
         Some((lo, hi)) => (parse_port(lo)?, parse_port(hi)?),
         None => {

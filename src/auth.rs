@@ -20,7 +20,7 @@ const MAX_NAME_LEN: usize = 255;
 const DUMMY_SECRET: &[u8] = b"socksgate-dummy-secret-for-unknown-users";
 
 /// One user's secret. `Debug` names the kind only.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 enum Secret {
     /// A plain-text password, compared in constant time.
     Plain(Box<[u8]>),
@@ -273,6 +273,27 @@ impl Users {
     /// The number of users.
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// True when `name` is in the table.
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// Adds one user with the rules of a users-file line (the error names the user at most, never the secret).
+    pub fn add(&mut self, name: &str, pass: &str) -> Result<(), String> {
+        self.insert(name, pass)?;
+        self.pick_decoy();
+        Ok(())
+    }
+
+    /// True when `name` is in both tables with the same secret: her sessions authenticated with credentials that
+    /// are still valid after a reload.
+    pub fn same_secret(&self, other: &Users, name: &str) -> bool {
+        match (self.entries.get(name), other.entries.get(name)) {
+            (Some(a), Some(b)) => a == b,
+            _ => false,
+        }
     }
 
     /// Checks a name and password as received on the wire. Returns the proof of authentication on success.

@@ -13,6 +13,7 @@ use crate::acl::{self, ClientRules, DestRules};
 use crate::auth::Users;
 use crate::dns::conf::{self, ResolvConf};
 use crate::dns::DnsSettings;
+use crate::policy::{self, Policy};
 use crate::resolve::{Resolver, StaticHosts};
 use crate::upstream::Upstream;
 
@@ -29,6 +30,10 @@ pub struct Config {
     pub users_file: Option<PathBuf>,
     /// `NAME:PASS` pairs given with `--user` (kept to merge on reload).
     pub inline_users: Vec<(String, String)>,
+    /// The policy file (`--policy`), re-read on SIGHUP together with the users file.
+    pub policy_file: Option<PathBuf>,
+    /// Rules, per-user limits and egress from the policy file (empty without one).
+    pub policy: Arc<Policy>,
     /// Size of each relay buffer.
     pub buffer_size: usize,
     /// Relay with splice(2) through pipes instead of copying through user space.
@@ -107,6 +112,8 @@ impl Default for Config {
             users: Arc::new(Users::default()),
             users_file: None,
             inline_users: Vec::new(),
+            policy_file: None,
+            policy: Arc::new(Policy::default()),
             buffer_size: 16 * 1024,
             splice: true,
             socket_buffer: None,
@@ -154,6 +161,8 @@ pub enum Command {
     Help(String),
     /// Print the version and exit 0.
     Version,
+    /// `--check-config`: every file-backed setting was validated; these are the errors (none: exit 0, else 2).
+    Check(Vec<String>),
 }
 
 /// A bad flag or value: printed as one line, exit status 2.
@@ -193,6 +202,17 @@ fn options() -> Options {
         "users",
         "users file: NAME:PASS per line, PASS plain or $6$/$2b$ crypt hash; re-read on SIGHUP",
         "FILE",
+    );
+    o.optopt(
+        "",
+        "policy",
+        "policy file (TOML): per-user limits and egress, destination rules; re-read on SIGHUP",
+        "FILE",
+    );
+    o.optflag(
+        "",
+        "check-config",
+        "validate the flags, --users and --policy files, print the errors and exit (0 ok, 2 errors)",
     );
     o.optopt(
         "",
@@ -379,11 +399,11 @@ fn options() -> Options {
 /// The usage text, every flag with its default.
 pub fn usage() -> String {
     let brief = "Usage: socksgate [options]\n\nSOCKS5, SOCKS4/4a and HTTP proxy on one port. \
-                 DUR is a number with an optional unit: 500ms, 10s, 5m, 1h (default s).";
+                 DUR is a number with an optional unit: 500ms, 10s, 5m, 1h, 1d (default s).";
     options().usage(brief)
 }
 
-/// Parses a duration such as `10`, `10s`, `500ms`, `5m`, `1h`.
+/// Parses a duration such as `10`, `10s`, `500ms`, `5m`, `1h`, `30d`.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -394,6 +414,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "ms" => Some(Duration::from_millis(n)),
         "m" => n.checked_mul(60).map(Duration::from_secs),
         "h" => n.checked_mul(3600).map(Duration::from_secs),
+        "d" => n.checked_mul(86400).map(Duration::from_secs),
         _ => None,
     }
 }
@@ -528,7 +549,7 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
         }
     }
     c.users_file = m.opt_str("users").map(PathBuf::from);
-    c.users = Arc::new(load_users(&c.inline_users, c.users_file.as_deref()).map_err(ConfigError)?);
+    c.policy_file = m.opt_str("policy").map(PathBuf::from);
     if let Some(b) = num::<usize>(&m, "buffer-size", 1024)? {
         if b > 16 * 1024 * 1024 {
             return Err(ConfigError("--buffer-size: at most 16777216".to_string()));
@@ -624,6 +645,20 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
         1 => log::LevelFilter::Debug,
         _ => log::LevelFilter::Trace,
     };
+    // Files last, so that --check-config has validated every flag before it reports on them.
+    let check = m.opt_present("check-config");
+    match policy::load_all(
+        &c.inline_users,
+        c.users_file.as_deref(),
+        c.policy_file.as_deref(),
+    ) {
+        Ok((users, policy)) => {
+            c.users = Arc::new(users);
+            c.policy = Arc::new(policy);
+        }
+        Err(errors) if check => return Ok(Command::Check(errors)),
+        Err(errors) => return Err(ConfigError(errors.join("\n"))),
+    }
     let exposed = c.listen.iter().find(|a| !a.ip().is_loopback());
     if let Some(a) = exposed {
         if c.users.is_empty() && c.client_rules.is_empty() && !m.opt_present("open") {
@@ -632,6 +667,9 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
                  --allow-client, or pass --open if that is really what you want"
             )));
         }
+    }
+    if check {
+        return Ok(Command::Check(Vec::new()));
     }
     Ok(Command::Run(Box::new(c)))
 }

@@ -14,7 +14,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::auth::Users;
-use crate::config::{self, Config};
+use crate::config::Config;
 use crate::listen::{ListenError, ListenSet};
 use crate::metrics::serve::Exporter;
 use crate::metrics::Stats;
@@ -153,6 +153,12 @@ impl Server {
     /// Swaps in a new users table on every worker; established sessions are unaffected.
     pub fn reload_users(&self, users: Arc<Users>) {
         self.send(|| Command::ReloadUsers(Arc::clone(&users)));
+    }
+
+    /// Swaps in a new users table and policy together on every worker (SIGHUP); sessions of users that were removed
+    /// or whose password changed are closed (`end=revoked`), the others keep running.
+    pub fn reload_tables(&self, users: Arc<Users>, policy: Arc<crate::policy::Policy>) {
+        self.send(|| Command::ReloadPolicy(Arc::clone(&users), Arc::clone(&policy)));
     }
 
     /// Stops accepting and lets established tunnels run until `deadline`.
@@ -329,20 +335,40 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
 
 fn reload(server: &Server) {
     let cfg = server.config();
-    if cfg.users_file.is_none() {
-        info!("SIGHUP: no --users file to reload");
+    if cfg.users_file.is_none() && cfg.policy_file.is_none() {
+        info!("SIGHUP: no --users or --policy file to reload");
         return;
     }
-    match config::load_users(&cfg.inline_users, cfg.users_file.as_deref()) {
-        Ok(users) if users.is_empty() && !cfg.users.is_empty() => {
+    // Users and policy are one unit: a policy may name users of the users file (and add users), so either both
+    // new tables go in or neither does.
+    let loaded = crate::policy::load_all(
+        &cfg.inline_users,
+        cfg.users_file.as_deref(),
+        cfg.policy_file.as_deref(),
+    );
+    match loaded {
+        Ok((users, _)) if users.is_empty() && !cfg.users.is_empty() => {
             // An empty table would switch authentication off (and open the proxy): a file caught half-written or
             // emptied by mistake must not do that.
             error!("SIGHUP: the users file has no users; keeping the old table (authentication stays on)");
         }
-        Ok(users) => {
-            info!("SIGHUP: reloaded {} users", users.len());
-            server.reload_users(Arc::new(users));
+        Ok((users, policy)) => {
+            info!(
+                "SIGHUP: reloaded {} users, policy with {} rules and {} user sections",
+                users.len(),
+                policy.rule_count(),
+                policy.user_count()
+            );
+            if cfg.policy_file.is_some() {
+                server.reload_tables(Arc::new(users), Arc::new(policy));
+            } else {
+                // Without a policy file a reload keeps every established session, as it always has.
+                server.reload_users(Arc::new(users));
+            }
         }
-        Err(e) => error!("SIGHUP: keeping the old users table: {e}"),
+        Err(e) => error!(
+            "SIGHUP: keeping the old users table and policy: {}",
+            e.join("; ")
+        ),
     }
 }

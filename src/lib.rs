@@ -22,6 +22,7 @@ pub mod happy;
 pub mod listen;
 pub mod metrics;
 pub mod net;
+pub mod policy;
 pub mod proto;
 pub mod resolve;
 // The one module allowed to use `unsafe` (workspace lint `unsafe_code = "deny"`); each block has a SAFETY comment.

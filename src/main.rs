@@ -14,6 +14,16 @@ fn main() -> ExitCode {
             println!("{text}");
             return ExitCode::SUCCESS;
         }
+        Ok(Command::Check(errors)) if errors.is_empty() => {
+            println!("socksgate: configuration ok");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Check(errors)) => {
+            for e in errors {
+                eprintln!("{e}");
+            }
+            return ExitCode::from(2);
+        }
         Ok(Command::Version) => {
             println!("socksgate {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;

@@ -71,16 +71,19 @@ pub enum UdpDrop {
     Unresolved = 4,
     /// The socket would block or send failed.
     SendFailed = 5,
+    /// A rule of the policy file denied the destination.
+    Rule = 6,
 }
 
 /// Label values of [`UdpDrop`].
-pub const UDP_DROP_LABELS: [&str; 6] = [
+pub const UDP_DROP_LABELS: [&str; 7] = [
     "foreign_source",
     "fragmented",
     "malformed",
     "denied",
     "unresolved",
     "send_failed",
+    "rule",
 ];
 
 /// One worker's counters and gauges.
@@ -109,7 +112,7 @@ pub struct Stats {
     /// UDP datagrams relayed target -> client.
     pub udp_down: AtomicU64,
     /// UDP datagrams dropped by [`UdpDrop`].
-    pub udp_drops: [AtomicU64; 6],
+    pub udp_drops: [AtomicU64; 7],
     /// DNS lookups started.
     pub dns_lookups: AtomicU64,
     /// DNS lookups that failed.

@@ -193,14 +193,7 @@ pub fn connect(
     bind: Option<IpAddr>,
     socket_buffer: Option<usize>,
 ) -> io::Result<TcpStream> {
-    // SOCK_NONBLOCK at creation: two fcntl calls fewer per outbound connection than set_nonblocking.
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking(),
-        Some(Protocol::TCP),
-    )?;
-    socket.set_tcp_nodelay(true)?;
-    set_socket_buffer(&socket, socket_buffer)?;
+    let socket = stream_socket(addr, socket_buffer)?;
     if let Some(ip) = bind {
         if ip.is_ipv4() != addr.is_ipv4() {
             return Err(io::Error::new(
@@ -210,6 +203,24 @@ pub fn connect(
         }
         socket.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
     }
+    start_connect(socket, addr)
+}
+
+/// A nonblocking TCP socket for an outbound connection to `addr`'s family, with TCP_NODELAY and `--socket-buffer`.
+fn stream_socket(addr: SocketAddr, socket_buffer: Option<usize>) -> io::Result<Socket> {
+    // SOCK_NONBLOCK at creation: two fcntl calls fewer per outbound connection than set_nonblocking.
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    set_socket_buffer(&socket, socket_buffer)?;
+    Ok(socket)
+}
+
+/// Starts the nonblocking connect; EINPROGRESS is the normal answer.
+fn start_connect(socket: Socket, addr: SocketAddr) -> io::Result<TcpStream> {
     match socket.connect(&SockAddr::from(addr)) {
         Ok(()) => {}
         Err(e)
@@ -218,6 +229,59 @@ pub fn connect(
         Err(e) => return Err(e),
     }
     Ok(TcpStream::from_std(socket.into()))
+}
+
+/// Starts a nonblocking connect to `addr` from the egress address `source` of a user's policy. With `freebind`
+/// (an address picked from a block) the address need not be configured on an interface (IP_FREEBIND). A source
+/// that cannot be bound is an `Other` error, which [`failure_of`] reports as a general failure: the gateway's
+/// configuration failed, not the target.
+pub fn connect_from(
+    addr: SocketAddr,
+    source: IpAddr,
+    freebind: bool,
+    socket_buffer: Option<usize>,
+) -> io::Result<TcpStream> {
+    let socket = stream_socket(addr, socket_buffer)?;
+    bind_source(&socket, SocketAddr::new(source, 0), freebind)?;
+    start_connect(socket, addr)
+}
+
+/// Binds `socket` to an egress address (see [`connect_from`]); failures become `Other` errors naming the address.
+fn bind_source(socket: &Socket, source: SocketAddr, freebind: bool) -> io::Result<()> {
+    let bound = (|| {
+        if freebind {
+            match source {
+                SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
+                SocketAddr::V6(_) => socket.set_freebind_v6(true)?,
+            }
+        }
+        socket.bind(&SockAddr::from(source))
+    })();
+    bound.map_err(|e| io::Error::other(format!("cannot bind egress address {}: {e}", source.ip())))
+}
+
+/// A nonblocking UDP socket bound to a user's egress address (port chosen by the kernel).
+pub fn udp_socket_from(source: IpAddr, freebind: bool) -> io::Result<UdpSocket> {
+    let addr = SocketAddr::new(source, 0);
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_nonblocking(true)?;
+    bind_source(&socket, addr, freebind)?;
+    Ok(UdpSocket::from_std(socket.into()))
+}
+
+/// A nonblocking single-use BIND listener on a user's egress address.
+pub fn bind_listener_from(
+    source: IpAddr,
+    freebind: bool,
+    socket_buffer: Option<usize>,
+) -> io::Result<TcpListener> {
+    let addr = SocketAddr::new(source, 0);
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    set_socket_buffer(&socket, socket_buffer)?;
+    socket.set_nonblocking(true)?;
+    bind_source(&socket, addr, freebind)?;
+    socket.listen(1)?;
+    Ok(TcpListener::from_std(socket.into()))
 }
 
 /// Where a nonblocking connect stands.

@@ -16,6 +16,7 @@
 
 use socksgate::acl::{self, Cidr};
 use socksgate::auth::Users;
+use socksgate::policy::{self, name::normalize, rules::parse_pattern};
 use socksgate::proto::http::{self, BodyFramer, BodyKind, ResponseContext, RewriteOptions};
 use socksgate::proto::{
     canonical_ip, proxy_protocol, socks4, socks5, upstream, Parse, ProtoError, TargetAddr,
@@ -38,6 +39,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("upstream_reply", upstream_reply_target),
     ("users_file", users_file_target),
     ("acl", acl_target),
+    ("policy", policy_target),
+    ("hostname", hostname_target),
 ];
 
 type PResult<T> = Result<Parse<T>, ProtoError>;
@@ -881,6 +884,84 @@ fn check_cidr(c: Cidr) {
         assert!(
             v6.to_ipv4_mapped().is_none() || prefix < 96,
             "acl: mapped block kept in IPv6 form"
+        );
+    }
+}
+
+/// Policy file: every UTF-8 input either loads or gives errors, each of the form `FILE:LINE: KEY: problem` with a
+/// line inside the file; a file that loads loads the same way twice. Every line is also tried as a `dest` pattern.
+pub fn policy_target(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let lines = text.lines().count().max(1);
+    match policy::parse(text, "fuzz.toml", Users::default()) {
+        Ok((users, p)) => {
+            let again = policy::parse(text, "fuzz.toml", Users::default());
+            let (users2, p2) = again
+                .unwrap_or_else(|_| panic!("policy: a file that loaded fails the second time"));
+            assert_eq!(
+                users.len(),
+                users2.len(),
+                "policy: users differ between loads"
+            );
+            assert_eq!(
+                p.rule_count(),
+                p2.rule_count(),
+                "policy: rules differ between loads"
+            );
+        }
+        Err(errors) => {
+            assert!(!errors.is_empty(), "policy: an error without a message");
+            for e in &errors {
+                let rest = e
+                    .strip_prefix("fuzz.toml:")
+                    .unwrap_or_else(|| panic!("policy: error without the file name"));
+                let line: usize = rest
+                    .split(':')
+                    .next()
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or_else(|| panic!("policy: error without a line number"));
+                assert!(
+                    line >= 1 && line <= lines + 1,
+                    "policy: line number outside the file"
+                );
+                assert!(!e.contains('\n'), "policy: an error spans lines");
+            }
+        }
+    }
+    for line in text.lines() {
+        let _ = parse_pattern(line);
+    }
+}
+
+/// Host-name normaliser: never panics; what it accepts is short, lower-case letters, digits, '-' and '.', without
+/// empty labels, and normalising it again is the identity.
+pub fn hostname_target(data: &[u8]) {
+    if let Ok(n) = normalize(data) {
+        assert!(
+            !n.is_empty() && n.len() <= 253,
+            "hostname: bad length accepted"
+        );
+        assert!(
+            n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'),
+            "hostname: bad byte accepted"
+        );
+        assert!(
+            n.split('.').all(|l| !l.is_empty() && l.len() <= 63),
+            "hostname: bad label accepted"
+        );
+        assert_eq!(
+            normalize(n.as_bytes()).as_deref(),
+            Ok(n.as_str()),
+            "hostname: not idempotent"
+        );
+        let upper = n.to_ascii_uppercase() + ".";
+        assert_eq!(
+            normalize(upper.as_bytes()).as_deref(),
+            Ok(n.as_str()),
+            "hostname: case or dot changes it"
         );
     }
 }

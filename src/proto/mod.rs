@@ -223,7 +223,9 @@ impl Failure {
             Failure::NotAllowed => 403,
             Failure::TimedOut => 504,
             Failure::CommandNotSupported => 405,
-            Failure::AddressNotSupported | Failure::General => 502,
+            // A target that is not a valid host name is the client's bad request (RFC 9110 §15.5.1).
+            Failure::AddressNotSupported => 400,
+            Failure::General => 502,
             Failure::NetworkUnreachable | Failure::HostUnreachable | Failure::ConnectionRefused => {
                 502
             }

@@ -68,12 +68,13 @@ pub fn request_line(conn: &Conn, req: &RequestLog, reason: CloseReason, now: Ins
     };
     info!(
         target: "access",
-        "client={} user={} proto=http method={method} url={url} status={status} up={} down={} ms={} end={}",
+        "client={} user={} proto=http method={method} url={url} status={status} up={} down={} ms={}{} end={}",
         conn.peer,
         conn.user_name(),
         conn.bytes_up.saturating_sub(req.up_before),
         conn.bytes_down.saturating_sub(req.down_before),
         now.saturating_duration_since(req.started).as_millis(),
+        Egress(conn),
         reason.label()
     );
 }
@@ -85,7 +86,7 @@ pub fn session_line(conn: &Conn, target: &str, reason: CloseReason, now: Instant
     }
     info!(
         target: "access",
-        "client={} user={} proto={} target={} up={} down={} ms={} end={}",
+        "client={} user={} proto={} target={} up={} down={} ms={}{} end={}",
         conn.peer,
         conn.user_name(),
         metrics::PROTO_LABELS[conn.proto as usize],
@@ -93,6 +94,19 @@ pub fn session_line(conn: &Conn, target: &str, reason: CloseReason, now: Instant
         conn.bytes_up,
         conn.bytes_down,
         now.saturating_duration_since(conn.started).as_millis(),
+        Egress(conn),
         reason.label()
     );
+}
+
+/// ` egress=IP` for sessions that used a policy egress address, nothing otherwise (other lines keep their shape).
+struct Egress<'a>(&'a Conn);
+
+impl std::fmt::Display for Egress<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.egress.as_deref() {
+            Some(ip) => write!(f, " egress={ip}"),
+            None => Ok(()),
+        }
+    }
 }

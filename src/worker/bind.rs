@@ -15,6 +15,7 @@ use mio::Interest;
 use super::close::CloseReason;
 use super::conn::{Conn, Dest, Phase, ReplyKind, Sock};
 use super::connect::start_relay;
+use super::gate;
 use super::handshake::fill_client;
 use super::reply;
 use super::timers::TimerKind;
@@ -64,12 +65,33 @@ pub fn start(
         // A name or 0.0.0.0 names no particular peer: accept the first connection.
         _ => None,
     };
-    let Some(ip) = ctx.cfg.outbound_bind.or_else(|| conn.local_ip()) else {
-        return reply::fail(conn, ctx, reply, CloseReason::Failed(Failure::General));
+    // The expected peer is the other end of the tunnel, so it passes the destination rules like a CONNECT target
+    // (the inbound peer is checked again when it arrives, in `accepted`).
+    if let (Some(ip), TargetAddr::Ip(a)) = (expected, &peer) {
+        let expected = SocketAddr::new(ip, a.port());
+        if ctx.cfg.dest_rules.check(expected).is_err()
+            || !gate::allows_bind_peer(conn, ctx, expected)
+        {
+            debug!("{}: BIND expecting {a}: denied by rules", conn.peer);
+            return reply::fail(conn, ctx, reply, CloseReason::DestDenied);
+        }
+    }
+    let local = conn.local_ip();
+    // A user's egress address (of the control connection's family) is where her BIND listens.
+    let listening = match gate::egress(conn, ctx, local.is_none_or(|ip| ip.is_ipv4())) {
+        Ok(Some((ip, freebind))) => net::bind_listener_from(ip, freebind, ctx.cfg.socket_buffer),
+        Ok(None) => match ctx.cfg.outbound_bind.or(local) {
+            Some(ip) => net::bind_listener(SocketAddr::new(ip, 0), ctx.cfg.socket_buffer),
+            None => return reply::fail(conn, ctx, reply, CloseReason::Failed(Failure::General)),
+        },
+        Err(e) => Err(e),
     };
-    let mut listener = match net::bind_listener(SocketAddr::new(ip, 0), ctx.cfg.socket_buffer) {
+    let mut listener = match listening {
         Ok(l) => l,
         Err(e) => {
+            if e.kind() == std::io::ErrorKind::Other {
+                gate::log_egress_error(conn, &e);
+            }
             debug!("{}: BIND listener: {e}", conn.peer);
             return reply::fail(conn, ctx, reply, CloseReason::Failed(Failure::General));
         }
@@ -160,6 +182,14 @@ fn accepted(
         return Next::Wait;
     };
     let _ = ctx.registry.deregister(&mut b.listener);
+    let from = SocketAddr::new(canonical_ip(from.ip()), from.port());
+    if ctx.cfg.dest_rules.check(from).is_err() || !gate::allows_bind_peer(conn, ctx, from) {
+        // A denied peer never gets a byte of the tunnel: it is closed (dropping `stream`) and the client's second
+        // reply says "not allowed".
+        debug!("{}: BIND: inbound peer {from} denied by rules", conn.peer);
+        drop(stream);
+        return reply::fail(conn, ctx, b.reply, CloseReason::DestDenied);
+    }
     let _ = stream.set_nodelay(true);
     if ctx
         .registry
@@ -173,7 +203,6 @@ fn accepted(
         return Next::Close(CloseReason::Internal);
     }
     conn.upstream = Some(Sock::new(stream));
-    let from = SocketAddr::new(canonical_ip(from.ip()), from.port());
     debug!("{}: BIND accepted {from}", conn.peer);
     conn.target = Some(Dest::Ip(from));
     if reply::granted(conn, b.reply, from).is_err() {

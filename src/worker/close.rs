@@ -122,6 +122,8 @@ pub enum CloseReason {
     DrainTimeout,
     /// The worker stopped.
     Shutdown,
+    /// A reload removed the session's user or changed her password (`--policy`).
+    Revoked,
     /// A resource or internal step failed (pool gone, registration failed).
     Internal,
 }
@@ -164,6 +166,7 @@ impl CloseReason {
             CloseReason::Draining => "draining",
             CloseReason::DrainTimeout => "drain_timeout",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Revoked => "revoked",
             CloseReason::Internal => "internal_error",
         }
     }
@@ -177,7 +180,8 @@ impl CloseReason {
             | CloseReason::UdpIdleTimeout
             | CloseReason::Draining
             | CloseReason::DrainTimeout
-            | CloseReason::Shutdown => Fault::Nobody,
+            | CloseReason::Shutdown
+            | CloseReason::Revoked => Fault::Nobody,
             CloseReason::ClientEof
             | CloseReason::ClientReset
             | CloseReason::ClientError
@@ -265,7 +269,7 @@ impl CloseReason {
             CloseReason::Failed(Failure::NetworkUnreachable) => "the network is unreachable",
             CloseReason::Failed(Failure::TimedOut) => "the server did not answer in time",
             CloseReason::Failed(Failure::NotAllowed) | CloseReason::DestDenied => {
-                "this proxy's rules do not allow that destination"
+                "access to that destination is not allowed through this proxy"
             }
             CloseReason::Failed(Failure::CommandNotSupported) => "not supported by this proxy",
             CloseReason::Failed(Failure::AddressNotSupported) => "unsupported address type",

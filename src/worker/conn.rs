@@ -351,6 +351,9 @@ pub struct Conn {
     pub user_counted: bool,
     /// HTTP forwarding state, for connections that forward plain HTTP requests.
     pub http: Option<Box<HttpState>>,
+    /// The source address picked from the user's policy egress list for this session (boxed: only sessions of users
+    /// with an egress list pay for it, and `Conn` stays under its size budget).
+    pub egress: Option<Box<std::net::IpAddr>>,
 }
 
 impl Conn {
@@ -390,6 +393,7 @@ impl Conn {
             request_lines: false,
             user_counted: false,
             http: None,
+            egress: None,
         }
     }
 

@@ -14,7 +14,7 @@ use super::close::CloseReason;
 use super::conn::{Conn, Dest, Phase, ReplyKind, Sock};
 use super::reply;
 use super::timers::TimerKind;
-use super::{http, token, upstream, Ctx, Next};
+use super::{gate, http, token, upstream, Ctx, Next};
 use crate::metrics;
 use crate::net::{self, ConnectState};
 use crate::proto::{self, Failure, TargetAddr};
@@ -32,6 +32,14 @@ pub fn start(
     reply: ReplyKind,
 ) -> Next {
     conn.target = Some(Dest::from(&target));
+    if let Err(f) = gate::check_target(conn, ctx, gate::command_of(reply), &target) {
+        debug!(
+            "{}: target {} refused by the policy file",
+            conn.peer,
+            target_str(conn)
+        );
+        return fail(conn, ctx, reply, f);
+    }
     conn.deadline = None;
     let deadline = ctx.now + ctx.cfg.connect_timeout;
     conn.deadline = Some(deadline);
@@ -40,7 +48,9 @@ pub fn start(
         // Through an upstream proxy the target is the upstream's business: connect to the proxy itself, but
         // still apply the destination rules when the target is a literal address.
         if let TargetAddr::Ip(addr) = &target {
-            if ctx.cfg.dest_rules.check(*addr).is_err() {
+            if ctx.cfg.dest_rules.check(*addr).is_err()
+                || !gate::allows(conn, ctx, gate::command_of(reply), *addr)
+            {
                 debug!("{}: destination {addr} denied by rules", conn.peer);
                 return fail(conn, ctx, reply, CloseReason::DestDenied);
             }
@@ -107,12 +117,13 @@ pub fn begin(
     reply: ReplyKind,
     addrs: Vec<SocketAddr>,
 ) -> Next {
+    let cmd = gate::command_of(reply);
     let allowed: Vec<_> = addrs
         .into_iter()
         .map(|a| SocketAddr::new(proto::canonical_ip(a.ip()), a.port()))
         .filter_map(|a| match ctx.cfg.dest_rules.check(a) {
-            Ok(proof) => Some((a, proof)),
-            Err(_) => {
+            Ok(proof) if gate::allows(conn, ctx, cmd, a) => Some((a, proof)),
+            _ => {
                 debug!("{}: destination {a} denied by rules", conn.peer);
                 None
             }
@@ -147,24 +158,36 @@ const MIN_ATTEMPT: Duration = Duration::from_secs(1);
 fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let overall = conn.deadline.unwrap_or(ctx.now + ctx.cfg.connect_timeout);
     loop {
+        let (addr, left) = {
+            let Phase::Connecting {
+                reply,
+                addrs,
+                next,
+                last,
+                ..
+            } = &mut conn.phase
+            else {
+                return Next::Wait;
+            };
+            let Some((addr, _proof)) = addrs.get(*next).copied() else {
+                let (reply, last) = (*reply, *last);
+                return fail(conn, ctx, reply, CloseReason::Failed(last));
+            };
+            *next += 1;
+            (addr, (addrs.len() - *next) as u32)
+        };
+        let opened =
+            gate::egress(conn, ctx, addr.is_ipv4()).and_then(|src| open(key, ctx, addr, src));
         let Phase::Connecting {
-            reply,
-            addrs,
-            next,
             last,
             attempt_deadline,
+            ..
         } = &mut conn.phase
         else {
             return Next::Wait;
         };
-        let Some((addr, _proof)) = addrs.get(*next).copied() else {
-            let (reply, last) = (*reply, *last);
-            return fail(conn, ctx, reply, CloseReason::Failed(last));
-        };
-        *next += 1;
-        let left = (addrs.len() - *next) as u32;
         debug!("{}: connecting to {addr}", conn.peer);
-        match open(key, ctx, addr) {
+        match opened {
             Ok(sock) => {
                 conn.upstream = Some(sock);
                 if left > 0 {
@@ -179,16 +202,30 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 return Next::Wait;
             }
             Err(e) => {
-                debug!("{}: connect {addr}: {e}", conn.peer);
                 *last = net::failure_of(&e);
+                if e.kind() == io::ErrorKind::Other {
+                    gate::log_egress_error(conn, &e);
+                } else {
+                    debug!("{}: connect {addr}: {e}", conn.peer);
+                }
             }
         }
     }
 }
 
-/// Opens and registers a nonblocking outbound socket for connection `key`.
-pub fn open(key: usize, ctx: &mut Ctx, addr: SocketAddr) -> io::Result<Sock> {
-    let mut stream = net::connect(addr, ctx.cfg.outbound_bind, ctx.cfg.socket_buffer)?;
+/// Opens and registers a nonblocking outbound socket for connection `key`, from the user's egress address
+/// (`source`, with IP_FREEBIND when picked from a block) or else `--bind`.
+pub fn open(
+    key: usize,
+    ctx: &mut Ctx,
+    addr: SocketAddr,
+    source: Option<(std::net::IpAddr, bool)>,
+) -> io::Result<Sock> {
+    let buffer = ctx.cfg.socket_buffer;
+    let mut stream = match source {
+        Some((ip, freebind)) => net::connect_from(addr, ip, freebind, buffer)?,
+        None => net::connect(addr, ctx.cfg.outbound_bind, buffer)?,
+    };
     ctx.registry.register(
         &mut stream,
         token::conn(key, token::Role::Upstream),

@@ -356,6 +356,9 @@ fn socks4_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         debug!("{}: SOCKS4 refused: users are configured", conn.peer);
         return reply::fail(conn, ctx, ReplyKind::Socks4, CloseReason::Socks4NeedsAuth);
     }
+    if !user_admit(conn, ctx) {
+        return reply::fail(conn, ctx, ReplyKind::Socks4, CloseReason::UserLimit);
+    }
     match command {
         socks4::Command::Connect => connect::start(key, conn, ctx, target, ReplyKind::Socks4),
         socks4::Command::Bind if ctx.cfg.bind_cmd => {
@@ -370,9 +373,17 @@ fn socks4_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     }
 }
 
-/// Counts the session against its user's `--user-max-connections`; false when the user is at the limit.
+/// Counts the session against its user's session limit (`max_connections` of the policy file, else
+/// `--user-max-connections`), or an anonymous client's against `[defaults] max_connections` per client address;
+/// false when at the limit.
 pub fn user_admit(conn: &mut Conn, ctx: &mut Ctx) -> bool {
-    let (Some(max), Some(user)) = (ctx.cfg.user_max_connections, conn.user.as_ref()) else {
+    let max = match conn.user.as_ref() {
+        Some(user) => ctx
+            .policy
+            .max_connections(user.user(), ctx.cfg.user_max_connections),
+        None => ctx.policy.anonymous_max_connections(),
+    };
+    let Some(max) = max else {
         return true;
     };
     if conn.user_counted {
@@ -381,12 +392,12 @@ pub fn user_admit(conn: &mut Conn, ctx: &mut Ctx) -> bool {
     let Ok(mut counts) = ctx.user_counts.lock() else {
         return false;
     };
-    let n = counts.entry(user.user().to_string()).or_insert(0);
+    let n = counts.entry(super::gate::session_key(conn)).or_insert(0);
     if *n >= max {
         debug!(
-            "{}: user {} at --user-max-connections {max}",
+            "{}: user {} at the session limit {max}",
             conn.peer,
-            user.user()
+            conn.user_name()
         );
         return false;
     }

@@ -6,6 +6,7 @@ pub mod bind;
 pub mod close;
 pub mod conn;
 pub mod connect;
+pub mod gate;
 pub mod handshake;
 pub mod http;
 pub mod relay;
@@ -42,6 +43,9 @@ use token::{Role, Target};
 pub enum Command {
     /// Swap in a new users table (SIGHUP).
     ReloadUsers(Arc<Users>),
+    /// Swap in a new users table and policy together (SIGHUP with `--policy`); revokes sessions of users whose
+    /// credentials are gone.
+    ReloadPolicy(Arc<Users>, Arc<crate::policy::Policy>),
     /// Stop accepting, finish tunnels until the deadline, then exit.
     Drain(Instant),
     /// Exit now.
@@ -72,6 +76,8 @@ pub struct Ctx {
     pub cfg: Arc<Config>,
     /// The current users table (replaced on SIGHUP).
     pub users: Arc<Users>,
+    /// The current policy file (replaced on SIGHUP with the users table).
+    pub policy: Arc<crate::policy::Policy>,
     /// This worker's counters.
     pub stats: Arc<Stats>,
     /// Relay buffers.
@@ -174,6 +180,7 @@ impl Worker {
         let ctx = Ctx {
             registry: poll.registry().try_clone()?,
             users: Arc::clone(&cfg.users),
+            policy: Arc::clone(&cfg.policy),
             stats,
             // Free buffers beyond a small reserve go back to the allocator: a burst of handshakes must not pin
             // its peak memory for the life of the process.
@@ -381,6 +388,26 @@ impl Worker {
                     self.ctx.users = users;
                     debug!("worker {}: users reloaded", self.id);
                 }
+                Ok(Command::ReloadPolicy(users, policy)) => {
+                    // Sessions that authenticated with credentials that are no longer valid end now.
+                    let old = Arc::clone(&self.ctx.users);
+                    let revoked: Vec<usize> = self
+                        .conns
+                        .iter()
+                        .filter(|(_, c)| {
+                            c.user
+                                .as_ref()
+                                .is_some_and(|u| !users.same_secret(&old, u.user()))
+                        })
+                        .map(|(k, _)| k)
+                        .collect();
+                    for key in revoked {
+                        self.close(key, CloseReason::Revoked);
+                    }
+                    self.ctx.users = users;
+                    self.ctx.policy = policy;
+                    debug!("worker {}: users and policy reloaded", self.id);
+                }
                 Ok(Command::Drain(deadline)) => self.start_drain(deadline),
                 Ok(Command::Stop) | Err(TryRecvError::Disconnected) => return false,
                 Err(TryRecvError::Empty) => return true,
@@ -503,13 +530,12 @@ impl Worker {
         metrics::dec(&self.ctx.stats.active[conn.proto as usize]);
         self.open.fetch_sub(1, Ordering::Relaxed);
         if conn.user_counted {
-            if let Some(u) = conn.user.as_ref() {
-                if let Ok(mut counts) = self.ctx.user_counts.lock() {
-                    if let Some(n) = counts.get_mut(u.user()) {
-                        *n = n.saturating_sub(1);
-                        if *n == 0 {
-                            counts.remove(u.user());
-                        }
+            let key = gate::session_key(&conn);
+            if let Ok(mut counts) = self.ctx.user_counts.lock() {
+                if let Some(n) = counts.get_mut(&key) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        counts.remove(&key);
                     }
                 }
             }

@@ -67,7 +67,8 @@ pub fn fail(conn: &mut Conn, ctx: &mut Ctx, kind: ReplyKind, reason: CloseReason
         ReplyKind::HttpConnect | ReplyKind::HttpForward => {
             let status = reason.http_status();
             let detail = match &conn.target {
-                Some(t) if status == 502 || status == 504 || status == 403 => {
+                // A denial names nothing (neither the target nor why): the client knows what it asked for.
+                Some(t) if status == 502 || status == 504 => {
                     format!("{} ({t})", reason.describe())
                 }
                 _ => reason.describe().to_string(),

@@ -26,10 +26,11 @@ use super::conn::{Conn, Phase, ReplyKind};
 use super::reply;
 use super::timers::TimerKind;
 use super::token::{self, Role};
-use super::{Ctx, Next};
+use super::{gate, Ctx, Next};
 use crate::config::Config;
 use crate::metrics::{self, Stats, UdpDrop};
 use crate::net;
+use crate::policy::{rules::Command, Policy};
 use crate::proto::{canonical_ip, socks5, Failure, Name, TargetAddr};
 use crate::resolve::{Job, Work};
 
@@ -109,7 +110,10 @@ pub fn mark(conn: &mut Conn, role: Role, ev: &mio::event::Event) {
     }
 }
 
-fn open_out(ctx: &Ctx) -> io::Result<(UdpSocket, bool)> {
+fn open_out(ctx: &Ctx, egress: Option<(IpAddr, bool)>) -> io::Result<(UdpSocket, bool)> {
+    if let Some((ip, freebind)) = egress {
+        return Ok((net::udp_socket_from(ip, freebind)?, false));
+    }
     match ctx.cfg.outbound_bind {
         Some(ip) => Ok((net::udp_socket(SocketAddr::new(ip, 0))?, false)),
         None => match net::udp_socket(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0)) {
@@ -149,13 +153,30 @@ pub fn start(key: usize, conn: &mut Conn, ctx: &mut Ctx, hint: TargetAddr) -> Ne
             CloseReason::Failed(Failure::General),
         );
     };
-    let opened = net::udp_socket(SocketAddr::new(local_ip, 0)).and_then(|relay| {
-        let (out, dual) = open_out(ctx)?;
+    // One outbound socket serves every target: a user's egress list gives it the family of its first entry.
+    let first_v4 = ctx
+        .policy
+        .egress(conn.user.as_ref().map(|u| u.user()))
+        .first()
+        .map(|e| match e {
+            crate::policy::Egress::Ip(ip) => ip.is_ipv4(),
+            crate::policy::Egress::Prefix(c) => c.addr().is_ipv4(),
+        });
+    let egress = match first_v4 {
+        Some(v4) => gate::egress(conn, ctx, v4),
+        None => Ok(None),
+    };
+    let opened = egress.and_then(|egress| {
+        let relay = net::udp_socket(SocketAddr::new(local_ip, 0))?;
+        let (out, dual) = open_out(ctx, egress)?;
         Ok((relay, out, dual))
     });
     let (mut relay, mut out, out_dual) = match opened {
         Ok(x) => x,
         Err(e) => {
+            if e.kind() == io::ErrorKind::Other {
+                gate::log_egress_error(conn, &e);
+            }
             debug!("{}: UDP ASSOCIATE: cannot open sockets: {e}", conn.peer);
             return reply::fail(
                 conn,
@@ -226,17 +247,33 @@ pub fn start(key: usize, conn: &mut Conn, ctx: &mut Ctx, hint: TargetAddr) -> Ne
     Next::Again
 }
 
-/// Sends `payload` to `dest` from the outbound socket, after the destination rules (checked per datagram).
+/// Who sent a datagram, for the policy file's rules: the user and the client address.
+#[derive(Clone, Copy)]
+struct Sender<'a> {
+    user: Option<&'a str>,
+    client: IpAddr,
+}
+
+/// Sends `payload` to `dest` from the outbound socket, after the destination rules (checked per datagram): the
+/// flags first, then the policy file's rules (with the name the datagram named, if any).
+#[allow(clippy::too_many_arguments)]
 fn send_out(
     u: &mut UdpState,
     cfg: &Config,
+    policy: &Policy,
+    from: Sender<'_>,
     stats: &Stats,
+    name: Option<&str>,
     dest: SocketAddr,
     payload: &[u8],
 ) -> bool {
     let dest = SocketAddr::new(canonical_ip(dest.ip()), dest.port());
     if cfg.dest_rules.check(dest).is_err() {
         metrics::inc(&stats.udp_drops[UdpDrop::Denied as usize]);
+        return false;
+    }
+    if !policy.allows_addr(from.user, from.client, Command::Udp, name, dest) {
+        metrics::inc(&stats.udp_drops[UdpDrop::Rule as usize]);
         return false;
     }
     let wire = match (dest.ip(), u.out_dual) {
@@ -270,6 +307,10 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         return Next::Close(CloseReason::ClientError);
     }
     let gen = conn.gen;
+    let sender = Sender {
+        user: conn.user.as_ref().map(|u| u.user()),
+        client: conn.peer.ip(),
+    };
     let Phase::Udp(u) = &mut conn.phase else {
         return Next::Wait;
     };
@@ -317,12 +358,29 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         conn.bytes_up += payload.len() as u64;
         match header.target {
             TargetAddr::Ip(dest) => {
-                send_out(u, &ctx.cfg, &ctx.stats, dest, payload);
+                let policy = &ctx.policy;
+                send_out(u, &ctx.cfg, policy, sender, &ctx.stats, None, dest, payload);
             }
             TargetAddr::Domain(name, port) => {
+                // A name that is invalid or denied by name is dropped before any lookup.
+                if ctx
+                    .policy
+                    .check_name(
+                        sender.user,
+                        sender.client,
+                        Command::Udp,
+                        name.as_str(),
+                        port,
+                    )
+                    .is_err()
+                {
+                    metrics::inc(&ctx.stats.udp_drops[UdpDrop::Rule as usize]);
+                    continue;
+                }
                 if let Some((_, ip)) = u.cache.iter().find(|(n, _)| *n == name) {
                     let dest = SocketAddr::new(*ip, port);
-                    send_out(u, &ctx.cfg, &ctx.stats, dest, payload);
+                    let (policy, n) = (&ctx.policy, Some(name.as_str()));
+                    send_out(u, &ctx.cfg, policy, sender, &ctx.stats, n, dest, payload);
                     continue;
                 }
                 if u.queued.len() >= MAX_QUEUED {
@@ -408,6 +466,10 @@ pub fn on_resolved(
     tag: u32,
     r: io::Result<Vec<SocketAddr>>,
 ) -> Next {
+    let sender = Sender {
+        user: conn.user.as_ref().map(|u| u.user()),
+        client: conn.peer.ip(),
+    };
     let Phase::Udp(u) = &mut conn.phase else {
         return Next::Wait;
     };
@@ -433,9 +495,11 @@ pub fn on_resolved(
     if u.cache.len() >= CACHE_SIZE {
         u.cache.remove(0);
     }
-    u.cache.push((name, ip));
+    u.cache.push((name.clone(), ip));
     for (_, _, port, payload) in waiting {
-        send_out(u, &ctx.cfg, &ctx.stats, SocketAddr::new(ip, port), &payload);
+        let dest = SocketAddr::new(ip, port);
+        let (policy, n) = (&ctx.policy, Some(name.as_str()));
+        send_out(u, &ctx.cfg, policy, sender, &ctx.stats, n, dest, &payload);
     }
     Next::Wait
 }

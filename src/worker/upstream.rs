@@ -8,7 +8,7 @@ use log::debug;
 use super::close::CloseReason;
 use super::conn::{Conn, Dest, Phase, ReplyKind};
 use super::connect::{self, drop_upstream, fail};
-use super::{Ctx, Next};
+use super::{gate, Ctx, Next};
 use crate::net::{self, ConnectState};
 use crate::proto::upstream as up;
 use crate::proto::{socks5, Failure, Parse};
@@ -51,18 +51,33 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let Some(upstream) = ctx.cfg.upstream.clone() else {
         return Next::Close(CloseReason::Internal);
     };
+    let reply = match &conn.phase {
+        Phase::Upstream(hs) => hs.reply,
+        _ => return Next::Wait,
+    };
+    // The user's egress address is the source of the connection to the upstream proxy too.
+    let v4 = upstream.addrs.first().is_none_or(|a| a.is_ipv4());
+    let source = match gate::egress(conn, ctx, v4) {
+        Ok(source) => source,
+        Err(_) => return fail(conn, ctx, reply, CloseReason::Failed(Failure::General)),
+    };
     let Phase::Upstream(hs) = &mut conn.phase else {
         return Next::Wait;
     };
-    let reply = hs.reply;
     while let Some(addr) = upstream.addrs.get(hs.next_addr).copied() {
         hs.next_addr += 1;
         debug!("{}: connecting to upstream proxy {addr}", conn.peer);
-        match connect::open(key, ctx, addr) {
+        match connect::open(key, ctx, addr, source) {
             Ok(sock) => {
                 conn.upstream = Some(sock);
                 return Next::Wait;
             }
+            // An egress address that cannot be bound is our configuration's fault: say so where operators look.
+            Err(e) if e.kind() == std::io::ErrorKind::Other => log::warn!(
+                "{}: user {}: upstream {addr}: {e}",
+                conn.peer,
+                conn.user.as_ref().map_or("-", |u| u.user())
+            ),
             Err(e) => debug!("{}: upstream {addr}: {e}", conn.peer),
         }
     }

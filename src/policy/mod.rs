@@ -1,0 +1,898 @@
+//! The policy file (`--policy FILE`, TOML): per-user limits and egress addresses, and the ordered destination
+//! rules. Loaded on the control thread at startup and on SIGHUP, together with the users file, and handed to the
+//! workers as one immutable [`Policy`] (swapped whole, like the users table).
+//!
+//! Every table refuses unknown keys (a typo must not silently disable a limit), and every error names the file,
+//! the line and the key. Settings that are parsed but not enforced yet (rates, quotas, upstream groups) are refused
+//! with a "not supported yet" error, so an operator never believes a limit is in force when it is not.
+
+pub mod name;
+pub mod rules;
+pub mod units;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::acl::Cidr;
+use crate::auth::Users;
+use crate::config::parse_duration;
+use crate::upstream::Upstream;
+use rules::{Action, Command, NameVerdict, Pattern, Rule, RuleSet, Who};
+
+// ---------------------------------------------------------------------------------------------------------------
+// The file as written
+// ---------------------------------------------------------------------------------------------------------------
+
+type S<T> = Spanned<T>;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    defaults: Option<DefaultsSection>,
+    #[serde(default)]
+    users: BTreeMap<String, S<UserSection>>,
+    #[serde(default)]
+    rules: Vec<S<RuleSection>>,
+    #[serde(default)]
+    upstreams: BTreeMap<String, S<UpstreamSection>>,
+}
+
+/// Settings that a user section can also carry (and `[defaults]` gives everyone without an override).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DefaultsSection {
+    max_connections: Option<S<i64>>,
+    rules_default: Option<S<String>>,
+    session_usernames: Option<S<bool>>,
+    rate_down: Option<S<String>>,
+    rate_up: Option<S<String>>,
+    quota: Option<S<String>>,
+    quota_period: Option<S<String>>,
+    burst: Option<S<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserSection {
+    password: Option<S<String>>,
+    max_connections: Option<S<i64>>,
+    egress: Option<S<Vec<S<String>>>>,
+    groups: Option<S<Vec<S<String>>>>,
+    rate_down: Option<S<String>>,
+    rate_up: Option<S<String>>,
+    quota: Option<S<String>>,
+    quota_period: Option<S<String>>,
+    burst: Option<S<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleSection {
+    users: Option<S<Vec<S<String>>>>,
+    groups: Option<S<Vec<S<String>>>>,
+    clients: Option<S<Vec<S<String>>>>,
+    commands: Option<S<Vec<S<String>>>>,
+    dest: Option<S<Vec<S<String>>>>,
+    action: S<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamSection {
+    servers: S<Vec<S<String>>>,
+    strategy: Option<S<String>>,
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The compiled policy
+// ---------------------------------------------------------------------------------------------------------------
+
+/// A source address for a user's outbound sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Egress {
+    /// Exactly this address.
+    Ip(IpAddr),
+    /// A random address of this block per session (bound with IP_FREEBIND, so the block need not be configured
+    /// address by address on the host).
+    Prefix(Cidr),
+}
+
+impl Egress {
+    fn is_v4(&self) -> bool {
+        match self {
+            Egress::Ip(ip) => ip.is_ipv4(),
+            Egress::Prefix(c) => c.addr().is_ipv4(),
+        }
+    }
+
+    /// The address to bind: the address itself, or a host address of the block from `random` (never the network
+    /// address, nor the IPv4 broadcast address). True in the second field when IP_FREEBIND is needed.
+    fn pick(&self, random: u128) -> (IpAddr, bool) {
+        match *self {
+            Egress::Ip(ip) => (ip, false),
+            Egress::Prefix(c) => match c.addr() {
+                IpAddr::V4(net) => {
+                    let host_bits = 32 - u32::from(c.prefix().min(30));
+                    let hosts = (1u128 << host_bits) - 2;
+                    let offset = 1 + (random % hosts) as u32;
+                    (IpAddr::V4((u32::from(net) | offset).into()), true)
+                }
+                IpAddr::V6(net) => {
+                    let host_bits = 128 - u32::from(c.prefix().min(127));
+                    let hosts = match host_bits {
+                        128 => u128::MAX,
+                        h => (1u128 << h) - 1,
+                    };
+                    let offset = 1 + random % hosts;
+                    (IpAddr::V6((u128::from(net) | offset).into()), true)
+                }
+            },
+        }
+    }
+}
+
+/// Picks a source address of the wanted family from a user's egress list (at random among the entries, and at
+/// random inside a block), or `None` when the list has none of that family.
+pub fn pick_egress(list: &[Egress], v4: bool) -> Option<(IpAddr, bool)> {
+    let random = random_u128();
+    let fitting: Vec<&Egress> = list.iter().filter(|e| e.is_v4() == v4).collect();
+    let n = fitting.len() as u128;
+    let entry = fitting.get((random.checked_rem(n)?) as usize)?;
+    Some(entry.pick(random.rotate_left(64) / n.max(1)))
+}
+
+/// 128 unpredictable-enough bits without a dependency: std's randomly keyed SipHash over a counter. Spreading
+/// sessions over a block needs no cryptographic strength.
+fn random_u128() -> u128 {
+    use std::hash::BuildHasher;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let keys = std::collections::hash_map::RandomState::new();
+    (u128::from(keys.hash_one(n)) << 64) | u128::from(keys.hash_one(!n))
+}
+
+/// What the policy file says about one user.
+#[derive(Debug, Clone, Default)]
+pub struct UserPolicy {
+    /// Concurrent sessions (`None`: `[defaults]`, then `--user-max-connections`).
+    pub max_connections: Option<usize>,
+    /// Source addresses for outbound TCP, UDP and BIND (empty: `--bind` or the kernel's choice).
+    pub egress: Vec<Egress>,
+    /// Groups, for rules.
+    pub groups: Vec<Arc<str>>,
+}
+
+/// The whole policy: rules, per-user settings and defaults. `Policy::default()` is "no policy file".
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    rules: RuleSet,
+    users: HashMap<Arc<str>, UserPolicy>,
+    default_max_connections: Option<usize>,
+}
+
+/// Why a target is refused before any connection is attempted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The name is not a valid host name (SOCKS5 0x08, SOCKS4 91, HTTP 400).
+    BadName,
+    /// A rule denies it (SOCKS5 0x02, SOCKS4 91, HTTP 403).
+    Denied,
+}
+
+impl Policy {
+    /// True when the file has rules (or denies by default): targets are then checked by name and address.
+    pub fn has_rules(&self) -> bool {
+        !self.rules.is_empty()
+    }
+
+    /// The number of rules.
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// The number of users with a section.
+    pub fn user_count(&self) -> usize {
+        self.users.len()
+    }
+
+    /// The per-user settings of `user`, if the file has a section for her.
+    pub fn user(&self, user: &str) -> Option<&UserPolicy> {
+        self.users.get(user)
+    }
+
+    /// The concurrent-session limit for `user`: her own, else `[defaults]`, else `flag` (`--user-max-connections`).
+    pub fn max_connections(&self, user: &str, flag: Option<usize>) -> Option<usize> {
+        self.users
+            .get(user)
+            .and_then(|u| u.max_connections)
+            .or(self.default_max_connections)
+            .or(flag)
+    }
+
+    /// The concurrent-session limit per client address for clients that did not authenticate (`[defaults]`).
+    pub fn anonymous_max_connections(&self) -> Option<usize> {
+        self.default_max_connections
+    }
+
+    /// The user's egress list (empty when none is configured).
+    pub fn egress(&self, user: Option<&str>) -> &[Egress] {
+        user.and_then(|u| self.users.get(u))
+            .map(|u| u.egress.as_slice())
+            .unwrap_or(&[])
+    }
+
+    fn who<'a>(&'a self, user: Option<&'a str>, client: IpAddr) -> Who<'a> {
+        let groups = user
+            .and_then(|u| self.users.get(u))
+            .map(|u| u.groups.as_slice())
+            .unwrap_or(&[]);
+        Who {
+            user,
+            groups,
+            client,
+        }
+    }
+
+    /// Checks a name target before resolution: `Err` when the name is invalid or a rule settles it as denied.
+    /// Without rules every name passes untouched (the resolver has the last word, as before policy files).
+    pub fn check_name(
+        &self,
+        user: Option<&str>,
+        client: IpAddr,
+        cmd: Command,
+        name: &str,
+        port: u16,
+    ) -> Result<(), Refusal> {
+        if !self.has_rules() {
+            return Ok(());
+        }
+        if name.parse::<IpAddr>().is_ok() {
+            // An address spelled as a name is an address: only the address rules apply (after "resolution").
+            return Ok(());
+        }
+        let name = name::normalize(name.as_bytes()).map_err(|_| Refusal::BadName)?;
+        match self
+            .rules
+            .check_name(&self.who(user, client), cmd, &name, port)
+        {
+            NameVerdict::Decided(Action::Deny) => Err(Refusal::Denied),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks one address actually dialled (or one datagram's destination, or a BIND peer), with the name it came
+    /// from. True when allowed.
+    pub fn allows_addr(
+        &self,
+        user: Option<&str>,
+        client: IpAddr,
+        cmd: Command,
+        name: Option<&str>,
+        addr: SocketAddr,
+    ) -> bool {
+        if !self.has_rules() {
+            return true;
+        }
+        let normalised = match name {
+            Some(n) if n.parse::<IpAddr>().is_err() => match name::normalize(n.as_bytes()) {
+                Ok(n) => Some(n),
+                Err(_) => return false,
+            },
+            _ => None,
+        };
+        self.rules
+            .check_addr(&self.who(user, client), cmd, normalised.as_deref(), addr)
+            == Action::Allow
+    }
+}
+
+/// The users table and policy that a load produced, or every error found (one line each).
+pub type Loaded = Result<(Users, Policy), Vec<String>>;
+
+/// Loads the users table (`--user` pairs over the users file) and then the policy file, which may add users.
+/// Errors are lines of the form `FILE:LINE: KEY: problem`.
+pub fn load_all(
+    inline: &[(String, String)],
+    users_file: Option<&Path>,
+    policy_file: Option<&Path>,
+) -> Loaded {
+    let users = crate::config::load_users(inline, users_file).map_err(|e| vec![e])?;
+    let Some(path) = policy_file else {
+        return Ok((users, Policy::default()));
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![format!("{}: cannot read policy file: {e}", path.display())])?;
+    parse(&text, &path.display().to_string(), users)
+}
+
+/// Collects errors with their positions while a file is compiled.
+struct Errors<'a> {
+    file: &'a str,
+    text: &'a str,
+    list: Vec<String>,
+}
+
+impl Errors<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text
+            .as_bytes()
+            .get(..end)
+            .map(|b| b.iter().filter(|&&c| c == b'\n').count() + 1)
+            .unwrap_or(1)
+    }
+
+    fn push(&mut self, span: std::ops::Range<usize>, key: &str, problem: impl std::fmt::Display) {
+        let line = self.line_of(span.start);
+        self.list
+            .push(format!("{}:{line}: {key}: {problem}", self.file));
+    }
+
+    /// The key a TOML syntax or type error is about: the `key = ...` or `[table]` on its line.
+    fn key_at(&self, offset: usize) -> String {
+        let start = self
+            .text
+            .get(..offset.min(self.text.len()))
+            .and_then(|t| t.rfind('\n'))
+            .map(|i| i + 1)
+            .unwrap_or(0);
+        let line = self
+            .text
+            .get(start..)
+            .and_then(|t| t.lines().next())
+            .unwrap_or("")
+            .trim();
+        let key = if line.starts_with('[') {
+            line.trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim()
+        } else {
+            line.split('=').next().unwrap_or("").trim()
+        };
+        // Keys a user typed are short; cap what is quoted back so a value can never be echoed whole.
+        let key: String = key.chars().take(64).collect();
+        if key.is_empty() || key.contains(char::is_whitespace) || key.starts_with('#') {
+            "-".to_string()
+        } else {
+            key
+        }
+    }
+}
+
+const NOT_SUPPORTED: &str =
+    "not supported yet: this version parses and validates it but does not enforce it; \
+                             remove it rather than believe it is in force";
+
+/// Parses and validates a policy file's text; `users` is the table from the users file and `--user`, which
+/// `[users.NAME]` sections with a password add to. `file` names the file in error messages.
+pub fn parse(text: &str, file: &str, mut users: Users) -> Loaded {
+    let mut errs = Errors {
+        file,
+        text,
+        list: Vec::new(),
+    };
+    let parsed: File = match toml::from_str(text) {
+        Ok(f) => f,
+        Err(e) => {
+            let offset = e.span().map(|s| s.start).unwrap_or(0);
+            let key = errs.key_at(offset);
+            // The message alone: toml's Display quotes the offending line, which may hold a password.
+            let msg = e.message().trim().replace('\n', " ");
+            errs.push(offset..offset, &key, msg);
+            return Err(errs.list);
+        }
+    };
+
+    let mut policy = Policy::default();
+    let mut default_action = Action::Allow;
+    if let Some(d) = &parsed.defaults {
+        if let Some(m) = &d.max_connections {
+            policy.default_max_connections = limit(&mut errs, m, "defaults.max_connections");
+        }
+        if let Some(r) = &d.rules_default {
+            match r.get_ref().as_str() {
+                "allow" => default_action = Action::Allow,
+                "deny" => default_action = Action::Deny,
+                other => errs.push(
+                    r.span(),
+                    "defaults.rules_default",
+                    format!("expected \"allow\" or \"deny\", got {other:?}"),
+                ),
+            }
+        }
+        if let Some(s) = &d.session_usernames {
+            if *s.get_ref() {
+                errs.push(s.span(), "defaults.session_usernames", NOT_SUPPORTED);
+            }
+        }
+        limits_not_supported(
+            &mut errs,
+            "defaults",
+            [&d.rate_down, &d.rate_up, &d.quota, &d.burst],
+            &d.quota_period,
+        );
+    }
+
+    // Users: passwords merge into the users table; everything else into the per-user policy.
+    let mut added = Vec::new();
+    for (name, section) in &parsed.users {
+        let span = section.span();
+        let u = section.get_ref();
+        let key = format!("users.{name}");
+        if let Some(p) = &u.password {
+            if users.contains(name) {
+                errs.push(
+                    p.span(),
+                    &format!("{key}.password"),
+                    "user is also defined in the users file or by --user: give her password in one place",
+                );
+            } else {
+                added.push((name.clone(), p.get_ref().clone(), p.span()));
+            }
+        } else if !users.contains(name) {
+            errs.push(
+                span.clone(),
+                &key,
+                "user has no password here and is not in the users file or --user",
+            );
+        }
+        let mut up = UserPolicy::default();
+        if let Some(m) = &u.max_connections {
+            up.max_connections = limit(&mut errs, m, &format!("{key}.max_connections"));
+        }
+        if let Some(list) = &u.egress {
+            if list.get_ref().is_empty() {
+                errs.push(list.span(), &format!("{key}.egress"), "empty list");
+            }
+            for item in list.get_ref() {
+                match parse_egress(item.get_ref()) {
+                    Ok(e) => up.egress.push(e),
+                    Err(m) => errs.push(item.span(), &format!("{key}.egress"), m),
+                }
+            }
+        }
+        if let Some(list) = &u.groups {
+            for g in list.get_ref() {
+                if g.get_ref().is_empty() {
+                    errs.push(g.span(), &format!("{key}.groups"), "empty group name");
+                } else {
+                    up.groups.push(Arc::from(g.get_ref().as_str()));
+                }
+            }
+        }
+        limits_not_supported(
+            &mut errs,
+            &key,
+            [&u.rate_down, &u.rate_up, &u.quota, &u.burst],
+            &u.quota_period,
+        );
+        policy.users.insert(Arc::from(name.as_str()), up);
+    }
+    for (name, pass, span) in added {
+        if let Err(m) = users.add(&name, &pass) {
+            // The message names the user at most, never the secret.
+            errs.push(span, &format!("users.{name}.password"), m);
+        }
+    }
+
+    // Upstream groups: validated, but routing through them is not wired yet (a rule using one is refused).
+    for (name, section) in &parsed.upstreams {
+        let g = section.get_ref();
+        let key = format!("upstreams.{name}");
+        if g.servers.get_ref().is_empty() {
+            errs.push(g.servers.span(), &format!("{key}.servers"), "empty list");
+        }
+        for s in g.servers.get_ref() {
+            if let Err(m) = check_upstream_url(s.get_ref()) {
+                errs.push(s.span(), &format!("{key}.servers"), m);
+            }
+        }
+        if let Some(st) = &g.strategy {
+            if !matches!(st.get_ref().as_str(), "failover" | "round-robin" | "hash") {
+                errs.push(
+                    st.span(),
+                    &format!("{key}.strategy"),
+                    format!(
+                        "expected \"failover\", \"round-robin\" or \"hash\", got {:?}",
+                        st.get_ref()
+                    ),
+                );
+            }
+        }
+    }
+
+    let groups: Vec<Arc<str>> = policy
+        .users
+        .values()
+        .flat_map(|u| u.groups.iter().cloned())
+        .collect();
+    let mut list = Vec::with_capacity(parsed.rules.len());
+    for (i, section) in parsed.rules.iter().enumerate() {
+        let key = format!("rules[{}]", i + 1);
+        if let Some(r) = compile_rule(&mut errs, &key, section, &users, &groups, &parsed.upstreams)
+        {
+            list.push(r);
+        }
+    }
+    if !errs.list.is_empty() {
+        return Err(errs.list);
+    }
+    policy.rules = RuleSet::new(list, default_action);
+    Ok((users, policy))
+}
+
+/// A `max_connections` value: 1 or more.
+fn limit(errs: &mut Errors<'_>, v: &S<i64>, key: &str) -> Option<usize> {
+    match usize::try_from(*v.get_ref()) {
+        Ok(n) if n >= 1 => Some(n),
+        _ => {
+            errs.push(
+                v.span(),
+                key,
+                format!("expected a number >= 1, got {}", v.get_ref()),
+            );
+            None
+        }
+    }
+}
+
+/// A parser of one unit-carrying value.
+type UnitParser = fn(&str) -> Result<u64, String>;
+
+/// Rates, quota and burst: validated, then refused as not enforced yet.
+fn limits_not_supported(
+    errs: &mut Errors<'_>,
+    section: &str,
+    [rate_down, rate_up, quota, burst]: [&Option<S<String>>; 4],
+    quota_period: &Option<S<String>>,
+) {
+    let checks: [(&Option<S<String>>, &str, UnitParser); 4] = [
+        (rate_down, "rate_down", units::parse_rate),
+        (rate_up, "rate_up", units::parse_rate),
+        (quota, "quota", units::parse_size),
+        (burst, "burst", units::parse_size),
+    ];
+    for (value, name, parse) in checks {
+        if let Some(v) = value {
+            let key = format!("{section}.{name}");
+            match parse(v.get_ref()) {
+                Ok(_) => errs.push(v.span(), &key, NOT_SUPPORTED),
+                Err(m) => errs.push(v.span(), &key, m),
+            }
+        }
+    }
+    if let Some(v) = quota_period {
+        let key = format!("{section}.quota_period");
+        match parse_duration(v.get_ref()) {
+            Some(d) if !d.is_zero() => errs.push(v.span(), &key, NOT_SUPPORTED),
+            _ => errs.push(
+                v.span(),
+                &key,
+                format!(
+                    "expected a duration such as \"30d\" or \"12h\", got {:?}",
+                    v.get_ref()
+                ),
+            ),
+        }
+    }
+}
+
+/// `IP` or `CIDR` for `egress`.
+fn parse_egress(s: &str) -> Result<Egress, String> {
+    if s.contains('/') {
+        let c: Cidr = s.parse()?;
+        let host_bits = if c.addr().is_ipv4() { 32 } else { 128 } - u32::from(c.prefix());
+        if host_bits == 0 {
+            return Ok(Egress::Ip(c.addr()));
+        }
+        if c.addr().is_ipv4() && host_bits < 2 {
+            return Err(format!(
+                "{s:?}: an IPv4 egress block needs at least two host bits (/30 or shorter)"
+            ));
+        }
+        return Ok(Egress::Prefix(c));
+    }
+    let ip: IpAddr = s
+        .parse()
+        .map_err(|_| format!("expected an IP address or CIDR block, got {s:?}"))?;
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(format!("{s:?} cannot be a source address"));
+    }
+    Ok(Egress::Ip(crate::proto::canonical_ip(ip)))
+}
+
+/// Checks an upstream server URL without resolving anything: the host must be an address, so neither the check
+/// nor a reload ever waits on DNS.
+fn check_upstream_url(s: &str) -> Result<(), String> {
+    let hostport = s
+        .split_once("://")
+        .map(|(_, r)| r.trim_end_matches('/'))
+        .map(|r| r.rsplit_once('@').map(|(_, h)| h).unwrap_or(r))
+        .ok_or("expected socks5://[user:pass@]host:port or http://[user:pass@]host:port")?;
+    let host = match hostport.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').map(|(h, _)| h).unwrap_or(""),
+        None => hostport.rsplit_once(':').map(|(h, _)| h).unwrap_or(""),
+    };
+    if host.parse::<IpAddr>().is_err() {
+        return Err("the server must be given by IP address (names are not resolved here)".into());
+    }
+    // A URL that failed to parse can contain a password: report the parser's message, never the URL.
+    s.parse::<Upstream>().map(|_| ())
+}
+
+fn compile_rule(
+    errs: &mut Errors<'_>,
+    key: &str,
+    section: &S<RuleSection>,
+    users: &Users,
+    groups: &[Arc<str>],
+    upstreams: &BTreeMap<String, S<UpstreamSection>>,
+) -> Option<(Rule, Vec<Pattern>)> {
+    let r = section.get_ref();
+    let before = errs.list.len();
+    let action = match r.action.get_ref().as_str() {
+        "allow" => Action::Allow,
+        "deny" => Action::Deny,
+        other => {
+            match other.strip_prefix("via:") {
+                Some(name) if upstreams.contains_key(name) => errs.push(
+                    r.action.span(),
+                    &format!("{key}.action"),
+                    format!("via upstream groups is {NOT_SUPPORTED}"),
+                ),
+                Some(name) => errs.push(
+                    r.action.span(),
+                    &format!("{key}.action"),
+                    format!("no [upstreams.{name}] group is defined"),
+                ),
+                None => errs.push(
+                    r.action.span(),
+                    &format!("{key}.action"),
+                    format!("expected \"allow\", \"deny\" or \"via:NAME\", got {other:?}"),
+                ),
+            }
+            Action::Deny
+        }
+    };
+    let mut rule = Rule::new(action);
+    let nonempty = |errs: &mut Errors<'_>, list: &S<Vec<S<String>>>, field: &str| {
+        if list.get_ref().is_empty() {
+            errs.push(
+                list.span(),
+                &format!("{key}.{field}"),
+                "empty list matches nothing (leave the key out to match everything)",
+            );
+        }
+    };
+    if let Some(list) = &r.users {
+        nonempty(errs, list, "users");
+        let mut v = Vec::new();
+        for u in list.get_ref() {
+            if !users.contains(u.get_ref()) {
+                errs.push(
+                    u.span(),
+                    &format!("{key}.users"),
+                    format!(
+                        "user {:?} is not defined (users file, --user or [users.NAME])",
+                        u.get_ref()
+                    ),
+                );
+            }
+            v.push(Arc::from(u.get_ref().as_str()));
+        }
+        rule.users = Some(v);
+    }
+    if let Some(list) = &r.groups {
+        nonempty(errs, list, "groups");
+        let mut v = Vec::new();
+        for g in list.get_ref() {
+            if !groups.iter().any(|x| **x == **g.get_ref()) {
+                errs.push(
+                    g.span(),
+                    &format!("{key}.groups"),
+                    format!("group {:?} is not given to any user", g.get_ref()),
+                );
+            }
+            v.push(Arc::from(g.get_ref().as_str()));
+        }
+        rule.groups = Some(v);
+    }
+    if let Some(list) = &r.clients {
+        nonempty(errs, list, "clients");
+        let mut v = Vec::new();
+        for c in list.get_ref() {
+            match c.get_ref().parse::<Cidr>() {
+                Ok(c) => v.push(c),
+                Err(m) => errs.push(c.span(), &format!("{key}.clients"), m),
+            }
+        }
+        rule.clients = Some(v);
+    }
+    if let Some(list) = &r.commands {
+        nonempty(errs, list, "commands");
+        let mut v = Vec::new();
+        for c in list.get_ref() {
+            match Command::parse(c.get_ref()) {
+                Some(c) => v.push(c),
+                None => errs.push(
+                    c.span(),
+                    &format!("{key}.commands"),
+                    format!("expected connect, http, bind or udp, got {:?}", c.get_ref()),
+                ),
+            }
+        }
+        rule = rule.with_commands(&v);
+    }
+    let mut patterns = Vec::new();
+    if let Some(list) = &r.dest {
+        nonempty(errs, list, "dest");
+        for d in list.get_ref() {
+            match rules::parse_pattern(d.get_ref()) {
+                Ok(p) => patterns.extend(p),
+                Err(m) => errs.push(d.span(), &format!("{key}.dest"), m),
+            }
+        }
+    }
+    (errs.list.len() == before).then_some((rule, patterns))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Loaded {
+        let users = Users::from_pairs(&[("bob".into(), "pw".into())]).unwrap();
+        parse(text, "p.toml", users)
+    }
+
+    fn errors(text: &str) -> Vec<String> {
+        match load(text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e,
+        }
+    }
+
+    const EXAMPLE: &str = r#"
+[defaults]
+max_connections = 100
+rules_default = "allow"
+
+[users.alice]
+password = "s3cret"
+max_connections = 4
+egress = ["127.0.0.2", "127.0.1.0/24"]
+groups = ["staff"]
+
+[[rules]]
+groups = ["staff"]
+dest = [".corp.test"]
+action = "allow"
+
+[[rules]]
+users = ["alice"]
+clients = ["10.0.0.0/8"]
+commands = ["connect", "http"]
+dest = ["*.blocked.test", "exact.test", ".corp.test", "10.0.0.0/8", "127.0.0.1:8000-8099", ":25"]
+action = "deny"
+
+[upstreams.corp]
+servers = ["socks5://user:pass@127.0.0.1:1081", "http://127.0.0.1:3128"]
+strategy = "failover"
+"#;
+
+    #[test]
+    fn example_loads() {
+        let (users, p) = load(EXAMPLE).unwrap();
+        assert!(users.verify(b"alice", b"s3cret").is_some());
+        assert!(users.verify(b"bob", b"pw").is_some());
+        assert_eq!(p.rule_count(), 2);
+        assert_eq!(p.max_connections("alice", Some(9)), Some(4));
+        assert_eq!(p.max_connections("bob", Some(9)), Some(100));
+        assert_eq!(p.egress(Some("alice")).len(), 2);
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(
+            p.check_name(Some("alice"), lo, Command::Connect, "x.corp.test", 80),
+            Ok(())
+        );
+        assert_eq!(
+            p.check_name(None, lo, Command::Connect, "a..b", 80),
+            Err(Refusal::BadName)
+        );
+    }
+
+    #[test]
+    fn errors_name_line_and_key() {
+        let e = errors("[users.bob]\nrate_dwn = \"1MiB/s\"\n");
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].starts_with("p.toml:2: rate_dwn: unknown field"),
+            "{}",
+            e[0]
+        );
+        let e = errors("[defaults]\nmax_connections = 0\n");
+        assert_eq!(
+            e,
+            vec!["p.toml:2: defaults.max_connections: expected a number >= 1, got 0"]
+        );
+        let e = errors(
+            "[[rules]]\naction = \"allow\"\n\n[[rules]]\ndest = [\"a..b\"]\naction = \"deny\"\n",
+        );
+        assert!(e[0].starts_with("p.toml:5: rules[2].dest: "), "{}", e[0]);
+        let e = errors("[[rules]]\ngroups = [\"nobody\"]\naction = \"deny\"\n");
+        assert!(e[0].contains("rules[1].groups"), "{}", e[0]);
+        let e = errors("[[rules]]\naction = \"via:corp\"\n");
+        assert!(e[0].contains("no [upstreams.corp]"), "{}", e[0]);
+        let e = errors("this is not toml");
+        assert!(e[0].starts_with("p.toml:1: "), "{}", e[0]);
+    }
+
+    #[test]
+    fn unenforced_limits_are_refused() {
+        let e = errors("[users.bob]\nrate_down = \"2MiB/s\"\nquota = \"100MiB\"\nquota_period = \"30d\"\nburst = \"64KiB\"\nrate_up = \"512KiB/s\"\n");
+        assert_eq!(e.len(), 5, "{e:#?}");
+        assert!(e.iter().all(|l| l.contains("not supported yet")), "{e:#?}");
+        let e = errors("[users.bob]\nrate_down = \"2 parsecs\"\n");
+        assert!(!e[0].contains("not supported"), "{}", e[0]);
+        let text = format!("{EXAMPLE}\n[[rules]]\naction = \"via:corp\"\n");
+        let e = errors(&text);
+        assert!(
+            e[0].contains("rules[3].action: via upstream groups is not supported yet"),
+            "{}",
+            e[0]
+        );
+        let e = errors("[defaults]\nsession_usernames = true\n");
+        assert!(e[0].contains("not supported yet"));
+        assert!(load("[defaults]\nsession_usernames = false\n").is_ok());
+    }
+
+    #[test]
+    fn egress_picks() {
+        let list = [
+            parse_egress("127.0.1.0/24").unwrap(),
+            parse_egress("2001:db8::/64").unwrap(),
+        ];
+        for _ in 0..200 {
+            let (ip, free) = pick_egress(&list, true).unwrap();
+            let IpAddr::V4(v4) = ip else { panic!("{ip}") };
+            let o = v4.octets();
+            assert_eq!(&o[..3], &[127, 0, 1]);
+            assert!(o[3] != 0 && o[3] != 255, "{ip}");
+            assert!(free);
+            let (ip, _) = pick_egress(&list, false).unwrap();
+            assert!(ip.to_string().starts_with("2001:db8::"), "{ip}");
+        }
+        assert_eq!(
+            pick_egress(&[Egress::Ip("127.0.0.2".parse().unwrap())], true),
+            Some(("127.0.0.2".parse().unwrap(), false))
+        );
+        assert_eq!(
+            pick_egress(&[Egress::Ip("127.0.0.2".parse().unwrap())], false),
+            None
+        );
+        assert!(parse_egress("127.0.0.1/31").is_err());
+        assert!(parse_egress("0.0.0.0").is_err());
+        assert!(parse_egress("nonsense").is_err());
+    }
+
+    #[test]
+    fn passwords_never_in_errors() {
+        let e = errors("[users.bob]\npassword = \"hunter2\"\n");
+        assert!(!e[0].contains("hunter2"), "{}", e[0]);
+        let e = errors("[users.carol]\npassword = \"$1$hunter2$\"\n");
+        assert!(!e[0].contains("hunter2"), "{}", e[0]);
+        let e = errors("[users.carol]\npassword = \"hunter2\" x\n");
+        assert!(!e[0].contains("hunter2"), "{}", e[0]);
+        let e = errors("[upstreams.u]\nservers = [\"socks5://u:hunter2@127.0.0.1\"]\n");
+        assert!(!e[0].contains("hunter2"), "{}", e[0]);
+    }
+}
