@@ -20,6 +20,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use log::info;
+
 use self::cache::{Cache, Cached, Negative};
 use self::conf::ResolvConf;
 use self::hosts::HostsFile;
@@ -107,6 +109,11 @@ impl Dns {
             hosts: Mutex::new(HostsFile::new(settings.hosts_path.clone())),
             stats,
         });
+        let c = &settings.conf;
+        info!(
+            "dns: nameservers {:?}, search {:?}, ndots {}, timeout {:?}, attempts {}",
+            c.servers, c.search, c.ndots, c.timeout, c.attempts
+        );
         let engine = engine::start(Arc::clone(&shared))?;
         Ok(Dns { shared, engine })
     }
@@ -120,7 +127,7 @@ impl Dns {
             .lock()
             .ok()
             .and_then(|mut h| h.get(name.trim_end_matches('.'), now));
-        if let Some(ips) = from_hosts {
+        if let Some(ips) = from_hosts.or_else(|| localhost(&name)) {
             self.shared.stats.static_hits.fetch_add(1, Relaxed);
             return Some(Outcome::Addrs(ips, 0));
         }
@@ -149,6 +156,18 @@ impl Dns {
     pub fn shutdown(mut self) {
         self.engine.shutdown();
     }
+}
+
+/// RFC 6761 §6.3: `localhost` and names under it are the loopback addresses and are never sent to a nameserver,
+/// even when the hosts file does not list them.
+fn localhost(name: &str) -> Option<Vec<IpAddr>> {
+    let n = name.trim_end_matches('.');
+    (n == "localhost" || n.ends_with(".localhost")).then(|| {
+        vec![
+            IpAddr::from([127, 0, 0, 1]),
+            IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]),
+        ]
+    })
 }
 
 /// The `io::Error` a worker sees for a failed lookup.
@@ -196,4 +215,19 @@ fn to_result(outcome: &Outcome, port: u16, stats: &DnsStats) -> io::Result<Vec<S
 
 fn with_port(ips: &[IpAddr], port: u16) -> Vec<SocketAddr> {
     ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn localhost_names_are_loopback() {
+        let lo = Some(vec![IpAddr::from([127, 0, 0, 1]), "::1".parse().unwrap()]);
+        assert_eq!(localhost("localhost"), lo);
+        assert_eq!(localhost("localhost."), lo);
+        assert_eq!(localhost("app.localhost"), lo);
+        assert_eq!(localhost("notlocalhost"), None);
+        assert_eq!(localhost("localhost.example"), None);
+    }
 }
