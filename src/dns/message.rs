@@ -351,4 +351,38 @@ pub mod tests {
             Verdict::NoData(None)
         );
     }
+
+    #[test]
+    fn random_and_mutated_input_never_panics() {
+        let name = n("www.test.");
+        let good = response(
+            9,
+            "www.test.",
+            RecordType::A,
+            ResponseCode::NoError,
+            vec![
+                cname("www.test.", 5, "end.test."),
+                a("end.test.", 5, [1, 2, 3, 4]),
+            ],
+            Some((5, 5)),
+        );
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let mut buf = good.clone();
+            for _ in 0..(rnd() % 4 + 1) {
+                let i = (rnd() as usize) % buf.len();
+                buf[i] = rnd() as u8;
+            }
+            buf.truncate((rnd() as usize) % (good.len() + 1));
+            let _ = judge(&buf, 9, &name, RecordType::A);
+            let junk: Vec<u8> = (0..rnd() % 600).map(|_| rnd() as u8).collect();
+            let _ = judge(&junk, 9, &name, RecordType::A);
+        }
+    }
 }

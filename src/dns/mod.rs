@@ -66,6 +66,7 @@ impl Shared {
     fn cached(&self, name: &str, now: Instant) -> Option<Outcome> {
         let hit = self.cache.lock().ok()?.get(name, now)?;
         Some(match hit {
+            Cached::Negative(Negative::ServerFailure(e)) => Outcome::Failed(e, None),
             Cached::Addrs(a) => Outcome::Addrs(a.to_vec(), 0),
             Cached::Negative(Negative::NxDomain) => Outcome::Failed(Error::NxDomain, None),
             Cached::Negative(Negative::NoData) => Outcome::Failed(Error::NoData, None),
@@ -82,7 +83,10 @@ impl Shared {
             Outcome::Failed(Error::NoData, ttl) => {
                 c.put_negative(name, Negative::NoData, *ttl, now)
             }
-            Outcome::Failed(..) => {}
+            Outcome::Failed(e @ (Error::Timeout | Error::ServFail | Error::Refused), _) => {
+                c.put_failure(name, *e, now)
+            }
+            Outcome::Failed(Error::BadName, _) => {}
         }
         self.stats.cache_names.store(c.len() as u64, Relaxed);
     }
