@@ -427,7 +427,12 @@ fn dns_settings(m: &getopts::Matches) -> Result<DnsSettings, ConfigError> {
         ..DnsSettings::default()
     };
     let servers = m.opt_strs("dns");
-    if !servers.is_empty() {
+    if servers.is_empty() {
+        s.reload = Some(conf::Reload {
+            path: "/etc/resolv.conf".into(),
+            timeout: None,
+        });
+    } else {
         s.conf.servers.clear();
         for v in servers {
             let a = conf::parse_server(&v)
@@ -436,6 +441,9 @@ fn dns_settings(m: &getopts::Matches) -> Result<DnsSettings, ConfigError> {
         }
     }
     s.conf.timeout = dur(m, "dns-timeout", s.conf.timeout)?;
+    if let Some(r) = s.reload.as_mut().filter(|_| m.opt_present("dns-timeout")) {
+        r.timeout = Some(s.conf.timeout);
+    }
     s.max_ttl = dur(m, "dns-max-ttl", s.max_ttl)?;
     Ok(s)
 }
@@ -703,6 +711,10 @@ mod tests {
         );
         assert_eq!(d.conf.timeout, Duration::from_millis(500));
         assert_eq!(d.max_ttl, Duration::from_secs(60));
+        assert_eq!(d.reload, None, "--dns: resolv.conf is not watched");
+        let c = run("--dns-timeout 2s").unwrap();
+        let r = c.resolver.dns_settings().unwrap().reload.clone().unwrap();
+        assert_eq!(r.timeout, Some(Duration::from_secs(2)));
         assert!(run("--dns-system")
             .unwrap()
             .resolver

@@ -40,6 +40,8 @@ pub struct DnsSettings {
     pub cache_size: usize,
     /// The hosts file consulted before DNS.
     pub hosts_path: PathBuf,
+    /// Re-read `conf` from this file when it changes (`None` with `--dns`).
+    pub reload: Option<conf::Reload>,
 }
 
 impl Default for DnsSettings {
@@ -49,14 +51,13 @@ impl Default for DnsSettings {
             max_ttl: Duration::from_secs(300),
             cache_size: cache::DEFAULT_CAPACITY,
             hosts_path: PathBuf::from("/etc/hosts"),
+            reload: None,
         }
     }
 }
 
 /// What the pool threads and the resolver thread share.
 pub struct Shared {
-    conf: ResolvConf,
-    servers: Arc<Servers>,
     cache: Mutex<Cache>,
     hosts: Mutex<HostsFile>,
     stats: Arc<DnsStats>,
@@ -101,24 +102,14 @@ pub struct Dns {
 impl Dns {
     /// Starts the resolver thread.
     pub fn start(settings: &DnsSettings, stats: Arc<DnsStats>) -> io::Result<Dns> {
-        let servers = Arc::new(Servers {
-            addrs: settings.conf.servers.clone(),
-            timeout: settings.conf.timeout,
-            attempts: settings.conf.attempts,
-        });
         let shared = Arc::new(Shared {
-            conf: settings.conf.clone(),
-            servers,
             cache: Mutex::new(Cache::new(settings.cache_size, settings.max_ttl)),
             hosts: Mutex::new(HostsFile::new(settings.hosts_path.clone())),
             stats,
         });
-        let c = &settings.conf;
-        info!(
-            "dns: nameservers {:?}, search {:?}, ndots {}, timeout {:?}, attempts {}",
-            c.servers, c.search, c.ndots, c.timeout, c.attempts
-        );
-        let engine = engine::start(Arc::clone(&shared))?;
+        log_conf("", &settings.conf);
+        let watch = settings.reload.clone().map(conf::Watch::new);
+        let engine = engine::start(Arc::clone(&shared), settings.conf.clone(), watch)?;
         Ok(Dns { shared, engine })
     }
 
@@ -160,6 +151,22 @@ impl Dns {
     pub fn shutdown(mut self) {
         self.engine.shutdown();
     }
+}
+
+fn log_conf(what: &str, c: &ResolvConf) {
+    info!(
+        "dns: {what}nameservers {:?}, search {:?}, ndots {}, timeout {:?}, attempts {}",
+        c.servers, c.search, c.ndots, c.timeout, c.attempts
+    );
+}
+
+/// The servers part of `c`, as lookups take it.
+fn servers_of(c: &ResolvConf) -> Arc<Servers> {
+    Arc::new(Servers {
+        addrs: c.servers.clone(),
+        timeout: c.timeout,
+        attempts: c.attempts,
+    })
 }
 
 /// RFC 6761 §6.3: `localhost` and names under it are the loopback addresses and are never sent to a nameserver,
