@@ -145,10 +145,11 @@ impl Engine {
                 let (key, slot) = (ev.token().0 / SLOTS, ev.token().0 % SLOTS);
                 self.on_socket(key, slot, ev.is_writable(), ev.is_error(), now);
             }
+            self.tick(now);
+            // Last, so lookups that finished above make room for queued jobs in the same turn.
             if !self.take_jobs(now) {
                 return;
             }
-            self.tick(now);
         }
     }
 
@@ -375,7 +376,8 @@ impl Engine {
         for job in f.waiters {
             answer_job(job, &outcome, stats);
         }
-        self.start_queued(now);
+        // Queued jobs start from the run loop, not from here: a lookup can finish inside start_queued (a bad name,
+        // no socket to be had), and starting the next one from here would recurse once per queued job.
     }
 }
 

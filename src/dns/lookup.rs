@@ -244,7 +244,7 @@ impl Lookup {
 
     fn ask_candidate(&mut self, now: Instant) {
         self.queries.clear();
-        for slot in 0..SLOTS {
+        for _ in 0..SLOTS {
             self.queries.push(Query {
                 name: self.names[self.at].clone(),
                 hops: 0,
@@ -257,6 +257,9 @@ impl Lookup {
                 error: None,
                 state: State::Waiting,
             });
+        }
+        // Both queries exist before either is sent, so a send that fails at once settles with both in view.
+        for slot in 0..SLOTS {
             self.send(slot, now);
         }
     }
