@@ -79,7 +79,8 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Threads that run blocking name lookups.
     pub resolver_threads: usize,
-    /// How names are resolved (system resolver behind static `--resolve` entries).
+    /// How names are resolved: `--resolve` entries, then the built-in DNS resolver (`--dns-system`: getaddrinfo).
+    /// `Config::default()` uses getaddrinfo, so in-process users read no resolv.conf unless they ask for it.
     pub resolver: Resolver,
     /// Log level from -v/-q (RUST_LOG overrides).
     pub log_level: log::LevelFilter,
