@@ -77,6 +77,8 @@ impl Dnsmasq {
                     "--log-queries",
                     "--log-facility=-",
                     "--pid-file=",
+                    // Hermetic: no /etc/dnsmasq.conf (or conf-dir) of the machine's.
+                    "--conf-file=/dev/null",
                     &format!("--local-ttl={ttl}"),
                 ])
                 .args(&mode)
