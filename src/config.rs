@@ -86,7 +86,8 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Threads that run blocking name lookups.
     pub resolver_threads: usize,
-    /// How names are resolved (system resolver behind static `--resolve` entries).
+    /// How names are resolved: `--resolve` entries, then the built-in DNS resolver (`--dns-system`: getaddrinfo).
+    /// `Config::default()` uses getaddrinfo, so in-process users read no resolv.conf unless they ask for it.
     pub resolver: Resolver,
     /// Log level from -v/-q (RUST_LOG overrides).
     pub log_level: log::LevelFilter,
@@ -483,7 +484,12 @@ fn dns_settings(m: &getopts::Matches) -> Result<DnsSettings, ConfigError> {
         ..DnsSettings::default()
     };
     let servers = m.opt_strs("dns");
-    if !servers.is_empty() {
+    if servers.is_empty() {
+        s.reload = Some(conf::Reload {
+            path: "/etc/resolv.conf".into(),
+            timeout: None,
+        });
+    } else {
         s.conf.servers.clear();
         for v in servers {
             let a = conf::parse_server(&v)
@@ -492,6 +498,9 @@ fn dns_settings(m: &getopts::Matches) -> Result<DnsSettings, ConfigError> {
         }
     }
     s.conf.timeout = dur(m, "dns-timeout", s.conf.timeout)?;
+    if let Some(r) = s.reload.as_mut().filter(|_| m.opt_present("dns-timeout")) {
+        r.timeout = Some(s.conf.timeout);
+    }
     s.max_ttl = dur(m, "dns-max-ttl", s.max_ttl)?;
     Ok(s)
 }
@@ -803,6 +812,10 @@ mod tests {
         );
         assert_eq!(d.conf.timeout, Duration::from_millis(500));
         assert_eq!(d.max_ttl, Duration::from_secs(60));
+        assert_eq!(d.reload, None, "--dns: resolv.conf is not watched");
+        let c = run("--dns-timeout 2s").unwrap();
+        let r = c.resolver.dns_settings().unwrap().reload.clone().unwrap();
+        assert_eq!(r.timeout, Some(Duration::from_secs(2)));
         assert!(run("--dns-system")
             .unwrap()
             .resolver

@@ -494,4 +494,45 @@ mod tests {
         drop(quick);
         pool.shutdown();
     }
+
+    #[test]
+    fn a_burst_of_lookups_that_fail_at_once_is_answered() {
+        // No nameserver at all: every lookup fails as soon as it starts (as when no socket can be had). 20,000 of
+        // them queued together must neither recurse per job nor be lost.
+        let mut settings = DnsSettings {
+            hosts_path: std::env::temp_dir().join("socksgate-no-such-hosts-file"),
+            ..DnsSettings::default()
+        };
+        settings.conf.servers.clear();
+        let pool = ResolverPool::start(2, Resolver::dns(StaticHosts::default(), settings)).unwrap();
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        let (tx, rx) = mpsc::channel();
+        let reply = ReplyTo { tx, waker };
+        const N: usize = 20_000;
+        let sender = pool.sender();
+        for key in 0..N {
+            sender
+                .send(Job {
+                    key,
+                    gen: 0,
+                    tag: 0,
+                    work: Work::Resolve {
+                        host: format!("n{key}.test"),
+                        port: 80,
+                    },
+                    reply: reply.clone(),
+                })
+                .unwrap();
+        }
+        let mut seen = vec![false; N];
+        for _ in 0..N {
+            let r = rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap();
+            assert!(matches!(r.outcome, Outcome::Resolved(Err(_))));
+            seen[r.key] = true;
+        }
+        assert!(seen.iter().all(|s| *s));
+        drop(sender);
+        pool.shutdown();
+    }
 }

@@ -6,8 +6,13 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::lookup::Error;
+
 /// Ceiling for negative answers (NXDOMAIN, NODATA), whatever the SOA says.
 pub const NEGATIVE_MAX: Duration = Duration::from_secs(30);
+/// How long a server failure (timeout, SERVFAIL, REFUSED) is remembered (RFC 9520 §3.2: at least 1 s), so a
+/// burst of connections to a name whose servers are failing does not start one slow lookup after another.
+pub const FAILURE_TTL: Duration = Duration::from_secs(1);
 /// Default number of names kept.
 pub const DEFAULT_CAPACITY: usize = 10_000;
 
@@ -18,6 +23,8 @@ pub enum Negative {
     NxDomain,
     /// The name exists without A or AAAA records.
     NoData,
+    /// The servers failed to answer (timeout, SERVFAIL, REFUSED: which one); kept for [`FAILURE_TTL`].
+    ServerFailure(Error),
 }
 
 /// What the cache knows about a name.
@@ -102,6 +109,16 @@ impl Cache {
         self.put(name, Cached::Negative(kind), life, now);
     }
 
+    /// Remembers a server failure for [`FAILURE_TTL`].
+    pub fn put_failure(&mut self, name: &str, why: Error, now: Instant) {
+        self.put(
+            name,
+            Cached::Negative(Negative::ServerFailure(why)),
+            FAILURE_TTL,
+            now,
+        );
+    }
+
     fn put(&mut self, name: &str, value: Cached, life: Duration, now: Instant) {
         if life.is_zero() || self.capacity == 0 {
             return;
@@ -167,6 +184,12 @@ mod tests {
         );
         assert_eq!(c.get("nodata.test", t0 + Duration::from_secs(5)), None);
         assert_eq!(c.get("nosoa.test", t0), None);
+        c.put_failure("down.test", Error::Timeout, t0);
+        assert_eq!(
+            c.get("down.test", t0 + FAILURE_TTL - Duration::from_millis(1)),
+            Some(Cached::Negative(Negative::ServerFailure(Error::Timeout)))
+        );
+        assert_eq!(c.get("down.test", t0 + FAILURE_TTL), None);
     }
 
     #[test]

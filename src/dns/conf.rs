@@ -2,7 +2,8 @@
 //! search-list expansion of a name. Pure: text in, values out.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
 
 /// glibc's limits: at most 3 nameservers are used, timeout at most 30 s, attempts at most 5, ndots at most 15.
 const MAX_SERVERS: usize = 3;
@@ -112,6 +113,64 @@ impl ResolvConf {
     }
 }
 
+/// How often resolv.conf's mtime is looked at.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// Where the settings came from, so they can be re-read when the file changes (as glibc does); not used with
+/// `--dns`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reload {
+    /// The file (`/etc/resolv.conf`).
+    pub path: PathBuf,
+    /// `--dns-timeout`, which wins over the file's `timeout:`.
+    pub timeout: Option<Duration>,
+}
+
+/// Watches resolv.conf for changes.
+#[derive(Debug)]
+pub struct Watch {
+    reload: Reload,
+    mtime: Option<SystemTime>,
+    checked: Option<Instant>,
+}
+
+fn mtime(path: &PathBuf) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+impl Watch {
+    /// Starts watching; the file as it is now is taken to be the one already read.
+    pub fn new(reload: Reload) -> Watch {
+        Watch {
+            mtime: mtime(&reload.path),
+            reload,
+            checked: None,
+        }
+    }
+
+    /// The new settings if the file changed since the last look (looked at no more than once a second).
+    pub fn poll(&mut self, now: Instant) -> Option<ResolvConf> {
+        if self
+            .checked
+            .is_some_and(|t| now.saturating_duration_since(t) < RECHECK)
+        {
+            return None;
+        }
+        self.checked = Some(now);
+        let m = mtime(&self.reload.path);
+        if m == self.mtime {
+            return None;
+        }
+        self.mtime = m;
+        let text = std::fs::read_to_string(&self.reload.path).unwrap_or_default();
+        let mut c = ResolvConf::parse(&text);
+        if let Some(t) = self.reload.timeout {
+            c.timeout = t;
+        }
+        Some(c)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,5 +236,33 @@ mod tests {
         assert_eq!(parse_server("::1"), Some("[::1]:53".parse().unwrap()));
         assert_eq!(parse_server("[::1]:54"), Some("[::1]:54".parse().unwrap()));
         assert_eq!(parse_server("dns.example"), None);
+    }
+
+    #[test]
+    fn watch_rereads_a_changed_file() {
+        let dir = std::env::temp_dir().join(format!("socksgate-resolv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("resolv.conf");
+        std::fs::write(&path, "nameserver 127.0.0.1\n").unwrap();
+        let mut w = Watch::new(Reload {
+            path: path.clone(),
+            timeout: Some(Duration::from_millis(300)),
+        });
+        let t0 = Instant::now();
+        assert_eq!(w.poll(t0), None, "unchanged");
+        std::fs::write(&path, "nameserver 127.0.0.2\noptions timeout:9\n").unwrap();
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(SystemTime::now() + Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(
+            w.poll(t0 + Duration::from_millis(500)),
+            None,
+            "checked at most once a second"
+        );
+        let c = w.poll(t0 + RECHECK).expect("changed");
+        assert_eq!(c.servers, vec!["127.0.0.2:53".parse().unwrap()]);
+        assert_eq!(c.timeout, Duration::from_millis(300), "--dns-timeout wins");
+        assert_eq!(w.poll(t0 + RECHECK * 2), None);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

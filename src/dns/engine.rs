@@ -15,8 +15,9 @@ use mio::net::{TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use super::lookup::{Lookup, Outcome, Send, Transport, SLOTS};
-use super::{answer_job, Shared};
+use super::conf::{ResolvConf, Watch};
+use super::lookup::{Lookup, Outcome, Send, Servers, Transport, SLOTS};
+use super::{answer_job, log_conf, servers_of, Shared};
 use crate::resolve::{Job, Work};
 
 const WAKER: Token = Token(usize::MAX);
@@ -57,8 +58,8 @@ impl Drop for Handle {
     }
 }
 
-/// Starts the resolver thread.
-pub fn start(shared: Arc<Shared>) -> io::Result<Handle> {
+/// Starts the resolver thread with settings `conf`, re-read through `watch` when the file changes.
+pub fn start(shared: Arc<Shared>, conf: ResolvConf, watch: Option<Watch>) -> io::Result<Handle> {
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     let (tx, rx) = mpsc::channel();
@@ -66,6 +67,9 @@ pub fn start(shared: Arc<Shared>) -> io::Result<Handle> {
     let mut engine = Engine {
         poll,
         shared,
+        servers: servers_of(&conf),
+        conf,
+        watch,
         rx,
         stop: Arc::clone(&stop),
         flights: Slab::new(),
@@ -107,6 +111,10 @@ struct Flight {
 struct Engine {
     poll: Poll,
     shared: Arc<Shared>,
+    /// Search list and options; lookups in flight keep the `servers` they started with.
+    conf: ResolvConf,
+    servers: Arc<Servers>,
+    watch: Option<Watch>,
     rx: Receiver<Job>,
     stop: Arc<AtomicBool>,
     flights: Slab<Flight>,
@@ -137,10 +145,11 @@ impl Engine {
                 let (key, slot) = (ev.token().0 / SLOTS, ev.token().0 % SLOTS);
                 self.on_socket(key, slot, ev.is_writable(), ev.is_error(), now);
             }
+            self.tick(now);
+            // Last, so lookups that finished above make room for queued jobs in the same turn.
             if !self.take_jobs(now) {
                 return;
             }
-            self.tick(now);
         }
     }
 
@@ -185,9 +194,14 @@ impl Engine {
                 self.queue.push_front(job);
                 return;
             }
+            if let Some(c) = self.watch.as_mut().and_then(|w| w.poll(now)) {
+                log_conf("resolv.conf changed: ", &c);
+                self.servers = servers_of(&c);
+                self.conf = c;
+            }
             let lookup = Lookup::start(
-                &self.shared.conf.candidates(&name),
-                Arc::clone(&self.shared.servers),
+                &self.conf.candidates(&name),
+                Arc::clone(&self.servers),
                 Box::new(rand::random::<u16>),
                 now,
             );
@@ -362,7 +376,8 @@ impl Engine {
         for job in f.waiters {
             answer_job(job, &outcome, stats);
         }
-        self.start_queued(now);
+        // Queued jobs start from the run loop, not from here: a lookup can finish inside start_queued (a bad name,
+        // no socket to be had), and starting the next one from here would recurse once per queued job.
     }
 }
 

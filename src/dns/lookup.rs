@@ -81,8 +81,16 @@ enum State {
     Failed(Error),
 }
 
+/// CNAME targets asked for after answers that did not follow the chain.
+const MAX_ALIAS_HOPS: u8 = 8;
+
 #[derive(Debug)]
 struct Query {
+    /// The name asked: the candidate, or a CNAME target it led to.
+    name: Name,
+    /// Targets followed so far, and the smallest TTL on the way.
+    hops: u8,
+    chain_ttl: u32,
     id: u16,
     /// Sends made so far over UDP rounds; `try_no % servers` is the server asked.
     try_no: usize,
@@ -176,16 +184,13 @@ impl Lookup {
     /// A message arrived on `slot`'s socket from `from`. Anything that is not the answer to that slot's current
     /// question from that slot's current server is ignored.
     pub fn on_message(&mut self, slot: usize, from: SocketAddr, bytes: &[u8], now: Instant) {
-        let Some(name) = self.names.get(self.at).cloned() else {
-            return;
-        };
         let Some(q) = self.queries.get_mut(slot) else {
             return;
         };
         if q.state != State::Waiting || from != q.server {
             return;
         }
-        match message::judge(bytes, q.id, &name, TYPES[slot]) {
+        match message::judge(bytes, q.id, &q.name, TYPES[slot]) {
             Verdict::Foreign => return,
             Verdict::Truncated if q.transport == Transport::Udp => {
                 q.transport = Transport::Tcp;
@@ -199,6 +204,22 @@ impl Lookup {
             Verdict::ServFail => {
                 self.retry(slot, Error::ServFail, now);
                 return;
+            }
+            Verdict::Alias(target, ttl) if q.hops < MAX_ALIAS_HOPS => {
+                q.name = target;
+                q.hops += 1;
+                q.chain_ttl = q.chain_ttl.min(ttl);
+                q.try_no = 0;
+                q.error = None;
+                q.server = self.servers.addrs[0];
+                q.transport = Transport::Udp;
+                self.send(slot, now);
+                return;
+            }
+            Verdict::Alias(..) => q.state = State::Done(Verdict::NoData(None)),
+            Verdict::Addrs(a, t) => {
+                let t = t.min(q.chain_ttl);
+                q.state = State::Done(Verdict::Addrs(a, t));
             }
             v => q.state = State::Done(v),
         }
@@ -223,8 +244,11 @@ impl Lookup {
 
     fn ask_candidate(&mut self, now: Instant) {
         self.queries.clear();
-        for slot in 0..SLOTS {
+        for _ in 0..SLOTS {
             self.queries.push(Query {
+                name: self.names[self.at].clone(),
+                hops: 0,
+                chain_ttl: u32::MAX,
                 id: 0,
                 try_no: 0,
                 server: self.servers.addrs[0],
@@ -233,6 +257,9 @@ impl Lookup {
                 error: None,
                 state: State::Waiting,
             });
+        }
+        // Both queries exist before either is sent, so a send that fails at once settles with both in view.
+        for slot in 0..SLOTS {
             self.send(slot, now);
         }
     }
@@ -240,11 +267,10 @@ impl Lookup {
     /// Sends the slot's query (new ID) to its current server over its current transport.
     fn send(&mut self, slot: usize, now: Instant) {
         let id = (self.ids)();
-        let name = &self.names[self.at];
         let q = &mut self.queries[slot];
         q.id = id;
         q.deadline = now + self.servers.timeout;
-        match message::query(id, name, TYPES[slot]) {
+        match message::query(id, &q.name, TYPES[slot]) {
             Some(packet) => self.out.push(Send {
                 slot,
                 server: q.server,
@@ -687,5 +713,81 @@ mod tests {
         assert_eq!(l.outcome(), Some(&Outcome::Failed(Error::NxDomain, None)));
         let l = Lookup::start(&["a..b".into()], servers(&[S1], 1), counter(), t0);
         assert_eq!(l.outcome(), Some(&Outcome::Failed(Error::BadName, None)));
+    }
+
+    #[test]
+    fn a_cname_the_server_did_not_follow_is_asked_for() {
+        use crate::dns::message::tests::n;
+        use hickory_proto::rr::rdata::CNAME;
+        let t0 = Instant::now();
+        let mut l = Lookup::start(&["alias.test".into()], servers(&[S1, S2], 1), counter(), t0);
+        let s = l.take_sends();
+        let (id0, _) = asked(&s[0]);
+        let (id1, _) = asked(&s[1]);
+        let link =
+            |from: &str, to: &str| Record::from_rdata(n(from), 40, RData::CNAME(CNAME(n(to))));
+        l.on_message(
+            0,
+            addr(S1),
+            &response(
+                id0,
+                "alias.test.",
+                RecordType::A,
+                ResponseCode::NoError,
+                vec![link("alias.test.", "mid.test.")],
+                None,
+            ),
+            t0,
+        );
+        let again = l.take_sends();
+        assert_eq!(again.len(), 1);
+        let (id2, q2) = asked(&again[0]);
+        assert_eq!((q2.as_str(), again[0].server), ("mid.test.", addr(S1)));
+        // An answer for the old name is no longer taken.
+        l.on_message(
+            0,
+            addr(S1),
+            &response(
+                id2,
+                "alias.test.",
+                RecordType::A,
+                ResponseCode::NoError,
+                vec![a("alias.test.", 9, [6, 6, 6, 6])],
+                None,
+            ),
+            t0,
+        );
+        assert!(l.slot_waiting(0));
+        l.on_message(
+            0,
+            addr(S1),
+            &response(
+                id2,
+                "mid.test.",
+                RecordType::A,
+                ResponseCode::NoError,
+                vec![a("mid.test.", 300, [10, 0, 0, 5])],
+                None,
+            ),
+            t0,
+        );
+        l.on_message(
+            1,
+            addr(S1),
+            &response(
+                id1,
+                "alias.test.",
+                RecordType::AAAA,
+                ResponseCode::NoError,
+                vec![],
+                Some((5, 5)),
+            ),
+            t0,
+        );
+        assert_eq!(
+            l.outcome(),
+            Some(&Outcome::Addrs(vec!["10.0.0.5".parse().unwrap()], 40)),
+            "TTL of the chain"
+        );
     }
 }

@@ -21,6 +21,10 @@ pub enum Verdict {
     Addrs(Vec<IpAddr>, u32),
     /// The name exists but has no record of this type; negative TTL from the SOA (RFC 2308 §5), if any.
     NoData(Option<u32>),
+    /// The answer is a CNAME chain that stops at a name without records and without a SOA: the server did not
+    /// follow the chain (authoritative servers for out-of-zone targets, dnsmasq's auth mode). Ask for the target,
+    /// remembering the chain's smallest TTL.
+    Alias(Name, u32),
     /// The name does not exist; negative TTL from the SOA, if any.
     NxDomain(Option<u32>),
     /// SERVFAIL: this server could not answer; try the next one.
@@ -78,6 +82,8 @@ pub fn judge(bytes: &[u8], id: u16, name: &Name, rtype: RecordType) -> Verdict {
     let mut at = name.clone();
     let mut ttl = u32::MAX;
     let mut addrs = Vec::new();
+    let mut seen = vec![name.clone()];
+    let mut ended = false;
     for _ in 0..MAX_CHAIN {
         let mut next = None;
         for r in m.answers() {
@@ -104,11 +110,26 @@ pub fn judge(bytes: &[u8], id: u16, name: &Name, rtype: RecordType) -> Verdict {
             return Verdict::Addrs(addrs, ttl);
         }
         match next {
-            Some(n) => at = n,
-            None => break,
+            // A loop, or a chain too long to follow: no address behind it.
+            Some(n) if seen.contains(&n) => return Verdict::NoData(negative_ttl(&m)),
+            Some(n) => {
+                seen.push(n.clone());
+                at = n;
+            }
+            None => {
+                ended = true;
+                break;
+            }
         }
     }
-    Verdict::NoData(negative_ttl(&m))
+    let soa = negative_ttl(&m);
+    if !ended {
+        return Verdict::NoData(soa);
+    }
+    if at != *name && soa.is_none() {
+        return Verdict::Alias(at, ttl);
+    }
+    Verdict::NoData(soa)
 }
 
 /// RFC 2308 §5: the negative TTL is the smaller of the SOA record's TTL and its MINIMUM field.
@@ -292,16 +313,29 @@ pub(crate) mod tests {
             Some((5, 60)),
         );
         assert_eq!(judge(&r, 1, &name, RecordType::A), Verdict::NoData(Some(5)));
-        // A CNAME to nowhere is NODATA for the name.
+        // A CNAME to nowhere is NODATA for the name when a SOA says so, and a target to ask for when not.
+        let chain = vec![cname("nx.test.", 9, "gone.test.")];
         let r = response(
             1,
             "nx.test.",
             RecordType::A,
             ResponseCode::NoError,
-            vec![cname("nx.test.", 9, "gone.test.")],
+            chain.clone(),
+            Some((7, 7)),
+        );
+        assert_eq!(judge(&r, 1, &name, RecordType::A), Verdict::NoData(Some(7)));
+        let r = response(
+            1,
+            "nx.test.",
+            RecordType::A,
+            ResponseCode::NoError,
+            chain,
             None,
         );
-        assert_eq!(judge(&r, 1, &name, RecordType::A), Verdict::NoData(None));
+        assert_eq!(
+            judge(&r, 1, &name, RecordType::A),
+            Verdict::Alias(n("gone.test."), 9)
+        );
         let r = response(
             1,
             "nx.test.",
@@ -349,9 +383,44 @@ pub(crate) mod tests {
             ],
             None,
         );
+        // The loop ends where it started: nothing to ask for.
         assert_eq!(
             judge(&r, 1, &n("l.test."), RecordType::A),
             Verdict::NoData(None)
         );
+    }
+
+    #[test]
+    fn random_and_mutated_input_never_panics() {
+        let name = n("www.test.");
+        let good = response(
+            9,
+            "www.test.",
+            RecordType::A,
+            ResponseCode::NoError,
+            vec![
+                cname("www.test.", 5, "end.test."),
+                a("end.test.", 5, [1, 2, 3, 4]),
+            ],
+            Some((5, 5)),
+        );
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let mut buf = good.clone();
+            for _ in 0..(rnd() % 4 + 1) {
+                let i = (rnd() as usize) % buf.len();
+                buf[i] = rnd() as u8;
+            }
+            buf.truncate((rnd() as usize) % (good.len() + 1));
+            let _ = judge(&buf, 9, &name, RecordType::A);
+            let junk: Vec<u8> = (0..rnd() % 600).map(|_| rnd() as u8).collect();
+            let _ = judge(&junk, 9, &name, RecordType::A);
+        }
     }
 }

@@ -20,6 +20,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use log::info;
+
 use self::cache::{Cache, Cached, Negative};
 use self::conf::ResolvConf;
 use self::hosts::HostsFile;
@@ -38,6 +40,8 @@ pub struct DnsSettings {
     pub cache_size: usize,
     /// The hosts file consulted before DNS.
     pub hosts_path: PathBuf,
+    /// Re-read `conf` from this file when it changes (`None` with `--dns`).
+    pub reload: Option<conf::Reload>,
 }
 
 impl Default for DnsSettings {
@@ -47,14 +51,13 @@ impl Default for DnsSettings {
             max_ttl: Duration::from_secs(300),
             cache_size: cache::DEFAULT_CAPACITY,
             hosts_path: PathBuf::from("/etc/hosts"),
+            reload: None,
         }
     }
 }
 
 /// What the pool threads and the resolver thread share.
 pub struct Shared {
-    conf: ResolvConf,
-    servers: Arc<Servers>,
     cache: Mutex<Cache>,
     hosts: Mutex<HostsFile>,
     stats: Arc<DnsStats>,
@@ -64,6 +67,7 @@ impl Shared {
     fn cached(&self, name: &str, now: Instant) -> Option<Outcome> {
         let hit = self.cache.lock().ok()?.get(name, now)?;
         Some(match hit {
+            Cached::Negative(Negative::ServerFailure(e)) => Outcome::Failed(e, None),
             Cached::Addrs(a) => Outcome::Addrs(a.to_vec(), 0),
             Cached::Negative(Negative::NxDomain) => Outcome::Failed(Error::NxDomain, None),
             Cached::Negative(Negative::NoData) => Outcome::Failed(Error::NoData, None),
@@ -80,7 +84,10 @@ impl Shared {
             Outcome::Failed(Error::NoData, ttl) => {
                 c.put_negative(name, Negative::NoData, *ttl, now)
             }
-            Outcome::Failed(..) => {}
+            Outcome::Failed(e @ (Error::Timeout | Error::ServFail | Error::Refused), _) => {
+                c.put_failure(name, *e, now)
+            }
+            Outcome::Failed(Error::BadName, _) => {}
         }
         self.stats.cache_names.store(c.len() as u64, Relaxed);
     }
@@ -95,19 +102,14 @@ pub struct Dns {
 impl Dns {
     /// Starts the resolver thread.
     pub fn start(settings: &DnsSettings, stats: Arc<DnsStats>) -> io::Result<Dns> {
-        let servers = Arc::new(Servers {
-            addrs: settings.conf.servers.clone(),
-            timeout: settings.conf.timeout,
-            attempts: settings.conf.attempts,
-        });
         let shared = Arc::new(Shared {
-            conf: settings.conf.clone(),
-            servers,
             cache: Mutex::new(Cache::new(settings.cache_size, settings.max_ttl)),
             hosts: Mutex::new(HostsFile::new(settings.hosts_path.clone())),
             stats,
         });
-        let engine = engine::start(Arc::clone(&shared))?;
+        log_conf("", &settings.conf);
+        let watch = settings.reload.clone().map(conf::Watch::new);
+        let engine = engine::start(Arc::clone(&shared), settings.conf.clone(), watch)?;
         Ok(Dns { shared, engine })
     }
 
@@ -120,7 +122,7 @@ impl Dns {
             .lock()
             .ok()
             .and_then(|mut h| h.get(name.trim_end_matches('.'), now));
-        if let Some(ips) = from_hosts {
+        if let Some(ips) = from_hosts.or_else(|| localhost(&name)) {
             self.shared.stats.static_hits.fetch_add(1, Relaxed);
             return Some(Outcome::Addrs(ips, 0));
         }
@@ -149,6 +151,34 @@ impl Dns {
     pub fn shutdown(mut self) {
         self.engine.shutdown();
     }
+}
+
+fn log_conf(what: &str, c: &ResolvConf) {
+    info!(
+        "dns: {what}nameservers {:?}, search {:?}, ndots {}, timeout {:?}, attempts {}",
+        c.servers, c.search, c.ndots, c.timeout, c.attempts
+    );
+}
+
+/// The servers part of `c`, as lookups take it.
+fn servers_of(c: &ResolvConf) -> Arc<Servers> {
+    Arc::new(Servers {
+        addrs: c.servers.clone(),
+        timeout: c.timeout,
+        attempts: c.attempts,
+    })
+}
+
+/// RFC 6761 §6.3: `localhost` and names under it are the loopback addresses and are never sent to a nameserver,
+/// even when the hosts file does not list them.
+fn localhost(name: &str) -> Option<Vec<IpAddr>> {
+    let n = name.trim_end_matches('.');
+    (n == "localhost" || n.ends_with(".localhost")).then(|| {
+        vec![
+            IpAddr::from([127, 0, 0, 1]),
+            IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]),
+        ]
+    })
 }
 
 /// The `io::Error` a worker sees for a failed lookup.
@@ -196,4 +226,19 @@ fn to_result(outcome: &Outcome, port: u16, stats: &DnsStats) -> io::Result<Vec<S
 
 fn with_port(ips: &[IpAddr], port: u16) -> Vec<SocketAddr> {
     ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn localhost_names_are_loopback() {
+        let lo = Some(vec![IpAddr::from([127, 0, 0, 1]), "::1".parse().unwrap()]);
+        assert_eq!(localhost("localhost"), lo);
+        assert_eq!(localhost("localhost."), lo);
+        assert_eq!(localhost("app.localhost"), lo);
+        assert_eq!(localhost("notlocalhost"), None);
+        assert_eq!(localhost("localhost.example"), None);
+    }
 }
