@@ -345,8 +345,9 @@ pub struct Conn {
     pub user_counted: bool,
     /// HTTP forwarding state, for connections that forward plain HTTP requests.
     pub http: Option<Box<HttpState>>,
-    /// The source address picked from the user's policy egress list for this session.
-    pub egress: Option<std::net::IpAddr>,
+    /// The source address picked from the user's policy egress list for this session (boxed: 8 bytes on every
+    /// connection instead of 17, since only users with an egress list have one).
+    pub egress: Option<Box<std::net::IpAddr>>,
 }
 
 impl Conn {

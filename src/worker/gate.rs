@@ -85,13 +85,18 @@ pub fn egress(conn: &mut Conn, ctx: &Ctx, v4: bool) -> io::Result<Option<(IpAddr
     if list.is_empty() {
         return Ok(None);
     }
-    if let Some(ip) = conn.egress.filter(|ip| ip.is_ipv4() == v4) {
+    if let Some(ip) = conn
+        .egress
+        .as_deref()
+        .copied()
+        .filter(|ip| ip.is_ipv4() == v4)
+    {
         let freebind = !list.contains(&policy::Egress::Ip(ip));
         return Ok(Some((ip, freebind)));
     }
     match policy::pick_egress(list, v4) {
         Some((ip, freebind)) => {
-            conn.egress = Some(ip);
+            conn.egress = Some(Box::new(ip));
             Ok(Some((ip, freebind)))
         }
         None => {

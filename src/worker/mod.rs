@@ -566,7 +566,7 @@ fn access_log(conn: &Conn, reason: &str, now: Instant) {
         None => "-".to_string(),
     };
     // `egress=` only for sessions that used a policy egress address, so other lines keep their old shape.
-    let egress = match conn.egress {
+    let egress = match conn.egress.as_deref() {
         Some(ip) => format!(" egress={ip}"),
         None => String::new(),
     };
