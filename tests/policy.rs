@@ -388,6 +388,17 @@ action = "deny"
     ))
     .unwrap();
     assert_eq!(&read_n(&mut s, 8)[..2], &[0, 91]);
+    // SOCKS4a with a name that is not a host name: 91 as well (SOCKS4 has one failure code).
+    let mut s = connect(proxy.addr());
+    s.write_all(&socks4_request(
+        1,
+        p,
+        [0, 0, 0, 1],
+        b"u",
+        Some("a..blocked.test"),
+    ))
+    .unwrap();
+    assert_eq!(&read_n(&mut s, 8)[..2], &[0, 91]);
     // SOCKS4a to an allowed name works.
     let mut s = connect(proxy.addr());
     s.write_all(&socks4_request(1, p, [0, 0, 0, 1], b"u", Some("ok.test")))
