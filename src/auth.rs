@@ -160,15 +160,27 @@ pub(crate) fn ct_eq(candidate: &[u8], secret: &[u8]) -> bool {
 /// needs an authenticated user can demand it by type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Authorized {
+    /// The user name; for a session login (`alice-session-ID`) `alice NUL ID`, so a plain login shares the table's
+    /// `Arc` and a `Conn` pays nothing for the session case (names never contain control characters).
     user: Arc<str>,
 }
 
 impl Authorized {
-    /// The authenticated user name.
+    /// The authenticated user name (for a session login, the user it logged in as).
     pub fn user(&self) -> &str {
-        &self.user
+        self.user.split('\0').next().unwrap_or("")
+    }
+
+    /// The session ID of a `NAME-session-ID` login (`session_usernames` in the policy file).
+    pub fn session(&self) -> Option<&str> {
+        self.user.split_once('\0').map(|(_, id)| id)
     }
 }
+
+/// The infix of session logins: `alice-session-42` logs in as alice with session ID 42.
+const SESSION_INFIX: &str = "-session-";
+/// Longest session ID accepted.
+const MAX_SESSION_ID: usize = 64;
 
 /// A users file or `--user` flag that could not be accepted; never contains a password.
 #[derive(Debug)]
@@ -207,6 +219,8 @@ pub struct Users {
     /// One of the hashed secrets, if any: unknown names are verified against it so that, in a table with hashes,
     /// they cost as much as a real hashed user instead of answering at once.
     decoy: Option<Secret>,
+    /// `NAME-session-ID` logs in as NAME (the policy file's `session_usernames`).
+    session_names: bool,
 }
 
 impl Users {
@@ -305,6 +319,13 @@ impl Users {
         let found = std::str::from_utf8(user)
             .ok()
             .and_then(|name| self.entries.get_key_value(name));
+        if found.is_none() {
+            if let Some((name, secret, id)) = self.session_login(user) {
+                return secret.matches(pass).then(|| Authorized {
+                    user: Arc::from(format!("{name}\0{id}")),
+                });
+            }
+        }
         match found {
             Some((name, secret)) => secret.matches(pass).then(|| Authorized {
                 user: Arc::clone(name),
@@ -329,8 +350,35 @@ impl Users {
             .and_then(|name| self.entries.get(name))
         {
             Some(secret) => secret.is_hash(),
-            None => self.decoy.is_some(),
+            None => match self.session_login(user) {
+                Some((_, secret, _)) => secret.is_hash(),
+                None => self.decoy.is_some(),
+            },
         }
+    }
+
+    /// Lets `NAME-session-ID` log in as NAME (ID: 1 to 64 letters, digits, '-' or '_'); a user whose own name has
+    /// that shape still logs in as herself.
+    pub fn set_session_names(&mut self, on: bool) {
+        self.session_names = on;
+    }
+
+    /// The user, her secret and the session ID of a session login, when session names are on.
+    fn session_login<'a>(&'a self, user: &'a [u8]) -> Option<(&'a str, &'a Secret, &'a str)> {
+        if !self.session_names {
+            return None;
+        }
+        let user = std::str::from_utf8(user).ok()?;
+        user.match_indices(SESSION_INFIX).find_map(|(i, _)| {
+            let (name, rest) = (user.get(..i)?, user.get(i + SESSION_INFIX.len()..)?);
+            let id_ok = !rest.is_empty()
+                && rest.len() <= MAX_SESSION_ID
+                && rest
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            let (name, secret) = self.entries.get_key_value(name)?;
+            id_ok.then_some((&**name, secret, rest))
+        })
     }
 
     /// Validates and adds one entry; the error message names the user at most, never the secret.
@@ -410,6 +458,29 @@ mod tests {
         bcrypt::hash_with_salt(pass, 4, [0x5A; 16])
             .unwrap()
             .format_for_version(version)
+    }
+
+    #[test]
+    fn session_logins_use_the_users_secret() {
+        let hashed = sha512(b"pw");
+        let mut users =
+            Users::parse(&format!("alice:{hashed}\nbob:plain\nbob-session-x:own\n")).unwrap();
+        // Off: an unknown name, verified against the hashed decoy.
+        assert!(users.needs_slow_verify(b"bob-session-1"));
+        assert!(users.verify(b"bob-session-1", b"plain").is_none());
+        users.set_session_names(true);
+        assert!(users.needs_slow_verify(b"alice-session-7"));
+        let a = users.verify(b"alice-session-7", b"pw").unwrap();
+        assert_eq!((a.user(), a.session()), ("alice", Some("7")));
+        assert!(!users.needs_slow_verify(b"bob-session-1"));
+        assert_eq!(
+            users.verify(b"bob-session-1", b"plain").unwrap().user(),
+            "bob"
+        );
+        // A user whose own name looks like a session login is herself, with her own password.
+        let own = users.verify(b"bob-session-x", b"own").unwrap();
+        assert_eq!((own.user(), own.session()), ("bob-session-x", None));
+        assert!(users.verify(b"bob-session-x", b"plain").is_none());
     }
 
     #[test]

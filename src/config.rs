@@ -666,7 +666,8 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
             c.policy = Arc::new(policy);
         }
         Err(errors) if check => return Ok(Command::Check(errors)),
-        Err(errors) => return Err(ConfigError(errors.join("\n"))),
+        // One line per error; main prefixes the first with "socksgate: ", so the others get it here.
+        Err(errors) => return Err(ConfigError(errors.join("\nsocksgate: "))),
     }
     let exposed = c.listen.iter().find(|a| !a.ip().is_loopback());
     if let Some(a) = exposed {

@@ -388,6 +388,17 @@ action = "deny"
     ))
     .unwrap();
     assert_eq!(&read_n(&mut s, 8)[..2], &[0, 91]);
+    // SOCKS4a with a name that is not a host name: 91 as well (SOCKS4 has one failure code).
+    let mut s = connect(proxy.addr());
+    s.write_all(&socks4_request(
+        1,
+        p,
+        [0, 0, 0, 1],
+        b"u",
+        Some("a..blocked.test"),
+    ))
+    .unwrap();
+    assert_eq!(&read_n(&mut s, 8)[..2], &[0, 91]);
     // SOCKS4a to an allowed name works.
     let mut s = connect(proxy.addr());
     s.write_all(&socks4_request(1, p, [0, 0, 0, 1], b"u", Some("ok.test")))
@@ -940,4 +951,58 @@ action = "deny"
     let (n, _) = client.recv_from(&mut buf).unwrap();
     assert!(buf[..n].ends_with(b"addressed"), "echoed: {:?}", &buf[..n]);
     drop(ctl);
+}
+
+/// `session_usernames = true`: `alice-session-ID` logs in as alice (SOCKS5 and HTTP Basic) and the same ID always
+/// leaves from the same address of her block; different IDs spread over it.
+#[test]
+fn session_usernames_give_sticky_egress() {
+    let (echo, peers) = recording_echo("127.0.0.1:0");
+    let (proxy, _) = with_policy(
+        "[defaults]\nsession_usernames = true\n\n[users.alice]\npassword = \"alice-pw\"\negress = [\"127.0.1.0/24\"]\n",
+        &[],
+    );
+    let source = |id: &str| {
+        let user = format!("alice-session-{id}");
+        let mut s =
+            connect_ip(proxy.addr(), Some((&user, "alice-pw")), echo.addr).expect("session login");
+        assert_echo(&mut s, id.as_bytes());
+        peers.recv_timeout(IO_TIMEOUT).unwrap().ip()
+    };
+    let first = source("7");
+    assert_eq!(source("7"), first, "the same session ID keeps its address");
+    let others: std::collections::HashSet<_> = (0..8).map(|i| source(&format!("s{i}"))).collect();
+    assert!(others.len() >= 3, "IDs spread over the block: {others:?}");
+    assert!(
+        proxy.wait_for(IO_TIMEOUT, || proxy.log().contains("user=alice ")),
+        "{}",
+        proxy.log()
+    );
+    // HTTP Basic with a session name.
+    let mut s = connect(proxy.addr());
+    let auth = base64_basic("alice-session-7", "alice-pw");
+    s.write_all(
+        format!(
+            "CONNECT {a} HTTP/1.1\r\nHost: {a}\r\nProxy-Authorization: Basic {auth}\r\n\r\n",
+            a = echo.addr
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let head = read_n(&mut s, 39);
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    assert_eq!(
+        peers.recv_timeout(IO_TIMEOUT).unwrap().ip(),
+        first,
+        "sticky over HTTP too"
+    );
+    // A wrong password or an unknown base user is refused.
+    let (_, st) = socks5_login(proxy.addr(), "alice-session-7", "wrong");
+    assert_ne!(st, 0);
+    let (_, st) = socks5_login(proxy.addr(), "carol-session-7", "alice-pw");
+    assert_ne!(st, 0);
 }

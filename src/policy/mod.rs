@@ -140,7 +140,28 @@ impl Egress {
 /// Picks a source address of the wanted family from a user's egress list (at random among the entries, and at
 /// random inside a block), or `None` when the list has none of that family.
 pub fn pick_egress(list: &[Egress], v4: bool) -> Option<(IpAddr, bool)> {
-    let random = random_u128();
+    pick_egress_from(list, v4, random_u128())
+}
+
+/// Like [`pick_egress`], but the same for every session with the same user and session ID (`session_usernames`):
+/// a sticky address, from a fixed hash (FNV-1a, spread over 128 bits), stable across restarts.
+pub fn pick_sticky_egress(
+    list: &[Egress],
+    v4: bool,
+    user: &str,
+    session: &str,
+) -> Option<(IpAddr, bool)> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in user.bytes().chain([0]).chain(session.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // A second, differently seeded round fills the high half, so /64 blocks get 128 bits to choose from.
+    let hi = h.rotate_left(29).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (h >> 31);
+    pick_egress_from(list, v4, (u128::from(hi) << 64) | u128::from(h))
+}
+
+fn pick_egress_from(list: &[Egress], v4: bool, random: u128) -> Option<(IpAddr, bool)> {
     let fitting: Vec<&Egress> = list.iter().filter(|e| e.is_v4() == v4).collect();
     let n = fitting.len() as u128;
     let entry = fitting.get((random.checked_rem(n)?) as usize)?;
@@ -410,9 +431,7 @@ pub fn parse(text: &str, file: &str, mut users: Users) -> Loaded {
             }
         }
         if let Some(s) = &d.session_usernames {
-            if *s.get_ref() {
-                errs.push(s.span(), "defaults.session_usernames", NOT_SUPPORTED);
-            }
+            users.set_session_names(*s.get_ref());
         }
         limits_not_supported(
             &mut errs,
@@ -850,9 +869,33 @@ strategy = "failover"
             "{}",
             e[0]
         );
-        let e = errors("[defaults]\nsession_usernames = true\n");
-        assert!(e[0].contains("not supported yet"));
-        assert!(load("[defaults]\nsession_usernames = false\n").is_ok());
+    }
+
+    #[test]
+    fn session_usernames() {
+        let (users, _) = load("[defaults]\nsession_usernames = true\n").unwrap();
+        let a = users.verify(b"bob-session-42", b"pw").unwrap();
+        assert_eq!((a.user(), a.session()), ("bob", Some("42")));
+        assert_eq!(users.verify(b"bob", b"pw").unwrap().session(), None);
+        for bad in [
+            &b"bob-session-"[..],
+            b"bob-session-a b",
+            b"carl-session-1",
+            b"bob-sessio-1",
+        ] {
+            assert!(users.verify(bad, b"pw").is_none(), "{bad:?}");
+        }
+        assert!(users.verify(b"bob-session-1", b"wrong").is_none());
+        let (users, _) = load("[defaults]\nsession_usernames = false\n").unwrap();
+        assert!(users.verify(b"bob-session-42", b"pw").is_none());
+        // Sticky: the same user and session give the same address, others spread over the block.
+        let list = [parse_egress("127.0.1.0/24").unwrap()];
+        let one = pick_sticky_egress(&list, true, "bob", "42");
+        assert_eq!(one, pick_sticky_egress(&list, true, "bob", "42"));
+        let spread: std::collections::HashSet<_> = (0..50)
+            .map(|i| pick_sticky_egress(&list, true, "bob", &i.to_string()))
+            .collect();
+        assert!(spread.len() > 20, "{}", spread.len());
     }
 
     #[test]

@@ -95,7 +95,15 @@ pub fn egress(conn: &mut Conn, ctx: &Ctx, v4: bool) -> io::Result<Option<(IpAddr
         let freebind = !list.contains(&policy::Egress::Ip(ip));
         return Ok(Some((ip, freebind)));
     }
-    match policy::pick_egress(list, v4) {
+    let picked = match conn
+        .user
+        .as_ref()
+        .and_then(|u| u.session().map(|s| (u.user(), s)))
+    {
+        Some((user, session)) => policy::pick_sticky_egress(list, v4, user, session),
+        None => policy::pick_egress(list, v4),
+    };
+    match picked {
         Some((ip, freebind)) => {
             conn.egress = Some(Box::new(ip));
             Ok(Some((ip, freebind)))
