@@ -24,6 +24,18 @@ pub(super) fn complete_head(
     }
 }
 
+/// `Some(true)` for the connection option "close", `Some(false)` for "keep-alive" (RFC 9112 §9.3, §C.2.2),
+/// `None` for any other.
+fn persistence_option(opt: &[u8]) -> Option<bool> {
+    if opt.eq_ignore_ascii_case(b"close") {
+        Some(true)
+    } else if opt.eq_ignore_ascii_case(b"keep-alive") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 /// Trims optional whitespace (RFC 9110 §5.6.3: OWS is SP / HTAB).
 pub(super) fn trim_ows(mut v: &[u8]) -> &[u8] {
     while let [b' ' | b'\t', rest @ ..] = v {
@@ -133,10 +145,9 @@ pub(super) fn analyze(headers: &[httparse::Header<'_>]) -> Fields {
             }
         } else if name_is(h, "connection") {
             for opt in list_items(h.value) {
-                if opt.eq_ignore_ascii_case(b"close") {
-                    f.conn_close = true;
-                } else if opt.eq_ignore_ascii_case(b"keep-alive") {
-                    f.conn_keep_alive = true;
+                if let Some(close) = persistence_option(opt) {
+                    f.conn_close |= close;
+                    f.conn_keep_alive |= !close;
                 } else if opt.is_empty()
                     || opt.eq_ignore_ascii_case(b"content-length")
                     || opt.eq_ignore_ascii_case(b"transfer-encoding")
@@ -156,12 +167,9 @@ pub(super) fn analyze(headers: &[httparse::Header<'_>]) -> Fields {
                 }
             }
         } else if name_is(h, "proxy-connection") {
-            for opt in list_items(h.value) {
-                if opt.eq_ignore_ascii_case(b"close") {
-                    f.proxy_close = true;
-                } else if opt.eq_ignore_ascii_case(b"keep-alive") {
-                    f.proxy_keep_alive = true;
-                }
+            for close in list_items(h.value).filter_map(persistence_option) {
+                f.proxy_close |= close;
+                f.proxy_keep_alive |= !close;
             }
         } else if name_is(h, "proxy-authorization") {
             f.auth_count = f.auth_count.saturating_add(1);
