@@ -11,9 +11,9 @@ use socksgate::proto::Parse;
 
 use crate::client::proxy_authorization;
 use crate::proxy::{ProxySpec, Scheme};
-use crate::stats::{drive, with_errors, with_latency, Histogram, Json, Run};
+use crate::stats::{with_errors, with_latency, Histogram, Json, Run};
 use crate::target::Kind;
-use crate::{finish, Common};
+use crate::{finish, Common, THREAD_STACK};
 
 /// Bound on connect and on each request/response exchange.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -39,24 +39,15 @@ pub(crate) fn run(c: &Common, concurrency: usize) -> i32 {
     let connect_to = c.proxy.addr.unwrap_or(ep.addr);
     let run = Arc::new(Run::new(0));
     let counters = Arc::new(Counters::default());
-    let mut handles = Vec::new();
-    for i in 0..concurrency {
-        let (r, req, cnt) = (run.clone(), request.clone(), counters.clone());
-        let h = std::thread::Builder::new()
-            .name(format!("http-{i}"))
-            .stack_size(256 * 1024)
-            .spawn(move || worker(&r, connect_to, req.as_bytes(), &cnt));
-        match h {
-            Ok(h) => handles.push(h),
-            Err(e) => run.error(format!("spawn: {e}")),
-        }
-    }
-    let w = drive(&run, c.warmup, c.seconds, c.quiet, &|r| {
-        format!("{r:.0} req/s")
-    });
-    for h in handles {
-        let _ = h.join();
-    }
+    let (r, cnt) = (run.clone(), counters.clone());
+    let w = c.run_threads(
+        &run,
+        concurrency,
+        "http",
+        Some(THREAD_STACK),
+        &|r| format!("{r:.0} req/s"),
+        move |_| worker(&r, connect_to, request.as_bytes(), &cnt),
+    );
     let h = run.histogram();
     let reqs = run.measured();
     let j = Json::new()
