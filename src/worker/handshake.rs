@@ -14,7 +14,7 @@ use crate::auth::Authorized;
 use crate::buffer::{Buffer, BufferPool};
 use crate::metrics::{self, Proto, Refusal};
 use crate::proto::detect::{self, Protocol};
-use crate::proto::{proxy_protocol, server, socks4, socks5, Failure, Parse};
+use crate::proto::{proxy_protocol, socks4, socks5, Failure, Parse};
 use crate::resolve::{Job, Work};
 
 /// How long an error reply may take to flush and the client to close after it, before we close regardless.
@@ -164,7 +164,7 @@ fn socks5_greeting(conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Ok(Parse::Incomplete) => need_more(conn, ctx),
         Ok(Parse::Done(g, n)) => {
             consume(conn, n);
-            let method = server::choose_method(&g, !ctx.users.is_empty());
+            let method = crate::proto::server::choose_method(&g, !ctx.users.is_empty());
             let mut out = [0u8; 2];
             let len = socks5::encode_method(method, &mut out);
             if conn.send_client(&out[..len]).is_err() {
@@ -307,7 +307,7 @@ fn socks4_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     };
     consume(conn, n);
     conn.target = Some(Dest::from(&target));
-    if !server::socks4_allowed(!ctx.users.is_empty(), ctx.cfg.socks4_with_users) {
+    if !crate::proto::server::socks4_allowed(!ctx.users.is_empty(), ctx.cfg.socks4_with_users) {
         metrics::inc(&ctx.stats.auth_failures);
         debug!("{}: SOCKS4 refused: users are configured", conn.peer);
         return reply_failure(conn, ctx, ReplyKind::Socks4, Failure::NotAllowed);
