@@ -307,6 +307,7 @@ fn socks4_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     };
     consume(conn, n);
     conn.target = Some(Dest::from(&target));
+    // SOCKS4 carries no password: with users configured it would be a way around authentication.
     if !crate::proto::server::socks4_allowed(!ctx.users.is_empty(), ctx.cfg.socks4_with_users) {
         metrics::inc(&ctx.stats.auth_failures);
         debug!("{}: SOCKS4 refused: users are configured", conn.peer);
