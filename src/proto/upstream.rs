@@ -155,28 +155,99 @@ pub fn encode_http_connect(
     }
     w.put(b"\r\n");
     if let Some((user, pass)) = basic_auth {
-        if user.len() > MAX_CREDENTIAL
-            || pass.len() > MAX_CREDENTIAL
-            || user.contains(&b':')
-            || user.iter().chain(pass).any(|b| b.is_ascii_control())
-        {
+        if put_basic_auth(&mut w, user, pass).is_none() {
             return 0;
         }
-        // user ":" pass, assembled on the stack (no allocation), then base64-encoded.
-        let mut plain = [0u8; 2 * MAX_CREDENTIAL + 1];
-        let mut pw = Writer::new(&mut plain);
-        pw.put(user).u8(b':').put(pass);
-        let Some(plain_len) = pw.finish() else {
-            return 0;
-        };
-        let mut encoded = [0u8; base64::encoded_len(2 * MAX_CREDENTIAL + 1)];
-        let n = base64::encode(plain.get(..plain_len).unwrap_or(&[]), &mut encoded);
-        w.put(b"Proxy-Authorization: Basic ")
-            .put(encoded.get(..n).unwrap_or(&[]))
-            .put(b"\r\n");
     }
     w.put(b"\r\n");
     w.finish().unwrap_or(0)
+}
+
+/// Writes a `Proxy-Authorization: Basic` line (RFC 7617 §2); None when the credentials cannot be sent safely.
+fn put_basic_auth(w: &mut Writer<'_>, user: &[u8], pass: &[u8]) -> Option<()> {
+    if user.len() > MAX_CREDENTIAL
+        || pass.len() > MAX_CREDENTIAL
+        || user.contains(&b':')
+        || user.iter().chain(pass).any(|b| b.is_ascii_control())
+    {
+        return None;
+    }
+    // user ":" pass, assembled on the stack (no allocation), then base64-encoded.
+    let mut plain = [0u8; 2 * MAX_CREDENTIAL + 1];
+    let mut pw = Writer::new(&mut plain);
+    pw.put(user).u8(b':').put(pass);
+    let plain_len = pw.finish()?;
+    let mut encoded = [0u8; base64::encoded_len(2 * MAX_CREDENTIAL + 1)];
+    let n = base64::encode(plain.get(..plain_len).unwrap_or(&[]), &mut encoded);
+    w.put(b"Proxy-Authorization: Basic ")
+        .put(encoded.get(..n).unwrap_or(&[]))
+        .put(b"\r\n");
+    Some(())
+}
+
+/// Longest `Proxy-Authorization` line [`put_basic_auth`] writes.
+const MAX_AUTH_LINE: usize =
+    b"Proxy-Authorization: Basic \r\n".len() + base64::encoded_len(2 * MAX_CREDENTIAL + 1);
+
+/// Client side, plain HTTP through an HTTP upstream (as Squid's `cache_peer` forwards): turns a request head in
+/// origin-form (`METHOD SP path SP version CRLF fields CRLF`, as `http::parse_request` rewrites it) into the
+/// absolute-form a proxy is sent (RFC 9112 §3.2.2; `OPTIONS *` becomes the bare authority, RFC 9112 §3.2.4), with a
+/// Basic `Proxy-Authorization` for the upstream's credentials. Appends to `out`; false when the head or the
+/// credentials cannot be expressed safely.
+pub fn encode_forward_head(
+    head: &[u8],
+    target: &TargetAddr,
+    basic_auth: Option<(&[u8], &[u8])>,
+    out: &mut Vec<u8>,
+) -> bool {
+    let Some(eol) = head.windows(2).position(|w| w == b"\r\n") else {
+        return false;
+    };
+    let (line, fields) = head.split_at(eol);
+    let (Some(sp1), Some(sp2)) = (
+        line.iter().position(|&b| b == b' '),
+        line.iter().rposition(|&b| b == b' '),
+    ) else {
+        return false;
+    };
+    let (Some(method), Some(path), Some(version)) =
+        (line.get(..sp1), line.get(sp1 + 1..sp2), line.get(sp2..))
+    else {
+        return false;
+    };
+    if sp1 >= sp2 || path.is_empty() {
+        return false;
+    }
+    let mut extra = [0u8; MAX_AUTHORITY + MAX_AUTH_LINE + 16];
+    let mut w = Writer::new(&mut extra);
+    w.put(b"http://");
+    if put_authority(&mut w, target).is_none() {
+        return false;
+    }
+    let Some(authority_len) = w.finish() else {
+        return false;
+    };
+    let authority = extra.get(..authority_len).unwrap_or(&[]);
+    out.extend_from_slice(method);
+    out.push(b' ');
+    out.extend_from_slice(authority);
+    if path != b"*" {
+        out.extend_from_slice(path);
+    }
+    out.extend_from_slice(version);
+    out.extend_from_slice(b"\r\n");
+    if let Some((user, pass)) = basic_auth {
+        let mut w = Writer::new(&mut extra);
+        if put_basic_auth(&mut w, user, pass).is_none() {
+            return false;
+        }
+        let Some(n) = w.finish() else {
+            return false;
+        };
+        out.extend_from_slice(extra.get(..n).unwrap_or(&[]));
+    }
+    out.extend_from_slice(fields.get(2..).unwrap_or(&[]));
+    true
 }
 
 /// The status of an upstream's CONNECT response.
@@ -389,6 +460,43 @@ mod tests {
         for rep in [0x00u8, 0x09, 0x80, 0xff] {
             assert_eq!(failure_from_socks5_reply(rep), Failure::General);
         }
+    }
+
+    #[test]
+    fn forward_heads_become_absolute_form() {
+        let target = TargetAddr::Domain(Name::new(b"example.com").unwrap(), 8080);
+        let head = b"GET /a?b=1 HTTP/1.1\r\nHost: example.com:8080\r\n\r\n";
+        let mut out = Vec::new();
+        assert!(encode_forward_head(
+            head,
+            &target,
+            Some((b"u", b"p")),
+            &mut out
+        ));
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "GET http://example.com:8080/a?b=1 HTTP/1.1\r\nProxy-Authorization: Basic dTpw\r\nHost: example.com:8080\r\n\r\n"
+        );
+        out.clear();
+        let v6 = TargetAddr::Ip("[::1]:80".parse().unwrap());
+        assert!(encode_forward_head(
+            b"OPTIONS * HTTP/1.0\r\n\r\n",
+            &v6,
+            None,
+            &mut out
+        ));
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "OPTIONS http://[::1]:80 HTTP/1.0\r\n\r\n"
+        );
+        out.clear();
+        assert!(!encode_forward_head(b"GET\r\n\r\n", &v6, None, &mut out));
+        assert!(!encode_forward_head(
+            b"GET / HTTP/1.1\r\n\r\n",
+            &v6,
+            Some((b"a:b", b"")),
+            &mut out
+        ));
     }
 
     // ---- HTTP CONNECT ----

@@ -28,9 +28,11 @@ use mio::net::TcpStream;
 use crate::auth::Authorized;
 use crate::buffer::Buffer;
 use crate::metrics::Proto;
-use crate::proto::{Failure, TargetAddr};
+use crate::proto::TargetAddr;
 
+use super::access::RequestLog;
 use super::bind::BindState;
+use super::close::CloseReason;
 use super::http::HttpState;
 use super::udp::UdpState;
 use super::upstream::UpstreamHandshake;
@@ -168,7 +170,7 @@ pub enum Phase {
         /// Index of the next address to try.
         next: usize,
         /// The failure of the last attempt.
-        last: Failure,
+        last: crate::proto::Failure,
         /// When the current attempt gives way to the next address.
         attempt_deadline: Instant,
     },
@@ -189,6 +191,8 @@ pub enum Phase {
         armed: bool,
         /// Whether our write side is already shut down.
         shut: bool,
+        /// What the access log will say.
+        reason: CloseReason,
     },
 }
 
@@ -339,8 +343,10 @@ pub struct Conn {
     pub bytes_down: u64,
     /// Already in the worker's "drive again" list.
     pub queued: bool,
-    /// The failure reported to the client, for the access log.
-    pub failure: Option<Failure>,
+    /// The forwarded HTTP request being answered (its access-log line is written when it ends).
+    pub request: Option<Box<RequestLog>>,
+    /// Forwarded requests were logged one line each: the connection itself gets no session line.
+    pub request_lines: bool,
     /// Counted against `--user-max-connections`.
     pub user_counted: bool,
     /// HTTP forwarding state, for connections that forward plain HTTP requests.
@@ -380,7 +386,8 @@ impl Conn {
             bytes_up: 0,
             bytes_down: 0,
             queued: false,
-            failure: None,
+            request: None,
+            request_lines: false,
             user_counted: false,
             http: None,
         }

@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 
+use super::rewrite::VecWriter;
 use crate::proto::Writer;
 
 /// RFC 9110 §15 reason phrases for the statuses the proxy generates itself.
@@ -53,4 +54,29 @@ pub fn canned_response(status: u16, out: &mut [u8]) -> usize {
     }
     w.put(b"\r\n").put(reason.as_bytes()).put(b"\n");
     w.finish().unwrap_or(0)
+}
+
+/// Like [`canned_response`], but the body names what went wrong after the reason phrase (`detail`, one line for a
+/// person to read; control characters are replaced so it cannot break the line). Appends to `out`.
+pub fn error_response(status: u16, detail: &str, out: &mut Vec<u8>) {
+    let status = if (200..=599).contains(&status) {
+        status
+    } else {
+        500
+    };
+    let reason = reason_phrase(status);
+    let clean: String = detail
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let body_len = reason.len() + 2 + clean.len() + 1;
+    let _ = write!(
+        VecWriter(out),
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {body_len}\r\nConnection: close\r\n"
+    );
+    if status == 407 {
+        // RFC 9110 §15.5.8: a 407 MUST carry a Proxy-Authenticate challenge.
+        out.extend_from_slice(b"Proxy-Authenticate: Basic realm=\"socksgate\"\r\n");
+    }
+    let _ = write!(VecWriter(out), "\r\n{reason}: {clean}\n");
 }

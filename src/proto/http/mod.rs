@@ -26,7 +26,7 @@ mod target;
 mod tests;
 
 pub use body::BodyFramer;
-pub use canned::canned_response;
+pub use canned::{canned_response, error_response};
 pub use request::parse_request;
 pub use response::parse_response;
 

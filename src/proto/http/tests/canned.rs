@@ -3,6 +3,24 @@
 use super::*;
 
 #[test]
+fn error_responses_frame_their_detail() {
+    let mut out = Vec::new();
+    error_response(502, "refused\r\nX: y", &mut out);
+    let mut head = Vec::new();
+    let r = match parse_response(&out, DEFAULT_MAX_HEAD, &ctx(false, true, 1), &mut head) {
+        Ok(Parse::Done(r, _)) => r,
+        other => panic!("{other:?}"),
+    };
+    let body = out.get(r.head_len..).unwrap_or(&[]);
+    assert_eq!(r.status, 502);
+    assert_eq!(body, b"Bad Gateway: refused  X: y\n");
+    assert_eq!(r.body, BodyKind::Length(body.len() as u64));
+    out.clear();
+    error_response(407, "proxy authentication required", &mut out);
+    assert!(text(&out).contains("Proxy-Authenticate: Basic realm=\"socksgate\"\r\n"));
+}
+
+#[test]
 fn canned_responses_are_valid_http() {
     for status in [
         400u16, 403, 404, 405, 407, 408, 411, 413, 414, 431, 500, 501, 502, 503, 504, 418, 0, 999,
