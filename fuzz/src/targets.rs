@@ -11,6 +11,8 @@
 //!   never changes a `Done` or an error, and an error never turns into `Incomplete`/`Done`);
 //! * where an encoder exists, parse -> encode -> parse is the identity (modulo the documented canonicalization of
 //!   IPv4-mapped IPv6 addresses) and consumes exactly what the encoder wrote.
+//! * the SOCKS server handshake machines (`proto::server`) give the same transcript however the input is cut,
+//!   never consume or write past their buffers, and end within a bounded number of steps.
 //!
 //! Panic messages never include the input (the users-file target carries passwords).
 
@@ -18,6 +20,7 @@ use socksgate::acl::{self, Cidr};
 use socksgate::auth::Users;
 use socksgate::policy::{self, name::normalize, rules::parse_pattern};
 use socksgate::proto::http::{self, BodyFramer, BodyKind, ResponseContext, RewriteOptions};
+use socksgate::proto::server::{self, Socks4Event, Socks4Server, Socks5Event, Socks5Server};
 use socksgate::proto::{
     canonical_ip, proxy_protocol, socks4, socks5, upstream, Parse, ProtoError, TargetAddr,
 };
@@ -242,6 +245,60 @@ pub fn socks5_target(data: &[u8]) {
             assert_eq!(out[..m], data[..off], "socks5 udp: re-encoding differs");
         }
     }
+
+    socks5_server_target(data);
+}
+
+/// Steps a handshake may take on one input: one per message, plus a NeedMore per piece.
+const MAX_SERVER_STEPS: usize = 16;
+
+/// The server handshake on `data` given whole and cut in two at a point the input picks: the same transcript
+/// (output bytes, final event, bytes consumed), no step consuming past the input or writing past
+/// `MAX_STEP_OUTPUT`, and an end within `MAX_SERVER_STEPS`. Credentials pass when user == password.
+fn socks5_server_target(data: &[u8]) {
+    let cut = usize::from(data.last().copied().unwrap_or(0)) % (data.len() + 1);
+    for users in [false, true] {
+        let whole = socks5_server_run(users, data, data.len());
+        assert_eq!(
+            socks5_server_run(users, data, cut),
+            whole,
+            "socks5 server: the transcript depends on how the input was cut"
+        );
+    }
+}
+
+fn socks5_server_run(users: bool, data: &[u8], first: usize) -> (Vec<u8>, String, usize) {
+    let mut hs = Socks5Server::new(users);
+    let mut out = [0u8; server::MAX_STEP_OUTPUT];
+    let (mut sent, mut consumed, mut fed) = (Vec::new(), 0usize, first);
+    for _ in 0..MAX_SERVER_STEPS {
+        let input = &data[consumed..fed];
+        let step = hs.step(input, &mut out);
+        assert!(
+            step.consumed <= input.len(),
+            "socks5 server: consumed past the input"
+        );
+        assert!(
+            step.written <= out.len(),
+            "socks5 server: wrote past the buffer"
+        );
+        sent.extend_from_slice(&out[..step.written]);
+        consumed += step.consumed;
+        match step.event {
+            Socks5Event::Continue => {}
+            Socks5Event::NeedMore if fed < data.len() => fed = data.len(),
+            Socks5Event::Credentials(c) => {
+                let ok = c.user == c.pass;
+                let n = hs.auth_result(ok, &mut out);
+                sent.extend_from_slice(&out[..n]);
+                if !ok {
+                    return (sent, String::from("auth failed"), consumed);
+                }
+            }
+            event => return (sent, format!("{event:?}"), consumed),
+        }
+    }
+    panic!("socks5 server: no end after {MAX_SERVER_STEPS} steps");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -284,6 +341,43 @@ pub fn socks4_target(data: &[u8]) {
         let m = socks4::encode_reply(cd, addr, &mut out);
         assert_eq!(out[..m], data[..n], "socks4 reply: re-encoding differs");
     }
+
+    socks4_server_target(data);
+}
+
+/// The SOCKS4 server handshake on `data`, allowed and refused, whole and cut in two: one transcript per policy,
+/// a refusal only once the request is complete or invalid, and a served request never consumes past it.
+fn socks4_server_target(data: &[u8]) {
+    let cut = usize::from(data.last().copied().unwrap_or(0)) % (data.len() + 1);
+    for allowed in [true, false] {
+        let whole = socks4_server_run(allowed, data, data.len());
+        assert_eq!(
+            socks4_server_run(allowed, data, cut),
+            whole,
+            "socks4 server: the transcript depends on how the input was cut"
+        );
+    }
+}
+
+fn socks4_server_run(allowed: bool, data: &[u8], first: usize) -> (Vec<u8>, String, usize) {
+    let mut hs = Socks4Server::new(allowed);
+    let mut out = [0u8; server::MAX_STEP_OUTPUT];
+    let mut fed = first;
+    for _ in 0..MAX_SERVER_STEPS {
+        let step = hs.step(&data[..fed], &mut out);
+        assert!(
+            step.consumed <= fed,
+            "socks4 server: consumed past the input"
+        );
+        match step.event {
+            Socks4Event::NeedMore if fed < data.len() => fed = data.len(),
+            event => {
+                let sent = out[..step.written].to_vec();
+                return (sent, format!("{event:?}"), step.consumed);
+            }
+        }
+    }
+    panic!("socks4 server: no end after {MAX_SERVER_STEPS} steps");
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 //! The `/metrics` HTTP endpoint: a tiny nonblocking HTTP/1.1 server on the control thread's poll, answering
-//! `GET /metrics` (and `GET /`) with the Prometheus text rendering of every worker's [`Stats`].
+//! `GET /metrics` (and `GET /`) with the Prometheus text rendering of every worker's [`Stats`](super::Stats).
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -76,7 +76,7 @@ impl Exporter {
     }
 
     /// Handles a readiness event for one of its tokens; `render` produces the exposition text when a scrape
-    /// asks for it (the caller adds what lives outside the workers' [`Stats`], such as the resolver's).
+    /// asks for it (the caller adds what lives outside the workers' [`Stats`](super::Stats), such as the resolver's).
     pub fn on_event(&mut self, registry: &Registry, token: Token, render: &dyn Fn() -> String) {
         if token == self.token {
             self.accept(registry);

@@ -75,6 +75,7 @@ pub mod base64;
 pub mod detect;
 pub mod http;
 pub mod proxy_protocol;
+pub mod server;
 pub mod socks4;
 pub mod socks5;
 #[cfg(test)]

@@ -167,19 +167,7 @@ fn socks5_greeting(conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Ok(Parse::Incomplete) => need_more(conn, ctx),
         Ok(Parse::Done(g, n)) => {
             consume(conn, n);
-            // RFC 1928 §3: when users are configured, user/password is the only acceptable method, even if the
-            // client also offers "no authentication".
-            let method = if ctx.users.is_empty() {
-                if g.no_auth {
-                    socks5::METHOD_NO_AUTH
-                } else {
-                    socks5::METHOD_NO_ACCEPTABLE
-                }
-            } else if g.user_pass {
-                socks5::METHOD_USER_PASS
-            } else {
-                socks5::METHOD_NO_ACCEPTABLE
-            };
+            let method = crate::proto::server::choose_method(&g, !ctx.users.is_empty());
             let mut out = [0u8; 2];
             let len = socks5::encode_method(method, &mut out);
             if conn.send_client(&out[..len]).is_err() {
@@ -351,7 +339,7 @@ fn socks4_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     conn.target = Some(Dest::from(&target));
     debug!("{}: SOCKS4 {command:?} {}", conn.peer, Dest::from(&target));
     // SOCKS4 carries no password: with users configured it would be a way around authentication.
-    if !ctx.users.is_empty() && !ctx.cfg.socks4_with_users {
+    if !crate::proto::server::socks4_allowed(!ctx.users.is_empty(), ctx.cfg.socks4_with_users) {
         metrics::inc(&ctx.stats.auth_failures);
         debug!("{}: SOCKS4 refused: users are configured", conn.peer);
         return reply::fail(conn, ctx, ReplyKind::Socks4, CloseReason::Socks4NeedsAuth);

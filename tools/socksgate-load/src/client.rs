@@ -379,20 +379,6 @@ pub(crate) fn proxy_authorization(creds: Option<(&str, &str)>) -> Option<String>
     })
 }
 
-/// Three-digit status code from an `HTTP/1.x NNN reason` line.
-pub(crate) fn parse_status_code(line: &str) -> Option<u16> {
-    let mut parts = line.split_ascii_whitespace();
-    let version = parts.next()?;
-    if !version.starts_with("HTTP/1.") {
-        return None;
-    }
-    let code = parts.next()?;
-    if code.len() != 3 {
-        return None;
-    }
-    code.parse().ok()
-}
-
 /// Position of `needle` in `hay`.
 pub(crate) fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use crate::client;
 use crate::proxy::{Endpoint, ProxySpec};
-use crate::stats::{drive, with_errors, with_latency, Histogram, Json, Run};
+use crate::stats::{with_errors, with_latency, Histogram, Json, Run};
 use crate::target::Kind;
-use crate::{finish, Common};
+use crate::{finish, Common, THREAD_STACK};
 
 /// Bytes echoed per operation.
 const PAYLOAD: usize = 32;
@@ -25,24 +25,15 @@ pub(crate) fn run(c: &Common, concurrency: usize, max_ops: u64) -> i32 {
     // An external echo server does not close first, so we half-close to end each op.
     let external = c.target.is_some();
     let run = Arc::new(Run::new(max_ops));
-    let mut handles = Vec::new();
-    for i in 0..concurrency {
-        let (r, proxy, ep) = (run.clone(), c.proxy.clone(), ep.clone());
-        let h = std::thread::Builder::new()
-            .name(format!("conn-{i}"))
-            .stack_size(256 * 1024)
-            .spawn(move || worker(&r, &proxy, &ep, external, i));
-        match h {
-            Ok(h) => handles.push(h),
-            Err(e) => run.error(format!("spawn: {e}")),
-        }
-    }
-    let w = drive(&run, c.warmup, c.seconds, c.quiet, &|r| {
-        format!("{r:.0} ops/s")
-    });
-    for h in handles {
-        let _ = h.join();
-    }
+    let (r, proxy, ep2) = (run.clone(), c.proxy.clone(), ep.clone());
+    let w = c.run_threads(
+        &run,
+        concurrency,
+        "conn",
+        Some(THREAD_STACK),
+        &|r| format!("{r:.0} ops/s"),
+        move |i| worker(&r, &proxy, &ep2, external, i),
+    );
     let h = run.histogram();
     let ops = run.measured();
     let j = Json::new()

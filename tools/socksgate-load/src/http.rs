@@ -6,11 +6,14 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::client::{find, parse_status_code, proxy_authorization};
+use socksgate::proto::http::{self, BodyKind, ResponseContext};
+use socksgate::proto::Parse;
+
+use crate::client::proxy_authorization;
 use crate::proxy::{ProxySpec, Scheme};
-use crate::stats::{drive, with_errors, with_latency, Histogram, Json, Run};
+use crate::stats::{with_errors, with_latency, Histogram, Json, Run};
 use crate::target::Kind;
-use crate::{finish, Common};
+use crate::{finish, Common, THREAD_STACK};
 
 /// Bound on connect and on each request/response exchange.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -36,24 +39,15 @@ pub(crate) fn run(c: &Common, concurrency: usize) -> i32 {
     let connect_to = c.proxy.addr.unwrap_or(ep.addr);
     let run = Arc::new(Run::new(0));
     let counters = Arc::new(Counters::default());
-    let mut handles = Vec::new();
-    for i in 0..concurrency {
-        let (r, req, cnt) = (run.clone(), request.clone(), counters.clone());
-        let h = std::thread::Builder::new()
-            .name(format!("http-{i}"))
-            .stack_size(256 * 1024)
-            .spawn(move || worker(&r, connect_to, req.as_bytes(), &cnt));
-        match h {
-            Ok(h) => handles.push(h),
-            Err(e) => run.error(format!("spawn: {e}")),
-        }
-    }
-    let w = drive(&run, c.warmup, c.seconds, c.quiet, &|r| {
-        format!("{r:.0} req/s")
-    });
-    for h in handles {
-        let _ = h.join();
-    }
+    let (r, cnt) = (run.clone(), counters.clone());
+    let w = c.run_threads(
+        &run,
+        concurrency,
+        "http",
+        Some(THREAD_STACK),
+        &|r| format!("{r:.0} req/s"),
+        move |_| worker(&r, connect_to, request.as_bytes(), &cnt),
+    );
     let h = run.histogram();
     let reqs = run.measured();
     let j = Json::new()
@@ -202,22 +196,16 @@ impl HttpConn {
             }
             return Err(format!("send: {e}").into());
         }
-        let head_end = loop {
-            if let Some(p) = find(&self.buf, b"\r\n\r\n") {
-                break p;
+        let head = loop {
+            match parse_response_head(&self.buf)? {
+                Some(head) => break head,
+                None => self.fill()?,
             }
-            if self.buf.len() > MAX_HEAD {
-                return Err("response head too large".to_string().into());
-            }
-            self.fill()?;
         };
-        let status_line = String::from_utf8_lossy(&self.buf[..head_end]);
-        let status_line = status_line.lines().next().unwrap_or("");
-        if parse_status_code(status_line) != Some(200) {
-            return Err(format!("HTTP response {status_line:?}").into());
+        if head.status != 200 {
+            return Err(format!("HTTP response status {}", head.status).into());
         }
-        let head = parse_response_head(&self.buf[..head_end])?;
-        let total = head_end + 4 + head.content_length;
+        let total = head.head_len + head.content_length;
         while self.buf.len() < total {
             self.fill()?;
         }
@@ -259,58 +247,47 @@ fn is_reset(e: &std::io::Error) -> bool {
 pub(crate) struct ResponseHead {
     /// Status code.
     pub(crate) status: u16,
+    /// Length of the head, blank line included.
+    pub(crate) head_len: usize,
     /// Body length (we require Content-Length; the origin always sends it).
     pub(crate) content_length: usize,
     /// Whether the server closes after this response.
     pub(crate) close: bool,
 }
 
-/// Parse a response head (without the final CRLFCRLF).
-pub(crate) fn parse_response_head(head: &[u8]) -> Result<ResponseHead, String> {
-    let text = std::str::from_utf8(head).map_err(|_| "response head is not UTF-8".to_string())?;
-    let mut lines = text.split("\r\n");
-    let status_line = lines.next().unwrap_or("");
-    let status =
-        parse_status_code(status_line).ok_or_else(|| format!("bad status line {status_line:?}"))?;
-    let mut close = status_line.starts_with("HTTP/1.0");
-    let mut content_length = None;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            return Err(format!("bad header line {line:?}"));
-        };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            let n: usize = value
-                .parse()
-                .map_err(|_| format!("bad Content-Length {value:?}"))?;
-            content_length = Some(n);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err("chunked responses are not supported".into());
-        } else if name.eq_ignore_ascii_case("connection") {
-            for token in value.split(',').map(str::trim) {
-                if token.eq_ignore_ascii_case("close") {
-                    close = true;
-                } else if token.eq_ignore_ascii_case("keep-alive") {
-                    close = false;
-                }
-            }
+/// Parses a response head at the start of `buf` with the proxy's own parser; `Ok(None)` while incomplete.
+pub(crate) fn parse_response_head(buf: &[u8]) -> Result<Option<ResponseHead>, String> {
+    let ctx = ResponseContext {
+        request_is_head: false,
+        client_keep_alive: true,
+        client_minor_version: 1,
+        via: None,
+    };
+    let r = match http::parse_response(buf, MAX_HEAD, &ctx, &mut Vec::new()) {
+        Ok(Parse::Incomplete) => return Ok(None),
+        Ok(Parse::Done(r, _)) => r,
+        Err(e) => return Err(format!("bad response head: {e:?}")),
+    };
+    let content_length = match r.body {
+        BodyKind::None => 0,
+        BodyKind::Length(n) => usize::try_from(n).unwrap_or(usize::MAX),
+        BodyKind::Chunked => return Err("chunked responses are not supported".into()),
+        BodyKind::UntilClose => {
+            return Err(format!("HTTP {} response without Content-Length", r.status))
         }
-    }
-    let content_length = match (content_length, status) {
-        (Some(n), _) => n,
-        (None, 204 | 304) => 0,
-        (None, _) => return Err(format!("HTTP {status} response without Content-Length")),
     };
     if content_length > MAX_BODY {
         return Err(format!(
             "response body of {content_length} bytes is too large"
         ));
     }
-    Ok(ResponseHead {
-        status,
+    Ok(Some(ResponseHead {
+        status: r.status,
+        head_len: r.head_len,
         content_length,
-        close,
-    })
+        // keep_origin: whether the sender of this response keeps the connection (we are its client).
+        close: !r.keep_origin,
+    }))
 }
 
 #[cfg(test)]
@@ -319,21 +296,26 @@ mod tests {
 
     #[test]
     fn response_heads() {
+        let head = |raw: &[u8]| parse_response_head(raw).unwrap().unwrap();
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 64\r\n\r\n";
         assert_eq!(
-            parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 64").unwrap(),
+            head(ok),
             ResponseHead {
                 status: 200,
+                head_len: ok.len(),
                 content_length: 64,
                 close: false
             }
         );
-        let r = parse_response_head(b"HTTP/1.0 502 Bad\r\ncontent-length: 0").unwrap();
+        assert_eq!(parse_response_head(&ok[..ok.len() - 1]).unwrap(), None);
+        let r = head(b"HTTP/1.0 502 Bad\r\ncontent-length: 0\r\n\r\n");
         assert!(r.close);
         assert_eq!(r.status, 502);
-        let r = parse_response_head(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1");
-        assert!(r.unwrap().close);
-        assert!(parse_response_head(b"HTTP/1.1 200 OK").is_err());
-        assert!(parse_response_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked").is_err());
-        assert!(parse_response_head(b"SSH-2.0").is_err());
+        assert!(head(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n").close);
+        assert!(parse_response_head(b"HTTP/1.1 200 OK\r\n\r\n").is_err());
+        assert!(
+            parse_response_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").is_err()
+        );
+        assert!(parse_response_head(b"SSH-2.0\r\n\r\n").is_err());
     }
 }

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use crate::client;
 use crate::proxy::{Endpoint, ProxySpec};
-use crate::stats::{drive, with_errors, with_latency, Histogram, Json, Run};
+use crate::stats::{with_errors, with_latency, Histogram, Json, Run};
 use crate::target::Kind;
-use crate::{finish, Common};
+use crate::{finish, Common, THREAD_STACK};
 
 /// Bytes per ping.
 const PING: usize = 64;
@@ -22,24 +22,15 @@ pub(crate) fn run(c: &Common, conns: usize) -> i32 {
         Err(e) => return crate::fatal(&e),
     };
     let run = Arc::new(Run::new(0));
-    let mut handles = Vec::new();
-    for i in 0..conns {
-        let (r, proxy, ep) = (run.clone(), c.proxy.clone(), ep.clone());
-        let h = std::thread::Builder::new()
-            .name(format!("ping-{i}"))
-            .stack_size(256 * 1024)
-            .spawn(move || worker(&r, &proxy, &ep));
-        match h {
-            Ok(h) => handles.push(h),
-            Err(e) => run.error(format!("spawn: {e}")),
-        }
-    }
-    let w = drive(&run, c.warmup, c.seconds, c.quiet, &|r| {
-        format!("{r:.0} rtt/s")
-    });
-    for h in handles {
-        let _ = h.join();
-    }
+    let (r, proxy, ep2) = (run.clone(), c.proxy.clone(), ep.clone());
+    let w = c.run_threads(
+        &run,
+        conns,
+        "ping",
+        Some(THREAD_STACK),
+        &|r| format!("{r:.0} rtt/s"),
+        move |_| worker(&r, &proxy, &ep2),
+    );
     let h = run.histogram();
     let rtts = run.measured();
     let j = Json::new()

@@ -24,9 +24,14 @@ use std::str::FromStr;
 use getopts::{Matches, Options};
 
 use crate::proxy::{parse_proxy, Endpoint, ProxySpec};
-use crate::stats::Run;
+use std::sync::Arc;
+
+use crate::stats::{drive, Run, Window};
 use crate::target::{Kind, TcpTarget};
 use crate::throughput::Dir;
+
+/// Stack of a client thread that holds one connection and small buffers: thousands of them stay cheap.
+pub(crate) const THREAD_STACK: usize = 256 * 1024;
 
 /// Settings shared by every mode.
 #[derive(Debug)]
@@ -58,6 +63,40 @@ impl Common {
             eprintln!("built-in {kind:?} target on {}", ep.addr);
         }
         Ok((Some(t), ep))
+    }
+
+    /// Runs `work(i)` on `n` threads named `{name}-{i}` (with `stack` bytes of stack, or the default), drives the
+    /// measured window with `rate` as the progress figure, and joins them all; returns the window.
+    pub(crate) fn run_threads<F>(
+        &self,
+        run: &Run,
+        n: usize,
+        name: &str,
+        stack: Option<usize>,
+        rate: &dyn Fn(f64) -> String,
+        work: F,
+    ) -> Window
+    where
+        F: Fn(usize) + Send + Sync + 'static,
+    {
+        let work = Arc::new(work);
+        let mut handles = Vec::new();
+        for i in 0..n {
+            let work = Arc::clone(&work);
+            let mut builder = std::thread::Builder::new().name(format!("{name}-{i}"));
+            if let Some(bytes) = stack {
+                builder = builder.stack_size(bytes);
+            }
+            match builder.spawn(move || work(i)) {
+                Ok(h) => handles.push(h),
+                Err(e) => run.error(format!("spawn: {e}")),
+            }
+        }
+        let w = drive(run, self.warmup, self.seconds, self.quiet, rate);
+        for h in handles {
+            let _ = h.join();
+        }
+        w
     }
 
     /// Target description for the JSON output.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::client;
 use crate::proxy::Endpoint;
-use crate::stats::{drive, with_errors, Json, Run};
+use crate::stats::{with_errors, Json, Run};
 use crate::target::Kind;
 use crate::{finish, Common};
 
@@ -38,23 +38,11 @@ pub(crate) fn run(c: &Common, streams: usize, dir: Dir) -> i32 {
         Err(e) => return crate::fatal(&e),
     };
     let run = Arc::new(Run::new(0));
-    let mut handles = Vec::new();
-    for i in 0..streams {
-        let (r, proxy, ep) = (run.clone(), c.proxy.clone(), ep.clone());
-        let h = std::thread::Builder::new()
-            .name(format!("stream-{i}"))
-            .spawn(move || stream(&r, &proxy, &ep, dir));
-        match h {
-            Ok(h) => handles.push(h),
-            Err(e) => run.error(format!("spawn: {e}")),
-        }
-    }
-    let w = drive(&run, c.warmup, c.seconds, c.quiet, &|bytes_per_sec| {
-        format!("{:.2} Gbit/s", bytes_per_sec * 8.0 / 1e9)
+    let (r, proxy, ep2) = (run.clone(), c.proxy.clone(), ep.clone());
+    let rate = |bytes_per_sec: f64| format!("{:.2} Gbit/s", bytes_per_sec * 8.0 / 1e9);
+    let w = c.run_threads(&run, streams, "stream", None, &rate, move |_| {
+        stream(&r, &proxy, &ep2, dir)
     });
-    for h in handles {
-        let _ = h.join();
-    }
     let bytes = run.measured();
     let gbit = if w.elapsed > 0.0 {
         bytes as f64 * 8.0 / w.elapsed / 1e9
