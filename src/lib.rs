@@ -4,7 +4,7 @@
 //! main thread ("control")          N worker threads (one per core)          M resolver threads
 //! -----------------------          -------------------------------          ------------------
 //! parse CLI -> Config              own mio::Poll, own SO_REUSEPORT          blocking getaddrinfo
-//! signals (SIGHUP/SIGTERM/SIGINT)  listeners, Slab<Conn>, BufferPool,       reply -> worker channel
+//! signals (HUP/TERM/INT/USR2)     listeners, Slab<Conn>, BufferPool,       reply -> worker channel
 //! /metrics listener                timers, Arc<Users>, own Stats            + worker Waker
 //! reload users -> workers          command channel + Waker
 //! ```
@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod net;
 pub mod proto;
 pub mod resolve;
+pub mod supervisor;
 pub mod sys;
 pub mod upstream;
 pub mod worker;
