@@ -308,6 +308,11 @@ pub fn run(cfg: Config, start: Startup) -> Result<(), RunError> {
         e.register(poll.registry(), METRICS)?;
     }
     let mut server = Server::start_with(cfg, set)?;
+    // Before the `listening on` lines, so whoever waits for them finds the file.
+    if let Some(p) = &pid_file {
+        supervisor::write_pid_file(p)
+            .map_err(|e| RunError::Startup(format!("--pid-file {}: {e}", p.display())))?;
+    }
     {
         let mut out = io::stdout().lock();
         for a in server.addrs() {
@@ -319,10 +324,6 @@ pub fn run(cfg: Config, start: Startup) -> Result<(), RunError> {
             }
         }
         let _ = out.flush();
-    }
-    if let Some(p) = &pid_file {
-        supervisor::write_pid_file(p)
-            .map_err(|e| RunError::Startup(format!("--pid-file {}: {e}", p.display())))?;
     }
     match ready_to {
         Some(to) => {

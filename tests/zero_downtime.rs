@@ -7,8 +7,10 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -328,4 +330,380 @@ fn sd_notify_ready_reloading_stopping() {
     proxy.signal("TERM");
     assert_eq!(recv(), "STOPPING=1");
     assert_eq!(proxy.wait_exit(Duration::from_secs(20)), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Binary upgrade (SIGUSR2)
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Stops a process that is not our child (the upgraded one) by pid when the test ends.
+struct PidGuard(u32);
+
+impl Drop for PidGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.to_string()])
+            .status();
+        let gone = wait_until(Duration::from_secs(10), &mut || !alive(self.0));
+        if !gone {
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.0.to_string()])
+                .status();
+        }
+    }
+}
+
+/// True while `pid` exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+fn read_pid(path: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// A directory with a `socksgate` symlink to the binary under test: the upgrade starts whatever the link names
+/// at SIGUSR2 time, which lets a test swap in a broken "new binary".
+fn binary_link() -> (PathBuf, PathBuf) {
+    let dir = temp_path("upgrade");
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("socksgate");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_socksgate"), &link).unwrap();
+    (dir, link)
+}
+
+fn replace_with_script(link: &std::path::Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(link);
+    std::fs::write(link, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(link, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[derive(Default, Debug)]
+struct LoopStats {
+    ok: u64,
+    refused: u64,
+    reset: u64,
+    failed: Vec<String>,
+}
+
+/// One short SOCKS5 session: connect, handshake, 32 bytes echoed, close.
+fn round_trip(proxy: SocketAddr, echo: SocketAddr, n: u64, st: &mut LoopStats) {
+    let classify = |st: &mut LoopStats, what: &str, e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => st.refused += 1,
+        std::io::ErrorKind::ConnectionReset
+        | std::io::ErrorKind::ConnectionAborted
+        | std::io::ErrorKind::BrokenPipe
+        | std::io::ErrorKind::UnexpectedEof => {
+            st.reset += 1;
+            st.failed.push(format!("#{n} {what}: {e}"));
+        }
+        _ => st.failed.push(format!("#{n} {what}: {e}")),
+    };
+    let mut s = match TcpStream::connect_timeout(&proxy, Duration::from_secs(10)) {
+        Ok(s) => s,
+        Err(e) => return classify(st, "connect", e),
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let payload = pseudo_random(n, 32);
+    let mut hello = vec![5, 1, 0];
+    hello.extend_from_slice(&socks5_request(1, echo));
+    if let Err(e) = s.write_all(&hello) {
+        return classify(st, "write", e);
+    }
+    let mut reply = [0u8; 12];
+    if let Err(e) = s.read_exact(&mut reply) {
+        return classify(st, "handshake", e);
+    }
+    if reply[..4] != [5, 0, 5, 0] {
+        st.failed.push(format!("#{n} reply {reply:?}"));
+        return;
+    }
+    if let Err(e) = s.write_all(&payload) {
+        return classify(st, "payload", e);
+    }
+    let mut back = [0u8; 32];
+    if let Err(e) = s.read_exact(&mut back) {
+        return classify(st, "echo", e);
+    }
+    if back[..] != payload[..] {
+        st.failed.push(format!("#{n} echo mismatch"));
+        return;
+    }
+    st.ok += 1;
+}
+
+/// About 50 sessions per second until `stop` (bounded to 60 s); `done` counts successes as they happen.
+fn client_loop(
+    proxy: SocketAddr,
+    echo: SocketAddr,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+) -> thread::JoinHandle<LoopStats> {
+    thread::spawn(move || {
+        let mut st = LoopStats::default();
+        let end = Instant::now() + Duration::from_secs(60);
+        let mut next = Instant::now();
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+            round_trip(proxy, echo, n, &mut st);
+            done.store(st.ok, Ordering::Relaxed);
+            n += 1;
+            next += Duration::from_millis(20);
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                thread::sleep(wait);
+            }
+        }
+        st
+    })
+}
+
+/// Each connection: reads an 8-byte seed, then sends 1 MiB of `pseudo_random(seed)` in 16 chunks 100 ms apart and
+/// closes: a download that stays in flight for a good second and a half.
+fn slow_download_server() -> TestServer {
+    TestServer::start(|mut s| {
+        let mut seed = [0u8; 8];
+        if s.read_exact(&mut seed).is_err() {
+            return;
+        }
+        let data = pseudo_random(u64::from_be_bytes(seed), DOWNLOAD);
+        for chunk in data.chunks(DOWNLOAD / 16) {
+            if s.write_all(chunk).is_err() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
+
+const DOWNLOAD: usize = 1 << 20;
+
+fn upgrade_under_load(threads: &str) {
+    let echo = TestServer::echo();
+    let downloads = slow_download_server();
+    let (dir, link) = binary_link();
+    let pid_file = dir.join("socksgate.pid");
+    let args = [
+        "-l",
+        "127.0.0.1:0",
+        "--threads",
+        threads,
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    let mut cmd = Command::new(&link);
+    cmd.args(args);
+    let mut old = Proxy::spawn_command(cmd, &args);
+    let proxy = old.addr();
+    assert_eq!(read_pid(&pid_file), Some(old.pid()), "pid file at start");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let lp = client_loop(proxy, echo.addr, Arc::clone(&stop), Arc::clone(&done));
+    let (started_tx, started_rx) = mpsc::channel();
+    let dl: Vec<_> = (0..20u64)
+        .map(|seed| {
+            let tx = started_tx.clone();
+            let target = downloads.addr;
+            thread::spawn(move || {
+                let mut t = socks5_connect(proxy, target).expect("download tunnel");
+                t.write_all(&(seed + 1000).to_be_bytes()).unwrap();
+                let mut got = read_n(&mut t, DOWNLOAD / 16);
+                tx.send(()).unwrap();
+                t.read_to_end(&mut got).expect("download");
+                got.len() == DOWNLOAD
+                    && digest(&got) == digest(&pseudo_random(seed + 1000, DOWNLOAD))
+            })
+        })
+        .collect();
+    for _ in 0..20 {
+        started_rx
+            .recv_timeout(IO_TIMEOUT)
+            .expect("download started");
+    }
+    assert!(
+        wait_until(IO_TIMEOUT, &mut || done.load(Ordering::Relaxed) >= 10),
+        "the client loop did not get going"
+    );
+
+    // A client mid-handshake on the old process (greeting answered, request not sent yet) at the hand-over.
+    let mut halfway = connect(proxy);
+    halfway.write_all(&[5, 1, 0]).unwrap();
+    assert_eq!(read_n(&mut halfway, 2), vec![5, 0]);
+
+    old.signal("USR2");
+    let mut new_pid = None;
+    let switched = wait_until(Duration::from_secs(30), &mut || {
+        new_pid = read_pid(&pid_file).filter(|&p| p != old.pid());
+        new_pid.is_some()
+    });
+    assert!(
+        switched,
+        "pid file never named a new process:\n{}",
+        old.log()
+    );
+    let new_pid = new_pid.unwrap();
+    let _guard = PidGuard(new_pid);
+    assert!(alive(new_pid));
+    assert!(
+        old.wait_for(IO_TIMEOUT, || old.log().contains("handing over")),
+        "{}",
+        old.log()
+    );
+    halfway.write_all(&socks5_request(1, echo.addr)).unwrap();
+    assert_eq!(
+        read_socks5_reply(&mut halfway).0,
+        0,
+        "handshake finished after the hand-over"
+    );
+    assert_echo(&mut halfway, b"finished on the old process");
+    drop(halfway);
+    assert_eq!(
+        old.wait_exit(Duration::from_secs(40)),
+        Some(0),
+        "old process exit status:\n{}",
+        old.log()
+    );
+    for (i, h) in dl.into_iter().enumerate() {
+        assert!(
+            h.join().expect("download thread"),
+            "download {i} was cut or corrupted"
+        );
+    }
+    // The new process alone serves from here on: let the loop run on it for a while.
+    let at_exit = done.load(Ordering::Relaxed);
+    assert!(
+        wait_until(Duration::from_secs(20), &mut || done
+            .load(Ordering::Relaxed)
+            >= at_exit + 25),
+        "the client loop stalled after the old process exited"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let st = lp.join().expect("client loop");
+    assert_eq!(
+        (st.refused, st.reset, st.failed.len()),
+        (0, 0, 0),
+        "{st:?}\n{}",
+        old.log()
+    );
+    assert!(st.ok >= 40, "{st:?}");
+
+    let mut t = socks5_connect(proxy, echo.addr).expect("the new process serves");
+    assert_echo(&mut t, b"after the upgrade");
+    // The /metrics listener was handed over too.
+    let text = old.metrics_text();
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.contains("socksgate_connections_accepted_total"),
+        "{text}"
+    );
+    let log = old.log();
+    assert!(
+        log.contains(&format!(
+            "upgrade: new process {new_pid} is ready; handing over"
+        )),
+        "{log}"
+    );
+    assert!(log.contains("upgrade: took over"), "{log}");
+}
+
+#[test]
+fn upgrade_under_load_loses_nothing_one_thread() {
+    upgrade_under_load("1");
+}
+
+#[test]
+fn upgrade_under_load_loses_nothing_four_threads() {
+    upgrade_under_load("4");
+}
+
+#[test]
+fn a_failed_upgrade_leaves_the_old_process_serving() {
+    let echo = TestServer::echo();
+    let (dir, link) = binary_link();
+    let pid_file = dir.join("socksgate.pid");
+    let args = [
+        "-l",
+        "127.0.0.1:0",
+        "--threads",
+        "2",
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        "--upgrade-timeout",
+        "2s",
+    ];
+    let mut cmd = Command::new(&link);
+    cmd.args(args);
+    let mut old = Proxy::spawn_command(cmd, &args);
+    let proxy = old.addr();
+    let serves = |what: &str| {
+        let mut t = socks5_connect(proxy, echo.addr).unwrap_or_else(|r| panic!("{what}: {r}"));
+        assert_echo(&mut t, what.as_bytes());
+    };
+    let link_name = link.display().to_string();
+
+    // A new binary that fails at start.
+    replace_with_script(&link, "echo 'new binary: broken' >&2\nexit 1");
+    old.signal("USR2");
+    let line = format!("upgrade failed: new process {link_name} (pid ");
+    assert!(
+        old.wait_for(IO_TIMEOUT, || old
+            .log()
+            .contains("it exited with status 1; still serving")),
+        "{}",
+        old.log()
+    );
+    assert!(old.log().contains(&line), "{}", old.log());
+    serves("after a failed start");
+    assert_eq!(read_pid(&pid_file), Some(old.pid()));
+
+    // One that never becomes ready; a second SIGUSR2 meanwhile is refused.
+    replace_with_script(&link, "exec sleep 30");
+    old.signal("USR2");
+    assert!(
+        old.wait_for(IO_TIMEOUT, || old.log().matches("SIGUSR2: started").count()
+            == 2)
+    );
+    old.signal("USR2");
+    assert!(
+        old.wait_for(IO_TIMEOUT, || old
+            .log()
+            .contains("an upgrade is already in progress")),
+        "{}",
+        old.log()
+    );
+    assert!(
+        old.wait_for(IO_TIMEOUT, || old
+            .log()
+            .contains("was not ready in time; killed it; still serving")),
+        "{}",
+        old.log()
+    );
+    serves("after a timed-out start");
+    assert_eq!(read_pid(&pid_file), Some(old.pid()));
+    assert!(
+        old.child.try_wait().unwrap().is_none(),
+        "the old process exited"
+    );
+
+    // The real binary again: this upgrade goes through.
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_socksgate"), &link).unwrap();
+    old.signal("USR2");
+    let mut new_pid = None;
+    assert!(wait_until(Duration::from_secs(30), &mut || {
+        new_pid = read_pid(&pid_file).filter(|&p| p != old.pid());
+        new_pid.is_some()
+    }));
+    let _guard = PidGuard(new_pid.unwrap());
+    assert_eq!(old.wait_exit(Duration::from_secs(40)), Some(0));
+    serves("by the new process");
 }
