@@ -707,3 +707,58 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
     assert_eq!(old.wait_exit(Duration::from_secs(40)), Some(0));
     serves("by the new process");
 }
+
+#[test]
+fn an_upgrade_hands_on_the_sockets_systemd_passed() {
+    let echo = TestServer::echo();
+    let Some(mut a) = Activated::start(2, None, &["--threads", "3"]) else {
+        return;
+    };
+    for &addr in &a.addrs {
+        let mut t = socks5_connect(addr, echo.addr).expect("activated");
+        assert_echo(&mut t, b"before");
+    }
+    let old_pid = a.child.id();
+    let ok = Command::new("kill")
+        .args(["-USR2", &old_pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let mut new_pid = None;
+    assert!(
+        wait_until(Duration::from_secs(30), &mut || {
+            let log = a.log();
+            new_pid = log
+                .split("upgrade: new process ")
+                .nth(1)
+                .and_then(|rest| rest.split(' ').next())
+                .and_then(|p| p.parse::<u32>().ok());
+            new_pid.is_some()
+        }),
+        "{}",
+        a.log()
+    );
+    let _guard = PidGuard(new_pid.unwrap());
+    let start = Instant::now();
+    let code = loop {
+        if let Some(st) = a.child.try_wait().unwrap() {
+            break st.code();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "old process still running"
+        );
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code, Some(0), "{}", a.log());
+    for &addr in &a.addrs {
+        let mut t = socks5_connect(addr, echo.addr).expect("served by the new process");
+        assert_echo(&mut t, b"after");
+    }
+    assert!(
+        a.log().contains("upgrade: took over 2 listening sockets"),
+        "{}",
+        a.log()
+    );
+}
