@@ -60,8 +60,9 @@ impl ListenSet {
     /// silently; port 0 is resolved once and used by every worker.
     pub fn bind(addrs: &[SocketAddr], threads: usize) -> Result<ListenSet, ListenError> {
         let threads = threads.max(1);
+        // Every probe before any listen: two -l addresses that overlap (0.0.0.0:p and 127.0.0.1:p) are both ours,
+        // and a probe conflicts only with a socket that listens.
         let mut probes = Vec::with_capacity(addrs.len());
-        let mut sockets = Vec::with_capacity(addrs.len() * threads);
         for &want in addrs {
             let probe = net::probe_exclusive(want).map_err(|e| bind_error(want, e))?;
             let addr = probe
@@ -71,6 +72,11 @@ impl ListenSet {
                 .ok_or_else(|| {
                     ListenError::Other(format!("cannot listen on {want}: no local address"))
                 })?;
+            // Held until every address is bound, so a port-0 choice cannot be taken by someone else meanwhile.
+            probes.push((addr, probe));
+        }
+        let mut sockets = Vec::with_capacity(addrs.len() * threads);
+        for &(addr, _) in &probes {
             for _ in 0..threads {
                 let l = net::reuseport_listener(addr, BACKLOG).map_err(|e| bind_error(addr, e))?;
                 sockets.push((
@@ -78,8 +84,6 @@ impl ListenSet {
                     Socket::from(OwnedFd::from(std::net::TcpListener::from(l))),
                 ));
             }
-            // Held until every address is bound, so a port-0 choice cannot be taken by someone else meanwhile.
-            probes.push(probe);
         }
         drop(probes);
         let set = ListenSet {

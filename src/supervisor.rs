@@ -108,7 +108,13 @@ pub struct Upgrade {
     got: Vec<u8>,
     deadline: Instant,
     exe: PathBuf,
+    /// Why and when the new process was found to have failed while it may still be exiting: its status is
+    /// collected on later checks (the control loop must not block on it).
+    failing: Option<(String, Instant)>,
 }
+
+/// How long a new process that gave up is given to exit on its own before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
 
 /// How a pending upgrade stands after its readiness socket or its deadline was checked.
 #[derive(Debug)]
@@ -156,6 +162,7 @@ impl Upgrade {
             got: Vec::new(),
             deadline: Instant::now() + timeout,
             exe: exe.to_path_buf(),
+            failing: None,
         })
     }
 
@@ -169,45 +176,54 @@ impl Upgrade {
         &mut self.ready
     }
 
-    /// Reads what the new process reported and checks the deadline. On failure the new process has been stopped
-    /// (killed if it was still running) and reaped.
+    /// Reads what the new process reported and checks the deadline. Never blocks. Once it reports `Failed`, the new
+    /// process has been stopped (killed if it was still running) and reaped.
     pub fn check(&mut self, now: Instant) -> UpgradeState {
+        if let Some((what, since)) = self.failing.take() {
+            return self.finish_failure(what, since, now);
+        }
         let mut buf = [0u8; 64];
-        loop {
+        let problem = loop {
             match self.ready.read(&mut buf) {
-                Ok(0) => return self.fail("closed its readiness socket before it was ready"),
+                Ok(0) => break "closed its readiness socket before it was ready".to_string(),
                 Ok(n) => {
                     self.got.extend_from_slice(&buf[..n]);
                     if self.got.starts_with(READY) {
                         return UpgradeState::Ready(self.child.id());
                     }
                     if self.got.len() >= READY.len() {
-                        return self.fail("sent an unexpected readiness message");
+                        break "sent an unexpected readiness message".to_string();
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if now >= self.deadline {
+                        let _ = self.child.kill();
+                        let _ = self.child.wait();
+                        return UpgradeState::Failed(format!(
+                            "new process {} (pid {}) was not ready in time; killed it",
+                            self.exe.display(),
+                            self.child.id()
+                        ));
+                    }
+                    return UpgradeState::Pending;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return self.fail(&format!("readiness socket: {e}")),
+                Err(e) => break format!("readiness socket: {e}"),
             }
-        }
-        if now >= self.deadline {
-            return self.fail("was not ready in time");
-        }
-        UpgradeState::Pending
+        };
+        self.finish_failure(problem, now, now)
     }
 
-    /// Stops the new process (it never became the serving one) and reaps it.
-    pub fn abort(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn fail(&mut self, what: &str) -> UpgradeState {
-        // A process that closed the socket is usually exiting: give it a moment to report its status.
-        let status = wait_bounded(&mut self.child, Duration::from_secs(2));
-        let how = match status {
-            Some(st) => describe(st),
-            None => {
+    /// A process that closed the socket is usually exiting: report its status once it has one, or kill it after
+    /// [`EXIT_GRACE`].
+    fn finish_failure(&mut self, what: String, since: Instant, now: Instant) -> UpgradeState {
+        let how = match self.child.try_wait() {
+            Ok(Some(st)) => describe(st),
+            _ if now < since + EXIT_GRACE => {
+                self.failing = Some((what, since));
+                return UpgradeState::Pending;
+            }
+            _ => {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
                 "killed it".to_string()
@@ -219,18 +235,11 @@ impl Upgrade {
             self.child.id()
         ))
     }
-}
 
-fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
-    let start = Instant::now();
-    loop {
-        if let Ok(Some(st)) = child.try_wait() {
-            return Some(st);
-        }
-        if start.elapsed() >= limit {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    /// Stops the new process (it never became the serving one) and reaps it.
+    pub fn abort(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

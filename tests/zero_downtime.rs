@@ -762,3 +762,15 @@ fn an_upgrade_hands_on_the_sockets_systemd_passed() {
         a.log()
     );
 }
+
+#[test]
+fn overlapping_listen_addresses_of_one_instance_are_not_a_conflict() {
+    let echo = TestServer::echo();
+    let port = closed_port().to_string();
+    let (specific, wild) = (format!("127.0.0.1:{port}"), format!("0.0.0.0:{port}"));
+    let args = ["-l", &specific, "-l", &wild, "--open", "--threads", "2"];
+    let proxy = Proxy::spawn(&args);
+    assert_eq!(proxy.addrs.len(), 2, "{}", proxy.log());
+    let mut t = socks5_connect(proxy.addr(), echo.addr).expect("serves");
+    assert_echo(&mut t, b"both ours");
+}
