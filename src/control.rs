@@ -327,12 +327,10 @@ pub fn run(cfg: Config, start: Startup) -> Result<(), RunError> {
     }
     match ready_to {
         Some(to) => {
-            supervisor::report_ready(to).map_err(|e| {
-                RunError::Io(io::Error::new(
-                    e.kind(),
-                    format!("upgrade: cannot report readiness to the old process: {e}"),
-                ))
-            })?;
+            // The old process may be gone (killed, crashed): then we are the only one serving, so carry on.
+            if let Err(e) = supervisor::report_ready(to) {
+                warn!("upgrade: cannot report readiness to the old process: {e}; serving anyway");
+            }
             info!(
                 "upgrade: took over {} listening sockets from pid {}",
                 server.listen_fds().map(|f| f.len()).unwrap_or(0),
@@ -365,6 +363,8 @@ pub fn run(cfg: Config, start: Startup) -> Result<(), RunError> {
                 SIGNALS => {
                     for sig in signals.pending() {
                         match sig {
+                            // After a hand-over the new process speaks for the service.
+                            SIGHUP if handed_over => reload(&server),
                             SIGHUP => {
                                 supervisor::notify_or_log(&format!(
                                     "RELOADING=1\nMONOTONIC_USEC={}",
@@ -394,6 +394,9 @@ pub fn run(cfg: Config, start: Startup) -> Result<(), RunError> {
                             },
                             _ if draining => {
                                 warn!("second signal: exiting now");
+                                if let (Some(p), false) = (&pid_file, handed_over) {
+                                    supervisor::remove_pid_file(p);
+                                }
                                 return Err(RunError::Forced);
                             }
                             _ => {
