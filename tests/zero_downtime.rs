@@ -774,3 +774,96 @@ fn overlapping_listen_addresses_of_one_instance_are_not_a_conflict() {
     let mut t = socks5_connect(proxy.addr(), echo.addr).expect("serves");
     assert_echo(&mut t, b"both ours");
 }
+
+/// Connections waiting in the accept queue at the hand-over (the old process is at --max-connections, so it does
+/// not accept them) are served by the new process, not reset: the queues are never closed.
+fn queued_connections_survive(threads: &str) {
+    let echo = TestServer::echo();
+    let (dir, link) = binary_link();
+    let pid_file = dir.join("socksgate.pid");
+    let args = [
+        "-l",
+        "127.0.0.1:0",
+        "--threads",
+        threads,
+        "--max-connections",
+        "1",
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+    ];
+    let mut cmd = Command::new(&link);
+    cmd.args(args);
+    let mut old = Proxy::spawn_command(cmd, &args);
+    let proxy = old.addr();
+    let mut hold = socks5_connect(proxy, echo.addr).expect("the one connection allowed");
+    assert_echo(&mut hold, b"holding the only slot");
+    // The kernel completes these handshakes and queues them; socksgate does not accept them while at its limit.
+    let queued: Vec<(TcpStream, Vec<u8>)> = (0..6u64)
+        .map(|i| {
+            let mut s = connect(proxy);
+            let payload = pseudo_random(i + 77, 100);
+            let mut msg = vec![5, 1, 0];
+            msg.extend_from_slice(&socks5_request(1, echo.addr));
+            msg.extend_from_slice(&payload);
+            s.write_all(&msg).unwrap();
+            (s, payload)
+        })
+        .collect();
+    old.signal("USR2");
+    let mut new_pid = None;
+    assert!(
+        wait_until(Duration::from_secs(30), &mut || {
+            new_pid = read_pid(&pid_file).filter(|&p| p != old.pid());
+            new_pid.is_some()
+        }),
+        "{}",
+        old.log()
+    );
+    let _guard = PidGuard(new_pid.unwrap());
+    // With several workers the new process accepts them in no particular order, one at a time: read them all
+    // at once, each freeing the single slot when done.
+    let readers: Vec<_> = queued
+        .into_iter()
+        .enumerate()
+        .map(|(i, (mut s, payload))| {
+            thread::spawn(move || {
+                let mut answer = vec![0u8; 12 + payload.len()];
+                let got = s
+                    .read_exact(&mut answer)
+                    .map_err(|e| format!("queued client {i}: {e}"));
+                let _ = s.shutdown(std::net::Shutdown::Both);
+                got?;
+                if answer[..4] != [5, 0, 5, 0] || answer[12..] != payload[..] {
+                    return Err(format!(
+                        "queued client {i}: wrong answer {:?}",
+                        &answer[..12]
+                    ));
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for r in readers {
+        if let Err(e) = r.join().expect("reader") {
+            panic!("{e}\n{}", old.log());
+        }
+    }
+    assert_echo(&mut hold, b"the old process still relays");
+    drop(hold);
+    assert_eq!(
+        old.wait_exit(Duration::from_secs(40)),
+        Some(0),
+        "{}",
+        old.log()
+    );
+}
+
+#[test]
+fn queued_connections_survive_an_upgrade_one_thread() {
+    queued_connections_survive("1");
+}
+
+#[test]
+fn queued_connections_survive_an_upgrade_four_threads() {
+    queued_connections_survive("4");
+}
