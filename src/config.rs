@@ -365,10 +365,11 @@ fn options() -> Options {
 pub fn usage() -> String {
     let brief = "Usage: socksgate [options]\n\nSOCKS5, SOCKS4/4a and HTTP proxy on one port. \
                  DUR is a number with an optional unit: 500ms, 10s, 5m, 1h (default s).\n\n\
-                 Signals: SIGTERM/SIGINT drain (a second one exits at once), SIGHUP re-reads --users, SIGUSR2 \
-                 starts the binary again from the same path and hands it the listening sockets (upgrade).\n\
-                 Socket activation: when systemd passes listening sockets (LISTEN_FDS/LISTEN_PID), socksgate serves \
-                 those instead of the -l addresses (-l is then ignored, with a warning if given).";
+                 Signals: SIGTERM/SIGINT drain (a second one exits at once); SIGHUP re-reads\n\
+                 --users; SIGUSR2 upgrades: starts the binary again from the same path, hands\n\
+                 it the listening sockets, and drains once it is ready.\n\
+                 Socket activation: when systemd passes listening sockets (LISTEN_FDS and\n\
+                 LISTEN_PID), those are served instead of the -l addresses (-l is ignored).";
     options().usage(brief)
 }
 
