@@ -265,12 +265,17 @@ pub fn run(cfg: Config, start: Startup) -> Result<(), RunError> {
                     );
                 }
                 info!(
-                    "socket activation: {} sockets from systemd{}",
+                    "socket activation: {} sockets from systemd{}{}",
                     h.set.raw_fds().len(),
                     if h.names.is_empty() {
                         String::new()
                     } else {
                         format!(" (names {})", h.names.join(":"))
+                    },
+                    if h.metrics.is_some() {
+                        ", and the /metrics socket"
+                    } else {
+                        ""
                     }
                 );
             }
@@ -296,8 +301,9 @@ pub fn run(cfg: Config, start: Startup) -> Result<(), RunError> {
             }
         }
     }
+    // A handed /metrics listener wins over --metrics: the old process served it, or systemd passed it by name.
     let mut exporter = match (cfg.metrics, handed_metrics) {
-        (Some(_), Some(l)) => {
+        (_, Some(l)) => {
             l.set_nonblocking(true)?;
             Some(Exporter::from_listener(mio::net::TcpListener::from_std(l)))
         }

@@ -188,13 +188,16 @@ pub mod upgrade_env {
     pub const FROM: &str = "SOCKSGATE_UPGRADE_FROM";
 }
 
+/// The `LISTEN_FDNAMES` name of a passed socket that serves `/metrics` rather than the proxy.
+pub const METRICS_FDNAME: &str = "metrics";
+
 /// What a process was handed at startup instead of binding its own listeners.
 pub struct Handed {
     /// The listening sockets.
     pub set: ListenSet,
     /// `LISTEN_FDNAMES` (systemd), one per socket when given.
     pub names: Vec<String>,
-    /// The `/metrics` listener (upgrade).
+    /// The `/metrics` listener (upgrade, or a systemd socket named [`METRICS_FDNAME`]).
     pub metrics: Option<std::net::TcpListener>,
     /// Where to report readiness to the old process (upgrade).
     pub ready: Option<std::os::unix::net::UnixStream>,
@@ -260,18 +263,16 @@ pub fn take_from_env() -> Result<Option<Handed>, ListenError> {
         return Ok(None);
     };
     let me = std::process::id();
-    match listen_pid.as_deref().map(|p| p.trim().parse::<u32>()) {
-        Some(Ok(p)) if p == me => {}
-        other => {
-            log::info!(
-                "ignoring LISTEN_FDS={fds}: LISTEN_PID={} is not this process ({me})",
-                match other {
-                    Some(_) => listen_pid.as_deref().unwrap_or(""),
-                    None => "(unset)",
-                }
-            );
-            return Ok(None);
-        }
+    if listen_pid
+        .as_deref()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        != Some(me)
+    {
+        log::info!(
+            "ignoring LISTEN_FDS={fds}: LISTEN_PID={} is not this process ({me})",
+            listen_pid.as_deref().unwrap_or("(unset)")
+        );
+        return Ok(None);
     }
     let n: i32 = fds
         .trim()
@@ -286,14 +287,26 @@ pub fn take_from_env() -> Result<Option<Handed>, ListenError> {
         .map(|n| n.split(':').map(str::to_string).collect())
         .unwrap_or_default();
     let mut sockets = Vec::with_capacity(n as usize);
+    let mut metrics = None;
     for i in 0..n {
         // SD_LISTEN_FDS_START
         let fd = 3 + i;
-        let what = match names.get(i as usize) {
+        let name = names.get(i as usize).map(String::as_str);
+        let what = match name {
             Some(name) => format!("LISTEN_FDS: descriptor {fd} ({name})"),
             None => format!("LISTEN_FDS: descriptor {fd}"),
         };
-        sockets.push(take_listener(fd, &what)?);
+        let (addr, sock) = take_listener(fd, &what)?;
+        if name == Some(METRICS_FDNAME) && metrics.is_none() {
+            metrics = Some(std::net::TcpListener::from(sock));
+        } else {
+            sockets.push((addr, sock));
+        }
+    }
+    if sockets.is_empty() {
+        return Err(ListenError::Other(format!(
+            "LISTEN_FDS: only a socket named {METRICS_FDNAME:?} was passed; no socket to serve the proxy on"
+        )));
     }
     Ok(Some(Handed {
         set: ListenSet {
@@ -301,7 +314,7 @@ pub fn take_from_env() -> Result<Option<Handed>, ListenError> {
             origin: Origin::Systemd,
         },
         names,
-        metrics: None,
+        metrics,
         ready: None,
         from_pid: None,
     }))

@@ -867,3 +867,29 @@ fn queued_connections_survive_an_upgrade_one_thread() {
 fn queued_connections_survive_an_upgrade_four_threads() {
     queued_connections_survive("4");
 }
+
+#[test]
+fn a_passed_socket_named_metrics_serves_metrics() {
+    let echo = TestServer::echo();
+    let Some(a) = Activated::start(2, Some("socks:metrics"), &["--threads", "2"]) else {
+        return;
+    };
+    let mut t = socks5_connect(a.addrs[0], echo.addr).expect("the proxy socket");
+    assert_echo(&mut t, b"proxy");
+    drop(t);
+    let mut m = connect(a.addrs[1]);
+    m.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let text = String::from_utf8(read_to_end(&mut m)).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("socksgate_connections_accepted_total 1\n"),
+        "{text}"
+    );
+    assert!(
+        a.log()
+            .contains("socket activation: 1 sockets from systemd"),
+        "{}",
+        a.log()
+    );
+}
