@@ -46,8 +46,14 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Close a tunnel after this long with no traffic either way.
     pub idle_timeout: Duration,
-    /// How long established tunnels may finish after SIGTERM.
+    /// How long established tunnels may finish after SIGTERM (or after handing over in an upgrade).
     pub drain_timeout: Duration,
+    /// How long the new process of a SIGUSR2 upgrade has to become ready.
+    pub upgrade_timeout: Duration,
+    /// Where to write the serving process's pid.
+    pub pid_file: Option<PathBuf>,
+    /// `--open`: serving without authentication on a non-loopback address was asked for.
+    pub open: bool,
     /// Cap on concurrent client connections across all workers.
     pub max_connections: Option<usize>,
     /// Cap on concurrent sessions per authenticated user.
@@ -122,6 +128,9 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             drain_timeout: Duration::from_secs(30),
+            upgrade_timeout: Duration::from_secs(30),
+            pid_file: None,
+            open: false,
             max_connections: None,
             user_max_connections: None,
             socks4: true,
@@ -183,7 +192,7 @@ fn options() -> Options {
     o.optmulti(
         "l",
         "listen",
-        "listen address, IPv4 or [IPv6]:port; repeatable (default 127.0.0.1:1080)",
+        "listen address, IPv4 or [IPv6]:port; repeatable (default 127.0.0.1:1080); not bound when systemd passes sockets",
         "ADDR:PORT",
     );
     o.optopt(
@@ -257,6 +266,18 @@ fn options() -> Options {
         "drain-timeout",
         "on SIGTERM, let tunnels finish for this long (default 30s)",
         "DUR",
+    );
+    o.optopt(
+        "",
+        "upgrade-timeout",
+        "on SIGUSR2, how long the new binary has to become ready (default 30s)",
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "pid-file",
+        "write the serving process's pid here (the new one's after an upgrade)",
+        "FILE",
     );
     o.optopt(
         "",
@@ -400,7 +421,12 @@ fn options() -> Options {
 /// The usage text, every flag with its default.
 pub fn usage() -> String {
     let brief = "Usage: socksgate [options]\n\nSOCKS5, SOCKS4/4a and HTTP proxy on one port. \
-                 DUR is a number with an optional unit: 500ms, 10s, 5m, 1h, 1d (default s).";
+                 DUR is a number with an optional unit: 500ms, 10s, 5m, 1h, 1d (default s).\n\n\
+                 Signals: SIGTERM/SIGINT drain (a second one exits at once); SIGHUP re-reads\n\
+                 --users and --policy; SIGUSR2 upgrades: starts the binary again from the\n\
+                 same path, hands it the listening sockets, and drains once it is ready.\n\
+                 Socket activation: when systemd passes listening sockets (LISTEN_FDS and\n\
+                 LISTEN_PID), those are served instead of the -l addresses (-l is ignored).";
     options().usage(brief)
 }
 
@@ -573,6 +599,9 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
     c.connect_timeout = dur(&m, "connect-timeout", c.connect_timeout)?;
     c.idle_timeout = dur(&m, "idle-timeout", c.idle_timeout)?;
     c.drain_timeout = dur(&m, "drain-timeout", c.drain_timeout)?;
+    c.upgrade_timeout = dur(&m, "upgrade-timeout", c.upgrade_timeout)?;
+    c.pid_file = m.opt_str("pid-file").map(PathBuf::from);
+    c.open = m.opt_present("open");
     c.udp_idle_timeout = dur(&m, "udp-idle-timeout", c.udp_idle_timeout)?;
     c.bind_timeout = dur(&m, "bind-timeout", c.bind_timeout)?;
     c.max_connections = num::<usize>(&m, "max-connections", 1)?;
@@ -671,7 +700,7 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
     }
     let exposed = c.listen.iter().find(|a| !a.ip().is_loopback());
     if let Some(a) = exposed {
-        if c.users.is_empty() && c.client_rules.is_empty() && !m.opt_present("open") {
+        if c.users.is_empty() && c.client_rules.is_empty() && !c.open {
             return Err(ConfigError(format!(
                 "refusing to run an open proxy on non-loopback address {a}: configure --user/--users or \
                  --allow-client, or pass --open if that is really what you want"

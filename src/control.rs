@@ -1,7 +1,9 @@
 //! The control thread: starts workers, handles signals, serves `/metrics`, and fans out reload and drain.
 
+use std::ffi::OsString;
 use std::io::{self, Write};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
@@ -10,15 +12,17 @@ use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 use mio::{Events, Interest, Poll, Token, Waker};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::auth::Users;
 use crate::config::Config;
-use crate::listen::{ListenError, ListenSet};
+use crate::listen::{Handed, ListenError, ListenSet, Origin};
 use crate::metrics::serve::Exporter;
 use crate::metrics::Stats;
 use crate::resolve::ResolverPool;
+use crate::supervisor::{self, Upgrade, UpgradeState};
+use crate::sys;
 use crate::worker::{self, Command, Shared, Worker};
 
 struct WorkerHandle {
@@ -167,6 +171,18 @@ impl Server {
         self.send(|| Command::Drain(deadline));
     }
 
+    /// After a new process took over the listening sockets: stop accepting (our copies close, the sockets and
+    /// their queues live on in the new process) and drain, letting connections mid-handshake finish.
+    pub fn handover(&mut self, deadline: Instant) {
+        self.listen_set = None;
+        self.send(|| Command::Handover(deadline));
+    }
+
+    /// Descriptors of every listening socket, while we still hold them (until a drain or hand-over).
+    pub fn listen_fds(&self) -> Option<Vec<std::os::fd::RawFd>> {
+        self.listen_set.as_ref().map(|s| s.raw_fds())
+    }
+
     /// True once every worker thread has exited.
     pub fn finished(&self) -> bool {
         self.workers
@@ -206,6 +222,7 @@ impl Drop for Server {
 
 const SIGNALS: Token = Token(usize::MAX);
 const METRICS: Token = Token(usize::MAX - 1);
+const UPGRADE: Token = Token(usize::MAX - 2);
 
 /// Why [`run`] ended other than by a completed drain.
 #[derive(Debug)]
@@ -244,26 +261,95 @@ impl From<io::Error> for RunError {
     }
 }
 
-/// Runs the server until SIGTERM/SIGINT and the drain that follows. Prints one `listening on ADDR` line per
-/// listener (and `metrics on ADDR`) to stdout once ready, which scripts and tests wait for.
-pub fn run(cfg: Config) -> Result<(), RunError> {
-    let metrics_addr = cfg.metrics;
+/// What `main` gathered before any thread started.
+#[derive(Default)]
+pub struct Startup {
+    /// Listening sockets passed by systemd or by the process this one replaces.
+    pub handed: Option<Handed>,
+    /// The arguments (without `argv[0]`) as given, before `-U` passwords were hidden: SIGUSR2 starts the new
+    /// binary with them.
+    pub args: Vec<OsString>,
+    /// The binary's path for SIGUSR2, resolved at startup ([`supervisor::resolve_exe`]).
+    pub exe: Option<PathBuf>,
+}
+
+/// Runs the server until SIGTERM/SIGINT and the drain that follows, or until a SIGUSR2 upgrade handed over and
+/// drained. Prints one `listening on ADDR` line per listener (and `metrics on ADDR`) to stdout once ready, which
+/// scripts and tests wait for.
+pub fn run(cfg: Config, start: Startup) -> Result<(), RunError> {
     let drain_timeout = cfg.drain_timeout;
+    let upgrade_timeout = cfg.upgrade_timeout;
+    let pid_file = cfg.pid_file.clone();
     let mut poll = Poll::new()?;
-    let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+    let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT, SIGUSR2])?;
     poll.registry()
         .register(&mut signals, SIGNALS, Interest::READABLE)?;
-    let mut exporter = match metrics_addr {
-        Some(a) => {
-            let mut e = Exporter::bind(a)?;
-            e.register(poll.registry(), METRICS)?;
-            Some(e)
+    let Startup { handed, args, exe } = start;
+    let (set, handed_metrics, ready_to, from_pid) = match handed {
+        Some(h) => {
+            if h.set.origin == Origin::Systemd {
+                if cfg.listen != Config::default().listen {
+                    warn!(
+                        "ignoring --listen {:?}: serving the sockets systemd passed instead",
+                        cfg.listen
+                    );
+                }
+                info!(
+                    "socket activation: {} sockets from systemd{}{}",
+                    h.set.raw_fds().len(),
+                    if h.names.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (names {})", h.names.join(":"))
+                    },
+                    if h.metrics.is_some() {
+                        ", and the /metrics socket"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            h.set.set_socket_buffer(cfg.socket_buffer)?;
+            (h.set, h.metrics, h.ready, h.from_pid)
         }
-        None => None,
+        None => (
+            ListenSet::bind(&cfg.listen, cfg.threads, cfg.socket_buffer)
+                .map_err(|e| RunError::Startup(e.to_string()))?,
+            None,
+            None,
+            None,
+        ),
     };
-    let set = ListenSet::bind(&cfg.listen, cfg.threads, cfg.socket_buffer)
-        .map_err(|e| RunError::Startup(e.to_string()))?;
+    if set.origin == Origin::Systemd {
+        // The same guard as for -l addresses, applied to the sockets systemd chose.
+        let exposed = set.addrs().into_iter().find(|a| !a.ip().is_loopback());
+        if let Some(a) = exposed {
+            if cfg.users.is_empty() && cfg.client_rules.is_empty() && !cfg.open {
+                return Err(RunError::Startup(format!(
+                    "refusing to run an open proxy on non-loopback address {a} (passed by systemd): configure \
+                     --user/--users or --allow-client, or pass --open if that is really what you want"
+                )));
+            }
+        }
+    }
+    // A handed /metrics listener wins over --metrics: the old process served it, or systemd passed it by name.
+    let mut exporter = match (cfg.metrics, handed_metrics) {
+        (_, Some(l)) => {
+            l.set_nonblocking(true)?;
+            Some(Exporter::from_listener(mio::net::TcpListener::from_std(l)))
+        }
+        (Some(a), None) => Some(Exporter::bind(a)?),
+        (None, _) => None,
+    };
+    if let Some(e) = exporter.as_mut() {
+        e.register(poll.registry(), METRICS)?;
+    }
     let mut server = Server::start_with(cfg, set)?;
+    // Before the `listening on` lines, so whoever waits for them finds the file.
+    if let Some(p) = &pid_file {
+        supervisor::write_pid_file(p)
+            .map_err(|e| RunError::Startup(format!("--pid-file {}: {e}", p.display())))?;
+    }
     {
         let mut out = io::stdout().lock();
         for a in server.addrs() {
@@ -276,6 +362,22 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
         }
         let _ = out.flush();
     }
+    match ready_to {
+        Some(to) => {
+            // The old process may be gone (killed, crashed): then we are the only one serving, so carry on.
+            if let Err(e) = supervisor::report_ready(to) {
+                warn!("upgrade: cannot report readiness to the old process: {e}; serving anyway");
+            }
+            info!(
+                "upgrade: took over {} listening sockets from pid {}",
+                server.listen_fds().map(|f| f.len()).unwrap_or(0),
+                from_pid
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "?".into())
+            );
+        }
+        None => supervisor::notify_or_log("READY=1"),
+    }
     info!(
         "socksgate {} started: {} workers, listening on {:?}, users: {}",
         env!("CARGO_PKG_VERSION"),
@@ -285,6 +387,8 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
     );
     let mut events = Events::with_capacity(64);
     let mut draining = false;
+    let mut handed_over = false;
+    let mut upgrade: Option<Upgrade> = None;
     loop {
         match poll.poll(&mut events, Some(Duration::from_millis(100))) {
             Ok(()) => {}
@@ -296,12 +400,52 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
                 SIGNALS => {
                     for sig in signals.pending() {
                         match sig {
-                            SIGHUP => reload(&server),
+                            // After a hand-over the new process speaks for the service.
+                            SIGHUP if handed_over => reload(&server),
+                            SIGHUP => {
+                                supervisor::notify_or_log(&format!(
+                                    "RELOADING=1\nMONOTONIC_USEC={}",
+                                    sys::monotonic_usec()
+                                ));
+                                reload(&server);
+                                supervisor::notify_or_log("READY=1");
+                            }
+                            SIGUSR2 if draining => {
+                                warn!("SIGUSR2: draining, not upgrading");
+                            }
+                            SIGUSR2 => match &upgrade {
+                                Some(u) => warn!(
+                                    "SIGUSR2: an upgrade is already in progress (new process pid {}); ignored",
+                                    u.pid()
+                                ),
+                                None => {
+                                    upgrade = start_upgrade(
+                                        &server,
+                                        exporter.as_ref(),
+                                        exe.as_deref(),
+                                        &args,
+                                        upgrade_timeout,
+                                        &poll,
+                                    )
+                                }
+                            },
                             _ if draining => {
                                 warn!("second signal: exiting now");
+                                if let (Some(p), false) = (&pid_file, handed_over) {
+                                    supervisor::remove_pid_file(p);
+                                }
                                 return Err(RunError::Forced);
                             }
                             _ => {
+                                if let Some(mut u) = upgrade.take() {
+                                    warn!(
+                                        "signal {sig}: stopping the upgrade's new process (pid {})",
+                                        u.pid()
+                                    );
+                                    let _ = poll.registry().deregister(u.source());
+                                    u.abort();
+                                }
+                                supervisor::notify_or_log("STOPPING=1");
                                 draining = true;
                                 info!("signal {sig}: draining for up to {drain_timeout:?}");
                                 server.drain(Instant::now() + drain_timeout);
@@ -309,6 +453,7 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
                         }
                     }
                 }
+                UPGRADE => {}
                 t => {
                     if let Some(e) = exporter.as_mut().filter(|e| e.owns(t)) {
                         let render = || {
@@ -321,8 +466,34 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
                 }
             }
         }
+        let now = Instant::now();
+        if let Some(u) = upgrade.as_mut() {
+            match u.check(now) {
+                UpgradeState::Pending => {}
+                UpgradeState::Ready(pid) => {
+                    info!(
+                        "upgrade: new process {pid} is ready; handing over and draining for up to \
+                         {drain_timeout:?}"
+                    );
+                    let _ = poll.registry().deregister(u.source());
+                    upgrade = None;
+                    supervisor::notify_or_log(&format!("MAINPID={pid}"));
+                    if let Some(mut e) = exporter.take() {
+                        e.deregister(poll.registry());
+                    }
+                    server.handover(now + drain_timeout);
+                    draining = true;
+                    handed_over = true;
+                }
+                UpgradeState::Failed(why) => {
+                    error!("upgrade failed: {why}; still serving");
+                    let _ = poll.registry().deregister(u.source());
+                    upgrade = None;
+                }
+            }
+        }
         if let Some(e) = exporter.as_mut() {
-            e.tick(poll.registry(), Instant::now());
+            e.tick(poll.registry(), now);
         }
         if draining && server.finished() {
             break;
@@ -330,7 +501,55 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
     }
     info!("drained; exiting");
     server.stop();
+    if let (Some(p), false) = (&pid_file, handed_over) {
+        supervisor::remove_pid_file(p);
+    }
     Ok(())
+}
+
+/// SIGUSR2: starts the new binary with our listening sockets; `None` (logged) when that is impossible.
+fn start_upgrade(
+    server: &Server,
+    exporter: Option<&Exporter>,
+    exe: Option<&std::path::Path>,
+    args: &[OsString],
+    timeout: Duration,
+    poll: &Poll,
+) -> Option<Upgrade> {
+    let Some(exe) = exe else {
+        error!("SIGUSR2: cannot upgrade: the binary's path could not be resolved at startup; still serving");
+        return None;
+    };
+    let Some(fds) = server.listen_fds() else {
+        warn!("SIGUSR2: the listening sockets are already closed; not upgrading");
+        return None;
+    };
+    let metrics_fd = exporter.map(|e| std::os::fd::AsRawFd::as_raw_fd(e.listener()));
+    match Upgrade::start(exe, args, &fds, metrics_fd, timeout) {
+        Ok(mut u) => {
+            if let Err(e) = poll
+                .registry()
+                .register(u.source(), UPGRADE, Interest::READABLE)
+            {
+                // Checked every loop turn anyway; the event only makes it prompt.
+                warn!("upgrade: cannot watch the readiness socket: {e}");
+            }
+            info!(
+                "SIGUSR2: started {} (pid {}) with {} listening sockets; waiting up to {timeout:?} for it",
+                exe.display(),
+                u.pid(),
+                fds.len()
+            );
+            Some(u)
+        }
+        Err(e) => {
+            error!(
+                "upgrade failed: cannot start {}: {e}; still serving",
+                exe.display()
+            );
+            None
+        }
+    }
 }
 
 fn reload(server: &Server) {

@@ -4,7 +4,7 @@
 //! main thread ("control")          N worker threads (one per core)          M pool threads + 1 "dns" thread
 //! -----------------------          -------------------------------          -------------------------------
 //! parse CLI -> Config              own mio::Poll, own SO_REUSEPORT          hashes; hosts/cache hits; the dns
-//! signals (SIGHUP/SIGTERM/SIGINT)  listeners, Slab<Conn>, BufferPool,       thread: own mio::Poll, queries
+//! signals (HUP/TERM/INT/USR2)     listeners, Slab<Conn>, BufferPool,       thread: own mio::Poll, queries
 //! /metrics listener                timers, Arc<Users>, own Stats            reply -> worker channel
 //! reload users -> workers          command channel + Waker                  + worker Waker
 //! ```
@@ -25,6 +25,7 @@ pub mod net;
 pub mod policy;
 pub mod proto;
 pub mod resolve;
+pub mod supervisor;
 // The one module allowed to use `unsafe` (workspace lint `unsafe_code = "deny"`); each block has a SAFETY comment.
 #[allow(unsafe_code)]
 pub mod sys;

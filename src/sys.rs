@@ -225,18 +225,6 @@ pub fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// A close-on-exec pipe (read end, write end), for the upgrade's readiness message.
-pub fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
-    use std::os::fd::FromRawFd;
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: pipe2 writes two descriptors into `fds`, a valid array of two c_ints.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
 /// Makes `cmd`'s child keep `fds` across exec (they stay close-on-exec in this process): the flag is cleared
 /// between fork and exec, in the child only, so no other thread's exec can leak them meanwhile.
 pub fn keep_fds_in_child(cmd: &mut std::process::Command, fds: Vec<RawFd>) {
@@ -265,15 +253,4 @@ pub fn monotonic_usec() -> u64 {
     // SAFETY: clock_gettime writes into `ts`, a valid, exclusively borrowed timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1000
-}
-
-/// Sends `sig` to process `pid`.
-pub fn kill(pid: u32, sig: libc::c_int) -> io::Result<()> {
-    let pid = libc::pid_t::try_from(pid)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
-    // SAFETY: kill takes plain integers and touches no memory.
-    if unsafe { libc::kill(pid, sig) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }

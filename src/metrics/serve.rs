@@ -60,6 +60,15 @@ impl Exporter {
         registry.register(&mut self.listener, token, Interest::READABLE)
     }
 
+    /// Removes the listener and every scrape from `registry` (before closing our copy of a listener that another
+    /// process keeps open: epoll forgets a socket only when its last descriptor closes).
+    pub fn deregister(&mut self, registry: &Registry) {
+        let _ = registry.deregister(&mut self.listener);
+        for (_, s) in self.scrapes.iter_mut() {
+            let _ = registry.deregister(&mut s.stream);
+        }
+    }
+
     /// The address it listens on.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()

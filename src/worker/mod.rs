@@ -48,6 +48,10 @@ pub enum Command {
     ReloadPolicy(Arc<Users>, Arc<crate::policy::Policy>),
     /// Stop accepting, finish tunnels until the deadline, then exit.
     Drain(Instant),
+    /// A new process has taken over the listening sockets (SIGUSR2 upgrade): stop accepting and drain as with
+    /// `Drain`, but let connections in their handshake or connect finish here; they were accepted and did nothing
+    /// wrong. Only HTTP connections idle between requests are closed, as any keep-alive server may.
+    Handover(Instant),
     /// Exit now.
     Stop,
 }
@@ -408,16 +412,29 @@ impl Worker {
                     self.ctx.policy = policy;
                     debug!("worker {}: users and policy reloaded", self.id);
                 }
-                Ok(Command::Drain(deadline)) => self.start_drain(deadline),
+                Ok(Command::Drain(deadline)) => self.start_drain(deadline, false),
+                Ok(Command::Handover(deadline)) => self.start_drain(deadline, true),
                 Ok(Command::Stop) | Err(TryRecvError::Disconnected) => return false,
                 Err(TryRecvError::Empty) => return true,
             }
         }
     }
 
-    fn start_drain(&mut self, deadline: Instant) {
+    fn start_drain(&mut self, deadline: Instant, handover: bool) {
         if self.drain_deadline.is_some() {
             return;
+        }
+        if handover {
+            // Once out of our epoll set, new connections wake only the new process; but one that arrived before
+            // and woke only us (EPOLLEXCLUSIVE picks one waiter) would sit in the queue unnoticed: take what is
+            // queued now and serve it here.
+            for l in self.listeners.iter_mut().flatten() {
+                let _ = l.deregister(self.poll.registry());
+            }
+            for i in 0..self.listeners.len() {
+                self.accept(i);
+            }
+            self.listeners.clear();
         }
         self.drain_deadline = Some(deadline);
         self.ctx.draining = true;
@@ -432,7 +449,12 @@ impl Worker {
             .conns
             .iter()
             .filter(|(_, c)| {
-                !matches!(c.phase, Phase::Relay | Phase::Udp(_) | Phase::Bind(_)) && !http::busy(c)
+                if handover {
+                    matches!(c.phase, Phase::Http) && !http::busy(c)
+                } else {
+                    !matches!(c.phase, Phase::Relay | Phase::Udp(_) | Phase::Bind(_))
+                        && !http::busy(c)
+                }
             })
             .map(|(k, _)| k)
             .collect();
