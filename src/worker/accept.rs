@@ -10,9 +10,10 @@ use log::warn;
 use mio::net::TcpStream;
 use mio::Interest;
 
-use super::conn::{Conn, Phase};
+use super::access::{log_accept_error, log_refused};
+use super::conn::{Conn, Phase, HANDSHAKE_BUFFER};
 use super::timers::TimerKind;
-use super::{log_accept_error, log_refused, token, Worker};
+use super::{token, Worker};
 use crate::buffer::Buffer;
 use crate::metrics::{self, Refusal};
 use crate::net;
@@ -126,7 +127,7 @@ impl Worker {
             Phase::Detect
         };
         let now = self.ctx.now;
-        let buf = Buffer::new(super::handshake::HANDSHAKE_BUFFER);
+        let buf = Buffer::new(HANDSHAKE_BUFFER);
         let mut conn = Conn::new(gen, stream, peer, phase, now, buf);
         let deadline = now + self.ctx.cfg.handshake_timeout;
         conn.deadline = Some(deadline);

@@ -5,34 +5,23 @@
 //! request, when it named one), the second reply carries the peer's address and the relay starts. Bytes the client
 //! sent meanwhile stay in its buffer and are relayed first.
 
-use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use log::debug;
-use mio::net::TcpListener;
 use mio::Interest;
 
 use super::close::CloseReason;
-use super::conn::{Conn, Dest, Phase, ReplyKind, Sock};
-use super::connect::start_relay;
-use super::handshake::fill_client;
+use super::conn::{fill_client, Conn, Dest, Phase, Sock};
+use super::ctx::{Ctx, Next, ReplyKind};
+use super::phase::BindState;
+use super::relay::start_relay;
 use super::reply;
 use super::timers::TimerKind;
 use super::token::{self, Role};
-use super::{Ctx, Next};
 use crate::metrics;
 use crate::net;
 use crate::proto::{canonical_ip, Failure, TargetAddr};
-
-/// State of one BIND request.
-pub struct BindState {
-    listener: TcpListener,
-    readable: bool,
-    /// When nobody connecting means failure.
-    deadline: Instant,
-    expected: Option<IpAddr>,
-    reply: ReplyKind,
-}
 
 /// Records readiness of the BIND listener.
 pub fn mark(conn: &mut Conn, ev: &mio::event::Event) {

@@ -19,231 +19,27 @@
 //! Every socket a connection owns (client, upstream, UDP relay, BIND listener) is reached through its one slab
 //! entry, so there is exactly one removal: `Worker::close`.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use log::debug;
 use mio::net::TcpStream;
+use mio::Interest;
 
+use crate::acl::DestAllowed;
 use crate::auth::Authorized;
-use crate::buffer::Buffer;
+use crate::buffer::{Buffer, BufferPool};
 use crate::metrics::Proto;
+use crate::net;
 use crate::proto::TargetAddr;
+use crate::resolve::{Job, Work};
 
-use super::access::RequestLog;
-use super::bind::BindState;
 use super::close::CloseReason;
-use super::http::HttpState;
-use super::udp::UdpState;
-use super::upstream::UpstreamHandshake;
-
-/// A TCP socket and the readiness we have seen for it but not yet used up (edge-triggered: an event bit is cleared
-/// only when an operation returns `WouldBlock`).
-pub struct Sock {
-    /// The socket.
-    pub stream: TcpStream,
-    /// A read may make progress.
-    pub readable: bool,
-    /// A write may make progress.
-    pub writable: bool,
-    /// The kernel reported an error (typically a reset) on this socket.
-    pub error: bool,
-    /// The peer's FIN (or an error) was reported: keep reading until EOF even after short reads.
-    pub read_closed: bool,
-}
-
-impl Sock {
-    /// Wraps a freshly registered socket; readiness arrives with the first events.
-    pub fn new(stream: TcpStream) -> Sock {
-        Sock {
-            stream,
-            readable: false,
-            writable: false,
-            error: false,
-            read_closed: false,
-        }
-    }
-
-    /// Records an event's readiness. Errors and hang-ups count as both, so the next read or write reports them.
-    pub fn mark(&mut self, ev: &mio::event::Event) {
-        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-            self.readable = true;
-        }
-        if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
-            self.writable = true;
-        }
-        if ev.is_error() {
-            self.error = true;
-        }
-        if ev.is_read_closed() || ev.is_error() {
-            self.read_closed = true;
-        }
-    }
-
-    /// Reads once; `WouldBlock` clears the readable bit and returns `Ok(None)`. A short read clears it too: the
-    /// receive queue was empty, and epoll reports every later arrival as a new edge, so the read that would only
-    /// return `WouldBlock` is saved. The exception is a FIN that arrived together with the data (one edge for both):
-    /// once the peer's close was reported, we read on until EOF.
-    pub fn read(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        loop {
-            match self.stream.read(buf) {
-                Ok(n) => {
-                    if n > 0 && n < buf.len() && !self.read_closed {
-                        self.readable = false;
-                    }
-                    return Ok(Some(n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.readable = false;
-                    return Ok(None);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Writes as much of `data` as the socket takes now; `WouldBlock` clears the writable bit, and so does a short
-    /// write (the send buffer is full; the edge-triggered writable event comes when it drains).
-    pub fn write_some(&mut self, data: &[u8]) -> io::Result<usize> {
-        let mut off = 0;
-        while off < data.len() && self.writable {
-            match self.stream.write(&data[off..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    off += n;
-                    if off < data.len() {
-                        self.writable = false;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(off)
-    }
-}
-
-/// How to answer the client once the outbound connection succeeds or fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplyKind {
-    /// RFC 1928 §6 reply.
-    Socks5,
-    /// SOCKS4 reply (VN 0, CD 90/91).
-    Socks4,
-    /// `200 Connection established` or an error status.
-    HttpConnect,
-    /// Plain HTTP forwarding: on success send the rewritten request head.
-    HttpForward,
-}
-
-/// Where a connection is in its life. Each variant holds only what that phase needs.
-pub enum Phase {
-    /// Waiting for the PROXY protocol header.
-    ProxyHeader,
-    /// Waiting for the first byte.
-    Detect,
-    /// SOCKS5 method negotiation.
-    Socks5Greeting,
-    /// RFC 1929 sub-negotiation.
-    Socks5Auth,
-    /// SOCKS5 request.
-    Socks5Request,
-    /// A SOCKS4/4a request.
-    Socks4Request,
-    /// An HTTP request head (first request of the connection).
-    HttpHead,
-    /// A password is being checked against a slow hash on the blocking pool.
-    Verifying(Box<PendingAuth>),
-    /// A name lookup is out with the resolver pool.
-    Resolving {
-        /// How to answer.
-        reply: ReplyKind,
-    },
-    /// A nonblocking connect is in flight.
-    Connecting {
-        /// How to answer.
-        reply: ReplyKind,
-        /// Addresses still to try, each already passed by the destination rules.
-        addrs: Vec<(SocketAddr, crate::acl::DestAllowed)>,
-        /// Index of the next address to try.
-        next: usize,
-        /// The failure of the last attempt.
-        last: crate::proto::Failure,
-        /// When the current attempt gives way to the next address.
-        attempt_deadline: Instant,
-    },
-    /// Talking to an upstream proxy on the outbound socket.
-    Upstream(Box<UpstreamHandshake>),
-    /// Bytes flow both ways.
-    Relay,
-    /// Plain HTTP forwarding with request/response framing (state in `Conn::http`).
-    Http,
-    /// A SOCKS5 UDP association; the TCP connection is only watched for EOF.
-    Udp(Box<UdpState>),
-    /// A BIND listener waits for its inbound connection.
-    Bind(Box<BindState>),
-    /// An error reply is flushing; then the client side is shut down and read until EOF or the linger deadline, so
-    /// the reply is not destroyed by a reset.
-    Linger {
-        /// Whether the linger deadline is scheduled.
-        armed: bool,
-        /// Whether our write side is already shut down.
-        shut: bool,
-        /// What the access log will say.
-        reason: CloseReason,
-    },
-}
-
-impl Phase {
-    /// True while the client has not finished its handshake (the handshake deadline applies).
-    pub fn in_client_handshake(&self) -> bool {
-        matches!(
-            self,
-            Phase::ProxyHeader
-                | Phase::Detect
-                | Phase::Socks5Greeting
-                | Phase::Socks5Auth
-                | Phase::Socks5Request
-                | Phase::Socks4Request
-                | Phase::HttpHead
-                | Phase::Verifying(_)
-        )
-    }
-
-    /// A short name for logs.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Phase::ProxyHeader => "proxy_header",
-            Phase::Detect => "detect",
-            Phase::Socks5Greeting => "socks5_greeting",
-            Phase::Socks5Auth => "socks5_auth",
-            Phase::Socks5Request => "socks5_request",
-            Phase::Socks4Request => "socks4_request",
-            Phase::HttpHead => "http_head",
-            Phase::Verifying(_) => "verifying",
-            Phase::Resolving { .. } => "resolving",
-            Phase::Connecting { .. } => "connecting",
-            Phase::Upstream(_) => "upstream_handshake",
-            Phase::Relay => "relay",
-            Phase::Http => "http",
-            Phase::Udp(_) => "udp",
-            Phase::Bind(_) => "bind",
-            Phase::Linger { .. } => "linger",
-        }
-    }
-}
-
-/// What to resume once a slow password check answers. It is boxed inside `Phase::Verifying`, so the size gap
-/// between variants costs nothing on other connections.
-#[allow(clippy::large_enum_variant)]
-pub enum PendingAuth {
-    /// Send the RFC 1929 status, then read the SOCKS5 request.
-    Socks5,
-    /// Carry on with this HTTP request (its rewritten head is kept alongside).
-    Http(crate::proto::http::Request, Vec<u8>),
-}
+use super::ctx::{Ctx, Next, ReplyKind};
+pub use super::phase::{Half, HttpState, PendingAuth, Phase, RequestLog};
+pub use super::sock::Sock;
+use super::token;
 
 /// A destination as kept for the whole life of a connection: an address, or a boxed name. `TargetAddr` keeps
 /// names inline (255 bytes) so parsers never allocate; a long-lived connection should not carry that.
@@ -283,17 +79,6 @@ impl std::fmt::Display for Dest {
             Dest::Name(n, p) => write!(f, "{n}:{p}"),
         }
     }
-}
-
-/// Per-direction relay state.
-#[derive(Default, Clone, Copy)]
-pub struct Half {
-    /// The source reported EOF.
-    pub eof: bool,
-    /// We shut down writing on the sink.
-    pub shut: bool,
-    /// The current burst is bulk: relay it with splice (when enabled).
-    pub bulk: bool,
 }
 
 /// One client connection.
@@ -449,6 +234,137 @@ impl Conn {
     pub fn user_name(&self) -> &str {
         self.user.as_ref().map(|u| u.user()).unwrap_or("-")
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Verbs every phase uses on a connection.
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Bytes a connection starts with for its handshake: every SOCKS message (at most 520 bytes) fits, so SOCKS never
+/// needs more; HTTP heads and long PROXY v2 headers grow it. Not a pool buffer: a 2 KiB allocation touches half a
+/// page, where a 16 KiB pool buffer touched a whole one and kept it resident in the pool.
+pub const HANDSHAKE_BUFFER: usize = 2048;
+
+/// Reads what the client has sent into its buffer (until `WouldBlock`, EOF or a full buffer).
+pub fn fill_client(conn: &mut Conn, ctx: &mut Ctx) -> std::io::Result<()> {
+    let buf = conn.c2u.get_or_insert_with(|| ctx.pool.take());
+    while conn.client.readable && !conn.up.eof && !buf.is_full() {
+        match conn.client.read(buf.space())? {
+            Some(0) => conn.up.eof = true,
+            Some(n) => buf.fill(n),
+            None => break,
+        }
+    }
+    Ok(())
+}
+
+/// Swaps the buffer in `slot` for one four times as large (at most `limit`), keeping its bytes. False at the limit.
+pub fn grow(slot: &mut Option<Buffer>, limit: usize, pool: &mut BufferPool) -> bool {
+    let Some(old) = slot.as_ref() else {
+        return false;
+    };
+    if old.capacity() >= limit {
+        return false;
+    }
+    let mut big = Buffer::new((old.capacity() * 4).min(limit));
+    big.push(old.data());
+    if let Some(old) = slot.replace(big) {
+        pool.give(old);
+    }
+    true
+}
+
+/// Counts the session against its user's `--user-max-connections`; false when the user is at the limit.
+pub fn user_admit(conn: &mut Conn, ctx: &mut Ctx) -> bool {
+    let (Some(max), Some(user)) = (ctx.cfg.user_max_connections, conn.user.as_ref()) else {
+        return true;
+    };
+    if conn.user_counted {
+        return true;
+    }
+    let Ok(mut counts) = ctx.user_counts.lock() else {
+        return false;
+    };
+    let n = counts.entry(user.user().to_string()).or_insert(0);
+    if *n >= max {
+        debug!(
+            "{}: user {} at --user-max-connections {max}",
+            conn.peer,
+            user.user()
+        );
+        return false;
+    }
+    *n += 1;
+    conn.user_counted = true;
+    true
+}
+
+/// Sends a slow password check to the blocking pool and parks the connection until it answers.
+pub fn verify_off_loop(
+    key: usize,
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    work: Work,
+    then: PendingAuth,
+) -> Next {
+    let job = Job {
+        key,
+        gen: conn.gen,
+        tag: 0,
+        work,
+        reply: ctx.reply_to.clone(),
+    };
+    if ctx.resolve_tx.send(job).is_err() {
+        return Next::Close(CloseReason::Internal);
+    }
+    conn.phase = Phase::Verifying(Box::new(then));
+    Next::Wait
+}
+
+/// Opens and registers a nonblocking outbound socket for connection `key` to a destination. Only a
+/// [`DestAllowed`] from the destination rules opens one: a path that skips the rules does not compile.
+pub fn open_target(
+    key: usize,
+    ctx: &mut Ctx,
+    addr: SocketAddr,
+    _allowed: DestAllowed,
+) -> io::Result<Sock> {
+    open(key, ctx, addr)
+}
+
+/// Opens a connection to the `index`th address of the configured `--upstream` proxy (the operator's own choice,
+/// not a client's destination: the rules are for what clients ask for). None when there is no such address.
+pub fn open_upstream_proxy(
+    key: usize,
+    ctx: &mut Ctx,
+    index: usize,
+) -> Option<(SocketAddr, io::Result<Sock>)> {
+    let addr = ctx.cfg.upstream.as_ref()?.addrs.get(index).copied()?;
+    Some((addr, open(key, ctx, addr)))
+}
+
+fn open(key: usize, ctx: &mut Ctx, addr: SocketAddr) -> io::Result<Sock> {
+    let mut stream = net::connect(addr, ctx.cfg.outbound_bind)?;
+    ctx.registry.register(
+        &mut stream,
+        token::conn(key, token::Role::Upstream),
+        Interest::READABLE | Interest::WRITABLE,
+    )?;
+    Ok(Sock::new(stream))
+}
+
+/// Drops the outbound socket (after a failed attempt).
+pub fn drop_upstream(conn: &mut Conn, ctx: &mut Ctx) {
+    if let Some(mut up) = conn.upstream.take() {
+        let _ = ctx.registry.deregister(&mut up.stream);
+    }
+}
+
+/// Resolving or connecting failed: count it, drop the outbound socket, and let the dispatcher answer the client.
+pub fn path_failed(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, reason: CloseReason) -> Next {
+    ctx.stats.connect_error(reason.failure());
+    drop_upstream(conn, ctx);
+    Next::Failed(reply, reason)
 }
 
 #[cfg(test)]

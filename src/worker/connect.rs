@@ -8,13 +8,14 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use log::debug;
-use mio::Interest;
 
 use super::close::CloseReason;
-use super::conn::{Conn, Dest, Phase, ReplyKind, Sock};
+use super::conn::{drop_upstream, open_target, path_failed, Conn, Dest, Phase};
+use super::ctx::{Ctx, Next, ReplyKind};
+use super::relay::start_relay;
 use super::reply;
 use super::timers::TimerKind;
-use super::{http, token, upstream, Ctx, Next};
+use super::upstream;
 use crate::metrics;
 use crate::net::{self, ConnectState};
 use crate::proto::{self, Failure, TargetAddr};
@@ -157,14 +158,14 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         else {
             return Next::Wait;
         };
-        let Some((addr, _proof)) = addrs.get(*next).copied() else {
+        let Some((addr, allowed)) = addrs.get(*next).copied() else {
             let (reply, last) = (*reply, *last);
             return fail(conn, ctx, reply, CloseReason::Failed(last));
         };
         *next += 1;
         let left = (addrs.len() - *next) as u32;
         debug!("{}: connecting to {addr}", conn.peer);
-        match open(key, ctx, addr) {
+        match open_target(key, ctx, addr, allowed) {
             Ok(sock) => {
                 conn.upstream = Some(sock);
                 if left > 0 {
@@ -186,24 +187,6 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     }
 }
 
-/// Opens and registers a nonblocking outbound socket for connection `key`.
-pub fn open(key: usize, ctx: &mut Ctx, addr: SocketAddr) -> io::Result<Sock> {
-    let mut stream = net::connect(addr, ctx.cfg.outbound_bind)?;
-    ctx.registry.register(
-        &mut stream,
-        token::conn(key, token::Role::Upstream),
-        Interest::READABLE | Interest::WRITABLE,
-    )?;
-    Ok(Sock::new(stream))
-}
-
-/// Drops the outbound socket (after a failed attempt).
-pub fn drop_upstream(conn: &mut Conn, ctx: &mut Ctx) {
-    if let Some(mut up) = conn.upstream.take() {
-        let _ = ctx.registry.deregister(&mut up.stream);
-    }
-}
-
 /// Drives the Connecting phase: on readiness of the outbound socket, checks whether the connect finished.
 pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let Some(up) = conn.upstream.as_mut() else {
@@ -220,7 +203,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         }
         ConnectState::Connected => {
             debug!("{}: connected to {}", conn.peer, target_str(conn));
-            connected(key, conn, ctx)
+            connected(conn)
         }
         ConnectState::Failed(e) => {
             debug!("{}: connect to {}: {e}", conn.peer, target_str(conn));
@@ -234,15 +217,16 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 }
 
 /// The outbound TCP connection is up.
-fn connected(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
+fn connected(conn: &Conn) -> Next {
     let reply = match conn.phase {
         Phase::Connecting { reply, .. } => reply,
         _ => return Next::Wait,
     };
-    established(key, conn, ctx, reply)
+    Next::Connected(reply)
 }
 
 /// The path to the target is ready (directly, or through the upstream proxy): answer the client and relay.
+/// (Forwarded HTTP goes to `http` instead: the dispatcher routes `Next::Connected` by reply kind.)
 pub fn established(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
     conn.deadline = None;
     let local = conn
@@ -250,9 +234,6 @@ pub fn established(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind)
         .as_ref()
         .and_then(|u| u.stream.local_addr().ok())
         .unwrap_or(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
-    if reply == ReplyKind::HttpForward {
-        return http::on_origin_connected(key, conn, ctx);
-    }
     // SOCKS4 reports an IPv6 outbound socket as 0.0.0.0:0 (its reply has no room for it).
     let local = match (reply, local) {
         (ReplyKind::Socks4, SocketAddr::V6(_)) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
@@ -266,30 +247,9 @@ pub fn established(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind)
     Next::Again
 }
 
-/// Switches to the relay phase with the idle timer armed.
-pub fn start_relay(key: usize, conn: &mut Conn, ctx: &mut Ctx) {
-    // Bytes that arrived together with the handshake (pipelined after a SOCKS request or a CONNECT head, sent
-    // while a BIND waited, or after the upstream proxy's reply) are relayed first from the buffers: count them
-    // here, since the relay counts only what it reads itself.
-    let up = conn.c2u.as_ref().map_or(0, |b| b.len()) as u64;
-    let down = conn.u2c.as_ref().map_or(0, |b| b.len()) as u64;
-    conn.bytes_up += up;
-    conn.bytes_down += down;
-    metrics::add(&ctx.stats.bytes_up, up);
-    metrics::add(&ctx.stats.bytes_down, down);
-    conn.phase = Phase::Relay;
-    conn.last_active = ctx.now;
-    super::relay::arm_idle(key, conn, ctx);
-}
-
 /// Reports a failure to resolve or connect.
-pub fn fail(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, reason: CloseReason) -> Next {
-    ctx.stats.connect_error(reason.failure());
-    drop_upstream(conn, ctx);
-    if reply == ReplyKind::HttpForward {
-        return http::on_origin_failed(conn, ctx, reason);
-    }
-    reply::fail(conn, ctx, reply, reason)
+fn fail(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, reason: CloseReason) -> Next {
+    path_failed(conn, ctx, reply, reason)
 }
 
 /// A connect timer popped: move on to the next address when this attempt's share is used up, or fail when the

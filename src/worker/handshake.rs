@@ -7,28 +7,15 @@ use std::sync::Arc;
 use log::debug;
 
 use super::close::CloseReason;
-use super::conn::{Conn, Dest, PendingAuth, Phase, ReplyKind};
+use super::conn::{fill_client, grow, user_admit, verify_off_loop, Conn, Dest, PendingAuth, Phase};
+use super::ctx::{Ctx, Next, ReplyKind};
 use super::reply::{self, enter_linger};
-use super::{bind, connect, http, udp, Ctx, Next};
+use super::{bind, connect, http, udp};
 use crate::auth::Authorized;
-use crate::buffer::{Buffer, BufferPool};
 use crate::metrics::{self, Proto, Refusal};
 use crate::proto::detect::{self, Protocol};
 use crate::proto::{proxy_protocol, socks4, socks5, Failure, Parse};
-use crate::resolve::{Job, Work};
-
-/// Reads what the client has sent into its buffer (until `WouldBlock`, EOF or a full buffer).
-pub fn fill_client(conn: &mut Conn, ctx: &mut Ctx) -> std::io::Result<()> {
-    let buf = conn.c2u.get_or_insert_with(|| ctx.pool.take());
-    while conn.client.readable && !conn.up.eof && !buf.is_full() {
-        match conn.client.read(buf.space())? {
-            Some(0) => conn.up.eof = true,
-            Some(n) => buf.fill(n),
-            None => break,
-        }
-    }
-    Ok(())
-}
+use crate::resolve::Work;
 
 fn data(conn: &Conn) -> &[u8] {
     conn.c2u.as_ref().map(|b| b.data()).unwrap_or(&[])
@@ -40,29 +27,8 @@ fn consume(conn: &mut Conn, n: usize) {
     }
 }
 
-/// Bytes a connection starts with for its handshake: every SOCKS message (at most 520 bytes) fits, so SOCKS never
-/// needs more; HTTP heads and long PROXY v2 headers grow it. Not a pool buffer: a 2 KiB allocation touches half a
-/// page, where a 16 KiB pool buffer touched a whole one and kept it resident in the pool.
-pub const HANDSHAKE_BUFFER: usize = 2048;
-
 /// Largest PROXY protocol v2 header (16-byte preamble plus a 16-bit length).
 const MAX_PROXY_HEADER: usize = 16 + 65535;
-
-/// Swaps the buffer in `slot` for one four times as large (at most `limit`), keeping its bytes. False at the limit.
-pub fn grow(slot: &mut Option<Buffer>, limit: usize, pool: &mut BufferPool) -> bool {
-    let Some(old) = slot.as_ref() else {
-        return false;
-    };
-    if old.capacity() >= limit {
-        return false;
-    }
-    let mut big = Buffer::new((old.capacity() * 4).min(limit));
-    big.push(old.data());
-    if let Some(old) = slot.replace(big) {
-        pool.give(old);
-    }
-    true
-}
 
 /// The parser needs more bytes: wait for them, unless the client already closed. A full buffer grows (up to the
 /// largest PROXY v2 header) so a message can always complete.
@@ -114,7 +80,7 @@ fn proxy_header(conn: &mut Conn, ctx: &mut Ctx) -> Next {
             }
             if !ctx.cfg.client_rules.allows(conn.peer.ip()) {
                 metrics::inc(&ctx.stats.refused[Refusal::ClientAcl as usize]);
-                super::log_refused(conn.peer, "client not allowed (PROXY header address)");
+                super::access::log_refused(conn.peer, "client not allowed (PROXY header address)");
                 return Next::Close(CloseReason::ClientNotAllowed);
             }
             debug!("{}: PROXY header accepted", conn.peer);
@@ -219,28 +185,6 @@ fn socks5_auth(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     };
     consume(conn, n);
     socks5_auth_result(conn, ctx, verdict)
-}
-
-/// Sends a slow password check to the blocking pool and parks the connection until it answers.
-pub fn verify_off_loop(
-    key: usize,
-    conn: &mut Conn,
-    ctx: &mut Ctx,
-    work: Work,
-    then: PendingAuth,
-) -> Next {
-    let job = Job {
-        key,
-        gen: conn.gen,
-        tag: 0,
-        work,
-        reply: ctx.reply_to.clone(),
-    };
-    if ctx.resolve_tx.send(job).is_err() {
-        return Next::Close(CloseReason::Internal);
-    }
-    conn.phase = Phase::Verifying(Box::new(then));
-    Next::Wait
 }
 
 /// A slow password check answered.
@@ -368,31 +312,6 @@ fn socks4_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             CloseReason::Failed(Failure::CommandNotSupported),
         ),
     }
-}
-
-/// Counts the session against its user's `--user-max-connections`; false when the user is at the limit.
-pub fn user_admit(conn: &mut Conn, ctx: &mut Ctx) -> bool {
-    let (Some(max), Some(user)) = (ctx.cfg.user_max_connections, conn.user.as_ref()) else {
-        return true;
-    };
-    if conn.user_counted {
-        return true;
-    }
-    let Ok(mut counts) = ctx.user_counts.lock() else {
-        return false;
-    };
-    let n = counts.entry(user.user().to_string()).or_insert(0);
-    if *n >= max {
-        debug!(
-            "{}: user {} at --user-max-connections {max}",
-            conn.peer,
-            user.user()
-        );
-        return false;
-    }
-    *n += 1;
-    conn.user_counted = true;
-    true
 }
 
 fn bad_handshake(conn: &mut Conn, ctx: &mut Ctx, e: crate::proto::ProtoError) -> Next {

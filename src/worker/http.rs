@@ -13,18 +13,22 @@ use std::sync::Arc;
 
 use log::debug;
 
-use super::access::{self, RequestLog};
+use super::access;
 use super::close::CloseReason;
-use super::conn::{Conn, Dest, PendingAuth, Phase, ReplyKind, Sock};
-use super::connect::{self, drop_upstream};
-use super::handshake::{self, fill_client, grow, user_admit};
+use super::conn::{
+    drop_upstream, fill_client, grow, user_admit, verify_off_loop, Conn, Dest, PendingAuth, Phase,
+    RequestLog, Sock,
+};
+use super::connect;
+use super::ctx::{Ctx, Next, ReplyKind};
+use super::phase::HttpState;
+use super::relay;
 use super::reply::{self, graceful_end};
-use super::{Ctx, Next};
 use crate::auth::Authorized;
 use crate::buffer::Buffer;
 use crate::metrics;
 use crate::proto::http::{self as h, BodyFramer, RequestKind, ResponseContext, RewriteOptions};
-use crate::proto::{upstream as chain, Failure, Parse, ProtoError, TargetAddr};
+use crate::proto::{upstream as chain, Failure, Parse, ProtoError};
 use crate::resolve::Work;
 use crate::upstream::UpstreamKind;
 
@@ -35,45 +39,6 @@ fn auth_token(user: &[u8], pass: &[u8]) -> Box<[u8]> {
     t.push(0);
     t.extend_from_slice(pass);
     t.into_boxed_slice()
-}
-
-/// Forwarding state of one client connection.
-pub struct HttpState {
-    /// The origin the current upstream socket is connected to.
-    origin: Option<TargetAddr>,
-    /// The origin allows another request on its connection.
-    origin_reusable: bool,
-    /// A request/response exchange is in progress.
-    busy: bool,
-    /// The current request is a HEAD request.
-    is_head: bool,
-    /// The client's HTTP minor version.
-    minor: u8,
-    /// The client wants to keep the connection.
-    client_keep_alive: bool,
-    /// The client connection stays open after the current response.
-    keep_client: bool,
-    /// Request body framing.
-    req_body: BodyFramer,
-    /// Bytes at the front of `c2u` that belong to the request body and may be forwarded.
-    up_ready: usize,
-    /// The whole request (head and body) went to the origin.
-    req_done: bool,
-    /// The final response head has been parsed.
-    resp_head_done: bool,
-    /// Response body framing.
-    resp_body: BodyFramer,
-    /// Bytes at the front of `u2c` that belong to the response body and may be forwarded.
-    down_ready: usize,
-    /// Anything of the response reached the client (after that, errors can only close).
-    resp_started: bool,
-    /// The origin reset while the request was still being sent: deliver whatever response it managed to send,
-    /// then close the client connection.
-    abandoned: bool,
-    /// Credentials that passed verification on this connection (user NUL pass).
-    auth_token: Option<Box<[u8]>>,
-    /// The request head, held until the path to the origin is up (an upstream proxy's handshake goes first).
-    pending_head: Vec<u8>,
 }
 
 impl HttpState {
@@ -152,7 +117,7 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let head = std::mem::take(&mut ctx.head_out);
     if req.kind == RequestKind::Forward {
         let authority = Dest::from(&req.target).to_string();
-        let log = RequestLog::new(conn, &head, &authority, ctx.now);
+        let log = RequestLog::new(&head, &authority, ctx.now, (conn.bytes_up, conn.bytes_down));
         debug!("{}: HTTP {}", conn.peer, log.line);
         conn.request = Some(Box::new(log));
     } else {
@@ -177,13 +142,7 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                     user: c.user().to_vec(),
                     pass: c.pass().to_vec(),
                 };
-                return handshake::verify_off_loop(
-                    key,
-                    conn,
-                    ctx,
-                    work,
-                    PendingAuth::Http(req, head),
-                );
+                return verify_off_loop(key, conn, ctx, work, PendingAuth::Http(req, head));
             }
             Some(c) => ctx.users.verify(c.user(), c.pass()),
             None => None,
@@ -330,7 +289,7 @@ pub fn on_origin_connected(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     }
     conn.phase = Phase::Http;
     conn.last_active = ctx.now;
-    super::relay::arm_idle(key, conn, ctx);
+    relay::arm_idle(key, conn, ctx);
     Next::Again
 }
 

@@ -12,8 +12,8 @@ use std::net::Shutdown;
 
 use super::close::CloseReason;
 use super::conn::{Conn, Half, Phase, Sock};
+use super::ctx::{Ctx, Next};
 use super::timers::TimerKind;
-use super::{Ctx, Next};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
@@ -320,6 +320,22 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
     } else {
         Next::Wait
     }
+}
+
+/// Switches to the relay phase with the idle timer armed.
+pub fn start_relay(key: usize, conn: &mut Conn, ctx: &mut Ctx) {
+    // Bytes that arrived together with the handshake (pipelined after a SOCKS request or a CONNECT head, sent
+    // while a BIND waited, or after the upstream proxy's reply) are relayed first from the buffers: count them
+    // here, since the relay counts only what it reads itself.
+    let up = conn.c2u.as_ref().map_or(0, |b| b.len()) as u64;
+    let down = conn.u2c.as_ref().map_or(0, |b| b.len()) as u64;
+    conn.bytes_up += up;
+    conn.bytes_down += down;
+    metrics::add(&ctx.stats.bytes_up, up);
+    metrics::add(&ctx.stats.bytes_down, down);
+    conn.phase = Phase::Relay;
+    conn.last_active = ctx.now;
+    arm_idle(key, conn, ctx);
 }
 
 /// Longest an idle-check entry waits in the timer heap. Entries are never removed when their connection closes,

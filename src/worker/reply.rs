@@ -7,9 +7,9 @@ use std::time::Duration;
 use log::debug;
 
 use super::close::CloseReason;
-use super::conn::{Conn, Phase, ReplyKind};
+use super::conn::{Conn, Phase};
+use super::ctx::{Ctx, Next, ReplyKind};
 use super::timers::TimerKind;
-use super::{Ctx, Next};
 use crate::metrics;
 use crate::proto::{self, socks4, socks5};
 

@@ -6,64 +6,43 @@
 use log::debug;
 
 use super::close::CloseReason;
-use super::conn::{Conn, Dest, Phase, ReplyKind};
-use super::connect::{self, drop_upstream, fail};
-use super::{Ctx, Next};
+use super::conn::{drop_upstream, open_upstream_proxy, path_failed, Conn, Dest, Phase};
+use super::ctx::{Ctx, Next, ReplyKind};
+use super::phase::{UpstreamHandshake, UpstreamState};
 use crate::net::{self, ConnectState};
 use crate::proto::upstream as up;
 use crate::proto::{socks5, Failure, Parse};
 use crate::upstream::UpstreamKind;
 
-/// Where the upstream conversation stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    /// TCP connect to the upstream in flight.
-    Connecting,
-    /// Waiting for the SOCKS5 method choice.
-    Method,
-    /// Waiting for the RFC 1929 status.
-    Auth,
-    /// Waiting for the SOCKS5 reply.
-    Reply,
-    /// Waiting for the HTTP CONNECT response head.
-    HttpReply,
-}
-
-/// The upstream handshake of one connection.
-pub struct UpstreamHandshake {
-    /// How to answer our client once the chain is up.
-    pub reply: ReplyKind,
-    state: State,
-    next_addr: usize,
-}
-
 /// Starts connecting to the upstream proxy.
 pub fn start_connect(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
     conn.phase = Phase::Upstream(Box::new(UpstreamHandshake {
         reply,
-        state: State::Connecting,
+        state: UpstreamState::Connecting,
         next_addr: 0,
     }));
     try_next(key, conn, ctx)
 }
 
 fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    let Some(upstream) = ctx.cfg.upstream.clone() else {
-        return Next::Close(CloseReason::Internal);
-    };
-    let Phase::Upstream(hs) = &mut conn.phase else {
+    let Phase::Upstream(hs) = &conn.phase else {
         return Next::Wait;
     };
     let reply = hs.reply;
-    while let Some(addr) = upstream.addrs.get(hs.next_addr).copied() {
+    loop {
+        let Phase::Upstream(hs) = &mut conn.phase else {
+            return Next::Wait;
+        };
+        let index = hs.next_addr;
         hs.next_addr += 1;
-        debug!("{}: connecting to upstream proxy {addr}", conn.peer);
-        match connect::open(key, ctx, addr) {
-            Ok(sock) => {
+        match open_upstream_proxy(key, ctx, index) {
+            Some((addr, Ok(sock))) => {
+                debug!("{}: connecting to upstream proxy {addr}", conn.peer);
                 conn.upstream = Some(sock);
                 return Next::Wait;
             }
-            Err(e) => debug!("{}: upstream {addr}: {e}", conn.peer),
+            Some((addr, Err(e))) => debug!("{}: upstream {addr}: {e}", conn.peer),
+            None => break,
         }
     }
     fail(
@@ -72,6 +51,10 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         reply,
         CloseReason::UpstreamProxy(Failure::General),
     )
+}
+
+fn fail(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, reason: CloseReason) -> Next {
+    path_failed(conn, ctx, reply, reason)
 }
 
 fn send(conn: &mut Conn, bytes: &[u8]) -> Result<(), CloseReason> {
@@ -90,7 +73,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let Some(sock) = conn.upstream.as_mut() else {
         return Next::Wait;
     };
-    if state == State::Connecting {
+    if state == UpstreamState::Connecting {
         if !sock.writable && !sock.readable {
             return Next::Wait;
         }
@@ -115,7 +98,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 if http && reply == ReplyKind::HttpForward {
                     // Forwarded requests go to an HTTP upstream in absolute-form (as Squid's cache_peer sends
                     // them): no tunnel to set up, the request head is the first thing it gets.
-                    return connect::established(key, conn, ctx, reply);
+                    return Next::Connected(reply);
                 }
                 greet(conn, ctx, reply)
             }
@@ -192,7 +175,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                     ctx.pool.give(b);
                 }
             }
-            advance(key, conn, ctx, reply, then)
+            advance(conn, ctx, reply, then)
         }
     }
 }
@@ -213,29 +196,29 @@ enum Step {
     Ok(usize, Then),
 }
 
-fn parse_step(state: State, data: &[u8]) -> Step {
+fn parse_step(state: UpstreamState, data: &[u8]) -> Step {
     match state {
-        State::Connecting => Step::More,
-        State::Method => match up::parse_method_choice(data) {
+        UpstreamState::Connecting => Step::More,
+        UpstreamState::Method => match up::parse_method_choice(data) {
             Ok(Parse::Incomplete) => Step::More,
             Ok(Parse::Done(socks5::METHOD_NO_AUTH, n)) => Step::Ok(n, Then::SendRequest),
             Ok(Parse::Done(socks5::METHOD_USER_PASS, n)) => Step::Ok(n, Then::SendAuth),
             Ok(Parse::Done(_, _)) => Step::Refused(Failure::NotAllowed),
             Err(_) => Step::Bad,
         },
-        State::Auth => match up::parse_auth_status(data) {
+        UpstreamState::Auth => match up::parse_auth_status(data) {
             Ok(Parse::Incomplete) => Step::More,
             Ok(Parse::Done(true, n)) => Step::Ok(n, Then::SendRequest),
             Ok(Parse::Done(false, _)) => Step::Refused(Failure::NotAllowed),
             Err(_) => Step::Bad,
         },
-        State::Reply => match up::parse_socks5_reply(data) {
+        UpstreamState::Reply => match up::parse_socks5_reply(data) {
             Ok(Parse::Incomplete) => Step::More,
             Ok(Parse::Done(r, n)) if r.rep == 0 => Step::Ok(n, Then::Established),
             Ok(Parse::Done(r, _)) => Step::Failed(up::failure_from_socks5_reply(r.rep)),
             Err(_) => Step::Bad,
         },
-        State::HttpReply => match up::parse_http_connect_reply(data) {
+        UpstreamState::HttpReply => match up::parse_http_connect_reply(data) {
             Ok(Parse::Incomplete) => Step::More,
             Ok(Parse::Done(r, n)) if (200..300).contains(&r.status) => {
                 Step::Ok(n, Then::Established)
@@ -248,7 +231,7 @@ fn parse_step(state: State, data: &[u8]) -> Step {
     }
 }
 
-fn set_state(conn: &mut Conn, state: State) {
+fn set_state(conn: &mut Conn, state: UpstreamState) {
     if let Phase::Upstream(hs) = &mut conn.phase {
         hs.state = state;
     }
@@ -270,7 +253,10 @@ fn greet(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
             } else {
                 &[socks5::METHOD_NO_AUTH]
             };
-            (socks5::encode_greeting(methods, &mut out), State::Method)
+            (
+                socks5::encode_greeting(methods, &mut out),
+                UpstreamState::Method,
+            )
         }
         UpstreamKind::Http => {
             let creds = upstream
@@ -279,7 +265,7 @@ fn greet(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
                 .map(|(u, p)| (u.as_bytes(), p.as_bytes()));
             (
                 up::encode_http_connect(&target, creds, &mut out),
-                State::HttpReply,
+                UpstreamState::HttpReply,
             )
         }
     };
@@ -298,7 +284,7 @@ fn greet(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
     Next::Again
 }
 
-fn advance(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, then: Then) -> Next {
+fn advance(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, then: Then) -> Next {
     let mut out = [0u8; socks5::MAX_USER_PASS_LEN];
     match then {
         Then::SendAuth => {
@@ -316,7 +302,7 @@ fn advance(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, then: T
                 );
             };
             let len = socks5::encode_user_pass(u.as_bytes(), p.as_bytes(), &mut out);
-            set_state(conn, State::Auth);
+            set_state(conn, UpstreamState::Auth);
             if let Err(r) = send(conn, &out[..len]) {
                 return Next::Close(r);
             }
@@ -335,12 +321,12 @@ fn advance(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, then: T
                     CloseReason::Failed(Failure::AddressNotSupported),
                 );
             }
-            set_state(conn, State::Reply);
+            set_state(conn, UpstreamState::Reply);
             if let Err(r) = send(conn, &out[..len]) {
                 return Next::Close(r);
             }
             Next::Again
         }
-        Then::Established => connect::established(key, conn, ctx, reply),
+        Then::Established => Next::Connected(reply),
     }
 }

@@ -1,0 +1,272 @@
+//! Where a connection is in its life, and the data each phase owns. The behaviour of each phase lives in its own
+//! module above `conn` (`handshake`, `connect`, `upstream`, `relay`, `http`, `udp`, `bind`); the types live here,
+//! below `conn`, so that `Conn` can hold a `Phase` without importing the modules that drive it.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use mio::net::{TcpListener, UdpSocket};
+
+use super::close::CloseReason;
+use super::ctx::ReplyKind;
+use crate::proto::http::BodyFramer;
+use crate::proto::{Name, TargetAddr};
+
+/// Where a connection is in its life. Each variant holds only what that phase needs.
+pub enum Phase {
+    /// Waiting for the PROXY protocol header.
+    ProxyHeader,
+    /// Waiting for the first byte.
+    Detect,
+    /// SOCKS5 method negotiation.
+    Socks5Greeting,
+    /// RFC 1929 sub-negotiation.
+    Socks5Auth,
+    /// SOCKS5 request.
+    Socks5Request,
+    /// A SOCKS4/4a request.
+    Socks4Request,
+    /// An HTTP request head (first request of the connection).
+    HttpHead,
+    /// A password is being checked against a slow hash on the blocking pool.
+    Verifying(Box<PendingAuth>),
+    /// A name lookup is out with the resolver pool.
+    Resolving {
+        /// How to answer.
+        reply: ReplyKind,
+    },
+    /// A nonblocking connect is in flight.
+    Connecting {
+        /// How to answer.
+        reply: ReplyKind,
+        /// Addresses still to try, each already passed by the destination rules.
+        addrs: Vec<(SocketAddr, crate::acl::DestAllowed)>,
+        /// Index of the next address to try.
+        next: usize,
+        /// The failure of the last attempt.
+        last: crate::proto::Failure,
+        /// When the current attempt gives way to the next address.
+        attempt_deadline: Instant,
+    },
+    /// Talking to an upstream proxy on the outbound socket.
+    Upstream(Box<UpstreamHandshake>),
+    /// Bytes flow both ways.
+    Relay,
+    /// Plain HTTP forwarding with request/response framing (state in `Conn::http`).
+    Http,
+    /// A SOCKS5 UDP association; the TCP connection is only watched for EOF.
+    Udp(Box<UdpState>),
+    /// A BIND listener waits for its inbound connection.
+    Bind(Box<BindState>),
+    /// An error reply is flushing; then the client side is shut down and read until EOF or the linger deadline, so
+    /// the reply is not destroyed by a reset.
+    Linger {
+        /// Whether the linger deadline is scheduled.
+        armed: bool,
+        /// Whether our write side is already shut down.
+        shut: bool,
+        /// What the access log will say.
+        reason: CloseReason,
+    },
+}
+
+impl Phase {
+    /// True while the client has not finished its handshake (the handshake deadline applies).
+    pub fn in_client_handshake(&self) -> bool {
+        matches!(
+            self,
+            Phase::ProxyHeader
+                | Phase::Detect
+                | Phase::Socks5Greeting
+                | Phase::Socks5Auth
+                | Phase::Socks5Request
+                | Phase::Socks4Request
+                | Phase::HttpHead
+                | Phase::Verifying(_)
+        )
+    }
+
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::ProxyHeader => "proxy_header",
+            Phase::Detect => "detect",
+            Phase::Socks5Greeting => "socks5_greeting",
+            Phase::Socks5Auth => "socks5_auth",
+            Phase::Socks5Request => "socks5_request",
+            Phase::Socks4Request => "socks4_request",
+            Phase::HttpHead => "http_head",
+            Phase::Verifying(_) => "verifying",
+            Phase::Resolving { .. } => "resolving",
+            Phase::Connecting { .. } => "connecting",
+            Phase::Upstream(_) => "upstream_handshake",
+            Phase::Relay => "relay",
+            Phase::Http => "http",
+            Phase::Udp(_) => "udp",
+            Phase::Bind(_) => "bind",
+            Phase::Linger { .. } => "linger",
+        }
+    }
+}
+
+/// What to resume once a slow password check answers. It is boxed inside `Phase::Verifying`, so the size gap
+/// between variants costs nothing on other connections.
+#[allow(clippy::large_enum_variant)]
+pub enum PendingAuth {
+    /// Send the RFC 1929 status, then read the SOCKS5 request.
+    Socks5,
+    /// Carry on with this HTTP request (its rewritten head is kept alongside).
+    Http(crate::proto::http::Request, Vec<u8>),
+}
+
+/// Per-direction relay state.
+#[derive(Default, Clone, Copy)]
+pub struct Half {
+    /// The source reported EOF.
+    pub eof: bool,
+    /// We shut down writing on the sink.
+    pub shut: bool,
+    /// The current burst is bulk: relay it with splice (when enabled).
+    pub bulk: bool,
+}
+
+/// State of one BIND request.
+pub struct BindState {
+    pub(super) listener: TcpListener,
+    pub(super) readable: bool,
+    /// When nobody connecting means failure.
+    pub(super) deadline: Instant,
+    pub(super) expected: Option<IpAddr>,
+    pub(super) reply: ReplyKind,
+}
+
+/// State of one UDP association.
+pub struct UdpState {
+    pub(super) relay: UdpSocket,
+    pub(super) out: UdpSocket,
+    pub(super) relay_readable: bool,
+    pub(super) out_readable: bool,
+    pub(super) client_ip: IpAddr,
+    pub(super) client_port: Option<u16>,
+    /// The outbound socket is IPv6 dual-stack: IPv4 targets are sent to as mapped addresses.
+    pub(super) out_dual: bool,
+    pub(super) cache: Vec<(Name, IpAddr)>,
+    /// Datagrams waiting for their name: (lookup tag, name, port, payload). One lookup (tag) per name in flight;
+    /// answers come back in any order (the pool has several threads), so they are matched by tag.
+    pub(super) queued: Vec<(u32, Name, u16, Vec<u8>)>,
+    pub(super) next_tag: u32,
+    pub(super) last_active: Instant,
+    /// Datagrams relayed client -> targets and targets -> client, for the access log.
+    pub(super) dgrams_up: u64,
+    pub(super) dgrams_down: u64,
+    /// Hashes of the distinct destinations the client addressed (capped at [`MAX_COUNTED_DESTS`]).
+    pub(super) dests: HashSet<u64>,
+}
+
+/// Forwarding state of one client connection.
+pub struct HttpState {
+    /// The origin the current upstream socket is connected to.
+    pub(super) origin: Option<TargetAddr>,
+    /// The origin allows another request on its connection.
+    pub(super) origin_reusable: bool,
+    /// A request/response exchange is in progress.
+    pub(super) busy: bool,
+    /// The current request is a HEAD request.
+    pub(super) is_head: bool,
+    /// The client's HTTP minor version.
+    pub(super) minor: u8,
+    /// The client wants to keep the connection.
+    pub(super) client_keep_alive: bool,
+    /// The client connection stays open after the current response.
+    pub(super) keep_client: bool,
+    /// Request body framing.
+    pub(super) req_body: BodyFramer,
+    /// Bytes at the front of `c2u` that belong to the request body and may be forwarded.
+    pub(super) up_ready: usize,
+    /// The whole request (head and body) went to the origin.
+    pub(super) req_done: bool,
+    /// The final response head has been parsed.
+    pub(super) resp_head_done: bool,
+    /// Response body framing.
+    pub(super) resp_body: BodyFramer,
+    /// Bytes at the front of `u2c` that belong to the response body and may be forwarded.
+    pub(super) down_ready: usize,
+    /// Anything of the response reached the client (after that, errors can only close).
+    pub(super) resp_started: bool,
+    /// The origin reset while the request was still being sent: deliver whatever response it managed to send,
+    /// then close the client connection.
+    pub(super) abandoned: bool,
+    /// Credentials that passed verification on this connection (user NUL pass).
+    pub(super) auth_token: Option<Box<[u8]>>,
+    /// The request head, held until the path to the origin is up (an upstream proxy's handshake goes first).
+    pub(super) pending_head: Vec<u8>,
+}
+
+/// Where the upstream conversation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamState {
+    /// TCP connect to the upstream in flight.
+    Connecting,
+    /// Waiting for the SOCKS5 method choice.
+    Method,
+    /// Waiting for the RFC 1929 status.
+    Auth,
+    /// Waiting for the SOCKS5 reply.
+    Reply,
+    /// Waiting for the HTTP CONNECT response head.
+    HttpReply,
+}
+
+/// The upstream handshake of one connection.
+pub struct UpstreamHandshake {
+    /// How to answer our client once the chain is up.
+    pub reply: ReplyKind,
+    pub(super) state: UpstreamState,
+    pub(super) next_addr: usize,
+}
+
+/// One forwarded HTTP request, from its head to the end of its response.
+#[derive(Debug)]
+pub struct RequestLog {
+    /// The method and the URL without its query: `GET http://host:port/path`.
+    pub line: Box<str>,
+    /// When its head was parsed.
+    pub started: Instant,
+    /// The connection's client -> target byte count when the request started.
+    pub up_before: u64,
+    /// The connection's target -> client byte count when the request started.
+    pub down_before: u64,
+    /// The final response status (the origin's or our own), 0 while none was sent.
+    pub status: u16,
+}
+
+impl RequestLog {
+    /// A request whose rewritten head is `head` (our own output: `METHOD SP origin-form SP version CRLF ...`).
+    /// `up_before`/`down_before` are the connection's byte counts so far.
+    pub fn new(
+        head: &[u8],
+        authority: &str,
+        now: Instant,
+        (up_before, down_before): (u64, u64),
+    ) -> RequestLog {
+        let first = head.split(|&b| b == b'\r').next().unwrap_or(&[]);
+        let mut parts = first.split(|&b| b == b' ');
+        let method = String::from_utf8_lossy(parts.next().unwrap_or(b"-")).into_owned();
+        let target = parts.next().unwrap_or(b"/");
+        let path = target.split(|&b| b == b'?').next().unwrap_or(b"/");
+        let path = String::from_utf8_lossy(path);
+        let line = if path == "*" {
+            format!("{method} http://{authority}")
+        } else {
+            format!("{method} http://{authority}{path}")
+        };
+        RequestLog {
+            line: line.into_boxed_str(),
+            started: now,
+            up_before,
+            down_before,
+            status: 0,
+        }
+    }
+}
