@@ -11,7 +11,7 @@ use mio::net::TcpStream;
 use mio::Interest;
 
 use super::access::{log_accept_error, log_refused};
-use super::conn::{Conn, Phase, HANDSHAKE_BUFFER};
+use super::conn::{Conn, Handshake, Phase, HANDSHAKE_BUFFER};
 use super::timers::TimerKind;
 use super::{token, Worker};
 use crate::buffer::Buffer;
@@ -121,17 +121,16 @@ impl Worker {
         }
         self.next_gen = self.next_gen.wrapping_add(1);
         let gen = self.next_gen;
-        let phase = if self.ctx.cfg.proxy_protocol {
-            Phase::ProxyHeader
+        let step = if self.ctx.cfg.proxy_protocol {
+            Handshake::ProxyHeader
         } else {
-            Phase::Detect
+            Handshake::Detect
         };
         let now = self.ctx.now;
         let buf = Buffer::new(HANDSHAKE_BUFFER);
-        let mut conn = Conn::new(gen, stream, peer, phase, now, buf);
         let deadline = now + self.ctx.cfg.handshake_timeout;
-        conn.deadline = Some(deadline);
-        entry.insert(conn);
+        let phase = Phase::Handshake { step, deadline };
+        entry.insert(Conn::new(gen, stream, peer, phase, now, buf));
         self.ctx
             .timers
             .push(deadline, key, gen, TimerKind::Handshake);

@@ -83,7 +83,6 @@ pub fn start(
         let _ = ctx.registry.deregister(&mut listener);
         return Next::Close(CloseReason::ClientError);
     }
-    conn.deadline = None;
     conn.phase = Phase::Bind(Box::new(BindState {
         listener,
         readable: true,

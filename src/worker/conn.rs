@@ -37,7 +37,7 @@ use crate::resolve::{Job, Work};
 
 use super::close::CloseReason;
 use super::ctx::{Ctx, Next, ReplyKind};
-pub use super::phase::{Half, HttpState, PendingAuth, Phase, RequestLog};
+pub use super::phase::{Half, Handshake, HttpState, PendingAuth, Phase, RequestLog};
 pub use super::sock::Sock;
 use super::token;
 
@@ -119,9 +119,6 @@ pub struct Conn {
     pub started: Instant,
     /// Last relay activity (for the idle timeout).
     pub last_active: Instant,
-    /// The deadline of the current phase: the handshake deadline while in a client-handshake phase, the connect
-    /// deadline while resolving or connecting (never both at once, so one field serves).
-    pub deadline: Option<Instant>,
     /// Bytes relayed client -> target.
     pub bytes_up: u64,
     /// Bytes relayed target -> client.
@@ -167,7 +164,6 @@ impl Conn {
             target: None,
             started: now,
             last_active: now,
-            deadline: None,
             bytes_up: 0,
             bytes_down: 0,
             queued: false,
@@ -239,6 +235,13 @@ impl Conn {
 // ---------------------------------------------------------------------------------------------------------------
 // Verbs every phase uses on a connection.
 // ---------------------------------------------------------------------------------------------------------------
+
+/// Moves a connection in its handshake to the next step (the handshake deadline stays).
+pub fn set_step(conn: &mut Conn, next: Handshake) {
+    if let Phase::Handshake { step, .. } = &mut conn.phase {
+        *step = next;
+    }
+}
 
 /// Bytes a connection starts with for its handshake: every SOCKS message (at most 520 bytes) fits, so SOCKS never
 /// needs more; HTTP heads and long PROXY v2 headers grow it. Not a pool buffer: a 2 KiB allocation touches half a
@@ -317,7 +320,16 @@ pub fn verify_off_loop(
     if ctx.resolve_tx.send(job).is_err() {
         return Next::Close(CloseReason::Internal);
     }
-    conn.phase = Phase::Verifying(Box::new(then));
+    // A kept-alive HTTP connection verifies its next request's credentials here too; no handshake timer is armed
+    // for it (the idle timer covers it), so its deadline is only nominal.
+    let deadline = match conn.phase {
+        Phase::Handshake { deadline, .. } => deadline,
+        _ => ctx.now + ctx.cfg.handshake_timeout,
+    };
+    conn.phase = Phase::Handshake {
+        step: Handshake::Verifying(Box::new(then)),
+        deadline,
+    };
     Next::Wait
 }
 

@@ -5,7 +5,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::debug;
 
@@ -33,9 +33,7 @@ pub fn start(
     reply: ReplyKind,
 ) -> Next {
     conn.target = Some(Dest::from(&target));
-    conn.deadline = None;
     let deadline = ctx.now + ctx.cfg.connect_timeout;
-    conn.deadline = Some(deadline);
     ctx.timers.push(deadline, key, conn.gen, TimerKind::Connect);
     if ctx.cfg.upstream.is_some() {
         // Through an upstream proxy the target is the upstream's business: connect to the proxy itself, but
@@ -46,10 +44,10 @@ pub fn start(
                 return fail(conn, ctx, reply, CloseReason::DestDenied);
             }
         }
-        return upstream::start_connect(key, conn, ctx, reply);
+        return upstream::start_connect(key, conn, ctx, (reply, target), deadline);
     }
     match target {
-        TargetAddr::Ip(addr) => begin(key, conn, ctx, reply, vec![addr]),
+        TargetAddr::Ip(addr) => begin(key, conn, ctx, (reply, deadline), vec![addr]),
         TargetAddr::Domain(name, port) => {
             metrics::inc(&ctx.stats.dns_lookups);
             let job = Job {
@@ -66,7 +64,7 @@ pub fn start(
             if ctx.resolve_tx.send(job).is_err() {
                 return fail(conn, ctx, reply, CloseReason::Internal);
             }
-            conn.phase = Phase::Resolving { reply };
+            conn.phase = Phase::Resolving { reply, deadline };
             Next::Wait
         }
     }
@@ -79,12 +77,12 @@ pub fn on_resolved(
     ctx: &mut Ctx,
     result: io::Result<Vec<SocketAddr>>,
 ) -> Next {
-    let reply = match conn.phase {
-        Phase::Resolving { reply } => reply,
+    let (reply, deadline) = match conn.phase {
+        Phase::Resolving { reply, deadline } => (reply, deadline),
         _ => return Next::Wait,
     };
     match result {
-        Ok(addrs) if !addrs.is_empty() => begin(key, conn, ctx, reply, addrs),
+        Ok(addrs) if !addrs.is_empty() => begin(key, conn, ctx, (reply, deadline), addrs),
         Ok(_) | Err(_) => {
             metrics::inc(&ctx.stats.dns_failures);
             debug!("{}: cannot resolve {}", conn.peer, target_str(conn));
@@ -105,7 +103,7 @@ pub fn begin(
     key: usize,
     conn: &mut Conn,
     ctx: &mut Ctx,
-    reply: ReplyKind,
+    (reply, deadline): (ReplyKind, Instant),
     addrs: Vec<SocketAddr>,
 ) -> Next {
     let allowed: Vec<_> = addrs
@@ -133,6 +131,7 @@ pub fn begin(
         next: 0,
         last: Failure::General,
         attempt_deadline: ctx.now,
+        deadline,
     };
     try_next(key, conn, ctx)
 }
@@ -146,7 +145,6 @@ const MIN_ATTEMPT: Duration = Duration::from_secs(1);
 /// gets only its share of the remaining connect time, so one dead address (typically IPv6) cannot eat the whole
 /// `--connect-timeout` while a working one waits behind it.
 fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    let overall = conn.deadline.unwrap_or(ctx.now + ctx.cfg.connect_timeout);
     loop {
         let Phase::Connecting {
             reply,
@@ -154,10 +152,12 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             next,
             last,
             attempt_deadline,
+            deadline: overall,
         } = &mut conn.phase
         else {
             return Next::Wait;
         };
+        let overall = *overall;
         let Some((addr, allowed)) = addrs.get(*next).copied() else {
             let (reply, last) = (*reply, *last);
             return fail(conn, ctx, reply, CloseReason::Failed(last));
@@ -228,7 +228,6 @@ fn connected(conn: &Conn) -> Next {
 /// The path to the target is ready (directly, or through the upstream proxy): answer the client and relay.
 /// (Forwarded HTTP goes to `http` instead: the dispatcher routes `Next::Connected` by reply kind.)
 pub fn established(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
-    conn.deadline = None;
     let local = conn
         .upstream
         .as_ref()
@@ -255,7 +254,7 @@ fn fail(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, reason: CloseReason) -
 /// A connect timer popped: move on to the next address when this attempt's share is used up, or fail when the
 /// whole connect deadline has passed.
 pub fn on_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    let overall_due = conn.deadline.is_some_and(|d| d <= ctx.now);
+    let overall_due = conn.phase.connect_deadline().is_some_and(|d| d <= ctx.now);
     if let Phase::Connecting {
         addrs,
         next,
@@ -284,7 +283,7 @@ pub fn on_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 /// The connect deadline passed while resolving or connecting.
 pub fn on_timeout(conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let reply = match &conn.phase {
-        Phase::Resolving { reply } | Phase::Connecting { reply, .. } => *reply,
+        Phase::Resolving { reply, .. } | Phase::Connecting { reply, .. } => *reply,
         Phase::Upstream(u) => u.reply,
         _ => return Next::Wait,
     };

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use log::debug;
 
 use super::close::CloseReason;
-use super::conn::{fill_client, grow, user_admit, verify_off_loop, Conn, Dest, PendingAuth, Phase};
+use super::conn::{
+    fill_client, grow, set_step, user_admit, verify_off_loop, Conn, Dest, Handshake, PendingAuth,
+    Phase,
+};
 use super::ctx::{Ctx, Next, ReplyKind};
 use super::reply::{self, enter_linger};
 use super::{bind, connect, http, udp};
@@ -59,13 +62,34 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         return Next::Close(CloseReason::ClientReset);
     }
     match conn.phase {
-        Phase::ProxyHeader => proxy_header(conn, ctx),
-        Phase::Detect => detect(conn, ctx),
-        Phase::Socks5Greeting => socks5_greeting(conn, ctx),
-        Phase::Socks5Auth => socks5_auth(key, conn, ctx),
-        Phase::Socks5Request => socks5_request(key, conn, ctx),
-        Phase::Socks4Request => socks4_request(key, conn, ctx),
-        Phase::HttpHead => http::on_head(key, conn, ctx),
+        Phase::Handshake {
+            step: Handshake::ProxyHeader,
+            ..
+        } => proxy_header(conn, ctx),
+        Phase::Handshake {
+            step: Handshake::Detect,
+            ..
+        } => detect(conn, ctx),
+        Phase::Handshake {
+            step: Handshake::Socks5Greeting,
+            ..
+        } => socks5_greeting(conn, ctx),
+        Phase::Handshake {
+            step: Handshake::Socks5Auth,
+            ..
+        } => socks5_auth(key, conn, ctx),
+        Phase::Handshake {
+            step: Handshake::Socks5Request,
+            ..
+        } => socks5_request(key, conn, ctx),
+        Phase::Handshake {
+            step: Handshake::Socks4Request,
+            ..
+        } => socks4_request(key, conn, ctx),
+        Phase::Handshake {
+            step: Handshake::HttpHead,
+            ..
+        } => http::on_head(key, conn, ctx),
         _ => Next::Wait,
     }
 }
@@ -84,7 +108,7 @@ fn proxy_header(conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 return Next::Close(CloseReason::ClientNotAllowed);
             }
             debug!("{}: PROXY header accepted", conn.peer);
-            conn.phase = Phase::Detect;
+            set_step(conn, Handshake::Detect);
             Next::Again
         }
         Err(e) => {
@@ -106,9 +130,9 @@ fn detect(conn: &mut Conn, ctx: &mut Ctx) -> Next {
         return need_more(conn, ctx);
     };
     let (proto, phase) = match detect::detect(first) {
-        Protocol::Socks5 => (Proto::Socks5, Phase::Socks5Greeting),
-        Protocol::Socks4 if ctx.cfg.socks4 => (Proto::Socks4, Phase::Socks4Request),
-        Protocol::Http if ctx.cfg.http => (Proto::Http, Phase::HttpHead),
+        Protocol::Socks5 => (Proto::Socks5, Handshake::Socks5Greeting),
+        Protocol::Socks4 if ctx.cfg.socks4 => (Proto::Socks4, Handshake::Socks4Request),
+        Protocol::Http if ctx.cfg.http => (Proto::Http, Handshake::HttpHead),
         _ => {
             metrics::inc(&ctx.stats.refused[Refusal::UnknownProtocol as usize]);
             debug!(
@@ -124,7 +148,7 @@ fn detect(conn: &mut Conn, ctx: &mut Ctx) -> Next {
         metrics::PROTO_LABELS[proto as usize]
     );
     set_proto(conn, ctx, proto);
-    conn.phase = phase;
+    set_step(conn, phase);
     Next::Again
 }
 
@@ -153,8 +177,8 @@ fn socks5_greeting(conn: &mut Conn, ctx: &mut Ctx) -> Next {
             }
             debug!("{}: SOCKS5 method {method:#04x} chosen", conn.peer);
             match method {
-                socks5::METHOD_NO_AUTH => conn.phase = Phase::Socks5Request,
-                socks5::METHOD_USER_PASS => conn.phase = Phase::Socks5Auth,
+                socks5::METHOD_NO_AUTH => set_step(conn, Handshake::Socks5Request),
+                socks5::METHOD_USER_PASS => set_step(conn, Handshake::Socks5Auth),
                 _ => {
                     metrics::inc(&ctx.stats.auth_failures);
                     debug!("{}: SOCKS5: no acceptable method offered", conn.peer);
@@ -194,10 +218,13 @@ pub fn on_verified(
     ctx: &mut Ctx,
     verdict: Option<Authorized>,
 ) -> Next {
-    let Phase::Verifying(_) = &conn.phase else {
+    let Phase::Handshake { step, .. } = &mut conn.phase else {
         return Next::Wait;
     };
-    let Phase::Verifying(pending) = std::mem::replace(&mut conn.phase, Phase::Socks5Auth) else {
+    if !matches!(step, Handshake::Verifying(_)) {
+        return Next::Wait;
+    }
+    let Handshake::Verifying(pending) = std::mem::replace(step, Handshake::Socks5Auth) else {
         return Next::Wait;
     };
     match *pending {
@@ -217,7 +244,7 @@ fn socks5_auth_result(conn: &mut Conn, ctx: &mut Ctx, verdict: Option<Authorized
         Some(user) => {
             debug!("{}: SOCKS5 user {} authenticated", conn.peer, user.user());
             conn.user = Some(user);
-            conn.phase = Phase::Socks5Request;
+            set_step(conn, Handshake::Socks5Request);
             Next::Again
         }
         None => {

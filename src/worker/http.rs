@@ -277,7 +277,6 @@ fn bad_request(conn: &mut Conn, ctx: &mut Ctx, e: ProtoError) -> Next {
 
 /// The origin connection for a forwarded request is up.
 pub fn on_origin_connected(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    conn.deadline = None;
     if let Some(st) = conn.http.as_mut() {
         st.origin_reusable = true;
         // Whatever an upstream proxy's handshake queued has gone out first: the request follows it.

@@ -50,7 +50,7 @@ use crate::metrics::{self, Stats};
 use crate::resolve::{Outcome, Reply, ReplyTo};
 
 use close::{CloseReason, ResetSide};
-use conn::{Conn, Phase};
+use conn::{Conn, Handshake, Phase};
 pub use ctx::{Channels, Command, Ctx, Next, ReplyKind, Shared, UserCounts};
 use timers::{TimerKind, Timers};
 use token::{Role, Target};
@@ -366,8 +366,11 @@ impl Worker {
                 continue;
             }
             let next = match kind {
-                TimerKind::Handshake => match conn.deadline {
-                    Some(d) if d <= now && matches!(conn.phase, Phase::HttpHead) => {
+                TimerKind::Handshake => match &conn.phase {
+                    Phase::Handshake {
+                        step: Handshake::HttpHead,
+                        deadline,
+                    } if *deadline <= now => {
                         // An HTTP client that stopped in the middle of its request head is told so (as Squid and
                         // HAProxy do); SOCKS has no reply for it (RFC 1928) and is closed silently.
                         debug!("{}: request head timeout", conn.peer);
@@ -378,7 +381,7 @@ impl Worker {
                             CloseReason::HandshakeTimeout,
                         )
                     }
-                    Some(d) if d <= now && conn.phase.in_client_handshake() => {
+                    Phase::Handshake { deadline, .. } if *deadline <= now => {
                         debug!("{}: handshake timeout in {}", conn.peer, conn.phase.name());
                         metrics::inc(&self.ctx.stats.handshakes_failed[conn.proto as usize]);
                         Next::Close(CloseReason::HandshakeTimeout)
@@ -495,14 +498,12 @@ fn settle(key: usize, conn: &mut Conn, ctx: &mut Ctx, next: Next) -> Next {
 /// One step of a connection's current phase.
 fn step(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     match conn.phase {
-        Phase::ProxyHeader
-        | Phase::Detect
-        | Phase::Socks5Greeting
-        | Phase::Socks5Auth
-        | Phase::Socks5Request
-        | Phase::Socks4Request
-        | Phase::HttpHead => handshake::drive(key, conn, ctx),
-        Phase::Resolving { .. } | Phase::Verifying(_) => Next::Wait,
+        Phase::Handshake {
+            step: Handshake::Verifying(_),
+            ..
+        }
+        | Phase::Resolving { .. } => Next::Wait,
+        Phase::Handshake { .. } => handshake::drive(key, conn, ctx),
         Phase::Connecting { .. } => connect::drive(key, conn, ctx),
         Phase::Upstream(_) => upstream::drive(key, conn, ctx),
         Phase::Relay => relay::drive(conn, ctx),

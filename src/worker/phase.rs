@@ -13,28 +13,21 @@ use super::ctx::ReplyKind;
 use crate::proto::http::BodyFramer;
 use crate::proto::{Name, TargetAddr};
 
-/// Where a connection is in its life. Each variant holds only what that phase needs.
+/// Where a connection is in its life. Each variant holds only what that phase needs, its deadline included.
 pub enum Phase {
-    /// Waiting for the PROXY protocol header.
-    ProxyHeader,
-    /// Waiting for the first byte.
-    Detect,
-    /// SOCKS5 method negotiation.
-    Socks5Greeting,
-    /// RFC 1929 sub-negotiation.
-    Socks5Auth,
-    /// SOCKS5 request.
-    Socks5Request,
-    /// A SOCKS4/4a request.
-    Socks4Request,
-    /// An HTTP request head (first request of the connection).
-    HttpHead,
-    /// A password is being checked against a slow hash on the blocking pool.
-    Verifying(Box<PendingAuth>),
+    /// The client's handshake, until its request is complete.
+    Handshake {
+        /// Which message is awaited.
+        step: Handshake,
+        /// The handshake deadline (counted from accept).
+        deadline: Instant,
+    },
     /// A name lookup is out with the resolver pool.
     Resolving {
         /// How to answer.
         reply: ReplyKind,
+        /// The connect deadline (resolving and connecting together).
+        deadline: Instant,
     },
     /// A nonblocking connect is in flight.
     Connecting {
@@ -48,6 +41,8 @@ pub enum Phase {
         last: crate::proto::Failure,
         /// When the current attempt gives way to the next address.
         attempt_deadline: Instant,
+        /// The connect deadline (all addresses together).
+        deadline: Instant,
     },
     /// Talking to an upstream proxy on the outbound socket.
     Upstream(Box<UpstreamHandshake>),
@@ -71,33 +66,63 @@ pub enum Phase {
     },
 }
 
+/// The steps of a client handshake.
+pub enum Handshake {
+    /// Waiting for the PROXY protocol header.
+    ProxyHeader,
+    /// Waiting for the first byte.
+    Detect,
+    /// SOCKS5 method negotiation.
+    Socks5Greeting,
+    /// RFC 1929 sub-negotiation.
+    Socks5Auth,
+    /// SOCKS5 request.
+    Socks5Request,
+    /// A SOCKS4/4a request.
+    Socks4Request,
+    /// An HTTP request head (first request of the connection).
+    HttpHead,
+    /// A password is being checked against a slow hash on the blocking pool.
+    Verifying(Box<PendingAuth>),
+}
+
+impl Handshake {
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Handshake::ProxyHeader => "proxy_header",
+            Handshake::Detect => "detect",
+            Handshake::Socks5Greeting => "socks5_greeting",
+            Handshake::Socks5Auth => "socks5_auth",
+            Handshake::Socks5Request => "socks5_request",
+            Handshake::Socks4Request => "socks4_request",
+            Handshake::HttpHead => "http_head",
+            Handshake::Verifying(_) => "verifying",
+        }
+    }
+}
+
 impl Phase {
     /// True while the client has not finished its handshake (the handshake deadline applies).
     pub fn in_client_handshake(&self) -> bool {
-        matches!(
-            self,
-            Phase::ProxyHeader
-                | Phase::Detect
-                | Phase::Socks5Greeting
-                | Phase::Socks5Auth
-                | Phase::Socks5Request
-                | Phase::Socks4Request
-                | Phase::HttpHead
-                | Phase::Verifying(_)
-        )
+        matches!(self, Phase::Handshake { .. })
+    }
+
+    /// The connect deadline while resolving, connecting or talking to the upstream proxy.
+    pub fn connect_deadline(&self) -> Option<Instant> {
+        match self {
+            Phase::Resolving { deadline, .. } | Phase::Connecting { deadline, .. } => {
+                Some(*deadline)
+            }
+            Phase::Upstream(u) => Some(u.deadline),
+            _ => None,
+        }
     }
 
     /// A short name for logs.
     pub fn name(&self) -> &'static str {
         match self {
-            Phase::ProxyHeader => "proxy_header",
-            Phase::Detect => "detect",
-            Phase::Socks5Greeting => "socks5_greeting",
-            Phase::Socks5Auth => "socks5_auth",
-            Phase::Socks5Request => "socks5_request",
-            Phase::Socks4Request => "socks4_request",
-            Phase::HttpHead => "http_head",
-            Phase::Verifying(_) => "verifying",
+            Phase::Handshake { step, .. } => step.name(),
             Phase::Resolving { .. } => "resolving",
             Phase::Connecting { .. } => "connecting",
             Phase::Upstream(_) => "upstream_handshake",
@@ -224,6 +249,10 @@ pub struct UpstreamHandshake {
     pub reply: ReplyKind,
     pub(super) state: UpstreamState,
     pub(super) next_addr: usize,
+    /// The connect deadline (reaching the upstream and its handshake together).
+    pub(super) deadline: Instant,
+    /// Where the upstream proxy is asked to connect.
+    pub(super) target: TargetAddr,
 }
 
 /// One forwarded HTTP request, from its head to the end of its response.

@@ -170,7 +170,6 @@ pub fn start(key: usize, conn: &mut Conn, ctx: &mut Ctx, hint: TargetAddr) -> Ne
         let _ = ctx.registry.deregister(&mut out);
         return Next::Close(CloseReason::ClientError);
     }
-    conn.deadline = None;
     metrics::inc(&ctx.stats.handshakes_ok[conn.proto as usize]);
     if let Some(b) = conn.c2u.take() {
         ctx.pool.give(b);

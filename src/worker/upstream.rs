@@ -3,23 +3,33 @@
 //! The upstream's replies are peer input like any other: they are parsed by the sans-IO parsers in
 //! `proto::upstream`, and its failures map back onto the client's reply codes.
 
+use std::time::Instant;
+
 use log::debug;
 
 use super::close::CloseReason;
-use super::conn::{drop_upstream, open_upstream_proxy, path_failed, Conn, Dest, Phase};
+use super::conn::{drop_upstream, open_upstream_proxy, path_failed, Conn, Phase};
 use super::ctx::{Ctx, Next, ReplyKind};
 use super::phase::{UpstreamHandshake, UpstreamState};
 use crate::net::{self, ConnectState};
 use crate::proto::upstream as up;
-use crate::proto::{socks5, Failure, Parse};
+use crate::proto::{socks5, Failure, Parse, TargetAddr};
 use crate::upstream::UpstreamKind;
 
 /// Starts connecting to the upstream proxy.
-pub fn start_connect(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
+pub fn start_connect(
+    key: usize,
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    (reply, target): (ReplyKind, TargetAddr),
+    deadline: Instant,
+) -> Next {
     conn.phase = Phase::Upstream(Box::new(UpstreamHandshake {
         reply,
         state: UpstreamState::Connecting,
         next_addr: 0,
+        deadline,
+        target,
     }));
     try_next(key, conn, ctx)
 }
@@ -242,9 +252,10 @@ fn greet(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
     let Some(upstream) = ctx.cfg.upstream.as_ref() else {
         return Next::Close(CloseReason::Internal);
     };
-    let Some(target) = conn.target.as_ref().and_then(Dest::to_target) else {
-        return Next::Close(CloseReason::Internal);
+    let Phase::Upstream(hs) = &conn.phase else {
+        return Next::Wait;
     };
+    let target = &hs.target;
     let mut out = [0u8; up::MAX_HTTP_CONNECT_LEN];
     let (len, state) = match upstream.kind {
         UpstreamKind::Socks5 => {
@@ -264,7 +275,7 @@ fn greet(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
                 .as_ref()
                 .map(|(u, p)| (u.as_bytes(), p.as_bytes()));
             (
-                up::encode_http_connect(&target, creds, &mut out),
+                up::encode_http_connect(target, creds, &mut out),
                 UpstreamState::HttpReply,
             )
         }
@@ -309,10 +320,10 @@ fn advance(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, then: Then) -> Next
             Next::Again
         }
         Then::SendRequest => {
-            let Some(target) = conn.target.as_ref().and_then(Dest::to_target) else {
-                return Next::Close(CloseReason::Internal);
+            let Phase::Upstream(hs) = &conn.phase else {
+                return Next::Wait;
             };
-            let len = socks5::encode_request(socks5::Command::Connect, &target, &mut out);
+            let len = socks5::encode_request(socks5::Command::Connect, &hs.target, &mut out);
             if len == 0 {
                 return fail(
                     conn,
