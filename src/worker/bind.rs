@@ -104,7 +104,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     if conn.flush_client().is_err() || fill_client(conn, ctx).is_err() {
         return Next::Close(CloseReason::ClientReset);
     }
-    if conn.up.eof {
+    if conn.client_eof {
         return Next::Close(CloseReason::ClientEof);
     }
     let Phase::Bind(b) = &mut conn.phase else {
@@ -144,7 +144,7 @@ fn accepted(
     mut stream: mio::net::TcpStream,
     from: SocketAddr,
 ) -> Next {
-    let Phase::Bind(mut b) = std::mem::replace(&mut conn.phase, Phase::Relay) else {
+    let Phase::Bind(mut b) = std::mem::replace(&mut conn.phase, Phase::Closing) else {
         return Next::Wait;
     };
     let _ = ctx.registry.deregister(&mut b.listener);
@@ -160,7 +160,7 @@ fn accepted(
     {
         return Next::Close(CloseReason::Internal);
     }
-    conn.upstream = Some(Sock::new(stream));
+    let outbound = Sock::new(stream);
     let from = SocketAddr::new(canonical_ip(from.ip()), from.port());
     debug!("{}: BIND accepted {from}", conn.peer);
     conn.target = Some(Dest::Ip(from));
@@ -168,7 +168,7 @@ fn accepted(
         return Next::Close(CloseReason::ClientError);
     }
     metrics::inc(&ctx.stats.handshakes_ok[conn.proto as usize]);
-    start_relay(key, conn, ctx);
+    start_relay(key, conn, ctx, outbound);
     Next::Again
 }
 

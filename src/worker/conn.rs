@@ -95,18 +95,12 @@ pub struct Conn {
     pub c2u: Option<Buffer>,
     /// Bytes from the upstream parked for the client.
     pub u2c: Option<Buffer>,
-    /// Splice mode: client -> upstream bytes held in a pipe because the upstream would not take them yet.
-    pub up_pipe: Option<crate::sys::Pipe>,
-    /// Splice mode: upstream -> client bytes held in a pipe.
-    pub down_pipe: Option<crate::sys::Pipe>,
     /// Bytes we generated for the client (replies, rewritten heads), flushed before `u2c`.
     pub to_client: Vec<u8>,
     /// Bytes we generated for the upstream (rewritten heads, upstream handshakes), flushed before `c2u`.
     pub to_upstream: Vec<u8>,
-    /// Client -> upstream direction.
-    pub up: Half,
-    /// Upstream -> client direction.
-    pub down: Half,
+    /// The client sent EOF (before the relay, which tracks it per direction).
+    pub client_eof: bool,
     /// The client's address (from the PROXY header when one was received).
     pub peer: SocketAddr,
     /// Protocol, once detected.
@@ -152,12 +146,9 @@ impl Conn {
             phase,
             c2u: Some(c2u),
             u2c: None,
-            up_pipe: None,
-            down_pipe: None,
             to_client: Vec::new(),
             to_upstream: Vec::new(),
-            up: Half::default(),
-            down: Half::default(),
+            client_eof: false,
             peer,
             proto: Proto::Unknown,
             user: None,
@@ -226,6 +217,22 @@ impl Conn {
             .map(|a| crate::proto::canonical_ip(a.ip()))
     }
 
+    /// The outbound socket, wherever the current phase keeps it.
+    pub fn outbound(&self) -> Option<&Sock> {
+        match &self.phase {
+            Phase::Relay(t) => Some(&t.outbound),
+            _ => self.upstream.as_ref(),
+        }
+    }
+
+    /// The outbound socket, mutably.
+    pub fn outbound_mut(&mut self) -> Option<&mut Sock> {
+        match &mut self.phase {
+            Phase::Relay(t) => Some(&mut t.outbound),
+            _ => self.upstream.as_mut(),
+        }
+    }
+
     /// The authenticated user name, or "-".
     pub fn user_name(&self) -> &str {
         self.user.as_ref().map(|u| u.user()).unwrap_or("-")
@@ -251,9 +258,9 @@ pub const HANDSHAKE_BUFFER: usize = 2048;
 /// Reads what the client has sent into its buffer (until `WouldBlock`, EOF or a full buffer).
 pub fn fill_client(conn: &mut Conn, ctx: &mut Ctx) -> std::io::Result<()> {
     let buf = conn.c2u.get_or_insert_with(|| ctx.pool.take());
-    while conn.client.readable && !conn.up.eof && !buf.is_full() {
+    while conn.client.readable && !conn.client_eof && !buf.is_full() {
         match conn.client.read(buf.space())? {
-            Some(0) => conn.up.eof = true,
+            Some(0) => conn.client_eof = true,
             Some(n) => buf.fill(n),
             None => break,
         }
@@ -386,5 +393,9 @@ mod tests {
     fn conn_stays_small() {
         let size = std::mem::size_of::<super::Conn>();
         assert!(size <= 400, "Conn grew to {size} bytes");
+        // An idle tunnel holds its Conn (in the slab) and its boxed Tunnel, no buffer.
+        let tunnel = std::mem::size_of::<super::super::phase::Tunnel>();
+        eprintln!("Conn {size} bytes, Tunnel {tunnel} bytes");
+        assert!(size + tunnel < 1024, "idle tunnel is {} bytes", size + tunnel);
     }
 }

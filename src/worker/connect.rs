@@ -238,11 +238,15 @@ pub fn established(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind)
         (ReplyKind::Socks4, SocketAddr::V6(_)) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
         _ => local,
     };
+    // Connecting and the upstream handshake leave the outbound socket here; it cannot be missing.
+    let Some(outbound) = conn.upstream.take() else {
+        return Next::Close(CloseReason::Internal);
+    };
     if reply::granted(conn, reply, local).is_err() {
         return Next::Close(CloseReason::ClientError);
     }
     metrics::inc(&ctx.stats.handshakes_ok[conn.proto as usize]);
-    start_relay(key, conn, ctx);
+    start_relay(key, conn, ctx, outbound);
     Next::Again
 }
 

@@ -44,7 +44,7 @@ fn need_more(conn: &mut Conn, ctx: &mut Ctx) -> Next {
             Next::Close(CloseReason::OversizedMessage)
         };
     }
-    if conn.up.eof {
+    if conn.client_eof {
         Next::Close(CloseReason::ClientEof)
     } else {
         Next::Wait

@@ -78,7 +78,7 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     };
     let data = conn.c2u.as_ref().map(|b| b.data()).unwrap_or(&[]);
     if data.is_empty() {
-        if conn.up.eof {
+        if conn.client_eof {
             return Next::Close(if conn.http.is_some() {
                 CloseReason::Done
             } else {
@@ -100,7 +100,7 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             if full {
                 return Next::Again;
             }
-            return if conn.up.eof {
+            return if conn.client_eof {
                 Next::Close(CloseReason::ClientEof)
             } else {
                 Next::Wait
@@ -357,7 +357,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let Some(st) = conn.http.as_ref() else {
         return Next::Close(CloseReason::Internal);
     };
-    if !st.req_done || st.abandoned || !st.keep_client || ctx.draining || conn.up.eof {
+    if !st.req_done || st.abandoned || !st.keep_client || ctx.draining || conn.client_eof {
         // The client still sends a body we will not read, or asked to close: end gracefully.
         return finish(conn, ctx);
     }
@@ -471,9 +471,9 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, CloseReason> {
         // Keep watching the client while the response is awaited: a reset (or close) must not leave both sockets
         // open until the idle timeout. Bytes it sends now are its next (pipelined) request: keep them.
         let buf = conn.c2u.get_or_insert_with(|| ctx.pool.take());
-        while conn.client.readable && !conn.up.eof && !buf.is_full() {
+        while conn.client.readable && !conn.client_eof && !buf.is_full() {
             match conn.client.read(buf.space()) {
-                Ok(Some(0)) => conn.up.eof = true,
+                Ok(Some(0)) => conn.client_eof = true,
                 Ok(Some(n)) => buf.fill(n),
                 Ok(None) => break,
                 Err(_) => return Err(CloseReason::ClientReset),
@@ -504,14 +504,14 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, CloseReason> {
             st.req_done = true;
             return Ok(progress);
         }
-        if conn.up.eof {
+        if conn.client_eof {
             return Err(CloseReason::ClientEofInBody);
         }
         if !conn.client.readable || buf.is_full() {
             return Ok(progress);
         }
         match conn.client.read(buf.space()) {
-            Ok(Some(0)) => conn.up.eof = true,
+            Ok(Some(0)) => conn.client_eof = true,
             Ok(Some(n)) => {
                 buf.fill(n);
                 progress = true;

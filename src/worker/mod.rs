@@ -217,7 +217,7 @@ impl Worker {
         );
         match role {
             Role::Client => conn.client.mark(ev),
-            Role::Upstream => match conn.upstream.as_mut() {
+            Role::Upstream => match conn.outbound_mut() {
                 Some(up) => up.mark(ev),
                 None => udp::mark(conn, role, ev),
             },
@@ -338,7 +338,8 @@ impl Worker {
             .conns
             .iter()
             .filter(|(_, c)| {
-                !matches!(c.phase, Phase::Relay | Phase::Udp(_) | Phase::Bind(_)) && !http::busy(c)
+                !matches!(c.phase, Phase::Relay(_) | Phase::Udp(_) | Phase::Bind(_))
+                    && !http::busy(c)
             })
             .map(|(k, _)| k)
             .collect();
@@ -418,7 +419,7 @@ impl Worker {
         // `conn` drops below) removes them from the epoll set, and two epoll_ctl calls per connection are saved.
         let abort = match reason.reset() {
             Some(ResetSide::Client) => Some(&conn.client.stream),
-            Some(ResetSide::Outbound) => conn.upstream.as_ref().map(|u| &u.stream),
+            Some(ResetSide::Outbound) => conn.outbound().map(|u| &u.stream),
             None => None,
         };
         if let Some(s) = abort {
@@ -428,6 +429,14 @@ impl Worker {
         match &mut conn.phase {
             Phase::Udp(u) => udp::release(u, registry),
             Phase::Bind(b) => bind::release(b, registry),
+            Phase::Relay(t) => {
+                for b in [t.up.parked.take(), t.down.parked.take()]
+                    .into_iter()
+                    .flatten()
+                {
+                    self.ctx.pool.give(b);
+                }
+            }
             _ => {}
         }
         if let Some(b) = conn.c2u.take() {
@@ -506,7 +515,8 @@ fn step(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Phase::Handshake { .. } => handshake::drive(key, conn, ctx),
         Phase::Connecting { .. } => connect::drive(key, conn, ctx),
         Phase::Upstream(_) => upstream::drive(key, conn, ctx),
-        Phase::Relay => relay::drive(conn, ctx),
+        Phase::Relay(_) => relay::drive(conn, ctx),
+        Phase::Closing => Next::Close(CloseReason::Internal),
         Phase::Http => http::drive(key, conn, ctx),
         Phase::Udp(_) => udp::drive(key, conn, ctx),
         Phase::Bind(_) => bind::drive(key, conn, ctx),

@@ -10,8 +10,11 @@ use mio::net::{TcpListener, UdpSocket};
 
 use super::close::CloseReason;
 use super::ctx::ReplyKind;
+use super::sock::Sock;
+use crate::buffer::Buffer;
 use crate::proto::http::BodyFramer;
 use crate::proto::{Name, TargetAddr};
+use crate::sys::Pipe;
 
 /// Where a connection is in its life. Each variant holds only what that phase needs, its deadline included.
 pub enum Phase {
@@ -47,7 +50,7 @@ pub enum Phase {
     /// Talking to an upstream proxy on the outbound socket.
     Upstream(Box<UpstreamHandshake>),
     /// Bytes flow both ways.
-    Relay,
+    Relay(Box<Tunnel>),
     /// Plain HTTP forwarding with request/response framing (state in `Conn::http`).
     Http,
     /// A SOCKS5 UDP association; the TCP connection is only watched for EOF.
@@ -56,6 +59,8 @@ pub enum Phase {
     Bind(Box<BindState>),
     /// An error reply is flushing; then the client side is shut down and read until EOF or the linger deadline, so
     /// the reply is not destroyed by a reset.
+    /// A placeholder while a transition moves the old phase's data by value; never driven.
+    Closing,
     Linger {
         /// Whether the linger deadline is scheduled.
         armed: bool,
@@ -64,6 +69,26 @@ pub enum Phase {
         /// What the access log will say.
         reason: CloseReason,
     },
+}
+
+/// An established tunnel: the outbound socket (target, chained proxy or BIND peer) and both directions.
+pub struct Tunnel {
+    /// The outbound socket.
+    pub outbound: Sock,
+    /// Client -> outbound.
+    pub up: Way,
+    /// Outbound -> client.
+    pub down: Way,
+}
+
+/// One direction of a tunnel: bytes parked in user space, bytes held in a pipe (splice mode), EOF bookkeeping.
+pub struct Way {
+    /// Bytes read from the source that the sink would not take yet (backpressure: nothing more is read meanwhile).
+    pub parked: Option<Buffer>,
+    /// Splice mode: bytes held in a pipe because the sink would not take them yet.
+    pub pipe: Option<Pipe>,
+    /// EOF and half-close state.
+    pub half: Half,
 }
 
 /// The steps of a client handshake.
@@ -126,7 +151,8 @@ impl Phase {
             Phase::Resolving { .. } => "resolving",
             Phase::Connecting { .. } => "connecting",
             Phase::Upstream(_) => "upstream_handshake",
-            Phase::Relay => "relay",
+            Phase::Relay(_) => "relay",
+            Phase::Closing => "closing",
             Phase::Http => "http",
             Phase::Udp(_) => "udp",
             Phase::Bind(_) => "bind",
