@@ -396,6 +396,10 @@ mod tests {
         // An idle tunnel holds its Conn (in the slab) and its boxed Tunnel, no buffer.
         let tunnel = std::mem::size_of::<super::super::phase::Tunnel>();
         eprintln!("Conn {size} bytes, Tunnel {tunnel} bytes");
-        assert!(size + tunnel < 1024, "idle tunnel is {} bytes", size + tunnel);
+        assert!(
+            size + tunnel < 1024,
+            "idle tunnel is {} bytes",
+            size + tunnel
+        );
     }
 }

@@ -21,7 +21,7 @@ use super::conn::{
 };
 use super::connect;
 use super::ctx::{Ctx, Next, ReplyKind};
-use super::phase::HttpState;
+use super::phase::{Download, Exchange, HttpState, InFlight, Upload};
 use super::relay;
 use super::reply::{self, graceful_end};
 use crate::auth::Authorized;
@@ -46,28 +46,29 @@ impl HttpState {
         HttpState {
             origin: None,
             origin_reusable: false,
-            busy: false,
-            is_head: false,
-            minor: 1,
-            client_keep_alive: false,
-            keep_client: false,
-            req_body: BodyFramer::new(h::BodyKind::None),
-            up_ready: 0,
-            req_done: false,
-            resp_head_done: false,
-            resp_body: BodyFramer::new(h::BodyKind::None),
-            down_ready: 0,
-            resp_started: false,
-            abandoned: false,
             auth_token: None,
             pending_head: Vec::new(),
+            exchange: Exchange::Idle,
         }
+    }
+}
+
+/// Anything of the current response reached the client (after that, errors can only close).
+fn response_started(st: &HttpState) -> bool {
+    match &st.exchange {
+        Exchange::InFlight(x) => match x.response {
+            Download::Head { started } => started,
+            Download::Body { .. } => true,
+        },
+        Exchange::Idle => false,
     }
 }
 
 /// True while an exchange is in flight (a drain lets it finish).
 pub fn busy(conn: &Conn) -> bool {
-    conn.http.as_ref().map(|h| h.busy).unwrap_or(false)
+    conn.http
+        .as_ref()
+        .is_some_and(|h| matches!(h.exchange, Exchange::InFlight(_)))
 }
 
 /// Parses the next request head from the client buffer (phase HttpHead, or Http between requests).
@@ -205,19 +206,16 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, req: h::Request, head: Ve
     }
     metrics::inc(&ctx.stats.http_requests);
     let st = conn.http.get_or_insert_with(|| Box::new(HttpState::new()));
-    st.busy = true;
-    st.is_head = req.is_head;
-    st.minor = req.minor_version;
-    st.client_keep_alive = req.keep_alive;
-    st.keep_client = false;
-    st.req_body = BodyFramer::new(req.body);
-    st.up_ready = 0;
-    st.req_done = false;
-    st.resp_head_done = false;
-    st.resp_body = BodyFramer::new(h::BodyKind::None);
-    st.down_ready = 0;
-    st.resp_started = false;
-    st.abandoned = false;
+    st.exchange = Exchange::InFlight(InFlight {
+        is_head: req.is_head,
+        minor: req.minor_version,
+        client_keep_alive: req.keep_alive,
+        upload: Upload::Sending {
+            body: BodyFramer::new(req.body),
+            ready: 0,
+        },
+        response: Download::Head { started: false },
+    });
     conn.to_upstream.clear();
     let upstream = ctx.cfg.upstream.as_ref();
     let via_http_proxy = upstream.is_some_and(|u| u.kind == UpstreamKind::Http);
@@ -295,7 +293,7 @@ pub fn on_origin_connected(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 /// The origin could not be reached: 502/504/403, then close.
 pub fn on_origin_failed(conn: &mut Conn, ctx: &mut Ctx, reason: CloseReason) -> Next {
     if let Some(st) = conn.http.as_mut() {
-        st.busy = false;
+        st.exchange = Exchange::Idle;
         st.origin = None;
         st.pending_head = Vec::new();
     }
@@ -304,8 +302,7 @@ pub fn on_origin_failed(conn: &mut Conn, ctx: &mut Ctx, reason: CloseReason) -> 
 
 /// Drives a forwarding exchange (or waits for the next request).
 pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    let busy = conn.http.as_ref().map(|s| s.busy).unwrap_or(false);
-    if !busy {
+    if !busy(conn) {
         return between_requests(key, conn, ctx);
     }
     let mut progress = false;
@@ -314,14 +311,12 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Err(CloseReason::UpstreamReset) => {
             // The origin stopped taking the request (say it answered 413 and reset): what it sent before the
             // reset is still readable, so deliver that response, then close.
-            if let Some(st) = conn.http.as_mut() {
-                st.req_done = true;
-                st.abandoned = true;
-                st.up_ready = 0;
+            if let Some(Exchange::InFlight(x)) = conn.http.as_mut().map(|s| &mut s.exchange) {
+                x.upload = Upload::Abandoned;
             }
             conn.to_upstream.clear();
         }
-        Err(CloseReason::BadRequestBody) if !conn.http.as_ref().is_some_and(|s| s.resp_started) => {
+        Err(CloseReason::BadRequestBody) if !conn.http.as_deref().is_some_and(response_started) => {
             drop_upstream(conn, ctx);
             return reply::fail(
                 conn,
@@ -339,12 +334,10 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     if progress {
         conn.last_active = ctx.now;
     }
-    let Some(st) = conn.http.as_ref() else {
+    let Some(Exchange::InFlight(x)) = conn.http.as_ref().map(|s| &s.exchange) else {
         return Next::Close(CloseReason::Internal);
     };
-    let resp_done = st.resp_head_done
-        && st.resp_body.is_done()
-        && st.down_ready == 0
+    let resp_done = matches!(&x.response, Download::Body { body, ready: 0, .. } if body.is_done())
         && conn.to_client.is_empty();
     if !resp_done {
         return if progress { Next::Again } else { Next::Wait };
@@ -354,10 +347,23 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         access::request_line(conn, &req, CloseReason::Done, ctx.now);
         conn.request_lines = true;
     }
-    let Some(st) = conn.http.as_ref() else {
+    let Some(st) = conn.http.as_deref() else {
         return Next::Close(CloseReason::Internal);
     };
-    if !st.req_done || st.abandoned || !st.keep_client || ctx.draining || conn.client_eof {
+    let (sent, keep_client) = match &st.exchange {
+        Exchange::InFlight(x) => (
+            matches!(x.upload, Upload::Sent),
+            matches!(
+                x.response,
+                Download::Body {
+                    keep_client: true,
+                    ..
+                }
+            ),
+        ),
+        Exchange::Idle => (false, false),
+    };
+    if !sent || !keep_client || ctx.draining || conn.client_eof {
         // The client still sends a body we will not read, or asked to close: end gracefully.
         return finish(conn, ctx);
     }
@@ -372,7 +378,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         ctx.pool.give(b);
     }
     if let Some(st) = conn.http.as_mut() {
-        st.busy = false;
+        st.exchange = Exchange::Idle;
     }
     let _ = key;
     Next::Again
@@ -381,7 +387,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 /// Graceful end of a forwarding connection: shut down our side and wait briefly for the client's EOF.
 fn finish(conn: &mut Conn, ctx: &mut Ctx) -> Next {
     if let Some(st) = conn.http.as_mut() {
-        st.busy = false;
+        st.exchange = Exchange::Idle;
     }
     drop_upstream(conn, ctx);
     graceful_end(conn, CloseReason::Done)
@@ -461,13 +467,13 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, CloseReason> {
     if !conn.to_upstream.is_empty() {
         return Ok(progress);
     }
-    let Some(st) = conn.http.as_mut() else {
+    let Some(Exchange::InFlight(x)) = conn.http.as_deref_mut().map(|s| &mut s.exchange) else {
         return Ok(progress);
     };
     if conn.client.error {
         return Err(CloseReason::ClientReset);
     }
-    if st.req_done {
+    if !matches!(x.upload, Upload::Sending { .. }) {
         // Keep watching the client while the response is awaited: a reset (or close) must not leave both sockets
         // open until the idle timeout. Bytes it sends now are its next (pipelined) request: keep them.
         let buf = conn.c2u.get_or_insert_with(|| ctx.pool.take());
@@ -487,7 +493,10 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, CloseReason> {
         let Some(up) = conn.upstream.as_mut() else {
             return Err(CloseReason::Internal);
         };
-        let n = match forward_framed(&mut st.req_body, &mut st.up_ready, buf, up) {
+        let Upload::Sending { body, ready } = &mut x.upload else {
+            return Ok(progress);
+        };
+        let n = match forward_framed(body, ready, buf, up) {
             Ok(n) => n,
             Err(Framed::Body) => return Err(CloseReason::BadRequestBody),
             Err(Framed::Sink) => return Err(CloseReason::UpstreamReset),
@@ -497,11 +506,11 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, CloseReason> {
             conn.bytes_up += n as u64;
             metrics::add(&ctx.stats.bytes_up, n as u64);
         }
-        if st.up_ready > 0 {
+        if *ready > 0 {
             return Ok(progress);
         }
-        if st.req_body.is_done() {
-            st.req_done = true;
+        if body.is_done() {
+            x.upload = Upload::Sent;
             return Ok(progress);
         }
         if conn.client_eof {
@@ -539,21 +548,23 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
                 return Ok(progress);
             }
         }
-        let Some(st) = conn.http.as_mut() else {
+        let Some(st) = conn.http.as_deref_mut() else {
+            return Ok(progress);
+        };
+        let Exchange::InFlight(x) = &mut st.exchange else {
             return Ok(progress);
         };
         let buf = conn.u2c.get_or_insert_with(|| ctx.pool.take());
-        if !st.resp_head_done {
+        if let Download::Head { .. } = x.response {
             if !buf.is_empty() {
                 let rctx = ResponseContext {
-                    request_is_head: st.is_head,
+                    request_is_head: x.is_head,
                     // A response that arrives before the request is complete ends the connection (we will not
                     // read the rest of that body), so it must say `Connection: close`.
-                    client_keep_alive: st.client_keep_alive
+                    client_keep_alive: x.client_keep_alive
                         && !ctx.draining
-                        && st.req_done
-                        && !st.abandoned,
-                    client_minor_version: st.minor,
+                        && matches!(x.upload, Upload::Sent),
+                    client_minor_version: x.minor,
                     via: ctx.cfg.via.as_deref(),
                 };
                 match h::parse_response(buf.data(), ctx.cfg.max_head, &rctx, &mut ctx.head_out) {
@@ -580,14 +591,17 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
                             }
                         }
                         conn.to_client.extend_from_slice(&ctx.head_out);
-                        st.resp_started = true;
                         progress = true;
-                        if !resp.interim {
-                            st.resp_head_done = true;
-                            st.keep_client = resp.keep_client;
+                        x.response = if resp.interim {
+                            Download::Head { started: true }
+                        } else {
                             st.origin_reusable = resp.keep_origin;
-                            st.resp_body = BodyFramer::new(resp.body);
-                        }
+                            Download::Body {
+                                body: BodyFramer::new(resp.body),
+                                ready: 0,
+                                keep_client: resp.keep_client,
+                            }
+                        };
                         continue;
                     }
                     Ok(Parse::Incomplete) => {
@@ -604,13 +618,8 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
                     }
                 }
             }
-        } else {
-            let n = match forward_framed(
-                &mut st.resp_body,
-                &mut st.down_ready,
-                buf,
-                &mut conn.client,
-            ) {
+        } else if let Download::Body { body, ready, .. } = &mut x.response {
+            let n = match forward_framed(body, ready, buf, &mut conn.client) {
                 Ok(n) => n,
                 Err(Framed::Body) => return Err(Next::Close(CloseReason::BadResponseBody)),
                 Err(Framed::Sink) => return Err(Next::Close(CloseReason::ClientReset)),
@@ -620,10 +629,7 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
                 conn.bytes_down += n as u64;
                 metrics::add(&ctx.stats.bytes_down, n as u64);
             }
-            if st.down_ready > 0 {
-                return Ok(progress);
-            }
-            if st.resp_body.is_done() {
+            if *ready > 0 || body.is_done() {
                 return Ok(progress);
             }
         }
@@ -636,7 +642,7 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
         }
         match up.read(buf.space()) {
             Ok(Some(0)) => {
-                if st.resp_head_done && !st.resp_body.is_done() && st.down_ready == 0 {
+                if matches!(&x.response, Download::Body { body, ready: 0, .. } if !body.is_done()) {
                     // Read-until-close body (or a truncated one): the client learns the end from our close.
                     if let Some(b) = conn.u2c.take() {
                         ctx.pool.give(b);
@@ -662,13 +668,13 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
 
 /// The origin failed mid-exchange: a 502 if the client has seen nothing yet, otherwise just close.
 fn origin_error(conn: &mut Conn, ctx: &mut Ctx, reason: CloseReason) -> Next {
-    let started = conn.http.as_ref().map(|s| s.resp_started).unwrap_or(true);
+    let started = conn.http.as_deref().map(response_started).unwrap_or(true);
     drop_upstream(conn, ctx);
     if started {
         return Next::Close(reason);
     }
     if let Some(st) = conn.http.as_mut() {
-        st.busy = false;
+        st.exchange = Exchange::Idle;
     }
     ctx.stats.connect_error(Failure::General);
     reply::fail(conn, ctx, ReplyKind::HttpForward, reason)

@@ -221,37 +221,70 @@ pub struct HttpState {
     pub(super) origin: Option<TargetAddr>,
     /// The origin allows another request on its connection.
     pub(super) origin_reusable: bool,
-    /// A request/response exchange is in progress.
-    pub(super) busy: bool,
-    /// The current request is a HEAD request.
+    /// Credentials that passed verification on this connection (user NUL pass).
+    pub(super) auth_token: Option<Box<[u8]>>,
+    /// The request head, held until the path to the origin is up (an upstream proxy's handshake goes first).
+    pub(super) pending_head: Vec<u8>,
+    /// The exchange in progress.
+    pub(super) exchange: Exchange,
+}
+
+/// Where a forwarded request/response exchange stands.
+pub enum Exchange {
+    /// Between requests: the next head is awaited (a kept origin connection is watched meanwhile).
+    Idle,
+    /// A request is being answered.
+    InFlight(InFlight),
+}
+
+/// A request in flight and its response. Built fresh for every request, so nothing is reset by hand.
+pub struct InFlight {
+    /// The request is a HEAD request.
     pub(super) is_head: bool,
     /// The client's HTTP minor version.
     pub(super) minor: u8,
     /// The client wants to keep the connection.
     pub(super) client_keep_alive: bool,
-    /// The client connection stays open after the current response.
-    pub(super) keep_client: bool,
-    /// Request body framing.
-    pub(super) req_body: BodyFramer,
-    /// Bytes at the front of `c2u` that belong to the request body and may be forwarded.
-    pub(super) up_ready: usize,
+    /// How far the request got.
+    pub(super) upload: Upload,
+    /// How far the response got.
+    pub(super) response: Download,
+}
+
+/// The request side of an exchange.
+pub enum Upload {
+    /// Body bytes are still to be forwarded: their framing, and how many bytes at the front of `c2u` are known to
+    /// be body.
+    Sending {
+        /// Request body framing.
+        body: BodyFramer,
+        /// Framed bytes not yet forwarded.
+        ready: usize,
+    },
     /// The whole request (head and body) went to the origin.
-    pub(super) req_done: bool,
-    /// The final response head has been parsed.
-    pub(super) resp_head_done: bool,
-    /// Response body framing.
-    pub(super) resp_body: BodyFramer,
-    /// Bytes at the front of `u2c` that belong to the response body and may be forwarded.
-    pub(super) down_ready: usize,
-    /// Anything of the response reached the client (after that, errors can only close).
-    pub(super) resp_started: bool,
+    Sent,
     /// The origin reset while the request was still being sent: deliver whatever response it managed to send,
     /// then close the client connection.
-    pub(super) abandoned: bool,
-    /// Credentials that passed verification on this connection (user NUL pass).
-    pub(super) auth_token: Option<Box<[u8]>>,
-    /// The request head, held until the path to the origin is up (an upstream proxy's handshake goes first).
-    pub(super) pending_head: Vec<u8>,
+    Abandoned,
+}
+
+/// The response side of an exchange.
+pub enum Download {
+    /// The final response head is awaited; `started` once an interim response reached the client (after that,
+    /// errors can only close).
+    Head {
+        /// Anything of the response reached the client.
+        started: bool,
+    },
+    /// The final head went to the client; its body passes through.
+    Body {
+        /// Response body framing.
+        body: BodyFramer,
+        /// Framed bytes at the front of `u2c` not yet forwarded.
+        ready: usize,
+        /// The client connection stays open after this response.
+        keep_client: bool,
+    },
 }
 
 /// Where the upstream conversation stands.
