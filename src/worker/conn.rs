@@ -37,7 +37,7 @@ use crate::resolve::{Job, Work};
 
 use super::close::CloseReason;
 use super::ctx::{Ctx, Next, ReplyKind};
-pub use super::phase::{Half, Handshake, HttpState, PendingAuth, Phase, RequestLog};
+pub use super::phase::{Answer, Half, Handshake, HttpState, PendingAuth, Phase, RequestLog};
 pub use super::sock::Sock;
 use super::token;
 
@@ -125,8 +125,6 @@ pub struct Conn {
     pub request_lines: bool,
     /// Counted against `--user-max-connections`.
     pub user_counted: bool,
-    /// HTTP forwarding state, for connections that forward plain HTTP requests.
-    pub http: Option<Box<HttpState>>,
 }
 
 impl Conn {
@@ -161,7 +159,6 @@ impl Conn {
             request: None,
             request_lines: false,
             user_counted: false,
-            http: None,
         }
     }
 

@@ -12,6 +12,7 @@ use log::debug;
 use super::close::CloseReason;
 use super::conn::{drop_upstream, open_target, path_failed, Conn, Dest, Phase};
 use super::ctx::{Ctx, Next, ReplyKind};
+use super::phase::Answer;
 use super::relay::start_relay;
 use super::reply;
 use super::timers::TimerKind;
@@ -30,8 +31,9 @@ pub fn start(
     conn: &mut Conn,
     ctx: &mut Ctx,
     target: TargetAddr,
-    reply: ReplyKind,
+    answer: Answer,
 ) -> Next {
+    let reply = answer.kind();
     conn.target = Some(Dest::from(&target));
     let deadline = ctx.now + ctx.cfg.connect_timeout;
     ctx.timers.push(deadline, key, conn.gen, TimerKind::Connect);
@@ -44,10 +46,10 @@ pub fn start(
                 return fail(conn, ctx, reply, CloseReason::DestDenied);
             }
         }
-        return upstream::start_connect(key, conn, ctx, (reply, target), deadline);
+        return upstream::start_connect(key, conn, ctx, (answer, target), deadline);
     }
     match target {
-        TargetAddr::Ip(addr) => begin(key, conn, ctx, (reply, deadline), vec![addr]),
+        TargetAddr::Ip(addr) => begin(key, conn, ctx, (answer, deadline), vec![addr]),
         TargetAddr::Domain(name, port) => {
             metrics::inc(&ctx.stats.dns_lookups);
             let job = Job {
@@ -64,7 +66,7 @@ pub fn start(
             if ctx.resolve_tx.send(job).is_err() {
                 return fail(conn, ctx, reply, CloseReason::Internal);
             }
-            conn.phase = Phase::Resolving { reply, deadline };
+            conn.phase = Phase::Resolving { answer, deadline };
             Next::Wait
         }
     }
@@ -77,12 +79,16 @@ pub fn on_resolved(
     ctx: &mut Ctx,
     result: io::Result<Vec<SocketAddr>>,
 ) -> Next {
-    let (reply, deadline) = match conn.phase {
-        Phase::Resolving { reply, deadline } => (reply, deadline),
-        _ => return Next::Wait,
+    if !matches!(conn.phase, Phase::Resolving { .. }) {
+        return Next::Wait;
+    }
+    let Phase::Resolving { answer, deadline } = std::mem::replace(&mut conn.phase, Phase::Closing)
+    else {
+        return Next::Wait;
     };
+    let reply = answer.kind();
     match result {
-        Ok(addrs) if !addrs.is_empty() => begin(key, conn, ctx, (reply, deadline), addrs),
+        Ok(addrs) if !addrs.is_empty() => begin(key, conn, ctx, (answer, deadline), addrs),
         Ok(_) | Err(_) => {
             metrics::inc(&ctx.stats.dns_failures);
             debug!("{}: cannot resolve {}", conn.peer, target_str(conn));
@@ -103,9 +109,10 @@ pub fn begin(
     key: usize,
     conn: &mut Conn,
     ctx: &mut Ctx,
-    (reply, deadline): (ReplyKind, Instant),
+    (answer, deadline): (Answer, Instant),
     addrs: Vec<SocketAddr>,
 ) -> Next {
+    let reply = answer.kind();
     let allowed: Vec<_> = addrs
         .into_iter()
         .map(|a| SocketAddr::new(proto::canonical_ip(a.ip()), a.port()))
@@ -126,7 +133,7 @@ pub fn begin(
         return fail(conn, ctx, reply, CloseReason::DestDenied);
     }
     conn.phase = Phase::Connecting {
-        reply,
+        answer,
         addrs: allowed,
         next: 0,
         last: Failure::General,
@@ -147,7 +154,7 @@ const MIN_ATTEMPT: Duration = Duration::from_secs(1);
 fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     loop {
         let Phase::Connecting {
-            reply,
+            answer,
             addrs,
             next,
             last,
@@ -159,7 +166,7 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         };
         let overall = *overall;
         let Some((addr, allowed)) = addrs.get(*next).copied() else {
-            let (reply, last) = (*reply, *last);
+            let (reply, last) = (answer.kind(), *last);
             return fail(conn, ctx, reply, CloseReason::Failed(last));
         };
         *next += 1;
@@ -218,8 +225,8 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 
 /// The outbound TCP connection is up.
 fn connected(conn: &Conn) -> Next {
-    let reply = match conn.phase {
-        Phase::Connecting { reply, .. } => reply,
+    let reply = match &conn.phase {
+        Phase::Connecting { answer, .. } => answer.kind(),
         _ => return Next::Wait,
     };
     Next::Connected(reply)
@@ -287,8 +294,8 @@ pub fn on_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 /// The connect deadline passed while resolving or connecting.
 pub fn on_timeout(conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let reply = match &conn.phase {
-        Phase::Resolving { reply, .. } | Phase::Connecting { reply, .. } => *reply,
-        Phase::Upstream(u) => u.reply,
+        Phase::Resolving { answer, .. } | Phase::Connecting { answer, .. } => answer.kind(),
+        Phase::Upstream(u) => u.answer.kind(),
         _ => return Next::Wait,
     };
     debug!("{}: connect to {} timed out", conn.peer, target_str(conn));

@@ -8,8 +8,8 @@ use log::debug;
 
 use super::close::CloseReason;
 use super::conn::{
-    fill_client, grow, set_step, user_admit, verify_off_loop, Conn, Dest, Handshake, PendingAuth,
-    Phase,
+    fill_client, grow, set_step, user_admit, verify_off_loop, Answer, Conn, Dest, Handshake,
+    PendingAuth, Phase,
 };
 use super::ctx::{Ctx, Next, ReplyKind};
 use super::reply::{self, enter_linger};
@@ -229,7 +229,9 @@ pub fn on_verified(
     };
     match *pending {
         PendingAuth::Socks5 => socks5_auth_result(conn, ctx, verdict),
-        PendingAuth::Http(req, head) => http::on_verified(key, conn, ctx, verdict, req, head),
+        PendingAuth::Http(req, head, st) => {
+            http::on_verified(key, conn, ctx, verdict, (req, head, st))
+        }
     }
 }
 
@@ -273,7 +275,7 @@ fn socks5_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             }
             match req.command {
                 socks5::Command::Connect => {
-                    connect::start(key, conn, ctx, req.target, ReplyKind::Socks5)
+                    connect::start(key, conn, ctx, req.target, Answer::Reply(ReplyKind::Socks5))
                 }
                 socks5::Command::UdpAssociate if ctx.cfg.udp => {
                     udp::start(key, conn, ctx, req.target)
@@ -328,7 +330,9 @@ fn socks4_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         return reply::fail(conn, ctx, ReplyKind::Socks4, CloseReason::Socks4NeedsAuth);
     }
     match command {
-        socks4::Command::Connect => connect::start(key, conn, ctx, target, ReplyKind::Socks4),
+        socks4::Command::Connect => {
+            connect::start(key, conn, ctx, target, Answer::Reply(ReplyKind::Socks4))
+        }
         socks4::Command::Bind if ctx.cfg.bind_cmd => {
             bind::start(key, conn, ctx, target, ReplyKind::Socks4)
         }

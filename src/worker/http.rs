@@ -16,8 +16,8 @@ use log::debug;
 use super::access;
 use super::close::CloseReason;
 use super::conn::{
-    drop_upstream, fill_client, grow, user_admit, verify_off_loop, Conn, Dest, PendingAuth, Phase,
-    RequestLog, Sock,
+    drop_upstream, fill_client, grow, user_admit, verify_off_loop, Answer, Conn, Dest, PendingAuth,
+    Phase, RequestLog, Sock,
 };
 use super::connect;
 use super::ctx::{Ctx, Next, ReplyKind};
@@ -64,11 +64,16 @@ fn response_started(st: &HttpState) -> bool {
     }
 }
 
-/// True while an exchange is in flight (a drain lets it finish).
+/// True while an exchange is in flight, its origin connection included (a drain lets it finish).
 pub fn busy(conn: &Conn) -> bool {
-    conn.http
-        .as_ref()
-        .is_some_and(|h| matches!(h.exchange, Exchange::InFlight(_)))
+    match &conn.phase {
+        Phase::Http(st) => matches!(st.exchange, Exchange::InFlight(_)),
+        Phase::Resolving { answer, .. } | Phase::Connecting { answer, .. } => {
+            matches!(answer, Answer::Forward(_))
+        }
+        Phase::Upstream(u) => matches!(u.answer, Answer::Forward(_)),
+        _ => false,
+    }
 }
 
 /// Parses the next request head from the client buffer (phase HttpHead, or Http between requests).
@@ -80,7 +85,7 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let data = conn.c2u.as_ref().map(|b| b.data()).unwrap_or(&[]);
     if data.is_empty() {
         if conn.client_eof {
-            return Next::Close(if conn.http.is_some() {
+            return Next::Close(if matches!(conn.phase, Phase::Http(_)) {
                 CloseReason::Done
             } else {
                 CloseReason::ClientEof
@@ -124,16 +129,18 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     } else {
         debug!("{}: HTTP CONNECT {}", conn.peer, Dest::from(&req.target));
     }
+    // The forwarding state travels with the request from here (through a slow-hash check, or a connect).
+    let st = take_state(conn);
     // Proxy authentication (RFC 9110 §11.7), on every request of a kept-alive connection (Basic credentials are
     // per request); the credentials are consumed here and never forwarded. Credentials equal to the ones that
     // already passed on this connection are accepted without verifying a slow hash again.
     if !ctx.users.is_empty() {
         if let (Some(c), Some(token)) = (
             req.credentials.as_ref(),
-            conn.http.as_ref().and_then(|h| h.auth_token.as_deref()),
+            st.as_ref().and_then(|h| h.auth_token.as_deref()),
         ) {
             if conn.user.is_some() && crate::auth::ct_eq(&auth_token(c.user(), c.pass()), token) {
-                return proceed(key, conn, ctx, req, head);
+                return proceed(key, conn, ctx, (req, head, st));
             }
         }
         let verdict = match req.credentials.as_ref() {
@@ -143,14 +150,42 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                     user: c.user().to_vec(),
                     pass: c.pass().to_vec(),
                 };
-                return verify_off_loop(key, conn, ctx, work, PendingAuth::Http(req, head));
+                return verify_off_loop(key, conn, ctx, work, PendingAuth::Http(req, head, st));
             }
             Some(c) => ctx.users.verify(c.user(), c.pass()),
             None => None,
         };
-        return on_verified(key, conn, ctx, verdict, req, head);
+        return on_verified(key, conn, ctx, verdict, (req, head, st));
     }
-    proceed(key, conn, ctx, req, head)
+    proceed(key, conn, ctx, (req, head, st))
+}
+
+/// A request with its rewritten head and the connection's forwarding state (none before its first request).
+type Pending = (h::Request, Vec<u8>, Option<Box<HttpState>>);
+
+fn state(phase: &Phase) -> Option<&HttpState> {
+    match phase {
+        Phase::Http(st) => Some(st),
+        _ => None,
+    }
+}
+
+fn state_mut(phase: &mut Phase) -> Option<&mut HttpState> {
+    match phase {
+        Phase::Http(st) => Some(st),
+        _ => None,
+    }
+}
+
+/// Takes the forwarding state out of `Phase::Http` (leaving `Phase::Closing` for the caller to replace).
+fn take_state(conn: &mut Conn) -> Option<Box<HttpState>> {
+    if !matches!(conn.phase, Phase::Http(_)) {
+        return None;
+    }
+    match std::mem::replace(&mut conn.phase, Phase::Closing) {
+        Phase::Http(st) => Some(st),
+        _ => None,
+    }
 }
 
 /// The proxy credentials of `req` were checked (on the loop, or on the blocking pool for hashes).
@@ -159,20 +194,20 @@ pub fn on_verified(
     conn: &mut Conn,
     ctx: &mut Ctx,
     verdict: Option<Authorized>,
-    req: h::Request,
-    head: Vec<u8>,
+    (req, head, st): Pending,
 ) -> Next {
     match verdict {
         Some(user) => {
+            let mut st = st;
             if let Some(c) = req.credentials.as_ref() {
-                let st = conn.http.get_or_insert_with(|| Box::new(HttpState::new()));
+                let st = st.get_or_insert_with(|| Box::new(HttpState::new()));
                 st.auth_token = Some(auth_token(c.user(), c.pass()));
             }
             // Sessions are counted against the user that first authenticated on the connection.
             if conn.user.is_none() {
                 conn.user = Some(user);
             }
-            proceed(key, conn, ctx, req, head)
+            proceed(key, conn, ctx, (req, head, st))
         }
         None => {
             if req.auth_present {
@@ -185,7 +220,7 @@ pub fn on_verified(
 }
 
 /// Carries out an authorized request: open a tunnel, or forward (reusing the origin connection when possible).
-fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, req: h::Request, head: Vec<u8>) -> Next {
+fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending) -> Next {
     conn.target = Some(Dest::from(&req.target));
     let reply = match req.kind {
         RequestKind::Connect => ReplyKind::HttpConnect,
@@ -195,17 +230,17 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, req: h::Request, head: Ve
         return reply::fail(conn, ctx, reply, CloseReason::UserLimit);
     }
     if req.kind == RequestKind::Connect {
-        if conn.http.is_some() {
+        if st.is_some() {
             // CONNECT after forwarded requests: the old origin connection is not the tunnel's, and the tunnel
             // gets its own session line.
             drop_upstream(conn, ctx);
-            conn.http = None;
             conn.request_lines = false;
         }
-        return connect::start(key, conn, ctx, req.target, ReplyKind::HttpConnect);
+        let answer = Answer::Reply(ReplyKind::HttpConnect);
+        return connect::start(key, conn, ctx, req.target, answer);
     }
     metrics::inc(&ctx.stats.http_requests);
-    let st = conn.http.get_or_insert_with(|| Box::new(HttpState::new()));
+    let mut st = st.unwrap_or_else(|| Box::new(HttpState::new()));
     st.exchange = Exchange::InFlight(InFlight {
         is_head: req.is_head,
         minor: req.minor_version,
@@ -249,19 +284,17 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, req: h::Request, head: Ve
             head.clear();
             ctx.head_out = head;
         }
-        conn.phase = Phase::Http;
+        conn.phase = Phase::Http(st);
         return Next::Again;
     }
     st.pending_head = head;
     drop_upstream(conn, ctx);
-    if let Some(st) = conn.http.as_mut() {
-        st.origin = Some(req.target.clone());
-        st.origin_reusable = false;
-    }
+    st.origin = Some(req.target.clone());
+    st.origin_reusable = false;
     if let Some(b) = conn.u2c.take() {
         ctx.pool.give(b);
     }
-    connect::start(key, conn, ctx, req.target, ReplyKind::HttpForward)
+    connect::start(key, conn, ctx, req.target, Answer::Forward(st))
 }
 
 fn bad_request(conn: &mut Conn, ctx: &mut Ctx, e: ProtoError) -> Next {
@@ -275,16 +308,18 @@ fn bad_request(conn: &mut Conn, ctx: &mut Ctx, e: ProtoError) -> Next {
 
 /// The origin connection for a forwarded request is up.
 pub fn on_origin_connected(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    if let Some(st) = conn.http.as_mut() {
-        st.origin_reusable = true;
-        // Whatever an upstream proxy's handshake queued has gone out first: the request follows it.
-        conn.to_upstream.append(&mut st.pending_head);
-        st.pending_head = Vec::new();
-    }
+    // The connect phases carried the state for exactly this: it cannot be missing.
+    let Some(mut st) = conn.phase.take_forward() else {
+        return Next::Close(CloseReason::Internal);
+    };
+    st.origin_reusable = true;
+    // Whatever an upstream proxy's handshake queued has gone out first: the request follows it.
+    conn.to_upstream.append(&mut st.pending_head);
+    st.pending_head = Vec::new();
     if conn.proto as usize != 0 {
         metrics::inc(&ctx.stats.handshakes_ok[conn.proto as usize]);
     }
-    conn.phase = Phase::Http;
+    conn.phase = Phase::Http(st);
     conn.last_active = ctx.now;
     relay::arm_idle(key, conn, ctx);
     Next::Again
@@ -292,11 +327,7 @@ pub fn on_origin_connected(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 
 /// The origin could not be reached: 502/504/403, then close.
 pub fn on_origin_failed(conn: &mut Conn, ctx: &mut Ctx, reason: CloseReason) -> Next {
-    if let Some(st) = conn.http.as_mut() {
-        st.exchange = Exchange::Idle;
-        st.origin = None;
-        st.pending_head = Vec::new();
-    }
+    // The forwarding state ends with the connect phase that carried it: the connection closes after the reply.
     reply::fail(conn, ctx, ReplyKind::HttpForward, reason)
 }
 
@@ -311,12 +342,13 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Err(CloseReason::UpstreamReset) => {
             // The origin stopped taking the request (say it answered 413 and reset): what it sent before the
             // reset is still readable, so deliver that response, then close.
-            if let Some(Exchange::InFlight(x)) = conn.http.as_mut().map(|s| &mut s.exchange) {
+            if let Some(Exchange::InFlight(x)) = state_mut(&mut conn.phase).map(|s| &mut s.exchange)
+            {
                 x.upload = Upload::Abandoned;
             }
             conn.to_upstream.clear();
         }
-        Err(CloseReason::BadRequestBody) if !conn.http.as_deref().is_some_and(response_started) => {
+        Err(CloseReason::BadRequestBody) if !state(&conn.phase).is_some_and(response_started) => {
             drop_upstream(conn, ctx);
             return reply::fail(
                 conn,
@@ -334,7 +366,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     if progress {
         conn.last_active = ctx.now;
     }
-    let Some(Exchange::InFlight(x)) = conn.http.as_ref().map(|s| &s.exchange) else {
+    let Some(Exchange::InFlight(x)) = state(&conn.phase).map(|s| &s.exchange) else {
         return Next::Close(CloseReason::Internal);
     };
     let resp_done = matches!(&x.response, Download::Body { body, ready: 0, .. } if body.is_done())
@@ -347,7 +379,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         access::request_line(conn, &req, CloseReason::Done, ctx.now);
         conn.request_lines = true;
     }
-    let Some(st) = conn.http.as_deref() else {
+    let Some(st) = state(&conn.phase) else {
         return Next::Close(CloseReason::Internal);
     };
     let (sent, keep_client) = match &st.exchange {
@@ -370,14 +402,14 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let reuse = st.origin_reusable && conn.u2c.as_ref().map(|b| b.is_empty()).unwrap_or(true);
     if !reuse {
         drop_upstream(conn, ctx);
-        if let Some(st) = conn.http.as_mut() {
+        if let Some(st) = state_mut(&mut conn.phase) {
             st.origin = None;
         }
     }
     if let Some(b) = conn.u2c.take() {
         ctx.pool.give(b);
     }
-    if let Some(st) = conn.http.as_mut() {
+    if let Some(st) = state_mut(&mut conn.phase) {
         st.exchange = Exchange::Idle;
     }
     let _ = key;
@@ -386,7 +418,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 
 /// Graceful end of a forwarding connection: shut down our side and wait briefly for the client's EOF.
 fn finish(conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    if let Some(st) = conn.http.as_mut() {
+    if let Some(st) = state_mut(&mut conn.phase) {
         st.exchange = Exchange::Idle;
     }
     drop_upstream(conn, ctx);
@@ -402,7 +434,7 @@ fn between_requests(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 Ok(None) => {}
                 _ => {
                     drop_upstream(conn, ctx);
-                    if let Some(st) = conn.http.as_mut() {
+                    if let Some(st) = state_mut(&mut conn.phase) {
                         st.origin = None;
                     }
                 }
@@ -467,7 +499,7 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, CloseReason> {
     if !conn.to_upstream.is_empty() {
         return Ok(progress);
     }
-    let Some(Exchange::InFlight(x)) = conn.http.as_deref_mut().map(|s| &mut s.exchange) else {
+    let Some(Exchange::InFlight(x)) = state_mut(&mut conn.phase).map(|s| &mut s.exchange) else {
         return Ok(progress);
     };
     if conn.client.error {
@@ -548,7 +580,7 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
                 return Ok(progress);
             }
         }
-        let Some(st) = conn.http.as_deref_mut() else {
+        let Some(st) = state_mut(&mut conn.phase) else {
             return Ok(progress);
         };
         let Exchange::InFlight(x) = &mut st.exchange else {
@@ -668,12 +700,12 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
 
 /// The origin failed mid-exchange: a 502 if the client has seen nothing yet, otherwise just close.
 fn origin_error(conn: &mut Conn, ctx: &mut Ctx, reason: CloseReason) -> Next {
-    let started = conn.http.as_deref().map(response_started).unwrap_or(true);
+    let started = state(&conn.phase).map(response_started).unwrap_or(true);
     drop_upstream(conn, ctx);
     if started {
         return Next::Close(reason);
     }
-    if let Some(st) = conn.http.as_mut() {
+    if let Some(st) = state_mut(&mut conn.phase) {
         st.exchange = Exchange::Idle;
     }
     ctx.stats.connect_error(Failure::General);

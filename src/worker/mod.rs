@@ -517,7 +517,7 @@ fn step(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Phase::Upstream(_) => upstream::drive(key, conn, ctx),
         Phase::Relay(_) => relay::drive(conn, ctx),
         Phase::Closing => Next::Close(CloseReason::Internal),
-        Phase::Http => http::drive(key, conn, ctx),
+        Phase::Http(_) => http::drive(key, conn, ctx),
         Phase::Udp(_) => udp::drive(key, conn, ctx),
         Phase::Bind(_) => bind::drive(key, conn, ctx),
         Phase::Linger { .. } => reply::linger(key, conn, ctx),

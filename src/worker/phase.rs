@@ -27,15 +27,15 @@ pub enum Phase {
     },
     /// A name lookup is out with the resolver pool.
     Resolving {
-        /// How to answer.
-        reply: ReplyKind,
+        /// Who gets the connection.
+        answer: Answer,
         /// The connect deadline (resolving and connecting together).
         deadline: Instant,
     },
     /// A nonblocking connect is in flight.
     Connecting {
-        /// How to answer.
-        reply: ReplyKind,
+        /// Who gets the connection.
+        answer: Answer,
         /// Addresses still to try, each already passed by the destination rules.
         addrs: Vec<(SocketAddr, crate::acl::DestAllowed)>,
         /// Index of the next address to try.
@@ -51,8 +51,8 @@ pub enum Phase {
     Upstream(Box<UpstreamHandshake>),
     /// Bytes flow both ways.
     Relay(Box<Tunnel>),
-    /// Plain HTTP forwarding with request/response framing (state in `Conn::http`).
-    Http,
+    /// Plain HTTP forwarding with request/response framing.
+    Http(Box<HttpState>),
     /// A SOCKS5 UDP association; the TCP connection is only watched for EOF.
     Udp(Box<UdpState>),
     /// A BIND listener waits for its inbound connection.
@@ -69,6 +69,43 @@ pub enum Phase {
         /// What the access log will say.
         reason: CloseReason,
     },
+}
+
+/// Who gets the connection once the path to the target is up (or is told it failed).
+pub enum Answer {
+    /// A client waiting for this reply (SOCKS, HTTP CONNECT).
+    Reply(ReplyKind),
+    /// A forwarded HTTP request: its forwarding state travels with the connect phases and comes back to `http`.
+    Forward(Box<HttpState>),
+}
+
+impl Answer {
+    /// The kind of reply owed to the client.
+    pub fn kind(&self) -> ReplyKind {
+        match self {
+            Answer::Reply(k) => *k,
+            Answer::Forward(_) => ReplyKind::HttpForward,
+        }
+    }
+}
+
+impl Phase {
+    /// Takes the forwarding state out of a connect phase that was started for a forwarded HTTP request, leaving
+    /// `Phase::Closing` (the caller builds the next phase).
+    pub fn take_forward(&mut self) -> Option<Box<HttpState>> {
+        let answer = match std::mem::replace(self, Phase::Closing) {
+            Phase::Resolving { answer, .. } | Phase::Connecting { answer, .. } => answer,
+            Phase::Upstream(hs) => hs.answer,
+            other => {
+                *self = other;
+                return None;
+            }
+        };
+        match answer {
+            Answer::Forward(st) => Some(st),
+            Answer::Reply(_) => None,
+        }
+    }
 }
 
 /// An established tunnel: the outbound socket (target, chained proxy or BIND peer) and both directions.
@@ -153,7 +190,7 @@ impl Phase {
             Phase::Upstream(_) => "upstream_handshake",
             Phase::Relay(_) => "relay",
             Phase::Closing => "closing",
-            Phase::Http => "http",
+            Phase::Http(_) => "http",
             Phase::Udp(_) => "udp",
             Phase::Bind(_) => "bind",
             Phase::Linger { .. } => "linger",
@@ -167,8 +204,9 @@ impl Phase {
 pub enum PendingAuth {
     /// Send the RFC 1929 status, then read the SOCKS5 request.
     Socks5,
-    /// Carry on with this HTTP request (its rewritten head is kept alongside).
-    Http(crate::proto::http::Request, Vec<u8>),
+    /// Carry on with this HTTP request (its rewritten head is kept alongside, and the connection's forwarding state
+    /// when it is not its first request).
+    Http(crate::proto::http::Request, Vec<u8>, Option<Box<HttpState>>),
 }
 
 /// Per-direction relay state.
@@ -304,8 +342,8 @@ pub enum UpstreamState {
 
 /// The upstream handshake of one connection.
 pub struct UpstreamHandshake {
-    /// How to answer our client once the chain is up.
-    pub reply: ReplyKind,
+    /// Who gets the connection once the chain is up.
+    pub answer: Answer,
     pub(super) state: UpstreamState,
     pub(super) next_addr: usize,
     /// The connect deadline (reaching the upstream and its handshake together).

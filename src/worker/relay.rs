@@ -365,7 +365,7 @@ pub fn arm_idle(key: usize, conn: &Conn, ctx: &mut Ctx) {
 
 /// The idle timer of a tunnel popped: close it, or re-arm (lazy re-arm: activity never touches the timer heap).
 pub fn on_idle_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    if !matches!(conn.phase, Phase::Relay(_) | Phase::Http) {
+    if !matches!(conn.phase, Phase::Relay(_) | Phase::Http(_)) {
         return Next::Wait;
     }
     if conn.last_active + ctx.cfg.idle_timeout <= ctx.now {

@@ -10,7 +10,7 @@ use log::debug;
 use super::close::CloseReason;
 use super::conn::{drop_upstream, open_upstream_proxy, path_failed, Conn, Phase};
 use super::ctx::{Ctx, Next, ReplyKind};
-use super::phase::{UpstreamHandshake, UpstreamState};
+use super::phase::{Answer, UpstreamHandshake, UpstreamState};
 use crate::net::{self, ConnectState};
 use crate::proto::upstream as up;
 use crate::proto::{socks5, Failure, Parse, TargetAddr};
@@ -21,11 +21,11 @@ pub fn start_connect(
     key: usize,
     conn: &mut Conn,
     ctx: &mut Ctx,
-    (reply, target): (ReplyKind, TargetAddr),
+    (answer, target): (Answer, TargetAddr),
     deadline: Instant,
 ) -> Next {
     conn.phase = Phase::Upstream(Box::new(UpstreamHandshake {
-        reply,
+        answer,
         state: UpstreamState::Connecting,
         next_addr: 0,
         deadline,
@@ -38,7 +38,7 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let Phase::Upstream(hs) = &conn.phase else {
         return Next::Wait;
     };
-    let reply = hs.reply;
+    let reply = hs.answer.kind();
     loop {
         let Phase::Upstream(hs) = &mut conn.phase else {
             return Next::Wait;
@@ -79,7 +79,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let Phase::Upstream(hs) = &conn.phase else {
         return Next::Wait;
     };
-    let (state, reply) = (hs.state, hs.reply);
+    let (state, reply) = (hs.state, hs.answer.kind());
     let Some(sock) = conn.upstream.as_mut() else {
         return Next::Wait;
     };
