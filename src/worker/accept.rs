@@ -10,9 +10,10 @@ use log::warn;
 use mio::net::TcpStream;
 use mio::Interest;
 
-use super::conn::{Conn, Phase};
+use super::access::{log_accept_error, log_refused};
+use super::conn::{Conn, Handshake, Phase, HANDSHAKE_BUFFER};
 use super::timers::TimerKind;
-use super::{log_accept_error, log_refused, token, Worker};
+use super::{token, Worker};
 use crate::buffer::Buffer;
 use crate::metrics::{self, Refusal};
 use crate::net;
@@ -120,17 +121,16 @@ impl Worker {
         }
         self.next_gen = self.next_gen.wrapping_add(1);
         let gen = self.next_gen;
-        let phase = if self.ctx.cfg.proxy_protocol {
-            Phase::ProxyHeader
+        let step = if self.ctx.cfg.proxy_protocol {
+            Handshake::ProxyHeader
         } else {
-            Phase::Detect
+            Handshake::Detect
         };
         let now = self.ctx.now;
-        let buf = Buffer::new(super::handshake::HANDSHAKE_BUFFER);
-        let mut conn = Conn::new(gen, stream, peer, phase, now, buf);
+        let buf = Buffer::new(HANDSHAKE_BUFFER);
         let deadline = now + self.ctx.cfg.handshake_timeout;
-        conn.deadline = Some(deadline);
-        entry.insert(conn);
+        let phase = Phase::Handshake { step, deadline };
+        entry.insert(Conn::new(gen, stream, peer, phase, now, buf));
         self.ctx
             .timers
             .push(deadline, key, gen, TimerKind::Handshake);

@@ -10,50 +10,14 @@
 
 use std::time::Instant;
 
-use log::info;
+use std::io;
+use std::net::SocketAddr;
+
+use log::{debug, info, warn};
 
 use super::close::CloseReason;
-use super::conn::Conn;
+use super::conn::{Conn, RequestLog};
 use crate::metrics;
-
-/// One forwarded HTTP request, from its head to the end of its response.
-#[derive(Debug)]
-pub struct RequestLog {
-    /// The method and the URL without its query: `GET http://host:port/path`.
-    pub line: Box<str>,
-    /// When its head was parsed.
-    pub started: Instant,
-    /// The connection's client -> target byte count when the request started.
-    pub up_before: u64,
-    /// The connection's target -> client byte count when the request started.
-    pub down_before: u64,
-    /// The final response status (the origin's or our own), 0 while none was sent.
-    pub status: u16,
-}
-
-impl RequestLog {
-    /// A request whose rewritten head is `head` (our own output: `METHOD SP origin-form SP version CRLF ...`).
-    pub fn new(conn: &Conn, head: &[u8], authority: &str, now: Instant) -> RequestLog {
-        let first = head.split(|&b| b == b'\r').next().unwrap_or(&[]);
-        let mut parts = first.split(|&b| b == b' ');
-        let method = String::from_utf8_lossy(parts.next().unwrap_or(b"-")).into_owned();
-        let target = parts.next().unwrap_or(b"/");
-        let path = target.split(|&b| b == b'?').next().unwrap_or(b"/");
-        let path = String::from_utf8_lossy(path);
-        let line = if path == "*" {
-            format!("{method} http://{authority}")
-        } else {
-            format!("{method} http://{authority}{path}")
-        };
-        RequestLog {
-            line: line.into_boxed_str(),
-            started: now,
-            up_before: conn.bytes_up,
-            down_before: conn.bytes_down,
-            status: 0,
-        }
-    }
-}
 
 /// Writes the line of one forwarded request.
 pub fn request_line(conn: &Conn, req: &RequestLog, reason: CloseReason, now: Instant) {
@@ -109,4 +73,14 @@ impl std::fmt::Display for Egress<'_> {
             None => Ok(()),
         }
     }
+}
+
+/// Logs a refused client at debug level (never at info: a scan would flood the log).
+pub fn log_refused(peer: SocketAddr, why: &str) {
+    debug!("{peer}: refused: {why}");
+}
+
+/// Warns once about an accept error that is neither WouldBlock nor exhaustion.
+pub fn log_accept_error(e: &io::Error) {
+    warn!("accept failed: {e}");
 }

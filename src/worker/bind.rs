@@ -5,35 +5,24 @@
 //! request, when it named one), the second reply carries the peer's address and the relay starts. Bytes the client
 //! sent meanwhile stay in its buffer and are relayed first.
 
-use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use log::debug;
-use mio::net::TcpListener;
 use mio::Interest;
 
 use super::close::CloseReason;
-use super::conn::{Conn, Dest, Phase, ReplyKind, Sock};
-use super::connect::start_relay;
+use super::conn::{fill_client, Conn, Dest, Phase, Sock};
+use super::ctx::{Ctx, Next, ReplyKind};
 use super::gate;
-use super::handshake::fill_client;
+use super::phase::BindState;
+use super::relay::start_relay;
 use super::reply;
 use super::timers::TimerKind;
 use super::token::{self, Role};
-use super::{Ctx, Next};
 use crate::metrics;
 use crate::net;
 use crate::proto::{canonical_ip, Failure, TargetAddr};
-
-/// State of one BIND request.
-pub struct BindState {
-    listener: TcpListener,
-    readable: bool,
-    /// When nobody connecting means failure.
-    deadline: Instant,
-    expected: Option<IpAddr>,
-    reply: ReplyKind,
-}
 
 /// Records readiness of the BIND listener.
 pub fn mark(conn: &mut Conn, ev: &mio::event::Event) {
@@ -116,7 +105,6 @@ pub fn start(
         let _ = ctx.registry.deregister(&mut listener);
         return Next::Close(CloseReason::ClientError);
     }
-    conn.deadline = None;
     conn.phase = Phase::Bind(Box::new(BindState {
         listener,
         readable: true,
@@ -138,7 +126,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     if conn.flush_client().is_err() || fill_client(conn, ctx).is_err() {
         return Next::Close(CloseReason::ClientReset);
     }
-    if conn.up.eof {
+    if conn.client_eof {
         return Next::Close(CloseReason::ClientEof);
     }
     let Phase::Bind(b) = &mut conn.phase else {
@@ -178,7 +166,7 @@ fn accepted(
     mut stream: mio::net::TcpStream,
     from: SocketAddr,
 ) -> Next {
-    let Phase::Bind(mut b) = std::mem::replace(&mut conn.phase, Phase::Relay) else {
+    let Phase::Bind(mut b) = std::mem::replace(&mut conn.phase, Phase::Closing) else {
         return Next::Wait;
     };
     let _ = ctx.registry.deregister(&mut b.listener);
@@ -202,14 +190,14 @@ fn accepted(
     {
         return Next::Close(CloseReason::Internal);
     }
-    conn.upstream = Some(Sock::new(stream));
+    let outbound = Sock::new(stream);
     debug!("{}: BIND accepted {from}", conn.peer);
     conn.target = Some(Dest::Ip(from));
     if reply::granted(conn, b.reply, from).is_err() {
         return Next::Close(CloseReason::ClientError);
     }
     metrics::inc(&ctx.stats.handshakes_ok[conn.proto as usize]);
-    start_relay(key, conn, ctx);
+    start_relay(key, conn, ctx, outbound);
     Next::Again
 }
 

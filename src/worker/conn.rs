@@ -19,231 +19,27 @@
 //! Every socket a connection owns (client, upstream, UDP relay, BIND listener) is reached through its one slab
 //! entry, so there is exactly one removal: `Worker::close`.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use log::debug;
 use mio::net::TcpStream;
+use mio::Interest;
 
+use crate::acl::DestAllowed;
 use crate::auth::Authorized;
-use crate::buffer::Buffer;
+use crate::buffer::{Buffer, BufferPool};
 use crate::metrics::Proto;
+use crate::net;
 use crate::proto::TargetAddr;
+use crate::resolve::{Job, Work};
 
-use super::access::RequestLog;
-use super::bind::BindState;
 use super::close::CloseReason;
-use super::http::HttpState;
-use super::udp::UdpState;
-use super::upstream::UpstreamHandshake;
-
-/// A TCP socket and the readiness we have seen for it but not yet used up (edge-triggered: an event bit is cleared
-/// only when an operation returns `WouldBlock`).
-pub struct Sock {
-    /// The socket.
-    pub stream: TcpStream,
-    /// A read may make progress.
-    pub readable: bool,
-    /// A write may make progress.
-    pub writable: bool,
-    /// The kernel reported an error (typically a reset) on this socket.
-    pub error: bool,
-    /// The peer's FIN (or an error) was reported: keep reading until EOF even after short reads.
-    pub read_closed: bool,
-}
-
-impl Sock {
-    /// Wraps a freshly registered socket; readiness arrives with the first events.
-    pub fn new(stream: TcpStream) -> Sock {
-        Sock {
-            stream,
-            readable: false,
-            writable: false,
-            error: false,
-            read_closed: false,
-        }
-    }
-
-    /// Records an event's readiness. Errors and hang-ups count as both, so the next read or write reports them.
-    pub fn mark(&mut self, ev: &mio::event::Event) {
-        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-            self.readable = true;
-        }
-        if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
-            self.writable = true;
-        }
-        if ev.is_error() {
-            self.error = true;
-        }
-        if ev.is_read_closed() || ev.is_error() {
-            self.read_closed = true;
-        }
-    }
-
-    /// Reads once; `WouldBlock` clears the readable bit and returns `Ok(None)`. A short read clears it too: the
-    /// receive queue was empty, and epoll reports every later arrival as a new edge, so the read that would only
-    /// return `WouldBlock` is saved. The exception is a FIN that arrived together with the data (one edge for both):
-    /// once the peer's close was reported, we read on until EOF.
-    pub fn read(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        loop {
-            match self.stream.read(buf) {
-                Ok(n) => {
-                    if n > 0 && n < buf.len() && !self.read_closed {
-                        self.readable = false;
-                    }
-                    return Ok(Some(n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.readable = false;
-                    return Ok(None);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Writes as much of `data` as the socket takes now; `WouldBlock` clears the writable bit, and so does a short
-    /// write (the send buffer is full; the edge-triggered writable event comes when it drains).
-    pub fn write_some(&mut self, data: &[u8]) -> io::Result<usize> {
-        let mut off = 0;
-        while off < data.len() && self.writable {
-            match self.stream.write(&data[off..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    off += n;
-                    if off < data.len() {
-                        self.writable = false;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(off)
-    }
-}
-
-/// How to answer the client once the outbound connection succeeds or fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplyKind {
-    /// RFC 1928 §6 reply.
-    Socks5,
-    /// SOCKS4 reply (VN 0, CD 90/91).
-    Socks4,
-    /// `200 Connection established` or an error status.
-    HttpConnect,
-    /// Plain HTTP forwarding: on success send the rewritten request head.
-    HttpForward,
-}
-
-/// Where a connection is in its life. Each variant holds only what that phase needs.
-pub enum Phase {
-    /// Waiting for the PROXY protocol header.
-    ProxyHeader,
-    /// Waiting for the first byte.
-    Detect,
-    /// SOCKS5 method negotiation.
-    Socks5Greeting,
-    /// RFC 1929 sub-negotiation.
-    Socks5Auth,
-    /// SOCKS5 request.
-    Socks5Request,
-    /// A SOCKS4/4a request.
-    Socks4Request,
-    /// An HTTP request head (first request of the connection).
-    HttpHead,
-    /// A password is being checked against a slow hash on the blocking pool.
-    Verifying(Box<PendingAuth>),
-    /// A name lookup is out with the resolver pool.
-    Resolving {
-        /// How to answer.
-        reply: ReplyKind,
-    },
-    /// A nonblocking connect is in flight.
-    Connecting {
-        /// How to answer.
-        reply: ReplyKind,
-        /// Addresses still to try, each already passed by the destination rules.
-        addrs: Vec<(SocketAddr, crate::acl::DestAllowed)>,
-        /// Index of the next address to try.
-        next: usize,
-        /// The failure of the last attempt.
-        last: crate::proto::Failure,
-        /// When the current attempt gives way to the next address.
-        attempt_deadline: Instant,
-    },
-    /// Talking to an upstream proxy on the outbound socket.
-    Upstream(Box<UpstreamHandshake>),
-    /// Bytes flow both ways.
-    Relay,
-    /// Plain HTTP forwarding with request/response framing (state in `Conn::http`).
-    Http,
-    /// A SOCKS5 UDP association; the TCP connection is only watched for EOF.
-    Udp(Box<UdpState>),
-    /// A BIND listener waits for its inbound connection.
-    Bind(Box<BindState>),
-    /// An error reply is flushing; then the client side is shut down and read until EOF or the linger deadline, so
-    /// the reply is not destroyed by a reset.
-    Linger {
-        /// Whether the linger deadline is scheduled.
-        armed: bool,
-        /// Whether our write side is already shut down.
-        shut: bool,
-        /// What the access log will say.
-        reason: CloseReason,
-    },
-}
-
-impl Phase {
-    /// True while the client has not finished its handshake (the handshake deadline applies).
-    pub fn in_client_handshake(&self) -> bool {
-        matches!(
-            self,
-            Phase::ProxyHeader
-                | Phase::Detect
-                | Phase::Socks5Greeting
-                | Phase::Socks5Auth
-                | Phase::Socks5Request
-                | Phase::Socks4Request
-                | Phase::HttpHead
-                | Phase::Verifying(_)
-        )
-    }
-
-    /// A short name for logs.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Phase::ProxyHeader => "proxy_header",
-            Phase::Detect => "detect",
-            Phase::Socks5Greeting => "socks5_greeting",
-            Phase::Socks5Auth => "socks5_auth",
-            Phase::Socks5Request => "socks5_request",
-            Phase::Socks4Request => "socks4_request",
-            Phase::HttpHead => "http_head",
-            Phase::Verifying(_) => "verifying",
-            Phase::Resolving { .. } => "resolving",
-            Phase::Connecting { .. } => "connecting",
-            Phase::Upstream(_) => "upstream_handshake",
-            Phase::Relay => "relay",
-            Phase::Http => "http",
-            Phase::Udp(_) => "udp",
-            Phase::Bind(_) => "bind",
-            Phase::Linger { .. } => "linger",
-        }
-    }
-}
-
-/// What to resume once a slow password check answers. It is boxed inside `Phase::Verifying`, so the size gap
-/// between variants costs nothing on other connections.
-#[allow(clippy::large_enum_variant)]
-pub enum PendingAuth {
-    /// Send the RFC 1929 status, then read the SOCKS5 request.
-    Socks5,
-    /// Carry on with this HTTP request (its rewritten head is kept alongside).
-    Http(crate::proto::http::Request, Vec<u8>),
-}
+use super::ctx::{Ctx, Next, ReplyKind};
+pub use super::phase::{Answer, Half, Handshake, HttpState, PendingAuth, Phase, RequestLog};
+pub use super::sock::Sock;
+use super::token;
 
 /// A destination as kept for the whole life of a connection: an address, or a boxed name. `TargetAddr` keeps
 /// names inline (255 bytes) so parsers never allocate; a long-lived connection should not carry that.
@@ -285,17 +81,6 @@ impl std::fmt::Display for Dest {
     }
 }
 
-/// Per-direction relay state.
-#[derive(Default, Clone, Copy)]
-pub struct Half {
-    /// The source reported EOF.
-    pub eof: bool,
-    /// We shut down writing on the sink.
-    pub shut: bool,
-    /// The current burst is bulk: relay it with splice (when enabled).
-    pub bulk: bool,
-}
-
 /// One client connection.
 pub struct Conn {
     /// Generation: distinguishes this connection from earlier users of the same slab slot.
@@ -310,18 +95,12 @@ pub struct Conn {
     pub c2u: Option<Buffer>,
     /// Bytes from the upstream parked for the client.
     pub u2c: Option<Buffer>,
-    /// Splice mode: client -> upstream bytes held in a pipe because the upstream would not take them yet.
-    pub up_pipe: Option<crate::sys::Pipe>,
-    /// Splice mode: upstream -> client bytes held in a pipe.
-    pub down_pipe: Option<crate::sys::Pipe>,
     /// Bytes we generated for the client (replies, rewritten heads), flushed before `u2c`.
     pub to_client: Vec<u8>,
     /// Bytes we generated for the upstream (rewritten heads, upstream handshakes), flushed before `c2u`.
     pub to_upstream: Vec<u8>,
-    /// Client -> upstream direction.
-    pub up: Half,
-    /// Upstream -> client direction.
-    pub down: Half,
+    /// The client sent EOF (before the relay, which tracks it per direction).
+    pub client_eof: bool,
     /// The client's address (from the PROXY header when one was received).
     pub peer: SocketAddr,
     /// Protocol, once detected.
@@ -334,9 +113,6 @@ pub struct Conn {
     pub started: Instant,
     /// Last relay activity (for the idle timeout).
     pub last_active: Instant,
-    /// The deadline of the current phase: the handshake deadline while in a client-handshake phase, the connect
-    /// deadline while resolving or connecting (never both at once, so one field serves).
-    pub deadline: Option<Instant>,
     /// Bytes relayed client -> target.
     pub bytes_up: u64,
     /// Bytes relayed target -> client.
@@ -349,8 +125,6 @@ pub struct Conn {
     pub request_lines: bool,
     /// Counted against `--user-max-connections`.
     pub user_counted: bool,
-    /// HTTP forwarding state, for connections that forward plain HTTP requests.
-    pub http: Option<Box<HttpState>>,
     /// The source address picked from the user's policy egress list for this session (boxed: only sessions of users
     /// with an egress list pay for it, and `Conn` stays under its size budget).
     pub egress: Option<Box<std::net::IpAddr>>,
@@ -373,26 +147,21 @@ impl Conn {
             phase,
             c2u: Some(c2u),
             u2c: None,
-            up_pipe: None,
-            down_pipe: None,
             to_client: Vec::new(),
             to_upstream: Vec::new(),
-            up: Half::default(),
-            down: Half::default(),
+            client_eof: false,
             peer,
             proto: Proto::Unknown,
             user: None,
             target: None,
             started: now,
             last_active: now,
-            deadline: None,
             bytes_up: 0,
             bytes_down: 0,
             queued: false,
             request: None,
             request_lines: false,
             user_counted: false,
-            http: None,
             egress: None,
         }
     }
@@ -449,10 +218,200 @@ impl Conn {
             .map(|a| crate::proto::canonical_ip(a.ip()))
     }
 
+    /// The outbound socket, wherever the current phase keeps it.
+    pub fn outbound(&self) -> Option<&Sock> {
+        match &self.phase {
+            Phase::Relay(t) => Some(&t.outbound),
+            _ => self.upstream.as_ref(),
+        }
+    }
+
+    /// The outbound socket, mutably.
+    pub fn outbound_mut(&mut self) -> Option<&mut Sock> {
+        match &mut self.phase {
+            Phase::Relay(t) => Some(&mut t.outbound),
+            _ => self.upstream.as_mut(),
+        }
+    }
+
     /// The authenticated user name, or "-".
     pub fn user_name(&self) -> &str {
         self.user.as_ref().map(|u| u.user()).unwrap_or("-")
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Verbs every phase uses on a connection.
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Moves a connection in its handshake to the next step (the handshake deadline stays).
+pub fn set_step(conn: &mut Conn, next: Handshake) {
+    if let Phase::Handshake { step, .. } = &mut conn.phase {
+        *step = next;
+    }
+}
+
+/// Bytes a connection starts with for its handshake: every SOCKS message (at most 520 bytes) fits, so SOCKS never
+/// needs more; HTTP heads and long PROXY v2 headers grow it. Not a pool buffer: a 2 KiB allocation touches half a
+/// page, where a 16 KiB pool buffer touched a whole one and kept it resident in the pool.
+pub const HANDSHAKE_BUFFER: usize = 2048;
+
+/// Reads what the client has sent into its buffer (until `WouldBlock`, EOF or a full buffer).
+pub fn fill_client(conn: &mut Conn, ctx: &mut Ctx) -> std::io::Result<()> {
+    let buf = conn.c2u.get_or_insert_with(|| ctx.pool.take());
+    while conn.client.readable && !conn.client_eof && !buf.is_full() {
+        match conn.client.read(buf.space())? {
+            Some(0) => conn.client_eof = true,
+            Some(n) => buf.fill(n),
+            None => break,
+        }
+    }
+    Ok(())
+}
+
+/// Swaps the buffer in `slot` for one four times as large (at most `limit`), keeping its bytes. False at the limit.
+pub fn grow(slot: &mut Option<Buffer>, limit: usize, pool: &mut BufferPool) -> bool {
+    let Some(old) = slot.as_ref() else {
+        return false;
+    };
+    if old.capacity() >= limit {
+        return false;
+    }
+    let mut big = Buffer::new((old.capacity() * 4).min(limit));
+    big.push(old.data());
+    if let Some(old) = slot.replace(big) {
+        pool.give(old);
+    }
+    true
+}
+
+/// Counts the session against its user's session limit (`max_connections` of the policy file, else
+/// `--user-max-connections`), or an anonymous client's against `[defaults] max_connections` per client address;
+/// false when at the limit.
+pub fn user_admit(conn: &mut Conn, ctx: &mut Ctx) -> bool {
+    let max = match conn.user.as_ref() {
+        Some(user) => ctx
+            .policy
+            .max_connections(user.user(), ctx.cfg.user_max_connections),
+        None => ctx.policy.anonymous_max_connections(),
+    };
+    let Some(max) = max else {
+        return true;
+    };
+    if conn.user_counted {
+        return true;
+    }
+    let Ok(mut counts) = ctx.user_counts.lock() else {
+        return false;
+    };
+    let n = counts.entry(session_key(conn)).or_insert(0);
+    if *n >= max {
+        debug!(
+            "{}: user {} at the session limit {max}",
+            conn.peer,
+            conn.user_name()
+        );
+        return false;
+    }
+    *n += 1;
+    conn.user_counted = true;
+    true
+}
+
+/// The key a session is counted under for session limits: the user's name, or for an anonymous client its
+/// address behind a NUL (user names never contain control characters, so the two kinds cannot collide).
+pub fn session_key(conn: &Conn) -> String {
+    match &conn.user {
+        Some(u) => u.user().to_string(),
+        None => format!("\0{}", conn.peer.ip()),
+    }
+}
+
+/// Sends a slow password check to the blocking pool and parks the connection until it answers.
+pub fn verify_off_loop(
+    key: usize,
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    work: Work,
+    then: PendingAuth,
+) -> Next {
+    let job = Job {
+        key,
+        gen: conn.gen,
+        tag: 0,
+        work,
+        reply: ctx.reply_to.clone(),
+    };
+    if ctx.resolve_tx.send(job).is_err() {
+        return Next::Close(CloseReason::Internal);
+    }
+    // A kept-alive HTTP connection verifies its next request's credentials here too; no handshake timer is armed
+    // for it (the idle timer covers it), so its deadline is only nominal.
+    let deadline = match conn.phase {
+        Phase::Handshake { deadline, .. } => deadline,
+        _ => ctx.now + ctx.cfg.handshake_timeout,
+    };
+    conn.phase = Phase::Handshake {
+        step: Handshake::Verifying(Box::new(then)),
+        deadline,
+    };
+    Next::Wait
+}
+
+/// Opens and registers a nonblocking outbound socket for connection `key` to a destination. Only a
+/// [`DestAllowed`] from the destination rules opens one: a path that skips the rules does not compile.
+pub fn open_target(
+    key: usize,
+    ctx: &mut Ctx,
+    addr: SocketAddr,
+    source: Egress,
+    _allowed: DestAllowed,
+) -> io::Result<Sock> {
+    open(key, ctx, addr, source)
+}
+
+/// Opens a connection to the `index`th address of the configured `--upstream` proxy (the operator's own choice,
+/// not a client's destination: the rules are for what clients ask for). None when there is no such address.
+pub fn open_upstream_proxy(
+    key: usize,
+    ctx: &mut Ctx,
+    index: usize,
+    source: Egress,
+) -> Option<(SocketAddr, io::Result<Sock>)> {
+    let addr = ctx.cfg.upstream.as_ref()?.addrs.get(index).copied()?;
+    Some((addr, open(key, ctx, addr, source)))
+}
+
+/// The source of an outbound connection: a user's policy egress address (with IP_FREEBIND when it was picked
+/// from a block), or `None` for `--bind` / the kernel's choice.
+pub type Egress = Option<(std::net::IpAddr, bool)>;
+
+fn open(key: usize, ctx: &mut Ctx, addr: SocketAddr, source: Egress) -> io::Result<Sock> {
+    let buffer = ctx.cfg.socket_buffer;
+    let mut stream = match source {
+        Some((ip, freebind)) => net::connect_from(addr, ip, freebind, buffer)?,
+        None => net::connect(addr, ctx.cfg.outbound_bind, buffer)?,
+    };
+    ctx.registry.register(
+        &mut stream,
+        token::conn(key, token::Role::Upstream),
+        Interest::READABLE | Interest::WRITABLE,
+    )?;
+    Ok(Sock::new(stream))
+}
+
+/// Drops the outbound socket (after a failed attempt).
+pub fn drop_upstream(conn: &mut Conn, ctx: &mut Ctx) {
+    if let Some(mut up) = conn.upstream.take() {
+        let _ = ctx.registry.deregister(&mut up.stream);
+    }
+}
+
+/// Resolving or connecting failed: count it, drop the outbound socket, and let the dispatcher answer the client.
+pub fn path_failed(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, reason: CloseReason) -> Next {
+    ctx.stats.connect_error(reason.failure());
+    drop_upstream(conn, ctx);
+    Next::Failed(reply, reason)
 }
 
 #[cfg(test)]
@@ -462,5 +421,13 @@ mod tests {
     fn conn_stays_small() {
         let size = std::mem::size_of::<super::Conn>();
         assert!(size <= 400, "Conn grew to {size} bytes");
+        // An idle tunnel holds its Conn (in the slab) and its boxed Tunnel, no buffer.
+        let tunnel = std::mem::size_of::<super::super::phase::Tunnel>();
+        eprintln!("Conn {size} bytes, Tunnel {tunnel} bytes");
+        assert!(
+            size + tunnel < 1024,
+            "idle tunnel is {} bytes",
+            size + tunnel
+        );
     }
 }

@@ -5,16 +5,18 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::debug;
-use mio::Interest;
 
 use super::close::CloseReason;
-use super::conn::{Conn, Dest, Phase, ReplyKind, Sock};
+use super::conn::{drop_upstream, open_target, path_failed, Conn, Dest, Phase};
+use super::ctx::{Ctx, Next, ReplyKind};
+use super::phase::Answer;
+use super::relay::start_relay;
 use super::reply;
 use super::timers::TimerKind;
-use super::{gate, http, token, upstream, Ctx, Next};
+use super::{gate, upstream};
 use crate::metrics;
 use crate::net::{self, ConnectState};
 use crate::proto::{self, Failure, TargetAddr};
@@ -29,20 +31,19 @@ pub fn start(
     conn: &mut Conn,
     ctx: &mut Ctx,
     target: TargetAddr,
-    reply: ReplyKind,
+    answer: Answer,
 ) -> Next {
+    let reply = answer.kind();
     conn.target = Some(Dest::from(&target));
-    if let Err(f) = gate::check_target(conn, ctx, gate::command_of(reply), &target) {
+    if let Err(reason) = gate::check_target(conn, ctx, gate::command_of(reply), &target) {
         debug!(
             "{}: target {} refused by the policy file",
             conn.peer,
             target_str(conn)
         );
-        return fail(conn, ctx, reply, f);
+        return fail(conn, ctx, reply, reason);
     }
-    conn.deadline = None;
     let deadline = ctx.now + ctx.cfg.connect_timeout;
-    conn.deadline = Some(deadline);
     ctx.timers.push(deadline, key, conn.gen, TimerKind::Connect);
     if ctx.cfg.upstream.is_some() {
         // Through an upstream proxy the target is the upstream's business: connect to the proxy itself, but
@@ -55,10 +56,10 @@ pub fn start(
                 return fail(conn, ctx, reply, CloseReason::DestDenied);
             }
         }
-        return upstream::start_connect(key, conn, ctx, reply);
+        return upstream::start_connect(key, conn, ctx, (answer, target), deadline);
     }
     match target {
-        TargetAddr::Ip(addr) => begin(key, conn, ctx, reply, vec![addr]),
+        TargetAddr::Ip(addr) => begin(key, conn, ctx, (answer, deadline), vec![addr]),
         TargetAddr::Domain(name, port) => {
             metrics::inc(&ctx.stats.dns_lookups);
             let job = Job {
@@ -75,7 +76,7 @@ pub fn start(
             if ctx.resolve_tx.send(job).is_err() {
                 return fail(conn, ctx, reply, CloseReason::Internal);
             }
-            conn.phase = Phase::Resolving { reply };
+            conn.phase = Phase::Resolving { answer, deadline };
             Next::Wait
         }
     }
@@ -88,12 +89,16 @@ pub fn on_resolved(
     ctx: &mut Ctx,
     result: io::Result<Vec<SocketAddr>>,
 ) -> Next {
-    let reply = match conn.phase {
-        Phase::Resolving { reply } => reply,
-        _ => return Next::Wait,
+    if !matches!(conn.phase, Phase::Resolving { .. }) {
+        return Next::Wait;
+    }
+    let Phase::Resolving { answer, deadline } = std::mem::replace(&mut conn.phase, Phase::Closing)
+    else {
+        return Next::Wait;
     };
+    let reply = answer.kind();
     match result {
-        Ok(addrs) if !addrs.is_empty() => begin(key, conn, ctx, reply, addrs),
+        Ok(addrs) if !addrs.is_empty() => begin(key, conn, ctx, (answer, deadline), addrs),
         Ok(_) | Err(_) => {
             metrics::inc(&ctx.stats.dns_failures);
             debug!("{}: cannot resolve {}", conn.peer, target_str(conn));
@@ -114,9 +119,10 @@ pub fn begin(
     key: usize,
     conn: &mut Conn,
     ctx: &mut Ctx,
-    reply: ReplyKind,
+    (answer, deadline): (Answer, Instant),
     addrs: Vec<SocketAddr>,
 ) -> Next {
+    let reply = answer.kind();
     let cmd = gate::command_of(reply);
     let allowed: Vec<_> = addrs
         .into_iter()
@@ -138,11 +144,12 @@ pub fn begin(
         return fail(conn, ctx, reply, CloseReason::DestDenied);
     }
     conn.phase = Phase::Connecting {
-        reply,
+        answer,
         addrs: allowed,
         next: 0,
         last: Failure::General,
         attempt_deadline: ctx.now,
+        deadline,
     };
     try_next(key, conn, ctx)
 }
@@ -156,11 +163,10 @@ const MIN_ATTEMPT: Duration = Duration::from_secs(1);
 /// gets only its share of the remaining connect time, so one dead address (typically IPv6) cannot eat the whole
 /// `--connect-timeout` while a working one waits behind it.
 fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    let overall = conn.deadline.unwrap_or(ctx.now + ctx.cfg.connect_timeout);
     loop {
-        let (addr, left) = {
+        let (addr, allowed, left) = {
             let Phase::Connecting {
-                reply,
+                answer,
                 addrs,
                 next,
                 last,
@@ -169,24 +175,26 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             else {
                 return Next::Wait;
             };
-            let Some((addr, _proof)) = addrs.get(*next).copied() else {
-                let (reply, last) = (*reply, *last);
+            let Some((addr, allowed)) = addrs.get(*next).copied() else {
+                let (reply, last) = (answer.kind(), *last);
                 return fail(conn, ctx, reply, CloseReason::Failed(last));
             };
             *next += 1;
-            (addr, (addrs.len() - *next) as u32)
+            (addr, allowed, (addrs.len() - *next) as u32)
         };
-        let opened =
-            gate::egress(conn, ctx, addr.is_ipv4()).and_then(|src| open(key, ctx, addr, src));
+        debug!("{}: connecting to {addr}", conn.peer);
+        let opened = gate::egress(conn, ctx, addr.is_ipv4())
+            .and_then(|source| open_target(key, ctx, addr, source, allowed));
         let Phase::Connecting {
             last,
             attempt_deadline,
+            deadline: overall,
             ..
         } = &mut conn.phase
         else {
             return Next::Wait;
         };
-        debug!("{}: connecting to {addr}", conn.peer);
+        let overall = *overall;
         match opened {
             Ok(sock) => {
                 conn.upstream = Some(sock);
@@ -213,34 +221,6 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     }
 }
 
-/// Opens and registers a nonblocking outbound socket for connection `key`, from the user's egress address
-/// (`source`, with IP_FREEBIND when picked from a block) or else `--bind`.
-pub fn open(
-    key: usize,
-    ctx: &mut Ctx,
-    addr: SocketAddr,
-    source: Option<(std::net::IpAddr, bool)>,
-) -> io::Result<Sock> {
-    let buffer = ctx.cfg.socket_buffer;
-    let mut stream = match source {
-        Some((ip, freebind)) => net::connect_from(addr, ip, freebind, buffer)?,
-        None => net::connect(addr, ctx.cfg.outbound_bind, buffer)?,
-    };
-    ctx.registry.register(
-        &mut stream,
-        token::conn(key, token::Role::Upstream),
-        Interest::READABLE | Interest::WRITABLE,
-    )?;
-    Ok(Sock::new(stream))
-}
-
-/// Drops the outbound socket (after a failed attempt).
-pub fn drop_upstream(conn: &mut Conn, ctx: &mut Ctx) {
-    if let Some(mut up) = conn.upstream.take() {
-        let _ = ctx.registry.deregister(&mut up.stream);
-    }
-}
-
 /// Drives the Connecting phase: on readiness of the outbound socket, checks whether the connect finished.
 pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let Some(up) = conn.upstream.as_mut() else {
@@ -257,7 +237,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         }
         ConnectState::Connected => {
             debug!("{}: connected to {}", conn.peer, target_str(conn));
-            connected(key, conn, ctx)
+            connected(conn)
         }
         ConnectState::Failed(e) => {
             debug!("{}: connect to {}: {e}", conn.peer, target_str(conn));
@@ -271,68 +251,48 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 }
 
 /// The outbound TCP connection is up.
-fn connected(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    let reply = match conn.phase {
-        Phase::Connecting { reply, .. } => reply,
+fn connected(conn: &Conn) -> Next {
+    let reply = match &conn.phase {
+        Phase::Connecting { answer, .. } => answer.kind(),
         _ => return Next::Wait,
     };
-    established(key, conn, ctx, reply)
+    Next::Connected(reply)
 }
 
 /// The path to the target is ready (directly, or through the upstream proxy): answer the client and relay.
+/// (Forwarded HTTP goes to `http` instead: the dispatcher routes `Next::Connected` by reply kind.)
 pub fn established(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
-    conn.deadline = None;
     let local = conn
         .upstream
         .as_ref()
         .and_then(|u| u.stream.local_addr().ok())
         .unwrap_or(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
-    if reply == ReplyKind::HttpForward {
-        return http::on_origin_connected(key, conn, ctx);
-    }
     // SOCKS4 reports an IPv6 outbound socket as 0.0.0.0:0 (its reply has no room for it).
     let local = match (reply, local) {
         (ReplyKind::Socks4, SocketAddr::V6(_)) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
         _ => local,
     };
+    // Connecting and the upstream handshake leave the outbound socket here; it cannot be missing.
+    let Some(outbound) = conn.upstream.take() else {
+        return Next::Close(CloseReason::Internal);
+    };
     if reply::granted(conn, reply, local).is_err() {
         return Next::Close(CloseReason::ClientError);
     }
     metrics::inc(&ctx.stats.handshakes_ok[conn.proto as usize]);
-    start_relay(key, conn, ctx);
+    start_relay(key, conn, ctx, outbound);
     Next::Again
 }
 
-/// Switches to the relay phase with the idle timer armed.
-pub fn start_relay(key: usize, conn: &mut Conn, ctx: &mut Ctx) {
-    // Bytes that arrived together with the handshake (pipelined after a SOCKS request or a CONNECT head, sent
-    // while a BIND waited, or after the upstream proxy's reply) are relayed first from the buffers: count them
-    // here, since the relay counts only what it reads itself.
-    let up = conn.c2u.as_ref().map_or(0, |b| b.len()) as u64;
-    let down = conn.u2c.as_ref().map_or(0, |b| b.len()) as u64;
-    conn.bytes_up += up;
-    conn.bytes_down += down;
-    metrics::add(&ctx.stats.bytes_up, up);
-    metrics::add(&ctx.stats.bytes_down, down);
-    conn.phase = Phase::Relay;
-    conn.last_active = ctx.now;
-    super::relay::arm_idle(key, conn, ctx);
-}
-
 /// Reports a failure to resolve or connect.
-pub fn fail(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, reason: CloseReason) -> Next {
-    ctx.stats.connect_error(reason.failure());
-    drop_upstream(conn, ctx);
-    if reply == ReplyKind::HttpForward {
-        return http::on_origin_failed(conn, ctx, reason);
-    }
-    reply::fail(conn, ctx, reply, reason)
+fn fail(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, reason: CloseReason) -> Next {
+    path_failed(conn, ctx, reply, reason)
 }
 
 /// A connect timer popped: move on to the next address when this attempt's share is used up, or fail when the
 /// whole connect deadline has passed.
 pub fn on_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    let overall_due = conn.deadline.is_some_and(|d| d <= ctx.now);
+    let overall_due = conn.phase.connect_deadline().is_some_and(|d| d <= ctx.now);
     if let Phase::Connecting {
         addrs,
         next,
@@ -361,8 +321,8 @@ pub fn on_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 /// The connect deadline passed while resolving or connecting.
 pub fn on_timeout(conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let reply = match &conn.phase {
-        Phase::Resolving { reply } | Phase::Connecting { reply, .. } => *reply,
-        Phase::Upstream(u) => u.reply,
+        Phase::Resolving { answer, .. } | Phase::Connecting { answer, .. } => answer.kind(),
+        Phase::Upstream(u) => u.answer.kind(),
         _ => return Next::Wait,
     };
     debug!("{}: connect to {} timed out", conn.peer, target_str(conn));

@@ -8,8 +8,8 @@ use std::net::{IpAddr, SocketAddr};
 use log::warn;
 
 use super::close::CloseReason;
-use super::conn::{Conn, Dest, ReplyKind};
-use super::Ctx;
+use super::conn::{Conn, Dest};
+use super::ctx::{Ctx, ReplyKind};
 use crate::policy::rules::Command;
 use crate::policy::{self, Refusal};
 use crate::proto::{Failure, TargetAddr};
@@ -116,15 +116,6 @@ pub fn egress(conn: &mut Conn, ctx: &Ctx, v4: bool) -> io::Result<Option<(IpAddr
             );
             Err(io::Error::other("no egress address of this family"))
         }
-    }
-}
-
-/// The key a session is counted under for session limits: the user's name, or for an anonymous client its
-/// address behind a NUL (user names never contain control characters, so the two kinds cannot collide).
-pub fn session_key(conn: &Conn) -> String {
-    match &conn.user {
-        Some(u) => u.user().to_string(),
-        None => format!("\0{}", conn.peer.ip()),
     }
 }
 

@@ -7,28 +7,18 @@ use std::sync::Arc;
 use log::debug;
 
 use super::close::CloseReason;
-use super::conn::{Conn, Dest, PendingAuth, Phase, ReplyKind};
+use super::conn::{
+    fill_client, grow, set_step, user_admit, verify_off_loop, Answer, Conn, Dest, Handshake,
+    PendingAuth, Phase,
+};
+use super::ctx::{Ctx, Next, ReplyKind};
 use super::reply::{self, enter_linger};
-use super::{bind, connect, http, udp, Ctx, Next};
+use super::{bind, connect, http, udp};
 use crate::auth::Authorized;
-use crate::buffer::{Buffer, BufferPool};
 use crate::metrics::{self, Proto, Refusal};
 use crate::proto::detect::{self, Protocol};
 use crate::proto::{proxy_protocol, socks4, socks5, Failure, Parse};
-use crate::resolve::{Job, Work};
-
-/// Reads what the client has sent into its buffer (until `WouldBlock`, EOF or a full buffer).
-pub fn fill_client(conn: &mut Conn, ctx: &mut Ctx) -> std::io::Result<()> {
-    let buf = conn.c2u.get_or_insert_with(|| ctx.pool.take());
-    while conn.client.readable && !conn.up.eof && !buf.is_full() {
-        match conn.client.read(buf.space())? {
-            Some(0) => conn.up.eof = true,
-            Some(n) => buf.fill(n),
-            None => break,
-        }
-    }
-    Ok(())
-}
+use crate::resolve::Work;
 
 fn data(conn: &Conn) -> &[u8] {
     conn.c2u.as_ref().map(|b| b.data()).unwrap_or(&[])
@@ -40,29 +30,8 @@ fn consume(conn: &mut Conn, n: usize) {
     }
 }
 
-/// Bytes a connection starts with for its handshake: every SOCKS message (at most 520 bytes) fits, so SOCKS never
-/// needs more; HTTP heads and long PROXY v2 headers grow it. Not a pool buffer: a 2 KiB allocation touches half a
-/// page, where a 16 KiB pool buffer touched a whole one and kept it resident in the pool.
-pub const HANDSHAKE_BUFFER: usize = 2048;
-
 /// Largest PROXY protocol v2 header (16-byte preamble plus a 16-bit length).
 const MAX_PROXY_HEADER: usize = 16 + 65535;
-
-/// Swaps the buffer in `slot` for one four times as large (at most `limit`), keeping its bytes. False at the limit.
-pub fn grow(slot: &mut Option<Buffer>, limit: usize, pool: &mut BufferPool) -> bool {
-    let Some(old) = slot.as_ref() else {
-        return false;
-    };
-    if old.capacity() >= limit {
-        return false;
-    }
-    let mut big = Buffer::new((old.capacity() * 4).min(limit));
-    big.push(old.data());
-    if let Some(old) = slot.replace(big) {
-        pool.give(old);
-    }
-    true
-}
 
 /// The parser needs more bytes: wait for them, unless the client already closed. A full buffer grows (up to the
 /// largest PROXY v2 header) so a message can always complete.
@@ -75,7 +44,7 @@ fn need_more(conn: &mut Conn, ctx: &mut Ctx) -> Next {
             Next::Close(CloseReason::OversizedMessage)
         };
     }
-    if conn.up.eof {
+    if conn.client_eof {
         Next::Close(CloseReason::ClientEof)
     } else {
         Next::Wait
@@ -93,13 +62,34 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         return Next::Close(CloseReason::ClientReset);
     }
     match conn.phase {
-        Phase::ProxyHeader => proxy_header(conn, ctx),
-        Phase::Detect => detect(conn, ctx),
-        Phase::Socks5Greeting => socks5_greeting(conn, ctx),
-        Phase::Socks5Auth => socks5_auth(key, conn, ctx),
-        Phase::Socks5Request => socks5_request(key, conn, ctx),
-        Phase::Socks4Request => socks4_request(key, conn, ctx),
-        Phase::HttpHead => http::on_head(key, conn, ctx),
+        Phase::Handshake {
+            step: Handshake::ProxyHeader,
+            ..
+        } => proxy_header(conn, ctx),
+        Phase::Handshake {
+            step: Handshake::Detect,
+            ..
+        } => detect(conn, ctx),
+        Phase::Handshake {
+            step: Handshake::Socks5Greeting,
+            ..
+        } => socks5_greeting(conn, ctx),
+        Phase::Handshake {
+            step: Handshake::Socks5Auth,
+            ..
+        } => socks5_auth(key, conn, ctx),
+        Phase::Handshake {
+            step: Handshake::Socks5Request,
+            ..
+        } => socks5_request(key, conn, ctx),
+        Phase::Handshake {
+            step: Handshake::Socks4Request,
+            ..
+        } => socks4_request(key, conn, ctx),
+        Phase::Handshake {
+            step: Handshake::HttpHead,
+            ..
+        } => http::on_head(key, conn, ctx),
         _ => Next::Wait,
     }
 }
@@ -114,11 +104,11 @@ fn proxy_header(conn: &mut Conn, ctx: &mut Ctx) -> Next {
             }
             if !ctx.cfg.client_rules.allows(conn.peer.ip()) {
                 metrics::inc(&ctx.stats.refused[Refusal::ClientAcl as usize]);
-                super::log_refused(conn.peer, "client not allowed (PROXY header address)");
+                super::access::log_refused(conn.peer, "client not allowed (PROXY header address)");
                 return Next::Close(CloseReason::ClientNotAllowed);
             }
             debug!("{}: PROXY header accepted", conn.peer);
-            conn.phase = Phase::Detect;
+            set_step(conn, Handshake::Detect);
             Next::Again
         }
         Err(e) => {
@@ -140,9 +130,9 @@ fn detect(conn: &mut Conn, ctx: &mut Ctx) -> Next {
         return need_more(conn, ctx);
     };
     let (proto, phase) = match detect::detect(first) {
-        Protocol::Socks5 => (Proto::Socks5, Phase::Socks5Greeting),
-        Protocol::Socks4 if ctx.cfg.socks4 => (Proto::Socks4, Phase::Socks4Request),
-        Protocol::Http if ctx.cfg.http => (Proto::Http, Phase::HttpHead),
+        Protocol::Socks5 => (Proto::Socks5, Handshake::Socks5Greeting),
+        Protocol::Socks4 if ctx.cfg.socks4 => (Proto::Socks4, Handshake::Socks4Request),
+        Protocol::Http if ctx.cfg.http => (Proto::Http, Handshake::HttpHead),
         _ => {
             metrics::inc(&ctx.stats.refused[Refusal::UnknownProtocol as usize]);
             debug!(
@@ -158,7 +148,7 @@ fn detect(conn: &mut Conn, ctx: &mut Ctx) -> Next {
         metrics::PROTO_LABELS[proto as usize]
     );
     set_proto(conn, ctx, proto);
-    conn.phase = phase;
+    set_step(conn, phase);
     Next::Again
 }
 
@@ -175,8 +165,8 @@ fn socks5_greeting(conn: &mut Conn, ctx: &mut Ctx) -> Next {
             }
             debug!("{}: SOCKS5 method {method:#04x} chosen", conn.peer);
             match method {
-                socks5::METHOD_NO_AUTH => conn.phase = Phase::Socks5Request,
-                socks5::METHOD_USER_PASS => conn.phase = Phase::Socks5Auth,
+                socks5::METHOD_NO_AUTH => set_step(conn, Handshake::Socks5Request),
+                socks5::METHOD_USER_PASS => set_step(conn, Handshake::Socks5Auth),
                 _ => {
                     metrics::inc(&ctx.stats.auth_failures);
                     debug!("{}: SOCKS5: no acceptable method offered", conn.peer);
@@ -209,28 +199,6 @@ fn socks5_auth(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     socks5_auth_result(conn, ctx, verdict)
 }
 
-/// Sends a slow password check to the blocking pool and parks the connection until it answers.
-pub fn verify_off_loop(
-    key: usize,
-    conn: &mut Conn,
-    ctx: &mut Ctx,
-    work: Work,
-    then: PendingAuth,
-) -> Next {
-    let job = Job {
-        key,
-        gen: conn.gen,
-        tag: 0,
-        work,
-        reply: ctx.reply_to.clone(),
-    };
-    if ctx.resolve_tx.send(job).is_err() {
-        return Next::Close(CloseReason::Internal);
-    }
-    conn.phase = Phase::Verifying(Box::new(then));
-    Next::Wait
-}
-
 /// A slow password check answered.
 pub fn on_verified(
     key: usize,
@@ -238,15 +206,20 @@ pub fn on_verified(
     ctx: &mut Ctx,
     verdict: Option<Authorized>,
 ) -> Next {
-    let Phase::Verifying(_) = &conn.phase else {
+    let Phase::Handshake { step, .. } = &mut conn.phase else {
         return Next::Wait;
     };
-    let Phase::Verifying(pending) = std::mem::replace(&mut conn.phase, Phase::Socks5Auth) else {
+    if !matches!(step, Handshake::Verifying(_)) {
+        return Next::Wait;
+    }
+    let Handshake::Verifying(pending) = std::mem::replace(step, Handshake::Socks5Auth) else {
         return Next::Wait;
     };
     match *pending {
         PendingAuth::Socks5 => socks5_auth_result(conn, ctx, verdict),
-        PendingAuth::Http(req, head) => http::on_verified(key, conn, ctx, verdict, req, head),
+        PendingAuth::Http(req, head, st) => {
+            http::on_verified(key, conn, ctx, verdict, (req, head, st))
+        }
     }
 }
 
@@ -261,7 +234,7 @@ fn socks5_auth_result(conn: &mut Conn, ctx: &mut Ctx, verdict: Option<Authorized
         Some(user) => {
             debug!("{}: SOCKS5 user {} authenticated", conn.peer, user.user());
             conn.user = Some(user);
-            conn.phase = Phase::Socks5Request;
+            set_step(conn, Handshake::Socks5Request);
             Next::Again
         }
         None => {
@@ -290,7 +263,7 @@ fn socks5_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             }
             match req.command {
                 socks5::Command::Connect => {
-                    connect::start(key, conn, ctx, req.target, ReplyKind::Socks5)
+                    connect::start(key, conn, ctx, req.target, Answer::Reply(ReplyKind::Socks5))
                 }
                 socks5::Command::UdpAssociate if ctx.cfg.udp => {
                     udp::start(key, conn, ctx, req.target)
@@ -348,7 +321,9 @@ fn socks4_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         return reply::fail(conn, ctx, ReplyKind::Socks4, CloseReason::UserLimit);
     }
     match command {
-        socks4::Command::Connect => connect::start(key, conn, ctx, target, ReplyKind::Socks4),
+        socks4::Command::Connect => {
+            connect::start(key, conn, ctx, target, Answer::Reply(ReplyKind::Socks4))
+        }
         socks4::Command::Bind if ctx.cfg.bind_cmd => {
             bind::start(key, conn, ctx, target, ReplyKind::Socks4)
         }
@@ -359,39 +334,6 @@ fn socks4_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             CloseReason::Failed(Failure::CommandNotSupported),
         ),
     }
-}
-
-/// Counts the session against its user's session limit (`max_connections` of the policy file, else
-/// `--user-max-connections`), or an anonymous client's against `[defaults] max_connections` per client address;
-/// false when at the limit.
-pub fn user_admit(conn: &mut Conn, ctx: &mut Ctx) -> bool {
-    let max = match conn.user.as_ref() {
-        Some(user) => ctx
-            .policy
-            .max_connections(user.user(), ctx.cfg.user_max_connections),
-        None => ctx.policy.anonymous_max_connections(),
-    };
-    let Some(max) = max else {
-        return true;
-    };
-    if conn.user_counted {
-        return true;
-    }
-    let Ok(mut counts) = ctx.user_counts.lock() else {
-        return false;
-    };
-    let n = counts.entry(super::gate::session_key(conn)).or_insert(0);
-    if *n >= max {
-        debug!(
-            "{}: user {} at the session limit {max}",
-            conn.peer,
-            conn.user_name()
-        );
-        return false;
-    }
-    *n += 1;
-    conn.user_counted = true;
-    true
 }
 
 fn bad_handshake(conn: &mut Conn, ctx: &mut Ctx, e: crate::proto::ProtoError) -> Next {

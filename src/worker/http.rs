@@ -13,18 +13,22 @@ use std::sync::Arc;
 
 use log::debug;
 
-use super::access::{self, RequestLog};
+use super::access;
 use super::close::CloseReason;
-use super::conn::{Conn, Dest, PendingAuth, Phase, ReplyKind, Sock};
-use super::connect::{self, drop_upstream};
-use super::handshake::{self, fill_client, grow, user_admit};
+use super::conn::{
+    drop_upstream, fill_client, grow, user_admit, verify_off_loop, Answer, Conn, Dest, PendingAuth,
+    Phase, RequestLog, Sock,
+};
+use super::connect;
+use super::ctx::{Ctx, Next, ReplyKind};
+use super::phase::{Download, Exchange, HttpState, InFlight, Upload};
+use super::relay;
 use super::reply::{self, graceful_end};
-use super::{Ctx, Next};
 use crate::auth::Authorized;
 use crate::buffer::Buffer;
 use crate::metrics;
 use crate::proto::http::{self as h, BodyFramer, RequestKind, ResponseContext, RewriteOptions};
-use crate::proto::{upstream as chain, Failure, Parse, ProtoError, TargetAddr};
+use crate::proto::{upstream as chain, Failure, Parse, ProtoError};
 use crate::resolve::Work;
 use crate::upstream::UpstreamKind;
 
@@ -37,72 +41,39 @@ fn auth_token(user: &[u8], pass: &[u8]) -> Box<[u8]> {
     t.into_boxed_slice()
 }
 
-/// Forwarding state of one client connection.
-pub struct HttpState {
-    /// The origin the current upstream socket is connected to.
-    origin: Option<TargetAddr>,
-    /// The origin allows another request on its connection.
-    origin_reusable: bool,
-    /// A request/response exchange is in progress.
-    busy: bool,
-    /// The current request is a HEAD request.
-    is_head: bool,
-    /// The client's HTTP minor version.
-    minor: u8,
-    /// The client wants to keep the connection.
-    client_keep_alive: bool,
-    /// The client connection stays open after the current response.
-    keep_client: bool,
-    /// Request body framing.
-    req_body: BodyFramer,
-    /// Bytes at the front of `c2u` that belong to the request body and may be forwarded.
-    up_ready: usize,
-    /// The whole request (head and body) went to the origin.
-    req_done: bool,
-    /// The final response head has been parsed.
-    resp_head_done: bool,
-    /// Response body framing.
-    resp_body: BodyFramer,
-    /// Bytes at the front of `u2c` that belong to the response body and may be forwarded.
-    down_ready: usize,
-    /// Anything of the response reached the client (after that, errors can only close).
-    resp_started: bool,
-    /// The origin reset while the request was still being sent: deliver whatever response it managed to send,
-    /// then close the client connection.
-    abandoned: bool,
-    /// Credentials that passed verification on this connection (user NUL pass).
-    auth_token: Option<Box<[u8]>>,
-    /// The request head, held until the path to the origin is up (an upstream proxy's handshake goes first).
-    pending_head: Vec<u8>,
-}
-
 impl HttpState {
     fn new() -> HttpState {
         HttpState {
             origin: None,
             origin_reusable: false,
-            busy: false,
-            is_head: false,
-            minor: 1,
-            client_keep_alive: false,
-            keep_client: false,
-            req_body: BodyFramer::new(h::BodyKind::None),
-            up_ready: 0,
-            req_done: false,
-            resp_head_done: false,
-            resp_body: BodyFramer::new(h::BodyKind::None),
-            down_ready: 0,
-            resp_started: false,
-            abandoned: false,
             auth_token: None,
             pending_head: Vec::new(),
+            exchange: Exchange::Idle,
         }
     }
 }
 
-/// True while an exchange is in flight (a drain lets it finish).
+/// Anything of the current response reached the client (after that, errors can only close).
+fn response_started(st: &HttpState) -> bool {
+    match &st.exchange {
+        Exchange::InFlight(x) => match x.response {
+            Download::Head { started } => started,
+            Download::Body { .. } => true,
+        },
+        Exchange::Idle => false,
+    }
+}
+
+/// True while an exchange is in flight, its origin connection included (a drain lets it finish).
 pub fn busy(conn: &Conn) -> bool {
-    conn.http.as_ref().map(|h| h.busy).unwrap_or(false)
+    match &conn.phase {
+        Phase::Http(st) => matches!(st.exchange, Exchange::InFlight(_)),
+        Phase::Resolving { answer, .. } | Phase::Connecting { answer, .. } => {
+            matches!(answer, Answer::Forward(_))
+        }
+        Phase::Upstream(u) => matches!(u.answer, Answer::Forward(_)),
+        _ => false,
+    }
 }
 
 /// Parses the next request head from the client buffer (phase HttpHead, or Http between requests).
@@ -113,8 +84,8 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     };
     let data = conn.c2u.as_ref().map(|b| b.data()).unwrap_or(&[]);
     if data.is_empty() {
-        if conn.up.eof {
-            return Next::Close(if conn.http.is_some() {
+        if conn.client_eof {
+            return Next::Close(if matches!(conn.phase, Phase::Http(_)) {
                 CloseReason::Done
             } else {
                 CloseReason::ClientEof
@@ -135,7 +106,7 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             if full {
                 return Next::Again;
             }
-            return if conn.up.eof {
+            return if conn.client_eof {
                 Next::Close(CloseReason::ClientEof)
             } else {
                 Next::Wait
@@ -152,22 +123,24 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let head = std::mem::take(&mut ctx.head_out);
     if req.kind == RequestKind::Forward {
         let authority = Dest::from(&req.target).to_string();
-        let log = RequestLog::new(conn, &head, &authority, ctx.now);
+        let log = RequestLog::new(&head, &authority, ctx.now, (conn.bytes_up, conn.bytes_down));
         debug!("{}: HTTP {}", conn.peer, log.line);
         conn.request = Some(Box::new(log));
     } else {
         debug!("{}: HTTP CONNECT {}", conn.peer, Dest::from(&req.target));
     }
+    // The forwarding state travels with the request from here (through a slow-hash check, or a connect).
+    let st = take_state(conn);
     // Proxy authentication (RFC 9110 §11.7), on every request of a kept-alive connection (Basic credentials are
     // per request); the credentials are consumed here and never forwarded. Credentials equal to the ones that
     // already passed on this connection are accepted without verifying a slow hash again.
     if !ctx.users.is_empty() {
         if let (Some(c), Some(token)) = (
             req.credentials.as_ref(),
-            conn.http.as_ref().and_then(|h| h.auth_token.as_deref()),
+            st.as_ref().and_then(|h| h.auth_token.as_deref()),
         ) {
             if conn.user.is_some() && crate::auth::ct_eq(&auth_token(c.user(), c.pass()), token) {
-                return proceed(key, conn, ctx, req, head);
+                return proceed(key, conn, ctx, (req, head, st));
             }
         }
         let verdict = match req.credentials.as_ref() {
@@ -177,20 +150,42 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                     user: c.user().to_vec(),
                     pass: c.pass().to_vec(),
                 };
-                return handshake::verify_off_loop(
-                    key,
-                    conn,
-                    ctx,
-                    work,
-                    PendingAuth::Http(req, head),
-                );
+                return verify_off_loop(key, conn, ctx, work, PendingAuth::Http(req, head, st));
             }
             Some(c) => ctx.users.verify(c.user(), c.pass()),
             None => None,
         };
-        return on_verified(key, conn, ctx, verdict, req, head);
+        return on_verified(key, conn, ctx, verdict, (req, head, st));
     }
-    proceed(key, conn, ctx, req, head)
+    proceed(key, conn, ctx, (req, head, st))
+}
+
+/// A request with its rewritten head and the connection's forwarding state (none before its first request).
+type Pending = (h::Request, Vec<u8>, Option<Box<HttpState>>);
+
+fn state(phase: &Phase) -> Option<&HttpState> {
+    match phase {
+        Phase::Http(st) => Some(st),
+        _ => None,
+    }
+}
+
+fn state_mut(phase: &mut Phase) -> Option<&mut HttpState> {
+    match phase {
+        Phase::Http(st) => Some(st),
+        _ => None,
+    }
+}
+
+/// Takes the forwarding state out of `Phase::Http` (leaving `Phase::Closing` for the caller to replace).
+fn take_state(conn: &mut Conn) -> Option<Box<HttpState>> {
+    if !matches!(conn.phase, Phase::Http(_)) {
+        return None;
+    }
+    match std::mem::replace(&mut conn.phase, Phase::Closing) {
+        Phase::Http(st) => Some(st),
+        _ => None,
+    }
 }
 
 /// The proxy credentials of `req` were checked (on the loop, or on the blocking pool for hashes).
@@ -199,20 +194,20 @@ pub fn on_verified(
     conn: &mut Conn,
     ctx: &mut Ctx,
     verdict: Option<Authorized>,
-    req: h::Request,
-    head: Vec<u8>,
+    (req, head, st): Pending,
 ) -> Next {
     match verdict {
         Some(user) => {
+            let mut st = st;
             if let Some(c) = req.credentials.as_ref() {
-                let st = conn.http.get_or_insert_with(|| Box::new(HttpState::new()));
+                let st = st.get_or_insert_with(|| Box::new(HttpState::new()));
                 st.auth_token = Some(auth_token(c.user(), c.pass()));
             }
             // Sessions are counted against the user that first authenticated on the connection.
             if conn.user.is_none() {
                 conn.user = Some(user);
             }
-            proceed(key, conn, ctx, req, head)
+            proceed(key, conn, ctx, (req, head, st))
         }
         None => {
             if req.auth_present {
@@ -225,7 +220,7 @@ pub fn on_verified(
 }
 
 /// Carries out an authorized request: open a tunnel, or forward (reusing the origin connection when possible).
-fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, req: h::Request, head: Vec<u8>) -> Next {
+fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending) -> Next {
     conn.target = Some(Dest::from(&req.target));
     let reply = match req.kind {
         RequestKind::Connect => ReplyKind::HttpConnect,
@@ -235,30 +230,27 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, req: h::Request, head: Ve
         return reply::fail(conn, ctx, reply, CloseReason::UserLimit);
     }
     if req.kind == RequestKind::Connect {
-        if conn.http.is_some() {
+        if st.is_some() {
             // CONNECT after forwarded requests: the old origin connection is not the tunnel's, and the tunnel
             // gets its own session line.
             drop_upstream(conn, ctx);
-            conn.http = None;
             conn.request_lines = false;
         }
-        return connect::start(key, conn, ctx, req.target, ReplyKind::HttpConnect);
+        let answer = Answer::Reply(ReplyKind::HttpConnect);
+        return connect::start(key, conn, ctx, req.target, answer);
     }
     metrics::inc(&ctx.stats.http_requests);
-    let st = conn.http.get_or_insert_with(|| Box::new(HttpState::new()));
-    st.busy = true;
-    st.is_head = req.is_head;
-    st.minor = req.minor_version;
-    st.client_keep_alive = req.keep_alive;
-    st.keep_client = false;
-    st.req_body = BodyFramer::new(req.body);
-    st.up_ready = 0;
-    st.req_done = false;
-    st.resp_head_done = false;
-    st.resp_body = BodyFramer::new(h::BodyKind::None);
-    st.down_ready = 0;
-    st.resp_started = false;
-    st.abandoned = false;
+    let mut st = st.unwrap_or_else(|| Box::new(HttpState::new()));
+    st.exchange = Exchange::InFlight(InFlight {
+        is_head: req.is_head,
+        minor: req.minor_version,
+        client_keep_alive: req.keep_alive,
+        upload: Upload::Sending {
+            body: BodyFramer::new(req.body),
+            ready: 0,
+        },
+        response: Download::Head { started: false },
+    });
     conn.to_upstream.clear();
     let upstream = ctx.cfg.upstream.as_ref();
     let via_http_proxy = upstream.is_some_and(|u| u.kind == UpstreamKind::Http);
@@ -292,19 +284,17 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, req: h::Request, head: Ve
             head.clear();
             ctx.head_out = head;
         }
-        conn.phase = Phase::Http;
+        conn.phase = Phase::Http(st);
         return Next::Again;
     }
     st.pending_head = head;
     drop_upstream(conn, ctx);
-    if let Some(st) = conn.http.as_mut() {
-        st.origin = Some(req.target.clone());
-        st.origin_reusable = false;
-    }
+    st.origin = Some(req.target.clone());
+    st.origin_reusable = false;
     if let Some(b) = conn.u2c.take() {
         ctx.pool.give(b);
     }
-    connect::start(key, conn, ctx, req.target, ReplyKind::HttpForward)
+    connect::start(key, conn, ctx, req.target, Answer::Forward(st))
 }
 
 fn bad_request(conn: &mut Conn, ctx: &mut Ctx, e: ProtoError) -> Next {
@@ -318,36 +308,32 @@ fn bad_request(conn: &mut Conn, ctx: &mut Ctx, e: ProtoError) -> Next {
 
 /// The origin connection for a forwarded request is up.
 pub fn on_origin_connected(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    conn.deadline = None;
-    if let Some(st) = conn.http.as_mut() {
-        st.origin_reusable = true;
-        // Whatever an upstream proxy's handshake queued has gone out first: the request follows it.
-        conn.to_upstream.append(&mut st.pending_head);
-        st.pending_head = Vec::new();
-    }
+    // The connect phases carried the state for exactly this: it cannot be missing.
+    let Some(mut st) = conn.phase.take_forward() else {
+        return Next::Close(CloseReason::Internal);
+    };
+    st.origin_reusable = true;
+    // Whatever an upstream proxy's handshake queued has gone out first: the request follows it.
+    conn.to_upstream.append(&mut st.pending_head);
+    st.pending_head = Vec::new();
     if conn.proto as usize != 0 {
         metrics::inc(&ctx.stats.handshakes_ok[conn.proto as usize]);
     }
-    conn.phase = Phase::Http;
+    conn.phase = Phase::Http(st);
     conn.last_active = ctx.now;
-    super::relay::arm_idle(key, conn, ctx);
+    relay::arm_idle(key, conn, ctx);
     Next::Again
 }
 
 /// The origin could not be reached: 502/504/403, then close.
 pub fn on_origin_failed(conn: &mut Conn, ctx: &mut Ctx, reason: CloseReason) -> Next {
-    if let Some(st) = conn.http.as_mut() {
-        st.busy = false;
-        st.origin = None;
-        st.pending_head = Vec::new();
-    }
+    // The forwarding state ends with the connect phase that carried it: the connection closes after the reply.
     reply::fail(conn, ctx, ReplyKind::HttpForward, reason)
 }
 
 /// Drives a forwarding exchange (or waits for the next request).
 pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    let busy = conn.http.as_ref().map(|s| s.busy).unwrap_or(false);
-    if !busy {
+    if !busy(conn) {
         return between_requests(key, conn, ctx);
     }
     let mut progress = false;
@@ -356,14 +342,13 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Err(CloseReason::UpstreamReset) => {
             // The origin stopped taking the request (say it answered 413 and reset): what it sent before the
             // reset is still readable, so deliver that response, then close.
-            if let Some(st) = conn.http.as_mut() {
-                st.req_done = true;
-                st.abandoned = true;
-                st.up_ready = 0;
+            if let Some(Exchange::InFlight(x)) = state_mut(&mut conn.phase).map(|s| &mut s.exchange)
+            {
+                x.upload = Upload::Abandoned;
             }
             conn.to_upstream.clear();
         }
-        Err(CloseReason::BadRequestBody) if !conn.http.as_ref().is_some_and(|s| s.resp_started) => {
+        Err(CloseReason::BadRequestBody) if !state(&conn.phase).is_some_and(response_started) => {
             drop_upstream(conn, ctx);
             return reply::fail(
                 conn,
@@ -381,12 +366,10 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     if progress {
         conn.last_active = ctx.now;
     }
-    let Some(st) = conn.http.as_ref() else {
+    let Some(Exchange::InFlight(x)) = state(&conn.phase).map(|s| &s.exchange) else {
         return Next::Close(CloseReason::Internal);
     };
-    let resp_done = st.resp_head_done
-        && st.resp_body.is_done()
-        && st.down_ready == 0
+    let resp_done = matches!(&x.response, Download::Body { body, ready: 0, .. } if body.is_done())
         && conn.to_client.is_empty();
     if !resp_done {
         return if progress { Next::Again } else { Next::Wait };
@@ -396,25 +379,38 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         access::request_line(conn, &req, CloseReason::Done, ctx.now);
         conn.request_lines = true;
     }
-    let Some(st) = conn.http.as_ref() else {
+    let Some(st) = state(&conn.phase) else {
         return Next::Close(CloseReason::Internal);
     };
-    if !st.req_done || st.abandoned || !st.keep_client || ctx.draining || conn.up.eof {
+    let (sent, keep_client) = match &st.exchange {
+        Exchange::InFlight(x) => (
+            matches!(x.upload, Upload::Sent),
+            matches!(
+                x.response,
+                Download::Body {
+                    keep_client: true,
+                    ..
+                }
+            ),
+        ),
+        Exchange::Idle => (false, false),
+    };
+    if !sent || !keep_client || ctx.draining || conn.client_eof {
         // The client still sends a body we will not read, or asked to close: end gracefully.
         return finish(conn, ctx);
     }
     let reuse = st.origin_reusable && conn.u2c.as_ref().map(|b| b.is_empty()).unwrap_or(true);
     if !reuse {
         drop_upstream(conn, ctx);
-        if let Some(st) = conn.http.as_mut() {
+        if let Some(st) = state_mut(&mut conn.phase) {
             st.origin = None;
         }
     }
     if let Some(b) = conn.u2c.take() {
         ctx.pool.give(b);
     }
-    if let Some(st) = conn.http.as_mut() {
-        st.busy = false;
+    if let Some(st) = state_mut(&mut conn.phase) {
+        st.exchange = Exchange::Idle;
     }
     let _ = key;
     Next::Again
@@ -422,8 +418,8 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 
 /// Graceful end of a forwarding connection: shut down our side and wait briefly for the client's EOF.
 fn finish(conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    if let Some(st) = conn.http.as_mut() {
-        st.busy = false;
+    if let Some(st) = state_mut(&mut conn.phase) {
+        st.exchange = Exchange::Idle;
     }
     drop_upstream(conn, ctx);
     graceful_end(conn, CloseReason::Done)
@@ -438,7 +434,7 @@ fn between_requests(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 Ok(None) => {}
                 _ => {
                     drop_upstream(conn, ctx);
-                    if let Some(st) = conn.http.as_mut() {
+                    if let Some(st) = state_mut(&mut conn.phase) {
                         st.origin = None;
                     }
                 }
@@ -503,19 +499,19 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, CloseReason> {
     if !conn.to_upstream.is_empty() {
         return Ok(progress);
     }
-    let Some(st) = conn.http.as_mut() else {
+    let Some(Exchange::InFlight(x)) = state_mut(&mut conn.phase).map(|s| &mut s.exchange) else {
         return Ok(progress);
     };
     if conn.client.error {
         return Err(CloseReason::ClientReset);
     }
-    if st.req_done {
+    if !matches!(x.upload, Upload::Sending { .. }) {
         // Keep watching the client while the response is awaited: a reset (or close) must not leave both sockets
         // open until the idle timeout. Bytes it sends now are its next (pipelined) request: keep them.
         let buf = conn.c2u.get_or_insert_with(|| ctx.pool.take());
-        while conn.client.readable && !conn.up.eof && !buf.is_full() {
+        while conn.client.readable && !conn.client_eof && !buf.is_full() {
             match conn.client.read(buf.space()) {
-                Ok(Some(0)) => conn.up.eof = true,
+                Ok(Some(0)) => conn.client_eof = true,
                 Ok(Some(n)) => buf.fill(n),
                 Ok(None) => break,
                 Err(_) => return Err(CloseReason::ClientReset),
@@ -529,7 +525,10 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, CloseReason> {
         let Some(up) = conn.upstream.as_mut() else {
             return Err(CloseReason::Internal);
         };
-        let n = match forward_framed(&mut st.req_body, &mut st.up_ready, buf, up) {
+        let Upload::Sending { body, ready } = &mut x.upload else {
+            return Ok(progress);
+        };
+        let n = match forward_framed(body, ready, buf, up) {
             Ok(n) => n,
             Err(Framed::Body) => return Err(CloseReason::BadRequestBody),
             Err(Framed::Sink) => return Err(CloseReason::UpstreamReset),
@@ -539,21 +538,21 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, CloseReason> {
             conn.bytes_up += n as u64;
             metrics::add(&ctx.stats.bytes_up, n as u64);
         }
-        if st.up_ready > 0 {
+        if *ready > 0 {
             return Ok(progress);
         }
-        if st.req_body.is_done() {
-            st.req_done = true;
+        if body.is_done() {
+            x.upload = Upload::Sent;
             return Ok(progress);
         }
-        if conn.up.eof {
+        if conn.client_eof {
             return Err(CloseReason::ClientEofInBody);
         }
         if !conn.client.readable || buf.is_full() {
             return Ok(progress);
         }
         match conn.client.read(buf.space()) {
-            Ok(Some(0)) => conn.up.eof = true,
+            Ok(Some(0)) => conn.client_eof = true,
             Ok(Some(n)) => {
                 buf.fill(n);
                 progress = true;
@@ -581,21 +580,23 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
                 return Ok(progress);
             }
         }
-        let Some(st) = conn.http.as_mut() else {
+        let Some(st) = state_mut(&mut conn.phase) else {
+            return Ok(progress);
+        };
+        let Exchange::InFlight(x) = &mut st.exchange else {
             return Ok(progress);
         };
         let buf = conn.u2c.get_or_insert_with(|| ctx.pool.take());
-        if !st.resp_head_done {
+        if let Download::Head { .. } = x.response {
             if !buf.is_empty() {
                 let rctx = ResponseContext {
-                    request_is_head: st.is_head,
+                    request_is_head: x.is_head,
                     // A response that arrives before the request is complete ends the connection (we will not
                     // read the rest of that body), so it must say `Connection: close`.
-                    client_keep_alive: st.client_keep_alive
+                    client_keep_alive: x.client_keep_alive
                         && !ctx.draining
-                        && st.req_done
-                        && !st.abandoned,
-                    client_minor_version: st.minor,
+                        && matches!(x.upload, Upload::Sent),
+                    client_minor_version: x.minor,
                     via: ctx.cfg.via.as_deref(),
                 };
                 match h::parse_response(buf.data(), ctx.cfg.max_head, &rctx, &mut ctx.head_out) {
@@ -622,14 +623,17 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
                             }
                         }
                         conn.to_client.extend_from_slice(&ctx.head_out);
-                        st.resp_started = true;
                         progress = true;
-                        if !resp.interim {
-                            st.resp_head_done = true;
-                            st.keep_client = resp.keep_client;
+                        x.response = if resp.interim {
+                            Download::Head { started: true }
+                        } else {
                             st.origin_reusable = resp.keep_origin;
-                            st.resp_body = BodyFramer::new(resp.body);
-                        }
+                            Download::Body {
+                                body: BodyFramer::new(resp.body),
+                                ready: 0,
+                                keep_client: resp.keep_client,
+                            }
+                        };
                         continue;
                     }
                     Ok(Parse::Incomplete) => {
@@ -646,13 +650,8 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
                     }
                 }
             }
-        } else {
-            let n = match forward_framed(
-                &mut st.resp_body,
-                &mut st.down_ready,
-                buf,
-                &mut conn.client,
-            ) {
+        } else if let Download::Body { body, ready, .. } = &mut x.response {
+            let n = match forward_framed(body, ready, buf, &mut conn.client) {
                 Ok(n) => n,
                 Err(Framed::Body) => return Err(Next::Close(CloseReason::BadResponseBody)),
                 Err(Framed::Sink) => return Err(Next::Close(CloseReason::ClientReset)),
@@ -662,10 +661,7 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
                 conn.bytes_down += n as u64;
                 metrics::add(&ctx.stats.bytes_down, n as u64);
             }
-            if st.down_ready > 0 {
-                return Ok(progress);
-            }
-            if st.resp_body.is_done() {
+            if *ready > 0 || body.is_done() {
                 return Ok(progress);
             }
         }
@@ -678,7 +674,7 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
         }
         match up.read(buf.space()) {
             Ok(Some(0)) => {
-                if st.resp_head_done && !st.resp_body.is_done() && st.down_ready == 0 {
+                if matches!(&x.response, Download::Body { body, ready: 0, .. } if !body.is_done()) {
                     // Read-until-close body (or a truncated one): the client learns the end from our close.
                     if let Some(b) = conn.u2c.take() {
                         ctx.pool.give(b);
@@ -704,13 +700,13 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
 
 /// The origin failed mid-exchange: a 502 if the client has seen nothing yet, otherwise just close.
 fn origin_error(conn: &mut Conn, ctx: &mut Ctx, reason: CloseReason) -> Next {
-    let started = conn.http.as_ref().map(|s| s.resp_started).unwrap_or(true);
+    let started = state(&conn.phase).map(response_started).unwrap_or(true);
     drop_upstream(conn, ctx);
     if started {
         return Next::Close(reason);
     }
-    if let Some(st) = conn.http.as_mut() {
-        st.busy = false;
+    if let Some(st) = state_mut(&mut conn.phase) {
+        st.exchange = Exchange::Idle;
     }
     ctx.stats.connect_error(Failure::General);
     reply::fail(conn, ctx, ReplyKind::HttpForward, reason)

@@ -1,139 +1,59 @@
 //! One event loop per core: poll, dispatch, timers, commands. Phases live in their own modules.
 
+/// The worker's modules, bottom layer first. A module may use only modules of lower layers (checked by
+/// `tests/worker_layers.rs`), so the files read bottom-up and no phase calls another: phases return a [`Next`]
+/// and this module's dispatcher routes it. `accept` is an `impl Worker` block, the dispatcher's own part.
+pub const LAYERS: &[&[&str]] = &[
+    &["token", "timers", "close"],
+    &["ctx", "sock"],
+    &["phase"],
+    &["conn"],
+    &["reply", "access", "gate"],
+    &["relay", "upstream"],
+    &["connect"],
+    &["http", "udp", "bind"],
+    &["handshake"],
+    &["accept"],
+];
+
 pub mod accept;
 pub mod access;
 pub mod bind;
 pub mod close;
 pub mod conn;
 pub mod connect;
+pub mod ctx;
 pub mod gate;
 pub mod handshake;
 pub mod http;
+pub mod phase;
 pub mod relay;
 pub mod reply;
+pub mod sock;
 pub mod timers;
 pub mod token;
 pub mod udp;
 pub mod upstream;
 
-use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, Sender, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{debug, error, info, trace, warn};
+use log::{debug, error, info, trace};
 use mio::{Events, Poll};
 use slab::Slab;
 
-use crate::auth::Users;
 use crate::buffer::BufferPool;
-use crate::config::Config;
 use crate::metrics::{self, Stats};
-use crate::resolve::{Job, Outcome, Reply, ReplyTo};
+use crate::resolve::{Outcome, Reply, ReplyTo};
 
 use close::{CloseReason, ResetSide};
-use conn::{Conn, Phase, ReplyKind};
+use conn::{Conn, Handshake, Phase};
+pub use ctx::{Channels, Command, Ctx, Next, ReplyKind, Shared, UserCounts};
 use timers::{TimerKind, Timers};
 use token::{Role, Target};
-
-/// Messages from the control thread.
-pub enum Command {
-    /// Swap in a new users table (SIGHUP).
-    ReloadUsers(Arc<Users>),
-    /// Swap in a new users table and policy together (SIGHUP with `--policy`); revokes sessions of users whose
-    /// credentials are gone.
-    ReloadPolicy(Arc<Users>, Arc<crate::policy::Policy>),
-    /// Stop accepting, finish tunnels until the deadline, then exit.
-    Drain(Instant),
-    /// A new process has taken over the listening sockets (SIGUSR2 upgrade): stop accepting and drain as with
-    /// `Drain`, but let connections in their handshake or connect finish here; they were accepted and did nothing
-    /// wrong. Only HTTP connections idle between requests are closed, as any keep-alive server may.
-    Handover(Instant),
-    /// Exit now.
-    Stop,
-}
-
-/// What a phase handler wants next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Next {
-    /// Nothing more until new readiness arrives.
-    Wait,
-    /// The phase changed (or there is more to do): drive again.
-    Again,
-    /// The iteration cap was hit with work left: drive again on the next loop iteration, after other connections.
-    Yield,
-    /// Close the connection, with this reason for the access log.
-    Close(CloseReason),
-}
-
-/// Concurrent session counts per user, shared by all workers (touched at authentication and close only).
-pub type UserCounts = Arc<Mutex<HashMap<String, usize>>>;
-
-/// Everything a phase handler may touch besides its own connection.
-pub struct Ctx {
-    /// For registering outbound, UDP and BIND sockets.
-    pub registry: mio::Registry,
-    /// The configuration.
-    pub cfg: Arc<Config>,
-    /// The current users table (replaced on SIGHUP).
-    pub users: Arc<Users>,
-    /// The current policy file (replaced on SIGHUP with the users table).
-    pub policy: Arc<crate::policy::Policy>,
-    /// This worker's counters.
-    pub stats: Arc<Stats>,
-    /// Relay buffers.
-    pub pool: BufferPool,
-    /// Where relays read into before writing straight through.
-    pub scratch: Box<[u8]>,
-    /// Deadlines.
-    pub timers: Timers,
-    /// The time at the top of this loop iteration.
-    pub now: Instant,
-    /// Resolver pool job queue.
-    pub resolve_tx: Sender<Job>,
-    /// Where resolver answers come back.
-    pub reply_to: ReplyTo,
-    /// Connections to drive again next iteration.
-    pub pending: Vec<usize>,
-    /// Draining: finish what is established, start nothing new.
-    pub draining: bool,
-    /// Sessions per user (for `--user-max-connections`).
-    pub user_counts: UserCounts,
-    /// Reused output buffer for rewritten HTTP heads.
-    pub head_out: Vec<u8>,
-    /// Datagram buffer for UDP associations (allocated on first use: 64 KiB plus header room).
-    pub udp_buf: Vec<u8>,
-    /// Idle pipes for `--splice` (a tunnel holds one only while a sink refuses bytes).
-    pub pipes: Vec<crate::sys::Pipe>,
-}
-
-/// Handles shared by all workers.
-#[derive(Clone)]
-pub struct Shared {
-    /// The configuration.
-    pub cfg: Arc<Config>,
-    /// Open client connections across all workers (for `--max-connections`).
-    pub open: Arc<AtomicUsize>,
-    /// Sessions per user.
-    pub user_counts: UserCounts,
-    /// Resolver job queue.
-    pub resolve_tx: Sender<Job>,
-}
-
-/// The channels between a worker and the other threads.
-pub struct Channels {
-    /// Commands from the control thread.
-    pub commands: Receiver<Command>,
-    /// Resolver answers.
-    pub replies: Receiver<Reply>,
-    /// Where resolver threads send answers for this worker.
-    pub reply_tx: Sender<Reply>,
-    /// Wakes this worker's poll.
-    pub waker: Arc<mio::Waker>,
-}
 
 /// A worker: one thread, one poll, one slab.
 pub struct Worker {
@@ -298,7 +218,7 @@ impl Worker {
         );
         match role {
             Role::Client => conn.client.mark(ev),
-            Role::Upstream => match conn.upstream.as_mut() {
+            Role::Upstream => match conn.outbound_mut() {
                 Some(up) => up.mark(ev),
                 None => udp::mark(conn, role, ev),
             },
@@ -315,9 +235,9 @@ impl Worker {
                 return;
             };
             let next = step(key, conn, &mut self.ctx);
-            match next {
+            match settle(key, conn, &mut self.ctx, next) {
                 Next::Wait => return,
-                Next::Again => continue,
+                Next::Again | Next::Connected(_) | Next::Failed(..) => continue,
                 Next::Yield => break,
                 Next::Close(reason) => {
                     self.close(key, reason);
@@ -377,10 +297,13 @@ impl Worker {
     }
 
     fn after(&mut self, key: usize, next: Next) {
-        match next {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        match settle(key, conn, &mut self.ctx, next) {
             Next::Wait => {}
             Next::Close(reason) => self.close(key, reason),
-            Next::Again | Next::Yield => self.drive(key),
+            Next::Again | Next::Yield | Next::Connected(_) | Next::Failed(..) => self.drive(key),
         }
     }
 
@@ -450,9 +373,9 @@ impl Worker {
             .iter()
             .filter(|(_, c)| {
                 if handover {
-                    matches!(c.phase, Phase::Http) && !http::busy(c)
+                    matches!(c.phase, Phase::Http(_)) && !http::busy(c)
                 } else {
-                    !matches!(c.phase, Phase::Relay | Phase::Udp(_) | Phase::Bind(_))
+                    !matches!(c.phase, Phase::Relay(_) | Phase::Udp(_) | Phase::Bind(_))
                         && !http::busy(c)
                 }
             })
@@ -482,8 +405,11 @@ impl Worker {
                 continue;
             }
             let next = match kind {
-                TimerKind::Handshake => match conn.deadline {
-                    Some(d) if d <= now && matches!(conn.phase, Phase::HttpHead) => {
+                TimerKind::Handshake => match &conn.phase {
+                    Phase::Handshake {
+                        step: Handshake::HttpHead,
+                        deadline,
+                    } if *deadline <= now => {
                         // An HTTP client that stopped in the middle of its request head is told so (as Squid and
                         // HAProxy do); SOCKS has no reply for it (RFC 1928) and is closed silently.
                         debug!("{}: request head timeout", conn.peer);
@@ -494,7 +420,7 @@ impl Worker {
                             CloseReason::HandshakeTimeout,
                         )
                     }
-                    Some(d) if d <= now && conn.phase.in_client_handshake() => {
+                    Phase::Handshake { deadline, .. } if *deadline <= now => {
                         debug!("{}: handshake timeout in {}", conn.peer, conn.phase.name());
                         metrics::inc(&self.ctx.stats.handshakes_failed[conn.proto as usize]);
                         Next::Close(CloseReason::HandshakeTimeout)
@@ -531,7 +457,7 @@ impl Worker {
         // `conn` drops below) removes them from the epoll set, and two epoll_ctl calls per connection are saved.
         let abort = match reason.reset() {
             Some(ResetSide::Client) => Some(&conn.client.stream),
-            Some(ResetSide::Outbound) => conn.upstream.as_ref().map(|u| &u.stream),
+            Some(ResetSide::Outbound) => conn.outbound().map(|u| &u.stream),
             None => None,
         };
         if let Some(s) = abort {
@@ -541,6 +467,14 @@ impl Worker {
         match &mut conn.phase {
             Phase::Udp(u) => udp::release(u, registry),
             Phase::Bind(b) => bind::release(b, registry),
+            Phase::Relay(t) => {
+                for b in [t.up.parked.take(), t.down.parked.take()]
+                    .into_iter()
+                    .flatten()
+                {
+                    self.ctx.pool.give(b);
+                }
+            }
             _ => {}
         }
         if let Some(b) = conn.c2u.take() {
@@ -552,7 +486,7 @@ impl Worker {
         metrics::dec(&self.ctx.stats.active[conn.proto as usize]);
         self.open.fetch_sub(1, Ordering::Relaxed);
         if conn.user_counted {
-            let key = gate::session_key(&conn);
+            let key = conn::session_key(&conn);
             if let Ok(mut counts) = self.ctx.user_counts.lock() {
                 if let Some(n) = counts.get_mut(&key) {
                     *n = n.saturating_sub(1);
@@ -595,33 +529,34 @@ impl Worker {
     }
 }
 
+/// Routes the outcomes a phase cannot act on itself: the path to the target is up, or could not be made. The
+/// connect path knows nothing of who asked; forwarded HTTP goes back to `http`, everything else gets its reply.
+fn settle(key: usize, conn: &mut Conn, ctx: &mut Ctx, next: Next) -> Next {
+    match next {
+        Next::Connected(ReplyKind::HttpForward) => http::on_origin_connected(key, conn, ctx),
+        Next::Connected(kind) => connect::established(key, conn, ctx, kind),
+        Next::Failed(ReplyKind::HttpForward, reason) => http::on_origin_failed(conn, ctx, reason),
+        Next::Failed(kind, reason) => reply::fail(conn, ctx, kind, reason),
+        other => other,
+    }
+}
+
 /// One step of a connection's current phase.
 fn step(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     match conn.phase {
-        Phase::ProxyHeader
-        | Phase::Detect
-        | Phase::Socks5Greeting
-        | Phase::Socks5Auth
-        | Phase::Socks5Request
-        | Phase::Socks4Request
-        | Phase::HttpHead => handshake::drive(key, conn, ctx),
-        Phase::Resolving { .. } | Phase::Verifying(_) => Next::Wait,
+        Phase::Handshake {
+            step: Handshake::Verifying(_),
+            ..
+        }
+        | Phase::Resolving { .. } => Next::Wait,
+        Phase::Handshake { .. } => handshake::drive(key, conn, ctx),
         Phase::Connecting { .. } => connect::drive(key, conn, ctx),
         Phase::Upstream(_) => upstream::drive(key, conn, ctx),
-        Phase::Relay => relay::drive(conn, ctx),
-        Phase::Http => http::drive(key, conn, ctx),
+        Phase::Relay(_) => relay::drive(conn, ctx),
+        Phase::Closing => Next::Close(CloseReason::Internal),
+        Phase::Http(_) => http::drive(key, conn, ctx),
         Phase::Udp(_) => udp::drive(key, conn, ctx),
         Phase::Bind(_) => bind::drive(key, conn, ctx),
         Phase::Linger { .. } => reply::linger(key, conn, ctx),
     }
-}
-
-/// Logs a refused client at debug level (never at info: a scan would flood the log).
-pub fn log_refused(peer: SocketAddr, why: &str) {
-    debug!("{peer}: refused: {why}");
-}
-
-/// Warns once about an accept error that is neither WouldBlock nor exhaustion.
-pub fn log_accept_error(e: &io::Error) {
-    warn!("accept failed: {e}");
 }

@@ -11,14 +11,15 @@
 use std::net::Shutdown;
 
 use super::close::CloseReason;
-use super::conn::{Conn, Half, Phase, Sock};
+use super::conn::{Conn, Phase, Sock};
+use super::ctx::{Ctx, Next};
+use super::phase::{Half, Tunnel, Way};
 use super::timers::TimerKind;
-use super::{Ctx, Next};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use crate::buffer::{Buffer, BufferPool};
+use crate::buffer::BufferPool;
 use crate::metrics;
 use crate::sys::Pipe;
 
@@ -31,13 +32,6 @@ struct Pumped {
     progress: bool,
     more: bool,
     bytes: u64,
-}
-
-/// One direction's state: bytes parked in user space, bytes held in a pipe (splice mode), EOF bookkeeping.
-struct Way<'a> {
-    parked: &'a mut Option<Buffer>,
-    pipe: &'a mut Option<Pipe>,
-    half: &'a mut Half,
 }
 
 /// The worker resources a pump uses.
@@ -138,7 +132,7 @@ fn splice_once(
 fn pump(
     src: &mut Sock,
     dst: &mut Sock,
-    way: Way<'_>,
+    way: &mut Way,
     res: &mut Res<'_>,
     other_done: bool,
     (src_err, dst_err): (CloseReason, CloseReason),
@@ -173,7 +167,7 @@ fn pump(
         }
         reads += 1;
         if res.splice && way.half.bulk {
-            match splice_once(src, dst, way.pipe, res.pipes) {
+            match splice_once(src, dst, &mut way.pipe, res.pipes) {
                 Spliced::Eof => {
                     way.half.eof = true;
                     continue;
@@ -210,7 +204,7 @@ fn pump(
                 if w < n {
                     let mut b = res.pool.take();
                     b.push(&chunk[w..]);
-                    *way.parked = Some(b);
+                    way.parked = Some(b);
                     return Ok(p);
                 }
             }
@@ -232,9 +226,6 @@ fn pump(
 
 /// Drives a tunnel until neither direction can make progress.
 pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    if conn.upstream.is_none() {
-        return Next::Close(CloseReason::Internal);
-    }
     // A partial success reply (or an HTTP error head) goes out before any upstream byte.
     if !conn.to_client.is_empty() {
         match conn.flush_client() {
@@ -243,56 +234,53 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
             Err(_) => return Next::Close(CloseReason::ClientError),
         }
     }
+    let Conn {
+        client,
+        phase,
+        bytes_up,
+        bytes_down,
+        last_active,
+        ..
+    } = conn;
+    let Phase::Relay(t) = phase else {
+        return Next::Wait;
+    };
+    let Tunnel { outbound, up, down } = &mut **t;
     let mut more = false;
     let mut any = false;
-    for _ in 0..4 {
-        let Some(up) = conn.upstream.as_mut() else {
-            break;
-        };
+    for _ in 0..PUMPS_PER_TURN {
         let mut res = Res {
             pool: &mut ctx.pool,
             pipes: &mut ctx.pipes,
             scratch: &mut ctx.scratch,
             splice: ctx.cfg.splice,
         };
-        let up_way = Way {
-            parked: &mut conn.c2u,
-            pipe: &mut conn.up_pipe,
-            half: &mut conn.up,
-        };
-        let down_done = conn.down.shut;
         let a = pump(
-            &mut conn.client,
+            client,
+            outbound,
             up,
-            up_way,
             &mut res,
-            down_done,
+            down.half.shut,
             (CloseReason::ClientReset, CloseReason::UpstreamReset),
         );
         let a = match a {
             Ok(a) => a,
             Err(reason) => return Next::Close(reason),
         };
-        let down_way = Way {
-            parked: &mut conn.u2c,
-            pipe: &mut conn.down_pipe,
-            half: &mut conn.down,
-        };
-        let up_done = conn.up.shut;
         let b = pump(
-            up,
-            &mut conn.client,
-            down_way,
+            outbound,
+            client,
+            down,
             &mut res,
-            up_done,
+            up.half.shut,
             (CloseReason::UpstreamReset, CloseReason::ClientReset),
         );
         let b = match b {
             Ok(b) => b,
             Err(reason) => return Next::Close(reason),
         };
-        conn.bytes_up += a.bytes;
-        conn.bytes_down += b.bytes;
+        *bytes_up += a.bytes;
+        *bytes_down += b.bytes;
         metrics::add(&ctx.stats.bytes_up, a.bytes);
         metrics::add(&ctx.stats.bytes_down, b.bytes);
         any |= a.progress || b.progress;
@@ -302,17 +290,17 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
         }
     }
     if any {
-        conn.last_active = ctx.now;
+        *last_active = ctx.now;
     }
-    if conn.up.shut && conn.down.shut {
+    if up.half.shut && down.half.shut {
         return Next::Close(CloseReason::Done);
     }
     // A reset peer is gone: what could be delivered was delivered above. Without this check a reset client whose
     // target is not reading (so the client is not being read) would hold the tunnel until the idle timeout.
-    if conn.client.error {
+    if client.error {
         return Next::Close(CloseReason::ClientReset);
     }
-    if conn.upstream.as_ref().is_some_and(|u| u.error) {
+    if outbound.error {
         return Next::Close(CloseReason::UpstreamReset);
     }
     if more {
@@ -320,6 +308,43 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
     } else {
         Next::Wait
     }
+}
+
+/// Both directions are pumped this many times per turn at most, before yielding to other connections.
+const PUMPS_PER_TURN: usize = 4;
+
+/// Switches to the relay phase with the idle timer armed. The tunnel takes the outbound socket and what is left
+/// in the connection's buffers by value: the client's bytes that arrived with its handshake go out first.
+pub fn start_relay(key: usize, conn: &mut Conn, ctx: &mut Ctx, outbound: Sock) {
+    let parked_up = conn.c2u.take();
+    let parked_down = conn.u2c.take();
+    // Bytes that arrived together with the handshake (pipelined after a SOCKS request or a CONNECT head, sent
+    // while a BIND waited, or after the upstream proxy's reply) are relayed first from the buffers: count them
+    // here, since the relay counts only what it reads itself.
+    let up = parked_up.as_ref().map_or(0, |b| b.len()) as u64;
+    let down = parked_down.as_ref().map_or(0, |b| b.len()) as u64;
+    conn.bytes_up += up;
+    conn.bytes_down += down;
+    metrics::add(&ctx.stats.bytes_up, up);
+    metrics::add(&ctx.stats.bytes_down, down);
+    conn.phase = Phase::Relay(Box::new(Tunnel {
+        outbound,
+        up: Way {
+            parked: parked_up,
+            pipe: None,
+            half: Half {
+                eof: conn.client_eof,
+                ..Half::default()
+            },
+        },
+        down: Way {
+            parked: parked_down,
+            pipe: None,
+            half: Half::default(),
+        },
+    }));
+    conn.last_active = ctx.now;
+    arm_idle(key, conn, ctx);
 }
 
 /// Longest an idle-check entry waits in the timer heap. Entries are never removed when their connection closes,
@@ -340,7 +365,7 @@ pub fn arm_idle(key: usize, conn: &Conn, ctx: &mut Ctx) {
 
 /// The idle timer of a tunnel popped: close it, or re-arm (lazy re-arm: activity never touches the timer heap).
 pub fn on_idle_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    if !matches!(conn.phase, Phase::Relay | Phase::Http) {
+    if !matches!(conn.phase, Phase::Relay(_) | Phase::Http(_)) {
         return Next::Wait;
     }
     if conn.last_active + ctx.cfg.idle_timeout <= ctx.now {

@@ -7,9 +7,9 @@ use std::time::Duration;
 use log::debug;
 
 use super::close::CloseReason;
-use super::conn::{Conn, Phase, ReplyKind};
+use super::conn::{Conn, Phase};
+use super::ctx::{Ctx, Next, ReplyKind};
 use super::timers::TimerKind;
-use super::{Ctx, Next};
 use crate::metrics;
 use crate::proto::{self, socks4, socks5};
 
@@ -98,7 +98,6 @@ pub fn enter_linger(conn: &mut Conn, ctx: &mut Ctx, reason: CloseReason) -> Next
 /// Ends a connection gracefully with `reason` (after a complete HTTP exchange, or an error reply): flush what is
 /// queued for the client, shut down our side, read until the client's EOF or the linger deadline.
 pub fn graceful_end(conn: &mut Conn, reason: CloseReason) -> Next {
-    conn.deadline = None;
     conn.phase = Phase::Linger {
         armed: false,
         shut: false,

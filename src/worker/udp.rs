@@ -15,18 +15,19 @@ use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::time::Instant;
 
 use log::debug;
 use mio::net::UdpSocket;
 use mio::Interest;
 
 use super::close::CloseReason;
-use super::conn::{Conn, Phase, ReplyKind};
+use super::conn::{Conn, Phase};
+use super::ctx::{Ctx, Next, ReplyKind};
+use super::gate;
+use super::phase::UdpState;
 use super::reply;
 use super::timers::TimerKind;
 use super::token::{self, Role};
-use super::{gate, Ctx, Next};
 use crate::config::Config;
 use crate::metrics::{self, Stats, UdpDrop};
 use crate::net;
@@ -44,29 +45,6 @@ const PER_TURN: usize = 64;
 const CACHE_SIZE: usize = 16;
 /// Datagrams held while their name resolves.
 const MAX_QUEUED: usize = 16;
-
-/// State of one UDP association.
-pub struct UdpState {
-    relay: UdpSocket,
-    out: UdpSocket,
-    relay_readable: bool,
-    out_readable: bool,
-    client_ip: IpAddr,
-    client_port: Option<u16>,
-    /// The outbound socket is IPv6 dual-stack: IPv4 targets are sent to as mapped addresses.
-    out_dual: bool,
-    cache: Vec<(Name, IpAddr)>,
-    /// Datagrams waiting for their name: (lookup tag, name, port, payload). One lookup (tag) per name in flight;
-    /// answers come back in any order (the pool has several threads), so they are matched by tag.
-    queued: Vec<(u32, Name, u16, Vec<u8>)>,
-    next_tag: u32,
-    last_active: Instant,
-    /// Datagrams relayed client -> targets and targets -> client, for the access log.
-    dgrams_up: u64,
-    dgrams_down: u64,
-    /// Hashes of the distinct destinations the client addressed (capped at [`MAX_COUNTED_DESTS`]).
-    dests: HashSet<u64>,
-}
 
 /// Distinct destinations counted per association; beyond this the access log says "at least".
 const MAX_COUNTED_DESTS: usize = 4096;
@@ -214,7 +192,6 @@ pub fn start(key: usize, conn: &mut Conn, ctx: &mut Ctx, hint: TargetAddr) -> Ne
         let _ = ctx.registry.deregister(&mut out);
         return Next::Close(CloseReason::ClientError);
     }
-    conn.deadline = None;
     metrics::inc(&ctx.stats.handshakes_ok[conn.proto as usize]);
     if let Some(b) = conn.c2u.take() {
         ctx.pool.give(b);

@@ -3,82 +3,74 @@
 //! The upstream's replies are peer input like any other: they are parsed by the sans-IO parsers in
 //! `proto::upstream`, and its failures map back onto the client's reply codes.
 
+use std::time::Instant;
+
 use log::debug;
 
 use super::close::CloseReason;
-use super::conn::{Conn, Dest, Phase, ReplyKind};
-use super::connect::{self, drop_upstream, fail};
-use super::{gate, Ctx, Next};
+use super::conn::{drop_upstream, open_upstream_proxy, path_failed, Conn, Phase};
+use super::ctx::{Ctx, Next, ReplyKind};
+use super::gate;
+use super::phase::{Answer, UpstreamHandshake, UpstreamState};
 use crate::net::{self, ConnectState};
 use crate::proto::upstream as up;
-use crate::proto::{socks5, Failure, Parse};
+use crate::proto::{socks5, Failure, Parse, TargetAddr};
 use crate::upstream::UpstreamKind;
 
-/// Where the upstream conversation stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    /// TCP connect to the upstream in flight.
-    Connecting,
-    /// Waiting for the SOCKS5 method choice.
-    Method,
-    /// Waiting for the RFC 1929 status.
-    Auth,
-    /// Waiting for the SOCKS5 reply.
-    Reply,
-    /// Waiting for the HTTP CONNECT response head.
-    HttpReply,
-}
-
-/// The upstream handshake of one connection.
-pub struct UpstreamHandshake {
-    /// How to answer our client once the chain is up.
-    pub reply: ReplyKind,
-    state: State,
-    next_addr: usize,
-}
-
 /// Starts connecting to the upstream proxy.
-pub fn start_connect(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
+pub fn start_connect(
+    key: usize,
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    (answer, target): (Answer, TargetAddr),
+    deadline: Instant,
+) -> Next {
     conn.phase = Phase::Upstream(Box::new(UpstreamHandshake {
-        reply,
-        state: State::Connecting,
+        answer,
+        state: UpstreamState::Connecting,
         next_addr: 0,
+        deadline,
+        target,
     }));
     try_next(key, conn, ctx)
 }
 
 fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    let Some(upstream) = ctx.cfg.upstream.clone() else {
-        return Next::Close(CloseReason::Internal);
+    let Phase::Upstream(hs) = &conn.phase else {
+        return Next::Wait;
     };
-    let reply = match &conn.phase {
-        Phase::Upstream(hs) => hs.reply,
-        _ => return Next::Wait,
-    };
+    let reply = hs.answer.kind();
     // The user's egress address is the source of the connection to the upstream proxy too.
-    let v4 = upstream.addrs.first().is_none_or(|a| a.is_ipv4());
+    let v4 = ctx
+        .cfg
+        .upstream
+        .as_ref()
+        .and_then(|u| u.addrs.first())
+        .is_none_or(|a| a.is_ipv4());
     let source = match gate::egress(conn, ctx, v4) {
         Ok(source) => source,
         Err(_) => return fail(conn, ctx, reply, CloseReason::Failed(Failure::General)),
     };
-    let Phase::Upstream(hs) = &mut conn.phase else {
-        return Next::Wait;
-    };
-    while let Some(addr) = upstream.addrs.get(hs.next_addr).copied() {
+    loop {
+        let Phase::Upstream(hs) = &mut conn.phase else {
+            return Next::Wait;
+        };
+        let index = hs.next_addr;
         hs.next_addr += 1;
-        debug!("{}: connecting to upstream proxy {addr}", conn.peer);
-        match connect::open(key, ctx, addr, source) {
-            Ok(sock) => {
+        match open_upstream_proxy(key, ctx, index, source) {
+            Some((addr, Ok(sock))) => {
+                debug!("{}: connecting to upstream proxy {addr}", conn.peer);
                 conn.upstream = Some(sock);
                 return Next::Wait;
             }
             // An egress address that cannot be bound is our configuration's fault: say so where operators look.
-            Err(e) if e.kind() == std::io::ErrorKind::Other => log::warn!(
+            Some((addr, Err(e))) if e.kind() == std::io::ErrorKind::Other => log::warn!(
                 "{}: user {}: upstream {addr}: {e}",
                 conn.peer,
-                conn.user.as_ref().map_or("-", |u| u.user())
+                conn.user_name()
             ),
-            Err(e) => debug!("{}: upstream {addr}: {e}", conn.peer),
+            Some((addr, Err(e))) => debug!("{}: upstream {addr}: {e}", conn.peer),
+            None => break,
         }
     }
     fail(
@@ -87,6 +79,10 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         reply,
         CloseReason::UpstreamProxy(Failure::General),
     )
+}
+
+fn fail(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, reason: CloseReason) -> Next {
+    path_failed(conn, ctx, reply, reason)
 }
 
 fn send(conn: &mut Conn, bytes: &[u8]) -> Result<(), CloseReason> {
@@ -101,11 +97,11 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let Phase::Upstream(hs) = &conn.phase else {
         return Next::Wait;
     };
-    let (state, reply) = (hs.state, hs.reply);
+    let (state, reply) = (hs.state, hs.answer.kind());
     let Some(sock) = conn.upstream.as_mut() else {
         return Next::Wait;
     };
-    if state == State::Connecting {
+    if state == UpstreamState::Connecting {
         if !sock.writable && !sock.readable {
             return Next::Wait;
         }
@@ -130,7 +126,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 if http && reply == ReplyKind::HttpForward {
                     // Forwarded requests go to an HTTP upstream in absolute-form (as Squid's cache_peer sends
                     // them): no tunnel to set up, the request head is the first thing it gets.
-                    return connect::established(key, conn, ctx, reply);
+                    return Next::Connected(reply);
                 }
                 greet(conn, ctx, reply)
             }
@@ -207,7 +203,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                     ctx.pool.give(b);
                 }
             }
-            advance(key, conn, ctx, reply, then)
+            advance(conn, ctx, reply, then)
         }
     }
 }
@@ -228,29 +224,29 @@ enum Step {
     Ok(usize, Then),
 }
 
-fn parse_step(state: State, data: &[u8]) -> Step {
+fn parse_step(state: UpstreamState, data: &[u8]) -> Step {
     match state {
-        State::Connecting => Step::More,
-        State::Method => match up::parse_method_choice(data) {
+        UpstreamState::Connecting => Step::More,
+        UpstreamState::Method => match up::parse_method_choice(data) {
             Ok(Parse::Incomplete) => Step::More,
             Ok(Parse::Done(socks5::METHOD_NO_AUTH, n)) => Step::Ok(n, Then::SendRequest),
             Ok(Parse::Done(socks5::METHOD_USER_PASS, n)) => Step::Ok(n, Then::SendAuth),
             Ok(Parse::Done(_, _)) => Step::Refused(Failure::NotAllowed),
             Err(_) => Step::Bad,
         },
-        State::Auth => match up::parse_auth_status(data) {
+        UpstreamState::Auth => match up::parse_auth_status(data) {
             Ok(Parse::Incomplete) => Step::More,
             Ok(Parse::Done(true, n)) => Step::Ok(n, Then::SendRequest),
             Ok(Parse::Done(false, _)) => Step::Refused(Failure::NotAllowed),
             Err(_) => Step::Bad,
         },
-        State::Reply => match up::parse_socks5_reply(data) {
+        UpstreamState::Reply => match up::parse_socks5_reply(data) {
             Ok(Parse::Incomplete) => Step::More,
             Ok(Parse::Done(r, n)) if r.rep == 0 => Step::Ok(n, Then::Established),
             Ok(Parse::Done(r, _)) => Step::Failed(up::failure_from_socks5_reply(r.rep)),
             Err(_) => Step::Bad,
         },
-        State::HttpReply => match up::parse_http_connect_reply(data) {
+        UpstreamState::HttpReply => match up::parse_http_connect_reply(data) {
             Ok(Parse::Incomplete) => Step::More,
             Ok(Parse::Done(r, n)) if (200..300).contains(&r.status) => {
                 Step::Ok(n, Then::Established)
@@ -263,7 +259,7 @@ fn parse_step(state: State, data: &[u8]) -> Step {
     }
 }
 
-fn set_state(conn: &mut Conn, state: State) {
+fn set_state(conn: &mut Conn, state: UpstreamState) {
     if let Phase::Upstream(hs) = &mut conn.phase {
         hs.state = state;
     }
@@ -274,9 +270,10 @@ fn greet(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
     let Some(upstream) = ctx.cfg.upstream.as_ref() else {
         return Next::Close(CloseReason::Internal);
     };
-    let Some(target) = conn.target.as_ref().and_then(Dest::to_target) else {
-        return Next::Close(CloseReason::Internal);
+    let Phase::Upstream(hs) = &conn.phase else {
+        return Next::Wait;
     };
+    let target = &hs.target;
     let mut out = [0u8; up::MAX_HTTP_CONNECT_LEN];
     let (len, state) = match upstream.kind {
         UpstreamKind::Socks5 => {
@@ -285,7 +282,10 @@ fn greet(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
             } else {
                 &[socks5::METHOD_NO_AUTH]
             };
-            (socks5::encode_greeting(methods, &mut out), State::Method)
+            (
+                socks5::encode_greeting(methods, &mut out),
+                UpstreamState::Method,
+            )
         }
         UpstreamKind::Http => {
             let creds = upstream
@@ -293,8 +293,8 @@ fn greet(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
                 .as_ref()
                 .map(|(u, p)| (u.as_bytes(), p.as_bytes()));
             (
-                up::encode_http_connect(&target, creds, &mut out),
-                State::HttpReply,
+                up::encode_http_connect(target, creds, &mut out),
+                UpstreamState::HttpReply,
             )
         }
     };
@@ -313,7 +313,7 @@ fn greet(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
     Next::Again
 }
 
-fn advance(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, then: Then) -> Next {
+fn advance(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, then: Then) -> Next {
     let mut out = [0u8; socks5::MAX_USER_PASS_LEN];
     match then {
         Then::SendAuth => {
@@ -331,17 +331,17 @@ fn advance(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, then: T
                 );
             };
             let len = socks5::encode_user_pass(u.as_bytes(), p.as_bytes(), &mut out);
-            set_state(conn, State::Auth);
+            set_state(conn, UpstreamState::Auth);
             if let Err(r) = send(conn, &out[..len]) {
                 return Next::Close(r);
             }
             Next::Again
         }
         Then::SendRequest => {
-            let Some(target) = conn.target.as_ref().and_then(Dest::to_target) else {
-                return Next::Close(CloseReason::Internal);
+            let Phase::Upstream(hs) = &conn.phase else {
+                return Next::Wait;
             };
-            let len = socks5::encode_request(socks5::Command::Connect, &target, &mut out);
+            let len = socks5::encode_request(socks5::Command::Connect, &hs.target, &mut out);
             if len == 0 {
                 return fail(
                     conn,
@@ -350,12 +350,12 @@ fn advance(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, then: T
                     CloseReason::Failed(Failure::AddressNotSupported),
                 );
             }
-            set_state(conn, State::Reply);
+            set_state(conn, UpstreamState::Reply);
             if let Err(r) = send(conn, &out[..len]) {
                 return Next::Close(r);
             }
             Next::Again
         }
-        Then::Established => connect::established(key, conn, ctx, reply),
+        Then::Established => Next::Connected(reply),
     }
 }

@@ -1,0 +1,398 @@
+//! Where a connection is in its life, and the data each phase owns. The behaviour of each phase lives in its own
+//! module above `conn` (`handshake`, `connect`, `upstream`, `relay`, `http`, `udp`, `bind`); the types live here,
+//! below `conn`, so that `Conn` can hold a `Phase` without importing the modules that drive it.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use mio::net::{TcpListener, UdpSocket};
+
+use super::close::CloseReason;
+use super::ctx::ReplyKind;
+use super::sock::Sock;
+use crate::buffer::Buffer;
+use crate::proto::http::BodyFramer;
+use crate::proto::{Name, TargetAddr};
+use crate::sys::Pipe;
+
+/// Where a connection is in its life. Each variant holds only what that phase needs, its deadline included.
+pub enum Phase {
+    /// The client's handshake, until its request is complete.
+    Handshake {
+        /// Which message is awaited.
+        step: Handshake,
+        /// The handshake deadline (counted from accept).
+        deadline: Instant,
+    },
+    /// A name lookup is out with the resolver pool.
+    Resolving {
+        /// Who gets the connection.
+        answer: Answer,
+        /// The connect deadline (resolving and connecting together).
+        deadline: Instant,
+    },
+    /// A nonblocking connect is in flight.
+    Connecting {
+        /// Who gets the connection.
+        answer: Answer,
+        /// Addresses still to try, each already passed by the destination rules.
+        addrs: Vec<(SocketAddr, crate::acl::DestAllowed)>,
+        /// Index of the next address to try.
+        next: usize,
+        /// The failure of the last attempt.
+        last: crate::proto::Failure,
+        /// When the current attempt gives way to the next address.
+        attempt_deadline: Instant,
+        /// The connect deadline (all addresses together).
+        deadline: Instant,
+    },
+    /// Talking to an upstream proxy on the outbound socket.
+    Upstream(Box<UpstreamHandshake>),
+    /// Bytes flow both ways.
+    Relay(Box<Tunnel>),
+    /// Plain HTTP forwarding with request/response framing.
+    Http(Box<HttpState>),
+    /// A SOCKS5 UDP association; the TCP connection is only watched for EOF.
+    Udp(Box<UdpState>),
+    /// A BIND listener waits for its inbound connection.
+    Bind(Box<BindState>),
+    /// A placeholder while a transition moves the old phase's data by value; never driven.
+    Closing,
+    /// An error reply is flushing; then the client side is shut down and read until EOF or the linger deadline, so
+    /// the reply is not destroyed by a reset.
+    Linger {
+        /// Whether the linger deadline is scheduled.
+        armed: bool,
+        /// Whether our write side is already shut down.
+        shut: bool,
+        /// What the access log will say.
+        reason: CloseReason,
+    },
+}
+
+/// Who gets the connection once the path to the target is up (or is told it failed).
+pub enum Answer {
+    /// A client waiting for this reply (SOCKS, HTTP CONNECT).
+    Reply(ReplyKind),
+    /// A forwarded HTTP request: its forwarding state travels with the connect phases and comes back to `http`.
+    Forward(Box<HttpState>),
+}
+
+impl Answer {
+    /// The kind of reply owed to the client.
+    pub fn kind(&self) -> ReplyKind {
+        match self {
+            Answer::Reply(k) => *k,
+            Answer::Forward(_) => ReplyKind::HttpForward,
+        }
+    }
+}
+
+impl Phase {
+    /// Takes the forwarding state out of a connect phase that was started for a forwarded HTTP request, leaving
+    /// `Phase::Closing` (the caller builds the next phase).
+    pub fn take_forward(&mut self) -> Option<Box<HttpState>> {
+        let answer = match std::mem::replace(self, Phase::Closing) {
+            Phase::Resolving { answer, .. } | Phase::Connecting { answer, .. } => answer,
+            Phase::Upstream(hs) => hs.answer,
+            other => {
+                *self = other;
+                return None;
+            }
+        };
+        match answer {
+            Answer::Forward(st) => Some(st),
+            Answer::Reply(_) => None,
+        }
+    }
+}
+
+/// An established tunnel: the outbound socket (target, chained proxy or BIND peer) and both directions.
+pub struct Tunnel {
+    /// The outbound socket.
+    pub outbound: Sock,
+    /// Client -> outbound.
+    pub up: Way,
+    /// Outbound -> client.
+    pub down: Way,
+}
+
+/// One direction of a tunnel: bytes parked in user space, bytes held in a pipe (splice mode), EOF bookkeeping.
+pub struct Way {
+    /// Bytes read from the source that the sink would not take yet (backpressure: nothing more is read meanwhile).
+    pub parked: Option<Buffer>,
+    /// Splice mode: bytes held in a pipe because the sink would not take them yet.
+    pub pipe: Option<Pipe>,
+    /// EOF and half-close state.
+    pub half: Half,
+}
+
+/// The steps of a client handshake.
+pub enum Handshake {
+    /// Waiting for the PROXY protocol header.
+    ProxyHeader,
+    /// Waiting for the first byte.
+    Detect,
+    /// SOCKS5 method negotiation.
+    Socks5Greeting,
+    /// RFC 1929 sub-negotiation.
+    Socks5Auth,
+    /// SOCKS5 request.
+    Socks5Request,
+    /// A SOCKS4/4a request.
+    Socks4Request,
+    /// An HTTP request head (first request of the connection).
+    HttpHead,
+    /// A password is being checked against a slow hash on the blocking pool.
+    Verifying(Box<PendingAuth>),
+}
+
+impl Handshake {
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Handshake::ProxyHeader => "proxy_header",
+            Handshake::Detect => "detect",
+            Handshake::Socks5Greeting => "socks5_greeting",
+            Handshake::Socks5Auth => "socks5_auth",
+            Handshake::Socks5Request => "socks5_request",
+            Handshake::Socks4Request => "socks4_request",
+            Handshake::HttpHead => "http_head",
+            Handshake::Verifying(_) => "verifying",
+        }
+    }
+}
+
+impl Phase {
+    /// True while the client has not finished its handshake (the handshake deadline applies).
+    pub fn in_client_handshake(&self) -> bool {
+        matches!(self, Phase::Handshake { .. })
+    }
+
+    /// The connect deadline while resolving, connecting or talking to the upstream proxy.
+    pub fn connect_deadline(&self) -> Option<Instant> {
+        match self {
+            Phase::Resolving { deadline, .. } | Phase::Connecting { deadline, .. } => {
+                Some(*deadline)
+            }
+            Phase::Upstream(u) => Some(u.deadline),
+            _ => None,
+        }
+    }
+
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Handshake { step, .. } => step.name(),
+            Phase::Resolving { .. } => "resolving",
+            Phase::Connecting { .. } => "connecting",
+            Phase::Upstream(_) => "upstream_handshake",
+            Phase::Relay(_) => "relay",
+            Phase::Closing => "closing",
+            Phase::Http(_) => "http",
+            Phase::Udp(_) => "udp",
+            Phase::Bind(_) => "bind",
+            Phase::Linger { .. } => "linger",
+        }
+    }
+}
+
+/// What to resume once a slow password check answers. It is boxed inside `Phase::Verifying`, so the size gap
+/// between variants costs nothing on other connections.
+#[allow(clippy::large_enum_variant)]
+pub enum PendingAuth {
+    /// Send the RFC 1929 status, then read the SOCKS5 request.
+    Socks5,
+    /// Carry on with this HTTP request (its rewritten head is kept alongside, and the connection's forwarding state
+    /// when it is not its first request).
+    Http(crate::proto::http::Request, Vec<u8>, Option<Box<HttpState>>),
+}
+
+/// Per-direction relay state.
+#[derive(Default, Clone, Copy)]
+pub struct Half {
+    /// The source reported EOF.
+    pub eof: bool,
+    /// We shut down writing on the sink.
+    pub shut: bool,
+    /// The current burst is bulk: relay it with splice (when enabled).
+    pub bulk: bool,
+}
+
+/// State of one BIND request.
+pub struct BindState {
+    pub(super) listener: TcpListener,
+    pub(super) readable: bool,
+    /// When nobody connecting means failure.
+    pub(super) deadline: Instant,
+    pub(super) expected: Option<IpAddr>,
+    pub(super) reply: ReplyKind,
+}
+
+/// State of one UDP association.
+pub struct UdpState {
+    pub(super) relay: UdpSocket,
+    pub(super) out: UdpSocket,
+    pub(super) relay_readable: bool,
+    pub(super) out_readable: bool,
+    pub(super) client_ip: IpAddr,
+    pub(super) client_port: Option<u16>,
+    /// The outbound socket is IPv6 dual-stack: IPv4 targets are sent to as mapped addresses.
+    pub(super) out_dual: bool,
+    pub(super) cache: Vec<(Name, IpAddr)>,
+    /// Datagrams waiting for their name: (lookup tag, name, port, payload). One lookup (tag) per name in flight;
+    /// answers come back in any order (the pool has several threads), so they are matched by tag.
+    pub(super) queued: Vec<(u32, Name, u16, Vec<u8>)>,
+    pub(super) next_tag: u32,
+    pub(super) last_active: Instant,
+    /// Datagrams relayed client -> targets and targets -> client, for the access log.
+    pub(super) dgrams_up: u64,
+    pub(super) dgrams_down: u64,
+    /// Hashes of the distinct destinations the client addressed (capped at [`MAX_COUNTED_DESTS`]).
+    pub(super) dests: HashSet<u64>,
+}
+
+/// Forwarding state of one client connection.
+pub struct HttpState {
+    /// The origin the current upstream socket is connected to.
+    pub(super) origin: Option<TargetAddr>,
+    /// The origin allows another request on its connection.
+    pub(super) origin_reusable: bool,
+    /// Credentials that passed verification on this connection (user NUL pass).
+    pub(super) auth_token: Option<Box<[u8]>>,
+    /// The request head, held until the path to the origin is up (an upstream proxy's handshake goes first).
+    pub(super) pending_head: Vec<u8>,
+    /// The exchange in progress.
+    pub(super) exchange: Exchange,
+}
+
+/// Where a forwarded request/response exchange stands.
+pub enum Exchange {
+    /// Between requests: the next head is awaited (a kept origin connection is watched meanwhile).
+    Idle,
+    /// A request is being answered.
+    InFlight(InFlight),
+}
+
+/// A request in flight and its response. Built fresh for every request, so nothing is reset by hand.
+pub struct InFlight {
+    /// The request is a HEAD request.
+    pub(super) is_head: bool,
+    /// The client's HTTP minor version.
+    pub(super) minor: u8,
+    /// The client wants to keep the connection.
+    pub(super) client_keep_alive: bool,
+    /// How far the request got.
+    pub(super) upload: Upload,
+    /// How far the response got.
+    pub(super) response: Download,
+}
+
+/// The request side of an exchange.
+pub enum Upload {
+    /// Body bytes are still to be forwarded: their framing, and how many bytes at the front of `c2u` are known to
+    /// be body.
+    Sending {
+        /// Request body framing.
+        body: BodyFramer,
+        /// Framed bytes not yet forwarded.
+        ready: usize,
+    },
+    /// The whole request (head and body) went to the origin.
+    Sent,
+    /// The origin reset while the request was still being sent: deliver whatever response it managed to send,
+    /// then close the client connection.
+    Abandoned,
+}
+
+/// The response side of an exchange.
+pub enum Download {
+    /// The final response head is awaited; `started` once an interim response reached the client (after that,
+    /// errors can only close).
+    Head {
+        /// Anything of the response reached the client.
+        started: bool,
+    },
+    /// The final head went to the client; its body passes through.
+    Body {
+        /// Response body framing.
+        body: BodyFramer,
+        /// Framed bytes at the front of `u2c` not yet forwarded.
+        ready: usize,
+        /// The client connection stays open after this response.
+        keep_client: bool,
+    },
+}
+
+/// Where the upstream conversation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamState {
+    /// TCP connect to the upstream in flight.
+    Connecting,
+    /// Waiting for the SOCKS5 method choice.
+    Method,
+    /// Waiting for the RFC 1929 status.
+    Auth,
+    /// Waiting for the SOCKS5 reply.
+    Reply,
+    /// Waiting for the HTTP CONNECT response head.
+    HttpReply,
+}
+
+/// The upstream handshake of one connection.
+pub struct UpstreamHandshake {
+    /// Who gets the connection once the chain is up.
+    pub answer: Answer,
+    pub(super) state: UpstreamState,
+    pub(super) next_addr: usize,
+    /// The connect deadline (reaching the upstream and its handshake together).
+    pub(super) deadline: Instant,
+    /// Where the upstream proxy is asked to connect.
+    pub(super) target: TargetAddr,
+}
+
+/// One forwarded HTTP request, from its head to the end of its response.
+#[derive(Debug)]
+pub struct RequestLog {
+    /// The method and the URL without its query: `GET http://host:port/path`.
+    pub line: Box<str>,
+    /// When its head was parsed.
+    pub started: Instant,
+    /// The connection's client -> target byte count when the request started.
+    pub up_before: u64,
+    /// The connection's target -> client byte count when the request started.
+    pub down_before: u64,
+    /// The final response status (the origin's or our own), 0 while none was sent.
+    pub status: u16,
+}
+
+impl RequestLog {
+    /// A request whose rewritten head is `head` (our own output: `METHOD SP origin-form SP version CRLF ...`).
+    /// `up_before`/`down_before` are the connection's byte counts so far.
+    pub fn new(
+        head: &[u8],
+        authority: &str,
+        now: Instant,
+        (up_before, down_before): (u64, u64),
+    ) -> RequestLog {
+        let first = head.split(|&b| b == b'\r').next().unwrap_or(&[]);
+        let mut parts = first.split(|&b| b == b' ');
+        let method = String::from_utf8_lossy(parts.next().unwrap_or(b"-")).into_owned();
+        let target = parts.next().unwrap_or(b"/");
+        let path = target.split(|&b| b == b'?').next().unwrap_or(b"/");
+        let path = String::from_utf8_lossy(path);
+        let line = if path == "*" {
+            format!("{method} http://{authority}")
+        } else {
+            format!("{method} http://{authority}{path}")
+        };
+        RequestLog {
+            line: line.into_boxed_str(),
+            started: now,
+            up_before,
+            down_before,
+            status: 0,
+        }
+    }
+}
