@@ -421,7 +421,7 @@ fn options() -> Options {
 /// The usage text, every flag with its default.
 pub fn usage() -> String {
     let brief = "Usage: socksgate [options]\n\nSOCKS5, SOCKS4/4a and HTTP proxy on one port. \
-                 DUR is a number with an optional unit: 500ms, 10s, 5m, 1h, 1d (default s).\n\n\
+                 DUR is a number with an optional\nunit: 500ms, 10s, 5m, 1h, 1d (default s).\n\n\
                  Signals: SIGTERM/SIGINT drain (a second one exits at once); SIGHUP re-reads\n\
                  --users and --policy; SIGUSR2 upgrades: starts the binary again from the\n\
                  same path, hands it the listening sockets, and drains once it is ready.\n\
@@ -824,6 +824,13 @@ mod tests {
             assert!(u.contains(flag), "{flag} missing from help");
         }
         assert!(u.contains("default 16384"));
+    }
+
+    #[test]
+    fn help_fits_80_columns() {
+        for line in usage().lines() {
+            assert!(line.chars().count() <= 80, "over 80 columns: {line:?}");
+        }
     }
 
     #[test]

@@ -379,9 +379,9 @@ pub fn run(cfg: Config, start: Startup) -> Result<(), RunError> {
         None => supervisor::notify_or_log("READY=1"),
     }
     info!(
-        "socksgate {} started: {} workers, listening on {:?}, users: {}",
+        "socksgate {} started: {}, listening on {:?}, users: {}",
         env!("CARGO_PKG_VERSION"),
-        server.workers.len(),
+        workers_phrase(server.workers.len()),
         server.addrs(),
         server.config().users.len()
     );
@@ -589,5 +589,25 @@ fn reload(server: &Server) {
             "SIGHUP: keeping the old users table and policy: {}",
             e.join("; ")
         ),
+    }
+}
+
+/// "1 worker", "4 workers": the start line is read by people.
+fn workers_phrase(n: usize) -> String {
+    if n == 1 {
+        "1 worker".to_string()
+    } else {
+        format!("{n} workers")
+    }
+}
+
+#[cfg(test)]
+mod start_line_tests {
+    use super::workers_phrase;
+
+    #[test]
+    fn worker_count_is_singular_for_one() {
+        assert_eq!(workers_phrase(1), "1 worker");
+        assert_eq!(workers_phrase(2), "2 workers");
     }
 }
