@@ -22,6 +22,7 @@ pub mod net;
 pub mod proto;
 pub mod resolve;
 pub mod sys;
+pub mod tls;
 pub mod upstream;
 pub mod worker;
 
