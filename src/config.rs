@@ -73,6 +73,10 @@ pub struct Config {
     pub upstream: Option<Upstream>,
     /// Every connection starts with a PROXY protocol v1/v2 header.
     pub proxy_protocol: bool,
+    /// TLS on every listener (`--tls-cert` / `--tls-key`): connections starting with a TLS record are TLS.
+    pub tls: Option<Arc<crate::tls::TlsAcceptor>>,
+    /// Refuse clear-text clients (`--tls-only`, implied by `--tls-client-ca`).
+    pub tls_only: bool,
     /// Where to serve Prometheus metrics.
     pub metrics: Option<SocketAddr>,
     /// Threads that run blocking name lookups.
@@ -126,6 +130,8 @@ impl Default for Config {
             outbound_bind: None,
             upstream: None,
             proxy_protocol: false,
+            tls: None,
+            tls_only: false,
             metrics: None,
             resolver_threads: 4,
             resolver: Resolver::system(StaticHosts::default()),
@@ -312,6 +318,31 @@ fn options() -> Options {
     );
     o.optopt(
         "",
+        "tls-cert",
+        "PEM certificate chain, leaf first: serve TLS on every listener (clients whose first byte is a TLS \
+         record); re-read on SIGHUP",
+        "FILE",
+    );
+    o.optopt(
+        "",
+        "tls-key",
+        "PEM private key for --tls-cert (PKCS#8, RSA or EC); re-read on SIGHUP",
+        "FILE",
+    );
+    o.optopt(
+        "",
+        "tls-client-ca",
+        "require a client certificate from this PEM CA; its DNS SAN (else CN) is the user, no password; \
+         implies --tls-only",
+        "FILE",
+    );
+    o.optflag(
+        "",
+        "tls-only",
+        "refuse clear-text clients (closed after their first byte)",
+    );
+    o.optopt(
+        "",
         "metrics",
         "serve Prometheus metrics at http://ADDR:PORT/metrics",
         "ADDR:PORT",
@@ -402,6 +433,24 @@ fn ip(m: &getopts::Matches, name: &str) -> Result<Option<IpAddr>, ConfigError> {
             .map(Some)
             .map_err(|_| ConfigError(format!("--{name}: expected an IP address, got {v:?}"))),
     }
+}
+
+/// Loads `--tls-cert`/`--tls-key`/`--tls-client-ca` (an unusable file is a start-up error naming it).
+fn tls(m: &getopts::Matches) -> Result<Option<Arc<crate::tls::TlsAcceptor>>, ConfigError> {
+    let (cert, key) = match (m.opt_str("tls-cert"), m.opt_str("tls-key")) {
+        (None, None) => return Ok(None),
+        (Some(c), Some(k)) => (c, k),
+        (Some(_), None) => return Err(ConfigError("--tls-cert needs --tls-key".to_string())),
+        (None, Some(_)) => return Err(ConfigError("--tls-key needs --tls-cert".to_string())),
+    };
+    let files = crate::tls::TlsFiles {
+        cert: cert.into(),
+        key: key.into(),
+        client_ca: m.opt_str("tls-client-ca").map(PathBuf::from),
+    };
+    let (acceptor, _) =
+        crate::tls::TlsAcceptor::load(files).map_err(|e| ConfigError(e.to_string()))?;
+    Ok(Some(Arc::new(acceptor)))
 }
 
 /// Parses the command line (without the program name).
@@ -512,6 +561,13 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
         );
     }
     c.proxy_protocol = m.opt_present("proxy-protocol");
+    c.tls = tls(&m)?;
+    c.tls_only = m.opt_present("tls-only") || m.opt_present("tls-client-ca");
+    if c.tls_only && c.tls.is_none() {
+        return Err(ConfigError(
+            "--tls-only and --tls-client-ca need --tls-cert and --tls-key".to_string(),
+        ));
+    }
     if let Some(a) = m.opt_str("metrics") {
         c.metrics = Some(
             parse_socket_addr(&a)
@@ -620,6 +676,21 @@ mod tests {
     }
 
     #[test]
+    fn tls_flags_need_each_other_and_readable_files() {
+        assert!(run("--tls-cert c.pem").unwrap_err().0.contains("--tls-key"));
+        assert!(run("--tls-key k.pem").unwrap_err().0.contains("--tls-cert"));
+        assert!(run("--tls-only").unwrap_err().0.contains("--tls-cert"));
+        let e = run("--tls-cert /nonexistent/c.pem --tls-key /nonexistent/k.pem")
+            .unwrap_err()
+            .0;
+        assert!(
+            e.starts_with("--tls-cert /nonexistent/c.pem: cannot read"),
+            "{e}"
+        );
+        assert!(!run("").unwrap().tls_only);
+    }
+
+    #[test]
     fn help_lists_every_flag_default() {
         let u = usage();
         for flag in [
@@ -631,6 +702,10 @@ mod tests {
             "--drain-timeout",
             "--max-connections",
             "--no-http",
+            "--tls-cert",
+            "--tls-key",
+            "--tls-client-ca",
+            "--tls-only",
         ] {
             assert!(u.contains(flag), "{flag} missing from help");
         }

@@ -55,6 +55,24 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
 }
 
+impl fmt::Display for Loaded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "certificate \"{}\" (chain of {}, valid until {})",
+            self.subject, self.chain_len, self.not_after
+        )?;
+        if self.client_cas > 0 {
+            write!(
+                f,
+                ", client certificates required ({} CA certificates)",
+                self.client_cas
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// What a successful load found, for the start and reload log lines.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Loaded {
@@ -193,6 +211,7 @@ pub fn load(files: &TlsFiles) -> Result<(Arc<ServerConfig>, Loaded), TlsError> {
 pub struct TlsAcceptor {
     files: TlsFiles,
     current: RwLock<Arc<ServerConfig>>,
+    loaded: RwLock<Loaded>,
 }
 
 impl fmt::Debug for TlsAcceptor {
@@ -211,6 +230,7 @@ impl TlsAcceptor {
             TlsAcceptor {
                 files,
                 current: RwLock::new(cfg),
+                loaded: RwLock::new(loaded.clone()),
             },
             loaded,
         ))
@@ -224,7 +244,19 @@ impl TlsAcceptor {
             Ok(mut cur) => *cur = cfg,
             Err(poisoned) => *poisoned.into_inner() = cfg,
         }
+        match self.loaded.write() {
+            Ok(mut l) => *l = loaded.clone(),
+            Err(poisoned) => *poisoned.into_inner() = loaded.clone(),
+        }
         Ok(loaded)
+    }
+
+    /// What the last successful load found.
+    pub fn loaded(&self) -> Loaded {
+        match self.loaded.read() {
+            Ok(l) => l.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
     /// The files this acceptor reads.
