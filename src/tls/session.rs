@@ -19,12 +19,14 @@
 use std::io::{self, IoSlice, Read, Write};
 use std::sync::Arc;
 
-use rustls::{ServerConfig, ServerConnection};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
 
 use super::CertIdentity;
 
 /// A byte stream the session reads records from and writes records to (the client's TCP socket, or an in-memory
-/// pipe in tests).
+/// pipe in tests). `write_vectored` must write across slices as writev(2) does: a short write of any kind is
+/// taken to mean that the send buffer is full, and the next write waits for a writable edge.
 pub trait Transport: Read + Write {
     /// Half-closes the write side (after our close_notify went out).
     fn shutdown_write(&mut self) -> io::Result<()>;
@@ -61,6 +63,8 @@ pub enum TlsFailure {
     /// The client presented no certificate, or one that did not verify against `--tls-client-ca`, or one without
     /// a usable identity.
     ClientCert,
+    /// An upstream proxy's certificate did not verify against the trusted roots, or not for its name.
+    UpstreamCert,
     /// Anything else the peer got wrong: garbage or truncated records, a bad handshake, a protocol violation.
     Protocol,
 }
@@ -70,6 +74,7 @@ impl TlsFailure {
     pub fn label(self) -> &'static str {
         match self {
             TlsFailure::ClientCert => "tls_client_cert",
+            TlsFailure::UpstreamCert => "tls_upstream_cert",
             TlsFailure::Protocol => "tls_error",
         }
     }
@@ -123,9 +128,10 @@ impl<S: Write> Write for Counted<'_, S> {
     }
 }
 
-/// One server-side TLS connection over a nonblocking transport.
+/// One TLS connection over a nonblocking transport: the server side of a client's connection, or the client side
+/// of a connection to a TLS upstream proxy.
 pub struct TlsSession {
-    conn: ServerConnection,
+    conn: Connection,
     /// The socket may have bytes to read (cleared on `WouldBlock` or a short read).
     raw_readable: bool,
     /// The socket may take bytes (cleared on `WouldBlock` or a short write).
@@ -152,21 +158,39 @@ fn would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
 
-fn failure_of(e: &rustls::Error) -> TlsFailure {
+fn failure_of(e: &rustls::Error, server: bool) -> TlsFailure {
     match e {
         rustls::Error::InvalidCertificate(_)
         | rustls::Error::NoCertificatesPresented
-        | rustls::Error::InvalidCertRevocationList(_) => TlsFailure::ClientCert,
+        | rustls::Error::InvalidCertRevocationList(_) => {
+            if server {
+                TlsFailure::ClientCert
+            } else {
+                TlsFailure::UpstreamCert
+            }
+        }
         _ => TlsFailure::Protocol,
     }
 }
 
 impl TlsSession {
-    /// A session that will run the handshake with `config`.
+    /// The server side of a client's connection, handshaking with `config`.
     pub fn new(config: Arc<ServerConfig>) -> Result<TlsSession, rustls::Error> {
-        let mut conn = ServerConnection::new(config)?;
+        Ok(Self::wrap(ServerConnection::new(config)?.into()))
+    }
+
+    /// The client side of a connection to `name` (its certificate is checked for that name); the ClientHello
+    /// goes out with the first writable edge.
+    pub fn client(
+        config: Arc<ClientConfig>,
+        name: ServerName<'static>,
+    ) -> Result<TlsSession, rustls::Error> {
+        Ok(Self::wrap(ClientConnection::new(config, name)?.into()))
+    }
+
+    fn wrap(mut conn: Connection) -> TlsSession {
         conn.set_buffer_limit(Some(super::BUFFER_LIMIT));
-        Ok(TlsSession {
+        TlsSession {
             conn,
             raw_readable: false,
             raw_writable: false,
@@ -180,7 +204,7 @@ impl TlsSession {
             done: false,
             established: None,
             version: None,
-        })
+        }
     }
 
     /// Hands over the socket's readiness as the plain socket saw it when TLS was detected (the first bytes were
@@ -337,7 +361,7 @@ impl TlsSession {
                 }
             }
             Err(e) => {
-                let kind = failure_of(&e);
+                let kind = failure_of(&e, matches!(self.conn, Connection::Server(_)));
                 return Err(self.fail(io, kind, e));
             }
         }
@@ -354,7 +378,11 @@ impl TlsSession {
             _ => TlsVersion::Tls13,
         };
         self.version = Some(version);
-        let identity = match self.conn.peer_certificates().and_then(|c| c.first()) {
+        let client_leaf = match &self.conn {
+            Connection::Server(s) => s.peer_certificates().and_then(|c| c.first()),
+            Connection::Client(_) => None,
+        };
+        let identity = match client_leaf {
             Some(leaf) => match CertIdentity::from_verified_cert(leaf) {
                 Some(id) => Some(id),
                 None => {
@@ -372,7 +400,10 @@ impl TlsSession {
         };
         self.established = Some(Established {
             version,
-            sni: self.conn.server_name().map(Into::into),
+            sni: match &self.conn {
+                Connection::Server(s) => s.server_name().map(Into::into),
+                Connection::Client(_) => None,
+            },
             alpn: self.conn.alpn_protocol().is_some(),
             identity,
         });
@@ -509,6 +540,22 @@ mod tests {
             self.s2c_room -= n;
             self.s2c.extend(&buf[..n]);
             Ok(n)
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            let mut total = 0;
+            for b in bufs {
+                match self.write(b) {
+                    Ok(n) => {
+                        total += n;
+                        if n < b.len() {
+                            break;
+                        }
+                    }
+                    Err(e) if total == 0 => return Err(e),
+                    Err(_) => break,
+                }
+            }
+            Ok(total)
         }
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
@@ -1009,6 +1056,107 @@ mod tests {
             }
         }
         None
+    }
+
+    /// The client's view of a `Wire`.
+    struct Flip<'a>(&'a mut Wire);
+
+    impl Read for Flip<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.0.s2c.is_empty() {
+                return if self.0.server_fin {
+                    Ok(0)
+                } else {
+                    Err(io::ErrorKind::WouldBlock.into())
+                };
+            }
+            let n = buf.len().min(self.0.s2c.len());
+            for (d, s) in buf.iter_mut().zip(self.0.s2c.drain(..n)) {
+                *d = s;
+            }
+            self.0.s2c_room += n;
+            Ok(n)
+        }
+    }
+
+    impl Write for Flip<'_> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.c2s.extend(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Transport for Flip<'_> {
+        fn shutdown_write(&mut self) -> io::Result<()> {
+            self.0.client_fin = true;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn client_session_against_server_session() {
+        let pki = pki();
+        let mut server = TlsSession::new(server_config(&pki, None)).expect("s");
+        let name = ServerName::try_from("localhost").expect("n");
+        let mut client =
+            TlsSession::client(client_config(&pki.ca_pem, None), name).expect("client");
+        let mut wire = Wire {
+            s2c_room: 1 << 20,
+            ..Wire::default()
+        };
+        server.set_ready(false, true, false);
+        client.set_ready(false, true, false);
+        // The client's first bytes (an upstream handshake) are held until the TLS handshake completes.
+        assert_eq!(
+            client
+                .write_some(&mut Flip(&mut wire), b"\x05\x01\x00")
+                .expect("w"),
+            3
+        );
+        assert_eq!(wire.c2s.front(), Some(&0x16), "ClientHello sent");
+        let mut buf = [0u8; 64];
+        let mut got = Vec::new();
+        for _ in 0..10 {
+            server.mark(true, true, false);
+            while let Some(n) = server.read(&mut wire, &mut buf).expect("server read") {
+                got.extend_from_slice(&buf[..n]);
+            }
+            client.mark(true, true, false);
+            client.on_ready(&mut Flip(&mut wire)).expect("flush");
+            assert_eq!(
+                client.read(&mut Flip(&mut wire), &mut buf).expect("cr"),
+                None
+            );
+            if got.len() == 3 {
+                break;
+            }
+        }
+        assert_eq!(got, b"\x05\x01\x00");
+        assert_eq!(
+            client.take_established().map(|e| (e.version, e.identity)),
+            Some((TlsVersion::Tls13, None))
+        );
+
+        // The wrong name for the upstream: the client refuses the certificate.
+        let mut server = TlsSession::new(server_config(&pki, None)).expect("s");
+        let name = ServerName::try_from("not-localhost").expect("n");
+        let mut client =
+            TlsSession::client(client_config(&pki.ca_pem, None), name).expect("client");
+        let mut wire = Wire {
+            s2c_room: 1 << 20,
+            ..Wire::default()
+        };
+        server.set_ready(false, true, false);
+        client.set_ready(false, true, false);
+        client.on_ready(&mut Flip(&mut wire)).expect("hello");
+        server.mark(true, false, false);
+        let _ = server.read(&mut wire, &mut buf);
+        client.mark(true, false, false);
+        assert!(client.read(&mut Flip(&mut wire), &mut buf).is_err());
+        assert_eq!(client.failure(), Some(TlsFailure::UpstreamCert));
     }
 
     #[test]
