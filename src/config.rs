@@ -71,6 +71,8 @@ pub struct Config {
     pub outbound_bind: Option<IpAddr>,
     /// Proxy to send every outbound connection through.
     pub upstream: Option<Upstream>,
+    /// The client configuration for a TLS upstream (`https://`, `socks5s://`).
+    pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
     /// Every connection starts with a PROXY protocol v1/v2 header.
     pub proxy_protocol: bool,
     /// TLS on every listener (`--tls-cert` / `--tls-key`): connections starting with a TLS record are TLS.
@@ -129,6 +131,7 @@ impl Default for Config {
             dest_rules: DestRules::default(),
             outbound_bind: None,
             upstream: None,
+            upstream_tls: None,
             proxy_protocol: false,
             tls: None,
             tls_only: false,
@@ -308,8 +311,20 @@ fn options() -> Options {
     o.optopt(
         "",
         "upstream",
-        "send outbound connections through socks5://[user:pass@]host:port or http://...",
+        "send outbound connections through socks5://[user:pass@]host:port, http://..., or inside TLS: \
+         socks5s://..., https://...",
         "URL",
+    );
+    o.optopt(
+        "",
+        "upstream-ca",
+        "trust only the CAs in this PEM file for https:// and socks5s:// upstreams (default: system roots)",
+        "FILE",
+    );
+    o.optflag(
+        "",
+        "upstream-insecure",
+        "do not verify the certificate of a TLS upstream (only where you control the path to it)",
     );
     o.optflag(
         "",
@@ -433,6 +448,38 @@ fn ip(m: &getopts::Matches, name: &str) -> Result<Option<IpAddr>, ConfigError> {
             .map(Some)
             .map_err(|_| ConfigError(format!("--{name}: expected an IP address, got {v:?}"))),
     }
+}
+
+/// The client configuration for a TLS upstream (`--upstream-ca`, `--upstream-insecure`, else the system roots).
+fn upstream_tls(
+    m: &getopts::Matches,
+    upstream: Option<&Upstream>,
+) -> Result<Option<Arc<rustls::ClientConfig>>, ConfigError> {
+    let ca = m.opt_str("upstream-ca");
+    let insecure = m.opt_present("upstream-insecure");
+    let Some(up) = upstream.filter(|u| u.tls) else {
+        if ca.is_some() || insecure {
+            return Err(ConfigError(
+                "--upstream-ca and --upstream-insecure need an https:// or socks5s:// --upstream"
+                    .to_string(),
+            ));
+        }
+        return Ok(None);
+    };
+    let trust = match (ca, insecure) {
+        (Some(_), true) => {
+            return Err(ConfigError(
+                "--upstream-ca and --upstream-insecure exclude each other".to_string(),
+            ))
+        }
+        (Some(path), false) => crate::tls::UpstreamTrust::Ca(path.into()),
+        (None, true) => crate::tls::UpstreamTrust::Insecure,
+        (None, false) => crate::tls::UpstreamTrust::System,
+    };
+    let http = up.kind == crate::upstream::UpstreamKind::Http;
+    crate::tls::upstream_client_config(&trust, http)
+        .map(Some)
+        .map_err(|e| ConfigError(e.to_string()))
 }
 
 /// Loads `--tls-cert`/`--tls-key`/`--tls-client-ca` (an unusable file is a start-up error naming it).
@@ -560,6 +607,7 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
                 .map_err(|e| ConfigError(format!("--upstream: {e}")))?,
         );
     }
+    c.upstream_tls = upstream_tls(&m, c.upstream.as_ref())?;
     c.proxy_protocol = m.opt_present("proxy-protocol");
     c.tls = tls(&m)?;
     c.tls_only = m.opt_present("tls-only") || m.opt_present("tls-client-ca");

@@ -207,6 +207,112 @@ pub fn load(files: &TlsFiles) -> Result<(Arc<ServerConfig>, Loaded), TlsError> {
     ))
 }
 
+/// How the certificates of TLS upstreams (`https://`, `socks5s://`) are checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamTrust {
+    /// The system's CA certificates (`/etc/ssl/certs` and the like).
+    System,
+    /// Only CAs from this PEM file (`--upstream-ca`).
+    Ca(PathBuf),
+    /// No chain or name check, only the handshake signatures (`--upstream-insecure`).
+    Insecure,
+}
+
+/// A client configuration for TLS upstreams: TLS 1.3 and 1.2, the upstream's name checked against its
+/// certificate (unless [`UpstreamTrust::Insecure`]), ALPN `http/1.1` for `https://` upstreams.
+pub fn upstream_client_config(
+    trust: &UpstreamTrust,
+    http: bool,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = provider();
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError(format!("TLS setup failed: {e}")))?;
+    let mut cfg = match trust {
+        UpstreamTrust::Insecure => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoChainCheck(provider)))
+            .with_no_client_auth(),
+        UpstreamTrust::System => {
+            let found = rustls_native_certs::load_native_certs();
+            let mut roots = RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err(TlsError(
+                    "--upstream: no system CA certificates found (install ca-certificates, or name a CA with \
+                     --upstream-ca FILE)"
+                        .to_string(),
+                ));
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        UpstreamTrust::Ca(path) => {
+            let flag = "--upstream-ca";
+            let mut roots = RootCertStore::empty();
+            for c in load_certs(flag, path)? {
+                roots
+                    .add(c)
+                    .map_err(|e| err(flag, path, format!("not a usable CA certificate: {e}")))?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    };
+    if http {
+        cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    }
+    Ok(Arc::new(cfg))
+}
+
+/// `--upstream-insecure`: any certificate and name are accepted, but the handshake signatures are still checked,
+/// so the session keys at least belong to the key in the certificate presented.
+#[derive(Debug)]
+struct NoChainCheck(Arc<CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoChainCheck {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// The TLS side of the listeners: the current server configuration, swapped whole on reload.
 pub struct TlsAcceptor {
     files: TlsFiles,
