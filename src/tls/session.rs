@@ -152,6 +152,7 @@ pub struct TlsSession {
     done: bool,
     established: Option<Established>,
     version: Option<TlsVersion>,
+    identity: Option<CertIdentity>,
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -204,6 +205,7 @@ impl TlsSession {
             done: false,
             established: None,
             version: None,
+            identity: None,
         }
     }
 
@@ -275,6 +277,11 @@ impl TlsSession {
     /// The peer's TCP EOF came without a close_notify.
     pub fn truncated(&self) -> bool {
         self.truncated
+    }
+
+    /// The verified client certificate's identity, once the handshake completed with one.
+    pub fn identity(&self) -> Option<&CertIdentity> {
+        self.identity.as_ref()
     }
 
     /// What the completed handshake established; `Some` exactly once, right after completion.
@@ -366,18 +373,19 @@ impl TlsSession {
             }
         }
         if !self.done && !self.conn.is_handshaking() {
-            self.complete()?;
+            if let Err(e) = self.complete() {
+                let _ = self.flush(io);
+                return Err(e);
+            }
         }
         Ok(())
     }
 
     fn complete(&mut self) -> io::Result<()> {
-        self.done = true;
         let version = match self.conn.protocol_version() {
             Some(rustls::ProtocolVersion::TLSv1_2) => TlsVersion::Tls12,
             _ => TlsVersion::Tls13,
         };
-        self.version = Some(version);
         let client_leaf = match &self.conn {
             Connection::Server(s) => s.peer_certificates().and_then(|c| c.first()),
             Connection::Client(_) => None,
@@ -387,7 +395,7 @@ impl TlsSession {
                 Some(id) => Some(id),
                 None => {
                     // Verified, but the certificate names nobody we could use as a user: refuse it like an
-                    // unverifiable one (the alert tells the client why).
+                    // unverifiable one. The handshake counts as failed (`done` stays false).
                     self.failure = Some(TlsFailure::ClientCert);
                     self.conn.send_close_notify();
                     return Err(io::Error::new(
@@ -398,6 +406,9 @@ impl TlsSession {
             },
             None => None,
         };
+        self.done = true;
+        self.version = Some(version);
+        self.identity.clone_from(&identity);
         self.established = Some(Established {
             version,
             sni: match &self.conn {

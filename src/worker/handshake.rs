@@ -9,7 +9,7 @@ use log::debug;
 
 use super::conn::{Conn, Dest, PendingAuth, Phase, ReplyKind};
 use super::timers::TimerKind;
-use super::{bind, connect, http, udp, Ctx, Next};
+use super::{bind, connect, http, tls, udp, Ctx, Next};
 use crate::auth::Authorized;
 use crate::buffer::{Buffer, BufferPool};
 use crate::metrics::{self, Proto, Refusal};
@@ -93,7 +93,10 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Err(_) => return Next::Close("client_error"),
     }
     if fill_client(conn, ctx).is_err() {
-        return Next::Close("client_reset");
+        return Next::Close(tls::failure(conn).unwrap_or("client_reset"));
+    }
+    if let Some(next) = tls::on_established(conn, ctx) {
+        return next;
     }
     match conn.phase {
         Phase::ProxyHeader => proxy_header(conn, ctx),
@@ -141,6 +144,11 @@ fn detect(conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let Some(&first) = data(conn).first() else {
         return need_more(conn, ctx);
     };
+    if !conn.client.is_tls() {
+        if let Some(next) = tls::detect(conn, ctx, first) {
+            return next;
+        }
+    }
     let (proto, phase) = match detect::detect(first) {
         Protocol::Socks5 => (Proto::Socks5, Phase::Socks5Greeting),
         Protocol::Socks4 if ctx.cfg.socks4 => (Proto::Socks4, Phase::Socks4Request),
@@ -166,7 +174,9 @@ fn socks5_greeting(conn: &mut Conn, ctx: &mut Ctx) -> Next {
             consume(conn, n);
             // RFC 1928 §3: when users are configured, user/password is the only acceptable method, even if the
             // client also offers "no authentication".
-            let method = if ctx.users.is_empty() {
+            // A verified client certificate is the authentication: no password is asked for (a client that
+            // offers only user/password gets it, and whatever it sends is accepted for the certificate's user).
+            let method = if ctx.users.is_empty() || (tls::cert_user(conn) && g.no_auth) {
                 if g.no_auth {
                     socks5::METHOD_NO_AUTH
                 } else {
@@ -199,6 +209,7 @@ fn socks5_greeting(conn: &mut Conn, ctx: &mut Ctx) -> Next {
 fn socks5_auth(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let (verdict, n) = match socks5::parse_user_pass(data(conn)) {
         Ok(Parse::Incomplete) => return need_more(conn, ctx),
+        Ok(Parse::Done(_, n)) if tls::cert_user(conn) => (conn.user.clone(), n),
         Ok(Parse::Done(creds, n)) if ctx.users.needs_slow_verify(creds.user) => {
             // A hashed password takes milliseconds to check: do it on the blocking pool, never on the loop.
             let work = Work::Verify {
@@ -320,7 +331,7 @@ fn socks4_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     consume(conn, n);
     conn.target = Some(Dest::from(&target));
     // SOCKS4 carries no password: with users configured it would be a way around authentication.
-    if !ctx.users.is_empty() && !ctx.cfg.socks4_with_users {
+    if !ctx.users.is_empty() && !ctx.cfg.socks4_with_users && !tls::cert_user(conn) {
         metrics::inc(&ctx.stats.auth_failures);
         debug!("{}: SOCKS4 refused: users are configured", conn.peer);
         return reply_failure(conn, ctx, ReplyKind::Socks4, Failure::NotAllowed);
@@ -426,8 +437,12 @@ pub fn linger(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     if let Phase::Linger { shut, .. } = &mut conn.phase {
         if !*shut {
             *shut = true;
-            let _ = conn.client.stream.shutdown(std::net::Shutdown::Write);
+            let _ = conn.client.shutdown_write();
         }
+    }
+    if !conn.client.flushed() {
+        // TLS: the reply and close_notify are still inside rustls; the writable edge pushes them out.
+        return Next::Wait;
     }
     if let Some(b) = conn.c2u.take() {
         ctx.pool.give(b);

@@ -8,6 +8,7 @@ pub mod handshake;
 pub mod http;
 pub mod relay;
 pub mod timers;
+pub mod tls;
 pub mod token;
 pub mod udp;
 pub mod upstream;
@@ -496,6 +497,7 @@ impl Worker {
                 }
             }
         }
+        tls::on_close(&mut conn, reason, &self.ctx.stats);
         access_log(&conn, reason, self.ctx.now);
         drop(conn);
         if self.conns.is_empty() {
@@ -530,7 +532,7 @@ fn step(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 }
 
 /// One line per finished session at info level, target "access":
-/// `client=ADDR user=NAME proto=P target=T up=N down=N ms=N end=REASON`.
+/// `client=ADDR user=NAME proto=P target=T tls=V up=N down=N ms=N end=REASON`.
 fn access_log(conn: &Conn, reason: &str, now: Instant) {
     if !log::log_enabled!(target: "access", log::Level::Info) {
         return;
@@ -541,11 +543,12 @@ fn access_log(conn: &Conn, reason: &str, now: Instant) {
     };
     info!(
         target: "access",
-        "client={} user={} proto={} target={} up={} down={} ms={} end={}",
+        "client={} user={} proto={} target={} tls={} up={} down={} ms={} end={}",
         conn.peer,
         conn.user_name(),
         metrics::PROTO_LABELS[conn.proto as usize],
         target,
+        tls::log_label(conn),
         conn.bytes_up,
         conn.bytes_down,
         now.saturating_duration_since(conn.started).as_millis(),
