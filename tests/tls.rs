@@ -824,3 +824,51 @@ fn read_response_body(t: &mut Tls) -> Vec<u8> {
     t.read_exact(&mut body).unwrap();
     body
 }
+
+#[test]
+fn tls_upstreams_through_a_second_socksgate() {
+    let p = pki("upstream");
+    let echo = TestServer::echo();
+    // The upstream: a socksgate serving TLS, with a password.
+    let gw2 = tls_proxy(&p, &["-U", "up:pw", "--tls-only"]);
+    let port = gw2.addr().port();
+    let big = common::pseudo_random(11, 2 << 20);
+    for (scheme, proto) in [("socks5s", "proto=socks5"), ("https", "proto=http")] {
+        let url = format!("{scheme}://up:pw@localhost:{port}");
+        let gw1 = Proxy::start(&["--upstream", &url, "--upstream-ca", p.ca()]);
+        let mut c = common::socks5_connect(gw1.addr(), echo.addr).expect("chained connect");
+        echo_round(&mut c, b"through two gateways");
+        echo_round(&mut c, &big);
+        drop(c);
+        // The second gateway saw TLS 1.3 and the upstream credentials (which never crossed in clear text).
+        assert!(
+            gw2.wait_for(IO_TIMEOUT, || access_lines(&gw2)
+                .iter()
+                .any(|l| l.contains("user=up")
+                    && l.contains(proto)
+                    && l.contains("tls=1.3"))),
+            "{scheme}: {}",
+            gw2.log()
+        );
+    }
+    // An upstream whose certificate does not chain to --upstream-ca: the client gets a failure reply.
+    let other = pki("upstream-other");
+    let url = format!("socks5s://up:pw@localhost:{port}");
+    let gw1 = Proxy::start(&["--upstream", &url, "--upstream-ca", other.ca()]);
+    assert_eq!(common::socks5_connect(gw1.addr(), echo.addr).err(), Some(1));
+    common::wait_metric(
+        &gw2,
+        "socksgate_tls_handshakes_total{outcome=\"error\",version=\"unknown\"}",
+        1,
+    );
+    // --upstream-insecure accepts it (the operator's word).
+    let gw1 = Proxy::start(&["--upstream", &url, "--upstream-insecure"]);
+    let mut c = common::socks5_connect(gw1.addr(), echo.addr).expect("insecure upstream");
+    echo_round(&mut c, b"insecure but encrypted");
+    // Flags that make no sense without a TLS upstream are refused at start.
+    let out = Command::new(env!("CARGO_BIN_EXE_socksgate"))
+        .args(["-l", "127.0.0.1:0", "--upstream-insecure"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

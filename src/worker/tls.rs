@@ -2,13 +2,16 @@
 //! client-certificate user), and the close. The phases above read and write plaintext through `Sock` and never
 //! see TLS.
 
+use std::sync::Arc;
+
 use log::debug;
+use rustls::pki_types::ServerName;
 
 use super::conn::Conn;
 use super::{Ctx, Next};
 use crate::auth::Authorized;
 use crate::metrics::{self, Refusal, Stats, TlsOutcome};
-use crate::tls::TlsFailure;
+use crate::tls::{TlsFailure, TlsSession};
 
 /// The first byte of a TLS handshake record (RFC 8446 §5.1, content type 22); no SOCKS version or HTTP method
 /// starts with it.
@@ -69,6 +72,31 @@ pub fn on_established(conn: &mut Conn, ctx: &mut Ctx) -> Option<Next> {
     None
 }
 
+/// Right after the TCP connect to an `https://` or `socks5s://` upstream: TLS under the outbound socket, so the
+/// upstream handshake that follows (and the relay) run inside it. The ClientHello goes out now; the first
+/// handshake bytes written are held by rustls until the TLS handshake completes.
+pub fn start_upstream(conn: &mut Conn, ctx: &mut Ctx) -> Result<(), ()> {
+    let (Some(upstream), Some(cfg)) = (ctx.cfg.upstream.as_ref(), ctx.cfg.upstream_tls.as_ref())
+    else {
+        return Ok(());
+    };
+    if !upstream.tls {
+        return Ok(());
+    }
+    let Some(sock) = conn.upstream.as_mut() else {
+        return Err(());
+    };
+    let name = ServerName::try_from(upstream.host.clone()).map_err(|e| {
+        debug!("{}: upstream name {}: {e}", conn.peer, upstream.host);
+    })?;
+    let session = TlsSession::client(Arc::clone(cfg), name).map_err(|e| {
+        debug!("{}: upstream TLS session: {e}", conn.peer);
+    })?;
+    sock.start_tls(session, &[]).map_err(|e| {
+        debug!("{}: upstream TLS: {e}", conn.peer);
+    })
+}
+
 /// True when a verified client certificate authenticated this connection (no password is asked for then).
 pub fn cert_user(conn: &Conn) -> bool {
     conn.client
@@ -96,21 +124,25 @@ pub fn log_label(conn: &Conn) -> &'static str {
         .unwrap_or("-")
 }
 
-/// At close: count a handshake that never completed, and end the session with a close_notify unless a reset
-/// is being passed on or TLS itself failed.
+/// At close: count a client handshake that never completed, and end TLS sessions with a close_notify unless a
+/// reset is being passed on or TLS itself failed.
 pub fn on_close(conn: &mut Conn, reason: &str, stats: &Stats) {
-    let Some(t) = conn.client.tls.as_ref() else {
-        return;
-    };
-    if t.is_handshaking() {
-        let outcome = match t.failure() {
-            Some(TlsFailure::ClientCert) => TlsOutcome::ClientCert,
-            Some(_) => TlsOutcome::Error,
-            None if reason == "handshake_timeout" => TlsOutcome::Timeout,
-            None => TlsOutcome::Aborted,
-        };
-        stats.tls_handshake(outcome, t.version());
+    let reset = matches!(reason, "upstream_reset" | "client_reset");
+    if let Some(t) = conn.client.tls.as_ref() {
+        if t.is_handshaking() {
+            let outcome = match t.failure() {
+                Some(TlsFailure::ClientCert) => TlsOutcome::ClientCert,
+                Some(_) => TlsOutcome::Error,
+                None if reason == "handshake_timeout" => TlsOutcome::Timeout,
+                None => TlsOutcome::Aborted,
+            };
+            stats.tls_handshake(outcome, t.version());
+        }
+        let graceful = !reset && t.failure().is_none();
+        conn.client.close_tls(graceful);
     }
-    let graceful = !matches!(reason, "upstream_reset" | "client_reset") && t.failure().is_none();
-    conn.client.close_tls(graceful);
+    if let Some(up) = conn.upstream.as_mut() {
+        let failed = up.tls.as_ref().is_some_and(|t| t.failure().is_some());
+        up.close_tls(!reset && !failed);
+    }
 }
