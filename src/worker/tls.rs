@@ -74,27 +74,29 @@ pub fn on_established(conn: &mut Conn, ctx: &mut Ctx) -> Option<Next> {
 
 /// Right after the TCP connect to an `https://` or `socks5s://` upstream: TLS under the outbound socket, so the
 /// upstream handshake that follows (and the relay) run inside it. The ClientHello goes out now; the first
-/// handshake bytes written are held by rustls until the TLS handshake completes.
-pub fn start_upstream(conn: &mut Conn, ctx: &mut Ctx) -> Result<(), ()> {
+/// handshake bytes written are held by rustls until the TLS handshake completes. False: it could not start.
+pub fn start_upstream(conn: &mut Conn, ctx: &mut Ctx) -> bool {
     let (Some(upstream), Some(cfg)) = (ctx.cfg.upstream.as_ref(), ctx.cfg.upstream_tls.as_ref())
     else {
-        return Ok(());
+        return true;
     };
     if !upstream.tls {
-        return Ok(());
+        return true;
     }
     let Some(sock) = conn.upstream.as_mut() else {
-        return Err(());
+        return false;
     };
-    let name = ServerName::try_from(upstream.host.clone()).map_err(|e| {
-        debug!("{}: upstream name {}: {e}", conn.peer, upstream.host);
-    })?;
-    let session = TlsSession::client(Arc::clone(cfg), name).map_err(|e| {
-        debug!("{}: upstream TLS session: {e}", conn.peer);
-    })?;
-    sock.start_tls(session, &[]).map_err(|e| {
-        debug!("{}: upstream TLS: {e}", conn.peer);
-    })
+    let session = ServerName::try_from(upstream.host.clone())
+        .map_err(|e| e.to_string())
+        .and_then(|name| TlsSession::client(Arc::clone(cfg), name).map_err(|e| e.to_string()))
+        .and_then(|session| sock.start_tls(session, &[]).map_err(|e| e.to_string()));
+    match session {
+        Ok(()) => true,
+        Err(e) => {
+            debug!("{}: upstream {}: TLS: {e}", conn.peer, upstream.host);
+            false
+        }
+    }
 }
 
 /// True when a verified client certificate authenticated this connection (no password is asked for then).

@@ -98,10 +98,10 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 drop_upstream(conn, ctx);
                 try_next(key, conn, ctx)
             }
-            ConnectState::Connected => match super::tls::start_upstream(conn, ctx) {
-                Ok(()) => greet(conn, ctx, reply),
-                Err(()) => fail(conn, ctx, reply, Failure::General),
-            },
+            ConnectState::Connected if super::tls::start_upstream(conn, ctx) => {
+                greet(conn, ctx, reply)
+            }
+            ConnectState::Connected => fail(conn, ctx, reply, Failure::General),
         };
     }
     if let Err(r) = conn.flush_upstream() {
