@@ -295,8 +295,8 @@ fn main() {
     b.run("http canned_response 407", 0, || {
         http::canned_response(black_box(407), black_box(&mut out))
     });
-    b.run("http base64_decode 16", 16, || {
-        http::base64_decode(black_box(b"YWxpY2U6c2VjcmV0"), black_box(&mut out))
+    b.run("base64 decode 16", 16, || {
+        socksgate::proto::base64::decode(black_box(b"YWxpY2U6c2VjcmV0"), black_box(&mut out))
     });
 
     // --- PROXY protocol ---

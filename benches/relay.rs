@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use socksgate::config::Config;
 use socksgate::control::Server;
+use socksgate::proto::{socks5, upstream, Parse, TargetAddr};
 
 /// Bytes pushed per bulk run (per direction and stream count).
 const BULK_BYTES: u64 = 2 << 30;
@@ -88,20 +89,24 @@ fn socks5_connect(proxy: SocketAddr, target: SocketAddr) -> std::io::Result<TcpS
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
-    let SocketAddr::V4(t) = target else {
-        unreachable!("targets are 127.0.0.1")
-    };
-    let mut req = vec![5, 1, 0, 5, 1, 0, 1];
-    req.extend_from_slice(&t.ip().octets());
-    req.extend_from_slice(&t.port().to_be_bytes());
     // Greeting and request in one write (the server parses pipelined handshakes).
-    s.write_all(&req)?;
+    let mut req = [0u8; socks5::MAX_GREETING_LEN + socks5::MAX_REQUEST_LEN];
+    let n = socks5::encode_greeting(&[socks5::METHOD_NO_AUTH], &mut req);
+    let m = socks5::encode_request(
+        socks5::Command::Connect,
+        &TargetAddr::Ip(target),
+        &mut req[n..],
+    );
+    s.write_all(&req[..n + m])?;
+    // Method choice, then the reply: 127.0.0.1 targets get an IPv4 BND.ADDR, 10 bytes.
     let mut reply = [0u8; 2 + 10];
     s.read_exact(&mut reply)?;
-    if reply[..2] != [5, 0] || reply[2..4] != [5, 0] {
-        return Err(std::io::Error::other(format!("refused: {reply:?}")));
+    let method = upstream::parse_method_choice(&reply);
+    let connect = upstream::parse_socks5_reply(&reply[2..]);
+    match (method, connect) {
+        (Ok(Parse::Done(socks5::METHOD_NO_AUTH, 2)), Ok(Parse::Done(r, 10))) if r.rep == 0 => Ok(s),
+        _ => Err(std::io::Error::other(format!("refused: {reply:?}"))),
     }
-    Ok(s)
 }
 
 /// A listener on a free loopback port.

@@ -26,7 +26,7 @@ Usage: scripts/compare-peers.sh [--quick] [--seconds S] [--reps N] [--only LIST]
   --out PREFIX     output files PREFIX.md, PREFIX.svg, PREFIX.jsonl (raw), PREFIX.meta.json
                    (default bench-results/compare, or bench-results/compare-quick)
   --idle-conns N   idle tunnels (default 10000, lowered to what RLIMIT_NOFILE allows)
-  --no-build       do not run cargo build --release
+  --no-build       do not run cargo build --release --workspace
   --no-install     do not apt-get install missing peers (sections needing them are skipped)
   --nice N         run the proxies, the load generator and its targets under `nice -n N`
                    (e.g. -10), so other work on a shared machine takes less of their CPU;

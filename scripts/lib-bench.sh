@@ -98,7 +98,8 @@ start_socksgate() {
 
 # Build the release binaries unless told not to.
 build_release() {
-    (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
+    # --workspace: the proxy and tools/socksgate-load, both into target/release/.
+    (cd "$ROOT" && cargo build --release --workspace --quiet) || die "cargo build --release --workspace failed"
 }
 
 # The soft RLIMIT_NOFILE after raising it as far as allowed; the idle tests need

@@ -26,7 +26,7 @@ Usage: scripts/loadtest.sh [--proxy URL] [--http-proxy URL] [--seconds S] [--pid
   --threads N       worker threads of the socksgate started here (default: all cores)
   --idle-conns N    tunnels held open by the idle mode (default 1000)
   --json FILE       also append every raw JSON line to FILE
-  --no-build        do not run cargo build --release first
+  --no-build        do not run cargo build --release --workspace first
 EOF
 }
 

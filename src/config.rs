@@ -11,6 +11,8 @@ use getopts::Options;
 
 use crate::acl::{self, ClientRules, DestRules};
 use crate::auth::Users;
+use crate::dns::conf::{self, ResolvConf};
+use crate::dns::DnsSettings;
 use crate::resolve::{Resolver, StaticHosts};
 use crate::upstream::Upstream;
 
@@ -31,6 +33,8 @@ pub struct Config {
     pub buffer_size: usize,
     /// Relay with splice(2) through pipes instead of copying through user space.
     pub splice: bool,
+    /// SO_RCVBUF/SO_SNDBUF for both legs of proxied TCP connections (`None` = kernel autotuning).
+    pub socket_buffer: Option<usize>,
     /// Deadline for the whole client handshake, counted from accept.
     pub handshake_timeout: Duration,
     /// Deadline for resolving and connecting to a target.
@@ -111,6 +115,7 @@ impl Default for Config {
             inline_users: Vec::new(),
             buffer_size: 16 * 1024,
             splice: true,
+            socket_buffer: None,
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
@@ -202,6 +207,14 @@ fn options() -> Options {
         "",
         "buffer-size",
         "relay buffer size in bytes (default 16384)",
+        "BYTES",
+    );
+    o.optopt(
+        "",
+        "socket-buffer",
+        "SO_RCVBUF and SO_SNDBUF for both legs of every proxied TCP connection (client, target, upstream), e.g. \
+         64KiB; caps the kernel memory a stalled tunnel holds, at the cost of throughput on long fat paths; \
+         capped by net.core.rmem_max/wmem_max (default: kernel autotuning)",
         "BYTES",
     );
     o.optflag(
@@ -371,8 +384,31 @@ fn options() -> Options {
     o.optopt(
         "",
         "resolver-threads",
-        "threads for blocking DNS lookups (default 4)",
+        "threads for blocking work: getaddrinfo with --dns-system, password hashes (default 4)",
         "N",
+    );
+    o.optmulti(
+        "",
+        "dns",
+        "nameserver to ask instead of those in /etc/resolv.conf; repeatable, tried in order",
+        "IP[:PORT]",
+    );
+    o.optflag(
+        "",
+        "dns-system",
+        "resolve with getaddrinfo on the pool threads (NSS: LDAP, mDNS) instead of the built-in resolver",
+    );
+    o.optopt(
+        "",
+        "dns-max-ttl",
+        "longest time a DNS answer is cached, whatever its TTL (default 5m)",
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "dns-timeout",
+        "wait for one DNS answer before asking the next server (default: resolv.conf timeout, else 5s)",
+        "DUR",
     );
     o.optflag(
         "",
@@ -413,6 +449,30 @@ pub fn parse_socket_addr(s: &str) -> Option<SocketAddr> {
     s.parse().ok()
 }
 
+/// Parses a byte count: plain digits or with a binary suffix (`K`/`KiB`, `M`/`MiB`, `G`/`GiB`, case-insensitive).
+pub fn parse_size(s: &str) -> Option<usize> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, suffix) = s.split_at(split);
+    let unit: usize = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1024,
+        "m" | "mib" => 1024 * 1024,
+        "g" | "gib" => 1024 * 1024 * 1024,
+        _ => return None,
+    };
+    digits.parse::<usize>().ok()?.checked_mul(unit)
+}
+
+/// The `--socket-buffer` value: the kernel takes an int and doubles it, and refuses less than about 2 KiB.
+fn socket_buffer(v: &str) -> Result<usize, ConfigError> {
+    match parse_size(v) {
+        Some(n) if (4096..=1 << 30).contains(&n) => Ok(n),
+        _ => Err(ConfigError(format!(
+            "--socket-buffer: expected BYTES from 4096 to 1GiB (suffixes KiB, MiB, GiB), got {v:?}"
+        ))),
+    }
+}
+
 fn num<T>(m: &getopts::Matches, name: &str, min: T) -> Result<Option<T>, ConfigError>
 where
     T: std::str::FromStr + PartialOrd + Copy + fmt::Display,
@@ -438,6 +498,27 @@ fn dur(m: &getopts::Matches, name: &str, default: Duration) -> Result<Duration, 
             ))),
         },
     }
+}
+
+/// The built-in resolver's settings: /etc/resolv.conf (a missing file means a nameserver on the local host, as
+/// for the C library), overridden by `--dns`, `--dns-timeout` and `--dns-max-ttl`.
+fn dns_settings(m: &getopts::Matches) -> Result<DnsSettings, ConfigError> {
+    let mut s = DnsSettings {
+        conf: ResolvConf::parse(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()),
+        ..DnsSettings::default()
+    };
+    let servers = m.opt_strs("dns");
+    if !servers.is_empty() {
+        s.conf.servers.clear();
+        for v in servers {
+            let a = conf::parse_server(&v)
+                .ok_or_else(|| ConfigError(format!("--dns: expected IP or IP:PORT, got {v:?}")))?;
+            s.conf.servers.push(a);
+        }
+    }
+    s.conf.timeout = dur(m, "dns-timeout", s.conf.timeout)?;
+    s.max_ttl = dur(m, "dns-max-ttl", s.max_ttl)?;
+    Ok(s)
 }
 
 fn ip(m: &getopts::Matches, name: &str) -> Result<Option<IpAddr>, ConfigError> {
@@ -551,6 +632,9 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
         c.buffer_size = b;
     }
     c.splice = !m.opt_present("no-splice");
+    if let Some(v) = m.opt_str("socket-buffer") {
+        c.socket_buffer = Some(socket_buffer(&v)?);
+    }
     c.handshake_timeout = dur(&m, "handshake-timeout", c.handshake_timeout)?;
     c.connect_timeout = dur(&m, "connect-timeout", c.connect_timeout)?;
     c.idle_timeout = dur(&m, "idle-timeout", c.idle_timeout)?;
@@ -631,7 +715,11 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
     if let Some(n) = num::<usize>(&m, "resolver-threads", 1)? {
         c.resolver_threads = n.min(256);
     }
-    c.resolver = Resolver::system(hosts);
+    c.resolver = if m.opt_present("dns-system") {
+        Resolver::system(hosts)
+    } else {
+        Resolver::dns(hosts, dns_settings(&m)?)
+    };
     let verbose = m.opt_count("v") as i32 - m.opt_count("q") as i32;
     c.log_level = match verbose {
         i32::MIN..=-2 => log::LevelFilter::Error,
@@ -703,6 +791,29 @@ mod tests {
     }
 
     #[test]
+    fn socket_buffer_sizes() {
+        assert_eq!(parse_size("65536"), Some(65536));
+        assert_eq!(parse_size("64KiB"), Some(65536));
+        assert_eq!(parse_size("64k"), Some(65536));
+        assert_eq!(parse_size("2MiB"), Some(2 << 20));
+        assert_eq!(parse_size("2M"), Some(2 << 20));
+        assert_eq!(parse_size("1GiB"), Some(1 << 30));
+        assert_eq!(parse_size("MiB"), None);
+        assert_eq!(parse_size("1.5MiB"), None);
+        assert_eq!(parse_size("64 KiB"), None);
+        assert_eq!(parse_size("99999999999999999999M"), None);
+        assert_eq!(run("").unwrap().socket_buffer, None);
+        assert_eq!(
+            run("--socket-buffer 64KiB").unwrap().socket_buffer,
+            Some(65536)
+        );
+        for bad in ["0", "100", "2GiB", "lots"] {
+            let e = run(&format!("--socket-buffer {bad}")).unwrap_err().0;
+            assert!(e.contains("--socket-buffer"), "{e}");
+        }
+    }
+
+    #[test]
     fn bad_values_name_the_flag() {
         assert!(run("--threads 0").unwrap_err().0.contains("--threads"));
         assert!(run("--idle-timeout soon")
@@ -754,9 +865,40 @@ mod tests {
             "--tls-key",
             "--tls-client-ca",
             "--tls-only",
+            "--socket-buffer",
         ] {
             assert!(u.contains(flag), "{flag} missing from help");
         }
         assert!(u.contains("default 16384"));
+    }
+
+    #[test]
+    fn dns_flags() {
+        let c = run("--dns 127.0.0.1:5353 --dns ::1 --dns-timeout 500ms --dns-max-ttl 1m").unwrap();
+        let d = c
+            .resolver
+            .dns_settings()
+            .expect("built-in resolver by default");
+        assert_eq!(
+            d.conf.servers,
+            vec![
+                "127.0.0.1:5353".parse().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ]
+        );
+        assert_eq!(d.conf.timeout, Duration::from_millis(500));
+        assert_eq!(d.max_ttl, Duration::from_secs(60));
+        assert!(run("--dns-system")
+            .unwrap()
+            .resolver
+            .dns_settings()
+            .is_none());
+        for (bad, flag) in [
+            ("--dns dns.example", "--dns"),
+            ("--dns-max-ttl soon", "--dns-max-ttl"),
+            ("--dns-timeout 0", "--dns-timeout"),
+        ] {
+            assert!(run(bad).unwrap_err().0.contains(flag), "{bad}");
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! The control thread: starts workers, handles signals, serves `/metrics`, and fans out reload and drain.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc::{self, Sender};
@@ -9,16 +9,15 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
-use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
-use slab::Slab;
 
 use crate::auth::Users;
 use crate::config::{self, Config};
-use crate::metrics::{self, Stats};
-use crate::net;
+use crate::listen::{ListenError, ListenSet};
+use crate::metrics::serve::Exporter;
+use crate::metrics::Stats;
 use crate::resolve::ResolverPool;
 use crate::worker::{self, Command, Shared, Worker};
 
@@ -31,29 +30,54 @@ struct WorkerHandle {
 /// A running server: its workers, their stats, and the addresses it listens on.
 pub struct Server {
     addrs: Vec<SocketAddr>,
+    /// Our own copy of every listening socket, to hand on in an upgrade; closed when the workers stop accepting,
+    /// so a drained listener refuses connections instead of queueing them.
+    listen_set: Option<ListenSet>,
     workers: Vec<WorkerHandle>,
     stats: Vec<Arc<Stats>>,
     resolver: Option<ResolverPool>,
     cfg: Arc<Config>,
 }
 
+/// The kernel silently clamps SO_RCVBUF/SO_SNDBUF to net.core.rmem_max/wmem_max (then doubles them): say so
+/// once at startup rather than let `--socket-buffer 4MiB` quietly mean 208 KiB.
+fn warn_if_capped(want: usize, listener: &crate::net::Listener) {
+    let sock = socket2::SockRef::from(listener);
+    let rcv = sock.recv_buffer_size().unwrap_or(0);
+    let snd = sock.send_buffer_size().unwrap_or(0);
+    // Linux reports twice what it granted (bookkeeping overhead included).
+    if rcv < 2 * want || snd < 2 * want {
+        warn!(
+            "--socket-buffer {want}: the kernel granted SO_RCVBUF {} and SO_SNDBUF {} (capped by \
+             net.core.rmem_max / net.core.wmem_max)",
+            rcv / 2,
+            snd / 2
+        );
+    }
+}
+
 impl Server {
-    /// Binds every listener on every worker and starts the threads. Port 0 in a listen address is resolved once
-    /// (by the first worker's bind) and reused by the others, so all workers share one port.
+    /// Binds every `-l` address on every worker (see [`ListenSet::bind`]) and starts the threads.
     pub fn start(cfg: Config) -> io::Result<Server> {
+        let set =
+            ListenSet::bind(&cfg.listen, cfg.threads, cfg.socket_buffer).map_err(|e| match e {
+                ListenError::InUse(_) => io::Error::new(io::ErrorKind::AddrInUse, e.to_string()),
+                ListenError::Other(s) => io::Error::other(s),
+            })?;
+        Server::start_with(cfg, set)
+    }
+
+    /// Starts the workers on listening sockets obtained elsewhere.
+    pub fn start_with(cfg: Config, set: ListenSet) -> io::Result<Server> {
         let cfg = Arc::new(cfg);
         let threads = cfg.threads.max(1);
-        let mut addrs: Vec<SocketAddr> = cfg.listen.clone();
-        let mut per_worker: Vec<Vec<TcpListener>> = Vec::with_capacity(threads);
-        for _ in 0..threads {
-            let mut ls = Vec::with_capacity(addrs.len());
-            for a in addrs.iter_mut() {
-                let l = net::reuseport_listener(*a, 1024)
-                    .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))?;
-                *a = l.local_addr()?;
-                ls.push(l);
-            }
-            per_worker.push(ls);
+        let addrs = set.addrs();
+        let per_worker = set.for_workers(threads)?;
+        if let (Some(want), Some(l)) = (
+            cfg.socket_buffer,
+            per_worker.first().and_then(|l| l.first()),
+        ) {
+            warn_if_capped(want, l);
         }
         let resolver = ResolverPool::start(cfg.resolver_threads, cfg.resolver.clone())?;
         let shared = Shared {
@@ -95,6 +119,7 @@ impl Server {
         }
         Ok(Server {
             addrs,
+            listen_set: Some(set),
             workers,
             stats,
             resolver: Some(resolver),
@@ -131,7 +156,8 @@ impl Server {
     }
 
     /// Stops accepting and lets established tunnels run until `deadline`.
-    pub fn drain(&self, deadline: Instant) {
+    pub fn drain(&mut self, deadline: Instant) {
+        self.listen_set = None;
         self.send(|| Command::Drain(deadline));
     }
 
@@ -174,44 +200,71 @@ impl Drop for Server {
 
 const SIGNALS: Token = Token(usize::MAX);
 const METRICS: Token = Token(usize::MAX - 1);
-/// A scrape connection that has not finished within this time is closed.
-const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 
-struct Scrape {
-    stream: TcpStream,
-    request: Vec<u8>,
-    response: Vec<u8>,
-    written: usize,
-    started: Instant,
+/// Why [`run`] ended other than by a completed drain.
+#[derive(Debug)]
+pub enum RunError {
+    /// Startup refused (a listen address in use, bad passed sockets): exit status 2.
+    Startup(String),
+    /// A system error: exit status 1.
+    Io(io::Error),
+    /// A second SIGTERM/SIGINT while draining asked to exit at once: exit status 1.
+    Forced,
+}
+
+impl RunError {
+    /// The process exit status for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Startup(_) => 2,
+            RunError::Io(_) | RunError::Forced => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Startup(s) => f.write_str(s),
+            RunError::Io(e) => write!(f, "{e}"),
+            RunError::Forced => f.write_str("second signal: exited without waiting for tunnels"),
+        }
+    }
+}
+
+impl From<io::Error> for RunError {
+    fn from(e: io::Error) -> RunError {
+        RunError::Io(e)
+    }
 }
 
 /// Runs the server until SIGTERM/SIGINT and the drain that follows. Prints one `listening on ADDR` line per
 /// listener (and `metrics on ADDR`) to stdout once ready, which scripts and tests wait for.
-pub fn run(cfg: Config) -> io::Result<()> {
+pub fn run(cfg: Config) -> Result<(), RunError> {
     let metrics_addr = cfg.metrics;
     let drain_timeout = cfg.drain_timeout;
     let mut poll = Poll::new()?;
     let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
     poll.registry()
         .register(&mut signals, SIGNALS, Interest::READABLE)?;
-    let mut metrics_listener = match metrics_addr {
+    let mut exporter = match metrics_addr {
         Some(a) => {
-            let mut l = TcpListener::bind(a)
-                .map_err(|e| io::Error::new(e.kind(), format!("--metrics {a}: {e}")))?;
-            poll.registry()
-                .register(&mut l, METRICS, Interest::READABLE)?;
-            Some(l)
+            let mut e = Exporter::bind(a)?;
+            e.register(poll.registry(), METRICS)?;
+            Some(e)
         }
         None => None,
     };
-    let server = Server::start(cfg)?;
+    let set = ListenSet::bind(&cfg.listen, cfg.threads, cfg.socket_buffer)
+        .map_err(|e| RunError::Startup(e.to_string()))?;
+    let mut server = Server::start_with(cfg, set)?;
     {
         let mut out = io::stdout().lock();
         for a in server.addrs() {
             let _ = writeln!(out, "socksgate: listening on {a}");
         }
-        if let Some(l) = &metrics_listener {
-            if let Ok(a) = l.local_addr() {
+        if let Some(e) = &exporter {
+            if let Ok(a) = e.local_addr() {
                 let _ = writeln!(out, "socksgate: metrics on http://{a}/metrics");
             }
         }
@@ -226,14 +279,12 @@ pub fn run(cfg: Config) -> io::Result<()> {
     );
     log_tls_setup(server.config());
     let mut events = Events::with_capacity(64);
-    let mut scrapes: Slab<Scrape> = Slab::new();
     let mut draining = false;
-    let mut metrics_backlog = false;
     loop {
         match poll.poll(&mut events, Some(Duration::from_millis(100))) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
         for ev in events.iter() {
             match ev.token() {
@@ -243,7 +294,7 @@ pub fn run(cfg: Config) -> io::Result<()> {
                             SIGHUP => reload(&server),
                             _ if draining => {
                                 warn!("second signal: exiting now");
-                                std::process::exit(1);
+                                return Err(RunError::Forced);
                             }
                             _ => {
                                 draining = true;
@@ -253,37 +304,20 @@ pub fn run(cfg: Config) -> io::Result<()> {
                         }
                     }
                 }
-                METRICS => {
-                    if let Some(l) = metrics_listener.as_mut() {
-                        metrics_backlog = accept_scrapes(l, &mut poll, &mut scrapes);
-                    }
-                }
-                Token(key) => {
-                    if serve_scrape(&mut scrapes, key, &server) {
-                        if let Some(mut s) = scrapes.try_remove(key) {
-                            let _ = poll.registry().deregister(&mut s.stream);
-                        }
+                t => {
+                    if let Some(e) = exporter.as_mut().filter(|e| e.owns(t)) {
+                        let render = || {
+                            let mut text = crate::metrics::render(server.stats());
+                            server.config().resolver.stats().render(&mut text);
+                            text
+                        };
+                        e.on_event(poll.registry(), t, &render);
                     }
                 }
             }
         }
-        // Out of descriptors at the last accept: the edge-triggered listener raises no new event for connections
-        // already queued, so try again every loop turn (100 ms) until the backlog is drained.
-        if metrics_backlog {
-            if let Some(l) = metrics_listener.as_mut() {
-                metrics_backlog = accept_scrapes(l, &mut poll, &mut scrapes);
-            }
-        }
-        let now = Instant::now();
-        let stale: Vec<usize> = scrapes
-            .iter()
-            .filter(|(_, s)| now.duration_since(s.started) > SCRAPE_TIMEOUT)
-            .map(|(k, _)| k)
-            .collect();
-        for k in stale {
-            if let Some(mut s) = scrapes.try_remove(k) {
-                let _ = poll.registry().deregister(&mut s.stream);
-            }
+        if let Some(e) = exporter.as_mut() {
+            e.tick(poll.registry(), Instant::now());
         }
         if draining && server.finished() {
             break;
@@ -355,95 +389,4 @@ fn reload(server: &Server) {
         }
         Err(e) => error!("SIGHUP: keeping the old users table: {e}"),
     }
-}
-
-/// Accepts pending scrapes; true when it stopped on resource exhaustion with connections possibly still queued.
-fn accept_scrapes(l: &mut TcpListener, poll: &mut Poll, scrapes: &mut Slab<Scrape>) -> bool {
-    loop {
-        match l.accept() {
-            Ok((mut stream, _)) => {
-                if scrapes.len() >= 64 {
-                    continue;
-                }
-                let entry = scrapes.vacant_entry();
-                if poll
-                    .registry()
-                    .register(
-                        &mut stream,
-                        Token(entry.key()),
-                        Interest::READABLE | Interest::WRITABLE,
-                    )
-                    .is_ok()
-                {
-                    entry.insert(Scrape {
-                        stream,
-                        request: Vec::new(),
-                        response: Vec::new(),
-                        written: 0,
-                        started: Instant::now(),
-                    });
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-            Err(e) if net::is_resource_exhaustion(&e) => return true,
-            Err(_) => continue,
-        }
-    }
-}
-
-/// Advances one scrape; true when it is finished and should be closed.
-fn serve_scrape(scrapes: &mut Slab<Scrape>, key: usize, server: &Server) -> bool {
-    let Some(s) = scrapes.get_mut(key) else {
-        return false;
-    };
-    if s.response.is_empty() {
-        let mut buf = [0u8; 2048];
-        loop {
-            match s.stream.read(&mut buf) {
-                Ok(0) => return true,
-                Ok(n) => {
-                    s.request.extend_from_slice(&buf[..n]);
-                    if s.request.len() > 16 * 1024 {
-                        return true;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return true,
-            }
-        }
-        if !s.request.windows(4).any(|w| w == b"\r\n\r\n") {
-            return false;
-        }
-        let line_end = s.request.iter().position(|&b| b == b'\r').unwrap_or(0);
-        let line = &s.request[..line_end];
-        let (status, ctype, body) =
-            if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET / ") {
-                (
-                    "200 OK",
-                    "text/plain; version=0.0.4",
-                    metrics::render(server.stats()),
-                )
-            } else {
-                (
-                    "404 Not Found",
-                    "text/plain",
-                    "not found; try /metrics\n".to_string(),
-                )
-            };
-        s.response = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .into_bytes();
-    }
-    while s.written < s.response.len() {
-        match s.stream.write(&s.response[s.written..]) {
-            Ok(n) => s.written += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return true,
-        }
-    }
-    true
 }

@@ -1,12 +1,12 @@
 //! socksgate: a SOCKS5, SOCKS4/4a and HTTP proxy gateway on one port.
 //!
 //! ```text
-//! main thread ("control")          N worker threads (one per core)          M resolver threads
-//! -----------------------          -------------------------------          ------------------
-//! parse CLI -> Config              own mio::Poll, own SO_REUSEPORT          blocking getaddrinfo
-//! signals (SIGHUP/SIGTERM/SIGINT)  listeners, Slab<Conn>, BufferPool,       reply -> worker channel
-//! /metrics listener                timers, Arc<Users>, own Stats            + worker Waker
-//! reload users -> workers          command channel + Waker
+//! main thread ("control")          N worker threads (one per core)          M pool threads + 1 "dns" thread
+//! -----------------------          -------------------------------          -------------------------------
+//! parse CLI -> Config              own mio::Poll, own SO_REUSEPORT          hashes; hosts/cache hits; the dns
+//! signals (SIGHUP/SIGTERM/SIGINT)  listeners, Slab<Conn>, BufferPool,       thread: own mio::Poll, queries
+//! /metrics listener                timers, Arc<Users>, own Stats            reply -> worker channel
+//! reload users -> workers          command channel + Waker                  + worker Waker
 //! ```
 //!
 //! The protocol parsers in [`proto`] are sans-IO (bytes in, values out); [`worker`] drives them from the event
@@ -17,10 +17,15 @@ pub mod auth;
 pub mod buffer;
 pub mod config;
 pub mod control;
+pub mod dns;
+pub mod happy;
+pub mod listen;
 pub mod metrics;
 pub mod net;
 pub mod proto;
 pub mod resolve;
+// The one module allowed to use `unsafe` (workspace lint `unsafe_code = "deny"`); each block has a SAFETY comment.
+#[allow(unsafe_code)]
 pub mod sys;
 pub mod tls;
 pub mod upstream;

@@ -1,5 +1,7 @@
 //! The socksgate binary: parse the command line, set up logging, run the server.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use socksgate::config::{self, Command};
@@ -39,7 +41,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("socksgate: {e}");
-            ExitCode::from(1)
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -4,6 +4,8 @@
 //! read-modify-write on the data path). The control thread reads every worker's `Stats` and sums them when
 //! `/metrics` is scraped.
 
+pub mod serve;
+
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;

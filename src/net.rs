@@ -8,9 +8,25 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::proto::Failure;
 
+/// Sets SO_RCVBUF and SO_SNDBUF to `bytes` (`--socket-buffer`), or leaves the kernel's autotuning alone on `None`.
+/// Set before listen/connect so the window advertised in the SYN is already small; an accepted socket inherits
+/// the listener's values.
+pub fn set_socket_buffer(socket: &Socket, bytes: Option<usize>) -> io::Result<()> {
+    if let Some(n) = bytes {
+        socket.set_recv_buffer_size(n)?;
+        socket.set_send_buffer_size(n)?;
+    }
+    Ok(())
+}
+
 /// A nonblocking listener with SO_REUSEPORT, so every worker can bind the same address and the kernel spreads
-/// incoming connections across them.
-pub fn reuseport_listener(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
+/// incoming connections across them. `socket_buffer` is inherited by every accepted connection. Call
+/// [`probe_exclusive`] first: SO_REUSEPORT alone would let a second socksgate (same user) join the port silently.
+pub fn reuseport_listener(
+    addr: SocketAddr,
+    backlog: i32,
+    socket_buffer: Option<usize>,
+) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         // Keep [::]:p and 0.0.0.0:p independent, so both can be listed with -l.
@@ -18,15 +34,165 @@ pub fn reuseport_listener(addr: SocketAddr, backlog: i32) -> io::Result<TcpListe
     }
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    set_socket_buffer(&socket, socket_buffer)?;
     socket.set_nonblocking(true)?;
     socket.bind(&SockAddr::from(addr))?;
     socket.listen(backlog)?;
     Ok(TcpListener::from_std(socket.into()))
 }
 
+/// Binds `addr` without SO_REUSEPORT (with SO_REUSEADDR, so TIME_WAIT leftovers do not count): this fails with
+/// `AddrInUse` when any process listens on the address, reuseport or not, which a reuseport bind would hide. The
+/// returned socket is bound but not listening; while it is held, [`reuseport_listener`] binds to the same address
+/// still succeed (two SO_REUSEADDR sockets conflict only when one listens), and port 0 is resolved once, here.
+pub fn probe_exclusive(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&SockAddr::from(addr))?;
+    Ok(socket)
+}
+
+/// Inodes of the TCP sockets listening on `addr` (or on an address overlapping it: the wildcard of its family),
+/// from /proc/net/tcp{,6}. Together with the inodes of our own sockets this tells whether another process shares
+/// the port: the check that closes the window between two instances' probes and their listens.
+pub fn listening_inodes(addr: SocketAddr) -> io::Result<Vec<u64>> {
+    let table = if addr.is_ipv4() {
+        "/proc/net/tcp"
+    } else {
+        "/proc/net/tcp6"
+    };
+    let text = std::fs::read_to_string(table)?;
+    Ok(parse_listening(&text, addr))
+}
+
+/// Parses a /proc/net/tcp{,6} table: LISTEN rows on `addr`'s port whose address equals or overlaps it.
+fn parse_listening(text: &str, addr: SocketAddr) -> Vec<u64> {
+    const TCP_LISTEN: &str = "0A";
+    let mut out = Vec::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
+            continue;
+        };
+        if *state != TCP_LISTEN {
+            continue;
+        }
+        let Some((ip_hex, port_hex)) = local.split_once(':') else {
+            continue;
+        };
+        let (Ok(port), Ok(inode)) = (u16::from_str_radix(port_hex, 16), inode.parse::<u64>())
+        else {
+            continue;
+        };
+        let Some(ip) = parse_proc_ip(ip_hex) else {
+            continue;
+        };
+        if port == addr.port()
+            && (ip == addr.ip() || ip.is_unspecified() || addr.ip().is_unspecified())
+        {
+            out.push(inode);
+        }
+    }
+    out
+}
+
+/// The kernel prints addresses as 32-bit words in host byte order.
+fn parse_proc_ip(hex: &str) -> Option<IpAddr> {
+    let word = |i: usize| -> Option<[u8; 4]> {
+        let w = u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok()?;
+        Some(w.to_ne_bytes())
+    };
+    match hex.len() {
+        8 => Some(IpAddr::from(word(0)?)),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            Some(IpAddr::from(b))
+        }
+        _ => None,
+    }
+}
+
+/// The inode of a socket we hold (as listed in /proc/net/tcp), from /proc/self/fd.
+pub fn socket_inode(fd: &impl std::os::fd::AsRawFd) -> io::Result<u64> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    link.to_str()
+        .and_then(|l| l.strip_prefix("socket:["))
+        .and_then(|l| l.strip_suffix(']'))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not a socket"))
+}
+
+/// A worker's listening socket: its own SO_REUSEPORT socket, or one copy of a socket every worker shares (passed
+/// by systemd), which is registered with EPOLLEXCLUSIVE so a connection wakes one loop, not all of them.
+pub struct Listener {
+    inner: TcpListener,
+    exclusive: bool,
+}
+
+impl std::os::fd::AsFd for Listener {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.inner.as_fd()
+    }
+}
+
+impl Listener {
+    /// Wraps a nonblocking listening socket; `shared` when other workers poll the same socket.
+    pub fn new(inner: TcpListener, shared: bool) -> Listener {
+        Listener {
+            inner,
+            exclusive: shared,
+        }
+    }
+
+    /// Adds it to `registry` for readable events with `token`.
+    pub fn register(&mut self, registry: &mio::Registry, token: mio::Token) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        if self.exclusive {
+            crate::sys::epoll_add_exclusive(
+                registry.as_raw_fd(),
+                self.inner.as_raw_fd(),
+                token.0 as u64,
+            )
+        } else {
+            registry.register(&mut self.inner, token, mio::Interest::READABLE)
+        }
+    }
+
+    /// Removes it from `registry`. Needed before closing a shared copy: epoll forgets a socket only when its last
+    /// descriptor closes, and other workers still hold one.
+    pub fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        if self.exclusive {
+            crate::sys::epoll_del(registry.as_raw_fd(), self.inner.as_raw_fd())
+        } else {
+            registry.deregister(&mut self.inner)
+        }
+    }
+
+    /// Accepts one pending connection.
+    pub fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        self.inner.accept()
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
 /// Starts a nonblocking connect to `addr`, from `bind` when given. The connect completes later: see
-/// [`connect_state`].
-pub fn connect(addr: SocketAddr, bind: Option<IpAddr>) -> io::Result<TcpStream> {
+/// [`connect_state`]. `socket_buffer` as in [`set_socket_buffer`].
+pub fn connect(
+    addr: SocketAddr,
+    bind: Option<IpAddr>,
+    socket_buffer: Option<usize>,
+) -> io::Result<TcpStream> {
     // SOCK_NONBLOCK at creation: two fcntl calls fewer per outbound connection than set_nonblocking.
     let socket = Socket::new(
         Domain::for_address(addr),
@@ -34,6 +200,7 @@ pub fn connect(addr: SocketAddr, bind: Option<IpAddr>) -> io::Result<TcpStream> 
         Some(Protocol::TCP),
     )?;
     socket.set_tcp_nodelay(true)?;
+    set_socket_buffer(&socket, socket_buffer)?;
     if let Some(ip) = bind {
         if ip.is_ipv4() != addr.is_ipv4() {
             return Err(io::Error::new(
@@ -46,17 +213,12 @@ pub fn connect(addr: SocketAddr, bind: Option<IpAddr>) -> io::Result<TcpStream> 
     match socket.connect(&SockAddr::from(addr)) {
         Ok(()) => {}
         Err(e)
-            if e.raw_os_error() == Some(EINPROGRESS) || e.kind() == io::ErrorKind::WouldBlock => {}
+            if e.raw_os_error() == Some(libc::EINPROGRESS)
+                || e.kind() == io::ErrorKind::WouldBlock => {}
         Err(e) => return Err(e),
     }
     Ok(TcpStream::from_std(socket.into()))
 }
-
-const EINPROGRESS: i32 = 115;
-const ENFILE: i32 = 23;
-const EMFILE: i32 = 24;
-const ENOBUFS: i32 = 105;
-const ENOMEM: i32 = 12;
 
 /// Where a nonblocking connect stands.
 #[derive(Debug)]
@@ -98,7 +260,10 @@ pub fn failure_of(err: &io::Error) -> Failure {
 
 /// True for errors that mean "out of file descriptors or kernel memory": pause accepting instead of spinning.
 pub fn is_resource_exhaustion(err: &io::Error) -> bool {
-    matches!(err.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS | ENOMEM))
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 /// A nonblocking UDP socket bound to `addr` (port 0 = kernel's choice).
@@ -112,9 +277,10 @@ pub fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
     Ok(UdpSocket::from_std(socket.into()))
 }
 
-/// A nonblocking single-use listener for SOCKS BIND.
-pub fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+/// A nonblocking single-use listener for SOCKS BIND; its accepted connection inherits `socket_buffer`.
+pub fn bind_listener(addr: SocketAddr, socket_buffer: Option<usize>) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    set_socket_buffer(&socket, socket_buffer)?;
     socket.set_nonblocking(true)?;
     socket.bind(&SockAddr::from(addr))?;
     socket.listen(1)?;
@@ -134,24 +300,83 @@ mod tests {
         );
         assert_eq!(failure_of(&e(io::ErrorKind::TimedOut)), Failure::TimedOut);
         assert_eq!(
-            failure_of(&io::Error::from_raw_os_error(101)),
+            failure_of(&io::Error::from_raw_os_error(libc::ENETUNREACH)),
             Failure::NetworkUnreachable
         );
         assert_eq!(
-            failure_of(&io::Error::from_raw_os_error(113)),
+            failure_of(&io::Error::from_raw_os_error(libc::EHOSTUNREACH)),
             Failure::HostUnreachable
         );
-        assert!(is_resource_exhaustion(&io::Error::from_raw_os_error(24)));
+        assert!(is_resource_exhaustion(&io::Error::from_raw_os_error(
+            libc::EMFILE
+        )));
         assert!(!is_resource_exhaustion(&e(
             io::ErrorKind::ConnectionRefused
         )));
     }
 
     #[test]
+    fn probe_fails_on_a_reuseport_listener_and_holds_port_zero() {
+        let probe = probe_exclusive("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = probe.local_addr().unwrap().as_socket().unwrap();
+        assert_ne!(addr.port(), 0);
+        // While the probe is held, our own reuseport set binds the same port.
+        let l = reuseport_listener(addr, 16, None).unwrap();
+        drop(probe);
+        assert_eq!(
+            probe_exclusive(addr).unwrap_err().kind(),
+            io::ErrorKind::AddrInUse
+        );
+        let inodes = listening_inodes(addr).unwrap();
+        assert_eq!(inodes, vec![socket_inode(&l).unwrap()]);
+    }
+
+    #[test]
+    fn proc_net_tcp_rows() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100007F:0438 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 111 1 0\n\
+   1: 00000000:0438 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 222 1 0\n\
+   2: 0100007F:0438 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 333 1 0\n\
+   3: 0200007F:0438 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 444 1 0\n";
+        let got = parse_listening(text, "127.0.0.1:1080".parse().unwrap());
+        assert_eq!(got, vec![111, 222]);
+        let six = "header\n 0: 00000000000000000000000001000000:0438 00000000000000000000000000000000:0000 0A 0 0 0 0 0 555 1\n";
+        assert_eq!(
+            parse_listening(six, "[::1]:1080".parse().unwrap()),
+            vec![555]
+        );
+    }
+
+    #[test]
     fn reuseport_allows_many_binds() {
-        let a = reuseport_listener("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let a = reuseport_listener("127.0.0.1:0".parse().unwrap(), 16, None).unwrap();
         let addr = a.local_addr().unwrap();
-        let b = reuseport_listener(addr, 16).unwrap();
+        let b = reuseport_listener(addr, 16, None).unwrap();
         assert_eq!(b.local_addr().unwrap(), addr);
+    }
+
+    #[test]
+    fn socket_buffer_reaches_accepted_and_outbound_sockets() {
+        // Linux reports twice the value set (bookkeeping overhead); small values are below every rmem_max.
+        let want = 16 * 1024;
+        let l = reuseport_listener("127.0.0.1:0".parse().unwrap(), 16, Some(want)).unwrap();
+        let out = connect(l.local_addr().unwrap(), None, Some(want)).unwrap();
+        let out = socket2::SockRef::from(&out);
+        assert_eq!(out.recv_buffer_size().unwrap(), 2 * want);
+        assert_eq!(out.send_buffer_size().unwrap(), 2 * want);
+        let start = std::time::Instant::now();
+        let accepted = loop {
+            match l.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    assert!(start.elapsed().as_secs() < 20, "no connection to accept");
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        let accepted = socket2::SockRef::from(&accepted);
+        assert_eq!(accepted.recv_buffer_size().unwrap(), 2 * want);
+        assert_eq!(accepted.send_buffer_size().unwrap(), 2 * want);
     }
 }

@@ -9,11 +9,15 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Instant;
 
 use crate::auth::{Authorized, Users};
+use crate::dns::stats::{self, DnsStats};
+use crate::dns::{self, Dns, DnsSettings};
 
 /// Names answered without DNS (`--resolve NAME=IP[,IP]`).
 #[derive(Debug, Clone, Default)]
@@ -52,10 +56,21 @@ impl StaticHosts {
 
 type LookupFn = dyn Fn(&str, u16) -> io::Result<Vec<SocketAddr>> + Send + Sync;
 
-/// How names become addresses: the system resolver behind static entries, or an injected function (tests).
+#[derive(Clone)]
+enum Backend {
+    /// A blocking function run on the pool threads (getaddrinfo, or one injected by tests).
+    Blocking(Arc<LookupFn>),
+    /// The non-blocking resolver in src/dns.
+    Dns(Arc<DnsSettings>),
+}
+
+/// How names become addresses: static `--resolve` entries first, then the system resolver, our own DNS resolver,
+/// or an injected function (tests).
 #[derive(Clone)]
 pub struct Resolver {
-    lookup: Arc<LookupFn>,
+    hosts: Arc<StaticHosts>,
+    backend: Backend,
+    stats: Arc<DnsStats>,
 }
 
 impl fmt::Debug for Resolver {
@@ -65,26 +80,28 @@ impl fmt::Debug for Resolver {
 }
 
 impl Resolver {
-    /// `getaddrinfo` (through std), after the static entries.
+    /// `getaddrinfo` (through std) on the pool threads, after the static entries (`--dns-system`).
     pub fn system(hosts: StaticHosts) -> Resolver {
-        Resolver::custom(move |name, port| {
-            if let Some(ips) = hosts.get(name) {
-                return Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect());
-            }
-            // RFC 6761 §6.4: resolver libraries should answer "invalid." names negatively without querying DNS.
-            let lower = name.trim_end_matches('.').to_ascii_lowercase();
-            if lower == "invalid" || lower.ends_with(".invalid") {
-                return Err(io::Error::new(
-                    io::ErrorKind::NotFound,
-                    "name does not resolve (.invalid)",
-                ));
-            }
-            let addrs: Vec<SocketAddr> = (name, port).to_socket_addrs()?.collect();
-            if addrs.is_empty() {
-                return Err(io::Error::new(io::ErrorKind::NotFound, "no addresses"));
-            }
-            Ok(addrs)
-        })
+        Resolver {
+            hosts: Arc::new(hosts),
+            backend: Backend::Blocking(Arc::new(|name: &str, port| {
+                let addrs: Vec<SocketAddr> = (name, port).to_socket_addrs()?.collect();
+                if addrs.is_empty() {
+                    return Err(io::Error::new(io::ErrorKind::NotFound, "no addresses"));
+                }
+                Ok(addrs)
+            })),
+            stats: Arc::default(),
+        }
+    }
+
+    /// The non-blocking resolver with its cache (src/dns), after the static entries.
+    pub fn dns(hosts: StaticHosts, settings: DnsSettings) -> Resolver {
+        Resolver {
+            hosts: Arc::new(hosts),
+            backend: Backend::Dns(Arc::new(settings)),
+            stats: Arc::default(),
+        }
     }
 
     /// An injected lookup function.
@@ -92,13 +109,91 @@ impl Resolver {
         f: impl Fn(&str, u16) -> io::Result<Vec<SocketAddr>> + Send + Sync + 'static,
     ) -> Resolver {
         Resolver {
-            lookup: Arc::new(f),
+            hosts: Arc::default(),
+            backend: Backend::Blocking(Arc::new(f)),
+            stats: Arc::default(),
         }
     }
 
-    /// Runs a lookup on the calling thread (only resolver threads and tests call this).
+    /// The resolver's counters (rendered on /metrics).
+    pub fn stats(&self) -> &DnsStats {
+        &self.stats
+    }
+
+    /// The DNS settings, unless this is the system resolver or an injected function.
+    pub fn dns_settings(&self) -> Option<&DnsSettings> {
+        match &self.backend {
+            Backend::Dns(s) => Some(s),
+            Backend::Blocking(_) => None,
+        }
+    }
+
+    /// What needs no lookup at all: `--resolve` entries, IP literals and RFC 6761 `.invalid` names.
+    fn early(&self, name: &str, port: u16) -> Option<io::Result<Vec<SocketAddr>>> {
+        if let Some(ips) = self.hosts.get(name) {
+            self.stats.static_hits.fetch_add(1, Relaxed);
+            return Some(Ok(ips
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, port))
+                .collect()));
+        }
+        if let Ok(ip) = name.parse::<IpAddr>() {
+            return Some(Ok(vec![SocketAddr::new(ip, port)]));
+        }
+        // RFC 6761 §6.4: resolver libraries should answer "invalid." names negatively without querying DNS.
+        let lower = name.trim_end_matches('.').to_ascii_lowercase();
+        if lower == "invalid" || lower.ends_with(".invalid") {
+            self.stats.errors[stats::error_index(dns::lookup::Error::NxDomain)]
+                .fetch_add(1, Relaxed);
+            return Some(Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "name does not resolve (.invalid)",
+            )));
+        }
+        None
+    }
+
+    /// Runs a lookup on the calling thread: static entries, then the blocking backend (only pool threads and
+    /// tests call this; with the DNS backend only the static part answers here).
     pub fn lookup(&self, name: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
-        (self.lookup)(name, port)
+        if let Some(r) = self.early(name, port) {
+            return r;
+        }
+        match &self.backend {
+            Backend::Blocking(f) => {
+                let started = Instant::now();
+                let r = f(name, port);
+                self.stats.observe(started.elapsed());
+                if r.is_err() {
+                    self.stats.errors[stats::SYSTEM_ERROR].fetch_add(1, Relaxed);
+                }
+                r
+            }
+            Backend::Dns(_) => Err(io::Error::other(
+                "the DNS resolver answers through the pool",
+            )),
+        }
+    }
+}
+
+/// Answers that need no thread hop, for a worker to try before it sends a `Work::Resolve`: `--resolve` entries, IP
+/// literals, `.invalid`, and with the built-in resolver the hosts file and live cache entries. `None` means "ask the
+/// pool". Costs two uncontended mutexes and a hash lookup; never blocks on the network.
+#[derive(Clone)]
+pub struct QuickAnswers {
+    resolver: Resolver,
+    dns: Option<Arc<Dns>>,
+}
+
+impl QuickAnswers {
+    /// The answer for `host:port` if it is known without a query.
+    pub fn get(&self, host: &str, port: u16) -> Option<io::Result<Vec<SocketAddr>>> {
+        if let Some(r) = self.resolver.early(host, port) {
+            return Some(r);
+        }
+        let dns = self.dns.as_ref()?;
+        let hit = dns.quick(host, Instant::now())?;
+        Some(dns.result(&hit, port))
     }
 }
 
@@ -165,31 +260,49 @@ pub struct Reply {
     pub outcome: Outcome,
 }
 
-/// A fixed pool of resolver threads sharing one job queue.
+/// A fixed pool of threads sharing one job queue: blocking work, and the front of the DNS resolver.
 pub struct ResolverPool {
     tx: Option<Sender<Job>>,
     threads: Vec<thread::JoinHandle<()>>,
+    dns: Option<Arc<Dns>>,
+    resolver: Resolver,
 }
 
 impl ResolverPool {
     /// Starts `n` threads.
+    /// Starts `n` threads (and the DNS resolver thread when the resolver is ours).
     pub fn start(n: usize, resolver: Resolver) -> io::Result<ResolverPool> {
+        let dns = match resolver.dns_settings() {
+            Some(s) => Some(Arc::new(Dns::start(s, Arc::clone(&resolver.stats))?)),
+            None => None,
+        };
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         let mut threads = Vec::new();
         for i in 0..n.max(1) {
             let rx = Arc::clone(&rx);
-            let resolver = resolver.clone();
+            let resolver2 = resolver.clone();
+            let dns = dns.clone();
             threads.push(
                 thread::Builder::new()
                     .name(format!("resolver-{i}"))
-                    .spawn(move || run(&rx, &resolver))?,
+                    .spawn(move || run(&rx, &resolver2, dns.as_deref()))?,
             );
         }
         Ok(ResolverPool {
             tx: Some(tx),
             threads,
+            dns,
+            resolver,
         })
+    }
+
+    /// Answers a worker can take without a round trip through the pool (see [`QuickAnswers`]).
+    pub fn quick_answers(&self) -> QuickAnswers {
+        QuickAnswers {
+            resolver: self.resolver.clone(),
+            dns: self.dns.clone(),
+        }
     }
 
     /// A handle workers use to submit jobs.
@@ -206,10 +319,13 @@ impl ResolverPool {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        if let Some(d) = self.dns.take().and_then(|d| Arc::try_unwrap(d).ok()) {
+            d.shutdown();
+        }
     }
 }
 
-fn run(rx: &Mutex<Receiver<Job>>, resolver: &Resolver) {
+fn run(rx: &Mutex<Receiver<Job>>, resolver: &Resolver, dns: Option<&Dns>) {
     loop {
         // Hold the lock only to take a job, never while resolving.
         let job = match rx.lock() {
@@ -217,6 +333,14 @@ fn run(rx: &Mutex<Receiver<Job>>, resolver: &Resolver) {
             Err(_) => return,
         };
         let Ok(job) = job else { return };
+        if let (Some(dns), Work::Resolve { host, port }) = (dns, &job.work) {
+            // Static answers here; everything else is answered by the DNS side (hosts file, cache, resolver thread).
+            match resolver.early(host, *port) {
+                Some(r) => reply(job, Outcome::Resolved(r)),
+                None => dns.submit(job),
+            }
+            continue;
+        }
         let outcome = match job.work {
             Work::Resolve { host, port } => Outcome::Resolved(resolver.lookup(&host, port)),
             Work::Verify {
@@ -229,15 +353,23 @@ fn run(rx: &Mutex<Receiver<Job>>, resolver: &Resolver) {
                 Outcome::Verified(v)
             }
         };
-        let reply = Reply {
-            key: job.key,
-            gen: job.gen,
-            tag: job.tag,
-            outcome,
-        };
-        if job.reply.tx.send(reply).is_ok() {
-            let _ = job.reply.waker.wake();
-        }
+        send_reply(job.key, job.gen, job.tag, &job.reply, outcome);
+    }
+}
+
+fn reply(job: Job, outcome: Outcome) {
+    send_reply(job.key, job.gen, job.tag, &job.reply, outcome);
+}
+
+fn send_reply(key: usize, gen: u32, tag: u32, to: &ReplyTo, outcome: Outcome) {
+    let reply = Reply {
+        key,
+        gen,
+        tag,
+        outcome,
+    };
+    if to.tx.send(reply).is_ok() {
+        let _ = to.waker.wake();
     }
 }
 
@@ -266,5 +398,100 @@ mod tests {
             .unwrap()
             .iter()
             .all(|a| a.ip().is_loopback()));
+    }
+
+    #[test]
+    fn pool_resolves_through_the_dns_thread_and_fills_the_cache() {
+        use crate::dns::message::tests::{a, response};
+        use hickory_proto::op::{Message, ResponseCode};
+        use hickory_proto::rr::RecordType;
+        use std::net::UdpSocket;
+
+        // A nameserver on loopback answering A 127.0.0.7 (TTL 60) and NODATA for AAAA, counting queries.
+        let ns = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let ns_addr = ns.local_addr().unwrap();
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let asked2 = Arc::clone(&asked);
+        thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = ns.recv_from(&mut buf) {
+                let Ok(q) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let question = &q.queries()[0];
+                let name = question.name().to_ascii();
+                asked2.fetch_add(1, Relaxed);
+                let answers = if question.query_type() == RecordType::A {
+                    vec![a(&name, 60, [127, 0, 0, 7])]
+                } else {
+                    vec![]
+                };
+                let r = response(
+                    q.id(),
+                    &name,
+                    question.query_type(),
+                    ResponseCode::NoError,
+                    answers,
+                    None,
+                );
+                let _ = ns.send_to(&r, from);
+            }
+        });
+        let dir = std::env::temp_dir().join(format!("socksgate-pool-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let hosts_path = dir.join("hosts");
+        std::fs::write(&hosts_path, "127.0.0.8 fromfile.test\n").unwrap();
+        let mut statics = StaticHosts::default();
+        statics.add("pinned.test=127.0.0.9").unwrap();
+        let mut settings = DnsSettings {
+            hosts_path,
+            ..DnsSettings::default()
+        };
+        settings.conf.servers = vec![ns_addr];
+        let pool = ResolverPool::start(1, Resolver::dns(statics, settings)).unwrap();
+        let quick = pool.quick_answers();
+        let ip = |r: Option<io::Result<Vec<SocketAddr>>>| r.map(|r| r.unwrap()[0].to_string());
+        assert_eq!(ip(quick.get("pinned.test", 1)), Some("127.0.0.9:1".into()));
+        assert_eq!(
+            ip(quick.get("FromFile.test", 2)),
+            Some("127.0.0.8:2".into())
+        );
+        assert!(quick.get("x.invalid", 3).unwrap().is_err());
+        assert!(quick.get("asked.test", 4).is_none(), "not cached yet");
+
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        let (tx, rx) = mpsc::channel();
+        let reply = ReplyTo { tx, waker };
+        let ask = |key| {
+            pool.sender()
+                .send(Job {
+                    key,
+                    gen: 7,
+                    tag: 0,
+                    work: Work::Resolve {
+                        host: "asked.test".into(),
+                        port: 80,
+                    },
+                    reply: reply.clone(),
+                })
+                .unwrap();
+        };
+        ask(1);
+        let r = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        assert_eq!((r.key, r.gen), (1, 7));
+        let Outcome::Resolved(Ok(addrs)) = r.outcome else {
+            panic!("not resolved")
+        };
+        assert_eq!(addrs, vec!["127.0.0.7:80".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(asked.load(Relaxed), 2, "one A and one AAAA query");
+        // Now cached: the quick path and the pool both answer without a query.
+        assert_eq!(ip(quick.get("asked.test", 5)), Some("127.0.0.7:5".into()));
+        ask(2);
+        assert!(rx.recv_timeout(std::time::Duration::from_secs(10)).is_ok());
+        assert_eq!(asked.load(Relaxed), 2);
+        assert_eq!(pool.resolver.stats().cache_hits.load(Relaxed), 2);
+        drop(quick);
+        pool.shutdown();
     }
 }

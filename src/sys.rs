@@ -1,6 +1,7 @@
 //! The only place with `unsafe`: syscalls std does not wrap.
 
 use std::io;
+use std::os::fd::{OwnedFd, RawFd};
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the new soft limit. A proxy holds two descriptors
 /// per tunnel, so the common default soft limit of 1024 would cap it at ~500 tunnels; HAProxy and nginx raise it
@@ -25,6 +26,14 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     // rlim_t is u64 on Linux but not on every target.
     #[allow(clippy::unnecessary_cast)]
     Ok(lim.rlim_cur as u64)
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`), the unit of the CPU times in /proc/PID/stat; `None` if the
+/// system does not say.
+pub fn clock_ticks_per_second() -> Option<u64> {
+    // SAFETY: sysconf has no preconditions; it reads a configuration value and touches no memory of ours.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(t).ok().filter(|&t| t > 0)
 }
 
 /// Overwrites the password part of `-U/--user NAME:PASS` arguments in this process's own argument block, so
@@ -166,4 +175,105 @@ fn splice(from: std::os::fd::RawFd, to: std::os::fd::RawFd, len: usize) -> io::R
             return Err(e);
         }
     }
+}
+
+/// Adds `fd` to the epoll set `epfd` for edge-triggered readability with EPOLLEXCLUSIVE, so when several event
+/// loops poll one listening socket a connection wakes one of them, not all (mio does not expose the flag). The
+/// event's data is `token`, as mio's own registrations use, so the event arrives through mio with that token.
+pub fn epoll_add_exclusive(epfd: RawFd, fd: RawFd, token: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLET | libc::EPOLLEXCLUSIVE) as u32,
+        u64: token,
+    };
+    // SAFETY: epoll_ctl reads `ev`, a valid epoll_event on our stack; bad descriptors are reported as errors.
+    if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Removes `fd` from the epoll set `epfd`.
+pub fn epoll_del(epfd: RawFd, fd: RawFd) -> io::Result<()> {
+    // SAFETY: EPOLL_CTL_DEL ignores the event argument (null is allowed since Linux 2.6.9).
+    if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Takes ownership of descriptor `fd` that this process inherited (from systemd or from the process it replaces)
+/// and marks it close-on-exec again, so it does not leak into programs started later. Fails when `fd` is not open.
+pub fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    if fd < 3 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "descriptors 0-2 are stdio",
+        ));
+    }
+    // SAFETY: F_GETFD only queries the descriptor's flags; it fails with EBADF when `fd` is not open.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFD sets descriptor flags only.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is open (checked above) and was handed to this process by its parent under a protocol
+    // (sd_listen_fds or our upgrade variables) that makes us its only owner; it is taken once, at startup.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A close-on-exec pipe (read end, write end), for the upgrade's readiness message.
+pub fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds`, a valid array of two c_ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Makes `cmd`'s child keep `fds` across exec (they stay close-on-exec in this process): the flag is cleared
+/// between fork and exec, in the child only, so no other thread's exec can leak them meanwhile.
+pub fn keep_fds_in_child(cmd: &mut std::process::Command, fds: Vec<RawFd>) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook runs in the forked child before exec; it only calls fcntl, which is async-signal-safe, and
+    // allocates nothing (`fds` was allocated before the fork and is only read).
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// CLOCK_MONOTONIC in microseconds, for sd_notify's `MONOTONIC_USEC` (systemd compares it with its own clock).
+pub fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into `ts`, a valid, exclusively borrowed timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1000
+}
+
+/// Sends `sig` to process `pid`.
+pub fn kill(pid: u32, sig: libc::c_int) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
+    // SAFETY: kill takes plain integers and touches no memory.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -26,6 +26,9 @@ use common::*;
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
+/// SO_RCVBUF/SO_SNDBUF of the test's own sockets in backpressure tests, so that only the proxy's sockets can be
+/// large (and those are bounded from /proc, see [`stall_limit`]).
+const TEST_SOCKET_BUFFER: usize = 64 * KIB;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Shared helpers
@@ -173,10 +176,18 @@ fn read_until_end(s: &mut TcpStream, limit: usize) -> (Vec<u8>, End) {
     }
 }
 
-/// Writes up to `limit` bytes without blocking for as long as the peer takes them. Returns the total once no byte
-/// was accepted for 200 consecutive polls 10 ms apart (the writes block: backpressure), or `limit` when everything
-/// went through. Bounded by two minutes in any case.
-fn write_until_stalled(s: &mut TcpStream, limit: usize) -> usize {
+/// Writes up to `limit` bytes without blocking for as long as the peer takes them. Returns the total and `true` once
+/// no byte was accepted for 200 consecutive polls 10 ms apart (the writes block: backpressure), or `false` when
+/// `limit` went through or two minutes passed (no backpressure).
+fn write_until_stalled(s: &mut TcpStream, limit: usize) -> (usize, bool) {
+    match try_write_until_stalled(s, limit) {
+        (total, Ok(stalled)) => (total, stalled),
+        (total, Err(e)) => panic!("write failed after {total} bytes: {e}"),
+    }
+}
+
+/// [`write_until_stalled`], returning a write error instead of panicking on it.
+fn try_write_until_stalled(s: &mut TcpStream, limit: usize) -> (usize, std::io::Result<bool>) {
     s.set_nonblocking(true).expect("nonblocking");
     let chunk = vec![0xA5u8; 256 * KIB];
     let start = Instant::now();
@@ -194,11 +205,16 @@ fn write_until_stalled(s: &mut TcpStream, limit: usize) -> usize {
                 thread::sleep(Duration::from_millis(10));
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => panic!("write failed after {total} bytes: {e}"),
+            Err(e) => return (total, Err(e)),
         }
     }
     s.set_nonblocking(false).expect("blocking");
-    total
+    (total, Ok(idle >= 200))
+}
+
+/// A SOCKS5 CONNECT from a client socket with small kernel buffers (see [`TEST_SOCKET_BUFFER`]).
+fn socks5_connect_small(proxy: SocketAddr, target: SocketAddr) -> TcpStream {
+    socks5_connect_on(connect_buffered(proxy, TEST_SOCKET_BUFFER), target).expect("CONNECT")
 }
 
 /// A client socket with the usual generous timeouts, as a `Result` (for worker threads that report, not panic).
@@ -302,7 +318,8 @@ impl Holder {
     fn start() -> Holder {
         let held = Arc::new(Mutex::new(Vec::new()));
         let h = Arc::clone(&held);
-        let server = TestServer::start(move |s| h.lock().unwrap().push(s));
+        let server =
+            TestServer::start_buffered(TEST_SOCKET_BUFFER, move |s| h.lock().unwrap().push(s));
         Holder { server, held }
     }
 
@@ -392,19 +409,20 @@ fn target_reset_mid_transfer_closes_tunnel() {
     // (c) The target fills the path to a client that is not reading yet, then resets; the proxy has bytes parked
     // for the client when the reset comes. Once the client reads, it gets a prefix and then the close.
     let (tx, rx) = mpsc::channel();
-    let flood = TestServer::start(move |mut s| {
-        let sent = write_until_stalled(&mut s, 64 * MIB);
+    let limit = stall_limit(2);
+    let flood = TestServer::start_buffered(TEST_SOCKET_BUFFER, move |mut s| {
+        let sent = write_until_stalled(&mut s, limit);
         abort_close(s);
         let _ = tx.send(sent);
     });
-    let mut c = socks5_connect(p.addr(), flood.addr).expect("CONNECT to the flooding target");
-    let flooded = rx
+    let mut c = socks5_connect_small(p.addr(), flood.addr);
+    let (flooded, stalled) = rx
         .recv_timeout(Duration::from_secs(180))
         .expect("flooding target finished");
     eprintln!("(c) the target wrote {flooded} bytes before resetting");
     assert!(
-        flooded < 64 * MIB,
-        "(c) 64 MiB went into a tunnel whose client is not reading: no backpressure"
+        stalled,
+        "(c) {flooded} bytes went into a tunnel whose client is not reading: no backpressure"
     );
     let (got, end) = read_until_end(&mut c, usize::MAX);
     eprintln!("(c) the client read {} bytes, then {end:?}", got.len());
@@ -431,7 +449,7 @@ fn target_reset_mid_transfer_closes_tunnel() {
 /// baseline.
 #[test]
 fn stalled_peers_backpressure_bounds_memory() {
-    const LIMIT: usize = 64 * MIB;
+    let limit = stall_limit(2);
     let p = start_proxy(&[]);
     let echo = TestServer::echo();
     let fd_base = baseline(&p, echo.addr);
@@ -447,14 +465,14 @@ fn stalled_peers_backpressure_bounds_memory() {
     let (tx, rx) = mpsc::channel();
     let held = Arc::new(Mutex::new(Vec::new()));
     let held2 = Arc::clone(&held);
-    let flood = TestServer::start(move |mut s| {
+    let flood = TestServer::start_buffered(TEST_SOCKET_BUFFER, move |mut s| {
         let mut first = [0u8; 1];
         if s.peek(&mut first).is_ok() && first[0] == b'G' {
             read_http_head(&mut s);
-            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {LIMIT}\r\n\r\n");
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {limit}\r\n\r\n");
             s.write_all(head.as_bytes()).unwrap();
         }
-        let n = write_until_stalled(&mut s, LIMIT);
+        let n = write_until_stalled(&mut s, limit);
         held2.lock().unwrap().push(s);
         let _ = tx.send(n);
     });
@@ -462,54 +480,54 @@ fn stalled_peers_backpressure_bounds_memory() {
     let mut report = Vec::new();
 
     // SOCKS5: client -> target that never reads.
-    let mut c = socks5_connect(p.addr(), sink.addr()).expect("CONNECT to the sink");
-    let n = write_until_stalled(&mut c, LIMIT);
+    let mut c = socks5_connect_small(p.addr(), sink.addr());
+    let (n, stalled) = write_until_stalled(&mut c, limit);
     assert!(
-        n < LIMIT,
-        "SOCKS5: the client wrote all {LIMIT} bytes to a target that never reads"
+        stalled,
+        "SOCKS5: the client wrote {n} bytes to a target that never reads without blocking"
     );
     report.push(format!("socks5 up {n}"));
     clients.push(c);
 
     // SOCKS5: target -> client that never reads (the flooding target speaks first).
-    let mut c = socks5_connect(p.addr(), flood.addr).expect("CONNECT to the flooding target");
+    let mut c = socks5_connect_small(p.addr(), flood.addr);
     c.write_all(b"x").unwrap();
-    let n = rx
+    let (n, stalled) = rx
         .recv_timeout(Duration::from_secs(180))
         .expect("flooding target finished");
     assert!(
-        n < LIMIT,
-        "SOCKS5: the target wrote all {LIMIT} bytes to a client that never reads"
+        stalled,
+        "SOCKS5: the target wrote {n} bytes to a client that never reads without blocking"
     );
     report.push(format!("socks5 down {n}"));
     clients.push(c);
 
     // HTTP forwarding: a request body to an origin that never reads.
-    let mut c = connect(p.addr());
+    let mut c = connect_buffered(p.addr(), TEST_SOCKET_BUFFER);
     let port = sink.addr().port();
     let head = format!(
-        "POST http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {LIMIT}\r\n\r\n"
+        "POST http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {limit}\r\n\r\n"
     );
     c.write_all(head.as_bytes()).unwrap();
-    let n = write_until_stalled(&mut c, LIMIT);
+    let (n, stalled) = write_until_stalled(&mut c, limit);
     assert!(
-        n < LIMIT,
-        "HTTP: the client uploaded all {LIMIT} bytes to an origin that never reads"
+        stalled,
+        "HTTP: the client uploaded {n} bytes to an origin that never reads without blocking"
     );
     report.push(format!("http up {n}"));
     clients.push(c);
 
     // HTTP forwarding: a response body to a client that never reads.
-    let mut c = connect(p.addr());
+    let mut c = connect_buffered(p.addr(), TEST_SOCKET_BUFFER);
     let port = flood.addr.port();
     let head = format!("GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n");
     c.write_all(head.as_bytes()).unwrap();
-    let n = rx
+    let (n, stalled) = rx
         .recv_timeout(Duration::from_secs(180))
         .expect("flooding origin finished");
     assert!(
-        n < LIMIT,
-        "HTTP: the origin sent all {LIMIT} bytes to a client that never reads"
+        stalled,
+        "HTTP: the origin sent {n} bytes to a client that never reads without blocking"
     );
     report.push(format!("http down {n}"));
     clients.push(c);
@@ -543,24 +561,43 @@ fn stalled_peers_backpressure_bounds_memory() {
 /// move; the idle timeout (3 s here) must still release the tunnel, its socket to the target and its buffer.
 #[test]
 fn client_reset_mid_transfer_frees_tunnel() {
-    let p = start_proxy(&["--idle-timeout", "3s"]);
-    let echo = TestServer::echo();
+    // (a) runs on a proxy with the default idle timeout: while the kernel still trickles the client's bytes into the
+    // proxy's full receive queue, the proxy itself moves nothing, and a 3 s idle timeout could close the tunnel
+    // before the client's writes have blocked for the 2 s that count as a stall.
+    let p = start_proxy(&[]);
+    let echo = TestServer::start_buffered(TEST_SOCKET_BUFFER, echo_handler);
     let fd_base = baseline(&p, echo.addr);
 
     // (a) Reset in the middle of an echo, with bytes parked both ways (the client stops reading and writes until
-    // its writes block, so the echo backs up): the proxy's writes to the client fail, the tunnel closes.
-    let mut c = socks5_connect(p.addr(), echo.addr).unwrap();
+    // its writes block, so the echo backs up): the proxy's writes to the client fail, the tunnel closes. The echo
+    // crosses four proxy legs, each of which may autotune up to the sysctl maximum.
+    let mut c = socks5_connect_small(p.addr(), echo.addr);
     roundtrip(&mut c, 80, 256 * KIB);
-    let pushed = write_until_stalled(&mut c, 64 * MIB);
-    assert!(pushed < 64 * MIB, "no backpressure through the echo");
+    let (pushed, stalled) = write_until_stalled(&mut c, stall_limit(4));
+    eprintln!("(a) {pushed} bytes went into the echo before the client's writes blocked");
+    assert!(stalled, "no backpressure through the echo ({pushed} bytes)");
     abort_close(c);
     assert_settled(&p, fd_base, "after a client reset mid-echo");
+    assert_serves(&p, echo.addr);
+    drop(p);
 
-    // (b) Reset while the target never reads: released by the idle timeout at the latest.
+    // (b) Reset while the target never reads: released by the idle timeout at the latest. If the proxy's idle
+    // timeout closes the stalled tunnel before the client has seen its writes block for 2 s, the client's write
+    // fails with a reset: the proxy had moved nothing for 3 s, which is the backpressure being checked.
+    let p = start_proxy(&["--idle-timeout", "3s"]);
+    let fd_base = baseline(&p, echo.addr);
     let sink = Holder::start();
-    let mut c = socks5_connect(p.addr(), sink.addr()).unwrap();
-    let n = write_until_stalled(&mut c, 64 * MIB);
-    assert!(n < 64 * MIB);
+    let mut c = socks5_connect_small(p.addr(), sink.addr());
+    match try_write_until_stalled(&mut c, stall_limit(2)) {
+        (n, Ok(stalled)) => assert!(stalled, "no backpressure towards the sink ({n} bytes)"),
+        (n, Err(e)) => {
+            assert!(
+                matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe),
+                "write towards the sink failed after {n} bytes: {e}"
+            );
+            eprintln!("(b) the idle timeout closed the stalled tunnel first ({n} bytes, {e})");
+        }
+    }
     abort_close(c);
     assert_settled(&p, fd_base, "after a client reset towards a stalled target");
     assert_eq!(
@@ -571,6 +608,65 @@ fn client_reset_mid_transfer_frees_tunnel() {
     sink.close_all();
     assert_serves(&p, echo.addr);
     assert_settled(&p, fd_base, "at the end");
+}
+
+/// Bytes a stalled SOCKS5 tunnel absorbs before the writer blocks: `upload` = client writes to a target that never
+/// reads; otherwise the target writes to a client that never reads. The test's own sockets are small either way.
+fn absorbed(p: &Proxy, upload: bool) -> usize {
+    let limit = stall_limit(2);
+    let (n, stalled) = if upload {
+        let sink = Holder::start();
+        let mut c = socks5_connect_small(p.addr(), sink.addr());
+        let r = write_until_stalled(&mut c, limit);
+        sink.close_all();
+        r
+    } else {
+        let (tx, rx) = mpsc::channel();
+        let flood = TestServer::start_buffered(TEST_SOCKET_BUFFER, move |mut s| {
+            let _ = tx.send(write_until_stalled(&mut s, limit));
+        });
+        let mut c = socks5_connect_small(p.addr(), flood.addr);
+        c.write_all(b"x").unwrap();
+        rx.recv_timeout(Duration::from_secs(180))
+            .expect("flooding target finished")
+    };
+    let way = if upload { "upload" } else { "download" };
+    assert!(
+        stalled,
+        "{way}: {n} bytes went in without the writes blocking"
+    );
+    n
+}
+
+/// `--socket-buffer 64KiB`: a tunnel whose far end never reads holds at most about twice the cap per socket on the
+/// path (the kernel doubles SO_RCVBUF/SO_SNDBUF for its bookkeeping), plus the relay's splice pipe and buffer: four
+/// sockets (the test's own sending one and receiving one, set to the same 64 KiB, and the proxy's two legs), each
+/// allowed 2 x 64 KiB plus one 64 KiB loopback segment of overshoot, plus a 256 KiB pipe (src/sys.rs) and the
+/// 16 KiB relay buffer: 1040 KiB. Without the flag the proxy's sockets autotune (up to tcp_rmem/tcp_wmem's maximum)
+/// and only "the writes block" is asserted; both figures are printed.
+#[test]
+fn socket_buffer_caps_what_a_stalled_tunnel_absorbs() {
+    const CAP: usize = 64 * KIB;
+    const PIPE: usize = 256 * KIB;
+    const RELAY_BUFFER: usize = 16 * KIB;
+    const SEGMENT: usize = 64 * KIB;
+    let bound = 4 * (2 * CAP + SEGMENT) + PIPE + RELAY_BUFFER;
+    let capped = start_proxy(&["--socket-buffer", "64KiB"]);
+    let free = start_proxy(&[]);
+    for upload in [true, false] {
+        let way = if upload { "upload" } else { "download" };
+        let with_cap = absorbed(&capped, upload);
+        let autotuned = absorbed(&free, upload);
+        eprintln!(
+            "{way}: a stalled tunnel absorbed {with_cap} bytes with --socket-buffer 64KiB (bound {bound}), \
+             {autotuned} bytes with kernel autotuning (tcp_rmem/tcp_wmem maxima {:?})",
+            tcp_autotune_max()
+        );
+        assert!(
+            with_cap <= bound,
+            "{way}: {with_cap} bytes went into a stalled tunnel with --socket-buffer 64KiB (bound {bound})"
+        );
+    }
 }
 
 /// A listener whose accept queue is full, so connects to it hang in SYN_SENT until their timeout.

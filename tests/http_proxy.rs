@@ -86,10 +86,9 @@ fn expect_error(proxy: SocketAddr, request: &[u8], status: u16, what: &str) -> R
 }
 
 fn basic(user: &str, pass: &str) -> String {
-    let input = format!("{user}:{pass}");
-    let mut out = vec![0u8; input.len().div_ceil(3) * 4];
-    let n = socksgate::proto::upstream::base64_encode(input.as_bytes(), &mut out);
-    format!("Basic {}", String::from_utf8_lossy(&out[..n]))
+    use base64::Engine as _;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    format!("Basic {token}")
 }
 
 fn ipv6_available() -> bool {

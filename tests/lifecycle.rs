@@ -300,6 +300,7 @@ fn cli_bad_flags_exit_2_with_one_line() {
         (&["--handshake-timeout", "soon"][..], "--handshake-timeout"),
         (&["-l", "nonsense"][..], "--listen"),
         (&["--user", "nocolon"][..], "--user"),
+        (&["--socket-buffer", "1k2"][..], "--socket-buffer"),
         (&["--deny-dest", "300.0.0.0/8"][..], "--deny-dest"),
         (
             &["--users", "/nonexistent/socksgate-users"][..],
@@ -333,6 +334,7 @@ fn cli_help_lists_every_flag() {
             "--user",
             "--users",
             "--buffer-size",
+            "--socket-buffer",
             "--handshake-timeout",
             "--connect-timeout",
             "--idle-timeout",
@@ -478,4 +480,34 @@ fn sighup_with_an_empty_users_file_must_not_disable_authentication() {
         r[1], 91,
         "SOCKS4 served without authentication after reloading an empty users file"
     );
+}
+
+/// A `--socket-buffer` above net.core.rmem_max/wmem_max is clamped by the kernel: the proxy says so at startup
+/// (instead of silently running with a smaller buffer) and serves as usual.
+#[test]
+fn socket_buffer_clamped_by_the_kernel_is_reported() {
+    let core_max = |name: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+    };
+    let (Some(r), Some(w)) = (core_max("rmem_max"), core_max("wmem_max")) else {
+        eprintln!("no /proc/sys/net/core: skipping");
+        return;
+    };
+    if r.min(w) >= 1 << 30 {
+        eprintln!("rmem_max/wmem_max allow 1 GiB buffers here: nothing is clamped, skipping");
+        return;
+    }
+    let echo = TestServer::echo();
+    let proxy = Proxy::start(&["--socket-buffer", "1GiB"]);
+    assert!(
+        proxy.wait_for(Duration::from_secs(10), || proxy
+            .log()
+            .contains("--socket-buffer 1073741824: the kernel granted")),
+        "no clamping warning:\n{}",
+        proxy.log()
+    );
+    let mut s = socks5_connect(proxy.addr(), echo.addr).expect("CONNECT");
+    assert_echo(&mut s, &pseudo_random(5, 300_000));
 }

@@ -115,9 +115,8 @@ fn socks5_connect_domain(proxy: SocketAddr, host: &str, port: u16) -> Result<Tcp
 
 /// Standard base64 (RFC 4648 §4) with padding, for Basic credentials.
 fn base64(data: &[u8]) -> String {
-    let mut out = vec![0u8; data.len().div_ceil(3) * 4];
-    let n = socksgate::proto::upstream::base64_encode(data, &mut out);
-    String::from_utf8_lossy(&out[..n]).into_owned()
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(data)
 }
 
 /// Reads an HTTP response head (through the blank line) byte by byte, so no tunnel byte is consumed.

@@ -521,7 +521,7 @@ fn parse_basic(value: &[u8]) -> Option<BasicCredentials> {
         return None;
     }
     let mut buf = [0u8; CRED_CAP];
-    let n = base64_decode(token, &mut buf)?;
+    let n = super::base64::decode(token, &mut buf)?;
     let decoded = buf.get(..n)?;
     let colon = decoded.iter().position(|&b| b == b':')?;
     let (user, pass) = decoded.split_at(colon);
@@ -1156,7 +1156,7 @@ fn bump_trailers(total: usize) -> Option<usize> {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Canned responses and base64
+// Canned responses
 // ---------------------------------------------------------------------------------------------------------------
 
 /// RFC 9110 §15 reason phrases for the statuses the proxy generates itself.
@@ -1210,64 +1210,29 @@ pub fn canned_response(status: u16, out: &mut [u8]) -> usize {
     w.finish().unwrap_or(0)
 }
 
-fn base64_value(b: u8) -> Option<u8> {
-    match b {
-        b'A'..=b'Z' => Some(b - b'A'),
-        b'a'..=b'z' => Some(b - b'a' + 26),
-        b'0'..=b'9' => Some(b - b'0' + 52),
-        b'+' => Some(62),
-        b'/' => Some(63),
-        _ => None,
-    }
-}
-
-/// Decodes standard base64 (RFC 4648 §4) with or without padding into `out`; `None` if invalid or `out` is short.
-pub fn base64_decode(input: &[u8], out: &mut [u8]) -> Option<usize> {
-    // Padding, if any, must be one or two '=' completing the last quantum.
-    let data = match input {
-        [rest @ .., b'=', b'='] => rest,
-        [rest @ .., b'='] => rest,
-        _ => input,
+/// Like [`canned_response`], but the body names what went wrong after the reason phrase (`detail`, one line for a
+/// person to read; control characters are replaced so it cannot break the line). Appends to `out`.
+pub fn error_response(status: u16, detail: &str, out: &mut Vec<u8>) {
+    let status = if (200..=599).contains(&status) {
+        status
+    } else {
+        500
     };
-    if data.len() < input.len() && !input.len().is_multiple_of(4) {
-        return None;
+    let reason = reason_phrase(status);
+    let clean: String = detail
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let body_len = reason.len() + 2 + clean.len() + 1;
+    let _ = write!(
+        VecWriter(out),
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {body_len}\r\nConnection: close\r\n"
+    );
+    if status == 407 {
+        // RFC 9110 §15.5.8: a 407 MUST carry a Proxy-Authenticate challenge.
+        out.extend_from_slice(b"Proxy-Authenticate: Basic realm=\"socksgate\"\r\n");
     }
-    if data.len() % 4 == 1 {
-        return None;
-    }
-    let mut written = 0usize;
-    for quantum in data.chunks(4) {
-        let mut acc = 0u32;
-        for &b in quantum {
-            acc = (acc << 6) | u32::from(base64_value(b)?);
-        }
-        let bytes = acc.to_be_bytes();
-        // A quantum of n characters carries n*6 bits: 4 chars -> 3 bytes, 3 -> 2, 2 -> 1.
-        let decoded: &[u8] = match quantum.len() {
-            4 => bytes.get(1..4)?,
-            3 => {
-                acc <<= 6;
-                return finish_tail(&acc.to_be_bytes(), 2, out, written);
-            }
-            2 => {
-                acc <<= 12;
-                return finish_tail(&acc.to_be_bytes(), 1, out, written);
-            }
-            _ => return None,
-        };
-        let end = written.checked_add(decoded.len())?;
-        out.get_mut(written..end)?.copy_from_slice(decoded);
-        written = end;
-    }
-    Some(written)
-}
-
-/// Copies the `n` bytes of a final partial quantum (which is always the last chunk).
-fn finish_tail(bytes: &[u8; 4], n: usize, out: &mut [u8], written: usize) -> Option<usize> {
-    let src = bytes.get(1..1usize.checked_add(n)?)?;
-    let end = written.checked_add(n)?;
-    out.get_mut(written..end)?.copy_from_slice(src);
-    Some(end)
+    let _ = write!(VecWriter(out), "\r\n{reason}: {clean}\n");
 }
 
 #[cfg(test)]
@@ -1954,45 +1919,6 @@ mod tests {
         assert!(BasicCredentials::new(&[b'a'; 700], &[b'b'; 68]).is_none());
     }
 
-    #[test]
-    fn base64_vectors() {
-        // RFC 4648 §10.
-        let vectors: &[(&[u8], &[u8])] = &[
-            (b"", b""),
-            (b"Zg==", b"f"),
-            (b"Zm8=", b"fo"),
-            (b"Zm9v", b"foo"),
-            (b"Zm9vYg==", b"foob"),
-            (b"Zm9vYmE=", b"fooba"),
-            (b"Zm9vYmFy", b"foobar"),
-            (b"Zg", b"f"),
-            (b"Zm8", b"fo"),
-            (b"+/+/", &[0xfb, 0xff, 0xbf]),
-        ];
-        for (enc, dec) in vectors {
-            let mut out = [0u8; 16];
-            let n = base64_decode(enc, &mut out);
-            assert_eq!(n.and_then(|n| out.get(..n)), Some(*dec), "{}", text(enc));
-        }
-        for bad in [
-            &b"Z"[..],
-            b"Z===",
-            b"Zg=",
-            b"Zg=a",
-            b"Zm9v!",
-            b"Zm 9v",
-            b"=",
-            b"Zm9vY",
-            b"Zg==Zg==",
-            b"-_-_",
-        ] {
-            let mut out = [0u8; 16];
-            assert_eq!(base64_decode(bad, &mut out), None, "{}", text(bad));
-        }
-        let mut small = [0u8; 2];
-        assert_eq!(base64_decode(b"Zm9v", &mut small), None);
-    }
-
     // ---- responses --------------------------------------------------------------------------------------------
 
     #[test]
@@ -2501,6 +2427,24 @@ mod tests {
     // ---- canned responses -------------------------------------------------------------------------------------
 
     #[test]
+    fn error_responses_frame_their_detail() {
+        let mut out = Vec::new();
+        error_response(502, "refused\r\nX: y", &mut out);
+        let mut head = Vec::new();
+        let r = match parse_response(&out, DEFAULT_MAX_HEAD, &ctx(false, true, 1), &mut head) {
+            Ok(Parse::Done(r, _)) => r,
+            other => panic!("{other:?}"),
+        };
+        let body = out.get(r.head_len..).unwrap_or(&[]);
+        assert_eq!(r.status, 502);
+        assert_eq!(body, b"Bad Gateway: refused  X: y\n");
+        assert_eq!(r.body, BodyKind::Length(body.len() as u64));
+        out.clear();
+        error_response(407, "proxy authentication required", &mut out);
+        assert!(text(&out).contains("Proxy-Authenticate: Basic realm=\"socksgate\"\r\n"));
+    }
+
+    #[test]
     fn canned_responses_are_valid_http() {
         for status in [
             400u16, 403, 404, 405, 407, 408, 411, 413, 414, 431, 500, 501, 502, 503, 504, 418, 0,
@@ -2550,22 +2494,7 @@ mod tests {
 
     // ---- fuzz -------------------------------------------------------------------------------------------------
 
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            self.0 = x;
-            x
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % (n.max(1) as u64)) as usize
-        }
-    }
+    use crate::proto::testutil::{Rng, ROUNDS};
 
     const DICT: &[&[u8]] = &[
         b"GET ",
@@ -2623,7 +2552,7 @@ mod tests {
         b"\xff",
     ];
 
-    fn random_message(rng: &mut XorShift, buf: &mut Vec<u8>) {
+    fn random_message(rng: &mut Rng, buf: &mut Vec<u8>) {
         buf.clear();
         let parts = rng.below(24);
         for _ in 0..parts {
@@ -2639,7 +2568,7 @@ mod tests {
 
     #[test]
     fn fuzz_never_panics() {
-        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         let mut buf = Vec::new();
         let mut out = Vec::new();
         let mut done = [0usize; 3];
@@ -2649,7 +2578,7 @@ mod tests {
             BodyKind::Chunked,
             BodyKind::UntilClose,
         ];
-        for i in 0..100_000u32 {
+        for i in 0..ROUNDS {
             random_message(&mut rng, &mut buf);
             // Every so often mutate a known-good message so parsing gets past the first line.
             if i % 3 == 0 {
@@ -2698,7 +2627,7 @@ mod tests {
                 }
                 rest = b;
             }
-            let _ = base64_decode(&buf, &mut [0u8; 64]);
+            let _ = crate::proto::base64::decode(&buf, &mut [0u8; 64]);
         }
         // The generator must actually reach the interesting paths.
         assert!(done.iter().all(|&d| d > 0), "{done:?}");

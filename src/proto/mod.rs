@@ -51,11 +51,35 @@ macro_rules! check_err {
     }};
 }
 
+/// Checks the sans-IO contract on `buf` and a random prefix of it: Done never overruns and does not depend on
+/// later bytes, and once a prefix is Done or an error, every longer input gives the same answer.
+#[cfg(test)]
+macro_rules! check_contract {
+    ($parse:expr, $buf:expr, $rng:expr) => {{
+        let buf: &[u8] = $buf;
+        let whole = $parse(buf);
+        if let Ok(Parse::Done(v, n)) = &whole {
+            assert!(*n > 0 && *n <= buf.len());
+            assert_eq!($parse(&buf[..*n]), Ok(Parse::Done(v.clone(), *n)));
+            assert_eq!($parse(&buf[..*n - 1]), Ok(Parse::Incomplete));
+        }
+        let k = $rng.below(buf.len() + 1);
+        match $parse(&buf[..k]) {
+            Ok(Parse::Incomplete) => {}
+            prefix => assert_eq!(prefix, whole, "prefix {k} of {buf:?}"),
+        }
+    }};
+}
+
+pub mod base64;
 pub mod detect;
 pub mod http;
 pub mod proxy_protocol;
 pub mod socks4;
 pub mod socks5;
+#[cfg(test)]
+#[allow(clippy::indexing_slicing)]
+pub(crate) mod testutil;
 pub mod upstream;
 
 use std::fmt;

@@ -640,7 +640,7 @@ mod tests {
     fn v2_malformed() {
         let good = v2(0x21, 0x11, 12, &v4_block());
         // Every signature byte matters.
-        for i in 0..12 {
+        for i in 0..V2_SIG.len() {
             let mut bad = good.clone();
             bad[i] ^= 0x40;
             malformed(&bad);
@@ -777,25 +777,7 @@ mod tests {
         );
     }
 
-    /// Deterministic xorshift64 so a failure reproduces exactly.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next_u64() % n as u64) as usize
-        }
-
-        fn byte(&mut self) -> u8 {
-            self.next_u64() as u8
-        }
-    }
+    use crate::proto::testutil::{Rng, ROUNDS};
 
     /// Invariants that must hold for any input: no panic, consumption within the header, errors final, a
     /// result that does not depend on bytes after the header, and (when `prefixes`) every strict prefix of a
@@ -843,7 +825,7 @@ mod tests {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         let mut seen = [0usize; 3];
         const V1_ALPHABET: &[u8] = b"PROXY TCP46UNKOW0123456789abcdefABCDEF.:\r\n \x00\xff";
-        for i in 0..100_000 {
+        for i in 0..ROUNDS {
             let len = rng.below(160);
             let mut buf = Vec::with_capacity(len + 16);
             // Bias a third of the inputs towards each start so the deep paths get exercised too.
@@ -896,7 +878,7 @@ mod tests {
             seeds.push(out[..n].to_vec());
         }
         let mut seen = [0usize; 3];
-        for i in 0..50_000 {
+        for i in 0..ROUNDS / 2 {
             let mut buf = seeds[i % seeds.len()].clone();
             for _ in 0..=rng.below(3) {
                 let pos = rng.below(buf.len() + 1);

@@ -406,67 +406,18 @@ mod tests {
 
     // ---- never panic on arbitrary input ----
 
-    /// xorshift64: deterministic, dependency-free pseudo-random bytes.
-    struct Rng(u64);
+    use crate::proto::testutil::{Rng, FILL_LEN, ROUNDS};
 
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            self.0 = x;
-            x
-        }
-
-        /// A buffer of length 0..300; `shape` makes some buffers start like a real message to reach deeper code.
-        fn fill<'b>(&mut self, buf: &'b mut [u8; 300], shape: &[u8]) -> &'b [u8] {
-            let len = (self.next() % 300) as usize;
-            for b in buf.iter_mut() {
-                *b = self.next() as u8;
-            }
-            // Plenty of NULs and printable bytes make terminated fields and valid names likely.
-            match self.next() % 3 {
-                0 => buf.iter_mut().for_each(|b| *b %= 24),
-                1 => buf
-                    .iter_mut()
-                    .for_each(|b| *b = if *b < 40 { 0 } else { b'a' + *b % 26 }),
-                _ => {}
-            }
-            let keep = (self.next() % (shape.len() as u64 + 1)) as usize;
-            buf[..keep].copy_from_slice(&shape[..keep]);
-            &buf[..len]
-        }
-    }
-
-    /// Checks the sans-IO contract on `buf` and a random prefix of it: Done never overruns and does not depend on
-    /// later bytes, and once a prefix is Done or an error, every longer input gives the same answer.
-    macro_rules! check_contract {
-        ($parse:expr, $buf:expr, $rng:expr) => {{
-            let buf: &[u8] = $buf;
-            let whole = $parse(buf);
-            if let Ok(Parse::Done(v, n)) = &whole {
-                assert!(*n > 0 && *n <= buf.len());
-                assert_eq!($parse(&buf[..*n]), Ok(Parse::Done(v.clone(), *n)));
-                assert_eq!($parse(&buf[..*n - 1]), Ok(Parse::Incomplete));
-            }
-            let k = ($rng.next() % (buf.len() as u64 + 1)) as usize;
-            match $parse(&buf[..k]) {
-                Ok(Parse::Incomplete) => {}
-                prefix => assert_eq!(prefix, whole, "prefix {k} of {buf:?}"),
-            }
-        }};
-    }
-
-    const ROUNDS: usize = 100_000;
+    /// Plenty of NULs and letters make terminated fields and valid names likely.
+    const NUL_AND_LETTERS: &[u8] = b"\0\0\0\0\0abcdefghijklmnopqrstuvwxyz";
 
     #[test]
     fn fuzz_parse_request() {
         let mut rng = Rng(0x2545_f491_4f6c_dd1d);
-        let mut store = [0u8; 300];
+        let mut store = [0u8; FILL_LEN];
         let shapes: [&[u8]; 2] = [&[4, 1, 0, 80, 1, 2, 3, 4], &[4, 1, 0, 80, 0, 0, 0, 1]];
         for i in 0..ROUNDS {
-            let buf = rng.fill(&mut store, shapes[i % 2]);
+            let buf = rng.fill(&mut store, shapes[i % 2], NUL_AND_LETTERS);
             check_contract!(parse_request, buf, rng);
         }
     }
@@ -474,9 +425,9 @@ mod tests {
     #[test]
     fn fuzz_parse_reply() {
         let mut rng = Rng(0x1357_9bdf_2468_ace0);
-        let mut store = [0u8; 300];
+        let mut store = [0u8; FILL_LEN];
         for _ in 0..ROUNDS {
-            let buf = rng.fill(&mut store, &[0, 90]);
+            let buf = rng.fill(&mut store, &[0, 90], NUL_AND_LETTERS);
             check_contract!(parse_reply, buf, rng);
         }
     }

@@ -753,64 +753,14 @@ mod tests {
 
     // ---- never panic on arbitrary input ----
 
-    /// xorshift64: deterministic, dependency-free pseudo-random bytes.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            self.0 = x;
-            x
-        }
-
-        /// A buffer of length 0..300; `shape` makes some buffers start like a real message to reach deeper code.
-        fn fill<'b>(&mut self, buf: &'b mut [u8; 300], shape: &[u8]) -> &'b [u8] {
-            let len = (self.next() % 300) as usize;
-            for b in buf.iter_mut() {
-                *b = self.next() as u8;
-            }
-            // Small length fields make "complete" messages likely.
-            if self.next().is_multiple_of(2) {
-                for b in buf.iter_mut() {
-                    *b %= 24;
-                }
-            }
-            let keep = (self.next() % (shape.len() as u64 + 1)) as usize;
-            buf[..keep].copy_from_slice(&shape[..keep]);
-            &buf[..len]
-        }
-    }
-
-    /// Checks the sans-IO contract on `buf` and a random prefix of it: Done never overruns and does not depend on
-    /// later bytes, and once a prefix is Done or an error, every longer input gives the same answer.
-    macro_rules! check_contract {
-        ($parse:expr, $buf:expr, $rng:expr) => {{
-            let buf: &[u8] = $buf;
-            let whole = $parse(buf);
-            if let Ok(Parse::Done(v, n)) = &whole {
-                assert!(*n > 0 && *n <= buf.len());
-                assert_eq!($parse(&buf[..*n]), Ok(Parse::Done(v.clone(), *n)));
-                assert_eq!($parse(&buf[..*n - 1]), Ok(Parse::Incomplete));
-            }
-            let k = ($rng.next() % (buf.len() as u64 + 1)) as usize;
-            match $parse(&buf[..k]) {
-                Ok(Parse::Incomplete) => {}
-                prefix => assert_eq!(prefix, whole, "prefix {k} of {buf:?}"),
-            }
-        }};
-    }
-
-    const ROUNDS: usize = 100_000;
+    use crate::proto::testutil::{Rng, FILL_LEN, ROUNDS};
 
     #[test]
     fn fuzz_parse_greeting() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-        let mut store = [0u8; 300];
+        let mut store = [0u8; FILL_LEN];
         for _ in 0..ROUNDS {
-            let buf = rng.fill(&mut store, &[5, 3, 0, 1, 2]).to_vec();
+            let buf = rng.fill(&mut store, &[5, 3, 0, 1, 2], &[]).to_vec();
             check_contract!(parse_greeting, &buf, rng);
         }
     }
@@ -818,10 +768,10 @@ mod tests {
     #[test]
     fn fuzz_parse_user_pass() {
         let mut rng = Rng(0x0123_4567_89ab_cdef);
-        let mut store = [0u8; 300];
+        let mut store = [0u8; FILL_LEN];
         for _ in 0..ROUNDS {
             let buf = rng
-                .fill(&mut store, &[1, 3, b'a', b'b', b'c', 2, b'p'])
+                .fill(&mut store, &[1, 3, b'a', b'b', b'c', 2, b'p'], &[])
                 .to_vec();
             check_contract!(parse_user_pass, &buf, rng);
         }
@@ -830,10 +780,10 @@ mod tests {
     #[test]
     fn fuzz_parse_request() {
         let mut rng = Rng(0xdead_beef_cafe_f00d);
-        let mut store = [0u8; 300];
+        let mut store = [0u8; FILL_LEN];
         let shapes: [&[u8]; 3] = [&[5, 1, 0, 1], &[5, 3, 0, 3, 7, b'e', b'x'], &[5, 2, 0, 4]];
         for i in 0..ROUNDS {
-            let buf = rng.fill(&mut store, shapes[i % 3]).to_vec();
+            let buf = rng.fill(&mut store, shapes[i % 3], &[]).to_vec();
             check_contract!(parse_request, &buf, rng);
         }
     }
@@ -841,10 +791,10 @@ mod tests {
     #[test]
     fn fuzz_parse_udp_header() {
         let mut rng = Rng(0x5555_aaaa_1234_4321);
-        let mut store = [0u8; 300];
+        let mut store = [0u8; FILL_LEN];
         let shapes: [&[u8]; 3] = [&[0, 0, 0, 1], &[0, 0, 0, 3, 5, b'h'], &[0, 0, 1, 4]];
         for i in 0..ROUNDS {
-            let buf = rng.fill(&mut store, shapes[i % 3]);
+            let buf = rng.fill(&mut store, shapes[i % 3], &[]);
             if let Ok((_, off)) = parse_udp_header(buf) {
                 assert!(off <= buf.len());
             }

@@ -7,13 +7,16 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use super::socks5::{read_target, VERSION as SOCKS5_VERSION};
-use super::{canonical_ip, Failure, Parse, ProtoError, Reader, TargetAddr, Writer};
+use super::{base64, canonical_ip, Failure, Parse, ProtoError, Reader, TargetAddr, Writer};
 
 /// RFC 1929 §2: the sub-negotiation version byte.
 const AUTH_VERSION: u8 = 0x01;
 
 /// Largest CONNECT response head we buffer; a longer one is `HeadTooLarge` (no proxy needs more than a few lines).
 pub const MAX_HTTP_REPLY_HEAD: usize = 16 * 1024;
+
+/// Most header fields a CONNECT response head may have; one more is `HeadTooLarge`.
+const MAX_HTTP_REPLY_HEADERS: usize = 64;
 
 /// Longest credential part accepted by [`encode_http_connect`]: the RFC 1929 limit, so one config serves both.
 const MAX_CREDENTIAL: usize = 255;
@@ -25,7 +28,7 @@ pub const MAX_HTTP_CONNECT_LEN: usize = b"CONNECT ".len()
     + b" HTTP/1.1\r\nHost: ".len()
     + MAX_AUTHORITY
     + b"\r\nProxy-Authorization: Basic ".len()
-    + base64_len(2 * MAX_CREDENTIAL + 1)
+    + base64::encoded_len(2 * MAX_CREDENTIAL + 1)
     + b"\r\n\r\n".len();
 
 /// Longest `host:port`: a 255-byte name (RFC 1928 §5, SOCKS4a cap), ':' and a 5-digit port.
@@ -105,39 +108,6 @@ pub fn failure_from_socks5_reply(rep: u8) -> Failure {
     }
 }
 
-/// Base64 alphabet of RFC 4648 §4 (standard, not URL-safe: RFC 7617 §2 uses this one).
-const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Length of the padded base64 encoding of `n` bytes (RFC 4648 §4): 4 characters per started 3-byte group.
-pub const fn base64_len(n: usize) -> usize {
-    n.div_ceil(3).saturating_mul(4)
-}
-
-/// Encodes `input` as padded standard base64 (RFC 4648 §4) into `out`; returns the length written, or 0 if
-/// `out` is shorter than [`base64_len`]`(input.len())` (empty input also gives 0, its correct length).
-pub fn base64_encode(input: &[u8], out: &mut [u8]) -> usize {
-    if out.len() < base64_len(input.len()) {
-        return 0;
-    }
-    let sextet = |v: u32, shift: u32| {
-        BASE64
-            .get(((v >> shift) & 0x3f) as usize)
-            .copied()
-            .unwrap_or(b'=')
-    };
-    let mut w = Writer::new(out);
-    for chunk in input.chunks(3) {
-        let b0 = chunk.first().copied().unwrap_or(0);
-        let b1 = chunk.get(1).copied().unwrap_or(0);
-        let b2 = chunk.get(2).copied().unwrap_or(0);
-        let v = (u32::from(b0) << 16) | (u32::from(b1) << 8) | u32::from(b2);
-        let c2 = if chunk.len() > 1 { sextet(v, 6) } else { b'=' };
-        let c3 = if chunk.len() > 2 { sextet(v, 0) } else { b'=' };
-        w.put(&[sextet(v, 18), sextet(v, 12), c2, c3]);
-    }
-    w.finish().unwrap_or(0)
-}
-
 /// True for bytes allowed in an RFC 3986 §3.2.2 reg-name (unreserved, sub-delims, '%'): anything else (':', '@',
 /// '[', '?', '#', quotes...) would change how the upstream splits the authority.
 fn is_reg_name_byte(b: u8) -> bool {
@@ -185,28 +155,99 @@ pub fn encode_http_connect(
     }
     w.put(b"\r\n");
     if let Some((user, pass)) = basic_auth {
-        if user.len() > MAX_CREDENTIAL
-            || pass.len() > MAX_CREDENTIAL
-            || user.contains(&b':')
-            || user.iter().chain(pass).any(|b| b.is_ascii_control())
-        {
+        if put_basic_auth(&mut w, user, pass).is_none() {
             return 0;
         }
-        // user ":" pass, assembled on the stack (no allocation), then base64-encoded.
-        let mut plain = [0u8; 2 * MAX_CREDENTIAL + 1];
-        let mut pw = Writer::new(&mut plain);
-        pw.put(user).u8(b':').put(pass);
-        let Some(plain_len) = pw.finish() else {
-            return 0;
-        };
-        let mut encoded = [0u8; base64_len(2 * MAX_CREDENTIAL + 1)];
-        let n = base64_encode(plain.get(..plain_len).unwrap_or(&[]), &mut encoded);
-        w.put(b"Proxy-Authorization: Basic ")
-            .put(encoded.get(..n).unwrap_or(&[]))
-            .put(b"\r\n");
     }
     w.put(b"\r\n");
     w.finish().unwrap_or(0)
+}
+
+/// Writes a `Proxy-Authorization: Basic` line (RFC 7617 §2); None when the credentials cannot be sent safely.
+fn put_basic_auth(w: &mut Writer<'_>, user: &[u8], pass: &[u8]) -> Option<()> {
+    if user.len() > MAX_CREDENTIAL
+        || pass.len() > MAX_CREDENTIAL
+        || user.contains(&b':')
+        || user.iter().chain(pass).any(|b| b.is_ascii_control())
+    {
+        return None;
+    }
+    // user ":" pass, assembled on the stack (no allocation), then base64-encoded.
+    let mut plain = [0u8; 2 * MAX_CREDENTIAL + 1];
+    let mut pw = Writer::new(&mut plain);
+    pw.put(user).u8(b':').put(pass);
+    let plain_len = pw.finish()?;
+    let mut encoded = [0u8; base64::encoded_len(2 * MAX_CREDENTIAL + 1)];
+    let n = base64::encode(plain.get(..plain_len).unwrap_or(&[]), &mut encoded);
+    w.put(b"Proxy-Authorization: Basic ")
+        .put(encoded.get(..n).unwrap_or(&[]))
+        .put(b"\r\n");
+    Some(())
+}
+
+/// Longest `Proxy-Authorization` line [`put_basic_auth`] writes.
+const MAX_AUTH_LINE: usize =
+    b"Proxy-Authorization: Basic \r\n".len() + base64::encoded_len(2 * MAX_CREDENTIAL + 1);
+
+/// Client side, plain HTTP through an HTTP upstream (as Squid's `cache_peer` forwards): turns a request head in
+/// origin-form (`METHOD SP path SP version CRLF fields CRLF`, as `http::parse_request` rewrites it) into the
+/// absolute-form a proxy is sent (RFC 9112 §3.2.2; `OPTIONS *` becomes the bare authority, RFC 9112 §3.2.4), with a
+/// Basic `Proxy-Authorization` for the upstream's credentials. Appends to `out`; false when the head or the
+/// credentials cannot be expressed safely.
+pub fn encode_forward_head(
+    head: &[u8],
+    target: &TargetAddr,
+    basic_auth: Option<(&[u8], &[u8])>,
+    out: &mut Vec<u8>,
+) -> bool {
+    let Some(eol) = head.windows(2).position(|w| w == b"\r\n") else {
+        return false;
+    };
+    let (line, fields) = head.split_at(eol);
+    let (Some(sp1), Some(sp2)) = (
+        line.iter().position(|&b| b == b' '),
+        line.iter().rposition(|&b| b == b' '),
+    ) else {
+        return false;
+    };
+    let (Some(method), Some(path), Some(version)) =
+        (line.get(..sp1), line.get(sp1 + 1..sp2), line.get(sp2..))
+    else {
+        return false;
+    };
+    if sp1 >= sp2 || path.is_empty() {
+        return false;
+    }
+    let mut extra = [0u8; MAX_AUTHORITY + MAX_AUTH_LINE + 16];
+    let mut w = Writer::new(&mut extra);
+    w.put(b"http://");
+    if put_authority(&mut w, target).is_none() {
+        return false;
+    }
+    let Some(authority_len) = w.finish() else {
+        return false;
+    };
+    let authority = extra.get(..authority_len).unwrap_or(&[]);
+    out.extend_from_slice(method);
+    out.push(b' ');
+    out.extend_from_slice(authority);
+    if path != b"*" {
+        out.extend_from_slice(path);
+    }
+    out.extend_from_slice(version);
+    out.extend_from_slice(b"\r\n");
+    if let Some((user, pass)) = basic_auth {
+        let mut w = Writer::new(&mut extra);
+        if put_basic_auth(&mut w, user, pass).is_none() {
+            return false;
+        }
+        let Some(n) = w.finish() else {
+            return false;
+        };
+        out.extend_from_slice(extra.get(..n).unwrap_or(&[]));
+    }
+    out.extend_from_slice(fields.get(2..).unwrap_or(&[]));
+    true
 }
 
 /// The status of an upstream's CONNECT response.
@@ -220,11 +261,12 @@ pub struct HttpConnectReply {
 ///
 /// `Incomplete` until the blank line; `consumed` is the head length only: after a 2xx the next byte is tunnel data
 /// (RFC 9110 §9.3.6: Content-Length and Transfer-Encoding are ignored in a 2xx CONNECT response). A head over
-/// [`MAX_HTTP_REPLY_HEAD`] or with more than 64 header fields is `HeadTooLarge`; bad syntax is `Malformed`. A 1xx
-/// interim response is returned like any other status; callers treat every non-2xx as a failure.
+/// [`MAX_HTTP_REPLY_HEAD`] or with more than `MAX_HTTP_REPLY_HEADERS` (64) header fields is `HeadTooLarge`; bad
+/// syntax is `Malformed`. A 1xx interim response is returned like any other status; callers treat every non-2xx as
+/// a failure.
 pub fn parse_http_connect_reply(buf: &[u8]) -> Result<Parse<HttpConnectReply>, ProtoError> {
     let window = buf.get(..MAX_HTTP_REPLY_HEAD).unwrap_or(buf);
-    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HTTP_REPLY_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
     match response.parse(window) {
         Ok(httparse::Status::Complete(len)) => {
@@ -420,32 +462,41 @@ mod tests {
         }
     }
 
-    // ---- base64 (RFC 4648) ----
-
     #[test]
-    fn base64_vectors() {
-        // RFC 4648 §10 test vectors, plus the RFC 7617 §2 example and the two non-alphanumeric characters.
-        let cases: [(&[u8], &[u8]); 10] = [
-            (b"", b""),
-            (b"f", b"Zg=="),
-            (b"fo", b"Zm8="),
-            (b"foo", b"Zm9v"),
-            (b"foob", b"Zm9vYg=="),
-            (b"fooba", b"Zm9vYmE="),
-            (b"foobar", b"Zm9vYmFy"),
-            (b"Aladdin:open sesame", b"QWxhZGRpbjpvcGVuIHNlc2FtZQ=="),
-            (&[0xff, 0xff, 0xff], b"////"),
-            (&[0xfb, 0xef, 0xbe], b"++++"),
-        ];
-        for (input, expected) in cases {
-            let mut out = [0u8; 64];
-            let n = base64_encode(input, &mut out);
-            assert_eq!(&out[..n], expected);
-            assert_eq!(n, base64_len(input.len()));
-            if n > 0 {
-                assert_eq!(base64_encode(input, &mut out[..n - 1]), 0);
-            }
-        }
+    fn forward_heads_become_absolute_form() {
+        let target = TargetAddr::Domain(Name::new(b"example.com").unwrap(), 8080);
+        let head = b"GET /a?b=1 HTTP/1.1\r\nHost: example.com:8080\r\n\r\n";
+        let mut out = Vec::new();
+        assert!(encode_forward_head(
+            head,
+            &target,
+            Some((b"u", b"p")),
+            &mut out
+        ));
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "GET http://example.com:8080/a?b=1 HTTP/1.1\r\nProxy-Authorization: Basic dTpw\r\nHost: example.com:8080\r\n\r\n"
+        );
+        out.clear();
+        let v6 = TargetAddr::Ip("[::1]:80".parse().unwrap());
+        assert!(encode_forward_head(
+            b"OPTIONS * HTTP/1.0\r\n\r\n",
+            &v6,
+            None,
+            &mut out
+        ));
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "OPTIONS http://[::1]:80 HTTP/1.0\r\n\r\n"
+        );
+        out.clear();
+        assert!(!encode_forward_head(b"GET\r\n\r\n", &v6, None, &mut out));
+        assert!(!encode_forward_head(
+            b"GET / HTTP/1.1\r\n\r\n",
+            &v6,
+            Some((b"a:b", b"")),
+            &mut out
+        ));
     }
 
     // ---- HTTP CONNECT ----
@@ -519,7 +570,7 @@ mod tests {
         assert_eq!(n, MAX_HTTP_CONNECT_LEN);
         let (path, host, auth) = server_view(&out[..n]);
         assert_eq!(path, host);
-        assert_eq!(auth.map(|a| a.len()), Some(6 + base64_len(511)));
+        assert_eq!(auth.map(|a| a.len()), Some(6 + base64::encoded_len(511)));
         assert_eq!(
             encode_http_connect(&target, Some((&u, &p)), &mut out[..n - 1]),
             0
@@ -588,7 +639,7 @@ mod tests {
         check_valid!(parse_http_connect_reply, msg, st(407), b"body!");
         // 64 header fields are accepted.
         let mut msg = b"HTTP/1.1 200 OK\r\n".to_vec();
-        for i in 0..64 {
+        for i in 0..MAX_HTTP_REPLY_HEADERS {
             msg.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
         }
         msg.extend_from_slice(b"\r\n");
@@ -609,7 +660,7 @@ mod tests {
         }
         // 65 header fields: too large.
         let mut msg = b"HTTP/1.1 200 OK\r\n".to_vec();
-        for i in 0..65 {
+        for i in 0..=MAX_HTTP_REPLY_HEADERS {
             msg.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
         }
         msg.extend_from_slice(b"\r\n");
@@ -686,68 +737,17 @@ mod tests {
 
     // ---- never panic on arbitrary input ----
 
-    /// xorshift64: deterministic, dependency-free pseudo-random bytes.
-    struct Rng(u64);
+    use crate::proto::testutil::{Rng, FILL_LEN, ROUNDS};
 
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            self.0 = x;
-            x
-        }
-
-        /// A buffer of length 0..300; `shape` makes some buffers start like a real message to reach deeper code.
-        fn fill<'b>(&mut self, buf: &'b mut [u8; 300], shape: &[u8]) -> &'b [u8] {
-            let len = (self.next() % 300) as usize;
-            for b in buf.iter_mut() {
-                *b = self.next() as u8;
-            }
-            // Small values make length fields short; header-ish text makes HTTP heads complete.
-            match self.next() % 3 {
-                0 => buf.iter_mut().for_each(|b| *b %= 24),
-                1 => {
-                    let alphabet = b"\r\n\r\n: aZ-09\t";
-                    buf.iter_mut()
-                        .for_each(|b| *b = alphabet[usize::from(*b) % alphabet.len()]);
-                }
-                _ => {}
-            }
-            let keep = (self.next() % (shape.len() as u64 + 1)) as usize;
-            buf[..keep].copy_from_slice(&shape[..keep]);
-            &buf[..len]
-        }
-    }
-
-    /// Checks the sans-IO contract on `buf` and a random prefix of it: Done never overruns and does not depend on
-    /// later bytes, and once a prefix is Done or an error, every longer input gives the same answer.
-    macro_rules! check_contract {
-        ($parse:expr, $buf:expr, $rng:expr) => {{
-            let buf: &[u8] = $buf;
-            let whole = $parse(buf);
-            if let Ok(Parse::Done(v, n)) = &whole {
-                assert!(*n > 0 && *n <= buf.len());
-                assert_eq!($parse(&buf[..*n]), Ok(Parse::Done(v.clone(), *n)));
-                assert_eq!($parse(&buf[..*n - 1]), Ok(Parse::Incomplete));
-            }
-            let k = ($rng.next() % (buf.len() as u64 + 1)) as usize;
-            match $parse(&buf[..k]) {
-                Ok(Parse::Incomplete) => {}
-                prefix => assert_eq!(prefix, whole, "prefix {k} of {buf:?}"),
-            }
-        }};
-    }
-
-    const ROUNDS: usize = 100_000;
+    /// Header-ish text makes HTTP heads complete.
+    const HEAD_TEXT: &[u8] = b"\r\n\r\n: aZ-09\t";
 
     #[test]
     fn fuzz_socks5_client_parsers() {
         let mut rng = Rng(0xa076_1d64_78bd_642f);
-        let mut store = [0u8; 300];
+        let mut store = [0u8; FILL_LEN];
         for i in 0..ROUNDS {
-            let buf = rng.fill(&mut store, &[5, 0, 0, 1 + (i % 4) as u8]);
+            let buf = rng.fill(&mut store, &[5, 0, 0, 1 + (i % 4) as u8], HEAD_TEXT);
             check_contract!(parse_method_choice, buf, rng);
             check_contract!(parse_auth_status, buf, rng);
             check_contract!(parse_socks5_reply, buf, rng);
@@ -757,9 +757,9 @@ mod tests {
     #[test]
     fn fuzz_http_connect_reply() {
         let mut rng = Rng(0xe703_7ed1_a0b4_28db);
-        let mut store = [0u8; 300];
+        let mut store = [0u8; FILL_LEN];
         for _ in 0..ROUNDS {
-            let buf = rng.fill(&mut store, b"HTTP/1.1 200 OK\r\n");
+            let buf = rng.fill(&mut store, b"HTTP/1.1 200 OK\r\n", HEAD_TEXT);
             check_contract!(parse_http_connect_reply, buf, rng);
         }
     }

@@ -435,14 +435,14 @@ pub(crate) mod testcerts {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
 
     /// A CA and a leaf it signed, as PEM.
-    pub struct Pki {
-        pub ca_pem: String,
-        pub leaf_pem: String,
-        pub leaf_key_pem: String,
-        pub ca: rcgen::CertifiedIssuer<'static, KeyPair>,
+    pub(crate) struct Pki {
+        pub(crate) ca_pem: String,
+        pub(crate) leaf_pem: String,
+        pub(crate) leaf_key_pem: String,
+        pub(crate) ca: rcgen::CertifiedIssuer<'static, KeyPair>,
     }
 
-    pub fn ca(name: &str) -> rcgen::CertifiedIssuer<'static, KeyPair> {
+    pub(crate) fn ca(name: &str) -> rcgen::CertifiedIssuer<'static, KeyPair> {
         let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
         p.distinguished_name.push(DnType::CommonName, name);
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -451,7 +451,7 @@ pub(crate) mod testcerts {
     }
 
     /// A leaf signed by `ca`, with these DNS SANs and CN; returns (cert PEM, key PEM).
-    pub fn leaf(
+    pub(crate) fn leaf(
         ca: &rcgen::CertifiedIssuer<'static, KeyPair>,
         sans: &[&str],
         cn: Option<&str>,
@@ -470,7 +470,7 @@ pub(crate) mod testcerts {
         (cert.pem(), key.serialize_pem())
     }
 
-    pub fn pki(alg: &'static rcgen::SignatureAlgorithm) -> Pki {
+    pub(crate) fn pki(alg: &'static rcgen::SignatureAlgorithm) -> Pki {
         let ca = ca("socksgate test CA");
         let (leaf_pem, leaf_key_pem) = leaf(&ca, &["localhost"], Some("localhost"), alg);
         Pki {

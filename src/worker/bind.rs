@@ -5,22 +5,24 @@
 //! request, when it named one), the second reply carries the peer's address and the relay starts. Bytes the client
 //! sent meanwhile stay in its buffer and are relayed first.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use log::debug;
 use mio::net::TcpListener;
 use mio::Interest;
 
-use super::conn::{Conn, Phase, ReplyKind, Sock};
+use super::close::CloseReason;
+use super::conn::{Conn, Dest, Phase, ReplyKind, Sock};
 use super::connect::start_relay;
-use super::handshake::{fill_client, reply_failure};
+use super::handshake::fill_client;
+use super::reply;
 use super::timers::TimerKind;
 use super::token::{self, Role};
 use super::{Ctx, Next};
 use crate::metrics;
 use crate::net;
-use crate::proto::{canonical_ip, socks4, socks5, Failure, TargetAddr};
+use crate::proto::{canonical_ip, Failure, TargetAddr};
 
 /// State of one BIND request.
 pub struct BindState {
@@ -39,25 +41,6 @@ pub fn mark(conn: &mut Conn, ev: &mio::event::Event) {
     }
 }
 
-fn encode(reply: ReplyKind, ok: bool, failure: Failure, addr: SocketAddr, out: &mut [u8]) -> usize {
-    match reply {
-        ReplyKind::Socks4 => {
-            // SOCKS4: DSTIP 0.0.0.0 in a BIND reply means "use the proxy's address".
-            let v4 = match addr {
-                SocketAddr::V4(a) => a,
-                SocketAddr::V6(a) => SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, a.port()),
-            };
-            let code = if ok {
-                socks4::REPLY_GRANTED
-            } else {
-                failure.socks4_reply()
-            };
-            socks4::encode_reply(code, v4, out)
-        }
-        _ => socks5::encode_reply(if ok { 0 } else { failure.socks5_reply() }, addr, out),
-    }
-}
-
 /// Starts a BIND; `peer` is the address the client expects to connect.
 pub fn start(
     key: usize,
@@ -66,8 +49,15 @@ pub fn start(
     peer: TargetAddr,
     reply: ReplyKind,
 ) -> Next {
+    // The access log's target is the peer that connects, once one has.
+    conn.target = None;
     if ctx.cfg.upstream.is_some() {
-        return reply_failure(conn, ctx, reply, Failure::CommandNotSupported);
+        return reply::fail(
+            conn,
+            ctx,
+            reply,
+            CloseReason::Failed(Failure::CommandNotSupported),
+        );
     }
     let expected = match &peer {
         TargetAddr::Ip(a) if !a.ip().is_unspecified() => Some(canonical_ip(a.ip())),
@@ -75,18 +65,18 @@ pub fn start(
         _ => None,
     };
     let Some(ip) = ctx.cfg.outbound_bind.or_else(|| conn.local_ip()) else {
-        return reply_failure(conn, ctx, reply, Failure::General);
+        return reply::fail(conn, ctx, reply, CloseReason::Failed(Failure::General));
     };
-    let mut listener = match net::bind_listener(SocketAddr::new(ip, 0)) {
+    let mut listener = match net::bind_listener(SocketAddr::new(ip, 0), ctx.cfg.socket_buffer) {
         Ok(l) => l,
         Err(e) => {
             debug!("{}: BIND listener: {e}", conn.peer);
-            return reply_failure(conn, ctx, reply, Failure::General);
+            return reply::fail(conn, ctx, reply, CloseReason::Failed(Failure::General));
         }
     };
     let bound = match listener.local_addr() {
         Ok(a) => a,
-        Err(_) => return reply_failure(conn, ctx, reply, Failure::General),
+        Err(_) => return reply::fail(conn, ctx, reply, CloseReason::Failed(Failure::General)),
     };
     if ctx
         .registry
@@ -97,13 +87,12 @@ pub fn start(
         )
         .is_err()
     {
-        return reply_failure(conn, ctx, reply, Failure::General);
+        return reply::fail(conn, ctx, reply, CloseReason::Failed(Failure::General));
     }
-    let mut out = [0u8; socks5::MAX_REPLY_LEN];
-    let len = encode(reply, true, Failure::General, bound, &mut out);
-    if conn.send_client(&out[..len]).is_err() {
+    debug!("{}: BIND listening on {bound}", conn.peer);
+    if reply::granted(conn, reply, bound).is_err() {
         let _ = ctx.registry.deregister(&mut listener);
-        return Next::Close("client_error");
+        return Next::Close(CloseReason::ClientError);
     }
     conn.deadline = None;
     conn.phase = Phase::Bind(Box::new(BindState {
@@ -125,10 +114,10 @@ pub fn start(
 /// Waits for the inbound connection; watches the client for EOF meanwhile.
 pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     if conn.flush_client().is_err() || fill_client(conn, ctx).is_err() {
-        return Next::Close("client_reset");
+        return Next::Close(CloseReason::ClientReset);
     }
     if conn.up.eof {
-        return Next::Close("client_eof");
+        return Next::Close(CloseReason::ClientEof);
     }
     let Phase::Bind(b) = &mut conn.phase else {
         return Next::Wait;
@@ -181,14 +170,14 @@ fn accepted(
         )
         .is_err()
     {
-        return Next::Close("register_failed");
+        return Next::Close(CloseReason::Internal);
     }
     conn.upstream = Some(Sock::new(stream));
     let from = SocketAddr::new(canonical_ip(from.ip()), from.port());
-    let mut out = [0u8; socks5::MAX_REPLY_LEN];
-    let len = encode(b.reply, true, Failure::General, from, &mut out);
-    if conn.send_client(&out[..len]).is_err() {
-        return Next::Close("client_error");
+    debug!("{}: BIND accepted {from}", conn.peer);
+    conn.target = Some(Dest::Ip(from));
+    if reply::granted(conn, b.reply, from).is_err() {
+        return Next::Close(CloseReason::ClientError);
     }
     metrics::inc(&ctx.stats.handshakes_ok[conn.proto as usize]);
     start_relay(key, conn, ctx);
@@ -209,7 +198,7 @@ pub fn on_timeout(conn: &mut Conn, ctx: &mut Ctx) -> Next {
     }
     let reply = b.reply;
     ctx.stats.connect_error(Failure::TimedOut);
-    reply_failure(conn, ctx, reply, Failure::TimedOut)
+    reply::fail(conn, ctx, reply, CloseReason::Failed(Failure::TimedOut))
 }
 
 /// Frees the listener.

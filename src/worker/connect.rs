@@ -4,19 +4,20 @@
 //! checked against the destination rules first, so a name cannot be used to reach a denied address.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use log::debug;
 use mio::Interest;
 
+use super::close::CloseReason;
 use super::conn::{Conn, Dest, Phase, ReplyKind, Sock};
-use super::handshake::reply_failure;
+use super::reply;
 use super::timers::TimerKind;
 use super::{http, token, upstream, Ctx, Next};
 use crate::metrics;
 use crate::net::{self, ConnectState};
-use crate::proto::{self, socks4, socks5, Failure, TargetAddr};
+use crate::proto::{self, Failure, TargetAddr};
 use crate::resolve::{Job, Work};
 
 /// Resolver tag for TCP connects (UDP datagram lookups use other tags).
@@ -40,7 +41,8 @@ pub fn start(
         // still apply the destination rules when the target is a literal address.
         if let TargetAddr::Ip(addr) = &target {
             if ctx.cfg.dest_rules.check(*addr).is_err() {
-                return fail(conn, ctx, reply, Failure::NotAllowed);
+                debug!("{}: destination {addr} denied by rules", conn.peer);
+                return fail(conn, ctx, reply, CloseReason::DestDenied);
             }
         }
         return upstream::start_connect(key, conn, ctx, reply);
@@ -59,8 +61,9 @@ pub fn start(
                 },
                 reply: ctx.reply_to.clone(),
             };
+            debug!("{}: resolving {}", conn.peer, name.as_str());
             if ctx.resolve_tx.send(job).is_err() {
-                return fail(conn, ctx, reply, Failure::General);
+                return fail(conn, ctx, reply, CloseReason::Internal);
             }
             conn.phase = Phase::Resolving { reply };
             Next::Wait
@@ -84,7 +87,7 @@ pub fn on_resolved(
         Ok(_) | Err(_) => {
             metrics::inc(&ctx.stats.dns_failures);
             debug!("{}: cannot resolve {}", conn.peer, target_str(conn));
-            fail(conn, ctx, reply, Failure::HostUnreachable)
+            fail(conn, ctx, reply, CloseReason::Unresolved)
         }
     }
 }
@@ -107,15 +110,21 @@ pub fn begin(
     let allowed: Vec<_> = addrs
         .into_iter()
         .map(|a| SocketAddr::new(proto::canonical_ip(a.ip()), a.port()))
-        .filter_map(|a| ctx.cfg.dest_rules.check(a).ok().map(|proof| (a, proof)))
+        .filter_map(|a| match ctx.cfg.dest_rules.check(a) {
+            Ok(proof) => Some((a, proof)),
+            Err(_) => {
+                debug!("{}: destination {a} denied by rules", conn.peer);
+                None
+            }
+        })
         .collect();
     if allowed.is_empty() {
         debug!(
-            "{}: destination {} denied by rules",
+            "{}: every address of {} denied by rules",
             conn.peer,
             target_str(conn)
         );
-        return fail(conn, ctx, reply, Failure::NotAllowed);
+        return fail(conn, ctx, reply, CloseReason::DestDenied);
     }
     conn.phase = Phase::Connecting {
         reply,
@@ -150,10 +159,11 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         };
         let Some((addr, _proof)) = addrs.get(*next).copied() else {
             let (reply, last) = (*reply, *last);
-            return fail(conn, ctx, reply, last);
+            return fail(conn, ctx, reply, CloseReason::Failed(last));
         };
         *next += 1;
         let left = (addrs.len() - *next) as u32;
+        debug!("{}: connecting to {addr}", conn.peer);
         match open(key, ctx, addr) {
             Ok(sock) => {
                 conn.upstream = Some(sock);
@@ -178,7 +188,7 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 
 /// Opens and registers a nonblocking outbound socket for connection `key`.
 pub fn open(key: usize, ctx: &mut Ctx, addr: SocketAddr) -> io::Result<Sock> {
-    let mut stream = net::connect(addr, ctx.cfg.outbound_bind)?;
+    let mut stream = net::connect(addr, ctx.cfg.outbound_bind, ctx.cfg.socket_buffer)?;
     ctx.registry.register(
         &mut stream,
         token::conn(key, token::Role::Upstream),
@@ -208,7 +218,10 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             up.readable = false;
             Next::Wait
         }
-        ConnectState::Connected => connected(key, conn, ctx),
+        ConnectState::Connected => {
+            debug!("{}: connected to {}", conn.peer, target_str(conn));
+            connected(key, conn, ctx)
+        }
         ConnectState::Failed(e) => {
             debug!("{}: connect to {}: {e}", conn.peer, target_str(conn));
             drop_upstream(conn, ctx);
@@ -237,26 +250,16 @@ pub fn established(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind)
         .as_ref()
         .and_then(|u| u.stream.local_addr().ok())
         .unwrap_or(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
-    let mut out = [0u8; socks5::MAX_REPLY_LEN];
-    let len = match reply {
-        ReplyKind::Socks5 => socks5::encode_reply(0, local, &mut out),
-        ReplyKind::Socks4 => {
-            let v4 = match local {
-                SocketAddr::V4(a) => a,
-                SocketAddr::V6(_) => SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
-            };
-            socks4::encode_reply(socks4::REPLY_GRANTED, v4, &mut out)
-        }
-        ReplyKind::HttpConnect => {
-            if conn.send_client(proto::http::CONNECT_ESTABLISHED).is_err() {
-                return Next::Close("client_error");
-            }
-            0
-        }
-        ReplyKind::HttpForward => return http::on_origin_connected(key, conn, ctx),
+    if reply == ReplyKind::HttpForward {
+        return http::on_origin_connected(key, conn, ctx);
+    }
+    // SOCKS4 reports an IPv6 outbound socket as 0.0.0.0:0 (its reply has no room for it).
+    let local = match (reply, local) {
+        (ReplyKind::Socks4, SocketAddr::V6(_)) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        _ => local,
     };
-    if len > 0 && conn.send_client(&out[..len]).is_err() {
-        return Next::Close("client_error");
+    if reply::granted(conn, reply, local).is_err() {
+        return Next::Close(CloseReason::ClientError);
     }
     metrics::inc(&ctx.stats.handshakes_ok[conn.proto as usize]);
     start_relay(key, conn, ctx);
@@ -265,19 +268,28 @@ pub fn established(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind)
 
 /// Switches to the relay phase with the idle timer armed.
 pub fn start_relay(key: usize, conn: &mut Conn, ctx: &mut Ctx) {
+    // Bytes that arrived together with the handshake (pipelined after a SOCKS request or a CONNECT head, sent
+    // while a BIND waited, or after the upstream proxy's reply) are relayed first from the buffers: count them
+    // here, since the relay counts only what it reads itself.
+    let up = conn.c2u.as_ref().map_or(0, |b| b.len()) as u64;
+    let down = conn.u2c.as_ref().map_or(0, |b| b.len()) as u64;
+    conn.bytes_up += up;
+    conn.bytes_down += down;
+    metrics::add(&ctx.stats.bytes_up, up);
+    metrics::add(&ctx.stats.bytes_down, down);
     conn.phase = Phase::Relay;
     conn.last_active = ctx.now;
     super::relay::arm_idle(key, conn, ctx);
 }
 
 /// Reports a failure to resolve or connect.
-pub fn fail(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, failure: Failure) -> Next {
-    ctx.stats.connect_error(failure);
+pub fn fail(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, reason: CloseReason) -> Next {
+    ctx.stats.connect_error(reason.failure());
     drop_upstream(conn, ctx);
     if reply == ReplyKind::HttpForward {
-        return http::on_origin_failed(conn, ctx, failure);
+        return http::on_origin_failed(conn, ctx, reason);
     }
-    reply_failure(conn, ctx, reply, failure)
+    reply::fail(conn, ctx, reply, reason)
 }
 
 /// A connect timer popped: move on to the next address when this attempt's share is used up, or fail when the
@@ -317,5 +329,5 @@ pub fn on_timeout(conn: &mut Conn, ctx: &mut Ctx) -> Next {
         _ => return Next::Wait,
     };
     debug!("{}: connect to {} timed out", conn.peer, target_str(conn));
-    fail(conn, ctx, reply, Failure::TimedOut)
+    fail(conn, ctx, reply, CloseReason::Failed(Failure::TimedOut))
 }

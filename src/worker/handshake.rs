@@ -1,14 +1,14 @@
 //! Client handshakes: feeds the sans-IO parsers from the client buffer, applies policy (auth, limits), and hands
 //! over to `connect`, `udp`, `bind` or `http`. Also the error path: reply, linger, close.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use log::debug;
 
+use super::close::CloseReason;
 use super::conn::{Conn, Dest, PendingAuth, Phase, ReplyKind};
-use super::timers::TimerKind;
+use super::reply::{self, enter_linger};
 use super::{bind, connect, http, tls, udp, Ctx, Next};
 use crate::auth::Authorized;
 use crate::buffer::{Buffer, BufferPool};
@@ -16,9 +16,6 @@ use crate::metrics::{self, Proto, Refusal};
 use crate::proto::detect::{self, Protocol};
 use crate::proto::{proxy_protocol, socks4, socks5, Failure, Parse};
 use crate::resolve::{Job, Work};
-
-/// How long an error reply may take to flush and the client to close after it, before we close regardless.
-pub const LINGER: Duration = Duration::from_secs(2);
 
 /// Reads what the client has sent into its buffer (until `WouldBlock`, EOF or a full buffer).
 pub fn fill_client(conn: &mut Conn, ctx: &mut Ctx) -> std::io::Result<()> {
@@ -75,11 +72,11 @@ fn need_more(conn: &mut Conn, ctx: &mut Ctx) -> Next {
         return if grow(&mut conn.c2u, MAX_PROXY_HEADER, &mut ctx.pool) {
             Next::Again
         } else {
-            Next::Close("oversized_message")
+            Next::Close(CloseReason::OversizedMessage)
         };
     }
     if conn.up.eof {
-        Next::Close("client_eof")
+        Next::Close(CloseReason::ClientEof)
     } else {
         Next::Wait
     }
@@ -90,10 +87,10 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     match conn.flush_client() {
         Ok(true) => {}
         Ok(false) => return Next::Wait,
-        Err(_) => return Next::Close("client_error"),
+        Err(_) => return Next::Close(CloseReason::ClientError),
     }
     if fill_client(conn, ctx).is_err() {
-        return Next::Close(tls::failure(conn).unwrap_or("client_reset"));
+        return Next::Close(tls::failure(conn).unwrap_or(CloseReason::ClientReset));
     }
     if let Some(next) = tls::on_established(conn, ctx) {
         return next;
@@ -121,15 +118,16 @@ fn proxy_header(conn: &mut Conn, ctx: &mut Ctx) -> Next {
             if !ctx.cfg.client_rules.allows(conn.peer.ip()) {
                 metrics::inc(&ctx.stats.refused[Refusal::ClientAcl as usize]);
                 super::log_refused(conn.peer, "client not allowed (PROXY header address)");
-                return Next::Close("client_not_allowed");
+                return Next::Close(CloseReason::ClientNotAllowed);
             }
+            debug!("{}: PROXY header accepted", conn.peer);
             conn.phase = Phase::Detect;
             Next::Again
         }
         Err(e) => {
             metrics::inc(&ctx.stats.refused[Refusal::ProxyHeader as usize]);
             debug!("{}: bad PROXY protocol header: {e}", conn.peer);
-            Next::Close("bad_proxy_header")
+            Next::Close(CloseReason::BadProxyHeader)
         }
     }
 }
@@ -159,9 +157,14 @@ fn detect(conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 "{}: unknown or disabled protocol (first byte {first:#04x})",
                 conn.peer
             );
-            return Next::Close("unknown_protocol");
+            return Next::Close(CloseReason::UnknownProtocol);
         }
     };
+    debug!(
+        "{}: {} handshake",
+        conn.peer,
+        metrics::PROTO_LABELS[proto as usize]
+    );
     set_proto(conn, ctx, proto);
     conn.phase = phase;
     Next::Again
@@ -190,14 +193,16 @@ fn socks5_greeting(conn: &mut Conn, ctx: &mut Ctx) -> Next {
             let mut out = [0u8; 2];
             let len = socks5::encode_method(method, &mut out);
             if conn.send_client(&out[..len]).is_err() {
-                return Next::Close("client_error");
+                return Next::Close(CloseReason::ClientError);
             }
+            debug!("{}: SOCKS5 method {method:#04x} chosen", conn.peer);
             match method {
                 socks5::METHOD_NO_AUTH => conn.phase = Phase::Socks5Request,
                 socks5::METHOD_USER_PASS => conn.phase = Phase::Socks5Auth,
                 _ => {
                     metrics::inc(&ctx.stats.auth_failures);
-                    return enter_linger(conn, ctx, Failure::NotAllowed);
+                    debug!("{}: SOCKS5: no acceptable method offered", conn.peer);
+                    return enter_linger(conn, ctx, CloseReason::AuthFailed);
                 }
             }
             Next::Again
@@ -243,7 +248,7 @@ pub fn verify_off_loop(
         reply: ctx.reply_to.clone(),
     };
     if ctx.resolve_tx.send(job).is_err() {
-        return Next::Close("internal_error");
+        return Next::Close(CloseReason::Internal);
     }
     conn.phase = Phase::Verifying(Box::new(then));
     Next::Wait
@@ -273,10 +278,11 @@ fn socks5_auth_result(conn: &mut Conn, ctx: &mut Ctx, verdict: Option<Authorized
     let mut out = [0u8; 2];
     let len = socks5::encode_auth_status(ok, &mut out);
     if conn.send_client(&out[..len]).is_err() {
-        return Next::Close("client_error");
+        return Next::Close(CloseReason::ClientError);
     }
     match verdict {
         Some(user) => {
+            debug!("{}: SOCKS5 user {} authenticated", conn.peer, user.user());
             conn.user = Some(user);
             conn.phase = Phase::Socks5Request;
             Next::Again
@@ -285,7 +291,7 @@ fn socks5_auth_result(conn: &mut Conn, ctx: &mut Ctx, verdict: Option<Authorized
             // RFC 1929 §2: after a failure status the server MUST close the connection.
             metrics::inc(&ctx.stats.auth_failures);
             debug!("{}: SOCKS5 authentication failed", conn.peer);
-            enter_linger(conn, ctx, Failure::NotAllowed)
+            enter_linger(conn, ctx, CloseReason::AuthFailed)
         }
     }
 }
@@ -296,8 +302,14 @@ fn socks5_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Ok(Parse::Done(req, n)) => {
             consume(conn, n);
             conn.target = Some(Dest::from(&req.target));
+            debug!(
+                "{}: SOCKS5 {:?} {}",
+                conn.peer,
+                req.command,
+                Dest::from(&req.target)
+            );
             if !user_admit(conn, ctx) {
-                return reply_failure(conn, ctx, ReplyKind::Socks5, Failure::NotAllowed);
+                return reply::fail(conn, ctx, ReplyKind::Socks5, CloseReason::UserLimit);
             }
             match req.command {
                 socks5::Command::Connect => {
@@ -309,12 +321,25 @@ fn socks5_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 socks5::Command::Bind if ctx.cfg.bind_cmd => {
                     bind::start(key, conn, ctx, req.target, ReplyKind::Socks5)
                 }
-                _ => reply_failure(conn, ctx, ReplyKind::Socks5, Failure::CommandNotSupported),
+                _ => {
+                    debug!("{}: SOCKS5 command not supported or disabled", conn.peer);
+                    reply::fail(
+                        conn,
+                        ctx,
+                        ReplyKind::Socks5,
+                        CloseReason::Failed(Failure::CommandNotSupported),
+                    )
+                }
             }
         }
         Err(e) => {
             debug!("{}: bad SOCKS5 request: {e}", conn.peer);
-            reply_failure(conn, ctx, ReplyKind::Socks5, e.failure())
+            reply::fail(
+                conn,
+                ctx,
+                ReplyKind::Socks5,
+                CloseReason::Failed(e.failure()),
+            )
         }
     }
 }
@@ -325,25 +350,34 @@ fn socks4_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Ok(Parse::Done(req, n)) => (req.command, req.target, n),
         Err(e) => {
             debug!("{}: bad SOCKS4 request: {e}", conn.peer);
-            return reply_failure(conn, ctx, ReplyKind::Socks4, e.failure());
+            return reply::fail(
+                conn,
+                ctx,
+                ReplyKind::Socks4,
+                CloseReason::Failed(e.failure()),
+            );
         }
     };
     consume(conn, n);
     conn.target = Some(Dest::from(&target));
+    debug!("{}: SOCKS4 {command:?} {}", conn.peer, Dest::from(&target));
     // SOCKS4 carries no password: with users configured it would be a way around authentication.
     if !ctx.users.is_empty() && !ctx.cfg.socks4_with_users && !tls::cert_user(conn) {
         metrics::inc(&ctx.stats.auth_failures);
         debug!("{}: SOCKS4 refused: users are configured", conn.peer);
-        return reply_failure(conn, ctx, ReplyKind::Socks4, Failure::NotAllowed);
+        return reply::fail(conn, ctx, ReplyKind::Socks4, CloseReason::Socks4NeedsAuth);
     }
     match command {
         socks4::Command::Connect => connect::start(key, conn, ctx, target, ReplyKind::Socks4),
         socks4::Command::Bind if ctx.cfg.bind_cmd => {
             bind::start(key, conn, ctx, target, ReplyKind::Socks4)
         }
-        socks4::Command::Bind => {
-            reply_failure(conn, ctx, ReplyKind::Socks4, Failure::CommandNotSupported)
-        }
+        socks4::Command::Bind => reply::fail(
+            conn,
+            ctx,
+            ReplyKind::Socks4,
+            CloseReason::Failed(Failure::CommandNotSupported),
+        ),
     }
 }
 
@@ -379,80 +413,5 @@ fn bad_handshake(conn: &mut Conn, ctx: &mut Ctx, e: crate::proto::ProtoError) ->
         conn.phase.name()
     );
     metrics::inc(&ctx.stats.handshakes_failed[conn.proto as usize]);
-    Next::Close("malformed")
-}
-
-/// Sends the protocol's failure reply, then lingers and closes (RFC 1928 §6: close after a failure reply).
-pub fn reply_failure(conn: &mut Conn, ctx: &mut Ctx, kind: ReplyKind, failure: Failure) -> Next {
-    let mut out = [0u8; crate::proto::http::MAX_CANNED_LEN];
-    let len = match kind {
-        ReplyKind::Socks5 => socks5::encode_reply(
-            failure.socks5_reply(),
-            SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-            &mut out,
-        ),
-        ReplyKind::Socks4 => socks4::encode_reply(
-            failure.socks4_reply(),
-            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
-            &mut out,
-        ),
-        ReplyKind::HttpConnect | ReplyKind::HttpForward => {
-            crate::proto::http::canned_response(failure.http_status(), &mut out)
-        }
-    };
-    if conn.send_client(&out[..len]).is_err() {
-        return Next::Close("client_error");
-    }
-    enter_linger(conn, ctx, failure)
-}
-
-/// After an error reply: flush it, shut down our side, and wait briefly for the client to close, so unread input
-/// does not turn our close into a reset that destroys the reply.
-pub fn enter_linger(conn: &mut Conn, ctx: &mut Ctx, failure: Failure) -> Next {
-    conn.failure = Some(failure);
-    metrics::inc(&ctx.stats.handshakes_failed[conn.proto as usize]);
-    conn.deadline = None;
-    conn.phase = Phase::Linger {
-        armed: false,
-        shut: false,
-    };
-    Next::Again
-}
-
-/// Drives the linger phase.
-pub fn linger(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    let reason = conn.failure.map(|f| f.label()).unwrap_or("error");
-    if let Phase::Linger { armed, .. } = &mut conn.phase {
-        if !*armed {
-            *armed = true;
-            ctx.timers
-                .push(ctx.now + LINGER, key, conn.gen, TimerKind::Linger);
-        }
-    }
-    match conn.flush_client() {
-        Ok(true) => {}
-        Ok(false) => return Next::Wait,
-        Err(_) => return Next::Close(reason),
-    }
-    if let Phase::Linger { shut, .. } = &mut conn.phase {
-        if !*shut {
-            *shut = true;
-            let _ = conn.client.shutdown_write();
-        }
-    }
-    if !conn.client.flushed() {
-        // TLS: the reply and close_notify are still inside rustls; the writable edge pushes them out.
-        return Next::Wait;
-    }
-    if let Some(b) = conn.c2u.take() {
-        ctx.pool.give(b);
-    }
-    for _ in 0..16 {
-        match conn.client.read(&mut ctx.scratch) {
-            Ok(Some(0)) | Err(_) => return Next::Close(reason),
-            Ok(Some(_)) => {}
-            Ok(None) => return Next::Wait,
-        }
-    }
-    Next::Yield
+    Next::Close(CloseReason::Malformed)
 }

@@ -13,16 +13,20 @@ use std::sync::Arc;
 
 use log::debug;
 
+use super::access::{self, RequestLog};
+use super::close::CloseReason;
 use super::conn::{Conn, Dest, PendingAuth, Phase, ReplyKind, Sock};
 use super::connect::{self, drop_upstream};
-use super::handshake::{self, enter_linger, fill_client, grow, reply_failure, user_admit};
+use super::handshake::{self, fill_client, grow, user_admit};
+use super::reply::{self, graceful_end};
 use super::{Ctx, Next};
 use crate::auth::Authorized;
 use crate::buffer::Buffer;
 use crate::metrics;
 use crate::proto::http::{self as h, BodyFramer, RequestKind, ResponseContext, RewriteOptions};
-use crate::proto::{Failure, Parse, ProtoError, TargetAddr};
+use crate::proto::{upstream as chain, Failure, Parse, ProtoError, TargetAddr};
 use crate::resolve::Work;
+use crate::upstream::UpstreamKind;
 
 /// The credential bytes that passed verification, kept to recognise them on the next request.
 fn auth_token(user: &[u8], pass: &[u8]) -> Box<[u8]> {
@@ -68,6 +72,8 @@ pub struct HttpState {
     abandoned: bool,
     /// Credentials that passed verification on this connection (user NUL pass).
     auth_token: Option<Box<[u8]>>,
+    /// The request head, held until the path to the origin is up (an upstream proxy's handshake goes first).
+    pending_head: Vec<u8>,
 }
 
 impl HttpState {
@@ -89,6 +95,7 @@ impl HttpState {
             resp_started: false,
             abandoned: false,
             auth_token: None,
+            pending_head: Vec::new(),
         }
     }
 }
@@ -108,9 +115,9 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     if data.is_empty() {
         if conn.up.eof {
             return Next::Close(if conn.http.is_some() {
-                "done"
+                CloseReason::Done
             } else {
-                "client_eof"
+                CloseReason::ClientEof
             });
         }
         // A kept-alive connection between requests holds no buffer.
@@ -129,7 +136,7 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 return Next::Again;
             }
             return if conn.up.eof {
-                Next::Close("client_eof")
+                Next::Close(CloseReason::ClientEof)
             } else {
                 Next::Wait
             };
@@ -143,6 +150,14 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Err(e) => return bad_request(conn, ctx, e),
     };
     let head = std::mem::take(&mut ctx.head_out);
+    if req.kind == RequestKind::Forward {
+        let authority = Dest::from(&req.target).to_string();
+        let log = RequestLog::new(conn, &head, &authority, ctx.now);
+        debug!("{}: HTTP {}", conn.peer, log.line);
+        conn.request = Some(Box::new(log));
+    } else {
+        debug!("{}: HTTP CONNECT {}", conn.peer, Dest::from(&req.target));
+    }
     // Proxy authentication (RFC 9110 §11.7), on every request of a kept-alive connection (Basic credentials are
     // per request); the credentials are consumed here and never forwarded. Credentials equal to the ones that
     // already passed on this connection are accepted without verifying a slow hash again.
@@ -204,7 +219,7 @@ pub fn on_verified(
                 metrics::inc(&ctx.stats.auth_failures);
             }
             debug!("{}: HTTP proxy authentication required", conn.peer);
-            send_status(conn, ctx, 407)
+            reply::fail(conn, ctx, ReplyKind::HttpForward, CloseReason::AuthRequired)
         }
     }
 }
@@ -217,13 +232,15 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, req: h::Request, head: Ve
         RequestKind::Forward => ReplyKind::HttpForward,
     };
     if !user_admit(conn, ctx) {
-        return reply_failure(conn, ctx, reply, Failure::NotAllowed);
+        return reply::fail(conn, ctx, reply, CloseReason::UserLimit);
     }
     if req.kind == RequestKind::Connect {
         if conn.http.is_some() {
-            // CONNECT after forwarded requests: the old origin connection is not the tunnel's.
+            // CONNECT after forwarded requests: the old origin connection is not the tunnel's, and the tunnel
+            // gets its own session line.
             drop_upstream(conn, ctx);
             conn.http = None;
+            conn.request_lines = false;
         }
         return connect::start(key, conn, ctx, req.target, ReplyKind::HttpConnect);
     }
@@ -243,19 +260,42 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, req: h::Request, head: Ve
     st.resp_started = false;
     st.abandoned = false;
     conn.to_upstream.clear();
-    conn.to_upstream.extend_from_slice(&head);
-    if ctx.head_out.capacity() == 0 {
-        // Give the allocation back for the next head.
-        let mut head = head;
-        head.clear();
-        ctx.head_out = head;
-    }
-    let reuse =
-        conn.upstream.is_some() && st.origin_reusable && st.origin.as_ref() == Some(&req.target);
+    let upstream = ctx.cfg.upstream.as_ref();
+    let via_http_proxy = upstream.is_some_and(|u| u.kind == UpstreamKind::Http);
+    let head = if let Some(u) = upstream.filter(|_| via_http_proxy) {
+        let creds = u
+            .credentials
+            .as_ref()
+            .map(|(u, p)| (u.as_bytes(), p.as_bytes()));
+        let mut abs = Vec::with_capacity(head.len() + 64);
+        if !chain::encode_forward_head(&head, &req.target, creds, &mut abs) {
+            return reply::fail(
+                conn,
+                ctx,
+                ReplyKind::HttpForward,
+                CloseReason::Failed(Failure::AddressNotSupported),
+            );
+        }
+        abs
+    } else {
+        head
+    };
+    // An HTTP upstream proxy takes requests for any origin on one connection.
+    let reuse = conn.upstream.is_some()
+        && st.origin_reusable
+        && (via_http_proxy || st.origin.as_ref() == Some(&req.target));
     if reuse {
+        conn.to_upstream.extend_from_slice(&head);
+        if ctx.head_out.capacity() == 0 {
+            // Give the allocation back for the next head.
+            let mut head = head;
+            head.clear();
+            ctx.head_out = head;
+        }
         conn.phase = Phase::Http;
         return Next::Again;
     }
+    st.pending_head = head;
     drop_upstream(conn, ctx);
     if let Some(st) = conn.http.as_mut() {
         st.origin = Some(req.target.clone());
@@ -269,21 +309,11 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, req: h::Request, head: Ve
 
 fn bad_request(conn: &mut Conn, ctx: &mut Ctx, e: ProtoError) -> Next {
     debug!("{}: bad HTTP request: {e}", conn.peer);
-    send_status(conn, ctx, e.http_status())
-}
-
-/// Sends a canned error response and closes (after lingering).
-fn send_status(conn: &mut Conn, ctx: &mut Ctx, status: u16) -> Next {
-    let mut out = [0u8; h::MAX_CANNED_LEN];
-    let len = h::canned_response(status, &mut out);
-    if conn.send_client(&out[..len]).is_err() {
-        return Next::Close("client_error");
-    }
-    let failure = match status {
-        407 | 403 => Failure::NotAllowed,
-        _ => Failure::General,
+    let reason = match e {
+        ProtoError::HeadTooLarge => CloseReason::HeaderTooLarge,
+        _ => CloseReason::BadRequest,
     };
-    enter_linger(conn, ctx, failure)
+    reply::fail(conn, ctx, ReplyKind::HttpForward, reason)
 }
 
 /// The origin connection for a forwarded request is up.
@@ -291,6 +321,9 @@ pub fn on_origin_connected(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     conn.deadline = None;
     if let Some(st) = conn.http.as_mut() {
         st.origin_reusable = true;
+        // Whatever an upstream proxy's handshake queued has gone out first: the request follows it.
+        conn.to_upstream.append(&mut st.pending_head);
+        st.pending_head = Vec::new();
     }
     if conn.proto as usize != 0 {
         metrics::inc(&ctx.stats.handshakes_ok[conn.proto as usize]);
@@ -302,12 +335,13 @@ pub fn on_origin_connected(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 }
 
 /// The origin could not be reached: 502/504/403, then close.
-pub fn on_origin_failed(conn: &mut Conn, ctx: &mut Ctx, failure: Failure) -> Next {
+pub fn on_origin_failed(conn: &mut Conn, ctx: &mut Ctx, reason: CloseReason) -> Next {
     if let Some(st) = conn.http.as_mut() {
         st.busy = false;
         st.origin = None;
+        st.pending_head = Vec::new();
     }
-    reply_failure(conn, ctx, ReplyKind::HttpForward, failure)
+    reply::fail(conn, ctx, ReplyKind::HttpForward, reason)
 }
 
 /// Drives a forwarding exchange (or waits for the next request).
@@ -319,7 +353,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let mut progress = false;
     match upward(conn, ctx) {
         Ok(p) => progress |= p,
-        Err("upstream_reset") => {
+        Err(CloseReason::UpstreamReset) => {
             // The origin stopped taking the request (say it answered 413 and reset): what it sent before the
             // reset is still readable, so deliver that response, then close.
             if let Some(st) = conn.http.as_mut() {
@@ -329,9 +363,14 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             }
             conn.to_upstream.clear();
         }
-        Err("bad_request_body") if !conn.http.as_ref().is_some_and(|s| s.resp_started) => {
+        Err(CloseReason::BadRequestBody) if !conn.http.as_ref().is_some_and(|s| s.resp_started) => {
             drop_upstream(conn, ctx);
-            return send_status(conn, ctx, 400);
+            return reply::fail(
+                conn,
+                ctx,
+                ReplyKind::HttpForward,
+                CloseReason::BadRequestBody,
+            );
         }
         Err(r) => return Next::Close(r),
     }
@@ -343,7 +382,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         conn.last_active = ctx.now;
     }
     let Some(st) = conn.http.as_ref() else {
-        return Next::Close("no_state");
+        return Next::Close(CloseReason::Internal);
     };
     let resp_done = st.resp_head_done
         && st.resp_body.is_done()
@@ -353,6 +392,13 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         return if progress { Next::Again } else { Next::Wait };
     }
     // The response is complete and delivered.
+    if let Some(req) = conn.request.take() {
+        access::request_line(conn, &req, CloseReason::Done, ctx.now);
+        conn.request_lines = true;
+    }
+    let Some(st) = conn.http.as_ref() else {
+        return Next::Close(CloseReason::Internal);
+    };
     if !st.req_done || st.abandoned || !st.keep_client || ctx.draining || conn.up.eof {
         // The client still sends a body we will not read, or asked to close: end gracefully.
         return finish(conn, ctx);
@@ -380,11 +426,7 @@ fn finish(conn: &mut Conn, ctx: &mut Ctx) -> Next {
         st.busy = false;
     }
     drop_upstream(conn, ctx);
-    conn.phase = Phase::Linger {
-        armed: false,
-        shut: false,
-    };
-    Next::Again
+    graceful_end(conn, CloseReason::Done)
 }
 
 /// Between requests: watch the idle origin connection and parse the next request.
@@ -404,10 +446,10 @@ fn between_requests(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         }
     }
     if ctx.draining {
-        return Next::Close("draining");
+        return Next::Close(CloseReason::Draining);
     }
     if fill_client(conn, ctx).is_err() {
-        return Next::Close("client_reset");
+        return Next::Close(CloseReason::ClientReset);
     }
     on_head(key, conn, ctx)
 }
@@ -447,10 +489,11 @@ fn forward_framed(
 }
 
 /// Request head and body toward the origin. Ok(progress) or Err(close reason).
-fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, &'static str> {
+fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, CloseReason> {
     let mut progress = false;
     let before = conn.to_upstream.len();
-    conn.flush_upstream().map_err(|_| "upstream_reset")?;
+    conn.flush_upstream()
+        .map_err(|_| CloseReason::UpstreamReset)?;
     let sent = before - conn.to_upstream.len();
     if sent > 0 {
         progress = true;
@@ -464,7 +507,7 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, &'static str> {
         return Ok(progress);
     };
     if conn.client.error {
-        return Err("client_reset");
+        return Err(CloseReason::ClientReset);
     }
     if st.req_done {
         // Keep watching the client while the response is awaited: a reset (or close) must not leave both sockets
@@ -475,7 +518,7 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, &'static str> {
                 Ok(Some(0)) => conn.up.eof = true,
                 Ok(Some(n)) => buf.fill(n),
                 Ok(None) => break,
-                Err(_) => return Err("client_reset"),
+                Err(_) => return Err(CloseReason::ClientReset),
             }
         }
         return Ok(progress);
@@ -484,12 +527,12 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, &'static str> {
         // Frame what we have, forward it, read more.
         let buf = conn.c2u.get_or_insert_with(|| ctx.pool.take());
         let Some(up) = conn.upstream.as_mut() else {
-            return Err("no_upstream");
+            return Err(CloseReason::Internal);
         };
         let n = match forward_framed(&mut st.req_body, &mut st.up_ready, buf, up) {
             Ok(n) => n,
-            Err(Framed::Body) => return Err("bad_request_body"),
-            Err(Framed::Sink) => return Err("upstream_reset"),
+            Err(Framed::Body) => return Err(CloseReason::BadRequestBody),
+            Err(Framed::Sink) => return Err(CloseReason::UpstreamReset),
         };
         if n > 0 {
             progress = true;
@@ -504,7 +547,7 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, &'static str> {
             return Ok(progress);
         }
         if conn.up.eof {
-            return Err("client_eof_in_body");
+            return Err(CloseReason::ClientEofInBody);
         }
         if !conn.client.readable || buf.is_full() {
             return Ok(progress);
@@ -516,7 +559,7 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, &'static str> {
                 progress = true;
             }
             Ok(None) => return Ok(progress),
-            Err(_) => return Err("client_reset"),
+            Err(_) => return Err(CloseReason::ClientReset),
         }
     }
     Ok(progress)
@@ -529,7 +572,7 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
         if !conn.to_client.is_empty() {
             let before = conn.to_client.len();
             conn.flush_client()
-                .map_err(|_| Next::Close("client_reset"))?;
+                .map_err(|_| Next::Close(CloseReason::ClientReset))?;
             let sent = before - conn.to_client.len();
             conn.bytes_down += sent as u64;
             metrics::add(&ctx.stats.bytes_down, sent as u64);
@@ -556,8 +599,28 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
                     via: ctx.cfg.via.as_deref(),
                 };
                 match h::parse_response(buf.data(), ctx.cfg.max_head, &rctx, &mut ctx.head_out) {
+                    Ok(Parse::Done(resp, _))
+                        if resp.status == 407
+                            && ctx
+                                .cfg
+                                .upstream
+                                .as_ref()
+                                .is_some_and(|u| u.kind == UpstreamKind::Http) =>
+                    {
+                        // The upstream proxy refused our credentials: that is not the client's to answer.
+                        return Err(origin_error(
+                            conn,
+                            ctx,
+                            CloseReason::UpstreamProxy(Failure::NotAllowed),
+                        ));
+                    }
                     Ok(Parse::Done(resp, n)) => {
                         buf.consume(n);
+                        if !resp.interim {
+                            if let Some(r) = conn.request.as_mut() {
+                                r.status = resp.status;
+                            }
+                        }
                         conn.to_client.extend_from_slice(&ctx.head_out);
                         st.resp_started = true;
                         progress = true;
@@ -574,12 +637,12 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
                             if grow(&mut conn.u2c, ctx.cfg.max_head, &mut ctx.pool) {
                                 continue;
                             }
-                            return Err(origin_error(conn, ctx, "response_head_too_large"));
+                            return Err(origin_error(conn, ctx, CloseReason::ResponseHeadTooLarge));
                         }
                     }
                     Err(e) => {
                         debug!("{}: bad response from origin: {e}", conn.peer);
-                        return Err(origin_error(conn, ctx, "bad_response"));
+                        return Err(origin_error(conn, ctx, CloseReason::BadResponse));
                     }
                 }
             }
@@ -591,8 +654,8 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
                 &mut conn.client,
             ) {
                 Ok(n) => n,
-                Err(Framed::Body) => return Err(Next::Close("bad_response_body")),
-                Err(Framed::Sink) => return Err(Next::Close("client_reset")),
+                Err(Framed::Body) => return Err(Next::Close(CloseReason::BadResponseBody)),
+                Err(Framed::Sink) => return Err(Next::Close(CloseReason::ClientReset)),
             };
             if n > 0 {
                 progress = true;
@@ -608,7 +671,7 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
         }
         // Need more bytes from the origin.
         let Some(up) = conn.upstream.as_mut() else {
-            return Err(Next::Close("no_upstream"));
+            return Err(Next::Close(CloseReason::Internal));
         };
         if !up.readable || buf.is_full() {
             return Ok(progress);
@@ -620,23 +683,27 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
                     if let Some(b) = conn.u2c.take() {
                         ctx.pool.give(b);
                     }
+                    if let Some(req) = conn.request.take() {
+                        access::request_line(conn, &req, CloseReason::Done, ctx.now);
+                        conn.request_lines = true;
+                    }
                     return Err(finish(conn, ctx));
                 }
-                return Err(origin_error(conn, ctx, "origin_closed"));
+                return Err(origin_error(conn, ctx, CloseReason::OriginClosed));
             }
             Ok(Some(n)) => {
                 buf.fill(n);
                 progress = true;
             }
             Ok(None) => return Ok(progress),
-            Err(_) => return Err(origin_error(conn, ctx, "origin_reset")),
+            Err(_) => return Err(origin_error(conn, ctx, CloseReason::OriginReset)),
         }
     }
     Ok(progress)
 }
 
 /// The origin failed mid-exchange: a 502 if the client has seen nothing yet, otherwise just close.
-fn origin_error(conn: &mut Conn, ctx: &mut Ctx, reason: &'static str) -> Next {
+fn origin_error(conn: &mut Conn, ctx: &mut Ctx, reason: CloseReason) -> Next {
     let started = conn.http.as_ref().map(|s| s.resp_started).unwrap_or(true);
     drop_upstream(conn, ctx);
     if started {
@@ -646,5 +713,5 @@ fn origin_error(conn: &mut Conn, ctx: &mut Ctx, reason: &'static str) -> Next {
         st.busy = false;
     }
     ctx.stats.connect_error(Failure::General);
-    handshake::reply_failure(conn, ctx, ReplyKind::HttpForward, Failure::General)
+    reply::fail(conn, ctx, ReplyKind::HttpForward, reason)
 }

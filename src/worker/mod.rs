@@ -1,12 +1,15 @@
 //! One event loop per core: poll, dispatch, timers, commands. Phases live in their own modules.
 
 pub mod accept;
+pub mod access;
 pub mod bind;
+pub mod close;
 pub mod conn;
 pub mod connect;
 pub mod handshake;
 pub mod http;
 pub mod relay;
+pub mod reply;
 pub mod timers;
 pub mod tls;
 pub mod token;
@@ -21,9 +24,8 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use log::{debug, error, info, warn};
-use mio::net::TcpListener;
-use mio::{Events, Interest, Poll};
+use log::{debug, error, info, trace, warn};
+use mio::{Events, Poll};
 use slab::Slab;
 
 use crate::auth::Users;
@@ -32,7 +34,8 @@ use crate::config::Config;
 use crate::metrics::{self, Stats};
 use crate::resolve::{Job, Outcome, Reply, ReplyTo};
 
-use conn::{Conn, Phase};
+use close::{CloseReason, ResetSide};
+use conn::{Conn, Phase, ReplyKind};
 use timers::{TimerKind, Timers};
 use token::{Role, Target};
 
@@ -56,7 +59,7 @@ pub enum Next {
     /// The iteration cap was hit with work left: drive again on the next loop iteration, after other connections.
     Yield,
     /// Close the connection, with this reason for the access log.
-    Close(&'static str),
+    Close(CloseReason),
 }
 
 /// Concurrent session counts per user, shared by all workers (touched at authentication and close only).
@@ -130,7 +133,7 @@ pub struct Worker {
     events: Events,
     conns: Slab<Conn>,
     ctx: Ctx,
-    listeners: Vec<Option<TcpListener>>,
+    listeners: Vec<Option<crate::net::Listener>>,
     commands: Receiver<Command>,
     replies: Receiver<Reply>,
     open: Arc<AtomicUsize>,
@@ -149,7 +152,7 @@ impl Worker {
     pub fn new(
         id: usize,
         poll: Poll,
-        listeners: Vec<TcpListener>,
+        listeners: Vec<crate::net::Listener>,
         shared: &Shared,
         stats: Arc<Stats>,
         ch: Channels,
@@ -161,11 +164,11 @@ impl Worker {
             waker,
         } = ch;
         let cfg = Arc::clone(&shared.cfg);
-        let mut listeners: Vec<Option<TcpListener>> = listeners.into_iter().map(Some).collect();
+        let mut listeners: Vec<Option<crate::net::Listener>> =
+            listeners.into_iter().map(Some).collect();
         for (i, l) in listeners.iter_mut().enumerate() {
             if let Some(l) = l {
-                poll.registry()
-                    .register(l, token::listener(i), Interest::READABLE)?;
+                l.register(poll.registry(), token::listener(i))?;
             }
         }
         let pool_limit = (256 * 1024 * 1024 / cfg.buffer_size).max(64);
@@ -255,12 +258,12 @@ impl Worker {
                         self.id,
                         self.conns.len()
                     );
-                    self.close_all("drain_timeout");
+                    self.close_all(CloseReason::DrainTimeout);
                     break;
                 }
             }
         }
-        self.close_all("shutdown");
+        self.close_all(CloseReason::Shutdown);
         self.publish_gauges();
         debug!("worker {} stopped", self.id);
     }
@@ -274,6 +277,15 @@ impl Worker {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
+        trace!(
+            "{}: event {role:?} in {}: readable={} writable={} closed={} error={}",
+            conn.peer,
+            conn.phase.name(),
+            ev.is_readable(),
+            ev.is_writable(),
+            ev.is_read_closed() || ev.is_write_closed(),
+            ev.is_error()
+        );
         match role {
             Role::Client => conn.client.mark(ev),
             Role::Upstream => match conn.upstream.as_mut() {
@@ -387,7 +399,7 @@ impl Worker {
         self.ctx.timers.push(deadline, 0, 0, TimerKind::Drain);
         for l in self.listeners.iter_mut() {
             if let Some(mut l) = l.take() {
-                let _ = self.poll.registry().deregister(&mut l);
+                let _ = l.deregister(self.poll.registry());
             }
         }
         let idle: Vec<usize> = self
@@ -399,7 +411,7 @@ impl Worker {
             .map(|(k, _)| k)
             .collect();
         for key in idle {
-            self.close(key, "draining");
+            self.close(key, CloseReason::Draining);
         }
         info!("worker {}: draining {} sessions", self.id, self.conns.len());
     }
@@ -423,22 +435,30 @@ impl Worker {
             }
             let next = match kind {
                 TimerKind::Handshake => match conn.deadline {
+                    Some(d) if d <= now && matches!(conn.phase, Phase::HttpHead) => {
+                        // An HTTP client that stopped in the middle of its request head is told so (as Squid and
+                        // HAProxy do); SOCKS has no reply for it (RFC 1928) and is closed silently.
+                        debug!("{}: request head timeout", conn.peer);
+                        reply::fail(
+                            conn,
+                            &mut self.ctx,
+                            ReplyKind::HttpForward,
+                            CloseReason::HandshakeTimeout,
+                        )
+                    }
                     Some(d) if d <= now && conn.phase.in_client_handshake() => {
                         debug!("{}: handshake timeout in {}", conn.peer, conn.phase.name());
                         metrics::inc(&self.ctx.stats.handshakes_failed[conn.proto as usize]);
-                        Next::Close("handshake_timeout")
+                        Next::Close(CloseReason::HandshakeTimeout)
                     }
                     _ => Next::Wait,
                 },
                 TimerKind::Connect => connect::on_timer(key, conn, &mut self.ctx),
                 TimerKind::Idle => relay::on_idle_timer(key, conn, &mut self.ctx),
-                TimerKind::Linger => {
-                    if matches!(conn.phase, Phase::Linger { .. }) {
-                        Next::Close(conn.failure.map(|f| f.label()).unwrap_or("error"))
-                    } else {
-                        Next::Wait
-                    }
-                }
+                TimerKind::Linger => match conn.phase {
+                    Phase::Linger { reason, .. } => Next::Close(reason),
+                    _ => Next::Wait,
+                },
                 TimerKind::Bind => bind::on_timeout(conn, &mut self.ctx),
                 TimerKind::UdpIdle => udp::on_idle_timer(key, conn, &mut self.ctx),
                 TimerKind::AcceptRetry | TimerKind::Drain => Next::Wait,
@@ -447,7 +467,7 @@ impl Worker {
         }
     }
 
-    fn close_all(&mut self, reason: &'static str) {
+    fn close_all(&mut self, reason: CloseReason) {
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
             self.close(key, reason);
@@ -455,18 +475,16 @@ impl Worker {
     }
 
     /// The one way a connection ends: deregister, return buffers, fix gauges, write the access-log line.
-    fn close(&mut self, key: usize, reason: &'static str) {
+    fn close(&mut self, key: usize, reason: CloseReason) {
         let Some(mut conn) = self.conns.try_remove(key) else {
             return;
         };
         // The client and upstream sockets are not deregistered: they were never dup'd, so closing them (when
         // `conn` drops below) removes them from the epoll set, and two epoll_ctl calls per connection are saved.
-        // A reset on one side is passed on as a reset (SO_LINGER 0), not a clean EOF: a peer that frames its data
-        // by EOF must not mistake a cut-off stream for a complete one.
-        let abort = match reason {
-            "upstream_reset" => Some(&conn.client.stream),
-            "client_reset" => conn.upstream.as_ref().map(|u| &u.stream),
-            _ => None,
+        let abort = match reason.reset() {
+            Some(ResetSide::Client) => Some(&conn.client.stream),
+            Some(ResetSide::Outbound) => conn.upstream.as_ref().map(|u| &u.stream),
+            None => None,
         };
         if let Some(s) = abort {
             let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
@@ -498,7 +516,28 @@ impl Worker {
             }
         }
         tls::on_close(&mut conn, reason, &self.ctx.stats);
-        access_log(&conn, reason, self.ctx.now);
+        let fault = reason.fault();
+        log::log!(
+            fault.level(),
+            "{}: {} session ended: {} (fault: {})",
+            conn.peer,
+            metrics::PROTO_LABELS[conn.proto as usize],
+            reason.label(),
+            fault.label()
+        );
+        if let Some(req) = conn.request.take() {
+            access::request_line(&conn, &req, reason, self.ctx.now);
+        } else if !conn.request_lines {
+            let target = match &conn.phase {
+                Phase::Udp(u) => udp::summary(u),
+                _ => conn
+                    .target
+                    .as_ref()
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|| "-".to_string()),
+            };
+            access::session_line(&conn, &target, reason, self.ctx.now);
+        }
         drop(conn);
         if self.conns.is_empty() {
             // Idle pipes cost two descriptors each: a worker with no connections keeps none.
@@ -527,33 +566,8 @@ fn step(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Phase::Http => http::drive(key, conn, ctx),
         Phase::Udp(_) => udp::drive(key, conn, ctx),
         Phase::Bind(_) => bind::drive(key, conn, ctx),
-        Phase::Linger { .. } => handshake::linger(key, conn, ctx),
+        Phase::Linger { .. } => reply::linger(key, conn, ctx),
     }
-}
-
-/// One line per finished session at info level, target "access":
-/// `client=ADDR user=NAME proto=P target=T tls=V up=N down=N ms=N end=REASON`.
-fn access_log(conn: &Conn, reason: &str, now: Instant) {
-    if !log::log_enabled!(target: "access", log::Level::Info) {
-        return;
-    }
-    let target = match &conn.target {
-        Some(t) => t.to_string(),
-        None => "-".to_string(),
-    };
-    info!(
-        target: "access",
-        "client={} user={} proto={} target={} tls={} up={} down={} ms={} end={}",
-        conn.peer,
-        conn.user_name(),
-        metrics::PROTO_LABELS[conn.proto as usize],
-        target,
-        tls::log_label(conn),
-        conn.bytes_up,
-        conn.bytes_down,
-        now.saturating_duration_since(conn.started).as_millis(),
-        reason
-    );
 }
 
 /// Logs a refused client at debug level (never at info: a scan would flood the log).

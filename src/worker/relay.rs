@@ -8,6 +8,7 @@
 //! EOF from one side becomes `shutdown(Write)` on the other once everything read before it was delivered
 //! (half-close, RFC 9110 §9.3.6); the tunnel closes when both directions are finished.
 
+use super::close::CloseReason;
 use super::conn::{Conn, Half, Phase, Sock};
 use super::timers::TimerKind;
 use super::{Ctx, Next};
@@ -138,8 +139,8 @@ fn pump(
     way: Way<'_>,
     res: &mut Res<'_>,
     other_done: bool,
-    (src_err, dst_err): (&'static str, &'static str),
-) -> Result<Pumped, &'static str> {
+    (src_err, dst_err): (CloseReason, CloseReason),
+) -> Result<Pumped, CloseReason> {
     let mut p = Pumped::default();
     if let Some(buf) = way.parked.as_mut() {
         let n = dst.write_some(buf.data()).map_err(|_| dst_err)?;
@@ -232,14 +233,14 @@ fn pump(
 /// Drives a tunnel until neither direction can make progress.
 pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
     if conn.upstream.is_none() {
-        return Next::Close("no_upstream");
+        return Next::Close(CloseReason::Internal);
     }
     // A partial success reply (or an HTTP error head) goes out before any upstream byte.
     if !conn.to_client.is_empty() {
         match conn.flush_client() {
             Ok(true) => {}
             Ok(false) => return Next::Wait,
-            Err(_) => return Next::Close("client_error"),
+            Err(_) => return Next::Close(CloseReason::ClientError),
         }
     }
     let mut more = false;
@@ -266,7 +267,7 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
             up_way,
             &mut res,
             down_done,
-            ("client_reset", "upstream_reset"),
+            (CloseReason::ClientReset, CloseReason::UpstreamReset),
         );
         let a = match a {
             Ok(a) => a,
@@ -284,7 +285,7 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
             down_way,
             &mut res,
             up_done,
-            ("upstream_reset", "client_reset"),
+            (CloseReason::UpstreamReset, CloseReason::ClientReset),
         );
         let b = match b {
             Ok(b) => b,
@@ -310,15 +311,15 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
         if queued && !broken {
             return Next::Wait;
         }
-        return Next::Close("done");
+        return Next::Close(CloseReason::Done);
     }
     // A reset peer is gone: what could be delivered was delivered above. Without this check a reset client whose
     // target is not reading (so the client is not being read) would hold the tunnel until the idle timeout.
     if conn.client.error {
-        return Next::Close("client_reset");
+        return Next::Close(CloseReason::ClientReset);
     }
     if conn.upstream.as_ref().is_some_and(|u| u.error) {
-        return Next::Close("upstream_reset");
+        return Next::Close(CloseReason::UpstreamReset);
     }
     if more {
         Next::Yield
@@ -349,7 +350,7 @@ pub fn on_idle_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         return Next::Wait;
     }
     if conn.last_active + ctx.cfg.idle_timeout <= ctx.now {
-        Next::Close("idle_timeout")
+        Next::Close(CloseReason::IdleTimeout)
     } else {
         arm_idle(key, conn, ctx);
         Next::Wait

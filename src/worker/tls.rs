@@ -7,6 +7,7 @@ use std::sync::Arc;
 use log::debug;
 use rustls::pki_types::ServerName;
 
+use super::close::CloseReason;
 use super::conn::Conn;
 use super::{Ctx, Next};
 use crate::auth::Authorized;
@@ -27,13 +28,13 @@ pub fn detect(conn: &mut Conn, ctx: &mut Ctx, first: u8) -> Option<Next> {
         }
         metrics::inc(&ctx.stats.refused[Refusal::TlsRequired as usize]);
         super::log_refused(conn.peer, "clear text under --tls-only");
-        return Some(Next::Close("tls_required"));
+        return Some(Next::Close(CloseReason::TlsRequired));
     }
     let session = match acceptor.session() {
         Ok(s) => s,
         Err(e) => {
             debug!("{}: TLS session: {e}", conn.peer);
-            return Some(Next::Close("tls_error"));
+            return Some(Next::Close(CloseReason::TlsError));
         }
     };
     // What was read so far is the start of the ClientHello: it goes to rustls, and the buffer starts over for
@@ -48,7 +49,7 @@ pub fn detect(conn: &mut Conn, ctx: &mut Ctx, first: u8) -> Option<Next> {
         Ok(()) => Next::Again,
         Err(e) => {
             debug!("{}: TLS: {e}", conn.peer);
-            Next::Close(failure(conn).unwrap_or("tls_error"))
+            Next::Close(failure(conn).unwrap_or(CloseReason::TlsError))
         }
     })
 }
@@ -108,12 +109,15 @@ pub fn cert_user(conn: &Conn) -> bool {
 }
 
 /// The close reason for a TLS failure on the client socket, if that is what happened.
-pub fn failure(conn: &Conn) -> Option<&'static str> {
+pub fn failure(conn: &Conn) -> Option<CloseReason> {
     conn.client
         .tls
         .as_ref()
         .and_then(|t| t.failure())
-        .map(|f| f.label())
+        .map(|f| match f {
+            TlsFailure::ClientCert => CloseReason::TlsClientCert,
+            TlsFailure::UpstreamCert | TlsFailure::Protocol => CloseReason::TlsError,
+        })
 }
 
 /// The access log's `tls=` value.
@@ -128,14 +132,14 @@ pub fn log_label(conn: &Conn) -> &'static str {
 
 /// At close: count a client handshake that never completed, and end TLS sessions with a close_notify unless a
 /// reset is being passed on or TLS itself failed.
-pub fn on_close(conn: &mut Conn, reason: &str, stats: &Stats) {
-    let reset = matches!(reason, "upstream_reset" | "client_reset");
+pub fn on_close(conn: &mut Conn, reason: CloseReason, stats: &Stats) {
+    let reset = reason.reset().is_some();
     if let Some(t) = conn.client.tls.as_ref() {
         if t.is_handshaking() {
             let outcome = match t.failure() {
                 Some(TlsFailure::ClientCert) => TlsOutcome::ClientCert,
                 Some(_) => TlsOutcome::Error,
-                None if reason == "handshake_timeout" => TlsOutcome::Timeout,
+                None if reason == CloseReason::HandshakeTimeout => TlsOutcome::Timeout,
                 None => TlsOutcome::Aborted,
             };
             stats.tls_handshake(outcome, t.version());

@@ -29,7 +29,12 @@ pub enum Target {
     /// Listener number `i`.
     Listener(usize),
     /// A socket owned by the connection at slab `key`.
-    Conn { key: usize, role: Role },
+    Conn {
+        /// The connection's slab key.
+        key: usize,
+        /// Which of its sockets.
+        role: Role,
+    },
 }
 
 /// The waker's token.

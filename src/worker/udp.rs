@@ -11,6 +11,8 @@
 //! on the blocking pool and cached per association. The association ends with the control connection, or after
 //! `--udp-idle-timeout` without datagrams.
 
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::Instant;
@@ -19,8 +21,9 @@ use log::debug;
 use mio::net::UdpSocket;
 use mio::Interest;
 
+use super::close::CloseReason;
 use super::conn::{Conn, Phase, ReplyKind};
-use super::handshake::reply_failure;
+use super::reply;
 use super::timers::TimerKind;
 use super::token::{self, Role};
 use super::{Ctx, Next};
@@ -57,6 +60,41 @@ pub struct UdpState {
     queued: Vec<(u32, Name, u16, Vec<u8>)>,
     next_tag: u32,
     last_active: Instant,
+    /// Datagrams relayed client -> targets and targets -> client, for the access log.
+    dgrams_up: u64,
+    dgrams_down: u64,
+    /// Hashes of the distinct destinations the client addressed (capped at [`MAX_COUNTED_DESTS`]).
+    dests: HashSet<u64>,
+}
+
+/// Distinct destinations counted per association; beyond this the access log says "at least".
+const MAX_COUNTED_DESTS: usize = 4096;
+
+/// What an association reached, for the access log's `target=`: distinct destinations and datagrams each way.
+pub fn summary(u: &UdpState) -> String {
+    let more = if u.dests.len() >= MAX_COUNTED_DESTS {
+        "+"
+    } else {
+        ""
+    };
+    format!(
+        "dests:{}{more},dgrams_up:{},dgrams_down:{}",
+        u.dests.len(),
+        u.dgrams_up,
+        u.dgrams_down
+    )
+}
+
+fn count_dest(u: &mut UdpState, target: &TargetAddr) {
+    if u.dests.len() >= MAX_COUNTED_DESTS {
+        return;
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match target {
+        TargetAddr::Ip(a) => SocketAddr::new(canonical_ip(a.ip()), a.port()).hash(&mut h),
+        TargetAddr::Domain(n, p) => (n.as_str(), *p).hash(&mut h),
+    }
+    u.dests.insert(h.finish());
 }
 
 /// Records readiness of the association's sockets.
@@ -86,7 +124,12 @@ fn open_out(ctx: &Ctx) -> io::Result<(UdpSocket, bool)> {
 pub fn start(key: usize, conn: &mut Conn, ctx: &mut Ctx, hint: TargetAddr) -> Next {
     if ctx.cfg.upstream.is_some() {
         // Relaying UDP through an upstream proxy is not supported: say so with the protocol's own code.
-        return reply_failure(conn, ctx, ReplyKind::Socks5, Failure::CommandNotSupported);
+        return reply::fail(
+            conn,
+            ctx,
+            ReplyKind::Socks5,
+            CloseReason::Failed(Failure::CommandNotSupported),
+        );
     }
     let client_ip = canonical_ip(conn.peer.ip());
     let client_port = match &hint {
@@ -99,7 +142,12 @@ pub fn start(key: usize, conn: &mut Conn, ctx: &mut Ctx, hint: TargetAddr) -> Ne
         _ => None,
     };
     let Some(local_ip) = conn.local_ip() else {
-        return reply_failure(conn, ctx, ReplyKind::Socks5, Failure::General);
+        return reply::fail(
+            conn,
+            ctx,
+            ReplyKind::Socks5,
+            CloseReason::Failed(Failure::General),
+        );
     };
     let opened = net::udp_socket(SocketAddr::new(local_ip, 0)).and_then(|relay| {
         let (out, dual) = open_out(ctx)?;
@@ -109,7 +157,12 @@ pub fn start(key: usize, conn: &mut Conn, ctx: &mut Ctx, hint: TargetAddr) -> Ne
         Ok(x) => x,
         Err(e) => {
             debug!("{}: UDP ASSOCIATE: cannot open sockets: {e}", conn.peer);
-            return reply_failure(conn, ctx, ReplyKind::Socks5, Failure::General);
+            return reply::fail(
+                conn,
+                ctx,
+                ReplyKind::Socks5,
+                CloseReason::Failed(Failure::General),
+            );
         }
     };
     let reg = ctx
@@ -126,15 +179,19 @@ pub fn start(key: usize, conn: &mut Conn, ctx: &mut Ctx, hint: TargetAddr) -> Ne
     let (Ok(()), Ok(bound)) = (reg, bound) else {
         let _ = ctx.registry.deregister(&mut relay);
         let _ = ctx.registry.deregister(&mut out);
-        return reply_failure(conn, ctx, ReplyKind::Socks5, Failure::General);
+        return reply::fail(
+            conn,
+            ctx,
+            ReplyKind::Socks5,
+            CloseReason::Failed(Failure::General),
+        );
     };
     let advertised = SocketAddr::new(ctx.cfg.udp_advertise.unwrap_or(bound.ip()), bound.port());
-    let mut buf = [0u8; socks5::MAX_REPLY_LEN];
-    let len = socks5::encode_reply(0, advertised, &mut buf);
-    if conn.send_client(&buf[..len]).is_err() {
+    debug!("{}: UDP relay on {advertised}", conn.peer);
+    if reply::granted(conn, ReplyKind::Socks5, advertised).is_err() {
         let _ = ctx.registry.deregister(&mut relay);
         let _ = ctx.registry.deregister(&mut out);
-        return Next::Close("client_error");
+        return Next::Close(CloseReason::ClientError);
     }
     conn.deadline = None;
     metrics::inc(&ctx.stats.handshakes_ok[conn.proto as usize]);
@@ -156,6 +213,9 @@ pub fn start(key: usize, conn: &mut Conn, ctx: &mut Ctx, hint: TargetAddr) -> Ne
         queued: Vec::new(),
         next_tag: 0,
         last_active: ctx.now,
+        dgrams_up: 0,
+        dgrams_down: 0,
+        dests: HashSet::new(),
     }));
     ctx.timers.push(
         ctx.now + ctx.cfg.udp_idle_timeout,
@@ -167,7 +227,13 @@ pub fn start(key: usize, conn: &mut Conn, ctx: &mut Ctx, hint: TargetAddr) -> Ne
 }
 
 /// Sends `payload` to `dest` from the outbound socket, after the destination rules (checked per datagram).
-fn send_out(u: &UdpState, cfg: &Config, stats: &Stats, dest: SocketAddr, payload: &[u8]) -> bool {
+fn send_out(
+    u: &mut UdpState,
+    cfg: &Config,
+    stats: &Stats,
+    dest: SocketAddr,
+    payload: &[u8],
+) -> bool {
     let dest = SocketAddr::new(canonical_ip(dest.ip()), dest.port());
     if cfg.dest_rules.check(dest).is_err() {
         metrics::inc(&stats.udp_drops[UdpDrop::Denied as usize]);
@@ -180,6 +246,7 @@ fn send_out(u: &UdpState, cfg: &Config, stats: &Stats, dest: SocketAddr, payload
     match u.out.send_to(payload, wire) {
         Ok(_) => {
             metrics::inc(&stats.udp_up);
+            u.dgrams_up += 1;
             true
         }
         Err(_) => {
@@ -194,13 +261,13 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     // The control connection: EOF (or an error) ends the association; anything the client sends is ignored.
     while conn.client.readable {
         match conn.client.read(&mut ctx.scratch) {
-            Ok(Some(0)) | Err(_) => return Next::Close("udp_control_closed"),
+            Ok(Some(0)) | Err(_) => return Next::Close(CloseReason::UdpControlClosed),
             Ok(Some(_)) => {}
             Ok(None) => break,
         }
     }
     if conn.flush_client().is_err() {
-        return Next::Close("client_error");
+        return Next::Close(CloseReason::ClientError);
     }
     let gen = conn.gen;
     let Phase::Udp(u) = &mut conn.phase else {
@@ -245,6 +312,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             continue;
         }
         let payload = &dgram[off..];
+        count_dest(u, &header.target);
         u.last_active = ctx.now;
         conn.bytes_up += payload.len() as u64;
         match header.target {
@@ -318,7 +386,10 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             &buf[start..HEADROOM + n],
             SocketAddr::new(u.client_ip, port),
         ) {
-            Ok(_) => metrics::inc(&ctx.stats.udp_down),
+            Ok(_) => {
+                metrics::inc(&ctx.stats.udp_down);
+                u.dgrams_down += 1;
+            }
             Err(_) => metrics::inc(&ctx.stats.udp_drops[UdpDrop::SendFailed as usize]),
         }
     }
@@ -376,7 +447,7 @@ pub fn on_idle_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     };
     let due = u.last_active + ctx.cfg.udp_idle_timeout;
     if due <= ctx.now {
-        Next::Close("udp_idle_timeout")
+        Next::Close(CloseReason::UdpIdleTimeout)
     } else {
         ctx.timers.push(due, key, conn.gen, TimerKind::UdpIdle);
         Next::Wait

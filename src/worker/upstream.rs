@@ -5,6 +5,7 @@
 
 use log::debug;
 
+use super::close::CloseReason;
 use super::conn::{Conn, Dest, Phase, ReplyKind};
 use super::connect::{self, drop_upstream, fail};
 use super::{Ctx, Next};
@@ -48,7 +49,7 @@ pub fn start_connect(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKin
 
 fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let Some(upstream) = ctx.cfg.upstream.clone() else {
-        return Next::Close("no_upstream");
+        return Next::Close(CloseReason::Internal);
     };
     let Phase::Upstream(hs) = &mut conn.phase else {
         return Next::Wait;
@@ -56,6 +57,7 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let reply = hs.reply;
     while let Some(addr) = upstream.addrs.get(hs.next_addr).copied() {
         hs.next_addr += 1;
+        debug!("{}: connecting to upstream proxy {addr}", conn.peer);
         match connect::open(key, ctx, addr) {
             Ok(sock) => {
                 conn.upstream = Some(sock);
@@ -64,14 +66,19 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             Err(e) => debug!("{}: upstream {addr}: {e}", conn.peer),
         }
     }
-    fail(conn, ctx, reply, Failure::General)
+    fail(
+        conn,
+        ctx,
+        reply,
+        CloseReason::UpstreamProxy(Failure::General),
+    )
 }
 
-fn send(conn: &mut Conn, bytes: &[u8]) -> Result<(), &'static str> {
+fn send(conn: &mut Conn, bytes: &[u8]) -> Result<(), CloseReason> {
     conn.to_upstream.extend_from_slice(bytes);
     conn.flush_upstream()
         .map(|_| ())
-        .map_err(|_| "upstream_reset")
+        .map_err(|_| CloseReason::UpstreamReset)
 }
 
 /// Drives the upstream handshake.
@@ -98,15 +105,37 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 drop_upstream(conn, ctx);
                 try_next(key, conn, ctx)
             }
-            ConnectState::Connected if super::tls::start_upstream(conn, ctx) => {
+            ConnectState::Connected => {
+                debug!("{}: connected to the upstream proxy", conn.peer);
+                if !super::tls::start_upstream(conn, ctx) {
+                    return fail(
+                        conn,
+                        ctx,
+                        reply,
+                        CloseReason::UpstreamProxy(Failure::General),
+                    );
+                }
+                let http = ctx
+                    .cfg
+                    .upstream
+                    .as_ref()
+                    .is_some_and(|u| u.kind == UpstreamKind::Http);
+                if http && reply == ReplyKind::HttpForward {
+                    // Forwarded requests go to an HTTP upstream in absolute-form (as Squid's cache_peer sends
+                    // them): no tunnel to set up, the request head is the first thing it gets.
+                    return connect::established(key, conn, ctx, reply);
+                }
                 greet(conn, ctx, reply)
             }
-            ConnectState::Connected => fail(conn, ctx, reply, Failure::General),
         };
     }
-    if let Err(r) = conn.flush_upstream() {
-        let _ = r;
-        return fail(conn, ctx, reply, Failure::General);
+    if conn.flush_upstream().is_err() {
+        return fail(
+            conn,
+            ctx,
+            reply,
+            CloseReason::UpstreamProxy(Failure::General),
+        );
     }
     // Read the upstream's reply into the downstream buffer: whatever follows the reply is tunnel data.
     let buf = conn.u2c.get_or_insert_with(|| ctx.pool.take());
@@ -135,11 +164,35 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 "{}: upstream closed or overflowed during its handshake",
                 conn.peer
             );
-            fail(conn, ctx, reply, Failure::General)
+            fail(
+                conn,
+                ctx,
+                reply,
+                CloseReason::UpstreamProxy(Failure::General),
+            )
         }
         Step::More => Next::Wait,
-        Step::Bad => fail(conn, ctx, reply, Failure::General),
-        Step::Failed(f) => fail(conn, ctx, reply, f),
+        Step::Bad => {
+            debug!("{}: malformed answer from the upstream proxy", conn.peer);
+            fail(
+                conn,
+                ctx,
+                reply,
+                CloseReason::UpstreamProxy(Failure::General),
+            )
+        }
+        Step::Refused(f) => {
+            debug!("{}: the upstream proxy refused us", conn.peer);
+            fail(conn, ctx, reply, CloseReason::UpstreamProxy(f))
+        }
+        Step::Failed(f) => {
+            debug!(
+                "{}: the upstream proxy reports {}",
+                conn.peer,
+                CloseReason::Failed(f).describe()
+            );
+            fail(conn, ctx, reply, CloseReason::Failed(f))
+        }
         Step::Ok(n, then) => {
             buf.consume(n);
             if buf.is_empty() {
@@ -161,6 +214,9 @@ enum Then {
 enum Step {
     More,
     Bad,
+    /// The upstream proxy itself refused (no acceptable method, our credentials).
+    Refused(Failure),
+    /// The upstream proxy reports the target's failure.
     Failed(Failure),
     Ok(usize, Then),
 }
@@ -172,13 +228,13 @@ fn parse_step(state: State, data: &[u8]) -> Step {
             Ok(Parse::Incomplete) => Step::More,
             Ok(Parse::Done(socks5::METHOD_NO_AUTH, n)) => Step::Ok(n, Then::SendRequest),
             Ok(Parse::Done(socks5::METHOD_USER_PASS, n)) => Step::Ok(n, Then::SendAuth),
-            Ok(Parse::Done(_, _)) => Step::Failed(Failure::NotAllowed),
+            Ok(Parse::Done(_, _)) => Step::Refused(Failure::NotAllowed),
             Err(_) => Step::Bad,
         },
         State::Auth => match up::parse_auth_status(data) {
             Ok(Parse::Incomplete) => Step::More,
             Ok(Parse::Done(true, n)) => Step::Ok(n, Then::SendRequest),
-            Ok(Parse::Done(false, _)) => Step::Failed(Failure::NotAllowed),
+            Ok(Parse::Done(false, _)) => Step::Refused(Failure::NotAllowed),
             Err(_) => Step::Bad,
         },
         State::Reply => match up::parse_socks5_reply(data) {
@@ -192,6 +248,8 @@ fn parse_step(state: State, data: &[u8]) -> Step {
             Ok(Parse::Done(r, n)) if (200..300).contains(&r.status) => {
                 Step::Ok(n, Then::Established)
             }
+            // RFC 9110 §15.5.8: 407 is the proxy's own refusal of our credentials.
+            Ok(Parse::Done(r, _)) if r.status == 407 => Step::Refused(Failure::NotAllowed),
             Ok(Parse::Done(r, _)) => Step::Failed(up::failure_from_http_status(r.status)),
             Err(_) => Step::Bad,
         },
@@ -207,10 +265,10 @@ fn set_state(conn: &mut Conn, state: State) {
 /// The TCP connection to the upstream is up: open the conversation.
 fn greet(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
     let Some(upstream) = ctx.cfg.upstream.as_ref() else {
-        return Next::Close("no_upstream");
+        return Next::Close(CloseReason::Internal);
     };
     let Some(target) = conn.target.as_ref().and_then(Dest::to_target) else {
-        return Next::Close("no_target");
+        return Next::Close(CloseReason::Internal);
     };
     let mut out = [0u8; up::MAX_HTTP_CONNECT_LEN];
     let (len, state) = match upstream.kind {
@@ -234,7 +292,12 @@ fn greet(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
         }
     };
     if len == 0 {
-        return fail(conn, ctx, reply, Failure::AddressNotSupported);
+        return fail(
+            conn,
+            ctx,
+            reply,
+            CloseReason::Failed(Failure::AddressNotSupported),
+        );
     }
     set_state(conn, state);
     if let Err(r) = send(conn, &out[..len]) {
@@ -253,7 +316,12 @@ fn advance(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, then: T
                 .as_ref()
                 .and_then(|u| u.credentials.clone())
             else {
-                return fail(conn, ctx, reply, Failure::NotAllowed);
+                return fail(
+                    conn,
+                    ctx,
+                    reply,
+                    CloseReason::UpstreamProxy(Failure::NotAllowed),
+                );
             };
             let len = socks5::encode_user_pass(u.as_bytes(), p.as_bytes(), &mut out);
             set_state(conn, State::Auth);
@@ -264,11 +332,16 @@ fn advance(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, then: T
         }
         Then::SendRequest => {
             let Some(target) = conn.target.as_ref().and_then(Dest::to_target) else {
-                return Next::Close("no_target");
+                return Next::Close(CloseReason::Internal);
             };
             let len = socks5::encode_request(socks5::Command::Connect, &target, &mut out);
             if len == 0 {
-                return fail(conn, ctx, reply, Failure::AddressNotSupported);
+                return fail(
+                    conn,
+                    ctx,
+                    reply,
+                    CloseReason::Failed(Failure::AddressNotSupported),
+                );
             }
             set_state(conn, State::Reply);
             if let Err(r) = send(conn, &out[..len]) {

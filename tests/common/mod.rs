@@ -2,7 +2,9 @@
 //!
 //! Every socket gets a generous timeout, every server binds port 0, and readiness is awaited by reading the
 //! server's `listening on` line, never by sleeping.
-#![allow(dead_code)]
+// Each test binary is its own crate and uses a different part of these helpers; `pub` marks what they may use
+// (the workspace lint would have `pub(crate)` here, which means the same in a test crate).
+#![allow(dead_code, unreachable_pub)]
 
 pub mod origin;
 
@@ -160,6 +162,48 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
+/// Like [`connect`], with SO_RCVBUF and SO_SNDBUF set to `bytes` before the SYN (so the window is small from the
+/// start): the test's own end of a backpressure path then holds a known amount, whatever the sysctls say.
+pub fn connect_buffered(addr: SocketAddr, bytes: usize) -> TcpStream {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .expect("socket");
+    sock.set_recv_buffer_size(bytes).unwrap();
+    sock.set_send_buffer_size(bytes).unwrap();
+    sock.connect_timeout(&addr.into(), IO_TIMEOUT)
+        .expect("connect");
+    let s: TcpStream = sock.into();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// The largest receive and send buffers TCP autotuning may grow a socket to on this machine (the third field of
+/// /proc/sys/net/ipv4/tcp_rmem and tcp_wmem; generous guesses when unreadable).
+pub fn tcp_autotune_max() -> (usize, usize) {
+    let max = |name: &str, fallback: usize| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
+            .ok()
+            .and_then(|t| t.split_whitespace().nth(2)?.parse().ok())
+            .unwrap_or(fallback)
+    };
+    (max("tcp_rmem", 64 << 20), max("tcp_wmem", 16 << 20))
+}
+
+/// An upper bound on what a path through the proxy can hold before the writer blocks, when the proxy's sockets
+/// autotune (no `--socket-buffer`) and the test's own sockets are small: `legs` proxy legs the bytes cross (an echo
+/// crosses four: two receive queues, two send queues), each at its sysctl maximum, twice over for slack, plus
+/// 32 MiB for the test's sockets, splice pipes and relay buffers. A safety valve, not the assertion: tests assert
+/// that the writes stall.
+pub fn stall_limit(legs: usize) -> usize {
+    let (rmem, wmem) = tcp_autotune_max();
+    2 * legs.div_ceil(2) * (rmem + wmem) + (32 << 20)
+}
+
 /// Reads exactly `n` bytes.
 pub fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
     let mut buf = vec![0u8; n];
@@ -212,7 +256,29 @@ impl TestServer {
     where
         F: Fn(TcpStream) + Send + Sync + 'static,
     {
-        let listener = TcpListener::bind(bind).expect("bind test server");
+        Self::serve(TcpListener::bind(bind).expect("bind test server"), handler)
+    }
+
+    /// Same as [`TestServer::start`], with SO_RCVBUF and SO_SNDBUF of every accepted connection set to `bytes`
+    /// (set on the listener, which accepted sockets inherit, so the window is small from the SYN-ACK).
+    pub fn start_buffered<F>(bytes: usize, handler: F) -> TestServer
+    where
+        F: Fn(TcpStream) + Send + Sync + 'static,
+    {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        sock.set_recv_buffer_size(bytes).unwrap();
+        sock.set_send_buffer_size(bytes).unwrap();
+        sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("bind test server");
+        sock.listen(128).unwrap();
+        Self::serve(sock.into(), handler)
+    }
+
+    fn serve<F>(listener: TcpListener, handler: F) -> TestServer
+    where
+        F: Fn(TcpStream) + Send + Sync + 'static,
+    {
         let addr = listener.local_addr().unwrap();
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -325,7 +391,11 @@ pub fn digest(data: &[u8]) -> u64 {
 /// SOCKS5 no-auth CONNECT to `target` through `proxy`; returns the stream after a successful reply, or the REP
 /// code on failure.
 pub fn socks5_connect(proxy: SocketAddr, target: SocketAddr) -> Result<TcpStream, u8> {
-    let mut s = connect(proxy);
+    socks5_connect_on(connect(proxy), target)
+}
+
+/// SOCKS5 no-auth CONNECT over an already connected client socket (e.g. one from [`connect_buffered`]).
+pub fn socks5_connect_on(mut s: TcpStream, target: SocketAddr) -> Result<TcpStream, u8> {
     s.write_all(&[5, 1, 0]).unwrap();
     assert_eq!(read_n(&mut s, 2), vec![5, 0]);
     s.write_all(&socks5_request(1, target)).unwrap();
@@ -445,8 +515,16 @@ pub fn read_until_closed(s: &mut TcpStream) -> (Vec<u8>, bool) {
 
 /// Writes `data` and reads back exactly as many bytes, asserting they are identical (an echo round trip).
 pub fn assert_echo(s: &mut TcpStream, data: &[u8]) {
-    s.write_all(data).expect("write through tunnel");
+    // Written from a second thread while this one reads: writing everything first would need the whole round trip
+    // to fit in the kernel's socket buffers, which is a sysctl, not a property of the proxy.
+    let mut w = s.try_clone().expect("clone");
+    let out = data.to_vec();
+    let writer = thread::spawn(move || w.write_all(&out));
     let back = read_n(s, data.len());
+    writer
+        .join()
+        .expect("writer thread")
+        .expect("write through tunnel");
     assert!(
         back == data,
         "echo mismatch: sent {} bytes, got different bytes back",

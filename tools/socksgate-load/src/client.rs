@@ -2,24 +2,25 @@
 //!
 //! The handshake is a sans-IO state machine so the same code drives blocking sockets
 //! (most modes) and nonblocking mio sockets (idle mode, thousands of tunnels in one thread).
+//! Every message is encoded and every reply parsed by the proxy's own `socksgate::proto`
+//! client side (the functions the proxy uses when it chains to an upstream).
 
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
+
+use socksgate::proto::{self, socks4, socks5, upstream, Name, Parse, TargetAddr};
 
 use crate::proxy::{Dest, Endpoint, ProxySpec, Scheme};
 
 /// What the tunnel request asks the proxy to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Command {
+pub(crate) enum Command {
     /// Open a TCP connection to the destination.
     Connect,
     /// SOCKS5 only: set up a UDP relay; the destination is our UDP source address.
     UdpAssociate,
 }
-
-/// Largest HTTP proxy response header we accept, so a broken proxy cannot grow us unbounded.
-const MAX_HTTP_HEADER: usize = 16 * 1024;
 
 /// Where the handshake currently waits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,7 +35,7 @@ enum Step {
 
 /// Result of feeding the handshake with bytes from the proxy.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Progress {
+pub(crate) enum Progress {
     /// The proxy has not answered completely yet (check `output()` for bytes to send).
     NeedMore,
     /// The tunnel is up.
@@ -43,16 +44,16 @@ pub enum Progress {
 
 /// What a completed handshake yields.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Established {
+pub(crate) struct Established {
     /// Bound address from the proxy reply (the UDP relay for UDP ASSOCIATE).
-    pub bound: Option<SocketAddr>,
+    pub(crate) bound: Option<SocketAddr>,
     /// Bytes received after the reply: they already belong to the tunnel.
-    pub leftover: Vec<u8>,
+    pub(crate) leftover: Vec<u8>,
 }
 
 /// Sans-IO client handshake for one tunnel.
 #[derive(Debug)]
-pub struct Handshake {
+pub(crate) struct Handshake {
     step: Step,
     out: Vec<u8>,
     inbuf: Vec<u8>,
@@ -64,7 +65,7 @@ pub struct Handshake {
 
 impl Handshake {
     /// Prepare the handshake; the first message is immediately available in `output()`.
-    pub fn new(proxy: &ProxySpec, dest: &Dest, cmd: Command) -> io::Result<Self> {
+    pub(crate) fn new(proxy: &ProxySpec, dest: &Dest, cmd: Command) -> io::Result<Self> {
         if cmd == Command::UdpAssociate && !proxy.scheme.is_socks5() {
             return Err(invalid("UDP ASSOCIATE needs a socks5 proxy"));
         }
@@ -81,15 +82,16 @@ impl Handshake {
                 let creds = proxy.credentials();
                 hs.out = socks5_greeting(creds.is_some());
                 hs.auth = creds.map(|(u, p)| socks5_auth(u, p)).transpose()?;
-                hs.request = socks5_request(cmd, dest)?;
+                hs.request = socks5_request(cmd, &target(dest)?)?;
                 hs.step = Step::Socks5Method;
             }
             Scheme::Socks4 | Scheme::Socks4a => {
-                hs.out = socks4_request(dest, proxy.user.as_deref().unwrap_or(""))?;
+                let userid = proxy.user.as_deref().unwrap_or("");
+                hs.out = socks4_request(&target(dest)?, userid)?;
                 hs.step = Step::Socks4Reply;
             }
             Scheme::Http => {
-                hs.out = http_connect_request(dest, proxy.credentials());
+                hs.out = http_connect_request(&target(dest)?, proxy.credentials())?;
                 hs.step = Step::HttpReply;
             }
         }
@@ -97,108 +99,99 @@ impl Handshake {
     }
 
     /// Bytes that must be sent to the proxy now.
-    pub fn output(&self) -> &[u8] {
+    pub(crate) fn output(&self) -> &[u8] {
         &self.out
     }
 
     /// Mark `n` bytes of `output()` as sent.
-    pub fn consume_output(&mut self, n: usize) {
+    pub(crate) fn consume_output(&mut self, n: usize) {
         self.out.drain(..n);
     }
 
     /// Whether no proxy exchange is needed at all (direct).
-    pub fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         self.step == Step::Done
     }
 
     /// Feed bytes read from the proxy and advance as far as they allow.
-    pub fn input(&mut self, data: &[u8]) -> io::Result<Progress> {
+    pub(crate) fn input(&mut self, data: &[u8]) -> io::Result<Progress> {
         self.inbuf.extend_from_slice(data);
         loop {
             match self.step {
                 Step::Socks5Method => {
-                    if self.inbuf.len() < 2 {
+                    let Some((method, used)) = done(upstream::parse_method_choice(&self.inbuf))?
+                    else {
                         return Ok(Progress::NeedMore);
-                    }
-                    let (ver, method) = (self.inbuf[0], self.inbuf[1]);
-                    self.inbuf.drain(..2);
-                    if ver != 5 {
-                        return Err(proto(format!("SOCKS5 method reply has version {ver}")));
-                    }
+                    };
+                    self.inbuf.drain(..used);
                     match (method, self.auth.take()) {
-                        (0x00, _) => {
+                        (socks5::METHOD_NO_AUTH, _) => {
                             self.out.append(&mut self.request);
                             self.step = Step::Socks5Reply;
                         }
-                        (0x02, Some(mut auth)) => {
+                        (socks5::METHOD_USER_PASS, Some(mut auth)) => {
                             self.out.append(&mut auth);
                             self.step = Step::Socks5Auth;
                         }
-                        (0x02, None) => {
+                        (socks5::METHOD_USER_PASS, None) => {
                             return Err(proto("proxy requires username/password (user:pass@)"))
                         }
-                        (0xFF, _) => return Err(proto("proxy accepted none of our auth methods")),
+                        (socks5::METHOD_NO_ACCEPTABLE, _) => {
+                            return Err(proto("proxy accepted none of our auth methods"))
+                        }
                         (m, _) => return Err(proto(format!("proxy chose unoffered method {m}"))),
                     }
                 }
                 Step::Socks5Auth => {
-                    if self.inbuf.len() < 2 {
+                    let Some((ok, used)) = done(upstream::parse_auth_status(&self.inbuf))? else {
                         return Ok(Progress::NeedMore);
-                    }
-                    let status = self.inbuf[1];
-                    self.inbuf.drain(..2);
-                    if status != 0 {
-                        return Err(proto(format!("SOCKS5 authentication failed ({status})")));
+                    };
+                    self.inbuf.drain(..used);
+                    if !ok {
+                        return Err(proto("SOCKS5 authentication failed"));
                     }
                     self.out.append(&mut self.request);
                     self.step = Step::Socks5Reply;
                 }
                 Step::Socks5Reply => {
-                    if self.inbuf.len() < 4 {
-                        return Ok(Progress::NeedMore);
-                    }
-                    let (ver, rep) = (self.inbuf[0], self.inbuf[1]);
-                    if ver != 5 {
-                        return Err(proto(format!("SOCKS5 reply has version {ver}")));
-                    }
-                    if rep != 0 {
-                        return Err(proto(format!("SOCKS5 reply: {}", socks5_reply_name(rep))));
-                    }
-                    let Some((bound, used)) = parse_socks5_addr(&self.inbuf[3..])? else {
+                    let Some((reply, used)) = done(upstream::parse_socks5_reply(&self.inbuf))?
+                    else {
                         return Ok(Progress::NeedMore);
                     };
-                    self.inbuf.drain(..3 + used);
+                    if reply.rep != 0 {
+                        let why = upstream::failure_from_socks5_reply(reply.rep).label();
+                        return Err(proto(format!("SOCKS5 reply: {why} ({})", reply.rep)));
+                    }
+                    self.inbuf.drain(..used);
+                    let bound = match reply.bnd {
+                        TargetAddr::Ip(a) => Some(a),
+                        TargetAddr::Domain(..) => None,
+                    };
                     return Ok(self.finish(bound));
                 }
                 Step::Socks4Reply => {
-                    if self.inbuf.len() < 8 {
+                    let Some(((cd, _), used)) = done(socks4::parse_reply(&self.inbuf))? else {
                         return Ok(Progress::NeedMore);
-                    }
-                    let (vn, cd) = (self.inbuf[0], self.inbuf[1]);
-                    self.inbuf.drain(..8);
-                    if vn != 0 {
-                        return Err(proto(format!("SOCKS4 reply has version {vn}")));
-                    }
-                    if cd != 0x5A {
+                    };
+                    self.inbuf.drain(..used);
+                    if cd != socks4::REPLY_GRANTED {
                         return Err(proto(format!("SOCKS4 request rejected (code {cd:#04x})")));
                     }
                     return Ok(self.finish(None));
                 }
                 Step::HttpReply => {
-                    let Some(end) = find(&self.inbuf, b"\r\n\r\n") else {
-                        if self.inbuf.len() > MAX_HTTP_HEADER {
-                            return Err(proto("HTTP proxy response header too large"));
-                        }
+                    let Some((reply, used)) =
+                        done(upstream::parse_http_connect_reply(&self.inbuf))?
+                    else {
                         return Ok(Progress::NeedMore);
                     };
-                    let head = String::from_utf8_lossy(&self.inbuf[..end]).into_owned();
-                    let status_line = head.lines().next().unwrap_or("");
-                    let code = parse_status_code(status_line)
-                        .ok_or_else(|| proto(format!("bad HTTP status line {status_line:?}")))?;
-                    if !(200..300).contains(&code) {
-                        return Err(proto(format!("HTTP proxy refused CONNECT: {status_line}")));
+                    if !(200..300).contains(&reply.status) {
+                        return Err(proto(format!(
+                            "HTTP proxy refused CONNECT: status {}",
+                            reply.status
+                        )));
                     }
-                    self.inbuf.drain(..end + 4);
+                    self.inbuf.drain(..used);
                     return Ok(self.finish(None));
                 }
                 Step::Done => return Ok(self.finish(None)),
@@ -218,17 +211,21 @@ impl Handshake {
 
 /// An established tunnel over a blocking socket.
 #[derive(Debug)]
-pub struct Tunnel {
+pub(crate) struct Tunnel {
     /// The socket (to the proxy, or to the target for `direct`).
-    pub stream: TcpStream,
+    pub(crate) stream: TcpStream,
     /// Tunnel bytes that arrived together with the proxy reply.
-    pub leftover: Vec<u8>,
+    pub(crate) leftover: Vec<u8>,
     /// Bound address reported by the proxy.
-    pub bound: Option<SocketAddr>,
+    pub(crate) bound: Option<SocketAddr>,
 }
 
 /// Open a blocking TCP tunnel to `target` through `proxy` (or straight to it for `direct`).
-pub fn connect(proxy: &ProxySpec, target: &Endpoint, timeout: Duration) -> io::Result<Tunnel> {
+pub(crate) fn connect(
+    proxy: &ProxySpec,
+    target: &Endpoint,
+    timeout: Duration,
+) -> io::Result<Tunnel> {
     let dest = target.dest(proxy.scheme);
     let hs = Handshake::new(proxy, &dest, Command::Connect)?;
     let addr = proxy.addr.unwrap_or(target.addr);
@@ -237,7 +234,7 @@ pub fn connect(proxy: &ProxySpec, target: &Endpoint, timeout: Duration) -> io::R
 }
 
 /// Open the SOCKS5 control connection for UDP ASSOCIATE, announcing `udp_src` as our source.
-pub fn udp_associate(
+pub(crate) fn udp_associate(
     proxy: &ProxySpec,
     udp_src: SocketAddr,
     timeout: Duration,
@@ -292,174 +289,98 @@ fn drive(mut stream: TcpStream, mut hs: Handshake) -> io::Result<Tunnel> {
     }
 }
 
-/// SOCKS5 greeting offering no-auth, plus username/password when we have credentials.
-pub fn socks5_greeting(with_auth: bool) -> Vec<u8> {
-    if with_auth {
-        vec![5, 2, 0x00, 0x02]
-    } else {
-        vec![5, 1, 0x00]
+/// A parsed reply and its length, `None` while incomplete; a malformed reply is an error.
+fn done<T>(r: Result<Parse<T>, proto::ProtoError>) -> io::Result<Option<(T, usize)>> {
+    match r {
+        Ok(Parse::Done(v, used)) => Ok(Some((v, used))),
+        Ok(Parse::Incomplete) => Ok(None),
+        Err(e) => Err(proto(format!("malformed proxy reply: {e:?}"))),
     }
+}
+
+/// The destination in the library's form; a domain must be a valid host name of at most 255 bytes.
+pub(crate) fn target(dest: &Dest) -> io::Result<TargetAddr> {
+    match dest {
+        Dest::Ip(a) => Ok(TargetAddr::Ip(*a)),
+        Dest::Domain(name, port) => Name::new(name.as_bytes())
+            .map(|n| TargetAddr::Domain(n, *port))
+            .ok_or_else(|| invalid("domain name must be 1..=255 printable bytes")),
+    }
+}
+
+/// Runs a library encoder into a buffer of `cap` bytes; its 0 ("cannot be expressed") becomes `what`.
+fn encoded(cap: usize, what: &str, f: impl FnOnce(&mut [u8]) -> usize) -> io::Result<Vec<u8>> {
+    let mut m = vec![0u8; cap];
+    let n = f(&mut m);
+    if n == 0 {
+        return Err(invalid(what));
+    }
+    m.truncate(n);
+    Ok(m)
+}
+
+/// SOCKS5 greeting offering no-auth, plus username/password when we have credentials.
+fn socks5_greeting(with_auth: bool) -> Vec<u8> {
+    let methods: &[u8] = if with_auth {
+        &[socks5::METHOD_NO_AUTH, socks5::METHOD_USER_PASS]
+    } else {
+        &[socks5::METHOD_NO_AUTH]
+    };
+    let mut m = [0u8; 4];
+    let n = socks5::encode_greeting(methods, &mut m);
+    m[..n].to_vec()
 }
 
 /// RFC 1929 username/password message.
-pub fn socks5_auth(user: &str, pass: &str) -> io::Result<Vec<u8>> {
-    if user.is_empty() || user.len() > 255 || pass.len() > 255 {
-        return Err(invalid("SOCKS5 username/password must be 1..=255 bytes"));
-    }
-    let mut m = Vec::with_capacity(3 + user.len() + pass.len());
-    m.push(1);
-    m.push(user.len() as u8);
-    m.extend_from_slice(user.as_bytes());
-    m.push(pass.len() as u8);
-    m.extend_from_slice(pass.as_bytes());
-    Ok(m)
+fn socks5_auth(user: &str, pass: &str) -> io::Result<Vec<u8>> {
+    encoded(
+        socks5::MAX_USER_PASS_LEN,
+        "SOCKS5 username/password must be 1..=255 bytes",
+        |m| socks5::encode_user_pass(user.as_bytes(), pass.as_bytes(), m),
+    )
 }
 
 /// RFC 1928 request: VER CMD RSV ATYP DST.ADDR DST.PORT.
-pub fn socks5_request(cmd: Command, dest: &Dest) -> io::Result<Vec<u8>> {
-    let code = match cmd {
-        Command::Connect => 1,
-        Command::UdpAssociate => 3,
+fn socks5_request(cmd: Command, target: &TargetAddr) -> io::Result<Vec<u8>> {
+    let cmd = match cmd {
+        Command::Connect => socks5::Command::Connect,
+        Command::UdpAssociate => socks5::Command::UdpAssociate,
     };
-    let mut m = vec![5, code, 0];
-    encode_socks5_addr(dest, &mut m)?;
-    Ok(m)
-}
-
-/// ATYP + address + port, shared by requests and UDP datagram headers.
-pub fn encode_socks5_addr(dest: &Dest, m: &mut Vec<u8>) -> io::Result<()> {
-    match dest {
-        Dest::Ip(SocketAddr::V4(a)) => {
-            m.push(1);
-            m.extend_from_slice(&a.ip().octets());
-            m.extend_from_slice(&a.port().to_be_bytes());
-        }
-        Dest::Ip(SocketAddr::V6(a)) => {
-            m.push(4);
-            m.extend_from_slice(&a.ip().octets());
-            m.extend_from_slice(&a.port().to_be_bytes());
-        }
-        Dest::Domain(name, port) => {
-            if name.is_empty() || name.len() > 255 {
-                return Err(invalid("domain name must be 1..=255 bytes"));
-            }
-            m.push(3);
-            m.push(name.len() as u8);
-            m.extend_from_slice(name.as_bytes());
-            m.extend_from_slice(&port.to_be_bytes());
-        }
-    }
-    Ok(())
-}
-
-/// Parse ATYP + address + port; `Ok(None)` when more bytes are needed.
-///
-/// Returns the address (None for a domain, which we never need to connect to) and the
-/// number of bytes used.
-pub fn parse_socks5_addr(b: &[u8]) -> io::Result<Option<(Option<SocketAddr>, usize)>> {
-    let Some(&atyp) = b.first() else {
-        return Ok(None);
-    };
-    let len = match atyp {
-        1 => 1 + 4 + 2,
-        4 => 1 + 16 + 2,
-        3 => match b.get(1) {
-            Some(&l) => 2 + l as usize + 2,
-            None => return Ok(None),
-        },
-        other => return Err(proto(format!("unknown SOCKS5 address type {other}"))),
-    };
-    if b.len() < len {
-        return Ok(None);
-    }
-    let port = u16::from_be_bytes([b[len - 2], b[len - 1]]);
-    let addr = match atyp {
-        1 => {
-            let o: [u8; 4] = b[1..5].try_into().expect("length checked");
-            Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::from(o)), port))
-        }
-        4 => {
-            let o: [u8; 16] = b[1..17].try_into().expect("length checked");
-            Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(o)), port))
-        }
-        _ => None,
-    };
-    Ok(Some((addr, len)))
-}
-
-/// SOCKS4 CONNECT (IPv4) or SOCKS4a CONNECT (domain, with the 0.0.0.x marker address).
-pub fn socks4_request(dest: &Dest, userid: &str) -> io::Result<Vec<u8>> {
-    let mut m = vec![4, 1];
-    match dest {
-        Dest::Ip(SocketAddr::V4(a)) => {
-            m.extend_from_slice(&a.port().to_be_bytes());
-            m.extend_from_slice(&a.ip().octets());
-            m.extend_from_slice(userid.as_bytes());
-            m.push(0);
-        }
-        Dest::Ip(SocketAddr::V6(_)) => return Err(invalid("SOCKS4 cannot reach IPv6 targets")),
-        Dest::Domain(name, port) => {
-            m.extend_from_slice(&port.to_be_bytes());
-            m.extend_from_slice(&[0, 0, 0, 1]);
-            m.extend_from_slice(userid.as_bytes());
-            m.push(0);
-            m.extend_from_slice(name.as_bytes());
-            m.push(0);
-        }
-    }
-    Ok(m)
-}
-
-/// `host:port` authority for HTTP, with brackets for IPv6.
-pub fn authority(dest: &Dest) -> String {
-    match dest {
-        Dest::Ip(a) => a.to_string(),
-        Dest::Domain(n, p) => format!("{n}:{p}"),
-    }
-}
-
-/// HTTP/1.1 CONNECT request, with Basic proxy auth when credentials are given.
-pub fn http_connect_request(dest: &Dest, creds: Option<(&str, &str)>) -> Vec<u8> {
-    let auth = authority(dest);
-    let mut r = format!("CONNECT {auth} HTTP/1.1\r\nHost: {auth}\r\n");
-    if let Some(h) = proxy_authorization(creds) {
-        r.push_str(&h);
-    }
-    r.push_str("\r\n");
-    r.into_bytes()
-}
-
-/// `Proxy-Authorization: Basic ...\r\n` header line, if credentials are given.
-pub fn proxy_authorization(creds: Option<(&str, &str)>) -> Option<String> {
-    creds.map(|(u, p)| {
-        format!(
-            "Proxy-Authorization: Basic {}\r\n",
-            base64(format!("{u}:{p}").as_bytes())
-        )
+    encoded(socks5::MAX_REQUEST_LEN, "SOCKS5 request", |m| {
+        socks5::encode_request(cmd, target, m)
     })
 }
 
-/// Standard base64 with padding (for HTTP Basic auth; no dependency for 15 lines).
-pub fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut s = String::with_capacity(data.len().div_ceil(3) * 4);
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
-            if i <= c.len() {
-                s.push(T[(n >> shift) as usize & 63] as char);
-            } else {
-                s.push('=');
-            }
-        }
-    }
-    s
+/// SOCKS4 CONNECT (IPv4) or SOCKS4a CONNECT (domain, with the 0.0.0.x marker address).
+fn socks4_request(target: &TargetAddr, userid: &str) -> io::Result<Vec<u8>> {
+    encoded(
+        socks4::MAX_REQUEST_LEN,
+        "SOCKS4 cannot express this request (IPv6 target, or a NUL in the user id)",
+        |m| socks4::encode_request(socks4::Command::Connect, target, userid.as_bytes(), m),
+    )
+}
+
+/// HTTP/1.1 CONNECT request, with Basic proxy auth when credentials are given.
+fn http_connect_request(target: &TargetAddr, creds: Option<(&str, &str)>) -> io::Result<Vec<u8>> {
+    let creds = creds.map(|(u, p)| (u.as_bytes(), p.as_bytes()));
+    encoded(
+        upstream::MAX_HTTP_CONNECT_LEN,
+        "HTTP CONNECT cannot express this target or these credentials",
+        |m| upstream::encode_http_connect(target, creds, m),
+    )
+}
+
+/// `Proxy-Authorization: Basic ...\r\n` header line, if credentials are given.
+pub(crate) fn proxy_authorization(creds: Option<(&str, &str)>) -> Option<String> {
+    use base64::Engine as _;
+    creds.map(|(u, p)| {
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+        format!("Proxy-Authorization: Basic {token}\r\n")
+    })
 }
 
 /// Three-digit status code from an `HTTP/1.x NNN reason` line.
-pub fn parse_status_code(line: &str) -> Option<u16> {
+pub(crate) fn parse_status_code(line: &str) -> Option<u16> {
     let mut parts = line.split_ascii_whitespace();
     let version = parts.next()?;
     if !version.starts_with("HTTP/1.") {
@@ -473,24 +394,8 @@ pub fn parse_status_code(line: &str) -> Option<u16> {
 }
 
 /// Position of `needle` in `hay`.
-pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+pub(crate) fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Human-readable RFC 1928 reply code.
-fn socks5_reply_name(rep: u8) -> String {
-    let name = match rep {
-        1 => "general SOCKS server failure",
-        2 => "connection not allowed by ruleset",
-        3 => "network unreachable",
-        4 => "host unreachable",
-        5 => "connection refused",
-        6 => "TTL expired",
-        7 => "command not supported",
-        8 => "address type not supported",
-        _ => "unknown error",
-    };
-    format!("{name} ({rep})")
 }
 
 /// Error for malformed proxy answers.
@@ -517,16 +422,19 @@ mod tests {
         assert_eq!(socks5_greeting(false), [5, 1, 0]);
         assert_eq!(socks5_greeting(true), [5, 2, 0, 2]);
         assert_eq!(socks5_auth("u", "pw").unwrap(), [1, 1, b'u', 2, b'p', b'w']);
+        assert!(socks5_auth("", "pw").is_err());
+        let t = |d: &Dest| target(d).unwrap();
         assert_eq!(
-            socks5_request(Command::Connect, &v4("127.0.0.1:8080")).unwrap(),
+            socks5_request(Command::Connect, &t(&v4("127.0.0.1:8080"))).unwrap(),
             [5, 1, 0, 1, 127, 0, 0, 1, 0x1f, 0x90]
         );
         let d = Dest::Domain("localhost".into(), 80);
         let mut want = vec![5, 1, 0, 3, 9];
         want.extend_from_slice(b"localhost");
         want.extend_from_slice(&[0, 80]);
-        assert_eq!(socks5_request(Command::Connect, &d).unwrap(), want);
-        let v6 = socks5_request(Command::UdpAssociate, &v4("[::1]:1")).unwrap();
+        assert_eq!(socks5_request(Command::Connect, &t(&d)).unwrap(), want);
+        assert!(target(&Dest::Domain(String::new(), 80)).is_err());
+        let v6 = socks5_request(Command::UdpAssociate, &t(&v4("[::1]:1"))).unwrap();
         assert_eq!(&v6[..4], &[5, 3, 0, 4]);
         assert_eq!(v6.len(), 4 + 16 + 2);
         assert_eq!(v6[19], 1);
@@ -535,30 +443,32 @@ mod tests {
 
     #[test]
     fn socks4_encoding() {
+        let t = |d: &Dest| target(d).unwrap();
         assert_eq!(
-            socks4_request(&v4("127.0.0.1:80"), "bob").unwrap(),
+            socks4_request(&t(&v4("127.0.0.1:80")), "bob").unwrap(),
             [4, 1, 0, 80, 127, 0, 0, 1, b'b', b'o', b'b', 0]
         );
         assert_eq!(
-            socks4_request(&Dest::Domain("lo".into(), 80), "").unwrap(),
+            socks4_request(&t(&Dest::Domain("lo".into(), 80)), "").unwrap(),
             [4, 1, 0, 80, 0, 0, 0, 1, 0, b'l', b'o', 0]
         );
-        assert!(socks4_request(&v4("[::1]:80"), "").is_err());
+        assert!(socks4_request(&t(&v4("[::1]:80")), "").is_err());
     }
 
     #[test]
     fn http_connect_encoding() {
-        let r = http_connect_request(&v4("127.0.0.1:9"), Some(("Aladdin", "open sesame")));
+        let dest = target(&v4("127.0.0.1:9")).unwrap();
+        let r = http_connect_request(&dest, Some(("Aladdin", "open sesame"))).unwrap();
         assert_eq!(
             String::from_utf8(r).unwrap(),
             "CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\
              Proxy-Authorization: Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==\r\n\r\n"
         );
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foo"), "Zm9v");
-        assert_eq!(base64(b"foob"), "Zm9vYg==");
+        assert_eq!(
+            proxy_authorization(Some(("Aladdin", "open sesame"))).unwrap(),
+            "Proxy-Authorization: Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==\r\n"
+        );
+        assert!(http_connect_request(&dest, Some(("a:b", "c"))).is_err());
     }
 
     #[test]
@@ -607,7 +517,7 @@ mod tests {
         let mut hs = Handshake::new(&p, &v4("127.0.0.1:80"), Command::Connect).unwrap();
         hs.input(&[5, 0]).unwrap();
         let e = hs.input(&[5, 5, 0, 1, 0, 0, 0, 0, 0, 0]).unwrap_err();
-        assert!(e.to_string().contains("connection refused"));
+        assert_eq!(e.to_string(), "SOCKS5 reply: refused (5)");
         let h = parse_proxy("http://127.0.0.1:8080").unwrap();
         let mut hs = Handshake::new(&h, &v4("127.0.0.1:80"), Command::Connect).unwrap();
         assert!(hs.input(b"HTTP/1.1 407 Proxy Auth\r\n\r\n").is_err());
@@ -624,17 +534,5 @@ mod tests {
         let mut hs = Handshake::new(&s4, &v4("127.0.0.1:80"), Command::Connect).unwrap();
         assert!(hs.input(&[0, 0x5B, 0, 0, 0, 0, 0, 0]).is_err());
         assert!(Handshake::new(&s4, &v4("127.0.0.1:80"), Command::UdpAssociate).is_err());
-    }
-
-    #[test]
-    fn socks5_addr_roundtrip() {
-        for d in [v4("127.0.0.1:5"), v4("[::1]:6")] {
-            let mut m = Vec::new();
-            encode_socks5_addr(&d, &mut m).unwrap();
-            assert_eq!(parse_socks5_addr(&m[..m.len() - 1]).unwrap(), None);
-            let (a, used) = parse_socks5_addr(&m).unwrap().unwrap();
-            assert_eq!(used, m.len());
-            assert_eq!(Some(Dest::Ip(a.unwrap())), Some(d));
-        }
     }
 }

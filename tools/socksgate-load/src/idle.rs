@@ -49,15 +49,15 @@ struct Tunnel {
 
 /// Memory and fd numbers of a process at one moment.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Sample {
+pub(crate) struct Sample {
     /// VmRSS in KiB.
-    pub rss_kib: u64,
+    pub(crate) rss_kib: u64,
     /// Entries in /proc/PID/fd.
-    pub fds: u64,
+    pub(crate) fds: u64,
 }
 
 /// Read VmRSS and the fd count of `pid` from /proc.
-pub fn sample(pid: u32) -> io::Result<Sample> {
+pub(crate) fn sample(pid: u32) -> io::Result<Sample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rss_kib = parse_vmrss(&status).ok_or_else(|| {
         io::Error::new(ErrorKind::InvalidData, "no VmRSS line in /proc/PID/status")
@@ -67,7 +67,7 @@ pub fn sample(pid: u32) -> io::Result<Sample> {
 }
 
 /// The `VmRSS:   1234 kB` value.
-pub fn parse_vmrss(status: &str) -> Option<u64> {
+pub(crate) fn parse_vmrss(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line["VmRSS:".len()..]
         .split_whitespace()
@@ -77,7 +77,7 @@ pub fn parse_vmrss(status: &str) -> Option<u64> {
 }
 
 /// Run the mode; returns the exit code.
-pub fn run(c: &Common, conns: usize, pid: Option<u32>, hold: f64) -> i32 {
+pub(crate) fn run(c: &Common, conns: usize, pid: Option<u32>, hold: f64) -> i32 {
     let pid = pid.unwrap_or_else(std::process::id);
     let (_target, ep) = match c.tcp_target(Kind::Echo) {
         Ok(t) => t,

@@ -4,6 +4,8 @@
 //! loopback, and prints one JSON line per run so benchmarks can be scripted and compared.
 //! `--proxy direct` runs the same workload without a proxy: the baseline.
 
+#![forbid(unsafe_code)]
+
 mod client;
 mod connrate;
 mod http;
@@ -28,25 +30,25 @@ use crate::throughput::Dir;
 
 /// Settings shared by every mode.
 #[derive(Debug)]
-pub struct Common {
+pub(crate) struct Common {
     /// Proxy to go through (or direct).
-    pub proxy: ProxySpec,
+    pub(crate) proxy: ProxySpec,
     /// External target; None means start the built-in one.
-    pub target: Option<Endpoint>,
+    pub(crate) target: Option<Endpoint>,
     /// Length of the measured window.
-    pub seconds: f64,
+    pub(crate) seconds: f64,
     /// Time before the measured window (connections warm up, caches fill).
-    pub warmup: f64,
+    pub(crate) warmup: f64,
     /// `--json-only`: no progress lines.
-    pub quiet: bool,
+    pub(crate) quiet: bool,
     /// RLIMIT_NOFILE soft limit after raising it.
-    pub nofile: u64,
+    pub(crate) nofile: u64,
 }
 
 impl Common {
     /// Start the built-in TCP target of `kind` unless `--target` was given; keep the
     /// returned guard alive for the whole run.
-    pub fn tcp_target(&self, kind: Kind) -> Result<(Option<TcpTarget>, Endpoint), String> {
+    pub(crate) fn tcp_target(&self, kind: Kind) -> Result<(Option<TcpTarget>, Endpoint), String> {
         if let Some(t) = &self.target {
             return Ok((None, t.clone()));
         }
@@ -59,7 +61,7 @@ impl Common {
     }
 
     /// Target description for the JSON output.
-    pub fn target_name(&self, ep: &Endpoint) -> String {
+    pub(crate) fn target_name(&self, ep: &Endpoint) -> String {
         if self.target.is_some() {
             ep.addr.to_string()
         } else {
@@ -69,13 +71,13 @@ impl Common {
 }
 
 /// Report a fatal runtime error; returns exit code 1.
-pub fn fatal(msg: &dyn Display) -> i32 {
+pub(crate) fn fatal(msg: &dyn Display) -> i32 {
     eprintln!("socksgate-load: {msg}");
     1
 }
 
 /// Print the JSON line and decide the exit code from the run's error counters.
-pub fn finish(line: String, attempts: u64, errors: u64, measured: u64, run: &Run) -> i32 {
+pub(crate) fn finish(line: String, attempts: u64, errors: u64, measured: u64, run: &Run) -> i32 {
     let samples: Vec<String> = run
         .error_samples()
         .into_iter()
@@ -85,7 +87,7 @@ pub fn finish(line: String, attempts: u64, errors: u64, measured: u64, run: &Run
 }
 
 /// Print the JSON line; exit 1 when errors exceed 1% of operations or nothing was measured.
-pub fn finish_plain(
+pub(crate) fn finish_plain(
     line: String,
     attempts: u64,
     errors: u64,

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Which protocol the client speaks to the proxy (or none for `direct`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scheme {
+pub(crate) enum Scheme {
     /// No proxy: connect to the target itself (the baseline).
     Direct,
     /// SOCKS5, the client sends the target as an IP address.
@@ -25,7 +25,7 @@ pub enum Scheme {
 
 impl Scheme {
     /// The URL scheme name, used for display and JSON output.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Scheme::Direct => "direct",
             Scheme::Socks5 => "socks5",
@@ -37,32 +37,32 @@ impl Scheme {
     }
 
     /// Whether the target goes to the proxy as a name rather than an address.
-    pub fn sends_domain(self) -> bool {
+    pub(crate) fn sends_domain(self) -> bool {
         matches!(self, Scheme::Socks5h | Scheme::Socks4a)
     }
 
     /// Whether this is one of the SOCKS5 variants (needed for UDP ASSOCIATE).
-    pub fn is_socks5(self) -> bool {
+    pub(crate) fn is_socks5(self) -> bool {
         matches!(self, Scheme::Socks5 | Scheme::Socks5h)
     }
 }
 
 /// A parsed `--proxy` value.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProxySpec {
+pub(crate) struct ProxySpec {
     /// Protocol spoken to the proxy.
-    pub scheme: Scheme,
+    pub(crate) scheme: Scheme,
     /// Proxy address; `None` for `direct`.
-    pub addr: Option<SocketAddr>,
+    pub(crate) addr: Option<SocketAddr>,
     /// Username (SOCKS5 user/pass auth, SOCKS4 user id, HTTP Basic).
-    pub user: Option<String>,
+    pub(crate) user: Option<String>,
     /// Password (SOCKS5 and HTTP only).
-    pub pass: Option<String>,
+    pub(crate) pass: Option<String>,
 }
 
 impl ProxySpec {
     /// The no-proxy baseline.
-    pub fn direct() -> Self {
+    pub(crate) fn direct() -> Self {
         ProxySpec {
             scheme: Scheme::Direct,
             addr: None,
@@ -72,7 +72,7 @@ impl ProxySpec {
     }
 
     /// Username and password when both are needed by the protocol.
-    pub fn credentials(&self) -> Option<(&str, &str)> {
+    pub(crate) fn credentials(&self) -> Option<(&str, &str)> {
         self.user
             .as_deref()
             .map(|u| (u, self.pass.as_deref().unwrap_or("")))
@@ -98,7 +98,7 @@ impl fmt::Display for ProxySpec {
 }
 
 /// Parse `direct` or `scheme://[user[:pass]@]host[:port][/]`.
-pub fn parse_proxy(s: &str) -> Result<ProxySpec, String> {
+pub(crate) fn parse_proxy(s: &str) -> Result<ProxySpec, String> {
     if s == "direct" {
         return Ok(ProxySpec::direct());
     }
@@ -225,16 +225,16 @@ fn resolve_loopback(host: &str) -> Result<IpAddr, String> {
 
 /// Where a tunnel should lead: the address, plus the name domain-form proxies receive.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     /// Address used by `direct` and by IP-form proxy requests.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// Name sent by socks5h/socks4a (and HTTP CONNECT uses `addr`).
-    pub host: String,
+    pub(crate) host: String,
 }
 
 /// How the target is named on the wire to a proxy.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Dest {
+pub(crate) enum Dest {
     /// An IP address and port.
     Ip(SocketAddr),
     /// A domain name and port, resolved by the proxy.
@@ -243,7 +243,7 @@ pub enum Dest {
 
 impl Endpoint {
     /// A built-in target; domain-form proxies get `localhost` so they exercise their resolver.
-    pub fn builtin(addr: SocketAddr) -> Self {
+    pub(crate) fn builtin(addr: SocketAddr) -> Self {
         Endpoint {
             addr,
             host: "localhost".into(),
@@ -251,7 +251,7 @@ impl Endpoint {
     }
 
     /// Parse `--target host:port` (loopback only).
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub(crate) fn parse(s: &str) -> Result<Self, String> {
         let (ip, port) = parse_host_port(s, None)?;
         let addr = SocketAddr::new(ip, port);
         // A name given by the user is sent as is; the two canonical loopback literals map
@@ -273,7 +273,7 @@ impl Endpoint {
     }
 
     /// The destination as the given proxy scheme should send it.
-    pub fn dest(&self, scheme: Scheme) -> Dest {
+    pub(crate) fn dest(&self, scheme: Scheme) -> Dest {
         if scheme.sends_domain() {
             Dest::Domain(self.host.clone(), self.addr.port())
         } else {

@@ -8,14 +8,16 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
 
-use crate::client::{self, encode_socks5_addr, parse_socks5_addr};
+use socksgate::proto::socks5;
+
+use crate::client;
 use crate::proxy::{Endpoint, ProxySpec, Scheme};
 use crate::stats::{drive, with_errors, with_latency, Histogram, Json, Run};
 use crate::target::UdpEcho;
 use crate::{finish, Common};
 
 /// Datagrams in flight at most: measures the relay, not socket buffer overflow.
-pub const WINDOW: usize = 64;
+pub(crate) const WINDOW: usize = 64;
 /// Payload size of every datagram (after the SOCKS5 UDP header).
 const PAYLOAD: usize = 64;
 /// A datagram not echoed within this time counts as lost.
@@ -38,7 +40,7 @@ struct UdpStats {
 }
 
 /// Reject the proxy schemes that have no UDP relay.
-pub fn check_proxy(p: &ProxySpec) -> Result<(), String> {
+pub(crate) fn check_proxy(p: &ProxySpec) -> Result<(), String> {
     if p.scheme == Scheme::Direct || p.scheme.is_socks5() {
         Ok(())
     } else {
@@ -50,7 +52,7 @@ pub fn check_proxy(p: &ProxySpec) -> Result<(), String> {
 }
 
 /// Run the mode; returns the exit code.
-pub fn run(c: &Common, rate: Option<f64>) -> i32 {
+pub(crate) fn run(c: &Common, rate: Option<f64>) -> i32 {
     let echo = match c.target {
         Some(_) => None,
         None => match UdpEcho::start() {
@@ -172,8 +174,10 @@ fn setup(proxy: &ProxySpec, ep: &Endpoint) -> io::Result<Setup> {
                     format!("relay {relay} is not on loopback; refusing to send there"),
                 ));
             }
-            let mut prefix = vec![0, 0, 0];
-            encode_socks5_addr(&ep.dest(proxy.scheme), &mut prefix)?;
+            let mut prefix = vec![0; socks5::MAX_UDP_HEADER_LEN];
+            let n =
+                socks5::encode_udp_header(&client::target(&ep.dest(proxy.scheme))?, &mut prefix);
+            prefix.truncate(n);
             (relay, prefix, Some(t.stream))
         }
     };
@@ -293,11 +297,11 @@ fn pump(run: &Run, sock: UdpSocket, prefix: &[u8], rate: Option<f64>) -> io::Res
 /// Sequence number of an echoed datagram, after the SOCKS5 UDP header if relayed.
 fn parse_echo(d: &[u8], socks: bool) -> Option<u64> {
     let body = if socks {
-        if d.len() < 4 || d[2] != 0 {
+        let (header, used) = socks5::parse_udp_header(d).ok()?;
+        if header.frag != 0 {
             return None;
         }
-        let (_, used) = parse_socks5_addr(&d[3..]).ok()??;
-        &d[3 + used..]
+        &d[used..]
     } else {
         d
     };
@@ -318,8 +322,10 @@ mod tests {
         body[..8].copy_from_slice(&42u64.to_be_bytes());
         body[8..16].copy_from_slice(MAGIC);
         assert_eq!(parse_echo(&body, false), Some(42));
-        let mut d = vec![0, 0, 0];
-        encode_socks5_addr(&Dest::Ip("127.0.0.1:9".parse().unwrap()), &mut d).unwrap();
+        let mut d = vec![0; socks5::MAX_UDP_HEADER_LEN];
+        let to = client::target(&Dest::Ip("127.0.0.1:9".parse().unwrap())).unwrap();
+        let n = socks5::encode_udp_header(&to, &mut d);
+        d.truncate(n);
         d.extend_from_slice(&body);
         assert_eq!(parse_echo(&d, true), Some(42));
         d[2] = 1; // fragments are not supported

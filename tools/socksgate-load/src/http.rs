@@ -20,7 +20,7 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_BODY: usize = 16 * 1024 * 1024;
 
 /// Run the mode; returns the exit code.
-pub fn run(c: &Common, concurrency: usize) -> i32 {
+pub(crate) fn run(c: &Common, concurrency: usize) -> i32 {
     let (_target, ep) = match c.tcp_target(Kind::Http) {
         Ok(t) => t,
         Err(e) => return crate::fatal(&e),
@@ -77,7 +77,7 @@ pub fn run(c: &Common, concurrency: usize) -> i32 {
 }
 
 /// Reject the proxy schemes this mode cannot use (it speaks HTTP to the proxy).
-pub fn check_proxy(p: &ProxySpec) -> Result<(), String> {
+pub(crate) fn check_proxy(p: &ProxySpec) -> Result<(), String> {
     match p.scheme {
         Scheme::Direct | Scheme::Http => Ok(()),
         s => Err(format!(
@@ -256,17 +256,17 @@ fn is_reset(e: &std::io::Error) -> bool {
 
 /// What the client needs from a response head.
 #[derive(Debug, PartialEq, Eq)]
-pub struct ResponseHead {
+pub(crate) struct ResponseHead {
     /// Status code.
-    pub status: u16,
+    pub(crate) status: u16,
     /// Body length (we require Content-Length; the origin always sends it).
-    pub content_length: usize,
+    pub(crate) content_length: usize,
     /// Whether the server closes after this response.
-    pub close: bool,
+    pub(crate) close: bool,
 }
 
 /// Parse a response head (without the final CRLFCRLF).
-pub fn parse_response_head(head: &[u8]) -> Result<ResponseHead, String> {
+pub(crate) fn parse_response_head(head: &[u8]) -> Result<ResponseHead, String> {
     let text = std::str::from_utf8(head).map_err(|_| "response head is not UTF-8".to_string())?;
     let mut lines = text.split("\r\n");
     let status_line = lines.next().unwrap_or("");

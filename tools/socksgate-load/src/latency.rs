@@ -16,7 +16,7 @@ const PING: usize = 64;
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Run the mode; returns the exit code.
-pub fn run(c: &Common, conns: usize) -> i32 {
+pub(crate) fn run(c: &Common, conns: usize) -> i32 {
     let (_target, ep) = match c.tcp_target(Kind::Echo) {
         Ok(t) => t,
         Err(e) => return crate::fatal(&e),

@@ -17,7 +17,7 @@ const PAYLOAD: usize = 32;
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Run the mode; returns the exit code.
-pub fn run(c: &Common, concurrency: usize, max_ops: u64) -> i32 {
+pub(crate) fn run(c: &Common, concurrency: usize, max_ops: u64) -> i32 {
     let (_target, ep) = match c.tcp_target(Kind::EchoClose(PAYLOAD)) {
         Ok(t) => t,
         Err(e) => return crate::fatal(&e),

@@ -18,7 +18,7 @@ const BUCKETS: usize = LINEAR as usize + (63 - SUB_BITS as usize) * HALF as usiz
 /// Log-linear histogram of u64 samples (nanoseconds here): fixed memory, mergeable,
 /// percentiles within ~3%, so workers never keep a Vec of every sample.
 #[derive(Clone, Debug)]
-pub struct Histogram {
+pub(crate) struct Histogram {
     counts: Vec<u64>,
     total: u64,
     min: u64,
@@ -40,7 +40,7 @@ impl Default for Histogram {
 
 impl Histogram {
     /// Empty histogram.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
@@ -68,7 +68,7 @@ impl Histogram {
     }
 
     /// Add one sample.
-    pub fn record(&mut self, v: u64) {
+    pub(crate) fn record(&mut self, v: u64) {
         self.counts[Self::index(v)] += 1;
         self.total += 1;
         self.min = self.min.min(v);
@@ -77,12 +77,12 @@ impl Histogram {
     }
 
     /// Add one duration sample in nanoseconds.
-    pub fn record_duration(&mut self, d: Duration) {
+    pub(crate) fn record_duration(&mut self, d: Duration) {
         self.record(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     }
 
     /// Fold another histogram into this one (workers merge at the end).
-    pub fn merge(&mut self, o: &Histogram) {
+    pub(crate) fn merge(&mut self, o: &Histogram) {
         for (a, b) in self.counts.iter_mut().zip(&o.counts) {
             *a += b;
         }
@@ -92,13 +92,14 @@ impl Histogram {
         self.sum += o.sum;
     }
 
-    /// Number of samples.
-    pub fn count(&self) -> u64 {
+    /// Number of samples (the tests check merges by it).
+    #[cfg(test)]
+    pub(crate) fn count(&self) -> u64 {
         self.total
     }
 
     /// Value at percentile `p` (0..=100): bucket midpoint clamped to the observed range.
-    pub fn percentile(&self, p: f64) -> Option<u64> {
+    pub(crate) fn percentile(&self, p: f64) -> Option<u64> {
         if self.total == 0 {
             return None;
         }
@@ -116,12 +117,12 @@ impl Histogram {
     }
 
     /// Mean sample value.
-    pub fn mean(&self) -> Option<f64> {
+    pub(crate) fn mean(&self) -> Option<f64> {
         (self.total > 0).then(|| self.sum as f64 / self.total as f64)
     }
 
     /// Largest sample.
-    pub fn max(&self) -> Option<u64> {
+    pub(crate) fn max(&self) -> Option<u64> {
         (self.total > 0).then_some(self.max)
     }
 }
@@ -131,7 +132,7 @@ const MAX_ERROR_SAMPLES: usize = 8;
 
 /// State shared by the driver thread and the workers of one run.
 #[derive(Debug, Default)]
-pub struct Run {
+pub(crate) struct Run {
     stop: AtomicBool,
     recording: AtomicBool,
     total: AtomicU64,
@@ -145,7 +146,7 @@ pub struct Run {
 
 impl Run {
     /// New run; `max_measured` > 0 ends it once that many units were measured.
-    pub fn new(max_measured: u64) -> Self {
+    pub(crate) fn new(max_measured: u64) -> Self {
         Run {
             max_measured,
             hist: Mutex::new(Histogram::new()),
@@ -154,23 +155,23 @@ impl Run {
     }
 
     /// Whether workers should keep going.
-    pub fn running(&self) -> bool {
+    pub(crate) fn running(&self) -> bool {
         !self.stop.load(Relaxed)
     }
 
     /// Whether the measured window is open right now.
-    pub fn recording(&self) -> bool {
+    pub(crate) fn recording(&self) -> bool {
         self.recording.load(Relaxed)
     }
 
     /// Ask every worker to finish.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.stop.store(true, Relaxed);
     }
 
     /// Count `amount` completed units; true if they fall in the measured window (so the
     /// caller should record their latency).
-    pub fn complete(&self, amount: u64) -> bool {
+    pub(crate) fn complete(&self, amount: u64) -> bool {
         self.total.fetch_add(amount, Relaxed);
         if !self.recording.load(Relaxed) {
             return false;
@@ -183,7 +184,7 @@ impl Run {
     }
 
     /// Count an error and keep its message if it is one of the first distinct ones.
-    pub fn error(&self, msg: impl Display) {
+    pub(crate) fn error(&self, msg: impl Display) {
         self.errors_total.fetch_add(1, Relaxed);
         if self.recording.load(Relaxed) {
             self.errors_measured.fetch_add(1, Relaxed);
@@ -198,37 +199,37 @@ impl Run {
     }
 
     /// Merge a worker's histogram.
-    pub fn merge(&self, h: &Histogram) {
+    pub(crate) fn merge(&self, h: &Histogram) {
         self.hist.lock().unwrap_or_else(|e| e.into_inner()).merge(h);
     }
 
     /// The merged histogram.
-    pub fn histogram(&self) -> Histogram {
+    pub(crate) fn histogram(&self) -> Histogram {
         self.hist.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Units completed in the measured window.
-    pub fn measured(&self) -> u64 {
+    pub(crate) fn measured(&self) -> u64 {
         self.measured.load(Relaxed)
     }
 
     /// Units completed including warmup.
-    pub fn total(&self) -> u64 {
+    pub(crate) fn total(&self) -> u64 {
         self.total.load(Relaxed)
     }
 
     /// Errors in the measured window.
-    pub fn errors_measured(&self) -> u64 {
+    pub(crate) fn errors_measured(&self) -> u64 {
         self.errors_measured.load(Relaxed)
     }
 
     /// Errors including warmup.
-    pub fn errors_total(&self) -> u64 {
+    pub(crate) fn errors_total(&self) -> u64 {
         self.errors_total.load(Relaxed)
     }
 
     /// The distinct error messages seen, with counts.
-    pub fn error_samples(&self) -> Vec<(String, u64)> {
+    pub(crate) fn error_samples(&self) -> Vec<(String, u64)> {
         self.samples
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -238,9 +239,9 @@ impl Run {
 
 /// Timing of the whole run, as the driver observed it.
 #[derive(Clone, Copy, Debug)]
-pub struct Window {
+pub(crate) struct Window {
     /// Length of the measured window in seconds.
-    pub elapsed: f64,
+    pub(crate) elapsed: f64,
 }
 
 /// Process whose CPU time is measured over the measured window (`--cpu-pid`).
@@ -249,14 +250,14 @@ static CPU_PID: OnceLock<u32> = OnceLock::new();
 static CPU_USED: Mutex<Option<f64>> = Mutex::new(None);
 
 /// Measure the CPU time (user + system, all threads) of `pid` over the measured window.
-pub fn set_cpu_pid(pid: u32) {
+pub(crate) fn set_cpu_pid(pid: u32) {
     let _ = CPU_PID.set(pid);
 }
 
 /// CPU time of `pid` and of every process below it, in clock ticks: utime + stime of each,
 /// plus cutime + cstime (children already reaped), so forking servers such as danted are
 /// counted whole. Processes that exit without being reaped between two samples are missed.
-pub fn cpu_ticks(pid: u32) -> Option<u64> {
+pub(crate) fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (own, reaped) = parse_cpu_ticks(&stat)?;
     let mut total = own + reaped;
@@ -298,7 +299,7 @@ fn children(pid: u32) -> Vec<u32> {
 
 /// (utime + stime, cutime + cstime) of a /proc/PID/stat line; the command name may contain
 /// spaces and parentheses, so fields are counted after the last ')'.
-pub fn parse_cpu_ticks(stat: &str) -> Option<(u64, u64)> {
+pub(crate) fn parse_cpu_ticks(stat: &str) -> Option<(u64, u64)> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let mut f = rest.split_whitespace();
     // After the name: state(3) ppid pgrp session tty_nr tpgid flags minflt cminflt majflt
@@ -314,18 +315,12 @@ pub fn parse_cpu_ticks(stat: &str) -> Option<(u64, u64)> {
 
 /// Clock ticks per second for /proc times.
 fn clk_tck() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
+    socksgate::sys::clock_ticks_per_second().map_or(100.0, |t| t as f64)
 }
 
 /// Append `"cpu_pid"` and `"cpu_seconds"` to a finished JSON line when `--cpu-pid` was
 /// given and the window was measured.
-pub fn with_cpu(mut line: String) -> String {
+pub(crate) fn with_cpu(mut line: String) -> String {
     let (Some(pid), Some(secs)) = (
         CPU_PID.get(),
         *CPU_USED.lock().unwrap_or_else(|e| e.into_inner()),
@@ -343,7 +338,7 @@ pub fn with_cpu(mut line: String) -> String {
 /// second; returns when the time is up or a worker stopped the run (then stops it).
 ///
 /// `rate` turns units per second into the progress text, e.g. "1234 ops/s".
-pub fn drive(
+pub(crate) fn drive(
     run: &Run,
     warmup: f64,
     seconds: f64,
@@ -417,7 +412,7 @@ pub fn drive(
 
 /// Builder for a single-line JSON object; values are numbers, strings, bools or null.
 #[derive(Debug)]
-pub struct Json {
+pub(crate) struct Json {
     buf: String,
 }
 
@@ -431,7 +426,7 @@ impl Default for Json {
 
 impl Json {
     /// Empty object.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
@@ -445,21 +440,21 @@ impl Json {
     }
 
     /// String value.
-    pub fn str(mut self, k: &str, v: &str) -> Self {
+    pub(crate) fn str(mut self, k: &str, v: &str) -> Self {
         self.key(k);
         push_json_str(&mut self.buf, v);
         self
     }
 
     /// Integer value.
-    pub fn int(mut self, k: &str, v: u64) -> Self {
+    pub(crate) fn int(mut self, k: &str, v: u64) -> Self {
         self.key(k);
         let _ = write!(self.buf, "{v}");
         self
     }
 
     /// Float with a fixed number of decimals; NaN and infinities become null.
-    pub fn float(mut self, k: &str, v: f64, decimals: usize) -> Self {
+    pub(crate) fn float(mut self, k: &str, v: f64, decimals: usize) -> Self {
         self.key(k);
         if v.is_finite() {
             let _ = write!(self.buf, "{v:.decimals$}");
@@ -470,19 +465,19 @@ impl Json {
     }
 
     /// Optional float (null when absent, e.g. a percentile with no samples).
-    pub fn opt_float(self, k: &str, v: Option<f64>, decimals: usize) -> Self {
+    pub(crate) fn opt_float(self, k: &str, v: Option<f64>, decimals: usize) -> Self {
         self.float(k, v.unwrap_or(f64::NAN), decimals)
     }
 
     /// Boolean value.
-    pub fn bool(mut self, k: &str, v: bool) -> Self {
+    pub(crate) fn bool(mut self, k: &str, v: bool) -> Self {
         self.key(k);
         self.buf.push_str(if v { "true" } else { "false" });
         self
     }
 
     /// Array of strings.
-    pub fn strs(mut self, k: &str, v: &[String]) -> Self {
+    pub(crate) fn strs(mut self, k: &str, v: &[String]) -> Self {
         self.key(k);
         self.buf.push('[');
         for (i, s) in v.iter().enumerate() {
@@ -496,7 +491,7 @@ impl Json {
     }
 
     /// Close the object and return the line.
-    pub fn finish(mut self) -> String {
+    pub(crate) fn finish(mut self) -> String {
         self.buf.push('}');
         self.buf
     }
@@ -522,12 +517,12 @@ fn push_json_str(buf: &mut String, s: &str) {
 }
 
 /// Nanoseconds to microseconds for reporting.
-pub fn us(ns: Option<u64>) -> Option<f64> {
+pub(crate) fn us(ns: Option<u64>) -> Option<f64> {
     ns.map(|n| n as f64 / 1000.0)
 }
 
 /// Add the usual error fields and the percentiles requested to a JSON object.
-pub fn with_latency(mut j: Json, h: &Histogram, pcts: &[(&str, f64)]) -> Json {
+pub(crate) fn with_latency(mut j: Json, h: &Histogram, pcts: &[(&str, f64)]) -> Json {
     for (name, p) in pcts {
         j = j.opt_float(name, us(h.percentile(*p)), 1);
     }
@@ -536,7 +531,7 @@ pub fn with_latency(mut j: Json, h: &Histogram, pcts: &[(&str, f64)]) -> Json {
 }
 
 /// Error fields: measured count, warmup count and a few distinct messages.
-pub fn with_errors(j: Json, run: &Run) -> Json {
+pub(crate) fn with_errors(j: Json, run: &Run) -> Json {
     let samples: Vec<String> = run
         .error_samples()
         .into_iter()

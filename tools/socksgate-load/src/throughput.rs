@@ -12,7 +12,7 @@ use crate::{finish, Common};
 
 /// Direction of the bulk data, seen from the client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dir {
+pub(crate) enum Dir {
     /// Client writes, the target is a sink.
     Up,
     /// Client reads, the target is a source.
@@ -27,7 +27,7 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 const IO_TICK: Duration = Duration::from_millis(500);
 
 /// Run the mode; returns the exit code.
-pub fn run(c: &Common, streams: usize, dir: Dir) -> i32 {
+pub(crate) fn run(c: &Common, streams: usize, dir: Dir) -> i32 {
     let kind = if dir == Dir::Up {
         Kind::Sink
     } else {

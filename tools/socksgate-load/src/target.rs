@@ -19,7 +19,7 @@ use crate::client::find;
 
 /// What a TCP target does with each connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// Read and discard everything (throughput up).
     Sink,
     /// Write as fast as the peer reads (throughput down).
@@ -43,12 +43,14 @@ const CHUNK: usize = 256 * 1024;
 const MAX_HEAD: usize = 64 * 1024;
 /// Largest HTTP request body we are willing to skip.
 const MAX_BODY: usize = 1024 * 1024;
+/// Datagrams the UDP echo takes from one socket per readiness event before it serves the others.
+const UDP_BUDGET: usize = 256;
 /// Body of every HTTP response: exactly 64 bytes.
-pub const HTTP_BODY: &[u8; 64] =
+pub(crate) const HTTP_BODY: &[u8; 64] =
     b"socksgate-load origin: 64 byte body for http mode benchmarks..\r\n";
 
 /// A running TCP target; stopped and joined on drop.
-pub struct TcpTarget {
+pub(crate) struct TcpTarget {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -56,12 +58,12 @@ pub struct TcpTarget {
 
 impl TcpTarget {
     /// Start `kind` on 127.0.0.1 (and ::1 on the same port when possible).
-    pub fn start(kind: Kind) -> io::Result<Self> {
+    pub(crate) fn start(kind: Kind) -> io::Result<Self> {
         Self::start_on(kind, 0)
     }
 
     /// Start `kind` on 127.0.0.1:`port` (0 picks a free port).
-    pub fn start_on(kind: Kind, port: u16) -> io::Result<Self> {
+    pub(crate) fn start_on(kind: Kind, port: u16) -> io::Result<Self> {
         let n = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .clamp(1, 4);
@@ -104,7 +106,7 @@ impl TcpTarget {
     }
 
     /// The IPv4 address clients should use.
-    pub fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.addr
     }
 }
@@ -421,15 +423,15 @@ fn http_answer(c: &mut Conn, responses: &Responses) {
 
 /// The parts of a request head the origin needs.
 #[derive(Debug, PartialEq, Eq)]
-pub struct RequestHead {
+pub(crate) struct RequestHead {
     /// Body bytes to skip before the next request.
-    pub content_length: usize,
+    pub(crate) content_length: usize,
     /// Whether the client asked to close after this response.
-    pub close: bool,
+    pub(crate) close: bool,
 }
 
 /// Parse a request head (without the final CRLFCRLF); None means 400.
-pub fn parse_request_head(head: &[u8]) -> Option<RequestHead> {
+pub(crate) fn parse_request_head(head: &[u8]) -> Option<RequestHead> {
     let text = std::str::from_utf8(head).ok()?;
     let mut lines = text.split("\r\n");
     let mut parts = lines.next()?.split(' ');
@@ -463,7 +465,7 @@ pub fn parse_request_head(head: &[u8]) -> Option<RequestHead> {
 }
 
 /// A running UDP echo target; stopped and joined on drop.
-pub struct UdpEcho {
+pub(crate) struct UdpEcho {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -471,12 +473,12 @@ pub struct UdpEcho {
 
 impl UdpEcho {
     /// Start the echo on 127.0.0.1 (and ::1 on the same port when possible).
-    pub fn start() -> io::Result<Self> {
+    pub(crate) fn start() -> io::Result<Self> {
         Self::start_on(0)
     }
 
     /// Start the echo on 127.0.0.1:`port` (0 picks a free port).
-    pub fn start_on(port: u16) -> io::Result<Self> {
+    pub(crate) fn start_on(port: u16) -> io::Result<Self> {
         let v4 = std::net::UdpSocket::bind(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port))?;
         let addr = v4.local_addr()?;
         let mut socks = vec![v4];
@@ -507,7 +509,7 @@ impl UdpEcho {
     }
 
     /// The IPv4 address clients should use.
-    pub fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.addr
     }
 }
@@ -557,7 +559,7 @@ fn serve_udp(mut poll: Poll, socks: Vec<UdpSocket>, stop: &AtomicBool) -> io::Re
             }
             busy[i] = false;
             let mut drained = false;
-            for _ in 0..256 {
+            for _ in 0..UDP_BUDGET {
                 match s.recv_from(&mut buf) {
                     Ok((n, from)) => {
                         // A full send buffer drops the echo, which the client counts as loss.

@@ -14,7 +14,7 @@ use getopts::Options;
 use crate::target::{Kind, TcpTarget, UdpEcho};
 
 /// Help for the subcommand.
-pub const USAGE: &str = "\
+pub(crate) const USAGE: &str = "\
 Usage: socksgate-load target [--sink PORT] [--source PORT] [--echo PORT]
                              [--echo-close PORT] [--close-after N] [--http PORT]
                              [--udp PORT] [--lifetime S]
@@ -32,7 +32,7 @@ stdout, `target KIND 127.0.0.1:PORT`, then `target ready`.
 ";
 
 /// Run the subcommand with its arguments (after `target`); returns the exit code.
-pub fn run(args: &[String]) -> i32 {
+pub(crate) fn run(args: &[String]) -> i32 {
     let mut o = Options::new();
     for name in ["sink", "source", "echo", "echo-close", "http", "udp"] {
         o.optopt("", name, "serve this target on PORT", "PORT");

@@ -1,0 +1,357 @@
+//! DNS messages through hickory-proto: the query we send, and what an answer means for the question we asked.
+//! Pure: bytes in, values out. Anything that does not answer exactly our question is [`Verdict::Foreign`] and
+//! must be ignored (a late answer to an earlier query, or a spoofing attempt).
+
+use std::net::IpAddr;
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
+
+/// Longest CNAME chain followed inside one answer.
+const MAX_CHAIN: usize = 16;
+
+/// What one answer says about (name, type).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not an answer to our question: ignore it and keep waiting.
+    Foreign,
+    /// The TC bit: ask again over TCP.
+    Truncated,
+    /// Addresses (after following CNAMEs) and the smallest TTL on the way.
+    Addrs(Vec<IpAddr>, u32),
+    /// The name exists but has no record of this type; negative TTL from the SOA (RFC 2308 §5), if any.
+    NoData(Option<u32>),
+    /// The name does not exist; negative TTL from the SOA, if any.
+    NxDomain(Option<u32>),
+    /// SERVFAIL: this server could not answer; try the next one.
+    ServFail,
+    /// REFUSED, NOTIMP, FORMERR or anything else: this server will not answer; try the next one.
+    Refused,
+}
+
+/// Encodes a recursive query for `name`/`rtype` with message id `id`.
+pub fn query(id: u16, name: &Name, rtype: RecordType) -> Option<Vec<u8>> {
+    let mut m = Message::new();
+    m.set_id(id)
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(true)
+        .add_query(Query::query(name.clone(), rtype));
+    m.to_vec().ok()
+}
+
+/// Builds the wire name for `name` (a fully qualified name: the search list has been applied already).
+pub fn wire_name(name: &str) -> Option<Name> {
+    let mut n = Name::from_ascii(name).ok()?;
+    n.set_fqdn(true);
+    // Re-encoding checks the 255-octet limit that from_ascii alone does not.
+    let mut probe = Message::new();
+    probe.add_query(Query::query(n.clone(), RecordType::A));
+    probe.to_vec().ok()?;
+    Some(n)
+}
+
+/// Judges `bytes` as the answer to query `id` for `name`/`rtype`.
+pub fn judge(bytes: &[u8], id: u16, name: &Name, rtype: RecordType) -> Verdict {
+    let Ok(m) = Message::from_vec(bytes) else {
+        return Verdict::Foreign;
+    };
+    if m.id() != id || m.message_type() != MessageType::Response || m.op_code() != OpCode::Query {
+        return Verdict::Foreign;
+    }
+    // The question must be echoed back exactly (RFC 5452 §4.2): one entry, our name (case-insensitively), type, IN.
+    match m.queries() {
+        [q] if q.name() == name && q.query_type() == rtype && q.query_class() == DNSClass::IN => {}
+        _ => return Verdict::Foreign,
+    }
+    if m.truncated() {
+        return Verdict::Truncated;
+    }
+    match m.response_code() {
+        ResponseCode::NoError => {}
+        ResponseCode::NXDomain => return Verdict::NxDomain(negative_ttl(&m)),
+        ResponseCode::ServFail => return Verdict::ServFail,
+        _ => return Verdict::Refused,
+    }
+    // Follow the CNAME chain from our name; only records owned by the name we are at count, so unrelated records
+    // a server adds (or an attacker slips in) are ignored.
+    let mut at = name.clone();
+    let mut ttl = u32::MAX;
+    let mut addrs = Vec::new();
+    for _ in 0..MAX_CHAIN {
+        let mut next = None;
+        for r in m.answers() {
+            if r.name() != &at || r.dns_class() != DNSClass::IN {
+                continue;
+            }
+            match (r.data(), rtype) {
+                (RData::A(a), RecordType::A) => {
+                    addrs.push(IpAddr::V4(a.0));
+                    ttl = ttl.min(r.ttl());
+                }
+                (RData::AAAA(a), RecordType::AAAA) => {
+                    addrs.push(IpAddr::V6(a.0));
+                    ttl = ttl.min(r.ttl());
+                }
+                (RData::CNAME(c), _) if next.is_none() => {
+                    ttl = ttl.min(r.ttl());
+                    next = Some(c.0.clone());
+                }
+                _ => {}
+            }
+        }
+        if !addrs.is_empty() {
+            return Verdict::Addrs(addrs, ttl);
+        }
+        match next {
+            Some(n) => at = n,
+            None => break,
+        }
+    }
+    Verdict::NoData(negative_ttl(&m))
+}
+
+/// RFC 2308 §5: the negative TTL is the smaller of the SOA record's TTL and its MINIMUM field.
+fn negative_ttl(m: &Message) -> Option<u32> {
+    m.name_servers().iter().find_map(|r| match r.data() {
+        RData::SOA(soa) => Some(r.ttl().min(soa.minimum())),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+/// Message builders shared by the resolver's unit tests.
+pub(crate) mod tests {
+    use super::*;
+    use hickory_proto::rr::rdata::{A, AAAA, CNAME, SOA};
+    use hickory_proto::rr::Record;
+
+    /// A response to (id, name, rtype) with `answers`, `rcode` and an optional SOA (ttl, minimum) in authority.
+    pub(crate) fn response(
+        id: u16,
+        name: &str,
+        rtype: RecordType,
+        rcode: ResponseCode,
+        answers: Vec<Record>,
+        soa: Option<(u32, u32)>,
+    ) -> Vec<u8> {
+        let mut m = Message::new();
+        m.set_id(id)
+            .set_message_type(MessageType::Response)
+            .set_op_code(OpCode::Query)
+            .set_response_code(rcode)
+            .add_query(Query::query(n(name), rtype))
+            .add_answers(answers);
+        if let Some((ttl, min)) = soa {
+            m.add_name_server(Record::from_rdata(
+                n("test."),
+                ttl,
+                RData::SOA(SOA::new(n("ns.test."), n("h.test."), 1, 2, 3, 4, min)),
+            ));
+        }
+        m.to_vec().unwrap()
+    }
+
+    /// A name from text; test input only.
+    pub(crate) fn n(s: &str) -> Name {
+        Name::from_ascii(s).unwrap()
+    }
+
+    /// An A record.
+    pub(crate) fn a(name: &str, ttl: u32, ip: [u8; 4]) -> Record {
+        Record::from_rdata(n(name), ttl, RData::A(A(ip.into())))
+    }
+
+    fn cname(name: &str, ttl: u32, to: &str) -> Record {
+        Record::from_rdata(n(name), ttl, RData::CNAME(CNAME(n(to))))
+    }
+
+    #[test]
+    fn query_round_trips() {
+        let name = wire_name("Host.Example").unwrap();
+        let q = query(0xbeef, &name, RecordType::AAAA).unwrap();
+        let m = Message::from_vec(&q).unwrap();
+        assert_eq!(m.id(), 0xbeef);
+        assert!(m.recursion_desired());
+        assert_eq!(m.queries()[0].query_type(), RecordType::AAAA);
+        assert_eq!(m.queries()[0].name(), &n("host.example."));
+        assert!(wire_name(&format!("{}.x", "a".repeat(254))).is_none());
+        assert!(wire_name(&"a".repeat(64)).is_none());
+    }
+
+    #[test]
+    fn addresses_and_cname_chain() {
+        let name = n("www.test.");
+        let r = response(
+            7,
+            "www.test.",
+            RecordType::A,
+            ResponseCode::NoError,
+            vec![
+                cname("www.test.", 300, "mid.test."),
+                a("other.test.", 1, [9, 9, 9, 9]),
+                cname("mid.test.", 60, "end.test."),
+                a("end.test.", 100, [10, 0, 0, 1]),
+                a("END.test.", 200, [10, 0, 0, 2]),
+            ],
+            None,
+        );
+        assert_eq!(
+            judge(&r, 7, &name, RecordType::A),
+            Verdict::Addrs(
+                vec!["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()],
+                60
+            )
+        );
+        let six = Record::from_rdata(n("v6.test."), 30, RData::AAAA(AAAA("::1".parse().unwrap())));
+        let r = response(
+            8,
+            "v6.test.",
+            RecordType::AAAA,
+            ResponseCode::NoError,
+            vec![six],
+            None,
+        );
+        assert_eq!(
+            judge(&r, 8, &n("V6.test."), RecordType::AAAA),
+            Verdict::Addrs(vec!["::1".parse().unwrap()], 30)
+        );
+    }
+
+    #[test]
+    fn mismatches_are_foreign() {
+        let name = n("www.test.");
+        let ok = response(
+            7,
+            "www.test.",
+            RecordType::A,
+            ResponseCode::NoError,
+            vec![a("www.test.", 5, [1, 2, 3, 4])],
+            None,
+        );
+        assert!(matches!(
+            judge(&ok, 7, &name, RecordType::A),
+            Verdict::Addrs(..)
+        ));
+        assert_eq!(judge(&ok, 8, &name, RecordType::A), Verdict::Foreign, "id");
+        assert_eq!(
+            judge(&ok, 7, &n("web.test."), RecordType::A),
+            Verdict::Foreign,
+            "name"
+        );
+        assert_eq!(
+            judge(&ok, 7, &name, RecordType::AAAA),
+            Verdict::Foreign,
+            "type"
+        );
+        assert_eq!(
+            judge(&ok[..ok.len() - 3], 7, &name, RecordType::A),
+            Verdict::Foreign,
+            "short"
+        );
+        assert_eq!(judge(b"", 7, &name, RecordType::A), Verdict::Foreign);
+        // Our own query echoed back is not an answer.
+        let q = query(7, &name, RecordType::A).unwrap();
+        assert_eq!(
+            judge(&q, 7, &name, RecordType::A),
+            Verdict::Foreign,
+            "query bit"
+        );
+    }
+
+    #[test]
+    fn negative_answers_and_errors() {
+        let name = n("nx.test.");
+        let r = response(
+            1,
+            "nx.test.",
+            RecordType::A,
+            ResponseCode::NXDomain,
+            vec![],
+            Some((600, 20)),
+        );
+        assert_eq!(
+            judge(&r, 1, &name, RecordType::A),
+            Verdict::NxDomain(Some(20))
+        );
+        let r = response(
+            1,
+            "nx.test.",
+            RecordType::A,
+            ResponseCode::NXDomain,
+            vec![],
+            None,
+        );
+        assert_eq!(judge(&r, 1, &name, RecordType::A), Verdict::NxDomain(None));
+        let r = response(
+            1,
+            "nx.test.",
+            RecordType::A,
+            ResponseCode::NoError,
+            vec![],
+            Some((5, 60)),
+        );
+        assert_eq!(judge(&r, 1, &name, RecordType::A), Verdict::NoData(Some(5)));
+        // A CNAME to nowhere is NODATA for the name.
+        let r = response(
+            1,
+            "nx.test.",
+            RecordType::A,
+            ResponseCode::NoError,
+            vec![cname("nx.test.", 9, "gone.test.")],
+            None,
+        );
+        assert_eq!(judge(&r, 1, &name, RecordType::A), Verdict::NoData(None));
+        let r = response(
+            1,
+            "nx.test.",
+            RecordType::A,
+            ResponseCode::ServFail,
+            vec![],
+            None,
+        );
+        assert_eq!(judge(&r, 1, &name, RecordType::A), Verdict::ServFail);
+        let r = response(
+            1,
+            "nx.test.",
+            RecordType::A,
+            ResponseCode::Refused,
+            vec![],
+            None,
+        );
+        assert_eq!(judge(&r, 1, &name, RecordType::A), Verdict::Refused);
+        let mut m = Message::from_vec(&response(
+            1,
+            "nx.test.",
+            RecordType::A,
+            ResponseCode::NoError,
+            vec![],
+            None,
+        ))
+        .unwrap();
+        m.set_truncated(true);
+        assert_eq!(
+            judge(&m.to_vec().unwrap(), 1, &name, RecordType::A),
+            Verdict::Truncated
+        );
+    }
+
+    #[test]
+    fn cname_loops_end() {
+        let r = response(
+            1,
+            "l.test.",
+            RecordType::A,
+            ResponseCode::NoError,
+            vec![
+                cname("l.test.", 9, "m.test."),
+                cname("m.test.", 9, "l.test."),
+            ],
+            None,
+        );
+        assert_eq!(
+            judge(&r, 1, &n("l.test."), RecordType::A),
+            Verdict::NoData(None)
+        );
+    }
+}
