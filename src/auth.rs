@@ -166,6 +166,15 @@ pub struct Authorized {
 }
 
 impl Authorized {
+    /// A client authenticated by a certificate that rustls verified against `--tls-client-ca`: its identity is
+    /// the user, no password involved. [`CertIdentity`](crate::tls::CertIdentity) can only come from such a
+    /// certificate, so this is no way around [`Users::verify`] for password users.
+    pub fn from_certificate(id: &crate::tls::CertIdentity) -> Authorized {
+        Authorized {
+            user: id.name().into(),
+        }
+    }
+
     /// The authenticated user name (for a session login, the user it logged in as).
     pub fn user(&self) -> &str {
         self.user.split('\0').next().unwrap_or("")

@@ -86,8 +86,14 @@ pub struct Config {
     pub outbound_bind: Option<IpAddr>,
     /// Proxy to send every outbound connection through.
     pub upstream: Option<Upstream>,
+    /// The client configuration for a TLS upstream (`https://`, `socks5s://`).
+    pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
     /// Every connection starts with a PROXY protocol v1/v2 header.
     pub proxy_protocol: bool,
+    /// TLS on every listener (`--tls-cert` / `--tls-key`): connections starting with a TLS record are TLS.
+    pub tls: Option<Arc<crate::tls::TlsAcceptor>>,
+    /// Refuse clear-text clients (`--tls-only`, implied by `--tls-client-ca`).
+    pub tls_only: bool,
     /// Where to serve Prometheus metrics.
     pub metrics: Option<SocketAddr>,
     /// Threads that run blocking name lookups.
@@ -147,7 +153,10 @@ impl Default for Config {
             dest_rules: DestRules::default(),
             outbound_bind: None,
             upstream: None,
+            upstream_tls: None,
             proxy_protocol: false,
+            tls: None,
+            tls_only: false,
             metrics: None,
             resolver_threads: 4,
             resolver: Resolver::system(StaticHosts::default()),
@@ -357,13 +366,50 @@ fn options() -> Options {
     o.optopt(
         "",
         "upstream",
-        "send outbound connections through socks5://[user:pass@]host:port or http://...",
+        "send outbound connections through socks5://[user:pass@]host:port, http://..., or inside TLS: \
+         socks5s://..., https://...",
         "URL",
+    );
+    o.optopt(
+        "",
+        "upstream-ca",
+        "trust only the CAs in this PEM file for https:// and socks5s:// upstreams (default: system roots)",
+        "FILE",
+    );
+    o.optflag(
+        "",
+        "upstream-insecure",
+        "do not verify the certificate of a TLS upstream (only where you control the path to it)",
     );
     o.optflag(
         "",
         "proxy-protocol",
         "require a PROXY protocol v1/v2 header on every connection (behind a load balancer)",
+    );
+    o.optopt(
+        "",
+        "tls-cert",
+        "PEM certificate chain, leaf first: serve TLS on every listener (clients whose first byte is a TLS \
+         record); re-read on SIGHUP",
+        "FILE",
+    );
+    o.optopt(
+        "",
+        "tls-key",
+        "PEM private key for --tls-cert (PKCS#8, RSA or EC); re-read on SIGHUP",
+        "FILE",
+    );
+    o.optopt(
+        "",
+        "tls-client-ca",
+        "require a client certificate from this PEM CA; its DNS SAN (else CN) is the user, no password; \
+         implies --tls-only",
+        "FILE",
+    );
+    o.optflag(
+        "",
+        "tls-only",
+        "refuse clear-text clients (closed after their first byte)",
     );
     o.optopt(
         "",
@@ -541,6 +587,56 @@ fn ip(m: &getopts::Matches, name: &str) -> Result<Option<IpAddr>, ConfigError> {
     }
 }
 
+/// The client configuration for a TLS upstream (`--upstream-ca`, `--upstream-insecure`, else the system roots).
+fn upstream_tls(
+    m: &getopts::Matches,
+    upstream: Option<&Upstream>,
+) -> Result<Option<Arc<rustls::ClientConfig>>, ConfigError> {
+    let ca = m.opt_str("upstream-ca");
+    let insecure = m.opt_present("upstream-insecure");
+    let Some(up) = upstream.filter(|u| u.tls) else {
+        if ca.is_some() || insecure {
+            return Err(ConfigError(
+                "--upstream-ca and --upstream-insecure need an https:// or socks5s:// --upstream"
+                    .to_string(),
+            ));
+        }
+        return Ok(None);
+    };
+    let trust = match (ca, insecure) {
+        (Some(_), true) => {
+            return Err(ConfigError(
+                "--upstream-ca and --upstream-insecure exclude each other".to_string(),
+            ))
+        }
+        (Some(path), false) => crate::tls::UpstreamTrust::Ca(path.into()),
+        (None, true) => crate::tls::UpstreamTrust::Insecure,
+        (None, false) => crate::tls::UpstreamTrust::System,
+    };
+    let http = up.kind == crate::upstream::UpstreamKind::Http;
+    crate::tls::upstream_client_config(&trust, http)
+        .map(Some)
+        .map_err(|e| ConfigError(e.to_string()))
+}
+
+/// Loads `--tls-cert`/`--tls-key`/`--tls-client-ca` (an unusable file is a start-up error naming it).
+fn tls(m: &getopts::Matches) -> Result<Option<Arc<crate::tls::TlsAcceptor>>, ConfigError> {
+    let (cert, key) = match (m.opt_str("tls-cert"), m.opt_str("tls-key")) {
+        (None, None) => return Ok(None),
+        (Some(c), Some(k)) => (c, k),
+        (Some(_), None) => return Err(ConfigError("--tls-cert needs --tls-key".to_string())),
+        (None, Some(_)) => return Err(ConfigError("--tls-key needs --tls-cert".to_string())),
+    };
+    let files = crate::tls::TlsFiles {
+        cert: cert.into(),
+        key: key.into(),
+        client_ca: m.opt_str("tls-client-ca").map(PathBuf::from),
+    };
+    let (acceptor, _) =
+        crate::tls::TlsAcceptor::load(files).map_err(|e| ConfigError(e.to_string()))?;
+    Ok(Some(Arc::new(acceptor)))
+}
+
 /// Parses the command line (without the program name).
 pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
     let m = options()
@@ -654,7 +750,15 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
                 .map_err(|e| ConfigError(format!("--upstream: {e}")))?,
         );
     }
+    c.upstream_tls = upstream_tls(&m, c.upstream.as_ref())?;
     c.proxy_protocol = m.opt_present("proxy-protocol");
+    c.tls = tls(&m)?;
+    c.tls_only = m.opt_present("tls-only") || m.opt_present("tls-client-ca");
+    if c.tls_only && c.tls.is_none() {
+        return Err(ConfigError(
+            "--tls-only and --tls-client-ca need --tls-cert and --tls-key".to_string(),
+        ));
+    }
     if let Some(a) = m.opt_str("metrics") {
         c.metrics = Some(
             parse_socket_addr(&a)
@@ -808,6 +912,21 @@ mod tests {
     }
 
     #[test]
+    fn tls_flags_need_each_other_and_readable_files() {
+        assert!(run("--tls-cert c.pem").unwrap_err().0.contains("--tls-key"));
+        assert!(run("--tls-key k.pem").unwrap_err().0.contains("--tls-cert"));
+        assert!(run("--tls-only").unwrap_err().0.contains("--tls-cert"));
+        let e = run("--tls-cert /nonexistent/c.pem --tls-key /nonexistent/k.pem")
+            .unwrap_err()
+            .0;
+        assert!(
+            e.starts_with("--tls-cert /nonexistent/c.pem: cannot read"),
+            "{e}"
+        );
+        assert!(!run("").unwrap().tls_only);
+    }
+
+    #[test]
     fn help_lists_every_flag_default() {
         let u = usage();
         for flag in [
@@ -819,6 +938,10 @@ mod tests {
             "--drain-timeout",
             "--max-connections",
             "--no-http",
+            "--tls-cert",
+            "--tls-key",
+            "--tls-client-ca",
+            "--tls-only",
             "--socket-buffer",
         ] {
             assert!(u.contains(flag), "{flag} missing from help");

@@ -385,6 +385,7 @@ pub fn run(cfg: Config, start: Startup) -> Result<(), RunError> {
         server.addrs(),
         server.config().users.len()
     );
+    log_tls_setup(server.config());
     let mut events = Events::with_capacity(64);
     let mut draining = false;
     let mut handed_over = false;
@@ -552,10 +553,53 @@ fn start_upgrade(
     }
 }
 
+/// The TLS certificate in use, and the warning the issue asks for: passwords on a public listener in clear text.
+fn log_tls_setup(cfg: &Config) {
+    if let Some(tls) = &cfg.tls {
+        let loaded = tls.loaded();
+        info!(
+            "TLS on every listener{}: {loaded}",
+            if cfg.tls_only { " (TLS only)" } else { "" }
+        );
+        for w in &loaded.warnings {
+            warn!("--tls-cert {}: {w}", tls.files().cert.display());
+        }
+    }
+    if cfg.users.is_empty() || cfg.tls_only {
+        return;
+    }
+    if let Some(a) = cfg.listen.iter().find(|a| !a.ip().is_loopback()) {
+        warn!(
+            "listener {a} accepts passwords in clear text: serve it with --tls-cert/--tls-key and --tls-only \
+             so credentials never cross the network unencrypted"
+        );
+    }
+}
+
+/// SIGHUP: certificate, key and client CA, re-read here on the control thread; the workers pick the new
+/// configuration up at their next handshake.
+fn reload_tls(cfg: &Config) {
+    let Some(tls) = &cfg.tls else {
+        return;
+    };
+    match tls.reload() {
+        Ok(loaded) => {
+            info!("SIGHUP: reloaded TLS {loaded}");
+            for w in &loaded.warnings {
+                warn!("--tls-cert {}: {w}", tls.files().cert.display());
+            }
+        }
+        Err(e) => error!("SIGHUP: keeping the old TLS certificate and key: {e}"),
+    }
+}
+
 fn reload(server: &Server) {
     let cfg = server.config();
+    reload_tls(cfg);
     if cfg.users_file.is_none() && cfg.policy_file.is_none() {
-        info!("SIGHUP: no --users or --policy file to reload");
+        if cfg.tls.is_none() {
+            info!("SIGHUP: no --users or --policy file to reload");
+        }
         return;
     }
     // Users and policy are one unit: a policy may name users of the users file (and add users), so either both

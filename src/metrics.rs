@@ -39,10 +39,40 @@ pub enum Refusal {
     UnknownProtocol = 2,
     /// A missing or invalid PROXY protocol header.
     ProxyHeader = 3,
+    /// A clear-text client under `--tls-only` (or `--tls-client-ca`).
+    TlsRequired = 4,
 }
 
 /// Label values of [`Refusal`].
-pub const REFUSAL_LABELS: [&str; 4] = ["client_acl", "limit", "unknown_protocol", "proxy_header"];
+pub const REFUSAL_LABELS: [&str; 5] = [
+    "client_acl",
+    "limit",
+    "unknown_protocol",
+    "proxy_header",
+    "tls_required",
+];
+
+/// How a TLS handshake on the proxy port ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsOutcome {
+    /// Completed.
+    Ok = 0,
+    /// The client certificate was missing, did not verify, or named nobody.
+    ClientCert = 1,
+    /// Garbage, truncated records or another protocol error (a TLS alert was sent where one applies).
+    Error = 2,
+    /// The handshake deadline passed first.
+    Timeout = 3,
+    /// The client closed or reset the connection mid-handshake.
+    Aborted = 4,
+}
+
+/// Label values of [`TlsOutcome`].
+pub const TLS_OUTCOME_LABELS: [&str; 5] = ["ok", "client_cert", "error", "timeout", "aborted"];
+
+/// Label values of the TLS version index: [`crate::tls::TlsVersion`] as usize, then "unknown" (failed before
+/// a version was chosen).
+pub const TLS_VERSION_LABELS: [&str; 3] = ["1.2", "1.3", "unknown"];
 
 /// Label values of [`Failure`] in SOCKS5 reply-code order (0x01..=0x08).
 pub const FAILURE_LABELS: [&str; 8] = [
@@ -92,7 +122,7 @@ pub struct Stats {
     /// Connections accepted.
     pub accepted: AtomicU64,
     /// Connections refused, by [`Refusal`].
-    pub refused: [AtomicU64; 4],
+    pub refused: [AtomicU64; 5],
     /// Sessions open now, by [`Proto`] (gauge).
     pub active: [AtomicU64; 4],
     /// Successful handshakes by [`Proto`].
@@ -125,6 +155,8 @@ pub struct Stats {
     pub slab_len: AtomicU64,
     /// Drive loops that hit their iteration cap (a fairness yield, not an error).
     pub loop_yields: AtomicU64,
+    /// TLS handshakes by [`TlsOutcome`] and version index ([`TLS_VERSION_LABELS`]).
+    pub tls_handshakes: [[AtomicU64; 3]; 5],
 }
 
 /// Adds `n` to a counter that only the calling worker writes.
@@ -156,6 +188,12 @@ impl Stats {
     pub fn connect_error(&self, f: Failure) {
         let i = (f.socks5_reply() as usize).saturating_sub(1).min(7);
         inc(&self.connect_errors[i]);
+    }
+
+    /// Counts a finished TLS handshake (`version`: `None` when it failed before one was negotiated).
+    pub fn tls_handshake(&self, outcome: TlsOutcome, version: Option<crate::tls::TlsVersion>) {
+        let v = version.map(|v| v as usize).unwrap_or(2);
+        inc(&self.tls_handshakes[outcome as usize][v]);
     }
 
     /// Sessions open now, all protocols.
@@ -355,6 +393,21 @@ pub fn render(workers: &[Arc<Stats>]) -> String {
     );
     family(
         &mut o,
+        "tls_handshakes_total",
+        "counter",
+        "TLS handshakes on the proxy port, by outcome and protocol version.",
+    );
+    for (i, outcome) in TLS_OUTCOME_LABELS.iter().enumerate() {
+        for (j, version) in TLS_VERSION_LABELS.iter().enumerate() {
+            let n = sum(w, |s| &s.tls_handshakes[i][j]);
+            let _ = writeln!(
+                o,
+                "socksgate_tls_handshakes_total{{outcome=\"{outcome}\",version=\"{version}\"}} {n}"
+            );
+        }
+    }
+    family(
+        &mut o,
         "worker_connections",
         "gauge",
         "Slab entries in use per worker.",
@@ -381,10 +434,17 @@ mod tests {
         add(&b.bytes_up, 7);
         inc(&a.refused[Refusal::ClientAcl as usize]);
         a.connect_error(Failure::ConnectionRefused);
+        a.tls_handshake(TlsOutcome::Ok, Some(crate::tls::TlsVersion::Tls13));
+        b.tls_handshake(TlsOutcome::Ok, Some(crate::tls::TlsVersion::Tls13));
+        b.tls_handshake(TlsOutcome::ClientCert, None);
         let text = render(&[a, b]);
         assert!(text.contains("socksgate_bytes_total{direction=\"up\"} 12\n"));
         assert!(text.contains("socksgate_connections_refused_total{reason=\"client_acl\"} 1\n"));
         assert!(text.contains("socksgate_connect_errors_total{kind=\"refused\"} 1\n"));
         assert!(text.contains("socksgate_worker_connections{worker=\"1\"} 0\n"));
+        assert!(text.contains("socksgate_tls_handshakes_total{outcome=\"ok\",version=\"1.3\"} 2\n"));
+        assert!(text.contains(
+            "socksgate_tls_handshakes_total{outcome=\"client_cert\",version=\"unknown\"} 1\n"
+        ));
     }
 }

@@ -26,6 +26,8 @@ pub struct Upstream {
     pub addrs: Vec<SocketAddr>,
     /// Credentials.
     pub credentials: Option<(String, String)>,
+    /// The protocol runs inside TLS (`https://`, `socks5s://`).
+    pub tls: bool,
 }
 
 impl fmt::Debug for Upstream {
@@ -37,9 +39,11 @@ impl fmt::Debug for Upstream {
 
 impl fmt::Display for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = match self.kind {
-            UpstreamKind::Socks5 => "socks5",
-            UpstreamKind::Http => "http",
+        let scheme = match (self.kind, self.tls) {
+            (UpstreamKind::Socks5, false) => "socks5",
+            (UpstreamKind::Socks5, true) => "socks5s",
+            (UpstreamKind::Http, false) => "http",
+            (UpstreamKind::Http, true) => "https",
         };
         let user = match &self.credentials {
             Some((u, _)) => format!("{u}:***@"),
@@ -74,10 +78,16 @@ impl FromStr for Upstream {
         let (scheme, rest) = s
             .split_once("://")
             .ok_or("expected socks5://[user:pass@]host:port or http://[user:pass@]host:port")?;
-        let kind = match scheme.to_ascii_lowercase().as_str() {
-            "socks5" | "socks5h" => UpstreamKind::Socks5,
-            "http" => UpstreamKind::Http,
-            other => return Err(format!("unsupported scheme {other:?} (socks5 or http)")),
+        let (kind, tls) = match scheme.to_ascii_lowercase().as_str() {
+            "socks5" | "socks5h" => (UpstreamKind::Socks5, false),
+            "socks5s" => (UpstreamKind::Socks5, true),
+            "http" => (UpstreamKind::Http, false),
+            "https" => (UpstreamKind::Http, true),
+            other => {
+                return Err(format!(
+                    "unsupported scheme {other:?} (socks5, socks5s, http or https)"
+                ))
+            }
         };
         let rest = rest.trim_end_matches('/');
         let (creds, hostport) = match rest.rsplit_once('@') {
@@ -119,6 +129,7 @@ impl FromStr for Upstream {
             port,
             addrs,
             credentials,
+            tls,
         })
     }
 }
@@ -142,6 +153,12 @@ mod tests {
         assert_eq!(u.to_string(), "http://al@ce:***@::1:3128");
         assert!(!format!("{u:?}").contains("p:ss"));
         assert!("ftp://x:1".parse::<Upstream>().is_err());
+        let u: Upstream = "https://127.0.0.1:8443".parse().unwrap();
+        assert!(u.tls && u.kind == UpstreamKind::Http);
+        assert_eq!(u.to_string(), "https://127.0.0.1:8443");
+        let u: Upstream = "socks5s://a:b@127.0.0.1:1443".parse().unwrap();
+        assert!(u.tls && u.kind == UpstreamKind::Socks5);
+        assert!(!"socks5://127.0.0.1:1".parse::<Upstream>().unwrap().tls);
         assert!("socks5://127.0.0.1".parse::<Upstream>().is_err());
         assert!("socks5://127.0.0.1:0".parse::<Upstream>().is_err());
         assert!("socks5://127.0.0.1:99999".parse::<Upstream>().is_err());

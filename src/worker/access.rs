@@ -2,8 +2,8 @@
 //! BIND, and one line per forwarded HTTP request.
 //!
 //! ```text
-//! client=ADDR user=NAME proto=P target=T up=N down=N ms=N end=REASON
-//! client=ADDR user=NAME proto=http method=M url=http://HOST:PORT/PATH status=S up=N down=N ms=N end=REASON
+//! client=ADDR user=NAME proto=P target=T tls=V up=N down=N ms=N end=REASON
+//! client=ADDR user=NAME proto=http method=M url=http://HOST:PORT/PATH status=S tls=V up=N down=N ms=N end=REASON
 //! ```
 //!
 //! The query string is not logged (Squid's `strip_query_terms` default): it often carries tokens and passwords.
@@ -32,9 +32,10 @@ pub fn request_line(conn: &Conn, req: &RequestLog, reason: CloseReason, now: Ins
     };
     info!(
         target: "access",
-        "client={} user={} proto=http method={method} url={url} status={status} up={} down={} ms={}{} end={}",
+        "client={} user={} proto=http method={method} url={url} status={status} tls={} up={} down={} ms={}{} end={}",
         conn.peer,
         conn.user_name(),
+        super::tls::log_label(conn),
         conn.bytes_up.saturating_sub(req.up_before),
         conn.bytes_down.saturating_sub(req.down_before),
         now.saturating_duration_since(req.started).as_millis(),
@@ -50,11 +51,12 @@ pub fn session_line(conn: &Conn, target: &str, reason: CloseReason, now: Instant
     }
     info!(
         target: "access",
-        "client={} user={} proto={} target={} up={} down={} ms={}{} end={}",
+        "client={} user={} proto={} target={} tls={} up={} down={} ms={}{} end={}",
         conn.peer,
         conn.user_name(),
         metrics::PROTO_LABELS[conn.proto as usize],
         target,
+        super::tls::log_label(conn),
         conn.bytes_up,
         conn.bytes_down,
         now.saturating_duration_since(conn.started).as_millis(),

@@ -78,6 +78,12 @@ pub enum CloseReason {
     ClientNotAllowed,
     /// The first byte names no enabled protocol.
     UnknownProtocol,
+    /// A clear-text client under `--tls-only`.
+    TlsRequired,
+    /// The client's TLS was broken: garbage or truncated records, a failed handshake (an alert was sent).
+    TlsError,
+    /// The client presented no certificate, or one that did not verify, under `--tls-client-ca`.
+    TlsClientCert,
     /// SOCKS5: no acceptable method, or RFC 1929 credentials that did not verify.
     AuthFailed,
     /// SOCKS4 with users configured (SOCKS4 carries no password).
@@ -144,6 +150,9 @@ impl CloseReason {
             CloseReason::BadProxyHeader => "bad_proxy_header",
             CloseReason::ClientNotAllowed => "client_not_allowed",
             CloseReason::UnknownProtocol => "unknown_protocol",
+            CloseReason::TlsRequired => "tls_required",
+            CloseReason::TlsError => "tls_error",
+            CloseReason::TlsClientCert => "tls_client_cert",
             CloseReason::AuthFailed => "auth_failed",
             CloseReason::Socks4NeedsAuth => "socks4_needs_auth",
             CloseReason::AuthRequired => "auth_required",
@@ -191,6 +200,9 @@ impl CloseReason {
             | CloseReason::BadProxyHeader
             | CloseReason::ClientNotAllowed
             | CloseReason::UnknownProtocol
+            | CloseReason::TlsRequired
+            | CloseReason::TlsError
+            | CloseReason::TlsClientCert
             | CloseReason::AuthFailed
             | CloseReason::Socks4NeedsAuth
             | CloseReason::AuthRequired

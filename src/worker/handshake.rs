@@ -13,7 +13,7 @@ use super::conn::{
 };
 use super::ctx::{Ctx, Next, ReplyKind};
 use super::reply::{self, enter_linger};
-use super::{bind, connect, http, udp};
+use super::{bind, connect, http, tls, udp};
 use crate::auth::Authorized;
 use crate::metrics::{self, Proto, Refusal};
 use crate::proto::detect::{self, Protocol};
@@ -59,7 +59,10 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Err(_) => return Next::Close(CloseReason::ClientError),
     }
     if fill_client(conn, ctx).is_err() {
-        return Next::Close(CloseReason::ClientReset);
+        return Next::Close(tls::failure(conn).unwrap_or(CloseReason::ClientReset));
+    }
+    if let Some(next) = tls::on_established(conn, ctx) {
+        return next;
     }
     match conn.phase {
         Phase::Handshake {
@@ -129,6 +132,11 @@ fn detect(conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let Some(&first) = data(conn).first() else {
         return need_more(conn, ctx);
     };
+    if !conn.client.is_tls() {
+        if let Some(next) = tls::detect(conn, ctx, first) {
+            return next;
+        }
+    }
     let (proto, phase) = match detect::detect(first) {
         Protocol::Socks5 => (Proto::Socks5, Handshake::Socks5Greeting),
         Protocol::Socks4 if ctx.cfg.socks4 => (Proto::Socks4, Handshake::Socks4Request),
@@ -157,7 +165,11 @@ fn socks5_greeting(conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Ok(Parse::Incomplete) => need_more(conn, ctx),
         Ok(Parse::Done(g, n)) => {
             consume(conn, n);
-            let method = crate::proto::server::choose_method(&g, !ctx.users.is_empty());
+            // A verified client certificate is the authentication: no password is asked for (a client that
+            // offers only user/password gets it, and whatever it sends is accepted for the certificate's user).
+            let by_certificate = tls::cert_user(conn) && g.no_auth;
+            let users_required = !ctx.users.is_empty() && !by_certificate;
+            let method = crate::proto::server::choose_method(&g, users_required);
             let mut out = [0u8; 2];
             let len = socks5::encode_method(method, &mut out);
             if conn.send_client(&out[..len]).is_err() {
@@ -182,6 +194,7 @@ fn socks5_greeting(conn: &mut Conn, ctx: &mut Ctx) -> Next {
 fn socks5_auth(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let (verdict, n) = match socks5::parse_user_pass(data(conn)) {
         Ok(Parse::Incomplete) => return need_more(conn, ctx),
+        Ok(Parse::Done(_, n)) if tls::cert_user(conn) => (conn.user.clone(), n),
         Ok(Parse::Done(creds, n)) if ctx.users.needs_slow_verify(creds.user) => {
             // A hashed password takes milliseconds to check: do it on the blocking pool, never on the loop.
             let work = Work::Verify {
@@ -312,7 +325,8 @@ fn socks4_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     conn.target = Some(Dest::from(&target));
     debug!("{}: SOCKS4 {command:?} {}", conn.peer, Dest::from(&target));
     // SOCKS4 carries no password: with users configured it would be a way around authentication.
-    if !crate::proto::server::socks4_allowed(!ctx.users.is_empty(), ctx.cfg.socks4_with_users) {
+    let users_required = !ctx.users.is_empty() && !tls::cert_user(conn);
+    if !crate::proto::server::socks4_allowed(users_required, ctx.cfg.socks4_with_users) {
         metrics::inc(&ctx.stats.auth_failures);
         debug!("{}: SOCKS4 refused: users are configured", conn.peer);
         return reply::fail(conn, ctx, ReplyKind::Socks4, CloseReason::Socks4NeedsAuth);

@@ -134,7 +134,7 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     // Proxy authentication (RFC 9110 §11.7), on every request of a kept-alive connection (Basic credentials are
     // per request); the credentials are consumed here and never forwarded. Credentials equal to the ones that
     // already passed on this connection are accepted without verifying a slow hash again.
-    if !ctx.users.is_empty() {
+    if !ctx.users.is_empty() && !super::tls::cert_user(conn) {
         if let (Some(c), Some(token)) = (
             req.credentials.as_ref(),
             st.as_ref().and_then(|h| h.auth_token.as_deref()),

@@ -8,6 +8,7 @@ pub const LAYERS: &[&[&str]] = &[
     &["ctx", "sock"],
     &["phase"],
     &["conn"],
+    &["tls"],
     &["reply", "access", "gate"],
     &["relay", "upstream"],
     &["connect"],
@@ -31,6 +32,7 @@ pub mod relay;
 pub mod reply;
 pub mod sock;
 pub mod timers;
+pub mod tls;
 pub mod token;
 pub mod udp;
 pub mod upstream;
@@ -496,6 +498,7 @@ impl Worker {
                 }
             }
         }
+        tls::on_close(&mut conn, reason, &self.ctx.stats);
         let fault = reason.fault();
         log::log!(
             fault.level(),

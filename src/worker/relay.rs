@@ -8,8 +8,6 @@
 //! EOF from one side becomes `shutdown(Write)` on the other once everything read before it was delivered
 //! (half-close, RFC 9110 §9.3.6); the tunnel closes when both directions are finished.
 
-use std::net::Shutdown;
-
 use super::close::CloseReason;
 use super::conn::{Conn, Phase, Sock};
 use super::ctx::{Ctx, Next};
@@ -166,7 +164,8 @@ fn pump(
             break;
         }
         reads += 1;
-        if res.splice && way.half.bulk {
+        // Splice moves bytes the kernel holds; on a TLS leg those are records, not the plaintext to relay.
+        if res.splice && way.half.bulk && !src.is_tls() && !dst.is_tls() {
             match splice_once(src, dst, &mut way.pipe, res.pipes) {
                 Spliced::Eof => {
                     way.half.eof = true;
@@ -217,8 +216,9 @@ fn pump(
         p.progress = true;
         // When the other direction is already finished the tunnel closes right away, and close sends the FIN:
         // the shutdown call would be redundant.
-        if !other_done {
-            let _ = dst.stream.shutdown(Shutdown::Write);
+        if !other_done || dst.is_tls() {
+            // TLS: close_notify, then the FIN once every record is out (close would lose records still queued).
+            let _ = dst.shutdown_write();
         }
     }
     Ok(p)
@@ -293,6 +293,12 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
         *last_active = ctx.now;
     }
     if up.half.shut && down.half.shut {
+        // TLS records still queued inside rustls go out on the next writable edge first.
+        let queued = !client.flushed() || !outbound.flushed();
+        let broken = client.error || outbound.error;
+        if queued && !broken {
+            return Next::Wait;
+        }
         return Next::Close(CloseReason::Done);
     }
     // A reset peer is gone: what could be delivered was delivered above. Without this check a reset client whose

@@ -125,8 +125,12 @@ pub fn linger(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     if let Phase::Linger { shut, .. } = &mut conn.phase {
         if !*shut {
             *shut = true;
-            let _ = conn.client.stream.shutdown(std::net::Shutdown::Write);
+            let _ = conn.client.shutdown_write();
         }
+    }
+    if !conn.client.flushed() {
+        // TLS: the reply and close_notify are still inside rustls; the writable edge pushes them out.
+        return Next::Wait;
     }
     if let Some(b) = conn.c2u.take() {
         ctx.pool.give(b);

@@ -118,6 +118,14 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             }
             ConnectState::Connected => {
                 debug!("{}: connected to the upstream proxy", conn.peer);
+                if !super::tls::start_upstream(conn, ctx) {
+                    return fail(
+                        conn,
+                        ctx,
+                        reply,
+                        CloseReason::UpstreamProxy(Failure::General),
+                    );
+                }
                 let http = ctx
                     .cfg
                     .upstream
