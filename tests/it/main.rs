@@ -1,0 +1,26 @@
+//! The proxy's integration tests, as one test binary: each module drives the real `socksgate` binary (or, in
+//! `worker_layers`, reads its sources) through the helpers in `common`. One binary links the helpers once and lets
+//! the harness schedule every test in one pool; `cargo test --release --test it MODULE::` runs one module.
+//!
+//! Adding a test file: put it in this folder as `tests/it/NAME.rs`, add `mod NAME;` below (keep the list sorted),
+//! and reach the helpers with `use crate::common;` (then `use common::*;` or `common::name` as before).
+//! `tests/corpus_replay.rs` stays its own binary on purpose: it compiles the fuzz crate's `fuzz/src/targets.rs` by
+//! `#[path]` (that file names it), needs no proxy binary and catches the targets' panics with `catch_unwind`.
+
+mod common;
+
+mod dns;
+mod faults;
+mod haproxy;
+mod http_proxy;
+mod lifecycle;
+mod operations;
+mod policy;
+mod real_clients;
+mod security;
+mod session_ends;
+mod socks4;
+mod socks5;
+mod udp_bind;
+mod worker_layers;
+mod zero_downtime;
