@@ -579,10 +579,8 @@ mod tests {
 
     #[test]
     fn load_file_reads_and_reports_io() {
-        let dir = std::env::temp_dir().join(format!("scratch_pp_auth_{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("users");
-        std::fs::write(&path, "alice:secret\n").unwrap();
+        let path = crate::test_support::scratch_file("scratch_pp_auth", "users", "alice:secret\n");
+        let dir = path.parent().unwrap().to_path_buf();
         let users = Users::load_file(&path).unwrap();
         assert!(users.verify(b"alice", b"secret").is_some());
         std::fs::write(&path, "ok:1\nbroken\n").unwrap();

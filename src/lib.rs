@@ -29,6 +29,8 @@ pub mod supervisor;
 // The one module allowed to use `unsafe` (workspace lint `unsafe_code = "deny"`); each block has a SAFETY comment.
 #[allow(unsafe_code)]
 pub mod sys;
+#[cfg(test)]
+mod test_support;
 pub mod tls;
 pub mod upstream;
 pub mod worker;

@@ -206,9 +206,23 @@ fn sum(workers: &[Arc<Stats>], f: impl Fn(&Stats) -> &AtomicU64) -> u64 {
     workers.iter().map(|s| f(s).load(Relaxed)).sum()
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+/// Writes the `# HELP` and `# TYPE` lines of family `socksgate_{name}` (also for the resolver's series).
+pub(crate) fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP socksgate_{name} {help}");
     let _ = writeln!(out, "# TYPE socksgate_{name} {kind}");
+}
+
+/// Writes one `socksgate_{name}{label="V"} N` line per label value `V`, with `N = value(index of V)`.
+pub(crate) fn series_by(
+    out: &mut String,
+    name: &str,
+    label: &str,
+    values: &[&str],
+    value: impl Fn(usize) -> u64,
+) {
+    for (i, v) in values.iter().enumerate() {
+        let _ = writeln!(out, "socksgate_{name}{{{label}=\"{v}\"}} {}", value(i));
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -223,10 +237,7 @@ fn labelled<const N: usize>(
     f: impl Fn(&Stats) -> &[AtomicU64; N],
 ) {
     family(out, name, kind, help);
-    for (i, v) in values.iter().enumerate() {
-        let n = sum(workers, |s| &f(s)[i]);
-        let _ = writeln!(out, "socksgate_{name}{{{label}=\"{v}\"}} {n}");
-    }
+    series_by(out, name, label, values, |i| sum(workers, |s| &f(s)[i]));
 }
 
 fn single(
@@ -309,38 +320,23 @@ pub fn render(workers: &[Arc<Stats>]) -> String {
         &FAILURE_LABELS,
         |s| &s.connect_errors,
     );
-    family(
-        &mut o,
-        "bytes_total",
-        "counter",
-        "Bytes relayed, by direction (up = client to target).",
-    );
-    let _ = writeln!(
-        o,
-        "socksgate_bytes_total{{direction=\"up\"}} {}",
-        sum(w, |s| &s.bytes_up)
-    );
-    let _ = writeln!(
-        o,
-        "socksgate_bytes_total{{direction=\"down\"}} {}",
-        sum(w, |s| &s.bytes_down)
-    );
-    family(
-        &mut o,
-        "udp_datagrams_total",
-        "counter",
-        "UDP datagrams relayed, by direction.",
-    );
-    let _ = writeln!(
-        o,
-        "socksgate_udp_datagrams_total{{direction=\"up\"}} {}",
-        sum(w, |s| &s.udp_up)
-    );
-    let _ = writeln!(
-        o,
-        "socksgate_udp_datagrams_total{{direction=\"down\"}} {}",
-        sum(w, |s| &s.udp_down)
-    );
+    let directions = [
+        (
+            "bytes_total",
+            "Bytes relayed, by direction (up = client to target).",
+            [sum(w, |s| &s.bytes_up), sum(w, |s| &s.bytes_down)],
+        ),
+        (
+            "udp_datagrams_total",
+            "UDP datagrams relayed, by direction.",
+            [sum(w, |s| &s.udp_up), sum(w, |s| &s.udp_down)],
+        ),
+    ];
+    for (name, help, [up, down]) in directions {
+        family(&mut o, name, "counter", help);
+        let _ = writeln!(o, "socksgate_{name}{{direction=\"up\"}} {up}");
+        let _ = writeln!(o, "socksgate_{name}{{direction=\"down\"}} {down}");
+    }
     labelled(
         &mut o,
         w,

@@ -437,10 +437,11 @@ mod tests {
                 let _ = ns.send_to(&r, from);
             }
         });
-        let dir = std::env::temp_dir().join(format!("socksgate-pool-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let hosts_path = dir.join("hosts");
-        std::fs::write(&hosts_path, "127.0.0.8 fromfile.test\n").unwrap();
+        let hosts_path = crate::test_support::scratch_file(
+            "socksgate-pool",
+            "hosts",
+            "127.0.0.8 fromfile.test\n",
+        );
         let mut statics = StaticHosts::default();
         statics.add("pinned.test=127.0.0.9").unwrap();
         let mut settings = DnsSettings {

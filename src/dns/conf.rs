@@ -240,10 +240,12 @@ mod tests {
 
     #[test]
     fn watch_rereads_a_changed_file() {
-        let dir = std::env::temp_dir().join(format!("socksgate-resolv-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("resolv.conf");
-        std::fs::write(&path, "nameserver 127.0.0.1\n").unwrap();
+        let path = crate::test_support::scratch_file(
+            "socksgate-resolv",
+            "resolv.conf",
+            "nameserver 127.0.0.1\n",
+        );
+        let dir = path.parent().unwrap().to_path_buf();
         let mut w = Watch::new(Reload {
             path: path.clone(),
             timeout: Some(Duration::from_millis(300)),

@@ -105,10 +105,9 @@ mod tests {
 
     #[test]
     fn rereads_when_the_file_changes() {
-        let dir = std::env::temp_dir().join(format!("socksgate-hosts-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("hosts");
-        std::fs::write(&path, "10.0.0.1 a.test\n").unwrap();
+        let path =
+            crate::test_support::scratch_file("socksgate-hosts", "hosts", "10.0.0.1 a.test\n");
+        let dir = path.parent().unwrap().to_path_buf();
         let mut h = HostsFile::new(path.clone());
         let t0 = Instant::now();
         assert_eq!(h.get("a.test", t0), Some(vec!["10.0.0.1".parse().unwrap()]));

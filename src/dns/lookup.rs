@@ -362,7 +362,7 @@ impl Lookup {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dns::message::tests::{a, response};
+    use crate::dns::message::tests::{a, response, truncated};
     use hickory_proto::op::{Message, ResponseCode};
     use hickory_proto::rr::rdata::AAAA;
     use hickory_proto::rr::{RData, Record};
@@ -582,17 +582,7 @@ mod tests {
         let mut l = Lookup::start(&["h.test".into()], servers(&[S1, S2], 1), counter(), t0);
         let s = l.take_sends();
         let (id0, _) = asked(&s[0]);
-        let mut m = Message::from_vec(&response(
-            id0,
-            "h.test.",
-            RecordType::A,
-            ResponseCode::NoError,
-            vec![],
-            None,
-        ))
-        .unwrap();
-        m.set_truncated(true);
-        l.on_message(0, addr(S1), &m.to_vec().unwrap(), t0);
+        l.on_message(0, addr(S1), &truncated(id0, "h.test."), t0);
         let tcp = l.take_sends();
         assert_eq!(tcp.len(), 1);
         assert_eq!(

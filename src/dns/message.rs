@@ -173,6 +173,21 @@ pub(crate) mod tests {
         m.to_vec().unwrap()
     }
 
+    /// An empty NOERROR response to (id, name, A) with the TC bit set: the answer did not fit a UDP datagram.
+    pub(crate) fn truncated(id: u16, name: &str) -> Vec<u8> {
+        let mut m = Message::from_vec(&response(
+            id,
+            name,
+            RecordType::A,
+            ResponseCode::NoError,
+            vec![],
+            None,
+        ))
+        .unwrap();
+        m.set_truncated(true);
+        m.to_vec().unwrap()
+    }
+
     /// A name from text; test input only.
     pub(crate) fn n(s: &str) -> Name {
         Name::from_ascii(s).unwrap()
@@ -354,18 +369,8 @@ pub(crate) mod tests {
             None,
         );
         assert_eq!(judge(&r, 1, &name, RecordType::A), Verdict::Refused);
-        let mut m = Message::from_vec(&response(
-            1,
-            "nx.test.",
-            RecordType::A,
-            ResponseCode::NoError,
-            vec![],
-            None,
-        ))
-        .unwrap();
-        m.set_truncated(true);
         assert_eq!(
-            judge(&m.to_vec().unwrap(), 1, &name, RecordType::A),
+            judge(&truncated(1, "nx.test."), 1, &name, RecordType::A),
             Verdict::Truncated
         );
     }

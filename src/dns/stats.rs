@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use super::lookup::Error;
+use crate::metrics::{family, series_by};
 
 /// Label values of [`Error`] in `socksgate_dns_errors_total{kind=...}`, plus `system` for getaddrinfo errors.
 pub const ERROR_LABELS: [&str; 7] = [
@@ -69,8 +70,7 @@ impl DnsStats {
     /// Appends the resolver's series in the Prometheus text format.
     pub fn render(&self, o: &mut String) {
         let mut single = |name: &str, kind: &str, help: &str, v: u64| {
-            let _ = writeln!(o, "# HELP socksgate_{name} {help}");
-            let _ = writeln!(o, "# TYPE socksgate_{name} {kind}");
+            family(o, name, kind, help);
             let _ = writeln!(o, "socksgate_{name} {v}");
         };
         single(
@@ -97,35 +97,32 @@ impl DnsStats {
             "Names in the DNS cache.",
             self.cache_names.load(Relaxed),
         );
-        let _ = writeln!(
-            o,
-            "# HELP socksgate_dns_queries_total Messages sent to nameservers, by transport."
-        );
-        let _ = writeln!(o, "# TYPE socksgate_dns_queries_total counter");
-        for (i, t) in ["udp", "tcp"].iter().enumerate() {
-            let _ = writeln!(
-                o,
-                "socksgate_dns_queries_total{{transport=\"{t}\"}} {}",
-                self.queries[i].load(Relaxed)
-            );
+        let by = [
+            (
+                "dns_queries_total",
+                "Messages sent to nameservers, by transport.",
+                "transport",
+                &["udp", "tcp"][..],
+                &self.queries[..],
+            ),
+            (
+                "dns_errors_total",
+                "Failed lookups by kind, as the resolver answered them.",
+                "kind",
+                &ERROR_LABELS[..],
+                &self.errors[..],
+            ),
+        ];
+        for (name, help, label, values, counts) in by {
+            family(o, name, "counter", help);
+            series_by(o, name, label, values, |i| counts[i].load(Relaxed));
         }
-        let _ = writeln!(
+        family(
             o,
-            "# HELP socksgate_dns_errors_total Failed lookups by kind, as the resolver answered them."
+            "dns_query_duration_seconds",
+            "histogram",
+            "Time from the first query sent to the lookup's outcome.",
         );
-        let _ = writeln!(o, "# TYPE socksgate_dns_errors_total counter");
-        for (i, k) in ERROR_LABELS.iter().enumerate() {
-            let _ = writeln!(
-                o,
-                "socksgate_dns_errors_total{{kind=\"{k}\"}} {}",
-                self.errors[i].load(Relaxed)
-            );
-        }
-        let _ = writeln!(
-            o,
-            "# HELP socksgate_dns_query_duration_seconds Time from the first query sent to the lookup's outcome."
-        );
-        let _ = writeln!(o, "# TYPE socksgate_dns_query_duration_seconds histogram");
         let mut cumulative = 0;
         for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
             cumulative += self.latency_buckets[i].load(Relaxed);

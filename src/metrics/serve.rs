@@ -145,6 +145,9 @@ impl Exporter {
                     return;
                 }
                 Err(e) if net::is_resource_exhaustion(&e) => {
+                    if !self.backlog {
+                        log::warn!("metrics: accept: {e}; scrapes wait until descriptors free up");
+                    }
                     self.backlog = true;
                     return;
                 }

@@ -71,6 +71,17 @@ macro_rules! check_contract {
     }};
 }
 
+/// Returns `Ok(Parse::Incomplete)` from the enclosing parser when a read ran out of bytes (the parsers of
+/// socks4, socks5 and upstream; defined before those modules so that they see it).
+macro_rules! need {
+    ($e:expr) => {
+        match $e {
+            Some(v) => v,
+            None => return Ok($crate::proto::Parse::Incomplete),
+        }
+    };
+}
+
 pub mod base64;
 pub mod detect;
 pub mod http;

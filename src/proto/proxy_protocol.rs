@@ -252,28 +252,27 @@ fn parse_v2(buf: &[u8]) -> Result<Parse<ProxyHeader>, ProtoError> {
     check_tlvs(tlvs)?;
     let mut a = Reader::new(addrs);
     let header = match fam >> 4 {
-        0x1 => {
-            let src = Ipv4Addr::from(a.array::<4>().ok_or(ProtoError::Malformed)?);
-            let dst = Ipv4Addr::from(a.array::<4>().ok_or(ProtoError::Malformed)?);
-            let (sport, dport) = ports(&mut a)?;
-            ProxyHeader::Proxy {
-                src: SocketAddr::new(IpAddr::V4(src), sport),
-                dst: SocketAddr::new(IpAddr::V4(dst), dport),
-            }
-        }
-        0x2 => {
-            let src = Ipv6Addr::from(a.array::<16>().ok_or(ProtoError::Malformed)?);
-            let dst = Ipv6Addr::from(a.array::<16>().ok_or(ProtoError::Malformed)?);
-            let (sport, dport) = ports(&mut a)?;
-            ProxyHeader::Proxy {
-                src: SocketAddr::new(IpAddr::V6(src), sport),
-                dst: SocketAddr::new(IpAddr::V6(dst), dport),
-            }
-        }
+        0x1 => addresses::<4>(&mut a)?,
+        0x2 => addresses::<16>(&mut a)?,
         // AF_UNIX paths are no socket address we can use: treat like LOCAL.
         _ => ProxyHeader::Local,
     };
     Ok(Parse::Done(header, consumed))
+}
+
+/// The address block of an AF_INET (`N` = 4) or AF_INET6 (`N` = 16) header: source and destination addresses,
+/// then their ports (spec §2.2).
+fn addresses<const N: usize>(a: &mut Reader<'_>) -> Result<ProxyHeader, ProtoError>
+where
+    IpAddr: From<[u8; N]>,
+{
+    let src = IpAddr::from(a.array::<N>().ok_or(ProtoError::Malformed)?);
+    let dst = IpAddr::from(a.array::<N>().ok_or(ProtoError::Malformed)?);
+    let (sport, dport) = ports(a)?;
+    Ok(ProxyHeader::Proxy {
+        src: SocketAddr::new(src, sport),
+        dst: SocketAddr::new(dst, dport),
+    })
 }
 
 /// Source then destination port, network byte order (spec §2.2).

@@ -23,16 +23,6 @@ pub const REPLY_LEN: usize = 8;
 /// Longest request [`encode_request`] writes: 8 fixed bytes, USERID + NUL, DOMAIN + NUL.
 pub const MAX_REQUEST_LEN: usize = 8 + MAX_USERID + 1 + MAX_DOMAIN + 1;
 
-/// Returns `Ok(Parse::Incomplete)` from the enclosing parser when a read ran out of bytes.
-macro_rules! need {
-    ($e:expr) => {
-        match $e {
-            Some(v) => v,
-            None => return Ok(Parse::Incomplete),
-        }
-    };
-}
-
 /// SOCKS4 CD of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {

@@ -42,16 +42,6 @@ pub const MAX_USER_PASS_LEN: usize = 513;
 /// Longest request (RFC 1928 §4): VER CMD RSV ATYP LEN + 255-byte name + port.
 pub const MAX_REQUEST_LEN: usize = 262;
 
-/// Returns `Ok(Parse::Incomplete)` from the enclosing parser when a read ran out of bytes.
-macro_rules! need {
-    ($e:expr) => {
-        match $e {
-            Some(v) => v,
-            None => return Ok(Parse::Incomplete),
-        }
-    };
-}
-
 /// The authentication methods a client offered (RFC 1928 §3); only the two we implement are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Greeting {

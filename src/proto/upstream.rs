@@ -34,38 +34,32 @@ pub const MAX_HTTP_CONNECT_LEN: usize = b"CONNECT ".len()
 /// Longest `host:port`: a 255-byte name (RFC 1928 §5, SOCKS4a cap), ':' and a 5-digit port.
 const MAX_AUTHORITY: usize = 255 + 1 + 5;
 
-/// Returns `Ok(Parse::Incomplete)` from the enclosing parser when a read ran out of bytes.
-macro_rules! need {
-    ($e:expr) => {
-        match $e {
-            Some(v) => v,
-            None => return Ok(Parse::Incomplete),
-        }
-    };
-}
-
 /// Parses the upstream's method selection (RFC 1928 §3) `05 METHOD`; returns METHOD, X'FF' included (the caller
 /// closes on X'FF' or on a method it did not offer).
 pub fn parse_method_choice(buf: &[u8]) -> Result<Parse<u8>, ProtoError> {
-    let mut r = Reader::new(buf);
-    let ver = need!(r.u8());
-    if ver != SOCKS5_VERSION {
-        return Err(ProtoError::BadVersion(ver));
-    }
-    let method = need!(r.u8());
-    Ok(Parse::Done(method, r.pos()))
+    parse_version_and_byte(buf, &[SOCKS5_VERSION])
 }
 
 /// Parses the RFC 1929 §2 status `VER STATUS`; VER X'01' or, leniently, X'05'; true when STATUS is X'00' (any
 /// other value is a failure, RFC 1929 §2).
 pub fn parse_auth_status(buf: &[u8]) -> Result<Parse<bool>, ProtoError> {
+    Ok(
+        match parse_version_and_byte(buf, &[AUTH_VERSION, SOCKS5_VERSION])? {
+            Parse::Done(status, n) => Parse::Done(status == 0, n),
+            Parse::Incomplete => Parse::Incomplete,
+        },
+    )
+}
+
+/// Parses a two-byte `VER VALUE` message whose VER is one of `versions`; returns VALUE.
+fn parse_version_and_byte(buf: &[u8], versions: &[u8]) -> Result<Parse<u8>, ProtoError> {
     let mut r = Reader::new(buf);
     let ver = need!(r.u8());
-    if ver != AUTH_VERSION && ver != SOCKS5_VERSION {
+    if !versions.contains(&ver) {
         return Err(ProtoError::BadVersion(ver));
     }
-    let status = need!(r.u8());
-    Ok(Parse::Done(status == 0, r.pos()))
+    let value = need!(r.u8());
+    Ok(Parse::Done(value, r.pos()))
 }
 
 /// An upstream's SOCKS5 reply (RFC 1928 §6).

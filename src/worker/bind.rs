@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use log::debug;
+use log::{debug, warn};
 use mio::Interest;
 
 use super::close::CloseReason;
@@ -111,6 +111,7 @@ pub fn start(
         deadline: ctx.now + ctx.cfg.bind_timeout,
         expected,
         reply,
+        starved: false,
     }));
     ctx.timers.push(
         ctx.now + ctx.cfg.bind_timeout,
@@ -147,6 +148,13 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => b.readable = false,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) if net::is_resource_exhaustion(&e) => {
+                if !b.starved {
+                    b.starved = true;
+                    warn!(
+                        "{}: BIND: accept: {e}; the inbound peer waits until descriptors free up",
+                        conn.peer
+                    );
+                }
                 // Out of descriptors: the peer stays queued, and no new event will come for it, so look again
                 // shortly (the same timer kind; `on_timeout` tells a retry from the deadline).
                 ctx.timers

@@ -1,7 +1,7 @@
 //! One event loop per core: poll, dispatch, timers, commands. Phases live in their own modules.
 
 /// The worker's modules, bottom layer first. A module may use only modules of lower layers (checked by
-/// `tests/worker_layers.rs`), so the files read bottom-up and no phase calls another: phases return a [`Next`]
+/// `tests/it/worker_layers.rs`), so the files read bottom-up and no phase calls another: phases return a [`Next`]
 /// and this module's dispatcher routes it. `accept` is an `impl Worker` block, the dispatcher's own part.
 pub const LAYERS: &[&[&str]] = &[
     &["token", "timers", "close"],

@@ -228,6 +228,8 @@ pub struct BindState {
     pub(super) deadline: Instant,
     pub(super) expected: Option<IpAddr>,
     pub(super) reply: ReplyKind,
+    /// An accept has failed for lack of descriptors (logged once, not at every retry).
+    pub(super) starved: bool,
 }
 
 /// State of one UDP association.

@@ -36,6 +36,20 @@ fn persistence_option(opt: &[u8]) -> Option<bool> {
     }
 }
 
+/// Fields never forwarded in either direction (RFC 9110 §7.6.1 hop-by-hop); requests drop a few more.
+pub(super) fn is_hop_by_hop(name: &str) -> bool {
+    [
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+    ]
+    .iter()
+    .any(|h| name.eq_ignore_ascii_case(h))
+}
+
 /// Trims optional whitespace (RFC 9110 §5.6.3: OWS is SP / HTAB).
 pub(super) fn trim_ows(mut v: &[u8]) -> &[u8] {
     while let [b' ' | b'\t', rest @ ..] = v {

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use super::fields::{
-    analyze, complete_head, head_window, name_is, parse_decimal, trim_ows, Fields,
+    analyze, complete_head, head_window, is_hop_by_hop, name_is, parse_decimal, trim_ows, Fields,
 };
 use super::rewrite::{put_content_length, put_header, put_via, VecWriter};
 use super::target::{parse_absolute, parse_authority, parse_basic};
@@ -12,19 +12,10 @@ use crate::proto::{Parse, ProtoError};
 
 /// Request fields never forwarded (RFC 9110 §7.6.1 hop-by-hop, §11.7 proxy authentication); Host is regenerated.
 fn is_request_hop(name: &str) -> bool {
-    [
-        "connection",
-        "proxy-connection",
-        "keep-alive",
-        "te",
-        "trailer",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-authenticate",
-        "host",
-    ]
-    .iter()
-    .any(|h| name.eq_ignore_ascii_case(h))
+    is_hop_by_hop(name)
+        || ["proxy-authorization", "proxy-authenticate", "host"]
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h))
 }
 
 /// Parses a proxy request head from `buf`; for forwarded requests writes the rewritten head into `out`.

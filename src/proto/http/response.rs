@@ -2,24 +2,10 @@
 
 use std::fmt::Write as _;
 
-use super::fields::{analyze, complete_head, head_window, name_is};
+use super::fields::{analyze, complete_head, head_window, is_hop_by_hop, name_is};
 use super::rewrite::{put_content_length, put_header, put_via, VecWriter};
 use super::{BodyKind, Response, ResponseContext, MAX_HEADERS};
 use crate::proto::{Parse, ProtoError};
-
-/// Response fields never forwarded (RFC 9110 §7.6.1).
-fn is_response_hop(name: &str) -> bool {
-    [
-        "connection",
-        "proxy-connection",
-        "keep-alive",
-        "te",
-        "trailer",
-        "upgrade",
-    ]
-    .iter()
-    .any(|h| name.eq_ignore_ascii_case(h))
-}
 
 /// Parses an origin response head from `buf` and writes the rewritten head for the client into `out`.
 pub fn parse_response(
@@ -122,7 +108,7 @@ pub fn parse_response(
             {
                 continue;
             }
-        } else if is_response_hop(h.name) || f.listed.get(i).copied().unwrap_or(false) {
+        } else if is_hop_by_hop(h.name) || f.listed.get(i).copied().unwrap_or(false) {
             continue;
         }
         if name_is(h, "content-length") {

@@ -1,7 +1,7 @@
 //! Operations against the real binary: client and destination rules, users files (plain and hashed) and their
 //! SIGHUP reload, per-user limits, chaining through an upstream proxy, the PROXY protocol and /metrics.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
@@ -191,12 +191,8 @@ fn write_atomic(path: &Path, text: &str) {
 }
 
 /// Waits until the proxy holds exactly `baseline` descriptors again (a failure path must not leak sockets).
-fn assert_fds_back(proxy: &Proxy, baseline: usize, what: &str) {
-    assert!(
-        wait_until(POLL_LIMIT, &mut || proxy.fd_count() == baseline),
-        "{what}: {} descriptors, baseline {baseline}",
-        proxy.fd_count()
-    );
+fn assert_fds_back(baseline: &FdBaseline, what: &str) {
+    baseline.assert_exactly_back(POLL_LIMIT, what);
 }
 
 /// An echo server that also counts its connections (to prove a denied target was never contacted).
@@ -218,7 +214,7 @@ fn counting_echo() -> (TestServer, Arc<AtomicUsize>) {
 #[test]
 fn allow_client_refuses_other_networks() {
     let proxy = with_metrics(&["--allow-client", "10.0.0.0/8"]);
-    let baseline = proxy.fd_count();
+    let baseline = proxy.fd_baseline();
     let mut s = connect(proxy.addr());
     let _ = s.write_all(&[5, 1, 0]);
     let got = read_all_until_closed(&mut s);
@@ -232,7 +228,7 @@ fn allow_client_refuses_other_networks() {
         assert!(read_all_until_closed(&mut s).is_empty());
     }
     wait_metric(&proxy, &refused_metric("client_acl"), 21);
-    assert_fds_back(&proxy, baseline, "after refused clients");
+    assert_fds_back(&baseline, "after refused clients");
     wait_metric(&proxy, "socksgate_connections_accepted_total", 21);
     wait_metric(
         &proxy,
@@ -685,7 +681,7 @@ fn chain_failures_map_to_client_reply_codes() {
     let (_hold, closed) = refusing_port();
     let b = with_metrics(&[]);
     let a = with_metrics(&["--upstream", &format!("socks5://{}", b.addr())]);
-    let (a_base, b_base) = (a.fd_count(), b.fd_count());
+    let (a_base, b_base) = (a.fd_baseline(), b.fd_baseline());
     assert_eq!(socks5_connect(a.addr(), closed).err(), Some(0x05));
     wait_metric(&b, &connect_errors("refused"), 1);
     wait_metric(&a, &connect_errors("refused"), 1);
@@ -697,16 +693,16 @@ fn chain_failures_map_to_client_reply_codes() {
     s.write_all(&req).unwrap();
     assert_eq!(&read_n(&mut s, 8)[..2], &[0, 91]);
     drop(s);
-    assert_fds_back(&a, a_base, "first hop after upstream failures");
-    assert_fds_back(&b, b_base, "upstream after refused targets");
+    assert_fds_back(&a_base, "first hop after upstream failures");
+    assert_fds_back(&b_base, "upstream after refused targets");
 
     let (_hold2, dead) = refusing_port();
     let a2 = with_metrics(&["--upstream", &format!("socks5://{dead}")]);
-    let a2_base = a2.fd_count();
+    let a2_base = a2.fd_baseline();
     let echo = TestServer::echo();
     assert_eq!(socks5_connect(a2.addr(), echo.addr).err(), Some(0x01));
     wait_metric(&a2, &connect_errors("general"), 1);
-    assert_fds_back(&a2, a2_base, "after an unreachable upstream");
+    assert_fds_back(&a2_base, "after an unreachable upstream");
     let a3 = Proxy::start(&["--upstream", &format!("http://{dead}")]);
     assert_eq!(socks5_connect(a3.addr(), echo.addr).err(), Some(0x01));
 }
@@ -1076,7 +1072,7 @@ fn proxy_protocol_header_split_across_writes() {
 #[test]
 fn proxy_protocol_missing_header_is_refused() {
     let proxy = with_metrics(&["--proxy-protocol"]);
-    let baseline = proxy.fd_count();
+    let baseline = proxy.fd_baseline();
     let mut s = connect(proxy.addr());
     s.write_all(&[5, 1, 0]).unwrap();
     let got = read_all_until_closed(&mut s);
@@ -1093,7 +1089,7 @@ fn proxy_protocol_missing_header_is_refused() {
         .metric(&refused_metric("proxy_header"))
         == 2));
     drop(s);
-    assert_fds_back(&proxy, baseline, "after refused headers");
+    assert_fds_back(&baseline, "after refused headers");
 }
 
 /// --allow-client is checked against the PROXY source: a spoofed 10.1.2.3 is refused, 127.0.0.5 is served.

@@ -2,7 +2,7 @@
 //! small responders written here with hickory-proto for what dnsmasq cannot be made to do (truncation, spoofing,
 //! holding an answer back). Every name is answered on loopback; the machine's own nameservers are never asked.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};

@@ -3,7 +3,7 @@
 //! Each scenario is a function of the proxy address, so the fd-leak test can run all of them against one
 //! process. Scenarios start their own origins and assert on bytes, status codes and digests.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
@@ -1249,7 +1249,7 @@ fn max_forwards_decremented() {
 fn client_reset_while_origin_is_silent_releases_both_sides() {
     let o = Origin::start();
     let p = Proxy::start(&[]);
-    let baseline = p.fd_count();
+    let baseline = p.fd_baseline();
     let mut c = HttpConn::connect(p.addr());
     c.send(&get(&o, "/hang", ""));
     let rec = o
@@ -1262,12 +1262,11 @@ fn client_reset_while_origin_is_silent_releases_both_sides() {
     drop(c);
     assert!(
         o.wait_ended(rec.conn, Duration::from_secs(5)),
-        "5 s after the client reset, the proxy still holds the origin connection (proxy fds {} vs {baseline})",
-        p.fd_count()
+        "5 s after the client reset, the proxy still holds the origin connection (proxy fds {} vs {})",
+        p.fd_count(),
+        baseline.count
     );
-    assert!(common::wait_until(Duration::from_secs(5), &mut || p
-        .fd_count()
-        <= baseline));
+    baseline.assert_back(Duration::from_secs(5), "after the client reset");
 }
 
 #[test]
@@ -1354,8 +1353,8 @@ fn fd_count_back_to_baseline_after_everything() {
         "--connect-timeout",
         "700ms",
     ]);
-    let baseline = p.fd_count();
-    assert!(baseline > 0);
+    let baseline = p.fd_baseline();
+    assert!(baseline.count > 0);
     let a = p.addr();
     scenario_big_download(a);
     scenario_chunked_response(a);
@@ -1391,21 +1390,11 @@ fn fd_count_back_to_baseline_after_everything() {
         let mut half = HttpConn::connect(a);
         half.send(b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHo");
     }
-    let ok = common::wait_until(Duration::from_secs(15), &mut || p.fd_count() <= baseline);
-    assert!(
-        ok,
-        "proxy holds {} descriptors, {baseline} at start",
-        p.fd_count()
-    );
+    baseline.assert_back(Duration::from_secs(15), "after every scenario");
 
     // The same with authentication.
     let p = Proxy::start(&["-U", "user:pass"]);
-    let baseline = p.fd_count();
+    let baseline = p.fd_baseline();
     scenario_auth(p.addr());
-    let ok = common::wait_until(Duration::from_secs(15), &mut || p.fd_count() <= baseline);
-    assert!(
-        ok,
-        "proxy (with users) holds {} descriptors, {baseline} at start",
-        p.fd_count()
-    );
+    baseline.assert_back(Duration::from_secs(15), "after every scenario (with users)");
 }

@@ -2,7 +2,7 @@
 //! downloading and uploading ~3 MB through the proxy to a small local HTTP/1.1 server, and curl's view of
 //! failures (exit code 97, CURLE_PROXY, with the reply code in its message).
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

@@ -2,7 +2,7 @@
 //!
 //! Every socket gets a generous timeout, every server binds port 0, and readiness is awaited by reading the
 //! server's `listening on` line, never by sleeping.
-// Each test binary is its own crate and uses a different part of these helpers; `pub` marks what they may use
+// Each test module uses a different part of these helpers; `pub` marks what they may use
 // (the workspace lint would have `pub(crate)` here, which means the same in a test crate).
 #![allow(dead_code, unreachable_pub)]
 
@@ -57,6 +57,17 @@ impl Proxy {
     /// Number of open file descriptors of the proxy process.
     pub fn fd_count(&self) -> usize {
         fd_count(self.pid())
+    }
+
+    /// The proxy's descriptor count now, to prove later (with [`FdBaseline::assert_back`]) that everything opened
+    /// since has been closed. Panics when /proc/PID/fd is unreadable: a leak check against 0 would prove nothing.
+    pub fn fd_baseline(&self) -> FdBaseline {
+        let count = self.fd_count();
+        assert!(count > 0, "cannot read /proc/{}/fd", self.pid());
+        FdBaseline {
+            pid: self.pid(),
+            count,
+        }
     }
 
     /// Everything the proxy logged so far.
@@ -122,7 +133,55 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test unwinds through here: its proxy's log is the first thing one needs to read, and the
+        // harness prints what a failing test wrote (and swallows what a passing one did).
+        if thread::panicking() {
+            let mut rest = String::new();
+            if let Some(mut out) = self.stdout.take() {
+                let _ = out.read_to_string(&mut rest);
+            }
+            eprintln!(
+                "---- socksgate (pid {}) stderr, {} ----\n{}\n---- socksgate stdout (unread part) ----\n{rest}",
+                self.child.id(),
+                self.stderr_path.display(),
+                self.log(),
+            );
+        }
         self.stdout.take();
+    }
+}
+
+/// A proxy's descriptor count at one moment ([`Proxy::fd_baseline`]).
+pub struct FdBaseline {
+    pid: u32,
+    /// The count when the baseline was taken.
+    pub count: usize,
+}
+
+impl FdBaseline {
+    /// Waits up to `limit` until the proxy holds at most the baseline's descriptors again; otherwise panics with
+    /// `what`, both counts and what the descriptors point to.
+    pub fn assert_back(&self, limit: Duration, what: &str) {
+        self.wait_back(limit, what, |now, base| now <= base);
+    }
+
+    /// Like [`FdBaseline::assert_back`], but the count must be the baseline exactly.
+    pub fn assert_exactly_back(&self, limit: Duration, what: &str) {
+        self.wait_back(limit, what, |now, base| now == base);
+    }
+
+    fn wait_back(&self, limit: Duration, what: &str, ok: fn(usize, usize) -> bool) {
+        let mut now = 0;
+        let back = wait_until(limit, &mut || {
+            now = fd_count(self.pid);
+            ok(now, self.count)
+        });
+        assert!(
+            back,
+            "descriptor leak {what}: baseline {}, now {now} after {limit:?}; open: {:?}",
+            self.count,
+            fd_targets(self.pid)
+        );
     }
 }
 
@@ -656,7 +715,7 @@ pub fn wait_metric(proxy: &Proxy, series: &str, want: u64) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Helpers for tests/faults.rs: starting the proxy under resource limits, process accounting from /proc, resets.
+// Helpers for tests/it/faults.rs: starting the proxy under resource limits, process accounting from /proc, resets.
 // ---------------------------------------------------------------------------------------------------------------
 
 impl Proxy {

@@ -1,6 +1,6 @@
 //! UDP ASSOCIATE and BIND against the real binary: raw clients that check every byte, plus the `socks` crate.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
@@ -540,22 +540,17 @@ fn udp_deny_dest_drops_datagrams() {
 fn udp_association_ends_with_control_connection() {
     let echo = UdpEcho::start();
     let proxy = with_metrics(&[]);
-    let baseline = proxy.fd_count();
-    assert!(baseline > 0, "cannot read /proc/PID/fd");
+    let baseline = proxy.fd_baseline();
     let (ctl, relay) = associate(proxy.addr(), "0.0.0.0:0".parse().unwrap());
     let client = udp_client();
     round_trip(&client, relay, echo.addr, b"alive");
     // Control connection + relay socket + outbound socket.
     assert!(
-        proxy.fd_count() >= baseline + 3,
+        proxy.fd_count() >= baseline.count + 3,
         "association should hold 3 descriptors"
     );
     drop(ctl);
-    assert!(
-        wait_until(POLL_LIMIT, &mut || proxy.fd_count() == baseline),
-        "fd count {} did not return to baseline {baseline}",
-        proxy.fd_count()
-    );
+    baseline.assert_exactly_back(POLL_LIMIT, "after the control connection closed");
     let _ = client.send_to(&dgram(echo.addr, b"after close"), relay);
     assert!(
         quiet(&client, QUIET),
@@ -774,8 +769,7 @@ fn bind_rejects_unexpected_peer() {
 #[test]
 fn bind_releases_descriptors() {
     let proxy = Proxy::start(&[]);
-    let baseline = proxy.fd_count();
-    assert!(baseline > 0, "cannot read /proc/PID/fd");
+    let baseline = proxy.fd_baseline();
     let (mut ctl, rep, listen) = bind5(proxy.addr(), "127.0.0.1:0".parse().unwrap());
     assert_eq!(rep, 0);
     let mut peer = connect(listen);
@@ -785,19 +779,11 @@ fn bind_releases_descriptors() {
     assert_eq!(read_n(&mut ctl, 1), b"x".to_vec());
     drop(ctl);
     drop(peer);
-    assert!(
-        wait_until(POLL_LIMIT, &mut || proxy.fd_count() == baseline),
-        "after a BIND session: {} fds, baseline {baseline}",
-        proxy.fd_count()
-    );
+    baseline.assert_exactly_back(POLL_LIMIT, "after a BIND session");
     let (ctl, rep, listen) = bind5(proxy.addr(), "127.0.0.1:0".parse().unwrap());
     assert_eq!(rep, 0);
     drop(ctl);
-    assert!(
-        wait_until(POLL_LIMIT, &mut || proxy.fd_count() == baseline),
-        "after an abandoned BIND: {} fds, baseline {baseline}",
-        proxy.fd_count()
-    );
+    baseline.assert_exactly_back(POLL_LIMIT, "after an abandoned BIND");
     // The abandoned listener is gone: its port refuses connections.
     assert!(
         TcpStream::connect_timeout(&listen, IO_TIMEOUT).is_err(),

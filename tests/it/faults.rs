@@ -4,7 +4,7 @@
 //! The default `cargo test` runs reduced versions. The full-size versions are `#[ignore]`d; run them with:
 //!
 //! ```text
-//! cargo test --release --test faults -- --ignored
+//! cargo test --release --test it -- --ignored faults::
 //! ```
 //!
 //! Every test asserts outcomes (bytes, reply codes, gauges, descriptor counts), never timings: waits are
@@ -12,7 +12,7 @@
 //! in time. Each test starts its own proxy (two workers and `--metrics`, or one worker under `ulimit -n` for the
 //! descriptor-exhaustion tests) and its own target servers on port 0.
 
-mod common;
+use crate::common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -1266,9 +1266,13 @@ fn metrics_scrape_during_fd_exhaustion_is_answered_afterwards() {
             .map_err(|e| format!("{e} after {} bytes", out.len()))?;
         Ok(out)
     });
-    // Give the control thread time to see the connection (and fail to accept it) while still exhausted. Best
-    // effort: on a slower machine the test may pass without exercising the case, it cannot fail because of it.
-    thread::sleep(Duration::from_millis(500));
+    // The control thread sees the connection and fails to accept it while still exhausted (it logs that once).
+    assert!(
+        p.wait_for(Duration::from_secs(30), || p
+            .log()
+            .contains("metrics: accept:")),
+        "the metrics thread never tried to accept the scrape while out of descriptors"
+    );
     release_hogs(&p, hogs, fd_base, 0);
     // No other connection to the metrics port may be made meanwhile: it would trigger the accept.
     let answered = wait_until(Duration::from_secs(30), &mut || scrape.is_finished());
@@ -1301,8 +1305,13 @@ fn bind_peer_arriving_during_fd_exhaustion_is_accepted_afterwards() {
         });
     // The peer's connection completes in the kernel (the BIND listener's backlog); the proxy cannot accept it yet.
     let mut peer = connect(bound);
-    // Give the worker time to see the peer (and fail to accept it) while still exhausted. Best effort, as above.
-    thread::sleep(Duration::from_millis(500));
+    // The worker sees the peer and fails to accept it while still exhausted (it logs that once per BIND).
+    assert!(
+        p.wait_for(Duration::from_secs(30), || p
+            .log()
+            .contains("BIND: accept:")),
+        "the worker never tried to accept the BIND peer while out of descriptors"
+    );
     release_hogs(&p, hogs, fd_base, 2);
     client
         .set_read_timeout(Some(Duration::from_secs(30)))
@@ -1433,7 +1442,7 @@ fn churn_2000_sessions_50_threads() {
 }
 
 #[test]
-#[ignore = "long: cargo test --release --test faults -- --ignored"]
+#[ignore = "long: cargo test --release --test it -- --ignored faults::"]
 fn churn_20000_sessions_200_threads() {
     churn(20_000, 200);
 }
@@ -1562,7 +1571,7 @@ fn soak_100_tunnels_256kib() {
 }
 
 #[test]
-#[ignore = "long: cargo test --release --test faults -- --ignored"]
+#[ignore = "long: cargo test --release --test it -- --ignored faults::"]
 fn soak_1000_tunnels_1mib() {
     soak(1000, MIB);
 }
@@ -2030,7 +2039,7 @@ fn garbage_300_connections() {
 }
 
 #[test]
-#[ignore = "long: cargo test --release --test faults -- --ignored"]
+#[ignore = "long: cargo test --release --test it -- --ignored faults::"]
 fn garbage_all_values_and_1000_random() {
     garbage(1000, 1, 8);
 }

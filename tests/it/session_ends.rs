@@ -2,7 +2,7 @@
 //! end reasons per path, bytes that arrive with the handshake, one line per forwarded HTTP request, 408 on a
 //! stalled request head, the UDP and BIND `target=`, and the 502 body that says what went wrong.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};

@@ -2,7 +2,7 @@
 //! `send-proxy-v2` and the documented SOCKS5 health check. Skipped (with a message) when haproxy is not installed;
 //! `.ci/run` installs it.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;

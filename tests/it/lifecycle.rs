@@ -1,7 +1,7 @@
 //! Process lifecycle: SIGTERM drain (with and without a deadline), a second signal, SIGHUP users reload (good and
 //! broken files), --max-connections, and the command line (exit codes, help, version, the --open guard).
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -56,11 +56,10 @@ fn sigterm_drains_until_the_client_closes() {
         proxy.child.try_wait().unwrap().is_none(),
         "exited while a tunnel was open"
     );
-    let closed_at = Instant::now();
     drop(tunnel);
+    // wait_exit gives up after 15 s: Some(0) is "exited 0 within 15 s of the last tunnel closing".
     let code = proxy.wait_exit(Duration::from_secs(15));
     assert_eq!(code, Some(0), "exit status after the last tunnel closed");
-    assert!(closed_at.elapsed() < Duration::from_secs(15));
 }
 
 #[test]
@@ -122,11 +121,10 @@ fn second_sigterm_exits_at_once_with_status_1() {
         proxy.child.try_wait().unwrap().is_none(),
         "exited during the drain with a tunnel open"
     );
-    let start = Instant::now();
     proxy.signal("TERM");
+    // wait_exit gives up after 5 s: Some(1) is "exited 1 within 5 s of the second SIGTERM", with a tunnel open.
     let code = proxy.wait_exit(Duration::from_secs(5));
     assert_eq!(code, Some(1), "second SIGTERM: exit status");
-    assert!(start.elapsed() < Duration::from_secs(5));
 }
 
 #[test]
@@ -232,7 +230,14 @@ fn max_connections_holds_back_the_third_client() {
         .set_read_timeout(Some(Duration::from_millis(1500)))
         .unwrap();
     let mut b = [0u8; 2];
-    match third.read(&mut b) {
+    // A signal to this process (SO_RCVTIMEO reads are not restarted) is not an answer: read again.
+    let answer = loop {
+        match third.read(&mut b) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => break other,
+        }
+    };
+    match answer {
         Err(e)
             if e.kind() == std::io::ErrorKind::WouldBlock
                 || e.kind() == std::io::ErrorKind::TimedOut => {}

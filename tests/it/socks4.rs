@@ -1,7 +1,7 @@
 //! SOCKS4 and SOCKS4a against the real binary: CONNECT, 4a domains, the 0.0.0.0 corner, USERID caps, failures
 //! (always CD 91 followed by a close), SOCKS4 with users configured, and --no-socks4.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 
-/// CD answered to SOCKS4 BIND (CD 2): the first reply grants it (tests/udp_bind.rs covers the whole exchange).
+/// CD answered to SOCKS4 BIND (CD 2): the first reply grants it (tests/it/udp_bind.rs covers the whole exchange).
 const CD_FOR_BIND_TODAY: u8 = 90;
 
 fn port_ip(a: SocketAddr) -> (u16, [u8; 4]) {

@@ -2,7 +2,7 @@
 //! address, port, command, user and client, per-user limits and egress addresses, `--check-config` and reload.
 //! Names resolve through `--resolve`, never the machine's DNS.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::io::{ErrorKind, Read, Write};

@@ -5,7 +5,7 @@
 //!
 //! Certificates are made fresh by rcgen for every test in a temp directory; no key is committed.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};

@@ -1,6 +1,6 @@
 //! Security properties visible from outside the process.
 
-mod common;
+use crate::common;
 
 use common::Proxy;
 

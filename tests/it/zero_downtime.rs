@@ -1,7 +1,7 @@
 //! Listening sockets that outlive a process: a port held by another socksgate is refused, systemd socket
 //! activation, and the SIGUSR2 binary upgrade under load.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
