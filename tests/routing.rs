@@ -301,3 +301,109 @@ fn check_config_refuses_an_unknown_group() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The README's corp recipe, run live: staff (bob) reach `*.corp.test` through the group, by name (the gateway has
+/// no way to resolve it: the member does, with its `--resolve`); others get only 80 and 443; 10.0.0.0/8 is refused
+/// to everyone.
+#[test]
+fn readme_corp_recipe_routes_staff_through_the_group() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let recipe = readme
+        .split("```toml\n")
+        .map(|b| b.split("```").next().unwrap())
+        .find(|b| b.contains("action = \"via:corp\""))
+        .expect("the corp recipe is in the README");
+    let echo = TestServer::echo();
+    let up = member(&["--resolve", "app.corp.test=127.0.0.1"]);
+    let servers_line = recipe
+        .lines()
+        .find(|l| l.starts_with("servers = "))
+        .unwrap();
+    let policy = recipe.replace(
+        servers_line,
+        &format!("servers = [\"socks5://{}\"]", up.addr()),
+    );
+    let users = temp_path("recipe-users");
+    std::fs::write(&users, "bob:bob-pw\ncarol:carol-pw\n").unwrap();
+    let path = temp_path("recipe.toml");
+    std::fs::write(&path, policy).unwrap();
+    let gw = Proxy::start(&[
+        "--metrics",
+        "127.0.0.1:0",
+        "--users",
+        users.to_str().unwrap(),
+        "--policy",
+        path.to_str().unwrap(),
+    ]);
+
+    let (mut s, st) = socks5_login(gw.addr(), "bob", "bob-pw");
+    assert_eq!(st, 0);
+    s.write_all(&socks5_request_domain(1, "app.corp.test", echo.addr.port()))
+        .unwrap();
+    let (rep, _) = read_socks5_reply(&mut s);
+    assert_eq!(rep, 0, "bob through the corp group");
+    assert_echo(&mut s, &pseudo_random(9, 8192));
+    wait_metric(&up, ACCEPTED, 1);
+
+    let ten: SocketAddr = "10.1.2.3:443".parse().unwrap();
+    for (user, pass) in [("bob", "bob-pw"), ("carol", "carol-pw")] {
+        assert_eq!(
+            socks5_connect_auth(gw.addr(), user, pass, ten).err(),
+            Some(0x02),
+            "{user} to 10.0.0.0/8"
+        );
+    }
+    assert_eq!(
+        socks5_connect_auth(gw.addr(), "carol", "carol-pw", echo.addr).err(),
+        Some(0x02),
+        "carol to a port other than 80 and 443"
+    );
+    assert_eq!(
+        up.metric(ACCEPTED),
+        1,
+        "only bob's corp session used the group"
+    );
+}
+
+/// A member that accepts but never answers its handshake gets only its share of the connect timeout; the session
+/// then goes on to the next member and succeeds, and the silent member's failure is counted.
+#[test]
+fn a_silent_member_costs_only_its_share_of_the_connect_timeout() {
+    let echo = TestServer::echo();
+    let silent = TestServer::start(|mut s| {
+        let mut b = [0u8; 64];
+        while let Ok(n) = s.read(&mut b) {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    let live = member(&[]);
+    let policy = format!(
+        "[upstreams.corp]\nservers = [\"socks5://{}\", \"socks5://{}\"]\n\n[[rules]]\naction = \"via:corp\"\n",
+        silent.addr,
+        live.addr()
+    );
+    let path = temp_path("silent.toml");
+    std::fs::write(&path, policy).unwrap();
+    let gw = Proxy::start(&[
+        "--metrics",
+        "127.0.0.1:0",
+        "--connect-timeout",
+        "6s",
+        "--policy",
+        path.to_str().unwrap(),
+    ]);
+    let started = std::time::Instant::now();
+    echo_session(gw.addr(), echo.addr, 600);
+    // The silent member's share is half of the 6 s: well under the whole timeout, at least the share.
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
+    let label = format!("socks5://{}", silent.addr);
+    wait_metric(&gw, &series("failures_total", &label), 1);
+    wait_metric(&live, ACCEPTED, 1);
+}
