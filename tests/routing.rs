@@ -407,3 +407,46 @@ fn a_silent_member_costs_only_its_share_of_the_connect_timeout() {
     wait_metric(&gw, &series("failures_total", &label), 1);
     wait_metric(&live, ACCEPTED, 1);
 }
+
+/// A `via:NAME` rule takes precedence over `--upstream` for the sessions it matches; the others keep using
+/// `--upstream`. An HTTP CONNECT client is carried through a SOCKS5 member like a SOCKS client.
+#[test]
+fn via_rules_override_the_upstream_flag() {
+    let (echo1, echo2) = (TestServer::echo(), TestServer::echo());
+    let (flag, grp) = (member(&[]), member(&[]));
+    let policy = format!(
+        "[upstreams.corp]\nservers = [\"socks5://{}\"]\n\n[[rules]]\ndest = [\"{}\"]\naction = \"via:corp\"\n",
+        grp.addr(),
+        echo2.addr
+    );
+    let path = temp_path("override.toml");
+    std::fs::write(&path, policy).unwrap();
+    let flag_url = format!("socks5://{}", flag.addr());
+    let gw = Proxy::start(&[
+        "--metrics",
+        "127.0.0.1:0",
+        "--upstream",
+        &flag_url,
+        "--policy",
+        path.to_str().unwrap(),
+    ]);
+    echo_session(gw.addr(), echo1.addr, 700);
+    wait_metric(&flag, ACCEPTED, 1);
+    let mut s = connect(gw.addr());
+    s.write_all(format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", echo2.addr).as_bytes())
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).unwrap(), 1, "reply head: {head:?}");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    assert_echo(&mut s, &pseudo_random(701, 4096));
+    wait_metric(&grp, ACCEPTED, 1);
+    assert_eq!(flag.metric(ACCEPTED), 1);
+}
