@@ -41,6 +41,9 @@ pub const DEFAULT_MAX_FAILS: u32 = 3;
 /// Default time a failed member is skipped (`fail_timeout`).
 pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Most members a group may have (a session's member order holds 16-bit indexes).
+pub const MAX_MEMBERS: usize = 1024;
+
 /// A member's health and counters, shared by all workers and carried over reloads.
 #[derive(Debug, Default)]
 pub struct MemberState {
@@ -205,6 +208,10 @@ impl Group {
         let m = self.members.get(index)?;
         if m.state.fails.load(Ordering::Relaxed) != 0 {
             m.state.fails.store(0, Ordering::Relaxed);
+        }
+        // Plain loads first: a healthy member's success writes nothing shared.
+        if m.state.down_until.load(Ordering::Relaxed) == 0 {
+            return None;
         }
         let was = m.state.down_until.swap(0, Ordering::Relaxed);
         (was != 0).then_some(Change::Up)

@@ -570,6 +570,12 @@ pub fn parse(text: &str, file: &str, mut users: Users) -> Loaded {
         let key = format!("upstreams.{name}");
         if g.servers.get_ref().is_empty() {
             errs.push(g.servers.span(), &format!("{key}.servers"), "empty list");
+        } else if g.servers.get_ref().len() > crate::groups::MAX_MEMBERS {
+            errs.push(
+                g.servers.span(),
+                &format!("{key}.servers"),
+                format!("at most {} servers per group", crate::groups::MAX_MEMBERS),
+            );
         }
         let mut servers = Vec::new();
         for s in g.servers.get_ref() {
