@@ -41,6 +41,8 @@ pub struct Server {
     stats: Vec<Arc<Stats>>,
     resolver: Option<ResolverPool>,
     cfg: Arc<Config>,
+    /// The policy the workers use now (its upstream groups feed /metrics, and a reload adopts their health).
+    policy: Mutex<Arc<crate::policy::Policy>>,
 }
 
 /// The kernel silently clamps SO_RCVBUF/SO_SNDBUF to net.core.rmem_max/wmem_max (then doubles them): say so
@@ -127,6 +129,7 @@ impl Server {
             workers,
             stats,
             resolver: Some(resolver),
+            policy: Mutex::new(Arc::clone(&cfg.policy)),
             cfg,
         })
     }
@@ -162,7 +165,18 @@ impl Server {
     /// Swaps in a new users table and policy together on every worker (SIGHUP); sessions of users that were removed
     /// or whose password changed are closed (`end=revoked`), the others keep running.
     pub fn reload_tables(&self, users: Arc<Users>, policy: Arc<crate::policy::Policy>) {
+        if let Ok(mut p) = self.policy.lock() {
+            *p = Arc::clone(&policy);
+        }
         self.send(|| Command::ReloadPolicy(Arc::clone(&users), Arc::clone(&policy)));
+    }
+
+    /// The policy in use (the last one sent to the workers).
+    pub fn policy(&self) -> Arc<crate::policy::Policy> {
+        self.policy
+            .lock()
+            .map(|p| Arc::clone(&p))
+            .unwrap_or_else(|e| Arc::clone(&e.into_inner()))
     }
 
     /// Stops accepting and lets established tunnels run until `deadline`.
@@ -460,6 +474,7 @@ pub fn run(cfg: Config, start: Startup) -> Result<(), RunError> {
                         let render = || {
                             let mut text = crate::metrics::render(server.stats());
                             server.config().resolver.stats().render(&mut text);
+                            crate::groups::render(server.policy().groups(), &mut text);
                             text
                         };
                         e.on_event(poll.registry(), t, &render);
@@ -615,7 +630,9 @@ fn reload(server: &Server) {
             // emptied by mistake must not do that.
             error!("SIGHUP: the users file has no users; keeping the old table (authentication stays on)");
         }
-        Ok((users, policy)) => {
+        Ok((users, mut policy)) => {
+            // Members that stay keep their health and counters: a reload must not revive a dead upstream.
+            policy.adopt_health(&server.policy());
             info!(
                 "SIGHUP: reloaded {} users, policy with {} rules and {} user sections",
                 users.len(),

@@ -18,6 +18,7 @@ pub mod buffer;
 pub mod config;
 pub mod control;
 pub mod dns;
+pub mod groups;
 pub mod happy;
 pub mod listen;
 pub mod metrics;

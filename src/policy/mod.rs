@@ -3,7 +3,7 @@
 //! workers as one immutable [`Policy`] (swapped whole, like the users table).
 //!
 //! Every table refuses unknown keys (a typo must not silently disable a limit), and every error names the file,
-//! the line and the key. Settings that are parsed but not enforced yet (rates, quotas, upstream groups) are refused
+//! the line and the key. Settings that are parsed but not enforced yet (rates, quotas) are refused
 //! with a "not supported yet" error, so an operator never believes a limit is in force when it is not.
 
 pub mod name;
@@ -21,6 +21,7 @@ use toml::Spanned;
 use crate::acl::Cidr;
 use crate::auth::Users;
 use crate::config::parse_duration;
+use crate::groups::{Group, Strategy};
 use crate::upstream::Upstream;
 use rules::{Action, Command, NameVerdict, Pattern, Rule, RuleSet, Who};
 
@@ -87,6 +88,8 @@ struct RuleSection {
 struct UpstreamSection {
     servers: S<Vec<S<String>>>,
     strategy: Option<S<String>>,
+    max_fails: Option<S<i64>>,
+    fail_timeout: Option<S<String>>,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -194,6 +197,7 @@ pub struct UserPolicy {
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     rules: RuleSet,
+    groups: Vec<Arc<Group>>,
     users: HashMap<Arc<str>, UserPolicy>,
     default_max_connections: Option<usize>,
 }
@@ -308,9 +312,66 @@ impl Policy {
             },
             _ => None,
         };
-        self.rules
+        match self
+            .rules
             .check_addr(&self.who(user, client), cmd, normalised.as_deref(), addr)
-            == Action::Allow
+        {
+            Action::Allow => true,
+            Action::Deny => false,
+            // Only TCP sessions can be carried by a group (`route`); a datagram or BIND peer that a rule sends
+            // through one is refused rather than sent around the operator's route.
+            Action::Via(_) => matches!(cmd, Command::Connect | Command::Http),
+        }
+    }
+
+    /// The upstream group a session goes through, when the first rule that matches its target says `via:NAME`. A
+    /// name target is routed by the name rules alone (it is not resolved here: the group's member resolves it);
+    /// an address target by every rule, as [`Policy::allows_addr`] checks it.
+    pub fn route(
+        &self,
+        user: Option<&str>,
+        client: IpAddr,
+        cmd: Command,
+        target: &crate::proto::TargetAddr,
+    ) -> Option<Arc<Group>> {
+        if self.groups.is_empty() {
+            return None;
+        }
+        let who = self.who(user, client);
+        let action = match target {
+            crate::proto::TargetAddr::Domain(name, port) => match name.as_str().parse::<IpAddr>() {
+                Ok(ip) => self
+                    .rules
+                    .check_addr(&who, cmd, None, SocketAddr::new(ip, *port)),
+                Err(_) => {
+                    let name = name::normalize(name.as_str().as_bytes()).ok()?;
+                    self.rules.by_name(&who, cmd, &name, *port)?
+                }
+            },
+            crate::proto::TargetAddr::Ip(addr) => self.rules.check_addr(&who, cmd, None, *addr),
+        };
+        match action {
+            Action::Via(i) => self.groups.get(i as usize).cloned(),
+            _ => None,
+        }
+    }
+
+    /// The upstream groups (for /metrics).
+    pub fn groups(&self) -> &[Arc<Group>] {
+        &self.groups
+    }
+
+    /// Takes over the member health and counters of `old` (the policy before a reload) for members that stay in
+    /// a group of the same name. Call before the policy is shared.
+    pub fn adopt_health(&mut self, old: &Policy) {
+        for g in &mut self.groups {
+            if let (Some(o), Some(g)) = (
+                old.groups.iter().find(|o| o.name == g.name),
+                Arc::get_mut(g),
+            ) {
+                g.adopt(o);
+            }
+        }
     }
 }
 
@@ -503,20 +564,56 @@ pub fn parse(text: &str, file: &str, mut users: Users) -> Loaded {
         }
     }
 
-    // Upstream groups: validated, but routing through them is not wired yet (a rule using one is refused).
+    // Upstream groups, indexed in name order (the order `via:NAME` rules refer to them by).
     for (name, section) in &parsed.upstreams {
         let g = section.get_ref();
         let key = format!("upstreams.{name}");
         if g.servers.get_ref().is_empty() {
             errs.push(g.servers.span(), &format!("{key}.servers"), "empty list");
+        } else if g.servers.get_ref().len() > crate::groups::MAX_MEMBERS {
+            errs.push(
+                g.servers.span(),
+                &format!("{key}.servers"),
+                format!("at most {} servers per group", crate::groups::MAX_MEMBERS),
+            );
         }
+        let mut servers = Vec::new();
         for s in g.servers.get_ref() {
-            if let Err(m) = check_upstream_url(s.get_ref()) {
-                errs.push(s.span(), &format!("{key}.servers"), m);
+            match check_upstream_url(s.get_ref()) {
+                Ok(u) => servers.push(u),
+                Err(m) => errs.push(s.span(), &format!("{key}.servers"), m),
             }
         }
+        let mut max_fails = crate::groups::DEFAULT_MAX_FAILS;
+        if let Some(m) = &g.max_fails {
+            match u32::try_from(*m.get_ref()) {
+                Ok(n) if (1..=1000).contains(&n) => max_fails = n,
+                _ => errs.push(
+                    m.span(),
+                    &format!("{key}.max_fails"),
+                    format!("expected a number from 1 to 1000, got {}", m.get_ref()),
+                ),
+            }
+        }
+        let mut fail_timeout = crate::groups::DEFAULT_FAIL_TIMEOUT;
+        if let Some(t) = &g.fail_timeout {
+            match parse_duration(t.get_ref()) {
+                Some(d) if !d.is_zero() => fail_timeout = d,
+                _ => errs.push(
+                    t.span(),
+                    &format!("{key}.fail_timeout"),
+                    format!(
+                        "expected a duration such as \"10s\" or \"500ms\", got {:?}",
+                        t.get_ref()
+                    ),
+                ),
+            }
+        }
+        let mut strategy = Strategy::Failover;
         if let Some(st) = &g.strategy {
-            if !matches!(st.get_ref().as_str(), "failover" | "round-robin" | "hash") {
+            if let Some(parsed) = Strategy::parse(st.get_ref()) {
+                strategy = parsed;
+            } else {
                 errs.push(
                     st.span(),
                     &format!("{key}.strategy"),
@@ -527,6 +624,13 @@ pub fn parse(text: &str, file: &str, mut users: Users) -> Loaded {
                 );
             }
         }
+        policy.groups.push(Arc::new(Group::new(
+            name.clone(),
+            servers,
+            strategy,
+            max_fails,
+            fail_timeout,
+        )));
     }
 
     let groups: Vec<Arc<str>> = policy
@@ -631,7 +735,7 @@ fn parse_egress(s: &str) -> Result<Egress, String> {
 
 /// Checks an upstream server URL without resolving anything: the host must be an address, so neither the check
 /// nor a reload ever waits on DNS.
-fn check_upstream_url(s: &str) -> Result<(), String> {
+fn check_upstream_url(s: &str) -> Result<Upstream, String> {
     let hostport = s
         .split_once("://")
         .map(|(_, r)| r.trim_end_matches('/'))
@@ -645,7 +749,14 @@ fn check_upstream_url(s: &str) -> Result<(), String> {
         return Err("the server must be given by IP address (names are not resolved here)".into());
     }
     // A URL that failed to parse can contain a password: report the parser's message, never the URL.
-    s.parse::<Upstream>().map(|_| ())
+    let u = s.parse::<Upstream>()?;
+    if u.tls {
+        // The group path speaks clear text to its members; refusing is better than a silent downgrade.
+        return Err(
+            "TLS members (https://, socks5s://) are not supported in groups; use --upstream".into(),
+        );
+    }
+    Ok(u)
 }
 
 fn compile_rule(
@@ -663,11 +774,18 @@ fn compile_rule(
         "deny" => Action::Deny,
         other => {
             match other.strip_prefix("via:") {
-                Some(name) if upstreams.contains_key(name) => errs.push(
-                    r.action.span(),
-                    &format!("{key}.action"),
-                    format!("via upstream groups is {NOT_SUPPORTED}"),
-                ),
+                Some(name) if upstreams.contains_key(name) => {
+                    // Groups are compiled in the map's (name) order: the position is the group's index.
+                    let i = upstreams.keys().position(|k| k == name).unwrap_or(0);
+                    return compile_rule_with(
+                        errs,
+                        key,
+                        section,
+                        (users, groups),
+                        before,
+                        Action::Via(i as u32),
+                    );
+                }
                 Some(name) => errs.push(
                     r.action.span(),
                     &format!("{key}.action"),
@@ -682,6 +800,18 @@ fn compile_rule(
             Action::Deny
         }
     };
+    compile_rule_with(errs, key, section, (users, groups), before, action)
+}
+
+fn compile_rule_with(
+    errs: &mut Errors<'_>,
+    key: &str,
+    section: &S<RuleSection>,
+    (users, groups): (&Users, &[Arc<str>]),
+    before: usize,
+    action: Action,
+) -> Option<(Rule, Vec<Pattern>)> {
+    let r = section.get_ref();
     let mut rule = Rule::new(action);
     let nonempty = |errs: &mut Errors<'_>, list: &S<Vec<S<String>>>, field: &str| {
         if list.get_ref().is_empty() {
@@ -862,13 +992,37 @@ strategy = "failover"
         assert!(e.iter().all(|l| l.contains("not supported yet")), "{e:#?}");
         let e = errors("[users.bob]\nrate_down = \"2 parsecs\"\n");
         assert!(!e[0].contains("not supported"), "{}", e[0]);
-        let text = format!("{EXAMPLE}\n[[rules]]\naction = \"via:corp\"\n");
-        let e = errors(&text);
-        assert!(
-            e[0].contains("rules[3].action: via upstream groups is not supported yet"),
-            "{}",
-            e[0]
+    }
+
+    #[test]
+    fn via_rules_route_through_their_group() {
+        let text = format!(
+            "{EXAMPLE}\n[upstreams.aaa]\nservers = [\"socks5://127.0.0.1:9\"]\nmax_fails = 5\nfail_timeout = \"1s\"\n\n[[rules]]\nusers = [\"bob\"]\ndest = [\"*.via.test\", \"192.0.2.0/24\"]\naction = \"via:corp\"\n"
         );
+        let (_, p) = load(&text).unwrap();
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let name = |n: &str| {
+            crate::proto::TargetAddr::Domain(crate::proto::Name::new(n.as_bytes()).unwrap(), 443)
+        };
+        let route = |user, t: &crate::proto::TargetAddr| {
+            p.route(Some(user), lo, Command::Connect, t)
+                .map(|g| g.name.clone())
+        };
+        assert_eq!(route("bob", &name("x.via.test")), Some("corp".to_string()));
+        assert_eq!(route("bob", &name("X.Via.Test.")), Some("corp".to_string()));
+        assert_eq!(route("alice", &name("x.via.test")), None);
+        assert_eq!(route("bob", &name("via.test")), None);
+        let ip = crate::proto::TargetAddr::Ip("192.0.2.7:443".parse().unwrap());
+        assert_eq!(route("bob", &ip), Some("corp".to_string()));
+        assert_eq!(p.groups().len(), 2);
+        assert_eq!(p.groups()[0].max_fails, 5);
+        // A datagram a via rule covers is refused (groups carry TCP only); a TCP session is let through.
+        let a: SocketAddr = "192.0.2.7:53".parse().unwrap();
+        assert!(!p.allows_addr(Some("bob"), lo, Command::Udp, None, a));
+        assert!(p.allows_addr(Some("bob"), lo, Command::Connect, None, a));
+        let e = errors("[upstreams.u]\nservers = [\"socks5://127.0.0.1:1\"]\nmax_fails = 0\nfail_timeout = \"soon\"\n");
+        assert!(e[0].contains("upstreams.u.max_fails"), "{}", e[0]);
+        assert!(e[1].contains("upstreams.u.fail_timeout"), "{}", e[1]);
     }
 
     #[test]
@@ -937,5 +1091,13 @@ strategy = "failover"
         assert!(!e[0].contains("hunter2"), "{}", e[0]);
         let e = errors("[upstreams.u]\nservers = [\"socks5://u:hunter2@127.0.0.1\"]\n");
         assert!(!e[0].contains("hunter2"), "{}", e[0]);
+    }
+
+    #[test]
+    fn tls_group_members_are_refused() {
+        for url in ["socks5s://127.0.0.1:1081", "https://127.0.0.1:3128"] {
+            let e = errors(&format!("[upstreams.u]\nservers = [\"{url}\"]\n"));
+            assert!(e[0].contains("not supported in groups"), "{}", e[0]);
+        }
     }
 }

@@ -56,6 +56,8 @@ pub enum Action {
     Allow,
     /// Refuse it (SOCKS5 0x02, SOCKS4 91, HTTP 403, UDP datagram dropped).
     Deny,
+    /// Let it through an upstream group (the index into the policy's groups).
+    Via(u32),
 }
 
 /// Who is asking: the authenticated user (with her groups) and the client address.
@@ -354,6 +356,13 @@ impl RuleSet {
             Some(i) => self.action(i),
             None => self.default,
         }
+    }
+
+    /// The action of the first rule that matches by name (or by port alone), ignoring address rules: what routes a
+    /// name target that goes through an upstream group without being resolved here. `name` must be normalised.
+    pub fn by_name(&self, who: &Who<'_>, cmd: Command, name: &str, port: u16) -> Option<Action> {
+        self.best(who, cmd, Some(name), None, port)
+            .map(|i| self.action(i))
     }
 
     fn action(&self, i: usize) -> Action {

@@ -41,7 +41,10 @@ pub fn start(
 ) -> Next {
     // The access log's target is the peer that connects, once one has.
     conn.target = None;
-    if ctx.cfg.upstream.is_some() {
+    // BIND cannot be carried by an upstream proxy, neither `--upstream` nor a group a `via:NAME` rule names.
+    if ctx.cfg.upstream.is_some()
+        || gate::route(conn, ctx, crate::policy::rules::Command::Bind, &peer).is_some()
+    {
         return reply::fail(
             conn,
             ctx,

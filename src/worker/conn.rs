@@ -382,6 +382,17 @@ pub fn open_upstream_proxy(
     Some((addr, open(key, ctx, addr, source)))
 }
 
+/// Opens a connection to a member of a policy upstream group (configured by the operator, by IP address).
+pub fn open_group_member(
+    key: usize,
+    ctx: &mut Ctx,
+    member: &crate::groups::Member,
+    source: Egress,
+) -> Option<(SocketAddr, io::Result<Sock>)> {
+    let addr = member.server.addrs.first().copied()?;
+    Some((addr, open(key, ctx, addr, source)))
+}
+
 /// The source of an outbound connection: a user's policy egress address (with IP_FREEBIND when it was picked
 /// from a block), or `None` for `--bind` / the kernel's choice.
 pub type Egress = Option<(std::net::IpAddr, bool)>;

@@ -45,7 +45,9 @@ pub fn start(
     }
     let deadline = ctx.now + ctx.cfg.connect_timeout;
     ctx.timers.push(deadline, key, conn.gen, TimerKind::Connect);
-    if ctx.cfg.upstream.is_some() {
+    // A `via:NAME` rule picks a policy group instead of `--upstream`.
+    let group = gate::route(conn, ctx, gate::command_of(reply), &target);
+    if group.is_some() || ctx.cfg.upstream.is_some() {
         // Through an upstream proxy the target is the upstream's business: connect to the proxy itself, but
         // still apply the destination rules when the target is a literal address.
         if let TargetAddr::Ip(addr) = &target {
@@ -56,7 +58,7 @@ pub fn start(
                 return fail(conn, ctx, reply, CloseReason::DestDenied);
             }
         }
-        return upstream::start_connect(key, conn, ctx, (answer, target), deadline);
+        return upstream::start_connect(key, conn, ctx, (answer, target, group), deadline);
     }
     match target {
         TargetAddr::Ip(addr) => begin(key, conn, ctx, (answer, deadline), vec![addr]),

@@ -56,6 +56,21 @@ pub fn check_target(
         })
 }
 
+/// The upstream group the first matching rule sends this target through (`action = "via:NAME"`), if any.
+pub fn route(
+    conn: &Conn,
+    ctx: &Ctx,
+    cmd: Command,
+    target: &TargetAddr,
+) -> Option<std::sync::Arc<crate::groups::Group>> {
+    ctx.policy.route(
+        conn.user.as_ref().map(|u| u.user()),
+        conn.peer.ip(),
+        cmd,
+        target,
+    )
+}
+
 /// True when the policy file's rules allow dialling `addr` for this connection's target.
 pub fn allows(conn: &Conn, ctx: &Ctx, cmd: Command, addr: SocketAddr) -> bool {
     ctx.policy.allows_addr(

@@ -21,12 +21,14 @@ use super::conn::{
 };
 use super::connect;
 use super::ctx::{Ctx, Next, ReplyKind};
+use super::gate;
 use super::phase::{Download, Exchange, HttpState, InFlight, Upload};
 use super::relay;
 use super::reply::{self, graceful_end};
 use crate::auth::Authorized;
 use crate::buffer::Buffer;
 use crate::metrics;
+use crate::policy::rules::Command;
 use crate::proto::http::{self as h, BodyFramer, RequestKind, ResponseContext, RewriteOptions};
 use crate::proto::{upstream as chain, Failure, Parse, ProtoError};
 use crate::resolve::Work;
@@ -252,7 +254,9 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending)
         response: Download::Head { started: false },
     });
     conn.to_upstream.clear();
-    let upstream = ctx.cfg.upstream.as_ref();
+    // Through a policy group the member (and so the head's form) is chosen when connecting: `upstream` rewrites it.
+    let via_group = gate::route(conn, ctx, Command::Http, &req.target).is_some();
+    let upstream = ctx.cfg.upstream.as_ref().filter(|_| !via_group);
     let via_http_proxy = upstream.is_some_and(|u| u.kind == UpstreamKind::Http);
     let head = if let Some(u) = upstream.filter(|_| via_http_proxy) {
         let creds = u
@@ -273,7 +277,9 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending)
         head
     };
     // An HTTP upstream proxy takes requests for any origin on one connection.
+    // (Through a group the kept connection's member and head form are not known here: a new one per request.)
     let reuse = conn.upstream.is_some()
+        && !via_group
         && st.origin_reusable
         && (via_http_proxy || st.origin.as_ref() == Some(&req.target));
     if reuse {

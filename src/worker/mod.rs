@@ -429,6 +429,9 @@ impl Worker {
                     }
                     _ => Next::Wait,
                 },
+                TimerKind::Connect if matches!(conn.phase, Phase::Upstream(_)) => {
+                    upstream::on_timer(key, conn, &mut self.ctx)
+                }
                 TimerKind::Connect => connect::on_timer(key, conn, &mut self.ctx),
                 TimerKind::Idle => relay::on_idle_timer(key, conn, &mut self.ctx),
                 TimerKind::Linger => match conn.phase {

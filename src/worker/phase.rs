@@ -352,6 +352,25 @@ pub struct UpstreamHandshake {
     pub(super) deadline: Instant,
     /// Where the upstream proxy is asked to connect.
     pub(super) target: TargetAddr,
+    /// Which upstream: `--upstream` or a member of a policy group.
+    pub(super) route: Route,
+}
+
+/// The upstream a handshake talks to.
+pub enum Route {
+    /// The `--upstream` proxy (its addresses in turn).
+    Flag,
+    /// A policy group's members, in the order this session tries them.
+    Group {
+        /// The group (the session keeps it across reloads).
+        group: std::sync::Arc<crate::groups::Group>,
+        /// Member indexes in the order to try.
+        order: Vec<u16>,
+        /// The position in `order` being tried.
+        pos: usize,
+        /// When the current attempt gives way to the next member.
+        attempt_deadline: Instant,
+    },
 }
 
 /// One forwarded HTTP request, from its head to the end of its response.

@@ -1,38 +1,73 @@
-//! Chaining through `--upstream`: the client side of SOCKS5 or HTTP CONNECT, spoken on the outbound socket.
+//! Chaining through `--upstream` or a policy upstream group: the client side of SOCKS5 or HTTP CONNECT, spoken on
+//! the outbound socket.
 //!
 //! The upstream's replies are peer input like any other: they are parsed by the sans-IO parsers in
-//! `proto::upstream`, and its failures map back onto the client's reply codes.
+//! `proto::upstream`, and its failures map back onto the client's reply codes. Through a group, a member that
+//! fails to connect or to complete its handshake is counted against its health (`crate::groups`) and the next
+//! member is tried, within the session's connect deadline; each attempt gets a share of the time left, so a
+//! blackholed member costs latency, not the session.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use log::debug;
+use log::{debug, info, warn};
 
 use super::close::CloseReason;
-use super::conn::{drop_upstream, open_upstream_proxy, path_failed, Conn, Phase};
+use super::conn::{
+    drop_upstream, open_group_member, open_upstream_proxy, path_failed, Conn, Phase,
+};
 use super::ctx::{Ctx, Next, ReplyKind};
 use super::gate;
-use super::phase::{Answer, UpstreamHandshake, UpstreamState};
+use super::phase::{Answer, Route, UpstreamHandshake, UpstreamState};
+use super::timers::TimerKind;
+use crate::groups::{Change, Group};
 use crate::net::{self, ConnectState};
 use crate::proto::upstream as up;
 use crate::proto::{socks5, Failure, Parse, TargetAddr};
-use crate::upstream::UpstreamKind;
+use crate::upstream::{Upstream, UpstreamKind};
 
-/// Starts connecting to the upstream proxy.
+/// Least time a group member's attempt gets before the next member is tried.
+const MIN_ATTEMPT: Duration = Duration::from_secs(1);
+
+/// Starts connecting to the upstream proxy: `group` when a `via:NAME` rule chose one, else `--upstream`.
 pub fn start_connect(
     key: usize,
     conn: &mut Conn,
     ctx: &mut Ctx,
-    (answer, target): (Answer, TargetAddr),
+    (answer, target, group): (Answer, TargetAddr, Option<Arc<Group>>),
     deadline: Instant,
 ) -> Next {
+    let route = match group {
+        Some(group) => Route::Group {
+            order: group.order(conn.peer.ip(), ctx.now),
+            group,
+            pos: 0,
+            attempt_deadline: deadline,
+        },
+        None => Route::Flag,
+    };
     conn.phase = Phase::Upstream(Box::new(UpstreamHandshake {
         answer,
         state: UpstreamState::Connecting,
         next_addr: 0,
         deadline,
         target,
+        route,
     }));
     try_next(key, conn, ctx)
+}
+
+/// The server the handshake talks to now.
+fn server<'a>(hs: &'a UpstreamHandshake, ctx: &'a Ctx) -> Option<&'a Upstream> {
+    match &hs.route {
+        Route::Flag => ctx.cfg.upstream.as_ref(),
+        Route::Group {
+            group, order, pos, ..
+        } => order
+            .get(*pos)
+            .and_then(|&i| group.member(usize::from(i)))
+            .map(|m| &m.server),
+    }
 }
 
 fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
@@ -40,6 +75,9 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         return Next::Wait;
     };
     let reply = hs.answer.kind();
+    if matches!(hs.route, Route::Group { .. }) {
+        return try_member(key, conn, ctx, reply);
+    }
     // The user's egress address is the source of the connection to the upstream proxy too.
     let v4 = ctx
         .cfg
@@ -81,6 +119,193 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     )
 }
 
+/// Opens a connection to the next member of the group in this session's order.
+fn try_member(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
+    loop {
+        let Phase::Upstream(hs) = &conn.phase else {
+            return Next::Wait;
+        };
+        let Route::Group {
+            group, order, pos, ..
+        } = &hs.route
+        else {
+            return Next::Wait;
+        };
+        let Some(index) = order.get(*pos).map(|&i| usize::from(i)) else {
+            break;
+        };
+        let (group, left) = (Arc::clone(group), (order.len() - *pos - 1) as u32);
+        let overall = hs.deadline;
+        let Some(member) = group.member(index) else {
+            advance_member(conn);
+            continue;
+        };
+        let v4 = member.server.addrs.first().is_none_or(|a| a.is_ipv4());
+        // The user's egress address is the source of the connection to the upstream proxy too; a family she
+        // has no address of is not the member's fault.
+        let Ok(source) = gate::egress(conn, ctx, v4) else {
+            advance_member(conn);
+            continue;
+        };
+        group.attempt(index);
+        match open_group_member(key, ctx, member, source) {
+            Some((addr, Ok(sock))) => {
+                debug!(
+                    "{}: connecting to {} of upstream group {} at {addr}",
+                    conn.peer, member.label, group.name
+                );
+                conn.upstream = Some(sock);
+                let remaining = overall.saturating_duration_since(ctx.now);
+                let share = if left > 0 {
+                    (remaining / (left + 1)).max(MIN_ATTEMPT).min(remaining)
+                } else {
+                    remaining
+                };
+                let at = ctx.now + share;
+                if let Phase::Upstream(hs) = &mut conn.phase {
+                    if let Route::Group {
+                        attempt_deadline, ..
+                    } = &mut hs.route
+                    {
+                        *attempt_deadline = at;
+                    }
+                }
+                if left > 0 {
+                    ctx.timers.push(at, key, conn.gen, TimerKind::Connect);
+                }
+                return Next::Wait;
+            }
+            Some((addr, Err(e))) if e.kind() == std::io::ErrorKind::Other => {
+                // An egress address that cannot be bound is our configuration's fault, not the member's.
+                warn!(
+                    "{}: user {}: upstream {addr}: {e}",
+                    conn.peer,
+                    conn.user_name()
+                );
+                advance_member(conn);
+            }
+            Some((addr, Err(e))) => {
+                debug!("{}: upstream {addr}: {e}", conn.peer);
+                note(&group, group.failure(index, ctx.now), index);
+                advance_member(conn);
+            }
+            None => advance_member(conn),
+        }
+    }
+    debug!("{}: no member of the upstream group answered", conn.peer);
+    fail(
+        conn,
+        ctx,
+        reply,
+        CloseReason::UpstreamProxy(Failure::General),
+    )
+}
+
+/// Moves the session on to the next member of its order, with a fresh handshake.
+fn advance_member(conn: &mut Conn) {
+    if let Phase::Upstream(hs) = &mut conn.phase {
+        hs.state = UpstreamState::Connecting;
+        if let Route::Group { pos, .. } = &mut hs.route {
+            *pos += 1;
+        }
+    }
+}
+
+/// Logs a member's change of health (once per transition, by whichever worker saw it).
+fn note(group: &Group, change: Option<Change>, index: usize) {
+    let Some(m) = group.member(index) else {
+        return;
+    };
+    match change {
+        Some(Change::Down) => warn!(
+            "upstream group {}: {} is down after {} failures in a row; skipping it for {:?}",
+            group.name, m.label, group.max_fails, group.fail_timeout
+        ),
+        Some(Change::Up) => info!("upstream group {}: {} is up again", group.name, m.label),
+        None => {}
+    }
+}
+
+/// The current group member (if the route is a group) and its index.
+fn current(conn: &Conn) -> Option<(Arc<Group>, usize)> {
+    let Phase::Upstream(hs) = &conn.phase else {
+        return None;
+    };
+    match &hs.route {
+        Route::Group {
+            group, order, pos, ..
+        } => order
+            .get(*pos)
+            .map(|&i| (Arc::clone(group), usize::from(i))),
+        Route::Flag => None,
+    }
+}
+
+/// The current member answered its handshake (or, for forwarded HTTP through an HTTP member, accepted the
+/// connection): it is healthy, whatever it says about the target.
+fn member_ok(conn: &Conn) {
+    if let Some((group, index)) = current(conn) {
+        note(&group, group.success(index), index);
+    }
+}
+
+/// The upstream's connect or handshake failed: through a group, count it against the member and try the next one;
+/// through `--upstream`, answer with `reason`.
+fn upstream_failed(
+    key: usize,
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    reply: ReplyKind,
+    reason: CloseReason,
+) -> Next {
+    let Some((group, index)) = current(conn) else {
+        return fail(conn, ctx, reply, reason);
+    };
+    note(&group, group.failure(index, ctx.now), index);
+    drop_upstream(conn, ctx);
+    conn.to_upstream.clear();
+    if let Some(b) = conn.u2c.take() {
+        ctx.pool.give(b);
+    }
+    advance_member(conn);
+    try_next(key, conn, ctx)
+}
+
+/// A connect timer popped during the upstream phase: the session's deadline (answer "timed out"), or the current
+/// member's share of it (try the next member).
+pub fn on_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
+    let Phase::Upstream(hs) = &conn.phase else {
+        return Next::Wait;
+    };
+    let reply = hs.answer.kind();
+    if hs.deadline <= ctx.now {
+        debug!("{}: upstream connect timed out", conn.peer);
+        return fail(conn, ctx, reply, CloseReason::Failed(Failure::TimedOut));
+    }
+    if let Route::Group {
+        attempt_deadline,
+        order,
+        pos,
+        ..
+    } = &hs.route
+    {
+        if *attempt_deadline <= ctx.now && *pos + 1 < order.len() {
+            debug!(
+                "{}: upstream group member did not answer in time; trying the next",
+                conn.peer
+            );
+            return upstream_failed(
+                key,
+                conn,
+                ctx,
+                reply,
+                CloseReason::Failed(Failure::TimedOut),
+            );
+        }
+    }
+    Next::Wait
+}
+
 fn fail(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, reason: CloseReason) -> Next {
     path_failed(conn, ctx, reply, reason)
 }
@@ -113,12 +338,28 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             }
             ConnectState::Failed(e) => {
                 debug!("{}: upstream connect: {e}", conn.peer);
+                if current(conn).is_some() {
+                    return upstream_failed(
+                        key,
+                        conn,
+                        ctx,
+                        reply,
+                        CloseReason::UpstreamProxy(Failure::General),
+                    );
+                }
                 drop_upstream(conn, ctx);
                 try_next(key, conn, ctx)
             }
             ConnectState::Connected => {
                 debug!("{}: connected to the upstream proxy", conn.peer);
-                if !super::tls::start_upstream(conn, ctx) {
+                let Phase::Upstream(hs) = &conn.phase else {
+                    return Next::Wait;
+                };
+                let http = server(hs, ctx).is_some_and(|u| u.kind == UpstreamKind::Http);
+                // TLS to the upstream: only the --upstream flag's server can ask for it (groups refuse TLS
+                // members at load).
+                let flag_route = matches!(hs.route, Route::Flag);
+                if flag_route && !super::tls::start_upstream(conn, ctx) {
                     return fail(
                         conn,
                         ctx,
@@ -126,15 +367,11 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                         CloseReason::UpstreamProxy(Failure::General),
                     );
                 }
-                let http = ctx
-                    .cfg
-                    .upstream
-                    .as_ref()
-                    .is_some_and(|u| u.kind == UpstreamKind::Http);
                 if http && reply == ReplyKind::HttpForward {
                     // Forwarded requests go to an HTTP upstream in absolute-form (as Squid's cache_peer sends
                     // them): no tunnel to set up, the request head is the first thing it gets.
-                    return Next::Connected(reply);
+                    member_ok(conn);
+                    return forward_head_for_member(conn, ctx, reply);
                 }
                 greet(conn, ctx, reply)
             }
@@ -175,7 +412,8 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 "{}: upstream closed or overflowed during its handshake",
                 conn.peer
             );
-            fail(
+            upstream_failed(
+                key,
                 conn,
                 ctx,
                 reply,
@@ -185,7 +423,8 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Step::More => Next::Wait,
         Step::Bad => {
             debug!("{}: malformed answer from the upstream proxy", conn.peer);
-            fail(
+            upstream_failed(
+                key,
                 conn,
                 ctx,
                 reply,
@@ -194,9 +433,11 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         }
         Step::Refused(f) => {
             debug!("{}: the upstream proxy refused us", conn.peer);
-            fail(conn, ctx, reply, CloseReason::UpstreamProxy(f))
+            upstream_failed(key, conn, ctx, reply, CloseReason::UpstreamProxy(f))
         }
         Step::Failed(f) => {
+            // The member works; the target is what failed.
+            member_ok(conn);
             debug!(
                 "{}: the upstream proxy reports {}",
                 conn.peer,
@@ -273,13 +514,49 @@ fn set_state(conn: &mut Conn, state: UpstreamState) {
     }
 }
 
-/// The TCP connection to the upstream is up: open the conversation.
-fn greet(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
-    let Some(upstream) = ctx.cfg.upstream.as_ref() else {
+/// Forwarded HTTP through a group's HTTP member: the request head (kept in origin-form while the member was not
+/// known) becomes absolute-form with the member's credentials. Through `--upstream` it already is.
+fn forward_head_for_member(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
+    let Phase::Upstream(hs) = &mut conn.phase else {
+        return Next::Wait;
+    };
+    let Route::Group {
+        group, order, pos, ..
+    } = &hs.route
+    else {
+        return Next::Connected(reply);
+    };
+    let Some(member) = order.get(*pos).and_then(|&i| group.member(usize::from(i))) else {
         return Next::Close(CloseReason::Internal);
     };
+    let creds = member
+        .server
+        .credentials
+        .as_ref()
+        .map(|(u, p)| (u.as_bytes(), p.as_bytes()));
+    let Answer::Forward(st) = &mut hs.answer else {
+        return Next::Connected(reply);
+    };
+    let mut abs = Vec::with_capacity(st.pending_head.len() + 64);
+    if !up::encode_forward_head(&st.pending_head, &hs.target, creds, &mut abs) {
+        return fail(
+            conn,
+            ctx,
+            reply,
+            CloseReason::Failed(Failure::AddressNotSupported),
+        );
+    }
+    st.pending_head = abs;
+    Next::Connected(reply)
+}
+
+/// The TCP connection to the upstream is up: open the conversation.
+fn greet(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
     let Phase::Upstream(hs) = &conn.phase else {
         return Next::Wait;
+    };
+    let Some(upstream) = server(hs, ctx) else {
+        return Next::Close(CloseReason::Internal);
     };
     let target = &hs.target;
     let mut out = [0u8; up::MAX_HTTP_CONNECT_LEN];
@@ -325,12 +602,11 @@ fn advance(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, then: Then) -> Next
     let mut out = [0u8; socks5::MAX_USER_PASS_LEN];
     match then {
         Then::SendAuth => {
-            let Some((u, p)) = ctx
-                .cfg
-                .upstream
-                .as_ref()
-                .and_then(|u| u.credentials.clone())
-            else {
+            let creds = match &conn.phase {
+                Phase::Upstream(hs) => server(hs, ctx).and_then(|u| u.credentials.clone()),
+                _ => None,
+            };
+            let Some((u, p)) = creds else {
                 return fail(
                     conn,
                     ctx,
@@ -364,6 +640,9 @@ fn advance(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, then: Then) -> Next
             }
             Next::Again
         }
-        Then::Established => Next::Connected(reply),
+        Then::Established => {
+            member_ok(conn);
+            Next::Connected(reply)
+        }
     }
 }

@@ -20,6 +20,7 @@ mod lifecycle;
 mod operations;
 mod policy;
 mod real_clients;
+mod routing;
 mod security;
 mod session_ends;
 mod socks4;
