@@ -147,7 +147,7 @@ pub fn on_close(conn: &mut Conn, reason: CloseReason, stats: &Stats) {
         let graceful = !reset && t.failure().is_none();
         conn.client.close_tls(graceful);
     }
-    if let Some(up) = conn.upstream.as_mut() {
+    if let Some(up) = conn.outbound_mut() {
         let failed = up.tls.as_ref().is_some_and(|t| t.failure().is_some());
         up.close_tls(!reset && !failed);
     }
