@@ -44,6 +44,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Deadline for resolving and connecting to a target.
     pub connect_timeout: Duration,
+    /// Happy Eyeballs (RFC 8305): start the next address this long after the previous attempt while it is pending.
+    pub connection_attempt_delay: Duration,
     /// Close a tunnel after this long with no traffic either way.
     pub idle_timeout: Duration,
     /// How long established tunnels may finish after SIGTERM (or after handing over in an upgrade).
@@ -126,6 +128,7 @@ impl Default for Config {
             socket_buffer: None,
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            connection_attempt_delay: crate::happy::DEFAULT_ATTEMPT_DELAY,
             idle_timeout: Duration::from_secs(300),
             drain_timeout: Duration::from_secs(30),
             upgrade_timeout: Duration::from_secs(30),
@@ -253,6 +256,12 @@ fn options() -> Options {
         "",
         "connect-timeout",
         "deadline to resolve and connect to a target (default 10s)",
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "connection-attempt-delay",
+        "Happy Eyeballs: start the next address this long after the previous attempt (default 250ms, min 10ms)",
         "DUR",
     );
     o.optopt(
@@ -597,6 +606,7 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
     }
     c.handshake_timeout = dur(&m, "handshake-timeout", c.handshake_timeout)?;
     c.connect_timeout = dur(&m, "connect-timeout", c.connect_timeout)?;
+    c.connection_attempt_delay = dur(&m, "connection-attempt-delay", c.connection_attempt_delay)?;
     c.idle_timeout = dur(&m, "idle-timeout", c.idle_timeout)?;
     c.drain_timeout = dur(&m, "drain-timeout", c.drain_timeout)?;
     c.upgrade_timeout = dur(&m, "upgrade-timeout", c.upgrade_timeout)?;
