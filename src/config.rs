@@ -40,6 +40,8 @@ pub struct Config {
     pub splice: bool,
     /// SO_RCVBUF/SO_SNDBUF for both legs of proxied TCP connections (`None` = kernel autotuning).
     pub socket_buffer: Option<usize>,
+    /// `--tcp-keepalive`, `--tcp-user-timeout` (both legs) and `--tcp-fastopen` (listeners).
+    pub tcp: crate::net::TcpOptions,
     /// Deadline for the whole client handshake, counted from accept.
     pub handshake_timeout: Duration,
     /// Deadline for resolving and connecting to a target.
@@ -126,6 +128,7 @@ impl Default for Config {
             buffer_size: 16 * 1024,
             splice: true,
             socket_buffer: None,
+            tcp: crate::net::TcpOptions::default(),
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             connection_attempt_delay: crate::happy::DEFAULT_ATTEMPT_DELAY,
@@ -257,6 +260,23 @@ fn options() -> Options {
         "connect-timeout",
         "deadline to resolve and connect to a target (default 10s)",
         "DUR",
+    );
+    o.optopt(
+        "",
+        "tcp-keepalive",
+        "TCP keepalive on both legs after this idle time (probes every third of it, 1s..75s, 3 of them)",
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "tcp-user-timeout",
+        "TCP_USER_TIMEOUT on both legs: drop a connection whose sent data stays unacknowledged this long",
+        "DUR",
+    );
+    o.optflag(
+        "",
+        "tcp-fastopen",
+        "accept TCP Fast Open on the listeners (needs net.ipv4.tcp_fastopen & 2)",
     );
     o.optopt(
         "",
@@ -606,6 +626,15 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
     }
     c.handshake_timeout = dur(&m, "handshake-timeout", c.handshake_timeout)?;
     c.connect_timeout = dur(&m, "connect-timeout", c.connect_timeout)?;
+    if m.opt_present("tcp-keepalive") {
+        c.tcp.keepalive = Some(dur(&m, "tcp-keepalive", Duration::ZERO)?);
+    }
+    if m.opt_present("tcp-user-timeout") {
+        c.tcp.user_timeout = Some(dur(&m, "tcp-user-timeout", Duration::ZERO)?);
+    }
+    if m.opt_present("tcp-fastopen") {
+        c.tcp.fastopen = Some(crate::net::FASTOPEN_QUEUE);
+    }
     c.connection_attempt_delay = dur(&m, "connection-attempt-delay", c.connection_attempt_delay)?;
     c.idle_timeout = dur(&m, "idle-timeout", c.idle_timeout)?;
     c.drain_timeout = dur(&m, "drain-timeout", c.drain_timeout)?;

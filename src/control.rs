@@ -75,6 +75,7 @@ impl Server {
     pub fn start_with(cfg: Config, set: ListenSet) -> io::Result<Server> {
         let cfg = Arc::new(cfg);
         let threads = cfg.threads.max(1);
+        set.set_tcp_options(&cfg.tcp)?;
         let addrs = set.addrs();
         let per_worker = set.for_workers(threads)?;
         if let (Some(want), Some(l)) = (

@@ -401,10 +401,10 @@ pub fn open_upstream_proxy(
 pub type Egress = Option<(std::net::IpAddr, bool)>;
 
 fn open(tok: mio::Token, ctx: &mut Ctx, addr: SocketAddr, source: Egress) -> io::Result<Sock> {
-    let buffer = ctx.cfg.socket_buffer;
+    let opts = (ctx.cfg.socket_buffer, &ctx.cfg.tcp);
     let mut stream = match source {
-        Some((ip, freebind)) => net::connect_from(addr, ip, freebind, buffer)?,
-        None => net::connect(addr, ctx.cfg.outbound_bind, buffer)?,
+        Some((ip, freebind)) => net::connect_from(addr, ip, freebind, opts)?,
+        None => net::connect(addr, ctx.cfg.outbound_bind, opts)?,
     };
     ctx.registry
         .register(&mut stream, tok, Interest::READABLE | Interest::WRITABLE)?;

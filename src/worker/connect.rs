@@ -409,8 +409,16 @@ mod tests {
         record(&mut last, Failure::ConnectionRefused);
         assert_eq!(last, Failure::ConnectionRefused);
         record(&mut last, Failure::General);
-        assert_eq!(last, Failure::ConnectionRefused, "a general error says less");
+        assert_eq!(
+            last,
+            Failure::ConnectionRefused,
+            "a general error says less"
+        );
         record(&mut last, Failure::HostUnreachable);
-        assert_eq!(last, Failure::HostUnreachable, "otherwise the last one counts");
+        assert_eq!(
+            last,
+            Failure::HostUnreachable,
+            "otherwise the last one counts"
+        );
     }
 }
