@@ -90,6 +90,7 @@ impl Server {
             open: Arc::new(AtomicUsize::new(0)),
             user_counts: Arc::new(Mutex::new(Default::default())),
             resolve_tx: resolver.sender(),
+            quick: resolver.quick_answers(),
         };
         let mut workers = Vec::with_capacity(threads);
         let mut stats = Vec::with_capacity(threads);

@@ -144,7 +144,7 @@ fn working_address_first_needs_no_second_attempt() {
         return;
     };
     let spec = format!("first.test={v4},{v6}");
-    let proxy = Proxy::start(&["--resolve", &spec, "-v"]);
+    let proxy = Proxy::start(&["--resolve", &spec]);
     let (rep, took, mut s) = connect_name(proxy.addr(), "first.test", hole.addr.port());
     assert_eq!(rep, 0);
     assert!(took < Duration::from_secs(1), "took {took:?}");

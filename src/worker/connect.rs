@@ -70,6 +70,13 @@ pub fn start(
         TargetAddr::Ip(addr) => begin(key, conn, ctx, (answer, deadline), vec![addr]),
         TargetAddr::Domain(name, port) => {
             metrics::inc(&ctx.stats.dns_lookups);
+            // A name known without a query (`--resolve`, hosts file, a live cache entry) is answered here: no
+            // pool hop, no waker, no second loop iteration.
+            if let Some(result) = ctx.quick.get(name.as_str(), port) {
+                debug!("{}: {} answered without a lookup", conn.peer, name.as_str());
+                conn.phase = Phase::Resolving { answer, deadline };
+                return on_resolved(key, conn, ctx, result);
+            }
             let job = Job {
                 key,
                 gen: conn.gen,

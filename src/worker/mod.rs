@@ -113,6 +113,7 @@ impl Worker {
             timers: Timers::default(),
             now: Instant::now(),
             resolve_tx: shared.resolve_tx.clone(),
+            quick: shared.quick.clone(),
             reply_to: ReplyTo {
                 tx: reply_tx,
                 waker,
