@@ -40,10 +40,14 @@ pub struct Config {
     pub splice: bool,
     /// SO_RCVBUF/SO_SNDBUF for both legs of proxied TCP connections (`None` = kernel autotuning).
     pub socket_buffer: Option<usize>,
+    /// `--tcp-keepalive`, `--tcp-user-timeout` (both legs) and `--tcp-fastopen` (listeners).
+    pub tcp: crate::net::TcpOptions,
     /// Deadline for the whole client handshake, counted from accept.
     pub handshake_timeout: Duration,
     /// Deadline for resolving and connecting to a target.
     pub connect_timeout: Duration,
+    /// Happy Eyeballs (RFC 8305): start the next address this long after the previous attempt while it is pending.
+    pub connection_attempt_delay: Duration,
     /// Close a tunnel after this long with no traffic either way.
     pub idle_timeout: Duration,
     /// How long established tunnels may finish after SIGTERM (or after handing over in an upgrade).
@@ -130,8 +134,10 @@ impl Default for Config {
             buffer_size: 16 * 1024,
             splice: true,
             socket_buffer: None,
+            tcp: crate::net::TcpOptions::default(),
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            connection_attempt_delay: crate::happy::DEFAULT_ATTEMPT_DELAY,
             idle_timeout: Duration::from_secs(300),
             drain_timeout: Duration::from_secs(30),
             upgrade_timeout: Duration::from_secs(30),
@@ -262,6 +268,29 @@ fn options() -> Options {
         "",
         "connect-timeout",
         "deadline to resolve and connect to a target (default 10s)",
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "tcp-keepalive",
+        "TCP keepalive on both legs after this idle time (probes every third of it, 1s..75s, 3 of them)",
+        "DUR",
+    );
+    o.optopt(
+        "",
+        "tcp-user-timeout",
+        "TCP_USER_TIMEOUT on both legs: drop a connection whose sent data stays unacknowledged this long",
+        "DUR",
+    );
+    o.optflag(
+        "",
+        "tcp-fastopen",
+        "accept TCP Fast Open on the listeners (needs net.ipv4.tcp_fastopen & 2)",
+    );
+    o.optopt(
+        "",
+        "connection-attempt-delay",
+        "Happy Eyeballs: start the next address this long after the previous attempt (default 250ms, min 10ms)",
         "DUR",
     );
     o.optopt(
@@ -693,6 +722,16 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
     }
     c.handshake_timeout = dur(&m, "handshake-timeout", c.handshake_timeout)?;
     c.connect_timeout = dur(&m, "connect-timeout", c.connect_timeout)?;
+    if m.opt_present("tcp-keepalive") {
+        c.tcp.keepalive = Some(dur(&m, "tcp-keepalive", Duration::ZERO)?);
+    }
+    if m.opt_present("tcp-user-timeout") {
+        c.tcp.user_timeout = Some(dur(&m, "tcp-user-timeout", Duration::ZERO)?);
+    }
+    if m.opt_present("tcp-fastopen") {
+        c.tcp.fastopen = Some(crate::net::FASTOPEN_QUEUE);
+    }
+    c.connection_attempt_delay = dur(&m, "connection-attempt-delay", c.connection_attempt_delay)?;
     c.idle_timeout = dur(&m, "idle-timeout", c.idle_timeout)?;
     c.drain_timeout = dur(&m, "drain-timeout", c.drain_timeout)?;
     c.upgrade_timeout = dur(&m, "upgrade-timeout", c.upgrade_timeout)?;

@@ -77,6 +77,7 @@ impl Server {
     pub fn start_with(cfg: Config, set: ListenSet) -> io::Result<Server> {
         let cfg = Arc::new(cfg);
         let threads = cfg.threads.max(1);
+        set.set_tcp_options(&cfg.tcp)?;
         let addrs = set.addrs();
         let per_worker = set.for_workers(threads)?;
         if let (Some(want), Some(l)) = (
@@ -91,6 +92,7 @@ impl Server {
             open: Arc::new(AtomicUsize::new(0)),
             user_counts: Arc::new(Mutex::new(Default::default())),
             resolve_tx: resolver.sender(),
+            quick: resolver.quick_answers(),
         };
         let mut workers = Vec::with_capacity(threads);
         let mut stats = Vec::with_capacity(threads);

@@ -64,6 +64,15 @@ impl ListenSet {
         Ok(())
     }
 
+    /// Applies TCP_NODELAY, `--tcp-keepalive`, `--tcp-user-timeout` and `--tcp-fastopen` to every listening
+    /// socket (bound here or handed to us): accepted connections inherit the first three.
+    pub fn set_tcp_options(&self, opts: &net::TcpOptions) -> io::Result<()> {
+        for (_, s) in &self.sockets {
+            opts.apply_listener(s)?;
+        }
+        Ok(())
+    }
+
     /// Binds one SO_REUSEPORT socket per worker for every address. Refuses (with [`ListenError::InUse`]) an address
     /// another process listens on, even another socksgate that SO_REUSEPORT alone would let us share it with
     /// silently; port 0 is resolved once and used by every worker.

@@ -2,6 +2,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -17,6 +18,68 @@ pub fn set_socket_buffer(socket: &Socket, bytes: Option<usize>) -> io::Result<()
         socket.set_send_buffer_size(n)?;
     }
     Ok(())
+}
+
+/// Per-connection TCP options of both legs (`--tcp-keepalive`, `--tcp-user-timeout`) and of the listeners
+/// (`--tcp-fastopen`). Linux copies a listener's options to every socket it accepts, so the client leg gets them
+/// from the listener at no cost per connection; the target leg sets them on each outbound socket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpOptions {
+    /// SO_KEEPALIVE with this idle time (TCP_KEEPIDLE); interval and count from [`keepalive_params`].
+    pub keepalive: Option<Duration>,
+    /// TCP_USER_TIMEOUT: how long sent data may stay unacknowledged before the connection is dropped.
+    pub user_timeout: Option<Duration>,
+    /// TCP_FASTOPEN on the listeners, with this queue length.
+    pub fastopen: Option<i32>,
+}
+
+/// The TCP_FASTOPEN queue length `--tcp-fastopen` asks for (the kernel also caps it by net.core.somaxconn).
+pub const FASTOPEN_QUEUE: i32 = 1024;
+
+/// Keepalive for an idle time of `idle`: probes every idle/3 (1 s to 75 s, the kernel's default interval), three
+/// of them, so a dead peer is noticed about twice the idle time after the last traffic.
+pub fn keepalive_params(idle: Duration) -> socket2::TcpKeepalive {
+    let interval = (idle / 3).clamp(Duration::from_secs(1), Duration::from_secs(75));
+    socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(interval)
+        .with_retries(3)
+}
+
+impl TcpOptions {
+    /// Sets the connection options (keepalive, user timeout) on a connection or a listener.
+    pub fn apply(&self, socket: &Socket) -> io::Result<()> {
+        if let Some(idle) = self.keepalive {
+            socket.set_keepalive(true)?;
+            socket.set_tcp_keepalive(&keepalive_params(idle))?;
+        }
+        if let Some(t) = self.user_timeout {
+            socket.set_tcp_user_timeout(Some(t))?;
+        }
+        Ok(())
+    }
+
+    /// Sets what a listener hands on to the connections it accepts (TCP_NODELAY, keepalive, user timeout) and
+    /// the TCP Fast Open queue. Works on a listening socket too (systemd's, or one inherited in an upgrade).
+    /// Options left off are switched off, as a socket inherited from an upgrade may carry the old process's.
+    pub fn apply_listener(&self, socket: &Socket) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // Inherited by every accepted socket: one setsockopt per listener instead of one per connection.
+        socket.set_tcp_nodelay(true)?;
+        socket.set_keepalive(self.keepalive.is_some())?;
+        socket.set_tcp_user_timeout(None)?;
+        self.apply(socket)?;
+        match self.fastopen {
+            Some(queue) => crate::sys::set_tcp_fastopen(socket.as_raw_fd(), queue)?,
+            // A listener that never had TFO needs nothing; one that had it gets an empty queue.
+            None => {
+                if crate::sys::tcp_fastopen(socket.as_raw_fd()).unwrap_or(0) != 0 {
+                    crate::sys::set_tcp_fastopen(socket.as_raw_fd(), 0)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A nonblocking listener with SO_REUSEPORT, so every worker can bind the same address and the kernel spreads
@@ -35,6 +98,8 @@ pub fn reuseport_listener(
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     set_socket_buffer(&socket, socket_buffer)?;
+    // Accepted sockets inherit TCP_NODELAY: the worker does not set it per connection.
+    socket.set_tcp_nodelay(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&SockAddr::from(addr))?;
     socket.listen(backlog)?;
@@ -187,13 +252,13 @@ impl Listener {
 }
 
 /// Starts a nonblocking connect to `addr`, from `bind` when given. The connect completes later: see
-/// [`connect_state`]. `socket_buffer` as in [`set_socket_buffer`].
+/// [`connect_state`]. `socket_buffer` as in [`set_socket_buffer`], `opts` as in [`TcpOptions::apply`].
 pub fn connect(
     addr: SocketAddr,
     bind: Option<IpAddr>,
-    socket_buffer: Option<usize>,
+    (socket_buffer, opts): (Option<usize>, &TcpOptions),
 ) -> io::Result<TcpStream> {
-    let socket = stream_socket(addr, socket_buffer)?;
+    let socket = stream_socket(addr, socket_buffer, opts)?;
     if let Some(ip) = bind {
         if ip.is_ipv4() != addr.is_ipv4() {
             return Err(io::Error::new(
@@ -206,8 +271,13 @@ pub fn connect(
     start_connect(socket, addr)
 }
 
-/// A nonblocking TCP socket for an outbound connection to `addr`'s family, with TCP_NODELAY and `--socket-buffer`.
-fn stream_socket(addr: SocketAddr, socket_buffer: Option<usize>) -> io::Result<Socket> {
+/// A nonblocking TCP socket for an outbound connection to `addr`'s family, with TCP_NODELAY, `--socket-buffer`
+/// and the connection options.
+fn stream_socket(
+    addr: SocketAddr,
+    socket_buffer: Option<usize>,
+    opts: &TcpOptions,
+) -> io::Result<Socket> {
     // SOCK_NONBLOCK at creation: two fcntl calls fewer per outbound connection than set_nonblocking.
     let socket = Socket::new(
         Domain::for_address(addr),
@@ -216,6 +286,7 @@ fn stream_socket(addr: SocketAddr, socket_buffer: Option<usize>) -> io::Result<S
     )?;
     socket.set_tcp_nodelay(true)?;
     set_socket_buffer(&socket, socket_buffer)?;
+    opts.apply(&socket)?;
     Ok(socket)
 }
 
@@ -239,9 +310,9 @@ pub fn connect_from(
     addr: SocketAddr,
     source: IpAddr,
     freebind: bool,
-    socket_buffer: Option<usize>,
+    (socket_buffer, opts): (Option<usize>, &TcpOptions),
 ) -> io::Result<TcpStream> {
-    let socket = stream_socket(addr, socket_buffer)?;
+    let socket = stream_socket(addr, socket_buffer, opts)?;
     bind_source(&socket, SocketAddr::new(source, 0), freebind)?;
     start_connect(socket, addr)
 }
@@ -355,6 +426,104 @@ pub fn bind_listener(addr: SocketAddr, socket_buffer: Option<usize>) -> io::Resu
 mod tests {
     use super::*;
 
+    fn sock_of(stream: &TcpStream) -> socket2::SockRef<'_> {
+        socket2::SockRef::from(stream)
+    }
+
+    /// Accepts the one connection `client` made to `listener` (a nonblocking listener: loopback connects are
+    /// already established when connect returns, so the wait is bounded and short).
+    fn accept_one(listener: &TcpListener) -> TcpStream {
+        for _ in 0..2000 {
+            match listener.accept() {
+                Ok((s, _)) => return s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+        panic!("no connection to accept");
+    }
+
+    #[test]
+    fn accepted_sockets_inherit_the_listener_options() {
+        use std::os::fd::AsRawFd;
+        let opts = TcpOptions {
+            keepalive: Some(Duration::from_secs(30)),
+            user_timeout: Some(Duration::from_millis(20_000)),
+            fastopen: Some(FASTOPEN_QUEUE),
+        };
+        let listener = reuseport_listener(SocketAddr::from(([127, 0, 0, 1], 0)), 16, None).unwrap();
+        opts.apply_listener(&socket2::SockRef::from(&listener))
+            .unwrap();
+        assert_eq!(
+            crate::sys::tcp_fastopen(listener.as_raw_fd()).unwrap(),
+            FASTOPEN_QUEUE
+        );
+        let addr = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let accepted = accept_one(&listener);
+        let s = sock_of(&accepted);
+        assert!(s.tcp_nodelay().unwrap(), "TCP_NODELAY from the listener");
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(30));
+        assert_eq!(s.tcp_keepalive_interval().unwrap(), Duration::from_secs(10));
+        assert_eq!(s.tcp_keepalive_retries().unwrap(), 3);
+        assert_eq!(
+            s.tcp_user_timeout().unwrap(),
+            Some(Duration::from_millis(20_000))
+        );
+        // Switched off again (as for a listener inherited from a process that had them on).
+        TcpOptions::default()
+            .apply_listener(&socket2::SockRef::from(&listener))
+            .unwrap();
+        assert_eq!(crate::sys::tcp_fastopen(listener.as_raw_fd()).unwrap(), 0);
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let accepted = accept_one(&listener);
+        let s = sock_of(&accepted);
+        assert!(s.tcp_nodelay().unwrap(), "TCP_NODELAY always");
+        assert!(!s.keepalive().unwrap());
+        assert_eq!(s.tcp_user_timeout().unwrap(), None);
+    }
+
+    #[test]
+    fn outbound_sockets_get_the_connection_options() {
+        let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = target.local_addr().unwrap();
+        let opts = TcpOptions {
+            keepalive: Some(Duration::from_secs(600)),
+            user_timeout: Some(Duration::from_secs(5)),
+            fastopen: None,
+        };
+        for stream in [
+            connect(addr, None, (None, &opts)).unwrap(),
+            connect_from(addr, IpAddr::from([127, 0, 0, 1]), false, (None, &opts)).unwrap(),
+        ] {
+            let s = sock_of(&stream);
+            assert!(s.tcp_nodelay().unwrap());
+            assert!(s.keepalive().unwrap());
+            assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(600));
+            assert_eq!(s.tcp_keepalive_interval().unwrap(), Duration::from_secs(75));
+            assert_eq!(s.tcp_user_timeout().unwrap(), Some(Duration::from_secs(5)));
+        }
+        let plain = connect(addr, None, (None, &TcpOptions::default())).unwrap();
+        assert!(!sock_of(&plain).keepalive().unwrap());
+        assert_eq!(sock_of(&plain).tcp_user_timeout().unwrap(), None);
+    }
+
+    #[test]
+    fn keepalive_interval_is_a_third_of_the_idle_time_within_bounds() {
+        let params = |secs| {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            s.set_tcp_keepalive(&keepalive_params(Duration::from_secs(secs)))
+                .unwrap();
+            s.tcp_keepalive_interval().unwrap()
+        };
+        assert_eq!(params(2), Duration::from_secs(1));
+        assert_eq!(params(60), Duration::from_secs(20));
+        assert_eq!(params(7200), Duration::from_secs(75));
+    }
+
     #[test]
     fn error_table() {
         let e = |k| io::Error::from(k);
@@ -424,7 +593,12 @@ mod tests {
         // Linux reports twice the value set (bookkeeping overhead); small values are below every rmem_max.
         let want = 16 * 1024;
         let l = reuseport_listener("127.0.0.1:0".parse().unwrap(), 16, Some(want)).unwrap();
-        let out = connect(l.local_addr().unwrap(), None, Some(want)).unwrap();
+        let out = connect(
+            l.local_addr().unwrap(),
+            None,
+            (Some(want), &TcpOptions::default()),
+        )
+        .unwrap();
         let out = socket2::SockRef::from(&out);
         assert_eq!(out.recv_buffer_size().unwrap(), 2 * want);
         assert_eq!(out.send_buffer_size().unwrap(), 2 * want);

@@ -254,3 +254,42 @@ pub fn monotonic_usec() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1000
 }
+
+/// Sets TCP_FASTOPEN on a listening socket: the queue of pending TFO requests (`--tcp-fastopen`; socket2 has
+/// no setter for it).
+pub fn set_tcp_fastopen(fd: RawFd, queue: i32) -> io::Result<()> {
+    // SAFETY: setsockopt reads size_of::<c_int>() bytes from `queue`, a valid c_int on our stack.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_FASTOPEN,
+            (&queue as *const i32).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reads TCP_FASTOPEN back (the queue length of a listener, 0 when off).
+pub fn tcp_fastopen(fd: RawFd) -> io::Result<i32> {
+    let mut queue: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `queue`, a c_int on our stack, and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_FASTOPEN,
+            (&mut queue as *mut i32).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(queue)
+}

@@ -107,7 +107,8 @@ impl Worker {
             log_refused(peer, "client not allowed");
             return;
         }
-        let _ = stream.set_nodelay(true);
+        // TCP_NODELAY (and the keepalive and user-timeout options) come from the listener: Linux copies them to
+        // every accepted socket (`net::TcpOptions::apply_listener`).
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         let tok = token::conn(key, token::Role::Client);

@@ -365,9 +365,20 @@ pub fn open_target(
     ctx: &mut Ctx,
     addr: SocketAddr,
     source: Egress,
+    allowed: DestAllowed,
+) -> io::Result<Sock> {
+    open_attempt(key, 0, ctx, (addr, source), allowed)
+}
+
+/// Like [`open_target`], for connect attempt `slot` of a Happy Eyeballs connect (its events carry that slot).
+pub fn open_attempt(
+    key: usize,
+    slot: usize,
+    ctx: &mut Ctx,
+    (addr, source): (SocketAddr, Egress),
     _allowed: DestAllowed,
 ) -> io::Result<Sock> {
-    open(key, ctx, addr, source)
+    open(token::attempt(key, slot), ctx, addr, source)
 }
 
 /// Opens a connection to the `index`th address of the configured `--upstream` proxy (the operator's own choice,
@@ -379,7 +390,10 @@ pub fn open_upstream_proxy(
     source: Egress,
 ) -> Option<(SocketAddr, io::Result<Sock>)> {
     let addr = ctx.cfg.upstream.as_ref()?.addrs.get(index).copied()?;
-    Some((addr, open(key, ctx, addr, source)))
+    Some((
+        addr,
+        open(token::conn(key, token::Role::Upstream), ctx, addr, source),
+    ))
 }
 
 /// Opens a connection to a member of a policy upstream group (configured by the operator, by IP address).
@@ -397,17 +411,14 @@ pub fn open_group_member(
 /// from a block), or `None` for `--bind` / the kernel's choice.
 pub type Egress = Option<(std::net::IpAddr, bool)>;
 
-fn open(key: usize, ctx: &mut Ctx, addr: SocketAddr, source: Egress) -> io::Result<Sock> {
-    let buffer = ctx.cfg.socket_buffer;
+fn open(tok: mio::Token, ctx: &mut Ctx, addr: SocketAddr, source: Egress) -> io::Result<Sock> {
+    let opts = (ctx.cfg.socket_buffer, &ctx.cfg.tcp);
     let mut stream = match source {
-        Some((ip, freebind)) => net::connect_from(addr, ip, freebind, buffer)?,
-        None => net::connect(addr, ctx.cfg.outbound_bind, buffer)?,
+        Some((ip, freebind)) => net::connect_from(addr, ip, freebind, opts)?,
+        None => net::connect(addr, ctx.cfg.outbound_bind, opts)?,
     };
-    ctx.registry.register(
-        &mut stream,
-        token::conn(key, token::Role::Upstream),
-        Interest::READABLE | Interest::WRITABLE,
-    )?;
+    ctx.registry
+        .register(&mut stream, tok, Interest::READABLE | Interest::WRITABLE)?;
     Ok(Sock::new(stream))
 }
 

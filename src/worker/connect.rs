@@ -1,22 +1,30 @@
 //! Resolving -> Connecting -> (upstream handshake) -> success reply -> relay.
 //!
-//! Every resolved address is tried in turn (the resolver's order, which getaddrinfo sorts per RFC 6724), each one
-//! checked against the destination rules first, so a name cannot be used to reach a denied address.
+//! Addresses are dialled per Happy Eyeballs (RFC 8305, the sans-IO scheduler in `crate::happy`): families
+//! interleaved starting with the resolver's first (getaddrinfo sorts per RFC 6724), the next attempt
+//! `--connection-attempt-delay` after the previous while earlier ones stay in flight (at once when one fails), the
+//! first to connect wins and the others are closed, all within `--connect-timeout`. Every address is checked
+//! against the destination rules before anything is dialled, so a name cannot be used to reach a denied address.
+//! Both families of a name arrive in one answer from the resolver, so the resolution delay of RFC 8305 §3 never
+//! applies here.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use log::debug;
 
 use super::close::CloseReason;
-use super::conn::{drop_upstream, open_target, path_failed, Conn, Dest, Phase};
+use mio::Interest;
+
+use super::conn::{open_attempt, path_failed, Conn, Dest, Phase};
 use super::ctx::{Ctx, Next, ReplyKind};
-use super::phase::Answer;
+use super::phase::{Answer, Attempts};
 use super::relay::start_relay;
 use super::reply;
 use super::timers::TimerKind;
-use super::{gate, upstream};
+use super::{gate, token, upstream};
+use crate::happy::{Family, Scheduler, Step};
 use crate::metrics;
 use crate::net::{self, ConnectState};
 use crate::proto::{self, Failure, TargetAddr};
@@ -64,6 +72,13 @@ pub fn start(
         TargetAddr::Ip(addr) => begin(key, conn, ctx, (answer, deadline), vec![addr]),
         TargetAddr::Domain(name, port) => {
             metrics::inc(&ctx.stats.dns_lookups);
+            // A name known without a query (`--resolve`, hosts file, a live cache entry) is answered here: no
+            // pool hop, no waker, no second loop iteration.
+            if let Some(result) = ctx.quick.get(name.as_str(), port) {
+                debug!("{}: {} answered without a lookup", conn.peer, name.as_str());
+                conn.phase = Phase::Resolving { answer, deadline };
+                return on_resolved(key, conn, ctx, result);
+            }
             let job = Job {
                 key,
                 gen: conn.gen,
@@ -116,7 +131,7 @@ fn target_str(conn: &Conn) -> String {
         .unwrap_or_default()
 }
 
-/// Filters the addresses through the destination rules and starts on the first.
+/// Filters the addresses through the destination rules and starts the Happy Eyeballs attempts.
 pub fn begin(
     key: usize,
     conn: &mut Conn,
@@ -137,82 +152,89 @@ pub fn begin(
             }
         })
         .collect();
-    if allowed.is_empty() {
+    let Some(first) = allowed.first() else {
         debug!(
             "{}: every address of {} denied by rules",
             conn.peer,
             target_str(conn)
         );
         return fail(conn, ctx, reply, CloseReason::DestDenied);
-    }
+    };
+    // The resolver's order (RFC 6724 for getaddrinfo; --resolve as written) names the preferred family.
+    let preferred = Family::of(&first.0);
+    let list: Vec<SocketAddr> = allowed.iter().map(|(a, _)| *a).collect();
+    let sched = Scheduler::with_addrs(&list, preferred, ctx.cfg.connection_attempt_delay);
     conn.phase = Phase::Connecting {
         answer,
-        addrs: allowed,
-        next: 0,
-        last: Failure::General,
-        attempt_deadline: ctx.now,
         deadline,
+        attempts: Box::new(Attempts {
+            sched,
+            allowed,
+            socks: Default::default(),
+            last: Failure::General,
+            wake: None,
+        }),
     };
-    try_next(key, conn, ctx)
+    pump(key, conn, ctx)
 }
 
-/// Least time an attempt gets before the next address is tried.
-const MIN_ATTEMPT: Duration = Duration::from_secs(1);
+/// Keeps the more specific of two failures: a refusal or an unreachable route says more than "general failure".
+fn record(last: &mut Failure, new: Failure) {
+    if new != Failure::General || *last == Failure::General {
+        *last = new;
+    }
+}
 
-/// Starts a connect to the next address; replies with the last failure when none are left.
-///
-/// Addresses are tried one after another, but an attempt that neither succeeds nor fails (a blackholed address)
-/// gets only its share of the remaining connect time, so one dead address (typically IPv6) cannot eat the whole
-/// `--connect-timeout` while a working one waits behind it.
-fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
+/// Asks the scheduler what to do now and does it: dial addresses (each in a free token slot), arm the
+/// attempt-delay wake-up, or fail with the most specific failure once every address failed.
+fn pump(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     loop {
-        let (addr, allowed, left) = {
-            let Phase::Connecting {
-                answer,
-                addrs,
-                next,
-                last,
-                ..
-            } = &mut conn.phase
-            else {
-                return Next::Wait;
-            };
-            let Some((addr, allowed)) = addrs.get(*next).copied() else {
-                let (reply, last) = (answer.kind(), *last);
-                return fail(conn, ctx, reply, CloseReason::Failed(last));
-            };
-            *next += 1;
-            (addr, allowed, (addrs.len() - *next) as u32)
-        };
-        debug!("{}: connecting to {addr}", conn.peer);
-        let opened = gate::egress(conn, ctx, addr.is_ipv4())
-            .and_then(|source| open_target(key, ctx, addr, source, allowed));
         let Phase::Connecting {
-            last,
-            attempt_deadline,
-            deadline: overall,
-            ..
+            answer, attempts, ..
         } = &mut conn.phase
         else {
             return Next::Wait;
         };
-        let overall = *overall;
-        match opened {
-            Ok(sock) => {
-                conn.upstream = Some(sock);
-                if left > 0 {
-                    let remaining = overall.saturating_duration_since(ctx.now);
-                    let share = (remaining / (left + 1)).max(MIN_ATTEMPT).min(remaining);
-                    *attempt_deadline = ctx.now + share;
-                    ctx.timers
-                        .push(*attempt_deadline, key, conn.gen, TimerKind::Connect);
-                } else {
-                    *attempt_deadline = overall;
+        let Some(slot) = attempts.socks.iter().position(Option::is_none) else {
+            // Every slot is busy: the next attempt waits for one of them to fail.
+            return Next::Wait;
+        };
+        let addr = match attempts.sched.next(ctx.now) {
+            Step::Dial(addr) => addr,
+            Step::WaitUntil(at) => {
+                if attempts.wake != Some(at) {
+                    attempts.wake = Some(at);
+                    ctx.timers.push(at, key, conn.gen, TimerKind::Connect);
                 }
                 return Next::Wait;
             }
+            Step::Idle | Step::Done => return Next::Wait,
+            Step::Exhausted => {
+                let (reply, last) = (answer.kind(), attempts.last);
+                return fail(conn, ctx, reply, CloseReason::Failed(last));
+            }
+        };
+        let Some(allowed) = attempts
+            .allowed
+            .iter()
+            .find(|(a, _)| *a == addr)
+            .map(|(_, proof)| *proof)
+        else {
+            // The scheduler only hands out addresses it was given, and it was given only allowed ones.
+            attempts.sched.on_attempt_failed(addr);
+            continue;
+        };
+        debug!("{}: connecting to {addr} (attempt slot {slot})", conn.peer);
+        let opened = gate::egress(conn, ctx, addr.is_ipv4())
+            .and_then(|source| open_attempt(key, slot, ctx, (addr, source), allowed));
+        let Phase::Connecting { attempts, .. } = &mut conn.phase else {
+            return Next::Wait;
+        };
+        match opened {
+            Ok(sock) => attempts.socks[slot] = Some((addr, sock)),
             Err(e) => {
-                *last = net::failure_of(&e);
+                record(&mut attempts.last, net::failure_of(&e));
+                attempts.sched.on_attempt_failed(addr);
                 if e.kind() == io::ErrorKind::Other {
                     gate::log_egress_error(conn, &e);
                 } else {
@@ -223,32 +245,98 @@ fn try_next(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     }
 }
 
-/// Drives the Connecting phase: on readiness of the outbound socket, checks whether the connect finished.
+/// Records readiness for connect attempt `slot`. False when the connection is not connecting (the caller marks
+/// its usual outbound socket instead).
+pub fn mark(conn: &mut Conn, slot: usize, ev: &mio::event::Event) -> bool {
+    let Phase::Connecting { attempts, .. } = &mut conn.phase else {
+        return false;
+    };
+    // A slot emptied earlier in this batch of events has no socket: its stale event is dropped.
+    if let Some(Some((_, sock))) = attempts.socks.get_mut(slot) {
+        sock.mark(ev);
+    }
+    true
+}
+
+/// Drives the Connecting phase: checks every attempt that saw readiness; the first connected one wins and the
+/// others are closed; failed ones make room for the next address.
 pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    let Some(up) = conn.upstream.as_mut() else {
+    let Phase::Connecting { attempts, .. } = &mut conn.phase else {
         return Next::Wait;
     };
-    if !up.writable && !up.readable {
-        return Next::Wait;
-    }
-    match net::connect_state(&up.stream) {
-        ConnectState::Pending => {
-            up.writable = false;
-            up.readable = false;
-            Next::Wait
+    let mut winner = None;
+    let mut failed = false;
+    for slot in 0..attempts.socks.len() {
+        let Some((addr, sock)) = attempts.socks[slot].as_mut() else {
+            continue;
+        };
+        if !sock.writable && !sock.readable {
+            continue;
         }
-        ConnectState::Connected => {
-            debug!("{}: connected to {}", conn.peer, target_str(conn));
-            connected(conn)
-        }
-        ConnectState::Failed(e) => {
-            debug!("{}: connect to {}: {e}", conn.peer, target_str(conn));
-            drop_upstream(conn, ctx);
-            if let Phase::Connecting { last, .. } = &mut conn.phase {
-                *last = net::failure_of(&e);
+        let addr = *addr;
+        match net::connect_state(&sock.stream) {
+            ConnectState::Pending => {
+                sock.writable = false;
+                sock.readable = false;
             }
-            try_next(key, conn, ctx)
+            ConnectState::Connected => {
+                winner = Some(slot);
+                break;
+            }
+            ConnectState::Failed(e) => {
+                debug!("{}: connect to {addr}: {e}", conn.peer);
+                record(&mut attempts.last, net::failure_of(&e));
+                attempts.sched.on_attempt_failed(addr);
+                if let Some((_, mut sock)) = attempts.socks[slot].take() {
+                    let _ = ctx.registry.deregister(&mut sock.stream);
+                }
+                failed = true;
+            }
         }
+    }
+    if let Some(slot) = winner {
+        return won(key, conn, ctx, slot);
+    }
+    if failed {
+        return pump(key, conn, ctx);
+    }
+    Next::Wait
+}
+
+/// Attempt `slot` connected: it becomes the outbound socket (under the plain upstream token), the others close.
+fn won(key: usize, conn: &mut Conn, ctx: &mut Ctx, slot: usize) -> Next {
+    let Phase::Connecting { attempts, .. } = &mut conn.phase else {
+        return Next::Wait;
+    };
+    let Some((addr, mut sock)) = attempts.socks[slot].take() else {
+        return Next::Wait;
+    };
+    for other in attempts.sched.on_connected(addr) {
+        debug!("{}: closing the attempt to {other}", conn.peer);
+    }
+    close_attempts(attempts, ctx);
+    if slot != 0 {
+        if let Err(e) = ctx.registry.reregister(
+            &mut sock.stream,
+            token::conn(key, token::Role::Upstream),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            debug!(
+                "{}: re-registering the connection to {addr}: {e}",
+                conn.peer
+            );
+            return Next::Close(CloseReason::Internal);
+        }
+    }
+    debug!("{}: connected to {addr} ({})", conn.peer, target_str(conn));
+    conn.upstream = Some(sock);
+    connected(conn)
+}
+
+/// Deregisters and closes every attempt still in flight.
+fn close_attempts(attempts: &mut Attempts, ctx: &mut Ctx) {
+    for (_, mut sock) in attempts.socks.iter_mut().filter_map(Option::take) {
+        let _ = ctx.registry.deregister(&mut sock.stream);
     }
 }
 
@@ -286,38 +374,27 @@ pub fn established(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind)
     Next::Again
 }
 
-/// Reports a failure to resolve or connect.
+/// Reports a failure to resolve or connect (closing any attempts still in flight).
 fn fail(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, reason: CloseReason) -> Next {
+    if let Phase::Connecting { attempts, .. } = &mut conn.phase {
+        close_attempts(attempts, ctx);
+    }
     path_failed(conn, ctx, reply, reason)
 }
 
-/// A connect timer popped: move on to the next address when this attempt's share is used up, or fail when the
-/// whole connect deadline has passed.
+/// A connect timer popped: the attempt delay ran out (dial the next address), or the whole connect deadline
+/// passed.
 pub fn on_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    let overall_due = conn.phase.connect_deadline().is_some_and(|d| d <= ctx.now);
-    if let Phase::Connecting {
-        addrs,
-        next,
-        last,
-        attempt_deadline,
-        ..
-    } = &mut conn.phase
-    {
-        if !overall_due && *attempt_deadline <= ctx.now && *next < addrs.len() {
-            *last = Failure::TimedOut;
-            debug!(
-                "{}: connect attempt timed out; trying the next address",
-                conn.peer
-            );
-            drop_upstream(conn, ctx);
-            return try_next(key, conn, ctx);
+    if conn.phase.connect_deadline().is_some_and(|d| d <= ctx.now) {
+        return on_timeout(conn, ctx);
+    }
+    if let Phase::Connecting { attempts, .. } = &mut conn.phase {
+        if attempts.wake.is_some_and(|at| at <= ctx.now) {
+            attempts.wake = None;
+            return pump(key, conn, ctx);
         }
     }
-    if overall_due {
-        on_timeout(conn, ctx)
-    } else {
-        Next::Wait
-    }
+    Next::Wait
 }
 
 /// The connect deadline passed while resolving or connecting.
@@ -329,4 +406,28 @@ pub fn on_timeout(conn: &mut Conn, ctx: &mut Ctx) -> Next {
     };
     debug!("{}: connect to {} timed out", conn.peer, target_str(conn));
     fail(conn, ctx, reply, CloseReason::Failed(Failure::TimedOut))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_most_specific_failure_is_kept() {
+        let mut last = Failure::General;
+        record(&mut last, Failure::ConnectionRefused);
+        assert_eq!(last, Failure::ConnectionRefused);
+        record(&mut last, Failure::General);
+        assert_eq!(
+            last,
+            Failure::ConnectionRefused,
+            "a general error says less"
+        );
+        record(&mut last, Failure::HostUnreachable);
+        assert_eq!(
+            last,
+            Failure::HostUnreachable,
+            "otherwise the last one counts"
+        );
+    }
 }

@@ -88,6 +88,8 @@ pub struct Ctx {
     pub now: Instant,
     /// Resolver pool job queue.
     pub resolve_tx: Sender<Job>,
+    /// Names answered without the pool (`--resolve`, hosts file, live cache entries).
+    pub quick: crate::resolve::QuickAnswers,
     /// Where resolver answers come back.
     pub reply_to: ReplyTo,
     /// Connections to drive again next iteration.
@@ -115,6 +117,8 @@ pub struct Shared {
     pub user_counts: UserCounts,
     /// Resolver job queue.
     pub resolve_tx: Sender<Job>,
+    /// Answers a worker takes inline, without a pool round trip.
+    pub quick: crate::resolve::QuickAnswers,
 }
 
 /// The channels between a worker and the other threads.

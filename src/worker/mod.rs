@@ -115,6 +115,7 @@ impl Worker {
             timers: Timers::default(),
             now: Instant::now(),
             resolve_tx: shared.resolve_tx.clone(),
+            quick: shared.quick.clone(),
             reply_to: ReplyTo {
                 tx: reply_tx,
                 waker,
@@ -168,6 +169,7 @@ impl Worker {
                     Target::Waker => wake = true,
                     Target::Listener(i) => self.accept(i),
                     Target::Conn { key, role } => self.on_event(key, role, ev),
+                    Target::Attempt { key, slot } => self.on_attempt_event(key, slot, ev),
                 }
             }
             self.events = events;
@@ -220,14 +222,27 @@ impl Worker {
         );
         match role {
             Role::Client => conn.client.mark(ev),
-            Role::Upstream => match conn.outbound_mut() {
-                Some(up) => up.mark(ev),
-                None => udp::mark(conn, role, ev),
-            },
+            Role::Upstream => {
+                if let Some(up) = conn.outbound_mut() {
+                    up.mark(ev);
+                } else if !connect::mark(conn, 0, ev) {
+                    udp::mark(conn, role, ev);
+                }
+            }
             Role::Udp => udp::mark(conn, role, ev),
             Role::BindListener => bind::mark(conn, ev),
         }
         self.drive(key);
+    }
+
+    /// An event for an extra Happy Eyeballs connect attempt (slot 0 arrives as the plain upstream token).
+    fn on_attempt_event(&mut self, key: usize, slot: usize, ev: &mio::event::Event) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if connect::mark(conn, slot, ev) {
+            self.drive(key);
+        }
     }
 
     /// Runs the connection's phase handlers until they have nothing more to do.

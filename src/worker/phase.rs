@@ -32,20 +32,14 @@ pub enum Phase {
         /// The connect deadline (resolving and connecting together).
         deadline: Instant,
     },
-    /// A nonblocking connect is in flight.
+    /// Nonblocking connects are in flight (Happy Eyeballs: possibly several at once).
     Connecting {
         /// Who gets the connection.
         answer: Answer,
-        /// Addresses still to try, each already passed by the destination rules.
-        addrs: Vec<(SocketAddr, crate::acl::DestAllowed)>,
-        /// Index of the next address to try.
-        next: usize,
-        /// The failure of the last attempt.
-        last: crate::proto::Failure,
-        /// When the current attempt gives way to the next address.
-        attempt_deadline: Instant,
         /// The connect deadline (all addresses together).
         deadline: Instant,
+        /// The addresses, the scheduler and the attempts in flight (boxed: `Conn` stays small).
+        attempts: Box<Attempts>,
     },
     /// Talking to an upstream proxy on the outbound socket.
     Upstream(Box<UpstreamHandshake>),
@@ -69,6 +63,21 @@ pub enum Phase {
         /// What the access log will say.
         reason: CloseReason,
     },
+}
+
+/// The outbound attempts of one connect (RFC 8305): every address already passed by the destination rules, the
+/// scheduler that says which to dial when, and one socket per attempt in flight, each in its own token slot.
+pub struct Attempts {
+    /// Which address to dial next, and when.
+    pub sched: crate::happy::Scheduler,
+    /// Every address the rules allowed, with its proof (looked up when the scheduler picks it).
+    pub allowed: Vec<(SocketAddr, crate::acl::DestAllowed)>,
+    /// The attempts in flight, indexed by token slot (see `token::attempt`).
+    pub socks: [Option<(SocketAddr, Sock)>; super::token::ATTEMPT_SLOTS],
+    /// The most specific failure seen so far (what the client is told when every attempt fails).
+    pub last: crate::proto::Failure,
+    /// The attempt-delay wake-up already queued with the timers, so it is not pushed twice.
+    pub wake: Option<Instant>,
 }
 
 /// Who gets the connection once the path to the target is up (or is told it failed).

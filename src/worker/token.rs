@@ -3,7 +3,9 @@
 //! ```text
 //! Token(usize::MAX)          the worker's waker (commands and resolver replies)
 //! Token(usize::MAX - 1 - i)  listener i
-//! Token(key << 2 | role)     a socket of connection `key` in the slab
+//! Token(key << 5 | slot << 2 | role)
+//!                            a socket of connection `key` in the slab; `slot` is 0 except for the extra
+//!                            outbound sockets of a Happy Eyeballs connect (one per attempt in flight)
 //! ```
 
 use mio::Token;
@@ -35,7 +37,20 @@ pub enum Target {
         /// Which of its sockets.
         role: Role,
     },
+    /// Connect attempt `slot` (1..[`ATTEMPT_SLOTS`]) of the connection at slab `key`; attempt 0 has the plain
+    /// [`Role::Upstream`] token, so the usual single attempt needs no re-registration when it wins.
+    Attempt {
+        /// The connection's slab key.
+        key: usize,
+        /// Which attempt.
+        slot: usize,
+    },
 }
+
+/// How many connect attempts one connection may have in flight at once (Happy Eyeballs).
+pub const ATTEMPT_SLOTS: usize = 8;
+const SLOT_SHIFT: u32 = 2;
+const KEY_SHIFT: u32 = 5;
 
 /// The waker's token.
 pub const WAKER: Token = Token(usize::MAX);
@@ -50,8 +65,14 @@ pub fn listener(i: usize) -> Token {
 
 /// Token of socket `role` of connection `key`.
 pub fn conn(key: usize, role: Role) -> Token {
-    debug_assert!(key < (usize::MAX - RESERVED) >> 2);
-    Token(key << 2 | role as usize)
+    debug_assert!(key < (usize::MAX - RESERVED) >> KEY_SHIFT);
+    Token(key << KEY_SHIFT | role as usize)
+}
+
+/// Token of outbound connect attempt `slot` of connection `key` (slot 0 is the plain upstream token).
+pub fn attempt(key: usize, slot: usize) -> Token {
+    debug_assert!(slot < ATTEMPT_SLOTS);
+    Token(conn(key, Role::Upstream).0 | slot << SLOT_SHIFT)
 }
 
 /// Decodes a token.
@@ -68,7 +89,11 @@ pub fn decode(token: Token) -> Target {
             2 => Role::Udp,
             _ => Role::BindListener,
         };
-        Target::Conn { key: t >> 2, role }
+        let key = t >> KEY_SHIFT;
+        match (t >> SLOT_SHIFT) & (ATTEMPT_SLOTS - 1) {
+            0 => Target::Conn { key, role },
+            slot => Target::Attempt { key, slot },
+        }
     }
 }
 
@@ -82,9 +107,19 @@ mod tests {
         for i in [0, 1, 7] {
             assert_eq!(decode(listener(i)), Target::Listener(i));
         }
-        for key in [0, 1, 12345, ((usize::MAX - RESERVED) >> 2) - 1] {
+        for key in [0, 1, 12345, ((usize::MAX - RESERVED) >> KEY_SHIFT) - 1] {
             for role in [Role::Client, Role::Upstream, Role::Udp, Role::BindListener] {
                 assert_eq!(decode(conn(key, role)), Target::Conn { key, role });
+            }
+            assert_eq!(
+                decode(attempt(key, 0)),
+                Target::Conn {
+                    key,
+                    role: Role::Upstream
+                }
+            );
+            for slot in 1..ATTEMPT_SLOTS {
+                assert_eq!(decode(attempt(key, slot)), Target::Attempt { key, slot });
             }
         }
     }
