@@ -404,7 +404,10 @@ pub fn open_group_member(
     source: Egress,
 ) -> Option<(SocketAddr, io::Result<Sock>)> {
     let addr = member.server.addrs.first().copied()?;
-    Some((addr, open(key, ctx, addr, source)))
+    Some((
+        addr,
+        open(token::conn(key, token::Role::Upstream), ctx, addr, source),
+    ))
 }
 
 /// The source of an outbound connection: a user's policy egress address (with IP_FREEBIND when it was picked

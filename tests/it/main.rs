@@ -14,6 +14,7 @@ mod common;
 
 mod dns;
 mod faults;
+mod happy_eyeballs;
 mod haproxy;
 mod http_proxy;
 mod lifecycle;
@@ -25,6 +26,7 @@ mod security;
 mod session_ends;
 mod socks4;
 mod socks5;
+mod tcp_options;
 mod tls;
 mod udp_bind;
 mod worker_layers;

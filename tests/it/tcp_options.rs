@@ -2,7 +2,7 @@
 //! relays (curl through SOCKS5h and the HTTP proxy), and where `ss` is installed its view of both legs shows the
 //! keepalive timer. (The socket options themselves are checked with getsockopt in net.rs's unit tests.)
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Duration;

@@ -6,7 +6,7 @@
 //! full drops every further SYN silently (Linux counts them as ListenOverflows), so a connect to it neither
 //! succeeds nor fails until the client gives up, exactly like a SYN-dropping path.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
