@@ -88,6 +88,7 @@ impl Server {
             cfg: Arc::clone(&cfg),
             open: Arc::new(AtomicUsize::new(0)),
             user_counts: Arc::new(Mutex::new(Default::default())),
+            limits: Arc::new(crate::policy::Limits::default()),
             resolve_tx: resolver.sender(),
         };
         let mut workers = Vec::with_capacity(threads);

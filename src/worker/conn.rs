@@ -21,6 +21,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use log::debug;
@@ -128,6 +129,8 @@ pub struct Conn {
     /// The source address picked from the user's policy egress list for this session (boxed: only sessions of users
     /// with an egress list pay for it, and `Conn` stays under its size budget).
     pub egress: Option<Box<std::net::IpAddr>>,
+    /// The user's (or anonymous client's) token buckets, when she has rates: `None` costs the relay nothing.
+    pub limits: Option<Arc<crate::policy::UserLimits>>,
 }
 
 impl Conn {
@@ -163,6 +166,7 @@ impl Conn {
             request_lines: false,
             user_counted: false,
             egress: None,
+            limits: None,
         }
     }
 
@@ -289,6 +293,12 @@ pub fn grow(slot: &mut Option<Buffer>, limit: usize, pool: &mut BufferPool) -> b
 /// `--user-max-connections`), or an anonymous client's against `[defaults] max_connections` per client address;
 /// false when at the limit.
 pub fn user_admit(conn: &mut Conn, ctx: &mut Ctx) -> bool {
+    if conn.limits.is_none() {
+        let rates = ctx.policy.rates(conn.user.as_ref().map(|u| u.user()));
+        if !rates.is_unlimited() {
+            conn.limits = ctx.limits.session(&session_key(conn), rates);
+        }
+    }
     let max = match conn.user.as_ref() {
         Some(user) => ctx
             .policy

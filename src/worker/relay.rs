@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use crate::buffer::BufferPool;
 use crate::metrics;
+use crate::policy::bucket::Bucket;
 use crate::sys::Pipe;
 
 /// Reads per direction per turn before yielding to other connections.
@@ -32,6 +33,8 @@ struct Pumped {
     progress: bool,
     more: bool,
     bytes: u64,
+    /// The bucket ran dry: read again after this long.
+    throttle: Option<Duration>,
 }
 
 /// The worker resources a pump uses.
@@ -40,6 +43,7 @@ struct Res<'a> {
     pipes: &'a mut Vec<Pipe>,
     scratch: &'a mut [u8],
     splice: bool,
+    now: std::time::Instant,
 }
 
 /// Pipes kept per worker for reuse.
@@ -96,6 +100,7 @@ fn splice_once(
     dst: &mut Sock,
     slot: &mut Option<Pipe>,
     pipes: &mut Vec<Pipe>,
+    len: usize,
 ) -> Spliced {
     if slot.is_none() {
         match pipes.pop().map(Ok).unwrap_or_else(Pipe::new) {
@@ -106,7 +111,7 @@ fn splice_once(
     let Some(pipe) = slot.as_mut() else {
         return Spliced::NoPipe;
     };
-    match pipe.fill_from(src.stream.as_raw_fd(), SPLICE_CHUNK) {
+    match pipe.fill_from(src.stream.as_raw_fd(), len) {
         Ok(0) => {
             give_pipe(pipes, slot.take());
             Spliced::Eof
@@ -134,6 +139,7 @@ fn pump(
     dst: &mut Sock,
     way: &mut Way,
     res: &mut Res<'_>,
+    bucket: Option<&Bucket>,
     other_done: bool,
     (src_err, dst_err): (CloseReason, CloseReason),
 ) -> Result<Pumped, CloseReason> {
@@ -160,14 +166,37 @@ fn pump(
     }
     let mut reads = 0;
     // Reading while the sink is blocked would only move bytes from the kernel into our memory.
-    while !way.half.eof && src.readable && dst.writable {
+    while !way.half.eof && !way.half.throttled && src.readable && dst.writable {
         if reads == READS_PER_TURN {
             p.more = true;
             break;
         }
         reads += 1;
-        if res.splice && way.half.bulk {
-            match splice_once(src, dst, &mut way.pipe, res.pipes) {
+        let splicing = res.splice && way.half.bulk;
+        let want = if splicing {
+            SPLICE_CHUNK
+        } else {
+            res.scratch.len()
+        };
+        // Only a rate-limited user's relay asks a bucket; the others pay one branch per read.
+        let grant = match bucket {
+            None => want,
+            Some(b) => match b.take(res.now, want) {
+                Ok(g) => g,
+                Err(wait) => {
+                    way.half.throttled = true;
+                    p.throttle = Some(wait);
+                    break;
+                }
+            },
+        };
+        if splicing {
+            let sp = splice_once(src, dst, &mut way.pipe, res.pipes, grant);
+            if let Some(b) = bucket {
+                let used = if let Spliced::Moved(n, _) = sp { n } else { 0 };
+                b.give_back(grant - used.min(grant));
+            }
+            match sp {
                 Spliced::Eof => {
                     way.half.eof = true;
                     continue;
@@ -191,7 +220,29 @@ fn pump(
                 Spliced::NoPipe => {}
             }
         }
-        match src.read(res.scratch) {
+        let grant = match bucket {
+            Some(b) if splicing => match b.take(res.now, res.scratch.len()) {
+                Ok(g) => g,
+                Err(wait) => {
+                    way.half.throttled = true;
+                    p.throttle = Some(wait);
+                    break;
+                }
+            },
+            Some(_) => grant,
+            None => res.scratch.len(),
+        };
+        let len = grant.min(res.scratch.len());
+        let buf = &mut res.scratch[..len];
+        let read = src.read(buf);
+        if let Some(b) = bucket {
+            let used = match read {
+                Ok(Some(n)) => n,
+                _ => 0,
+            };
+            b.give_back(grant - used.min(grant));
+        }
+        match read {
             Ok(Some(0)) => way.half.eof = true,
             Ok(Some(n)) => {
                 p.progress = true;
@@ -225,7 +276,7 @@ fn pump(
 }
 
 /// Drives a tunnel until neither direction can make progress.
-pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
+pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     // A partial success reply (or an HTTP error head) goes out before any upstream byte.
     if !conn.to_client.is_empty() {
         match conn.flush_client() {
@@ -240,8 +291,15 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
         bytes_up,
         bytes_down,
         last_active,
+        limits,
+        gen,
         ..
     } = conn;
+    let (bucket_up, bucket_down) = match limits.as_deref() {
+        Some(l) => (Some(&l.up), Some(&l.down)),
+        None => (None, None),
+    };
+    let mut throttle: Option<Duration> = None;
     let Phase::Relay(t) = phase else {
         return Next::Wait;
     };
@@ -254,12 +312,14 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
             pipes: &mut ctx.pipes,
             scratch: &mut ctx.scratch,
             splice: ctx.cfg.splice,
+            now: ctx.now,
         };
         let a = pump(
             client,
             outbound,
             up,
             &mut res,
+            bucket_up,
             down.half.shut,
             (CloseReason::ClientReset, CloseReason::UpstreamReset),
         );
@@ -272,6 +332,7 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
             client,
             down,
             &mut res,
+            bucket_down,
             up.half.shut,
             (CloseReason::UpstreamReset, CloseReason::ClientReset),
         );
@@ -279,6 +340,9 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
             Ok(b) => b,
             Err(reason) => return Next::Close(reason),
         };
+        for w in [a.throttle, b.throttle].into_iter().flatten() {
+            throttle = Some(throttle.map_or(w, |t| t.min(w)));
+        }
         *bytes_up += a.bytes;
         *bytes_down += b.bytes;
         metrics::add(&ctx.stats.bytes_up, a.bytes);
@@ -291,6 +355,11 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
     }
     if any {
         *last_active = ctx.now;
+    }
+    if let Some(wait) = throttle {
+        // One timer per dry spell: a throttled direction reads nothing, so it cannot ask again before it fires.
+        ctx.timers
+            .push(ctx.now + wait, key, *gen, TimerKind::Throttle);
     }
     if up.half.shut && down.half.shut {
         return Next::Close(CloseReason::Done);
@@ -345,6 +414,16 @@ pub fn start_relay(key: usize, conn: &mut Conn, ctx: &mut Ctx, outbound: Sock) {
     }));
     conn.last_active = ctx.now;
     arm_idle(key, conn, ctx);
+}
+
+/// The throttle timer popped: both directions may read again (the one that still finds its bucket dry re-arms).
+pub fn on_throttle_timer(conn: &mut Conn) -> Next {
+    let Phase::Relay(t) = &mut conn.phase else {
+        return Next::Wait;
+    };
+    t.up.half.throttled = false;
+    t.down.half.throttled = false;
+    Next::Again
 }
 
 /// Longest an idle-check entry waits in the timer heap. Entries are never removed when their connection closes,

@@ -1,0 +1,224 @@
+//! Per-user bandwidth limits of the policy file (`rate_down`, `rate_up`, `burst`) against the real binary.
+//!
+//! The rate is the feature here, so these tests time transfers: each measures at least 10 s and allows +-10 %.
+//! Transfers that can run at the same time run in parallel threads inside one test to keep the suite short.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const MIB: usize = 1 << 20;
+
+/// Writes `text` to a fresh policy file and starts the proxy with it and two workers (so sessions of one user
+/// can land on different threads and must still share one bucket).
+fn with_policy(text: &str, extra: &[&str]) -> (Proxy, std::path::PathBuf) {
+    let path = temp_path("policy.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut args: Vec<&str> = vec![
+        "-l",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+        "--threads",
+        "2",
+        "--policy",
+        path.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    (Proxy::spawn(&args), path)
+}
+
+/// A target that reads an 8-byte big-endian length and sends that many pseudo-random bytes, or with length 0
+/// counts what the client uploads until EOF and answers with the count.
+fn blob_server() -> TestServer {
+    TestServer::start(|mut s| {
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut len = [0u8; 8];
+        if s.read_exact(&mut len).is_err() {
+            return;
+        }
+        let n = u64::from_be_bytes(len) as usize;
+        if n == 0 {
+            let mut total = 0u64;
+            let mut buf = vec![0u8; 65536];
+            while let Ok(k) = s.read(&mut buf) {
+                if k == 0 {
+                    break;
+                }
+                total += k as u64;
+            }
+            let _ = s.write_all(&total.to_be_bytes());
+            return;
+        }
+        let data = pseudo_random(n as u64, n);
+        let _ = s.write_all(&data);
+    })
+}
+
+/// Downloads `n` bytes over an established tunnel; returns the seconds it took and checks every byte.
+fn download(mut s: TcpStream, n: usize) -> f64 {
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let t0 = Instant::now();
+    s.write_all(&(n as u64).to_be_bytes()).unwrap();
+    let mut got = vec![0u8; n];
+    s.read_exact(&mut got).unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    assert_eq!(
+        digest(&got),
+        digest(&pseudo_random(n as u64, n)),
+        "payload intact"
+    );
+    secs
+}
+
+/// Uploads `n` bytes over an established tunnel; returns the seconds until the target confirmed all of them.
+fn upload(mut s: TcpStream, n: usize) -> f64 {
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+    let t0 = Instant::now();
+    s.write_all(&0u64.to_be_bytes()).unwrap();
+    let chunk = vec![7u8; 64 * 1024];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(chunk.len());
+        s.write_all(&chunk[..k]).unwrap();
+        left -= k;
+    }
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut count = [0u8; 8];
+    s.read_exact(&mut count).unwrap();
+    assert_eq!(u64::from_be_bytes(count), n as u64, "target got every byte");
+    t0.elapsed().as_secs_f64()
+}
+
+fn tunnel(proxy: SocketAddr, user: &str, target: SocketAddr) -> TcpStream {
+    socks5_connect_auth(proxy, user, "pw", target)
+        .unwrap_or_else(|e| panic!("{user}: CONNECT failed: {e:#x}"))
+}
+
+/// Connects to the proxy from `from` (any 127/8 address is local on Linux) and opens a no-auth tunnel.
+fn anonymous_tunnel(from: Ipv4Addr, proxy: SocketAddr, target: SocketAddr) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from((from, 0)).into()).unwrap();
+    s.connect_timeout(&proxy.into(), IO_TIMEOUT).unwrap();
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    socks5_connect_on(s, target).unwrap_or_else(|e| panic!("anonymous CONNECT failed: {e:#x}"))
+}
+
+fn within(what: &str, secs: f64, expect: f64) {
+    let ratio = secs / expect;
+    eprintln!("{what}: {secs:.2} s, expected {expect:.2} s, ratio {ratio:.3}");
+    assert!(
+        (0.9..=1.1).contains(&ratio),
+        "{what}: took {secs:.2} s, expected {expect:.2} s +-10 %"
+    );
+}
+
+/// One 30 MiB download at 2 MiB/s takes 15 s; two parallel downloads of one user share her 2 MiB/s; another
+/// user's transfers at the same time are not slowed (a limited one runs at her own rate, an unlimited one at full
+/// speed); `rate_up` limits uploads the same way. All at once, so the test takes about 15 s.
+#[test]
+fn rates_per_user_and_direction() {
+    let server = blob_server();
+    let target = server.addr;
+    let policy = r#"
+[users.alice]
+password = "pw"
+rate_down = "2MiB/s"
+
+[users.bob]
+password = "pw"
+rate_down = "2MiB/s"
+
+[users.carol]
+password = "pw"
+
+[users.erin]
+password = "pw"
+rate_up = "1MiB/s"
+"#;
+    let (proxy, _path) = with_policy(policy, &[]);
+    let p = proxy.addr();
+    let alice = thread::spawn(move || download(tunnel(p, "alice", target), 30 * MIB));
+    let bob: Vec<_> = (0..2)
+        .map(|_| thread::spawn(move || download(tunnel(p, "bob", target), 15 * MIB)))
+        .collect();
+    let erin = thread::spawn(move || upload(tunnel(p, "erin", target), 12 * MIB));
+    // Carol has no rate: 30 MiB while the others are throttled goes at loopback speed.
+    let carol = download(tunnel(p, "carol", target), 30 * MIB);
+    eprintln!("carol (unlimited): 30 MiB in {carol:.2} s");
+    assert!(carol < 5.0, "an unlimited user is not slowed: {carol:.2} s");
+
+    within("alice 30 MiB at 2 MiB/s", alice.join().unwrap(), 15.0);
+    let bob: Vec<f64> = bob.into_iter().map(|h| h.join().unwrap()).collect();
+    let slowest = bob.iter().cloned().fold(0.0, f64::max);
+    within("bob 2 x 15 MiB sharing 2 MiB/s", slowest, 15.0);
+    within("erin 12 MiB up at 1 MiB/s", erin.join().unwrap(), 12.0);
+}
+
+/// Anonymous clients get the `[defaults]` rate keyed by client address: two addresses in parallel each get the
+/// full rate (not a shared one).
+#[test]
+fn anonymous_rates_by_address() {
+    let server = blob_server();
+    let target = server.addr;
+    let (proxy, _path) = with_policy("[defaults]\nrate_down = \"1MiB/s\"\n", &[]);
+    let p = proxy.addr();
+    let from = |last: u8| {
+        thread::spawn(move || {
+            download(
+                anonymous_tunnel(Ipv4Addr::new(127, 0, 0, last), p, target),
+                11 * MIB,
+            )
+        })
+    };
+    let (a, b) = (from(1), from(2));
+    within(
+        "anonymous 127.0.0.1, 11 MiB at 1 MiB/s",
+        a.join().unwrap(),
+        11.0,
+    );
+    within(
+        "anonymous 127.0.0.2, 11 MiB at 1 MiB/s",
+        b.join().unwrap(),
+        11.0,
+    );
+}
+
+/// A rate lowered by SIGHUP reaches a running download at once: 4 MiB at 1 MiB/s would take 4 s; lowered to
+/// 512 KiB/s after about 2 s, the remaining ~2 MiB take 4 s more.
+#[test]
+fn lowered_rate_applies_to_running_session() {
+    let server = blob_server();
+    let target = server.addr;
+    let (proxy, path) = with_policy(
+        "[users.dan]\npassword = \"pw\"\nrate_down = \"1MiB/s\"\n",
+        &[],
+    );
+    let p = proxy.addr();
+    let c = thread::spawn(move || download(tunnel(p, "dan", target), 4 * MIB));
+    thread::sleep(Duration::from_millis(1750));
+    std::fs::write(
+        &path,
+        "[users.dan]\npassword = \"pw\"\nrate_down = \"512KiB/s\"\n",
+    )
+    .unwrap();
+    proxy.signal("HUP");
+    let c = c.join().unwrap();
+    eprintln!("lowered by reload after ~2 s: 4 MiB in {c:.2} s (about 4 s unchanged, 6 s lowered)");
+    assert!(
+        c > 5.0,
+        "the lowered rate reached the running session: {c:.2} s"
+    );
+    assert!(
+        c < 8.0,
+        "still running at the lowered rate, not stalled: {c:.2} s"
+    );
+}
