@@ -96,6 +96,25 @@ fn upload(mut s: TcpStream, n: usize) -> f64 {
     t0.elapsed().as_secs_f64()
 }
 
+/// An HTTP origin answering every request with `n` bytes of body (`Connection: close`).
+fn http_origin(n: usize) -> TestServer {
+    TestServer::start(move |mut s| {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match s.read(&mut b) {
+                Ok(1) => head.push(b[0]),
+                _ => return,
+            }
+        }
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+        );
+        let _ = s.write_all(&vec![b'x'; n]);
+    })
+}
+
 fn tunnel(proxy: SocketAddr, user: &str, target: SocketAddr) -> TcpStream {
     socks5_connect_auth(proxy, user, "pw", target)
         .unwrap_or_else(|e| panic!("{user}: CONNECT failed: {e:#x}"))
@@ -140,12 +159,39 @@ rate_down = "2MiB/s"
 [users.carol]
 password = "pw"
 
+[users.frank]
+password = "pw"
+rate_down = "1MiB/s"
+
 [users.erin]
 password = "pw"
 rate_up = "1MiB/s"
 "#;
     let (proxy, _path) = with_policy(policy, &[]);
     let p = proxy.addr();
+    // Frank uses plain HTTP forwarding (curl): response heads and bodies count against his rate_down.
+    let origin = http_origin(10 * MIB);
+    let frank = have_curl().then(|| {
+        let (proxy_url, url) = (
+            format!("http://frank:pw@{p}"),
+            format!("http://{}/blob", origin.addr),
+        );
+        thread::spawn(move || {
+            let t0 = Instant::now();
+            let (code, out, err) = curl(&[
+                "-x",
+                &proxy_url,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{size_download}",
+                &url,
+            ]);
+            assert_eq!(code, 0, "curl: {err}");
+            assert_eq!(String::from_utf8_lossy(&out), (10 * MIB).to_string());
+            t0.elapsed().as_secs_f64()
+        })
+    });
     let alice = thread::spawn(move || download(tunnel(p, "alice", target), 30 * MIB));
     let bob: Vec<_> = (0..2)
         .map(|_| thread::spawn(move || download(tunnel(p, "bob", target), 15 * MIB)))
@@ -161,6 +207,13 @@ rate_up = "1MiB/s"
     let slowest = bob.iter().cloned().fold(0.0, f64::max);
     within("bob 2 x 15 MiB sharing 2 MiB/s", slowest, 15.0);
     within("erin 12 MiB up at 1 MiB/s", erin.join().unwrap(), 12.0);
+    if let Some(f) = frank {
+        within(
+            "frank (curl, HTTP forwarding) 10 MiB at 1 MiB/s",
+            f.join().unwrap(),
+            10.0,
+        );
+    }
 }
 
 /// Anonymous clients get the `[defaults]` rate keyed by client address: two addresses in parallel each get the

@@ -96,6 +96,21 @@ impl Bucket {
             });
     }
 
+    /// Charges bytes already moved without asking first (a request head): the debt delays the next grant.
+    pub fn charge(&self, now: Instant, bytes: usize) {
+        let rate = self.rate.load(Ordering::Relaxed);
+        if rate == 0 || bytes == 0 {
+            return;
+        }
+        let now = now_ns(now);
+        let cost = ns_for(bytes as u64, rate);
+        let _ = self
+            .tat
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.max(now) + cost)
+            });
+    }
+
     /// Charges bytes that were moved without asking first (datagram accounting uses [`Bucket::take_exact`]).
     pub fn take_exact(&self, now: Instant, bytes: usize) -> bool {
         let rate = self.rate.load(Ordering::Relaxed);

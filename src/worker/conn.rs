@@ -131,6 +131,8 @@ pub struct Conn {
     pub egress: Option<Box<std::net::IpAddr>>,
     /// The user's (or anonymous client's) token buckets, when she has rates: `None` costs the relay nothing.
     pub limits: Option<Arc<crate::policy::UserLimits>>,
+    /// Forwarded HTTP: a bucket ran dry and the throttle timer is armed; nothing is read until it fires.
+    pub throttled: bool,
 }
 
 impl Conn {
@@ -167,6 +169,7 @@ impl Conn {
             user_counted: false,
             egress: None,
             limits: None,
+            throttled: false,
         }
     }
 

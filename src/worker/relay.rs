@@ -418,8 +418,12 @@ pub fn start_relay(key: usize, conn: &mut Conn, ctx: &mut Ctx, outbound: Sock) {
 
 /// The throttle timer popped: both directions may read again (the one that still finds its bucket dry re-arms).
 pub fn on_throttle_timer(conn: &mut Conn) -> Next {
-    let Phase::Relay(t) = &mut conn.phase else {
-        return Next::Wait;
+    conn.throttled = false;
+    let t = match &mut conn.phase {
+        Phase::Relay(t) => t,
+        // Forwarded HTTP keeps its flag on the connection (cleared above).
+        Phase::Http(_) => return Next::Again,
+        _ => return Next::Wait,
     };
     t.up.half.throttled = false;
     t.down.half.throttled = false;
