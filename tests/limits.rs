@@ -275,3 +275,49 @@ fn lowered_rate_applies_to_running_session() {
         "still running at the lowered rate, not stalled: {c:.2} s"
     );
 }
+
+/// UDP datagrams count against the same buckets: a burst far over `rate_up` is mostly dropped and counted as
+/// `reason="rate"`, while the first datagrams (within the burst) are relayed and echoed.
+#[test]
+fn udp_datagrams_over_the_rate_are_dropped() {
+    let echo = UdpEcho::start();
+    let (proxy, _path) = with_policy("[defaults]\nrate_up = \"16KiB/s\"\n", &[]);
+    let mut ctl = connect(proxy.addr());
+    ctl.write_all(&[5, 1, 0]).unwrap();
+    assert_eq!(read_n(&mut ctl, 2), vec![5, 0]);
+    ctl.write_all(&socks5_request(3, "0.0.0.0:0".parse().unwrap()))
+        .unwrap();
+    let (r, relay) = read_socks5_reply(&mut ctl);
+    assert_eq!(r, 0);
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let SocketAddr::V4(a) = echo.addr else {
+        panic!("IPv4 echo")
+    };
+    let mut d = vec![0, 0, 0, 1];
+    d.extend_from_slice(&a.ip().octets());
+    d.extend_from_slice(&a.port().to_be_bytes());
+    d.extend_from_slice(&[9u8; 1000]);
+    // 50 KB at once against a 4 KiB burst: at most a handful fit.
+    for _ in 0..50 {
+        client.send_to(&d, relay).unwrap();
+    }
+    let rate = "socksgate_udp_drops_total{reason=\"rate\"}";
+    let up = "socksgate_udp_datagrams_total{direction=\"up\"}";
+    assert!(
+        proxy.wait_for(IO_TIMEOUT, || proxy.metric(rate) + proxy.metric(up) >= 50),
+        "every datagram was either relayed or dropped for the rate"
+    );
+    let (dropped, relayed) = (proxy.metric(rate), proxy.metric(up));
+    eprintln!("UDP at 16 KiB/s: {relayed} relayed, {dropped} dropped of 50 x 1000 bytes");
+    assert!((1..=10).contains(&relayed), "relayed {relayed}");
+    assert!(dropped >= 40, "dropped {dropped}");
+    let mut b = [0u8; 2048];
+    let (n, _) = client.recv_from(&mut b).unwrap();
+    assert_eq!(
+        &b[n - 1000..n],
+        &[9u8; 1000][..],
+        "a relayed datagram came back"
+    );
+    drop(ctl);
+}
