@@ -90,6 +90,8 @@ pub struct Config {
     pub proxy_protocol: bool,
     /// Where to serve Prometheus metrics.
     pub metrics: Option<SocketAddr>,
+    /// `--metrics-per-user`: per-user series on /metrics (one per user and direction: cardinality is opt-in).
+    pub metrics_per_user: bool,
     /// Threads that run blocking name lookups.
     pub resolver_threads: usize,
     /// How names are resolved: `--resolve` entries, then the built-in DNS resolver (`--dns-system`: getaddrinfo).
@@ -149,6 +151,7 @@ impl Default for Config {
             upstream: None,
             proxy_protocol: false,
             metrics: None,
+            metrics_per_user: false,
             resolver_threads: 4,
             resolver: Resolver::system(StaticHosts::default()),
             log_level: log::LevelFilter::Info,
@@ -370,6 +373,11 @@ fn options() -> Options {
         "metrics",
         "serve Prometheus metrics at http://ADDR:PORT/metrics",
         "ADDR:PORT",
+    );
+    o.optflag(
+        "",
+        "metrics-per-user",
+        "add per-user series to /metrics: bytes, active sessions, seconds throttled",
     );
     o.optmulti(
         "",
@@ -655,6 +663,7 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
         );
     }
     c.proxy_protocol = m.opt_present("proxy-protocol");
+    c.metrics_per_user = m.opt_present("metrics-per-user");
     if let Some(a) = m.opt_str("metrics") {
         c.metrics = Some(
             parse_socket_addr(&a)

@@ -41,6 +41,7 @@ pub struct Server {
     stats: Vec<Arc<Stats>>,
     resolver: Option<ResolverPool>,
     cfg: Arc<Config>,
+    limits: Arc<crate::policy::Limits>,
 }
 
 /// The kernel silently clamps SO_RCVBUF/SO_SNDBUF to net.core.rmem_max/wmem_max (then doubles them): say so
@@ -129,6 +130,7 @@ impl Server {
             stats,
             resolver: Some(resolver),
             cfg,
+            limits: Arc::clone(&shared.limits),
         })
     }
 
@@ -460,6 +462,9 @@ pub fn run(cfg: Config, start: Startup) -> Result<(), RunError> {
                         let render = || {
                             let mut text = crate::metrics::render(server.stats());
                             server.config().resolver.stats().render(&mut text);
+                            if server.config().metrics_per_user {
+                                server.limits.render(&mut text);
+                            }
                             text
                         };
                         e.on_event(poll.registry(), t, &render);

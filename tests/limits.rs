@@ -321,3 +321,54 @@ fn udp_datagrams_over_the_rate_are_dropped() {
     );
     drop(ctl);
 }
+
+/// `--metrics-per-user`: bytes per user and direction, open sessions and seconds throttled, read by scraping;
+/// without the flag no per-user series appear.
+#[test]
+fn per_user_metrics_by_scraping() {
+    let server = blob_server();
+    let target = server.addr;
+    let policy = "[users.alice]\npassword = \"pw\"\n\n[users.bob]\npassword = \"pw\"\nrate_down = \"1MiB/s\"\n";
+    let (proxy, _path) = with_policy(policy, &["--metrics-per-user"]);
+    let p = proxy.addr();
+    let mut s = tunnel(p, "alice", target);
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.write_all(&(MIB as u64).to_be_bytes()).unwrap();
+    let mut got = vec![0u8; MIB];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(
+        proxy.metric("socksgate_user_sessions_active{user=\"alice\"}"),
+        1
+    );
+    assert!(
+        proxy.wait_for(IO_TIMEOUT, || proxy.metric(
+            "socksgate_user_bytes_total{user=\"alice\",direction=\"down\"}"
+        ) == MIB as u64),
+        "alice's download counted"
+    );
+    assert_eq!(
+        proxy.metric("socksgate_user_bytes_total{user=\"alice\",direction=\"up\"}"),
+        8
+    );
+    drop(s);
+    assert!(
+        proxy.wait_for(IO_TIMEOUT, || proxy
+            .metric("socksgate_user_sessions_active{user=\"alice\"}")
+            == 0),
+        "session gone"
+    );
+    // Bob's 2 MiB at 1 MiB/s waits for tokens most of the time.
+    download(tunnel(p, "bob", target), 2 * MIB);
+    let text = proxy.metrics_text();
+    let throttled: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("socksgate_user_throttled_seconds_total{user=\"bob\"} "))
+        .expect("bob's throttled series")
+        .parse()
+        .unwrap();
+    eprintln!("bob throttled {throttled} s for 2 MiB at 1 MiB/s");
+    assert!(throttled > 0.5, "throttled {throttled}");
+
+    let (plain, _p2) = with_policy(policy, &[]);
+    assert!(!plain.metrics_text().contains("socksgate_user_"));
+}

@@ -147,6 +147,14 @@ pub struct UserLimits {
     pub up: Bucket,
     /// Target -> client (`rate_down`).
     pub down: Bucket,
+    /// Bytes relayed client -> target (for `--metrics-per-user`).
+    pub bytes_up: AtomicU64,
+    /// Bytes relayed target -> client.
+    pub bytes_down: AtomicU64,
+    /// Sessions holding these buckets.
+    pub sessions: AtomicU64,
+    /// Nanoseconds a direction of hers waited for tokens.
+    pub throttled_ns: AtomicU64,
 }
 
 impl UserLimits {
@@ -188,19 +196,70 @@ pub fn anonymous_key(ip: std::net::IpAddr) -> String {
 impl Limits {
     /// The buckets a new session of `key` uses, or `None` when it is not rate-limited (its relay then touches no
     /// atomic). Called at admission only.
-    pub fn session(&self, key: &str, rates: Rates) -> Option<Arc<UserLimits>> {
-        if rates.is_unlimited() {
+    pub fn session(&self, key: &str, rates: Rates, track: bool) -> Option<Arc<UserLimits>> {
+        if rates.is_unlimited() && !track {
             return None;
         }
         let mut map = self.map.lock().ok()?;
         let e = map.entry(key.to_string()).or_default();
         e.apply(rates);
+        e.sessions.fetch_add(1, Ordering::Relaxed);
         Some(Arc::clone(e))
+    }
+
+    /// Appends the per-user series (`--metrics-per-user`) in the Prometheus text format. Anonymous clients are
+    /// left out: one series per client address would be unbounded.
+    pub fn render(&self, o: &mut String) {
+        use std::fmt::Write;
+        let Ok(map) = self.map.lock() else {
+            return;
+        };
+        let mut users: Vec<(&String, &Arc<UserLimits>)> =
+            map.iter().filter(|(k, _)| !k.starts_with('\0')).collect();
+        users.sort_by(|a, b| a.0.cmp(b.0));
+        let series: [(&str, &str, &str); 3] = [
+            ("user_bytes_total", "counter", "Bytes relayed per user."),
+            ("user_sessions_active", "gauge", "Open sessions per user."),
+            (
+                "user_throttled_seconds_total",
+                "counter",
+                "Seconds a user's transfers waited for her rate limit.",
+            ),
+        ];
+        for (i, (name, kind, help)) in series.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "# HELP socksgate_{name} {help}\n# TYPE socksgate_{name} {kind}"
+            );
+            for (user, l) in &users {
+                let user = user.replace('\\', "\\\\").replace('"', "\\\"");
+                match i {
+                    0 => {
+                        for (dir, v) in [("up", &l.bytes_up), ("down", &l.bytes_down)] {
+                            let v = v.load(Ordering::Relaxed);
+                            let _ = writeln!(
+                                o,
+                                "socksgate_{name}{{user=\"{user}\",direction=\"{dir}\"}} {v}"
+                            );
+                        }
+                    }
+                    1 => {
+                        let v = l.sessions.load(Ordering::Relaxed);
+                        let _ = writeln!(o, "socksgate_{name}{{user=\"{user}\"}} {v}");
+                    }
+                    _ => {
+                        let v = l.throttled_ns.load(Ordering::Relaxed) as f64 / 1e9;
+                        let _ = writeln!(o, "socksgate_{name}{{user=\"{user}\"}} {v:.3}");
+                    }
+                }
+            }
+        }
     }
 
     /// A session of `key` ended: anonymous entries nobody uses any more are dropped (their number would otherwise
     /// grow with every client address ever seen).
     pub fn release(&self, key: &str, held: Arc<UserLimits>) {
+        held.sessions.fetch_sub(1, Ordering::Relaxed);
         if !key.starts_with('\0') {
             return;
         }

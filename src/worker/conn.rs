@@ -298,8 +298,11 @@ pub fn grow(slot: &mut Option<Buffer>, limit: usize, pool: &mut BufferPool) -> b
 pub fn user_admit(conn: &mut Conn, ctx: &mut Ctx) -> bool {
     if conn.limits.is_none() {
         let rates = ctx.policy.rates(conn.user.as_ref().map(|u| u.user()));
-        if !rates.is_unlimited() {
-            conn.limits = ctx.limits.session(&session_key(conn), rates);
+        // Per-user metrics need the entry of every authenticated user, limited or not (opt-in: it costs an
+        // atomic add per relay turn).
+        let track = ctx.cfg.metrics_per_user && conn.user.is_some();
+        if !rates.is_unlimited() || track {
+            conn.limits = ctx.limits.session(&session_key(conn), rates, track);
         }
     }
     let max = match conn.user.as_ref() {

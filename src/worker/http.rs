@@ -376,6 +376,10 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     if let Some(wait) = lim.wake {
         if !conn.throttled {
             conn.throttled = true;
+            if let Some(l) = limits.as_deref() {
+                l.throttled_ns
+                    .fetch_add(wait.as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
             ctx.timers
                 .push(ctx.now + wait, key, conn.gen, TimerKind::Throttle);
         }

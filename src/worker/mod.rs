@@ -490,6 +490,11 @@ impl Worker {
         metrics::dec(&self.ctx.stats.active[conn.proto as usize]);
         self.open.fetch_sub(1, Ordering::Relaxed);
         if let Some(l) = conn.limits.take() {
+            // The relay counts its bytes as it goes; forwarded HTTP and UDP sessions are counted when they end.
+            if !matches!(conn.phase, Phase::Relay(_)) {
+                l.bytes_up.fetch_add(conn.bytes_up, Ordering::Relaxed);
+                l.bytes_down.fetch_add(conn.bytes_down, Ordering::Relaxed);
+            }
             self.ctx.limits.release(&conn::session_key(&conn), l);
         }
         if conn.user_counted {

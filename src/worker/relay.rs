@@ -17,6 +17,7 @@ use super::phase::{Half, Tunnel, Way};
 use super::timers::TimerKind;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::buffer::BufferPool;
@@ -345,6 +346,11 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         }
         *bytes_up += a.bytes;
         *bytes_down += b.bytes;
+        if let Some(l) = limits.as_deref() {
+            // Shared by the user's sessions on every worker: a real read-modify-write, unlike the per-worker stats.
+            l.bytes_up.fetch_add(a.bytes, Ordering::Relaxed);
+            l.bytes_down.fetch_add(b.bytes, Ordering::Relaxed);
+        }
         metrics::add(&ctx.stats.bytes_up, a.bytes);
         metrics::add(&ctx.stats.bytes_down, b.bytes);
         any |= a.progress || b.progress;
@@ -357,6 +363,10 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         *last_active = ctx.now;
     }
     if let Some(wait) = throttle {
+        if let Some(l) = limits.as_deref() {
+            l.throttled_ns
+                .fetch_add(wait.as_nanos() as u64, Ordering::Relaxed);
+        }
         // One timer per dry spell: a throttled direction reads nothing, so it cannot ask again before it fires.
         ctx.timers
             .push(ctx.now + wait, key, *gen, TimerKind::Throttle);
@@ -396,6 +406,10 @@ pub fn start_relay(key: usize, conn: &mut Conn, ctx: &mut Ctx, outbound: Sock) {
     conn.bytes_down += down;
     metrics::add(&ctx.stats.bytes_up, up);
     metrics::add(&ctx.stats.bytes_down, down);
+    if let Some(l) = conn.limits.as_deref() {
+        l.bytes_up.fetch_add(up, Ordering::Relaxed);
+        l.bytes_down.fetch_add(down, Ordering::Relaxed);
+    }
     conn.phase = Phase::Relay(Box::new(Tunnel {
         outbound,
         up: Way {
