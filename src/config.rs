@@ -100,6 +100,8 @@ pub struct Config {
     pub tls_only: bool,
     /// Where to serve Prometheus metrics.
     pub metrics: Option<SocketAddr>,
+    /// `--metrics-per-user`: per-user series on /metrics (one per user and direction: cardinality is opt-in).
+    pub metrics_per_user: bool,
     /// Threads that run blocking name lookups.
     pub resolver_threads: usize,
     /// How names are resolved: `--resolve` entries, then the built-in DNS resolver (`--dns-system`: getaddrinfo).
@@ -164,6 +166,7 @@ impl Default for Config {
             tls: None,
             tls_only: false,
             metrics: None,
+            metrics_per_user: false,
             resolver_threads: 4,
             resolver: Resolver::system(StaticHosts::default()),
             log_level: log::LevelFilter::Info,
@@ -445,6 +448,11 @@ fn options() -> Options {
         "metrics",
         "serve Prometheus metrics at http://ADDR:PORT/metrics",
         "ADDR:PORT",
+    );
+    o.optflag(
+        "",
+        "metrics-per-user",
+        "add per-user series to /metrics: bytes, active sessions, seconds throttled",
     );
     o.optmulti(
         "",
@@ -798,6 +806,7 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
             "--tls-only and --tls-client-ca need --tls-cert and --tls-key".to_string(),
         ));
     }
+    c.metrics_per_user = m.opt_present("metrics-per-user");
     if let Some(a) = m.opt_str("metrics") {
         c.metrics = Some(
             parse_socket_addr(&a)

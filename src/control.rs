@@ -43,6 +43,7 @@ pub struct Server {
     cfg: Arc<Config>,
     /// The policy the workers use now (its upstream groups feed /metrics, and a reload adopts their health).
     policy: Mutex<Arc<crate::policy::Policy>>,
+    limits: Arc<crate::policy::Limits>,
 }
 
 /// The kernel silently clamps SO_RCVBUF/SO_SNDBUF to net.core.rmem_max/wmem_max (then doubles them): say so
@@ -91,6 +92,7 @@ impl Server {
             cfg: Arc::clone(&cfg),
             open: Arc::new(AtomicUsize::new(0)),
             user_counts: Arc::new(Mutex::new(Default::default())),
+            limits: Arc::new(crate::policy::Limits::default()),
             resolve_tx: resolver.sender(),
             quick: resolver.quick_answers(),
         };
@@ -133,6 +135,7 @@ impl Server {
             resolver: Some(resolver),
             policy: Mutex::new(Arc::clone(&cfg.policy)),
             cfg,
+            limits: Arc::clone(&shared.limits),
         })
     }
 
@@ -477,6 +480,9 @@ pub fn run(cfg: Config, start: Startup) -> Result<(), RunError> {
                             let mut text = crate::metrics::render(server.stats());
                             server.config().resolver.stats().render(&mut text);
                             crate::groups::render(server.policy().groups(), &mut text);
+                            if server.config().metrics_per_user {
+                                server.limits.render(&mut text);
+                            }
                             text
                         };
                         e.on_event(poll.registry(), t, &render);

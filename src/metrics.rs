@@ -103,10 +103,12 @@ pub enum UdpDrop {
     SendFailed = 5,
     /// A rule of the policy file denied the destination.
     Rule = 6,
+    /// Over the user's `rate_up` / `rate_down`.
+    Rate = 7,
 }
 
 /// Label values of [`UdpDrop`].
-pub const UDP_DROP_LABELS: [&str; 7] = [
+pub const UDP_DROP_LABELS: [&str; 8] = [
     "foreign_source",
     "fragmented",
     "malformed",
@@ -114,6 +116,7 @@ pub const UDP_DROP_LABELS: [&str; 7] = [
     "unresolved",
     "send_failed",
     "rule",
+    "rate",
 ];
 
 /// One worker's counters and gauges.
@@ -142,7 +145,7 @@ pub struct Stats {
     /// UDP datagrams relayed target -> client.
     pub udp_down: AtomicU64,
     /// UDP datagrams dropped by [`UdpDrop`].
-    pub udp_drops: [AtomicU64; 7],
+    pub udp_drops: [AtomicU64; 8],
     /// DNS lookups started.
     pub dns_lookups: AtomicU64,
     /// DNS lookups that failed.

@@ -3,9 +3,10 @@
 //! workers as one immutable [`Policy`] (swapped whole, like the users table).
 //!
 //! Every table refuses unknown keys (a typo must not silently disable a limit), and every error names the file,
-//! the line and the key. Settings that are parsed but not enforced yet (rates, quotas) are refused
+//! the line and the key. Settings that are parsed but not enforced yet (quotas) are refused
 //! with a "not supported yet" error, so an operator never believes a limit is in force when it is not.
 
+pub mod bucket;
 pub mod name;
 pub mod rules;
 pub mod units;
@@ -23,6 +24,7 @@ use crate::auth::Users;
 use crate::config::parse_duration;
 use crate::groups::{Group, Strategy};
 use crate::upstream::Upstream;
+pub use bucket::{Limits, Rates, UserLimits};
 use rules::{Action, Command, NameVerdict, Pattern, Rule, RuleSet, Who};
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -191,6 +193,8 @@ pub struct UserPolicy {
     pub egress: Vec<Egress>,
     /// Groups, for rules.
     pub groups: Vec<Arc<str>>,
+    /// `rate_down`, `rate_up` and `burst` of her section (each unset one falls back to `[defaults]`).
+    pub rates: Rates,
 }
 
 /// The whole policy: rules, per-user settings and defaults. `Policy::default()` is "no policy file".
@@ -200,6 +204,7 @@ pub struct Policy {
     groups: Vec<Arc<Group>>,
     users: HashMap<Arc<str>, UserPolicy>,
     default_max_connections: Option<usize>,
+    default_rates: Rates,
 }
 
 /// Why a target is refused before any connection is attempted.
@@ -244,6 +249,19 @@ impl Policy {
     /// The concurrent-session limit per client address for clients that did not authenticate (`[defaults]`).
     pub fn anonymous_max_connections(&self) -> Option<usize> {
         self.default_max_connections
+    }
+
+    /// The rates of `user` (her own, each unset one from `[defaults]`), or of an anonymous client (`None`).
+    pub fn rates(&self, user: Option<&str>) -> Rates {
+        let d = self.default_rates;
+        match user.and_then(|u| self.users.get(u)) {
+            Some(u) => Rates {
+                down: u.rates.down.or(d.down),
+                up: u.rates.up.or(d.up),
+                burst: u.rates.burst.or(d.burst),
+            },
+            None => d,
+        }
     }
 
     /// The user's egress list (empty when none is configured).
@@ -494,7 +512,7 @@ pub fn parse(text: &str, file: &str, mut users: Users) -> Loaded {
         if let Some(s) = &d.session_usernames {
             users.set_session_names(*s.get_ref());
         }
-        limits_not_supported(
+        policy.default_rates = limits(
             &mut errs,
             "defaults",
             [&d.rate_down, &d.rate_up, &d.quota, &d.burst],
@@ -549,7 +567,7 @@ pub fn parse(text: &str, file: &str, mut users: Users) -> Loaded {
                 }
             }
         }
-        limits_not_supported(
+        up.rates = limits(
             &mut errs,
             &key,
             [&u.rate_down, &u.rate_up, &u.quota, &u.burst],
@@ -671,26 +689,33 @@ fn limit(errs: &mut Errors<'_>, v: &S<i64>, key: &str) -> Option<usize> {
 /// A parser of one unit-carrying value.
 type UnitParser = fn(&str) -> Result<u64, String>;
 
-/// Rates, quota and burst: validated, then refused as not enforced yet.
-fn limits_not_supported(
+/// Rates and burst: validated and returned; quota and its period: validated, then refused as not enforced yet.
+fn limits(
     errs: &mut Errors<'_>,
     section: &str,
     [rate_down, rate_up, quota, burst]: [&Option<S<String>>; 4],
     quota_period: &Option<S<String>>,
-) {
-    let checks: [(&Option<S<String>>, &str, UnitParser); 4] = [
-        (rate_down, "rate_down", units::parse_rate),
-        (rate_up, "rate_up", units::parse_rate),
-        (quota, "quota", units::parse_size),
-        (burst, "burst", units::parse_size),
-    ];
-    for (value, name, parse) in checks {
-        if let Some(v) = value {
-            let key = format!("{section}.{name}");
-            match parse(v.get_ref()) {
-                Ok(_) => errs.push(v.span(), &key, NOT_SUPPORTED),
-                Err(m) => errs.push(v.span(), &key, m),
+) -> Rates {
+    let mut one = |value: &Option<S<String>>, name: &str, parse: UnitParser| -> Option<u64> {
+        let v = value.as_ref()?;
+        match parse(v.get_ref()) {
+            Ok(n) => Some(n),
+            Err(m) => {
+                errs.push(v.span(), &format!("{section}.{name}"), m);
+                None
             }
+        }
+    };
+    let rates = Rates {
+        down: one(rate_down, "rate_down", units::parse_rate),
+        up: one(rate_up, "rate_up", units::parse_rate),
+        burst: one(burst, "burst", units::parse_size),
+    };
+    if let Some(v) = quota {
+        let key = format!("{section}.quota");
+        match units::parse_size(v.get_ref()) {
+            Ok(_) => errs.push(v.span(), &key, NOT_SUPPORTED),
+            Err(m) => errs.push(v.span(), &key, m),
         }
     }
     if let Some(v) = quota_period {
@@ -707,6 +732,7 @@ fn limits_not_supported(
             ),
         }
     }
+    rates
 }
 
 /// `IP` or `CIDR` for `egress`.
@@ -988,8 +1014,16 @@ strategy = "failover"
     #[test]
     fn unenforced_limits_are_refused() {
         let e = errors("[users.bob]\nrate_down = \"2MiB/s\"\nquota = \"100MiB\"\nquota_period = \"30d\"\nburst = \"64KiB\"\nrate_up = \"512KiB/s\"\n");
-        assert_eq!(e.len(), 5, "{e:#?}");
+        assert_eq!(e.len(), 2, "{e:#?}");
         assert!(e.iter().all(|l| l.contains("not supported yet")), "{e:#?}");
+        assert!(e.iter().all(|l| l.contains("quota")), "{e:#?}");
+        let (_, p) = load("[defaults]\nrate_up = \"1MiB/s\"\n[users.bob]\nrate_down = \"2MiB/s\"\nburst = \"64KiB\"\n").unwrap();
+        let r = p.rates(Some("bob"));
+        assert_eq!(
+            (r.down, r.up, r.burst),
+            (Some(2 << 20), Some(1 << 20), Some(64 << 10))
+        );
+        assert_eq!(p.rates(None).up, Some(1 << 20));
         let e = errors("[users.bob]\nrate_down = \"2 parsecs\"\n");
         assert!(!e[0].contains("not supported"), "{}", e[0]);
     }

@@ -21,6 +21,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use log::debug;
@@ -128,6 +129,10 @@ pub struct Conn {
     /// The source address picked from the user's policy egress list for this session (boxed: only sessions of users
     /// with an egress list pay for it, and `Conn` stays under its size budget).
     pub egress: Option<Box<std::net::IpAddr>>,
+    /// The user's (or anonymous client's) token buckets, when she has rates: `None` costs the relay nothing.
+    pub limits: Option<Arc<crate::policy::UserLimits>>,
+    /// Forwarded HTTP: a bucket ran dry and the throttle timer is armed; nothing is read until it fires.
+    pub throttled: bool,
 }
 
 impl Conn {
@@ -163,6 +168,8 @@ impl Conn {
             request_lines: false,
             user_counted: false,
             egress: None,
+            limits: None,
+            throttled: false,
         }
     }
 
@@ -289,6 +296,15 @@ pub fn grow(slot: &mut Option<Buffer>, limit: usize, pool: &mut BufferPool) -> b
 /// `--user-max-connections`), or an anonymous client's against `[defaults] max_connections` per client address;
 /// false when at the limit.
 pub fn user_admit(conn: &mut Conn, ctx: &mut Ctx) -> bool {
+    if conn.limits.is_none() {
+        let rates = ctx.policy.rates(conn.user.as_ref().map(|u| u.user()));
+        // Per-user metrics need the entry of every authenticated user, limited or not (opt-in: it costs an
+        // atomic add per relay turn).
+        let track = ctx.cfg.metrics_per_user && conn.user.is_some();
+        if !rates.is_unlimited() || track {
+            conn.limits = ctx.limits.session(&session_key(conn), rates, track);
+        }
+    }
     let max = match conn.user.as_ref() {
         Some(user) => ctx
             .policy

@@ -98,6 +98,8 @@ pub struct Ctx {
     pub draining: bool,
     /// Sessions per user (for `--user-max-connections`).
     pub user_counts: UserCounts,
+    /// Per-user token buckets (`rate_down`, `rate_up`), shared by all workers.
+    pub limits: Arc<crate::policy::Limits>,
     /// Reused output buffer for rewritten HTTP heads.
     pub head_out: Vec<u8>,
     /// Datagram buffer for UDP associations (allocated on first use: 64 KiB plus header room).
@@ -115,6 +117,8 @@ pub struct Shared {
     pub open: Arc<AtomicUsize>,
     /// Sessions per user.
     pub user_counts: UserCounts,
+    /// Per-user token buckets.
+    pub limits: Arc<crate::policy::Limits>,
     /// Resolver job queue.
     pub resolve_tx: Sender<Job>,
     /// Answers a worker takes inline, without a pool round trip.

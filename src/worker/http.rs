@@ -10,6 +10,7 @@
 //! ```
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use log::debug;
 
@@ -25,10 +26,13 @@ use super::gate;
 use super::phase::{Download, Exchange, HttpState, InFlight, Upload};
 use super::relay;
 use super::reply::{self, graceful_end};
+use super::timers::TimerKind;
 use crate::auth::Authorized;
 use crate::buffer::Buffer;
 use crate::metrics;
+use crate::policy::bucket::Bucket;
 use crate::policy::rules::Command;
+use crate::policy::UserLimits;
 use crate::proto::http::{self as h, BodyFramer, RequestKind, ResponseContext, RewriteOptions};
 use crate::proto::{upstream as chain, Failure, Parse, ProtoError};
 use crate::resolve::Work;
@@ -343,7 +347,13 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         return between_requests(key, conn, ctx);
     }
     let mut progress = false;
-    match upward(conn, ctx) {
+    // Cloned once per drive, and only for a rate-limited user: the reads below then need no lookup.
+    let limits = conn.limits.clone();
+    let mut lim = Lim {
+        user: limits.as_deref(),
+        wake: None,
+    };
+    match upward(conn, ctx, &mut lim) {
         Ok(p) => progress |= p,
         Err(CloseReason::UpstreamReset) => {
             // The origin stopped taking the request (say it answered 413 and reset): what it sent before the
@@ -365,9 +375,20 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         }
         Err(r) => return Next::Close(r),
     }
-    match downward(conn, ctx) {
+    match downward(conn, ctx, &mut lim) {
         Ok(p) => progress |= p,
         Err(next) => return next,
+    }
+    if let Some(wait) = lim.wake {
+        if !conn.throttled {
+            conn.throttled = true;
+            if let Some(l) = limits.as_deref() {
+                l.throttled_ns
+                    .fetch_add(wait.as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            ctx.timers
+                .push(ctx.now + wait, key, conn.gen, TimerKind::Throttle);
+        }
     }
     if progress {
         conn.last_active = ctx.now;
@@ -491,13 +512,55 @@ fn forward_framed(
 }
 
 /// Request head and body toward the origin. Ok(progress) or Err(close reason).
-fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, CloseReason> {
+/// The user's buckets during one drive of a forwarding connection, and when a dry one wants to be asked again.
+struct Lim<'a> {
+    user: Option<&'a UserLimits>,
+    wake: Option<Duration>,
+}
+
+/// Reads within the user's rate: `Ok(None)` (as for "nothing to read") also when her bucket is dry or the
+/// connection is throttled; the throttle timer drives it again.
+fn read_limited(
+    sock: &mut Sock,
+    buf: &mut [u8],
+    bucket: Option<&Bucket>,
+    now: Instant,
+    throttled: bool,
+    wake: &mut Option<Duration>,
+) -> std::io::Result<Option<usize>> {
+    let Some(b) = bucket else {
+        return sock.read(buf);
+    };
+    if throttled {
+        return Ok(None);
+    }
+    let grant = match b.take(now, buf.len()) {
+        Ok(g) => g.min(buf.len()),
+        Err(w) => {
+            *wake = Some(wake.map_or(w, |t| t.min(w)));
+            return Ok(None);
+        }
+    };
+    let r = sock.read(&mut buf[..grant]);
+    let used = match r {
+        Ok(Some(n)) => n,
+        _ => 0,
+    };
+    b.give_back(grant - used.min(grant));
+    r
+}
+
+fn upward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, CloseReason> {
     let mut progress = false;
     let before = conn.to_upstream.len();
     conn.flush_upstream()
         .map_err(|_| CloseReason::UpstreamReset)?;
     let sent = before - conn.to_upstream.len();
     if sent > 0 {
+        // The request head was read before any bucket was asked: it is charged as it goes out.
+        if let Some(l) = lim.user {
+            l.up.charge(ctx.now, sent);
+        }
         progress = true;
         conn.bytes_up += sent as u64;
         metrics::add(&ctx.stats.bytes_up, sent as u64);
@@ -557,7 +620,15 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, CloseReason> {
         if !conn.client.readable || buf.is_full() {
             return Ok(progress);
         }
-        match conn.client.read(buf.space()) {
+        let bucket = lim.user.map(|l| &l.up);
+        match read_limited(
+            &mut conn.client,
+            buf.space(),
+            bucket,
+            ctx.now,
+            conn.throttled,
+            &mut lim.wake,
+        ) {
             Ok(Some(0)) => conn.client_eof = true,
             Ok(Some(n)) => {
                 buf.fill(n);
@@ -571,7 +642,7 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, CloseReason> {
 }
 
 /// Response heads and body toward the client. Ok(progress) or Err(what to do instead).
-fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
+fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, Next> {
     let mut progress = false;
     for _ in 0..32 {
         if !conn.to_client.is_empty() {
@@ -678,7 +749,16 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx) -> Result<bool, Next> {
         if !up.readable || buf.is_full() {
             return Ok(progress);
         }
-        match up.read(buf.space()) {
+        // Response heads and bodies alike come out of the user's download bucket.
+        let bucket = lim.user.map(|l| &l.down);
+        match read_limited(
+            up,
+            buf.space(),
+            bucket,
+            ctx.now,
+            conn.throttled,
+            &mut lim.wake,
+        ) {
             Ok(Some(0)) => {
                 if matches!(&x.response, Download::Body { body, ready: 0, .. } if !body.is_done()) {
                     // Read-until-close body (or a truncated one): the client learns the end from our close.

@@ -123,6 +123,7 @@ impl Worker {
             pending: Vec::new(),
             draining: false,
             user_counts: Arc::clone(&shared.user_counts),
+            limits: Arc::clone(&shared.limits),
             head_out: Vec::new(),
             udp_buf: Vec::new(),
             pipes: Vec::new(),
@@ -348,6 +349,8 @@ impl Worker {
                     for key in revoked {
                         self.close(key, CloseReason::Revoked);
                     }
+                    // Lowered (or raised) rates reach running sessions at once: they hold the shared buckets.
+                    self.ctx.limits.apply(&policy);
                     self.ctx.users = users;
                     self.ctx.policy = policy;
                     debug!("worker {}: users and policy reloaded", self.id);
@@ -455,6 +458,7 @@ impl Worker {
                 },
                 TimerKind::Bind => bind::on_timeout(conn, &mut self.ctx),
                 TimerKind::UdpIdle => udp::on_idle_timer(key, conn, &mut self.ctx),
+                TimerKind::Throttle => relay::on_throttle_timer(conn),
                 TimerKind::AcceptRetry | TimerKind::Drain => Next::Wait,
             };
             self.after(key, next);
@@ -505,6 +509,14 @@ impl Worker {
         }
         metrics::dec(&self.ctx.stats.active[conn.proto as usize]);
         self.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(l) = conn.limits.take() {
+            // The relay counts its bytes as it goes; forwarded HTTP and UDP sessions are counted when they end.
+            if !matches!(conn.phase, Phase::Relay(_)) {
+                l.bytes_up.fetch_add(conn.bytes_up, Ordering::Relaxed);
+                l.bytes_down.fetch_add(conn.bytes_down, Ordering::Relaxed);
+            }
+            self.ctx.limits.release(&conn::session_key(&conn), l);
+        }
         if conn.user_counted {
             let key = conn::session_key(&conn);
             if let Ok(mut counts) = self.ctx.user_counts.lock() {
@@ -573,7 +585,7 @@ fn step(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Phase::Handshake { .. } => handshake::drive(key, conn, ctx),
         Phase::Connecting { .. } => connect::drive(key, conn, ctx),
         Phase::Upstream(_) => upstream::drive(key, conn, ctx),
-        Phase::Relay(_) => relay::drive(conn, ctx),
+        Phase::Relay(_) => relay::drive(key, conn, ctx),
         Phase::Closing => Next::Close(CloseReason::Internal),
         Phase::Http(_) => http::drive(key, conn, ctx),
         Phase::Udp(_) => udp::drive(key, conn, ctx),

@@ -227,6 +227,8 @@ pub struct Half {
     pub shut: bool,
     /// The current burst is bulk: relay it with splice (when enabled).
     pub bulk: bool,
+    /// The user's bucket for this direction ran dry: nothing is read until the throttle timer fires.
+    pub throttled: bool,
 }
 
 /// State of one BIND request.

@@ -15,10 +15,12 @@ use super::phase::{Half, Tunnel, Way};
 use super::timers::TimerKind;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::buffer::BufferPool;
 use crate::metrics;
+use crate::policy::bucket::Bucket;
 use crate::sys::Pipe;
 
 /// Reads per direction per turn before yielding to other connections.
@@ -30,6 +32,8 @@ struct Pumped {
     progress: bool,
     more: bool,
     bytes: u64,
+    /// The bucket ran dry: read again after this long.
+    throttle: Option<Duration>,
 }
 
 /// The worker resources a pump uses.
@@ -38,6 +42,7 @@ struct Res<'a> {
     pipes: &'a mut Vec<Pipe>,
     scratch: &'a mut [u8],
     splice: bool,
+    now: std::time::Instant,
 }
 
 /// Pipes kept per worker for reuse.
@@ -94,6 +99,7 @@ fn splice_once(
     dst: &mut Sock,
     slot: &mut Option<Pipe>,
     pipes: &mut Vec<Pipe>,
+    len: usize,
 ) -> Spliced {
     if slot.is_none() {
         match pipes.pop().map(Ok).unwrap_or_else(Pipe::new) {
@@ -104,7 +110,7 @@ fn splice_once(
     let Some(pipe) = slot.as_mut() else {
         return Spliced::NoPipe;
     };
-    match pipe.fill_from(src.stream.as_raw_fd(), SPLICE_CHUNK) {
+    match pipe.fill_from(src.stream.as_raw_fd(), len) {
         Ok(0) => {
             give_pipe(pipes, slot.take());
             Spliced::Eof
@@ -132,6 +138,7 @@ fn pump(
     dst: &mut Sock,
     way: &mut Way,
     res: &mut Res<'_>,
+    bucket: Option<&Bucket>,
     other_done: bool,
     (src_err, dst_err): (CloseReason, CloseReason),
 ) -> Result<Pumped, CloseReason> {
@@ -158,15 +165,38 @@ fn pump(
     }
     let mut reads = 0;
     // Reading while the sink is blocked would only move bytes from the kernel into our memory.
-    while !way.half.eof && src.readable && dst.writable {
+    while !way.half.eof && !way.half.throttled && src.readable && dst.writable {
         if reads == READS_PER_TURN {
             p.more = true;
             break;
         }
         reads += 1;
         // Splice moves bytes the kernel holds; on a TLS leg those are records, not the plaintext to relay.
-        if res.splice && way.half.bulk && !src.is_tls() && !dst.is_tls() {
-            match splice_once(src, dst, &mut way.pipe, res.pipes) {
+        let splicing = res.splice && way.half.bulk && !src.is_tls() && !dst.is_tls();
+        let want = if splicing {
+            SPLICE_CHUNK
+        } else {
+            res.scratch.len()
+        };
+        // Only a rate-limited user's relay asks a bucket; the others pay one branch per read.
+        let grant = match bucket {
+            None => want,
+            Some(b) => match b.take(res.now, want) {
+                Ok(g) => g,
+                Err(wait) => {
+                    way.half.throttled = true;
+                    p.throttle = Some(wait);
+                    break;
+                }
+            },
+        };
+        if splicing {
+            let sp = splice_once(src, dst, &mut way.pipe, res.pipes, grant);
+            if let Some(b) = bucket {
+                let used = if let Spliced::Moved(n, _) = sp { n } else { 0 };
+                b.give_back(grant - used.min(grant));
+            }
+            match sp {
                 Spliced::Eof => {
                     way.half.eof = true;
                     continue;
@@ -190,7 +220,29 @@ fn pump(
                 Spliced::NoPipe => {}
             }
         }
-        match src.read(res.scratch) {
+        let grant = match bucket {
+            Some(b) if splicing => match b.take(res.now, res.scratch.len()) {
+                Ok(g) => g,
+                Err(wait) => {
+                    way.half.throttled = true;
+                    p.throttle = Some(wait);
+                    break;
+                }
+            },
+            Some(_) => grant,
+            None => res.scratch.len(),
+        };
+        let len = grant.min(res.scratch.len());
+        let buf = &mut res.scratch[..len];
+        let read = src.read(buf);
+        if let Some(b) = bucket {
+            let used = match read {
+                Ok(Some(n)) => n,
+                _ => 0,
+            };
+            b.give_back(grant - used.min(grant));
+        }
+        match read {
             Ok(Some(0)) => way.half.eof = true,
             Ok(Some(n)) => {
                 p.progress = true;
@@ -225,7 +277,7 @@ fn pump(
 }
 
 /// Drives a tunnel until neither direction can make progress.
-pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
+pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     // A partial success reply (or an HTTP error head) goes out before any upstream byte.
     if !conn.to_client.is_empty() {
         match conn.flush_client() {
@@ -240,8 +292,15 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
         bytes_up,
         bytes_down,
         last_active,
+        limits,
+        gen,
         ..
     } = conn;
+    let (bucket_up, bucket_down) = match limits.as_deref() {
+        Some(l) => (Some(&l.up), Some(&l.down)),
+        None => (None, None),
+    };
+    let mut throttle: Option<Duration> = None;
     let Phase::Relay(t) = phase else {
         return Next::Wait;
     };
@@ -254,12 +313,14 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
             pipes: &mut ctx.pipes,
             scratch: &mut ctx.scratch,
             splice: ctx.cfg.splice,
+            now: ctx.now,
         };
         let a = pump(
             client,
             outbound,
             up,
             &mut res,
+            bucket_up,
             down.half.shut,
             (CloseReason::ClientReset, CloseReason::UpstreamReset),
         );
@@ -272,6 +333,7 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
             client,
             down,
             &mut res,
+            bucket_down,
             up.half.shut,
             (CloseReason::UpstreamReset, CloseReason::ClientReset),
         );
@@ -279,8 +341,16 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
             Ok(b) => b,
             Err(reason) => return Next::Close(reason),
         };
+        for w in [a.throttle, b.throttle].into_iter().flatten() {
+            throttle = Some(throttle.map_or(w, |t| t.min(w)));
+        }
         *bytes_up += a.bytes;
         *bytes_down += b.bytes;
+        if let Some(l) = limits.as_deref() {
+            // Shared by the user's sessions on every worker: a real read-modify-write, unlike the per-worker stats.
+            l.bytes_up.fetch_add(a.bytes, Ordering::Relaxed);
+            l.bytes_down.fetch_add(b.bytes, Ordering::Relaxed);
+        }
         metrics::add(&ctx.stats.bytes_up, a.bytes);
         metrics::add(&ctx.stats.bytes_down, b.bytes);
         any |= a.progress || b.progress;
@@ -291,6 +361,15 @@ pub fn drive(conn: &mut Conn, ctx: &mut Ctx) -> Next {
     }
     if any {
         *last_active = ctx.now;
+    }
+    if let Some(wait) = throttle {
+        if let Some(l) = limits.as_deref() {
+            l.throttled_ns
+                .fetch_add(wait.as_nanos() as u64, Ordering::Relaxed);
+        }
+        // One timer per dry spell: a throttled direction reads nothing, so it cannot ask again before it fires.
+        ctx.timers
+            .push(ctx.now + wait, key, *gen, TimerKind::Throttle);
     }
     if up.half.shut && down.half.shut {
         // TLS records still queued inside rustls go out on the next writable edge first.
@@ -333,6 +412,10 @@ pub fn start_relay(key: usize, conn: &mut Conn, ctx: &mut Ctx, outbound: Sock) {
     conn.bytes_down += down;
     metrics::add(&ctx.stats.bytes_up, up);
     metrics::add(&ctx.stats.bytes_down, down);
+    if let Some(l) = conn.limits.as_deref() {
+        l.bytes_up.fetch_add(up, Ordering::Relaxed);
+        l.bytes_down.fetch_add(down, Ordering::Relaxed);
+    }
     conn.phase = Phase::Relay(Box::new(Tunnel {
         outbound,
         up: Way {
@@ -351,6 +434,20 @@ pub fn start_relay(key: usize, conn: &mut Conn, ctx: &mut Ctx, outbound: Sock) {
     }));
     conn.last_active = ctx.now;
     arm_idle(key, conn, ctx);
+}
+
+/// The throttle timer popped: both directions may read again (the one that still finds its bucket dry re-arms).
+pub fn on_throttle_timer(conn: &mut Conn) -> Next {
+    conn.throttled = false;
+    let t = match &mut conn.phase {
+        Phase::Relay(t) => t,
+        // Forwarded HTTP keeps its flag on the connection (cleared above).
+        Phase::Http(_) => return Next::Again,
+        _ => return Next::Wait,
+    };
+    t.up.half.throttled = false;
+    t.down.half.throttled = false;
+    Next::Again
 }
 
 /// Longest an idle-check entry waits in the timer heap. Entries are never removed when their connection closes,

@@ -23,6 +23,8 @@ pub enum TimerKind {
     Bind,
     /// Check for an idle UDP association.
     UdpIdle,
+    /// A rate-limited direction may read again (its user's bucket has tokens).
+    Throttle,
     /// Try accepting again after running out of descriptors or hitting a limit.
     AcceptRetry,
     /// The drain deadline: wakes the loop so it can close what is left and exit.

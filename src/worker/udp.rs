@@ -288,6 +288,8 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         user: conn.user.as_ref().map(|u| u.user()),
         client: conn.peer.ip(),
     };
+    // A datagram is all or nothing: one over the user's rate is dropped, as a router would.
+    let limits = conn.limits.as_deref();
     let Phase::Udp(u) = &mut conn.phase else {
         return Next::Wait;
     };
@@ -330,6 +332,10 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             continue;
         }
         let payload = &dgram[off..];
+        if limits.is_some_and(|l| !l.up.take_exact(ctx.now, payload.len())) {
+            metrics::inc(&ctx.stats.udp_drops[UdpDrop::Rate as usize]);
+            continue;
+        }
         count_dest(u, &header.target);
         u.last_active = ctx.now;
         conn.bytes_up += payload.len() as u64;
@@ -410,6 +416,10 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             metrics::inc(&ctx.stats.udp_drops[UdpDrop::SendFailed as usize]);
             continue;
         };
+        if limits.is_some_and(|l| !l.down.take_exact(ctx.now, n)) {
+            metrics::inc(&ctx.stats.udp_drops[UdpDrop::Rate as usize]);
+            continue;
+        }
         let src = TargetAddr::Ip(SocketAddr::new(canonical_ip(from.ip()), from.port()));
         let mut head = [0u8; HEADROOM];
         let hl = socks5::encode_udp_header(&src, &mut head);

@@ -18,6 +18,7 @@ mod happy_eyeballs;
 mod haproxy;
 mod http_proxy;
 mod lifecycle;
+mod limits;
 mod operations;
 mod policy;
 mod real_clients;

@@ -770,13 +770,13 @@ fn check_config_reports_file_line_and_key() {
     let unsupported = temp_path("unsupported.toml");
     std::fs::write(
         &unsupported,
-        "[users.alice]\npassword = \"x\"\nrate_down = \"2MiB/s\"\n",
+        "[users.alice]\npassword = \"x\"\nquota = \"100MiB\"\n",
     )
     .unwrap();
     let (code, _, err) = check_config(&["--policy", unsupported.to_str().unwrap()]);
     assert_eq!(code, 2);
     assert!(
-        err.contains(":3: users.alice.rate_down: not supported yet"),
+        err.contains(":3: users.alice.quota: not supported yet"),
         "{err}"
     );
     // ...and a server does not start with it.
