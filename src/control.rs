@@ -162,6 +162,21 @@ impl Server {
         }
     }
 
+    /// Waits (up to `limit`) until every worker has processed the commands sent before this call.
+    pub fn barrier(&self, limit: Duration) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.send(|| Command::Barrier(tx.clone()));
+        drop(tx);
+        let deadline = Instant::now() + limit;
+        for _ in &self.workers {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if rx.recv_timeout(left).is_err() {
+                warn!("a worker did not confirm within {limit:?}");
+                return;
+            }
+        }
+    }
+
     /// Swaps in a new users table on every worker; established sessions are unaffected.
     pub fn reload_users(&self, users: Arc<Users>) {
         self.send(|| Command::ReloadUsers(Arc::clone(&users)));
@@ -616,7 +631,19 @@ fn reload_tls(cfg: &Config) {
     }
 }
 
+/// SIGHUP: re-reads the files, swaps them in on every worker, and logs `SIGHUP: done` once every worker has
+/// applied the result (so whoever waits for the reload, sd_notify's READY=1 included, sees it in force everywhere).
 fn reload(server: &Server) {
+    reload_files(server);
+    server.barrier(RELOAD_BARRIER_WAIT);
+    info!("SIGHUP: done");
+}
+
+/// How long a reload waits for every worker to confirm it (a worker answers on its next loop turn; this bound
+/// only matters if one is wedged, and then the reload still took effect everywhere else).
+const RELOAD_BARRIER_WAIT: Duration = Duration::from_secs(2);
+
+fn reload_files(server: &Server) {
     let cfg = server.config();
     reload_tls(cfg);
     if cfg.users_file.is_none() && cfg.policy_file.is_none() {

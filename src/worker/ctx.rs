@@ -41,6 +41,8 @@ pub enum Command {
     /// `Drain`, but let connections in their handshake or connect finish here; they were accepted and did nothing
     /// wrong. Only HTTP connections idle between requests are closed, as any keep-alive server may.
     Handover(Instant),
+    /// Answer on the channel once every command sent before this one has been applied (reload confirmation).
+    Barrier(std::sync::mpsc::Sender<()>),
     /// Exit now.
     Stop,
 }

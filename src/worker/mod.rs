@@ -357,6 +357,9 @@ impl Worker {
                 }
                 Ok(Command::Drain(deadline)) => self.start_drain(deadline, false),
                 Ok(Command::Handover(deadline)) => self.start_drain(deadline, true),
+                Ok(Command::Barrier(done)) => {
+                    let _ = done.send(());
+                }
                 Ok(Command::Stop) | Err(TryRecvError::Disconnected) => return false,
                 Err(TryRecvError::Empty) => return true,
             }

@@ -152,7 +152,7 @@ fn sighup_reloads_the_users_file() {
     );
     // Add bob.
     std::fs::write(&file, "alice:secret\nbob:pw2\n").unwrap();
-    proxy.signal("HUP");
+    proxy.reload();
     let bob_ok = wait_until(Duration::from_secs(10), &mut || {
         socks5_login(proxy.addr(), "bob", "pw2").1 == 0
     });
@@ -162,7 +162,7 @@ fn sighup_reloads_the_users_file() {
     assert_echo(&mut tunnel, b"alice's tunnel survived the reload");
     // Remove alice: new logins fail, her established tunnel stays up.
     std::fs::write(&file, "bob:pw2\n").unwrap();
-    proxy.signal("HUP");
+    proxy.reload();
     let alice_gone = wait_until(Duration::from_secs(10), &mut || {
         socks5_login(proxy.addr(), "alice", "secret").1 == 1
     });
@@ -179,7 +179,7 @@ fn sighup_with_a_broken_file_keeps_the_old_table() {
     let mut tunnel =
         socks5_connect_auth(proxy.addr(), "alice", "secret", echo.addr).expect("alice");
     std::fs::write(&file, "carol:pw\nthis line has no colon\n").unwrap();
-    proxy.signal("HUP");
+    proxy.reload();
     let logged = wait_until(Duration::from_secs(10), &mut || {
         proxy.log().contains("keeping the old users table")
     });
@@ -405,7 +405,7 @@ fn sighup_keeps_inline_users_and_survives_a_missing_file() {
     assert_eq!(socks5_login(proxy.addr(), "carol", "inline").1, 0);
     // Replace alice by bob in the file: carol (from --user) must survive the reload.
     std::fs::write(&file, "bob:pw2\n").unwrap();
-    proxy.signal("HUP");
+    proxy.reload();
     let reloaded = wait_until(Duration::from_secs(10), &mut || {
         socks5_login(proxy.addr(), "bob", "pw2").1 == 0
     });
@@ -422,7 +422,7 @@ fn sighup_keeps_inline_users_and_survives_a_missing_file() {
     );
     // The file disappears: one error, the table stays.
     std::fs::remove_file(&file).unwrap();
-    proxy.signal("HUP");
+    proxy.reload();
     let logged = wait_until(Duration::from_secs(10), &mut || {
         proxy.log().contains("keeping the old users table")
     });
@@ -452,7 +452,7 @@ fn sighup_with_an_empty_users_file_must_not_disable_authentication() {
         "authentication required before the reload"
     );
     std::fs::write(&file, "# nobody for now\n").unwrap();
-    proxy.signal("HUP");
+    proxy.reload();
     assert!(
         wait_until(Duration::from_secs(10), &mut || proxy
             .log()

@@ -263,7 +263,7 @@ fn lowered_rate_applies_to_running_session() {
         "[users.dan]\npassword = \"pw\"\nrate_down = \"512KiB/s\"\n",
     )
     .unwrap();
-    proxy.signal("HUP");
+    proxy.reload();
     let c = c.join().unwrap();
     eprintln!("lowered by reload after ~2 s: 4 MiB in {c:.2} s (about 4 s unchanged, 6 s lowered)");
     assert!(

@@ -414,7 +414,7 @@ fn sighup_reload_adds_and_removes_users_and_keeps_tunnels() {
             .replace("$CAROL", &bcrypt_2b("carol-pw"))
             .as_str(),
     );
-    proxy.signal("HUP");
+    proxy.reload();
     assert!(
         wait_until(POLL_LIMIT, &mut || proxy
             .log()
@@ -459,7 +459,7 @@ fn sighup_with_bad_users_file_keeps_old_table() {
         &users,
         "alice:NewSecret-2\nbob:BobSecret-3\nthis line has no colon\n",
     );
-    proxy.signal("HUP");
+    proxy.reload();
     assert!(
         wait_until(POLL_LIMIT, &mut || proxy
             .log()
@@ -491,7 +491,7 @@ fn sighup_with_bad_users_file_keeps_old_table() {
     );
     // A missing file is an error too: still the old table.
     std::fs::remove_file(&users).unwrap();
-    proxy.signal("HUP");
+    proxy.reload();
     assert!(
         wait_until(POLL_LIMIT, &mut || proxy
             .log()
@@ -504,7 +504,7 @@ fn sighup_with_bad_users_file_keeps_old_table() {
     assert!(socks5_auth_connect(proxy.addr(), "alice", "OldSecret-1", echo.addr).is_ok());
     // Once the file is fixed, the next SIGHUP applies it.
     write_atomic(&users, "alice:NewSecret-2\nbob:BobSecret-3\n");
-    proxy.signal("HUP");
+    proxy.reload();
     assert!(wait_until(POLL_LIMIT, &mut || proxy
         .log()
         .contains("SIGHUP: reloaded 2 users")));

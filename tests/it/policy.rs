@@ -657,7 +657,7 @@ fn reload_swaps_a_rule_while_a_tunnel_relays() {
         "[[rules]]\ndest = [\"ok.test\"]\naction = \"deny\"\n",
     )
     .unwrap();
-    proxy.signal("HUP");
+    proxy.reload();
     assert!(proxy.wait_for(IO_TIMEOUT, || proxy.log().contains("SIGHUP: reloaded")));
     assert!(
         proxy.wait_for(IO_TIMEOUT, || rep(&proxy, "ok.test", p) == 0x02),
@@ -674,7 +674,7 @@ fn reload_swaps_a_rule_while_a_tunnel_relays() {
         "[[rules]]\ndest = [\"other.test\"]\nactoin = \"deny\"\n",
     )
     .unwrap();
-    proxy.signal("HUP");
+    proxy.reload();
     assert!(proxy.wait_for(IO_TIMEOUT, || proxy
         .log()
         .contains("keeping the old users table and policy")));
@@ -707,7 +707,7 @@ fn reload_revokes_removed_and_changed_users() {
         "[users.alice]\npassword = \"a1\"\n[users.carol]\npassword = \"c2\"\n",
     )
     .unwrap();
-    proxy.signal("HUP");
+    proxy.reload();
     assert!(peer_closed(&mut b), "bob's session is closed");
     assert!(peer_closed(&mut c), "carol's session is closed");
     assert_echo(&mut a, b"alice keeps hers");

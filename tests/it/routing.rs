@@ -235,7 +235,7 @@ fn reload_swaps_a_group() {
     assert_echo(&mut kept, b"before");
     wait_metric(&a, ACCEPTED, 1);
     std::fs::write(&path, text(&b)).unwrap();
-    gw.signal("HUP");
+    gw.reload();
     assert!(
         gw.wait_for(IO_TIMEOUT, || gw.log().contains("SIGHUP: reloaded")),
         "{}",

@@ -477,7 +477,7 @@ fn sighup_reloads_the_certificate_and_running_tunnels_survive() {
 
     // A broken file: the old certificate stays.
     std::fs::write(&cert, "not a certificate").unwrap();
-    proxy.signal("HUP");
+    proxy.reload();
     assert!(wait_log(&proxy, "keeping the old TLS certificate"));
     assert!(proxy.log().contains(cert.to_str().unwrap()));
     assert_eq!(presented_leaf(proxy.addr(), &a.ca_pem), a.leaf_der);
@@ -485,7 +485,7 @@ fn sighup_reloads_the_certificate_and_running_tunnels_survive() {
     // The new pair: the next handshake sees it.
     std::fs::copy(&b.cert_path, &cert).unwrap();
     std::fs::copy(&b.key_path, &key).unwrap();
-    proxy.signal("HUP");
+    proxy.reload();
     assert!(wait_log(&proxy, "SIGHUP: reloaded TLS"));
     assert_eq!(presented_leaf(proxy.addr(), &b.ca_pem), b.leaf_der);
     // The tunnel made under the old certificate is untouched.

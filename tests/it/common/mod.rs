@@ -75,6 +75,21 @@ impl Proxy {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// Sends SIGHUP and waits until the proxy logs `SIGHUP: done` (every worker has applied the reload).
+    pub fn reload(&self) {
+        let before = self.log().matches("SIGHUP: done").count();
+        self.signal("HUP");
+        let start = Instant::now();
+        while self.log().matches("SIGHUP: done").count() <= before {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no 'SIGHUP: done' after a reload:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Sends a signal to the proxy.
     pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
