@@ -8,7 +8,6 @@
 
 use std::hint::black_box;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::time::{Duration, Instant};
 
 use socksgate::proto::http::{
     self, BodyFramer, BodyKind, ResponseContext, RewriteOptions, DEFAULT_MAX_HEAD,
@@ -16,10 +15,8 @@ use socksgate::proto::http::{
 use socksgate::proto::proxy_protocol::{self, ProxyHeader};
 use socksgate::proto::{detect, socks4, socks5, upstream, Name, TargetAddr};
 
-/// Length of one timed batch after calibration.
-const BATCH: Duration = Duration::from_millis(20);
-/// Batches per case; the fastest is reported.
-const BATCHES: usize = 5;
+#[path = "support/timing.rs"]
+mod timing;
 
 struct Bench {
     filter: Option<String>,
@@ -34,29 +31,7 @@ impl Bench {
                 return;
             }
         }
-        // Calibrate: double the iteration count until one batch takes ~BATCH.
-        let mut iters: u64 = 1;
-        loop {
-            let t = Instant::now();
-            for _ in 0..iters {
-                black_box(f());
-            }
-            let el = t.elapsed();
-            if el >= BATCH / 4 || iters >= 1 << 30 {
-                let scale = BATCH.as_secs_f64() / el.as_secs_f64().max(1e-9);
-                iters = ((iters as f64) * scale).clamp(1.0, (1u64 << 32) as f64) as u64;
-                break;
-            }
-            iters *= 2;
-        }
-        let mut best = f64::INFINITY;
-        for _ in 0..BATCHES {
-            let t = Instant::now();
-            for _ in 0..iters {
-                black_box(f());
-            }
-            best = best.min(t.elapsed().as_nanos() as f64 / iters as f64);
-        }
+        let best = timing::ns_per_call(&mut f);
         self.rows.push((name.to_string(), best, bytes));
     }
 

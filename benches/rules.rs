@@ -7,40 +7,13 @@
 
 use std::hint::black_box;
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant};
 
 use socksgate::auth::Users;
 use socksgate::policy::{self, rules::Command, Policy};
 
-const BATCH: Duration = Duration::from_millis(20);
-const BATCHES: usize = 5;
-
-/// Best-of-batches ns per call of `f`.
-fn time<R>(mut f: impl FnMut() -> R) -> f64 {
-    let mut iters: u64 = 1;
-    loop {
-        let t = Instant::now();
-        for _ in 0..iters {
-            black_box(f());
-        }
-        let el = t.elapsed();
-        if el >= BATCH / 4 || iters >= 1 << 30 {
-            let scale = BATCH.as_secs_f64() / el.as_secs_f64().max(1e-9);
-            iters = ((iters as f64) * scale).clamp(1.0, (1u64 << 32) as f64) as u64;
-            break;
-        }
-        iters *= 2;
-    }
-    let mut best = f64::INFINITY;
-    for _ in 0..BATCHES {
-        let t = Instant::now();
-        for _ in 0..iters {
-            black_box(f());
-        }
-        best = best.min(t.elapsed().as_nanos() as f64 / iters as f64);
-    }
-    best
-}
+#[path = "support/timing.rs"]
+mod timing;
+use timing::ns_per_call as time;
 
 /// A policy of `n` deny rules cycling through the pattern kinds: `*.sN.test`, `eN.test`, `.bN.test`, an IPv4 /24,
 /// and a name with a port range.
