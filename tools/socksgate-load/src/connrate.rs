@@ -67,20 +67,7 @@ fn worker(run: &Run, proxy: &ProxySpec, ep: &Endpoint, external: bool, id: usize
         seq = seq.wrapping_add(1);
         payload[..4].copy_from_slice(&seq.to_be_bytes());
         let t0 = Instant::now();
-        match one_op(proxy, ep, &payload, external) {
-            Ok(()) => {
-                if run.complete(1) {
-                    hist.record_duration(t0.elapsed());
-                }
-            }
-            Err(e) => {
-                if run.running() {
-                    run.error(e);
-                }
-                // Do not spin on a failing proxy; errors still get counted quickly.
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
+        run.record(&mut hist, t0, one_op(proxy, ep, &payload, external));
     }
     run.merge(&hist);
 }

@@ -125,19 +125,7 @@ fn worker(run: &Run, addr: SocketAddr, request: &[u8], counters: &Counters) {
                 }
             }
         };
-        match outcome {
-            Ok(()) => {
-                if run.complete(1) {
-                    hist.record_duration(t0.elapsed());
-                }
-            }
-            Err(e) => {
-                if run.running() {
-                    run.error(e);
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
+        run.record(&mut hist, t0, outcome);
     }
     run.merge(&hist);
 }

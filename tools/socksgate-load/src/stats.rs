@@ -183,6 +183,30 @@ impl Run {
         true
     }
 
+    /// Records one operation that started at `started`: its latency into `hist` when it completed inside the
+    /// measured window, its error otherwise (after a 1 ms pause, so a failing proxy is not spun on; errors after
+    /// the stop are the stop's, not the proxy's, and are not counted).
+    pub(crate) fn record(
+        &self,
+        hist: &mut Histogram,
+        started: Instant,
+        outcome: Result<(), String>,
+    ) {
+        match outcome {
+            Ok(()) => {
+                if self.complete(1) {
+                    hist.record_duration(started.elapsed());
+                }
+            }
+            Err(e) => {
+                if self.running() {
+                    self.error(e);
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
     /// Count an error and keep its message if it is one of the first distinct ones.
     pub(crate) fn error(&self, msg: impl Display) {
         self.errors_total.fetch_add(1, Relaxed);
