@@ -380,7 +380,7 @@ pub fn open_target(
     key: usize,
     ctx: &mut Ctx,
     addr: SocketAddr,
-    source: Egress,
+    source: Source,
     allowed: DestAllowed,
 ) -> io::Result<Sock> {
     open_attempt(key, 0, ctx, (addr, source), allowed)
@@ -391,7 +391,7 @@ pub fn open_attempt(
     key: usize,
     slot: usize,
     ctx: &mut Ctx,
-    (addr, source): (SocketAddr, Egress),
+    (addr, source): (SocketAddr, Source),
     _allowed: DestAllowed,
 ) -> io::Result<Sock> {
     open(token::attempt(key, slot), ctx, addr, source)
@@ -403,7 +403,7 @@ pub fn open_upstream_proxy(
     key: usize,
     ctx: &mut Ctx,
     index: usize,
-    source: Egress,
+    source: Source,
 ) -> Option<(SocketAddr, io::Result<Sock>)> {
     let addr = ctx.cfg.upstream.as_ref()?.addrs.get(index).copied()?;
     Some((
@@ -417,7 +417,7 @@ pub fn open_group_member(
     key: usize,
     ctx: &mut Ctx,
     member: &crate::groups::Member,
-    source: Egress,
+    source: Source,
 ) -> Option<(SocketAddr, io::Result<Sock>)> {
     let addr = member.server.addrs.first().copied()?;
     Some((
@@ -428,9 +428,9 @@ pub fn open_group_member(
 
 /// The source of an outbound connection: a user's policy egress address (with IP_FREEBIND when it was picked
 /// from a block), or `None` for `--bind` / the kernel's choice.
-pub type Egress = Option<(std::net::IpAddr, bool)>;
+pub type Source = Option<(std::net::IpAddr, bool)>;
 
-fn open(tok: mio::Token, ctx: &mut Ctx, addr: SocketAddr, source: Egress) -> io::Result<Sock> {
+fn open(tok: mio::Token, ctx: &mut Ctx, addr: SocketAddr, source: Source) -> io::Result<Sock> {
     let opts = (ctx.cfg.socket_buffer, &ctx.cfg.tcp);
     let mut stream = match source {
         Some((ip, freebind)) => net::connect_from(addr, ip, freebind, opts)?,

@@ -3,12 +3,12 @@
 //! connection onto them and a refusal onto the protocol's answer.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use log::warn;
 
 use super::close::CloseReason;
-use super::conn::{Conn, Dest};
+use super::conn::{Conn, Dest, Source};
 use super::ctx::{Ctx, ReplyKind};
 use crate::policy::rules::Command;
 use crate::policy::{self, Refusal};
@@ -96,7 +96,7 @@ pub fn allows_bind_peer(conn: &Conn, ctx: &Ctx, addr: SocketAddr) -> bool {
 /// The egress address for an outbound socket of this connection's user in the family of `v4`: the one already
 /// chosen for the session when it fits, else a fresh pick (kept in `conn.egress`). `Ok(None)`: the user has no
 /// egress, so `--bind` (or the kernel) decides. `Err`: she has egress addresses, but none of this family.
-pub fn egress(conn: &mut Conn, ctx: &Ctx, v4: bool) -> io::Result<Option<(IpAddr, bool)>> {
+pub fn egress(conn: &mut Conn, ctx: &Ctx, v4: bool) -> io::Result<Source> {
     let list = ctx.policy.egress(conn.user.as_ref().map(|u| u.user()));
     if list.is_empty() {
         return Ok(None);

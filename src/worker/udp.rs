@@ -21,7 +21,7 @@ use mio::net::UdpSocket;
 use mio::Interest;
 
 use super::close::CloseReason;
-use super::conn::{Conn, Phase};
+use super::conn::{Conn, Phase, Source};
 use super::ctx::{Ctx, Next, ReplyKind};
 use super::gate;
 use super::phase::UdpState;
@@ -88,7 +88,7 @@ pub fn mark(conn: &mut Conn, role: Role, ev: &mio::event::Event) {
     }
 }
 
-fn open_out(ctx: &Ctx, egress: Option<(IpAddr, bool)>) -> io::Result<(UdpSocket, bool)> {
+fn open_out(ctx: &Ctx, egress: Source) -> io::Result<(UdpSocket, bool)> {
     if let Some((ip, freebind)) = egress {
         return Ok((net::udp_socket_from(ip, freebind)?, false));
     }
