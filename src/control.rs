@@ -78,7 +78,7 @@ impl Server {
     pub fn start_with(cfg: Config, set: ListenSet) -> io::Result<Server> {
         let cfg = Arc::new(cfg);
         let threads = cfg.threads.max(1);
-        set.set_tcp_options(&cfg.tcp)?;
+        set.configure(cfg.socket_buffer, &cfg.tcp)?;
         let addrs = set.addrs();
         let per_worker = set.for_workers(threads)?;
         if let (Some(want), Some(l)) = (
@@ -343,7 +343,6 @@ pub fn run(cfg: Config, start: Startup) -> Result<(), RunError> {
                     }
                 );
             }
-            h.set.set_socket_buffer(cfg.socket_buffer)?;
             (h.set, h.metrics, h.ready, h.from_pid)
         }
         None => (

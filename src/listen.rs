@@ -55,19 +55,18 @@ pub struct ListenSet {
 const BACKLOG: i32 = 1024;
 
 impl ListenSet {
-    /// Applies `--socket-buffer` to sockets that were handed to us (systemd, upgrade): accepted connections copy
-    /// the listener's buffer sizes, so setting them after `listen` still covers every later accept.
-    pub fn set_socket_buffer(&self, bytes: Option<usize>) -> io::Result<()> {
+    /// Applies the listener options to every socket, bound here or handed to us (systemd, upgrade):
+    /// `--socket-buffer` (accepted connections copy the listener's buffer sizes, so setting them after `listen` still
+    /// covers every later accept; [`ListenSet::bind`] also sets them before `listen`, for the SYN's window), and
+    /// TCP_NODELAY, `--tcp-keepalive`, `--tcp-user-timeout`, `--tcp-fastopen` (accepted connections inherit the
+    /// first three).
+    pub fn configure(
+        &self,
+        socket_buffer: Option<usize>,
+        opts: &net::TcpOptions,
+    ) -> io::Result<()> {
         for (_, s) in &self.sockets {
-            net::set_socket_buffer(s, bytes)?;
-        }
-        Ok(())
-    }
-
-    /// Applies TCP_NODELAY, `--tcp-keepalive`, `--tcp-user-timeout` and `--tcp-fastopen` to every listening
-    /// socket (bound here or handed to us): accepted connections inherit the first three.
-    pub fn set_tcp_options(&self, opts: &net::TcpOptions) -> io::Result<()> {
-        for (_, s) in &self.sockets {
+            net::set_socket_buffer(s, socket_buffer)?;
             opts.apply_listener(s)?;
         }
         Ok(())
