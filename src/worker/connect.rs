@@ -274,7 +274,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             continue;
         }
         let addr = *addr;
-        match net::connect_state(&sock.stream) {
+        match sock.connect_state() {
             ConnectState::Pending => {
                 sock.writable = false;
                 sock.readable = false;
