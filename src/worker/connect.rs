@@ -24,6 +24,7 @@ use super::relay::start_relay;
 use super::reply;
 use super::timers::TimerKind;
 use super::{gate, token, upstream};
+use crate::acl::DestAllowed;
 use crate::happy::{Family, Scheduler, Step};
 use crate::metrics;
 use crate::net::{self, ConnectState};
@@ -145,7 +146,7 @@ pub fn begin(
         .into_iter()
         .map(|a| SocketAddr::new(proto::canonical_ip(a.ip()), a.port()))
         .filter_map(|a| match ctx.cfg.dest_rules.check(a) {
-            Ok(proof) if gate::allows(conn, ctx, cmd, a) => Some((a, proof)),
+            Ok(proof) if gate::allows(conn, ctx, cmd, a) => Some(proof),
             _ => {
                 debug!("{}: destination {a} denied by rules", conn.peer);
                 None
@@ -161,8 +162,8 @@ pub fn begin(
         return fail(conn, ctx, reply, CloseReason::DestDenied);
     };
     // The resolver's order (RFC 6724 for getaddrinfo; --resolve as written) names the preferred family.
-    let preferred = Family::of(&first.0);
-    let list: Vec<SocketAddr> = allowed.iter().map(|(a, _)| *a).collect();
+    let preferred = Family::of(&first.addr());
+    let list: Vec<SocketAddr> = allowed.iter().map(DestAllowed::addr).collect();
     let sched = Scheduler::with_addrs(&list, preferred, ctx.cfg.connection_attempt_delay);
     conn.phase = Phase::Connecting {
         answer,
@@ -214,11 +215,12 @@ fn pump(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 return fail(conn, ctx, reply, CloseReason::Failed(last));
             }
         };
+        // Each address is dialled once: its proof is spent on it.
         let Some(allowed) = attempts
             .allowed
             .iter()
-            .find(|(a, _)| *a == addr)
-            .map(|(_, proof)| *proof)
+            .position(|proof| proof.addr() == addr)
+            .map(|i| attempts.allowed.swap_remove(i))
         else {
             // The scheduler only hands out addresses it was given, and it was given only allowed ones.
             attempts.sched.on_attempt_failed(addr);
@@ -226,7 +228,7 @@ fn pump(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         };
         debug!("{}: connecting to {addr} (attempt slot {slot})", conn.peer);
         let opened = gate::egress(conn, ctx, addr.is_ipv4())
-            .and_then(|source| open_attempt(key, slot, ctx, (addr, source), allowed));
+            .and_then(|source| open_attempt(key, slot, ctx, allowed, source));
         let Phase::Connecting { attempts, .. } = &mut conn.phase else {
             return Next::Wait;
         };

@@ -71,7 +71,7 @@ pub struct Attempts {
     /// Which address to dial next, and when.
     pub sched: crate::happy::Scheduler,
     /// Every address the rules allowed, with its proof (looked up when the scheduler picks it).
-    pub allowed: Vec<(SocketAddr, crate::acl::DestAllowed)>,
+    pub allowed: Vec<crate::acl::DestAllowed>,
     /// The attempts in flight, indexed by token slot (see `token::attempt`).
     pub socks: [Option<(SocketAddr, Sock)>; super::token::ATTEMPT_SLOTS],
     /// The most specific failure seen so far (what the client is told when every attempt fails).
