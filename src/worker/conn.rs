@@ -131,7 +131,7 @@ pub struct Conn {
     pub egress: Option<Box<std::net::IpAddr>>,
     /// The user's (or anonymous client's) token buckets, when she has rates: `None` costs the relay nothing.
     pub limits: Option<Arc<crate::policy::UserLimits>>,
-    /// Forwarded HTTP: a bucket ran dry and the throttle timer is armed; nothing is read until it fires.
+    /// Forwarded HTTP: a bucket ran dry and the throttle timer is armed (one timer per dry spell).
     pub throttled: bool,
 }
 

@@ -518,22 +518,19 @@ struct Lim<'a> {
     wake: Option<Duration>,
 }
 
-/// Reads within the user's rate: `Ok(None)` (as for "nothing to read") also when her bucket is dry or the
-/// connection is throttled; the throttle timer drives it again.
+/// Reads within the user's rate: `Ok(None)` (as for "nothing to read") also when her bucket for this direction is
+/// dry; the throttle timer drives it again. Each direction asks its own bucket, so a dry download bucket does not
+/// hold back the request body, nor a dry upload bucket the response.
 fn read_limited(
     sock: &mut Sock,
     buf: &mut [u8],
     bucket: Option<&Bucket>,
     now: Instant,
-    throttled: bool,
     wake: &mut Option<Duration>,
 ) -> std::io::Result<Option<usize>> {
     let Some(b) = bucket else {
         return sock.read(buf);
     };
-    if throttled {
-        return Ok(None);
-    }
     let grant = match b.take(now, buf.len()) {
         Ok(g) => g.min(buf.len()),
         Err(w) => {
@@ -626,7 +623,6 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, Clo
             buf.space(),
             bucket,
             ctx.now,
-            conn.throttled,
             &mut lim.wake,
         ) {
             Ok(Some(0)) => conn.client_eof = true,
@@ -751,14 +747,7 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
         }
         // Response heads and bodies alike come out of the user's download bucket.
         let bucket = lim.user.map(|l| &l.down);
-        match read_limited(
-            up,
-            buf.space(),
-            bucket,
-            ctx.now,
-            conn.throttled,
-            &mut lim.wake,
-        ) {
+        match read_limited(up, buf.space(), bucket, ctx.now, &mut lim.wake) {
             Ok(Some(0)) => {
                 if matches!(&x.response, Download::Body { body, ready: 0, .. } if !body.is_done()) {
                     // Read-until-close body (or a truncated one): the client learns the end from our close.

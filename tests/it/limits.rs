@@ -372,3 +372,91 @@ fn per_user_metrics_by_scraping() {
     let (plain, _p2) = with_policy(policy, &[]);
     assert!(!plain.metrics_text().contains("socksgate_user_"));
 }
+
+/// Forwarded HTTP asks each direction's bucket on its own: while a response trickles down at `rate_down`, the
+/// request body still goes up at full speed (an origin that streams its answer while it reads the upload).
+#[test]
+fn http_forwarding_throttles_each_direction_alone() {
+    const UP: usize = 4 * MIB;
+    const DOWN: usize = MIB;
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<Instant>();
+    let done_tx = std::sync::Mutex::new(done_tx);
+    let origin = TestServer::start(move |mut s| {
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match s.read(&mut b) {
+                Ok(1) => head.push(b[0]),
+                _ => return,
+            }
+        }
+        let mut w = s.try_clone().unwrap();
+        let writer = thread::spawn(move || {
+            let _ = write!(
+                w,
+                "HTTP/1.1 200 OK\r\nContent-Length: {DOWN}\r\nConnection: close\r\n\r\n"
+            );
+            let _ = w.write_all(&vec![b'd'; DOWN]);
+        });
+        let mut got = 0;
+        let mut buf = vec![0u8; 65536];
+        while got < UP {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => got += k,
+            }
+        }
+        if got == UP {
+            let _ = done_tx.lock().unwrap().send(Instant::now());
+        }
+        let _ = writer.join();
+    });
+    let (proxy, _path) = with_policy(
+        "[users.dora]\npassword = \"pw\"\nrate_down = \"256KiB/s\"\n",
+        &[],
+    );
+    let mut c = TcpStream::connect(proxy.addr()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let t0 = Instant::now();
+    let head = format!(
+        "POST http://{}/up HTTP/1.1\r\nHost: {}\r\nProxy-Authorization: Basic {}\r\nContent-Length: {UP}\r\nConnection: close\r\n\r\n",
+        origin.addr,
+        origin.addr,
+        base64_basic("dora", "pw")
+    );
+    let mut w = c.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        w.write_all(head.as_bytes()).unwrap();
+        w.write_all(&vec![b'u'; UP]).unwrap();
+    });
+    let mut resp = Vec::new();
+    c.read_to_end(&mut resp).unwrap();
+    let down_secs = t0.elapsed().as_secs_f64();
+    sender.join().unwrap();
+    let up_secs = done_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the origin got the whole body")
+        .duration_since(t0)
+        .as_secs_f64();
+    assert!(
+        resp.starts_with(b"HTTP/1.1 200 OK\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&resp[..resp.len().min(200)])
+    );
+    assert!(
+        resp.ends_with(&vec![b'd'; 4096]) && resp.len() > DOWN,
+        "whole response delivered"
+    );
+    eprintln!("upload of 4 MiB done after {up_secs:.2} s, 1 MiB download at 256 KiB/s took {down_secs:.2} s");
+    assert!(
+        down_secs > 3.0,
+        "the download was throttled: {down_secs:.2} s"
+    );
+    // Unthrottled, 4 MiB cross loopback in tens of milliseconds; held back by the download bucket it took
+    // over a second (1.12 s measured before the fix).
+    assert!(
+        up_secs < down_secs / 6.0,
+        "the upload waited on the download's bucket: {up_secs:.2} s of {down_secs:.2} s"
+    );
+}
