@@ -136,6 +136,11 @@ impl Scheduler {
         }
     }
 
+    /// True while the answer for `family` is awaited.
+    pub fn pending(&self, family: Family) -> bool {
+        self.pending[family as usize]
+    }
+
     /// The attempt to `addr` failed: the next one may start at once.
     pub fn on_attempt_failed(&mut self, addr: SocketAddr) {
         self.in_flight.retain(|a| *a != addr);
@@ -253,6 +258,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = sched();
         s.on_answer(Family::V4, &[v4(1)], t0);
+        assert!(s.pending(Family::V6) && !s.pending(Family::V4));
         assert_eq!(s.next(t0), Step::WaitUntil(t0 + RESOLUTION_DELAY));
         // AAAA in time: IPv6 goes first.
         s.on_answer(Family::V6, &[v6(1)], t0 + ms(30));

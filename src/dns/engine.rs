@@ -17,7 +17,7 @@ use slab::Slab;
 
 use super::conf::{ResolvConf, Watch};
 use super::lookup::{Lookup, Outcome, Send, Servers, Transport, SLOTS};
-use super::{answer_job, log_conf, servers_of, Shared};
+use super::{answer_early, answer_job, log_conf, servers_of, Shared};
 use crate::resolve::{Job, Work};
 
 const WAKER: Token = Token(usize::MAX);
@@ -105,6 +105,8 @@ struct Flight {
     lookup: Lookup,
     socks: [Option<Sock>; SLOTS],
     waiters: Vec<Job>,
+    /// The waiters were sent the first family's addresses (`Lookup::early`); later waiters get them on joining.
+    early_sent: bool,
     started: Instant,
 }
 
@@ -181,7 +183,11 @@ impl Engine {
             let name = host.to_ascii_lowercase();
             if let Some(&key) = self.by_name.get(&name) {
                 self.shared.stats.coalesced.fetch_add(1, Relaxed);
-                self.flights[key].waiters.push(job);
+                let f = &mut self.flights[key];
+                if let Some((_, ips)) = f.lookup.early().filter(|_| f.early_sent) {
+                    answer_early(&job, ips);
+                }
+                f.waiters.push(job);
                 continue;
             }
             // The cache may have been filled while this job was on its way here.
@@ -210,6 +216,7 @@ impl Engine {
                 lookup,
                 socks: [None, None],
                 waiters: vec![job],
+                early_sent: false,
                 started: now,
             });
             self.by_name.insert(name, key);
@@ -257,6 +264,20 @@ impl Engine {
         }
         if f.lookup.outcome().is_some() {
             self.finish(key, now);
+            return;
+        }
+        if !f.early_sent {
+            if let Some((slot, ips)) = f.lookup.early() {
+                f.early_sent = true;
+                debug!(
+                    "dns: {} answered {} first",
+                    f.name,
+                    if slot == 0 { "A" } else { "AAAA" }
+                );
+                for job in &f.waiters {
+                    answer_early(job, ips);
+                }
+            }
         }
     }
 

@@ -3,7 +3,9 @@
 //!
 //! Workers keep talking to the blocking-work pool (src/resolve.rs) with `Work::Resolve`; a pool thread answers
 //! hosts-file and cache hits on the spot and hands misses to the resolver thread ([`engine`]), which coalesces
-//! lookups of the same name, runs the [`lookup::Lookup`] machines and answers through the worker's channel and waker.
+//! lookups of the same name, runs the [`lookup::Lookup`] machines and answers through the worker's channel and waker:
+//! for jobs that ask (`early`), first with the family that answered first while the other is still out (RFC 8305
+//! §3), then with the whole answer, which is also what the cache keeps.
 
 pub mod cache;
 pub mod conf;
@@ -208,6 +210,25 @@ pub fn answer_job(job: Job, outcome: &Outcome, stats: &DnsStats) {
         gen: job.gen,
         tag: job.tag,
         outcome: JobOutcome::Resolved(result),
+    };
+    if job.reply.tx.send(reply).is_ok() {
+        let _ = job.reply.waker.wake();
+    }
+}
+
+/// Sends the addresses one family answered with while the other is still out, if `job` asked for them.
+pub fn answer_early(job: &Job, ips: &[IpAddr]) {
+    let Work::Resolve {
+        port, early: true, ..
+    } = job.work
+    else {
+        return;
+    };
+    let reply = Reply {
+        key: job.key,
+        gen: job.gen,
+        tag: job.tag,
+        outcome: JobOutcome::Early(with_port(ips, port)),
     };
     if job.reply.tx.send(reply).is_ok() {
         let _ = job.reply.waker.wake();

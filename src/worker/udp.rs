@@ -374,8 +374,8 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 let tag = match in_flight {
                     Some(tag) => tag,
                     None => {
-                        // Tags stay below the TCP connect tag (u32::MAX).
-                        u.next_tag = (u.next_tag + 1) % (u32::MAX - 1);
+                        // Tags stay below the TCP connect tags.
+                        u.next_tag = (u.next_tag + 1) % super::phase::CONNECT_TAGS;
                         metrics::inc(&ctx.stats.dns_lookups);
                         let _ = ctx.resolve_tx.send(Job {
                             key,
@@ -384,6 +384,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                             work: Work::Resolve {
                                 host: name.as_str().to_string(),
                                 port,
+                                early: false,
                             },
                             reply: ctx.reply_to.clone(),
                         });

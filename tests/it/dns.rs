@@ -636,3 +636,118 @@ fn concurrent_lookups_of_one_name_are_coalesced() {
     );
     assert_eq!(r.count(RecordType::AAAA), 1);
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Per-family answers (RFC 8305 §3)
+
+/// The answer to `q`: A `v4` or AAAA `v6` (NODATA for the type not given).
+fn answer_with(q: &Message, v4: Option<[u8; 4]>, v6: Option<std::net::Ipv6Addr>) -> Message {
+    let mut m = answer_for(q, v4.unwrap_or([0; 4]));
+    if v4.is_none() {
+        m.take_answers();
+    }
+    if let (Some(question), Some(ip)) = (q.queries().first(), v6) {
+        if question.query_type() == RecordType::AAAA {
+            let name = question.name().clone();
+            m.add_answer(Record::from_rdata(
+                name,
+                60,
+                RData::AAAA(hickory_proto::rr::rdata::AAAA(ip)),
+            ));
+        }
+    }
+    m
+}
+
+/// A responder that answers A at once with `v4` and AAAA with `v6` after `aaaa_delay`; `aaaa_sent` turns true
+/// once the AAAA answer went out.
+fn slow_aaaa_responder(
+    v4: [u8; 4],
+    v6: std::net::Ipv6Addr,
+    aaaa_delay: Duration,
+    aaaa_sent: Arc<AtomicBool>,
+) -> Responder {
+    Responder::start(
+        false,
+        move |udp, from, q| {
+            let Some(question) = q.queries().first() else {
+                return;
+            };
+            if question.query_type() == RecordType::A {
+                send(udp, from, &answer_with(q, Some(v4), None));
+                return;
+            }
+            let (udp, q, sent) = (udp.try_clone().unwrap(), q.clone(), Arc::clone(&aaaa_sent));
+            thread::spawn(move || {
+                thread::sleep(aaaa_delay);
+                send(&udp, from, &answer_with(&q, None, Some(v6)));
+                sent.store(true, Ordering::Relaxed);
+            });
+        },
+        |q| answer_for(q, [127, 0, 0, 1]),
+    )
+}
+
+#[test]
+fn a_first_connects_without_waiting_for_a_slow_aaaa() {
+    let echo = TestServer::echo();
+    let sent = Arc::new(AtomicBool::new(false));
+    // AAAA says ::1, where nothing listens on the echo server's port: refused at once once it is cached.
+    let r = slow_aaaa_responder(
+        [127, 0, 0, 1],
+        std::net::Ipv6Addr::LOCALHOST,
+        Duration::from_secs(2),
+        Arc::clone(&sent),
+    );
+    let proxy = proxy_with_dns(&[r.addr.to_string()], &["--dns-timeout", "10s"]);
+    let started = Instant::now();
+    let (rep, mut s) = connect_name(proxy.addr(), "slow6.test", echo.addr.port());
+    let took = started.elapsed();
+    assert_eq!(rep, 0);
+    assert_echo(&mut s, b"over ipv4 before AAAA");
+    // The 50 ms resolution delay, then IPv4: well under the 2 s the AAAA answer takes.
+    assert!(
+        took >= Duration::from_millis(50) && took < Duration::from_secs(1),
+        "took {took:?}"
+    );
+    assert!(
+        !sent.load(Ordering::Relaxed),
+        "connected before AAAA answered"
+    );
+    // The whole answer is cached once AAAA is in: the next session asks nothing.
+    assert!(wait_until(Duration::from_secs(10), &mut || {
+        sent.load(Ordering::Relaxed) && proxy.metric("socksgate_dns_cache_names") >= 1
+    }));
+    let (rep, mut s) = connect_name(proxy.addr(), "slow6.test", echo.addr.port());
+    assert_eq!(rep, 0);
+    assert_echo(&mut s, b"from the cache");
+    assert_eq!((r.count(RecordType::A), r.count(RecordType::AAAA)), (1, 1));
+}
+
+#[test]
+fn aaaa_within_the_resolution_delay_is_dialled_first() {
+    if !have_ipv6() {
+        eprintln!("note: no IPv6 loopback: skipped");
+        return;
+    }
+    // The same port on ::1 (recording who connects) and on 127.0.0.1 (a banner that gives IPv4 away).
+    let (six, four, peers) = loop {
+        let (six, peers) = recording_echo("[::1]:0");
+        if let Some(four) = banner_server(&format!("127.0.0.1:{}", six.addr.port()), b"four") {
+            break (six, four, peers);
+        }
+    };
+    let r = slow_aaaa_responder(
+        [127, 0, 0, 1],
+        std::net::Ipv6Addr::LOCALHOST,
+        Duration::from_millis(10),
+        Arc::default(),
+    );
+    let proxy = proxy_with_dns(&[r.addr.to_string()], &[]);
+    let (rep, mut s) = connect_name(proxy.addr(), "both.test", six.addr.port());
+    assert_eq!(rep, 0);
+    assert_echo(&mut s, b"over ipv6");
+    let peer = peers.recv_timeout(IO_TIMEOUT).unwrap();
+    assert!(peer.is_ipv6(), "the target saw {peer}");
+    drop(four);
+}
