@@ -331,6 +331,52 @@ impl ResolverPool {
     }
 }
 
+/// Checks in the background that the `--upstream` proxy's name resolves, and logs what it resolves to or a
+/// warning. Sessions resolve the name themselves, so one that does not resolve at start is not fatal (Squid treats
+/// a `cache_peer` name so; HAProxy does with `init-addr none`): the proxy comes up while DNS is still unreachable,
+/// and the first sessions after it returns work.
+pub fn check_upstream(pool: &ResolverPool, host: &str, port: u16) -> io::Result<()> {
+    let tx = pool.sender();
+    let host = host.to_string();
+    let poll = mio::Poll::new()?;
+    let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0))?);
+    thread::Builder::new()
+        .name("upstream-check".into())
+        .spawn(move || {
+            let (reply_tx, reply_rx) = mpsc::channel();
+            let job = Job {
+                key: 0,
+                gen: 0,
+                tag: 0,
+                work: Work::Resolve {
+                    host: host.clone(),
+                    port,
+                    early: false,
+                },
+                reply: ReplyTo {
+                    tx: reply_tx,
+                    waker,
+                },
+            };
+            if tx.send(job).is_err() {
+                return;
+            }
+            // The pool stops once every sender is gone: this one must not outlive the question.
+            drop(tx);
+            let _poll = poll;
+            match reply_rx.recv().map(|r| r.outcome) {
+                Ok(Outcome::Resolved(Ok(addrs))) => log::info!(
+                    "upstream proxy {host} resolves to {addrs:?} (resolved again per session, through the cache)"
+                ),
+                Ok(Outcome::Resolved(Err(e))) => log::warn!(
+                    "upstream proxy {host} does not resolve now ({e}); sessions keep asking, and fail until it does"
+                ),
+                _ => {}
+            }
+        })?;
+    Ok(())
+}
+
 fn run(rx: &Mutex<Receiver<Job>>, resolver: &Resolver, dns: Option<&Dns>) {
     loop {
         // Hold the lock only to take a job, never while resolving.

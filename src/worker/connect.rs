@@ -91,7 +91,7 @@ pub fn start(
         }
         if group.is_none() {
             let cfg = Arc::clone(&ctx.cfg);
-            if let Some(u) = cfg.upstream.as_ref().filter(|u| u.addrs.is_empty()) {
+            if let Some(u) = cfg.upstream.as_ref().filter(|u| u.by_name()) {
                 // Given by name: resolved per session and dialled here, then the handshake takes over.
                 let hs = upstream::handshake(conn, ctx, (answer, target, None), deadline);
                 return resolve(

@@ -751,3 +751,40 @@ fn aaaa_within_the_resolution_delay_is_dialled_first() {
     assert!(peer.is_ipv6(), "the target saw {peer}");
     drop(four);
 }
+
+#[test]
+fn upstream_given_by_name_is_resolved_through_the_cache() {
+    let echo = TestServer::echo();
+    let upstream = Proxy::start(&["--resolve", &format!("target.test={}", echo.addr.ip())]);
+    // up.test: A 127.0.0.1 at once, AAAA ::1 (nothing listens there on the upstream's port) a little later.
+    let r = slow_aaaa_responder(
+        [127, 0, 0, 1],
+        std::net::Ipv6Addr::LOCALHOST,
+        Duration::from_millis(200),
+        Arc::default(),
+    );
+    let front = proxy_with_dns(
+        &[r.addr.to_string()],
+        &[
+            "--upstream",
+            &format!("socks5://up.test:{}", upstream.addr().port()),
+        ],
+    );
+    for i in 0..3 {
+        let (rep, mut s) = connect_name(front.addr(), "target.test", echo.addr.port());
+        assert_eq!(rep, 0, "session {i}");
+        assert_echo(&mut s, format!("session {i} through up.test").as_bytes());
+    }
+    // The start-up check and every session shared one lookup (coalesced, then cached for its TTL); the target's
+    // name went to the upstream unresolved.
+    assert_eq!(r.count(RecordType::A), 1);
+    assert!(front.wait_for(Duration::from_secs(10), || front
+        .log()
+        .contains("upstream proxy up.test resolves to")));
+    assert!(!r
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|q| q.1.starts_with("target")));
+}
