@@ -44,6 +44,8 @@ pub struct DnsSettings {
     pub hosts_path: PathBuf,
     /// Re-read `conf` from this file when it changes (`None` with `--dns`).
     pub reload: Option<conf::Reload>,
+    /// The source address of queries (`--bind`), used for servers of its family; the kernel picks for the others.
+    pub source: Option<IpAddr>,
 }
 
 impl Default for DnsSettings {
@@ -54,6 +56,7 @@ impl Default for DnsSettings {
             cache_size: cache::DEFAULT_CAPACITY,
             hosts_path: PathBuf::from("/etc/hosts"),
             reload: None,
+            source: None,
         }
     }
 }
@@ -111,7 +114,11 @@ impl Dns {
         });
         log_conf("", &settings.conf);
         let watch = settings.reload.clone().map(conf::Watch::new);
-        let engine = engine::start(Arc::clone(&shared), settings.conf.clone(), watch)?;
+        let engine = engine::start(
+            Arc::clone(&shared),
+            (settings.conf.clone(), settings.source),
+            watch,
+        )?;
         Ok(Dns { shared, engine })
     }
 

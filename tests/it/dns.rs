@@ -431,7 +431,7 @@ impl Responder {
     fn start(
         tcp: bool,
         handle: impl Fn(&UdpSocket, SocketAddr, &Message) + Send + 'static,
-        tcp_handle: impl Fn(&Message) -> Message + Send + 'static,
+        tcp_handle: impl Fn(SocketAddr, &Message) -> Message + Send + 'static,
     ) -> Responder {
         // UDP and TCP on the same port number, as a nameserver has them.
         let (udp, listener) = loop {
@@ -476,13 +476,14 @@ impl Responder {
                         return;
                     }
                     let Ok(mut s) = s else { continue };
+                    let Ok(peer) = s.peer_addr() else { continue };
                     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
                     let len = read_n(&mut s, 2);
                     let q = read_n(&mut s, usize::from(u16::from_be_bytes([len[0], len[1]])));
                     let Ok(q) = Message::from_vec(&q) else {
                         continue;
                     };
-                    let a = tcp_handle(&q).to_vec().unwrap();
+                    let a = tcp_handle(peer, &q).to_vec().unwrap();
                     let mut out = (a.len() as u16).to_be_bytes().to_vec();
                     out.extend_from_slice(&a);
                     let _ = s.write_all(&out);
@@ -528,7 +529,7 @@ fn truncated_udp_answer_is_asked_again_over_tcp() {
             m.set_truncated(true);
             send(udp, from, &m);
         },
-        move |q| {
+        move |_, q| {
             t2.fetch_add(1, Ordering::Relaxed);
             answer_for(q, [127, 0, 0, 1])
         },
@@ -568,7 +569,7 @@ fn spoofed_answers_are_ignored() {
             }
             send(udp, from, &answer_for(q, [127, 0, 0, 1]));
         },
-        |q| answer_for(q, [127, 0, 0, 1]),
+        |_, q| answer_for(q, [127, 0, 0, 1]),
     );
     let proxy = proxy_with_dns(&[r.addr.to_string()], &[]);
     let (rep, mut s) = connect_name(proxy.addr(), "real.test", echo.addr.port());
@@ -596,7 +597,7 @@ fn concurrent_lookups_of_one_name_are_coalesced() {
             }
             held2.lock().unwrap().push((from, q.clone()));
         },
-        |q| answer_for(q, [127, 0, 0, 1]),
+        |_, q| answer_for(q, [127, 0, 0, 1]),
     );
     // Long DNS and connect timeouts: a retry while the answer is held back would be a second query.
     let proxy = proxy_with_dns(
@@ -684,7 +685,7 @@ fn slow_aaaa_responder(
                 sent.store(true, Ordering::Relaxed);
             });
         },
-        |q| answer_for(q, [127, 0, 0, 1]),
+        |_, q| answer_for(q, [127, 0, 0, 1]),
     )
 }
 
@@ -787,4 +788,45 @@ fn upstream_given_by_name_is_resolved_through_the_cache() {
         .unwrap()
         .iter()
         .any(|q| q.1.starts_with("target")));
+}
+
+#[test]
+fn queries_leave_from_the_bind_address() {
+    // 127.0.0.2 is local on Linux (all of 127/8 is); elsewhere the case is skipped.
+    if UdpSocket::bind("127.0.0.2:0").is_err() {
+        eprintln!("note: 127.0.0.2 cannot be bound here: skipped");
+        return;
+    }
+    let echo = TestServer::echo();
+    let sources: Arc<Mutex<Vec<(&'static str, SocketAddr)>>> = Arc::default();
+    let (udp_seen, tcp_seen) = (Arc::clone(&sources), Arc::clone(&sources));
+    // UDP answers come truncated, so the TCP path is asked too.
+    let r = Responder::start(
+        true,
+        move |udp, from, q| {
+            udp_seen.lock().unwrap().push(("udp", from));
+            let mut m = answer_for(q, [127, 0, 0, 1]);
+            m.take_answers();
+            m.set_truncated(true);
+            send(udp, from, &m);
+        },
+        move |peer, q| {
+            tcp_seen.lock().unwrap().push(("tcp", peer));
+            answer_for(q, [127, 0, 0, 1])
+        },
+    );
+    let proxy = proxy_with_dns(&[r.addr.to_string()], &["--bind", "127.0.0.2"]);
+    let (rep, mut s) = connect_name(proxy.addr(), "bound.test", echo.addr.port());
+    assert_eq!(rep, 0);
+    assert_echo(&mut s, b"from 127.0.0.2");
+    let seen = sources.lock().unwrap().clone();
+    assert!(seen.iter().any(|(t, _)| *t == "udp"), "{seen:?}");
+    assert!(seen.iter().any(|(t, _)| *t == "tcp"), "{seen:?}");
+    for (transport, from) in &seen {
+        assert_eq!(
+            from.ip(),
+            "127.0.0.2".parse::<std::net::IpAddr>().unwrap(),
+            "{transport} query from {from}"
+        );
+    }
 }
