@@ -293,7 +293,8 @@ fn options() -> Options {
     o.optopt(
         "",
         "connection-attempt-delay",
-        "Happy Eyeballs: start the next address this long after the previous attempt (default 250ms, min 10ms)",
+        "Happy Eyeballs: start the next address this long after the previous attempt (default 250ms, min 10ms); \
+         an A answer waits 50ms for a pending AAAA",
         "DUR",
     );
     o.optopt(
@@ -394,12 +395,18 @@ fn options() -> Options {
         "deny these destinations, wins over allow; `private` = loopback, RFC 1918, link-local, ULA",
         "CIDR[:PORT[-PORT]]",
     );
-    o.optopt("", "bind", "source address for outbound TCP and UDP", "IP");
+    o.optopt(
+        "",
+        "bind",
+        "source address for outbound TCP and UDP, and for DNS queries to nameservers of its family",
+        "IP",
+    );
     o.optopt(
         "",
         "upstream",
         "send outbound connections through socks5://[user:pass@]host:port, http://..., or inside TLS: \
-         socks5s://..., https://...",
+         socks5s://..., https://...; a host name is resolved per session (Happy Eyeballs), a failure at start \
+         only warns",
         "URL",
     );
     o.optopt(

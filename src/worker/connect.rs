@@ -308,15 +308,12 @@ pub fn begin(
     pump(key, conn, ctx)
 }
 
+/// Addresses to dial, with their proofs (none for the operator's upstream proxy).
+type Allowed = Vec<(SocketAddr, Option<DestAllowed>)>;
+
 /// The addresses the destination rules allow (all of them for the operator's upstream proxy), and whether any
 /// was refused.
-#[allow(clippy::type_complexity)]
-fn filter(
-    conn: &Conn,
-    ctx: &Ctx,
-    answer: &Answer,
-    addrs: Vec<SocketAddr>,
-) -> (Vec<(SocketAddr, Option<DestAllowed>)>, bool) {
+fn filter(conn: &Conn, ctx: &Ctx, answer: &Answer, addrs: Vec<SocketAddr>) -> (Allowed, bool) {
     let chain = matches!(answer, Answer::Chain(_));
     let cmd = gate::command_of(answer.kind());
     let mut denied = false;

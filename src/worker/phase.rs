@@ -111,6 +111,15 @@ impl Answer {
             Answer::Chain(hs) => hs.answer.kind(),
         }
     }
+
+    /// True when the connection is for a forwarded HTTP request (directly or through an upstream by name).
+    pub fn forwards(&self) -> bool {
+        match self {
+            Answer::Forward(_) => true,
+            Answer::Reply(_) => false,
+            Answer::Chain(hs) => hs.answer.forwards(),
+        }
+    }
 }
 
 impl Phase {
