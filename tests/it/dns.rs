@@ -830,3 +830,49 @@ fn queries_leave_from_the_bind_address() {
         );
     }
 }
+
+#[test]
+fn a_late_answer_for_an_earlier_origin_is_not_taken_for_the_next() {
+    use common::origin::{HttpConn, Origin};
+    let (a, b) = (Origin::start(), Origin::start());
+    // a.test: A at once, AAAA 500 ms later, while the connection is already resolving b.test (answered after
+    // 1.5 s). An AAAA answer taken for b.test's lookup would send b's request to a's origin.
+    let r = Responder::start(
+        false,
+        |udp, from, q| {
+            let Some(question) = q.queries().first() else {
+                return;
+            };
+            let name = question.name().to_ascii();
+            let is_a = question.query_type() == RecordType::A;
+            let delay = match (name.as_str(), is_a) {
+                ("a.test.", true) => Duration::ZERO,
+                ("a.test.", false) => Duration::from_millis(500),
+                _ => Duration::from_millis(1500),
+            };
+            let answer = if is_a {
+                answer_with(q, Some([127, 0, 0, 1]), None)
+            } else {
+                answer_with(q, None, Some(std::net::Ipv6Addr::LOCALHOST))
+            };
+            let udp = udp.try_clone().unwrap();
+            thread::spawn(move || {
+                thread::sleep(delay);
+                send(&udp, from, &answer);
+            });
+        },
+        |_, q| answer_for(q, [127, 0, 0, 1]),
+    );
+    let proxy = proxy_with_dns(&[r.addr.to_string()], &["--dns-timeout", "10s"]);
+    let mut c = HttpConn::connect(proxy.addr());
+    let (pa, pb) = (a.addr.port(), b.addr.port());
+    c.send(format!("GET http://a.test:{pa}/one HTTP/1.1\r\nHost: a.test:{pa}\r\n\r\n").as_bytes());
+    let one = c.read_response(false);
+    assert_eq!(one.status, 200);
+    c.send(format!("GET http://b.test:{pb}/two HTTP/1.1\r\nHost: b.test:{pb}\r\n\r\n").as_bytes());
+    let two = c.read_response(false);
+    assert_eq!(two.status, 200, "{}", two.head_text());
+    assert_eq!(two.header("X-Origin-Port"), Some(pb.to_string().as_str()));
+    assert_eq!(b.requests_to("/two").len(), 1);
+    assert!(a.requests_to("/two").is_empty());
+}
