@@ -301,3 +301,31 @@ fn upstream_name_that_does_not_resolve_is_a_warning_then_a_failure() {
     );
     assert!(took < Duration::from_secs(5), "took {took:?}");
 }
+
+#[test]
+fn forwarded_http_through_an_http_upstream_given_by_name() {
+    use common::origin::{HttpConn, Origin};
+    let origin = Origin::start();
+    let upstream = Proxy::start(&[]);
+    let front = Proxy::start(&[
+        "--resolve",
+        &format!("up.test={}", upstream.addr().ip()),
+        "--upstream",
+        &format!("http://up.test:{}", upstream.addr().port()),
+    ]);
+    let mut c = HttpConn::connect(front.addr());
+    for path in ["/first", "/second"] {
+        c.send(
+            format!(
+                "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+                origin.url(path),
+                origin.authority()
+            )
+            .as_bytes(),
+        );
+        let r = c.read_response(false);
+        assert_eq!(r.status, 200, "{}", r.head_text());
+        assert_eq!(r.body, format!("path={path}\n").into_bytes());
+    }
+    assert_eq!(origin.requests().len(), 2);
+}
