@@ -1,6 +1,7 @@
 //! The built-in resolver end to end: a real dnsmasq on a loopback port (skipped with a note when it is missing) and
 //! small responders written here with hickory-proto for what dnsmasq cannot be made to do (truncation, spoofing,
-//! holding an answer back). Every name is answered on loopback; the machine's own nameservers are never asked.
+//! holding an answer back, answering A and AAAA at different times, recording query sources). Every name is
+//! answered on loopback; the machine's own nameservers are never asked.
 
 use crate::common;
 
@@ -212,7 +213,7 @@ fn a_only_aaaa_only_both_and_cname_chain() {
         let (rep, mut s) = connect_name(proxy.addr(), "v6.test", port);
         assert_eq!(rep, 0, "AAAA only");
         assert_eq!(read_n(&mut s, 4), b"six\n");
-        // both.test: IPv4 first; the IPv4 origin is gone, so a success proves the IPv6 address was in the answer.
+        // both.test: the IPv4 origin is gone, so a success proves the IPv6 address was in the answer.
         drop(echo4);
         assert!(wait_until(Duration::from_secs(10), &mut || {
             TcpStream::connect(("127.0.0.1", port)).is_err()

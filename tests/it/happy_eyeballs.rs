@@ -1,6 +1,7 @@
 //! Happy Eyeballs (RFC 8305) end to end: a name with a black-holed address and a working one connects after one
 //! attempt delay, not after the black-holed attempt's timeout; both failing gives the right SOCKS5 code within
-//! `--connect-timeout`; the losing attempt's socket is closed.
+//! `--connect-timeout`; the losing attempt's socket is closed. The same for an `--upstream` proxy given by name,
+//! whose own addresses the destination rules do not cover.
 //!
 //! Black-holing on loopback without a network namespace: a listener with backlog 0 whose accept queue is already
 //! full drops every further SYN silently (Linux counts them as ListenOverflows), so a connect to it neither
