@@ -199,12 +199,16 @@ def main():
         f"{'All proxies, the load generator and the targets ran under `nice -n ' + str(meta['nice']) + '`. ' if meta.get('nice') else ''}"
         f"Peers: {meta['versions']['dante']}, microsocks "
         f"{meta['versions']['microsocks']}, {meta['versions']['tinyproxy']}.\n")
+    idle = ("KiB per tunnel = the RSS growth from half the tunnels open to all of them, divided by the "
+            "second half's count, in a freshly started proxy (so what a proxy allocates once is not charged "
+            "to its tunnels).")
     if meta["idle_conns"] != meta["idle_requested"]:
         lines.append(
             f"Idle: {meta['idle_conns']} tunnels instead of {meta['idle_requested']}: RLIMIT_NOFILE's "
             f"hard limit here is {meta['nofile']} and cannot be raised without CAP_SYS_RESOURCE, and a "
-            f"proxy needs two descriptors per tunnel. KiB per tunnel = (RSS with the tunnels open - RSS "
-            f"before) / tunnels, in a freshly started proxy.\n")
+            f"proxy needs two descriptors per tunnel. {idle}\n")
+    else:
+        lines.append(f"Idle: {idle}\n")
 
     limit = meta.get("max_other", 35)
     contended = sorted(f"{TEST_TITLES.get(t, t)} / {sy} ({m['vals']['cpu0_other']:.0f} %)"

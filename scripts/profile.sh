@@ -39,10 +39,16 @@ trap 'stop_all; rm -rf "$WORK"' EXIT
 trap 'exit 130' INT TERM
 
 start_socksgate "$WORK/socksgate.log" 0 --threads 1
+# The port accepts (into the backlog) before the worker threads exist: wait for the thread, not the port.
 WORKER=""
-for t in /proc/"$SG_PID"/task/*; do
-    [ "$(cat "$t/comm")" = "worker-0" ] && WORKER=$(basename "$t")
+for _ in $(seq 100); do
+    for t in /proc/"$SG_PID"/task/*; do
+        [ "$(cat "$t/comm" 2>/dev/null)" = "worker-0" ] && WORKER=$(basename "$t")
+    done
+    [ -n "$WORKER" ] && break
+    sleep 0.05
 done
+[ -n "$WORKER" ] || die "no worker-0 thread in socksgate (pid $SG_PID)"
 PROXY="socks5://127.0.0.1:$SG_PORT"
 [ "$MODE" = http ] && PROXY="http://127.0.0.1:$SG_PORT"
 # The load runs 2 s longer than the recording, which starts after a 1 s warmup.

@@ -272,9 +272,17 @@ pub struct DestRules {
 
 /// Proof that [`DestRules::check`] passed. Only this module can create one (the field is private), so code that
 /// opens outbound connections should take a `DestAllowed` argument: a connect path that skipped the check does not
-/// compile. It does not record the address, so check exactly the address that is then connected to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DestAllowed(());
+/// compile. It holds the address that passed and is consumed by the connect, so it cannot be spent on another
+/// address or twice.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DestAllowed(SocketAddr);
+
+impl DestAllowed {
+    /// The address that passed the rules.
+    pub fn addr(&self) -> SocketAddr {
+        self.0
+    }
+}
 
 /// The destination is refused by policy (reported as SOCKS5 0x02 / HTTP 403).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,7 +306,7 @@ impl DestRules {
             return Err(Denied);
         }
         if self.allow.is_empty() || self.allow.iter().any(|r| r.matches(addr)) {
-            Ok(DestAllowed(()))
+            Ok(DestAllowed(addr))
         } else {
             Err(Denied)
         }

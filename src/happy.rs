@@ -154,6 +154,11 @@ impl Scheduler {
         others
     }
 
+    /// True once an attempt was started (some address was given and dialled).
+    pub fn started(&self) -> bool {
+        self.started
+    }
+
     /// Attempts started and not yet resolved.
     pub fn in_flight(&self) -> &[SocketAddr] {
         &self.in_flight
@@ -251,6 +256,7 @@ mod tests {
             s.on_attempt_failed(a);
         }
         assert_eq!(s.next(t0 + ms(900)), Step::Exhausted);
+        assert!(s.started());
     }
 
     #[test]
@@ -319,6 +325,7 @@ mod tests {
         assert_eq!(s.next(t0), Step::Idle, "A still outstanding");
         s.on_answer(Family::V4, &[], t0);
         assert_eq!(s.next(t0), Step::Exhausted);
+        assert!(!s.started(), "nothing was dialled");
         // An empty AAAA answer ends the resolution delay early: no reason to wait.
         let mut s = sched();
         s.on_answer(Family::V4, &[v4(1)], t0);

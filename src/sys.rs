@@ -7,14 +7,7 @@ use std::os::fd::{OwnedFd, RawFd};
 /// per tunnel, so the common default soft limit of 1024 would cap it at ~500 tunnels; HAProxy and nginx raise it
 /// the same way.
 pub fn raise_nofile_limit() -> io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes into `lim`, a valid, exclusively borrowed rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let mut lim = nofile_rlimit()?;
     if lim.rlim_cur < lim.rlim_max {
         lim.rlim_cur = lim.rlim_max;
         // SAFETY: setrlimit only reads `lim`, a valid rlimit; raising the soft limit up to the hard limit needs no
@@ -26,6 +19,25 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     // rlim_t is u64 on Linux but not on every target.
     #[allow(clippy::unnecessary_cast)]
     Ok(lim.rlim_cur as u64)
+}
+
+/// The soft `RLIMIT_NOFILE`: how many descriptors this process may hold.
+pub fn nofile_limit() -> io::Result<u64> {
+    // rlim_t is u64 on Linux but not on every target.
+    #[allow(clippy::unnecessary_cast)]
+    Ok(nofile_rlimit()?.rlim_cur as u64)
+}
+
+fn nofile_rlimit() -> io::Result<libc::rlimit> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes into `lim`, a valid, exclusively borrowed rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(lim)
 }
 
 /// Clock ticks per second (`sysconf(_SC_CLK_TCK)`), the unit of the CPU times in /proc/PID/stat; `None` if the

@@ -374,27 +374,17 @@ pub fn verify_off_loop(
     Next::Wait
 }
 
-/// Opens and registers a nonblocking outbound socket for connection `key` to a destination. Only a
-/// [`DestAllowed`] from the destination rules opens one: a path that skips the rules does not compile.
-pub fn open_target(
-    key: usize,
-    ctx: &mut Ctx,
-    addr: SocketAddr,
-    source: Source,
-    allowed: DestAllowed,
-) -> io::Result<Sock> {
-    open_attempt(key, 0, ctx, (addr, source), allowed)
-}
-
-/// Like [`open_target`], for connect attempt `slot` of a Happy Eyeballs connect (its events carry that slot).
+/// Opens and registers a nonblocking outbound socket to a client's destination, as connect attempt `slot` of
+/// connection `key` (its events carry that slot). Only a [`DestAllowed`] from the destination rules opens one,
+/// and it dials the address that passed: a path that skips the rules does not compile.
 pub fn open_attempt(
     key: usize,
     slot: usize,
     ctx: &mut Ctx,
-    (addr, source): (SocketAddr, Source),
-    _allowed: DestAllowed,
+    allowed: DestAllowed,
+    source: Source,
 ) -> io::Result<Sock> {
-    open(token::attempt(key, slot), ctx, addr, source)
+    open(token::attempt(key, slot), ctx, allowed.addr(), source)
 }
 
 /// Opens Happy Eyeballs attempt `slot` to an address of the `--upstream` proxy given by name (the operator's own

@@ -218,6 +218,7 @@ pub fn on_early(
         attempts: Box::new(Attempts {
             sched,
             allowed: Vec::new(),
+            proxy: Vec::new(),
             lookup: Some(tag),
             denied: false,
             socks: Default::default(),
@@ -279,8 +280,17 @@ pub fn begin(
     addrs: Vec<SocketAddr>,
 ) -> Next {
     let reply = answer.kind();
-    let (allowed, denied) = filter(conn, ctx, &answer, addrs);
-    let Some(first) = allowed.first() else {
+    let Admitted {
+        allowed,
+        proxy,
+        denied,
+    } = admit(conn, ctx, &answer, addrs);
+    let list: Vec<SocketAddr> = allowed
+        .iter()
+        .map(DestAllowed::addr)
+        .chain(proxy.iter().copied())
+        .collect();
+    let Some(first) = list.first() else {
         debug!(
             "{}: every address of {} denied by rules",
             conn.peer,
@@ -289,8 +299,7 @@ pub fn begin(
         return fail(conn, ctx, reply, CloseReason::DestDenied);
     };
     // The resolver's order (RFC 6724 for getaddrinfo; --resolve as written) names the preferred family.
-    let preferred = Family::of(&first.0);
-    let list: Vec<SocketAddr> = allowed.iter().map(|(a, _)| *a).collect();
+    let preferred = Family::of(first);
     let sched = Scheduler::with_addrs(&list, preferred, ctx.cfg.connection_attempt_delay);
     conn.phase = Phase::Connecting {
         answer,
@@ -298,6 +307,7 @@ pub fn begin(
         attempts: Box::new(Attempts {
             sched,
             allowed,
+            proxy,
             lookup: None,
             denied,
             socks: Default::default(),
@@ -308,33 +318,46 @@ pub fn begin(
     pump(key, conn, ctx)
 }
 
-/// Addresses to dial, with their proofs (none for the operator's upstream proxy).
-type Allowed = Vec<(SocketAddr, Option<DestAllowed>)>;
+/// What may be dialled of an answer.
+struct Admitted {
+    /// A client's destination: the addresses the rules allow, as their proofs.
+    allowed: Vec<DestAllowed>,
+    /// The operator's upstream proxy (`Answer::Chain`): every address, which the rules are not for.
+    proxy: Vec<SocketAddr>,
+    /// Some address was refused by the rules.
+    denied: bool,
+}
 
-/// The addresses the destination rules allow (all of them for the operator's upstream proxy), and whether any
-/// was refused.
-fn filter(conn: &Conn, ctx: &Ctx, answer: &Answer, addrs: Vec<SocketAddr>) -> (Allowed, bool) {
-    let chain = matches!(answer, Answer::Chain(_));
+/// Sorts an answer's addresses into what may be dialled: through the destination rules for a client's target, all
+/// of them for the operator's upstream proxy.
+fn admit(conn: &Conn, ctx: &Ctx, answer: &Answer, addrs: Vec<SocketAddr>) -> Admitted {
+    let addrs = addrs
+        .into_iter()
+        .map(|a| SocketAddr::new(proto::canonical_ip(a.ip()), a.port()));
+    if matches!(answer, Answer::Chain(_)) {
+        return Admitted {
+            allowed: Vec::new(),
+            proxy: addrs.collect(),
+            denied: false,
+        };
+    }
     let cmd = gate::command_of(answer.kind());
     let mut denied = false;
     let allowed = addrs
-        .into_iter()
-        .map(|a| SocketAddr::new(proto::canonical_ip(a.ip()), a.port()))
-        .filter_map(|a| {
-            if chain {
-                return Some((a, None));
-            }
-            match ctx.cfg.dest_rules.check(a) {
-                Ok(proof) if gate::allows(conn, ctx, cmd, a) => Some((a, Some(proof))),
-                _ => {
-                    debug!("{}: destination {a} denied by rules", conn.peer);
-                    denied = true;
-                    None
-                }
+        .filter_map(|a| match ctx.cfg.dest_rules.check(a) {
+            Ok(proof) if gate::allows(conn, ctx, cmd, a) => Some(proof),
+            _ => {
+                debug!("{}: destination {a} denied by rules", conn.peer);
+                denied = true;
+                None
             }
         })
         .collect();
-    (allowed, denied)
+    Admitted {
+        allowed,
+        proxy: Vec::new(),
+        denied,
+    }
 }
 
 /// Feeds a (further) answer to a connect in progress: the addresses of `families` still awaited pass the rules
@@ -350,13 +373,22 @@ fn add_answer(conn: &mut Conn, ctx: &mut Ctx, families: &[Family], addrs: Vec<So
         .into_iter()
         .filter(|a| families.contains(&Family::of(a)) && attempts.sched.pending(Family::of(a)))
         .collect();
-    let (allowed, denied) = filter(conn, ctx, answer, fresh);
+    let Admitted {
+        allowed,
+        proxy,
+        denied,
+    } = admit(conn, ctx, answer, fresh);
     let Phase::Connecting { attempts, .. } = &mut conn.phase else {
         return;
     };
     attempts.denied |= denied;
-    let list: Vec<SocketAddr> = allowed.iter().map(|(a, _)| *a).collect();
+    let list: Vec<SocketAddr> = allowed
+        .iter()
+        .map(DestAllowed::addr)
+        .chain(proxy.iter().copied())
+        .collect();
     attempts.allowed.extend(allowed);
+    attempts.proxy.extend(proxy);
     for f in families {
         attempts.sched.on_answer(*f, &list, ctx.now);
     }
@@ -397,14 +429,15 @@ fn pump(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 let reply = answer.kind();
                 let reason = if matches!(answer, Answer::Chain(_)) {
                     CloseReason::UpstreamProxy(Failure::General)
-                } else if attempts.allowed.is_empty() && attempts.denied {
+                } else if !attempts.sched.started() && attempts.denied {
                     debug!(
                         "{}: every address of {} denied by rules",
                         conn.peer,
                         target_str(conn)
                     );
                     CloseReason::DestDenied
-                } else if attempts.allowed.is_empty() {
+                } else if !attempts.sched.started() {
+                    // Nothing dialable came of the answers.
                     metrics::inc(&ctx.stats.dns_failures);
                     CloseReason::Unresolved
                 } else {
@@ -413,23 +446,25 @@ fn pump(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 return fail(conn, ctx, reply, reason);
             }
         };
-        let chain = matches!(answer, Answer::Chain(_));
-        let proof = attempts
+        // Each address is dialled once: its proof (or, for the upstream proxy, its entry) is spent on it.
+        let target = attempts
             .allowed
             .iter()
-            .find(|(a, _)| *a == addr)
-            .map(|(_, proof)| *proof);
-        let proof = match proof {
-            Some(p) if chain || p.is_some() => p,
-            _ => {
-                // The scheduler only hands out addresses it was given, and it was given only allowed ones.
-                attempts.sched.on_attempt_failed(addr);
-                continue;
-            }
-        };
+            .position(|proof| proof.addr() == addr)
+            .map(|i| attempts.allowed.swap_remove(i));
+        let proxy = attempts
+            .proxy
+            .iter()
+            .position(|a| *a == addr)
+            .map(|i| attempts.proxy.swap_remove(i));
+        if target.is_none() && proxy.is_none() {
+            // The scheduler only hands out addresses it was given, and it was given only allowed ones.
+            attempts.sched.on_attempt_failed(addr);
+            continue;
+        }
         debug!("{}: connecting to {addr} (attempt slot {slot})", conn.peer);
-        let opened = gate::egress(conn, ctx, addr.is_ipv4()).and_then(|source| match proof {
-            Some(allowed) => open_attempt(key, slot, ctx, (addr, source), allowed),
+        let opened = gate::egress(conn, ctx, addr.is_ipv4()).and_then(|source| match target {
+            Some(allowed) => open_attempt(key, slot, ctx, allowed, source),
             None => open_proxy_attempt(key, slot, ctx, (addr, source)),
         });
         let Phase::Connecting { attempts, .. } = &mut conn.phase else {
@@ -479,7 +514,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             continue;
         }
         let addr = *addr;
-        match net::connect_state(&sock.stream) {
+        match sock.connect_state() {
             ConnectState::Pending => {
                 sock.writable = false;
                 sock.readable = false;

@@ -76,9 +76,12 @@ pub enum Phase {
 pub struct Attempts {
     /// Which address to dial next, and when.
     pub sched: crate::happy::Scheduler,
-    /// Every address the rules allowed, with its proof (looked up when the scheduler picks it); no proof for the
-    /// addresses of the operator's own upstream proxy (`Answer::Chain`), which the rules are not for.
-    pub allowed: Vec<(SocketAddr, Option<crate::acl::DestAllowed>)>,
+    /// Every address the rules allowed and not dialled yet, as its proof (spent on the dial when the scheduler picks
+    /// the address).
+    pub allowed: Vec<crate::acl::DestAllowed>,
+    /// The addresses of the operator's own upstream proxy given by name (`Answer::Chain`), which the rules are not
+    /// for; taken out like `allowed` when dialled.
+    pub proxy: Vec<SocketAddr>,
     /// The resolver tag whose full answer is still out after an early one (one family answered first).
     pub lookup: Option<u32>,
     /// Some address was refused by the destination rules (the failure to report if none was allowed).

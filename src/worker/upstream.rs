@@ -21,7 +21,7 @@ use super::gate;
 use super::phase::{Answer, Route, UpstreamHandshake, UpstreamState};
 use super::timers::TimerKind;
 use crate::groups::{Change, Group};
-use crate::net::{self, ConnectState};
+use crate::net::ConnectState;
 use crate::proto::upstream as up;
 use crate::proto::{socks5, Failure, Parse, TargetAddr};
 use crate::upstream::{Upstream, UpstreamKind};
@@ -342,7 +342,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         if !sock.writable && !sock.readable {
             return Next::Wait;
         }
-        return match net::connect_state(&sock.stream) {
+        return match sock.connect_state() {
             ConnectState::Pending => {
                 sock.readable = false;
                 sock.writable = false;

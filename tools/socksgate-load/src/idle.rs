@@ -103,13 +103,20 @@ pub(crate) fn run(c: &Common, conns: usize, pid: Option<u32>, hold: f64) -> i32 
         Err(e) => return crate::fatal(&format!("poll: {e}")),
     };
     let mut tunnels: Vec<Tunnel> = Vec::with_capacity(conns);
-    let opened = open_all(c, &ep, conns, &mut poll, &mut tunnels);
-    let (up, mut failed, first_err) = (opened.up, opened.failed, opened.first_err);
+    // Two batches: the cost per tunnel is the slope between the samples after each, so whatever the proxy
+    // allocates or frees once (startup leftovers, the first pool and slab growth) is not charged to tunnels.
+    let first = open_all(c, &ep, conns / 2, &mut poll, &mut tunnels);
+    let mut dropped = hold_phase(&mut poll, &mut tunnels, hold / 2.0);
+    let mid = sample(pid).unwrap_or_default();
+    let second = open_all(c, &ep, conns - conns / 2, &mut poll, &mut tunnels);
+    let up = first.up + second.up;
+    let mut failed = first.failed + second.failed;
+    let first_err = first.first_err.or(second.first_err);
     let open_secs = t0.elapsed().as_secs_f64();
     if !c.quiet {
         eprintln!("[idle] {up} tunnels up, {failed} failed in {open_secs:.2}s; holding {hold}s");
     }
-    let dropped = hold_phase(&mut poll, &mut tunnels, hold);
+    dropped += hold_phase(&mut poll, &mut tunnels, hold);
     let during = sample(pid).unwrap_or_default();
     failed += dropped;
     drop(tunnels);
@@ -130,11 +137,15 @@ pub(crate) fn run(c: &Common, conns: usize, pid: Option<u32>, hold: f64) -> i32 
             settle.elapsed().as_secs_f64()
         );
     }
-    let per = if up > 0 {
-        (during.rss_kib as f64 - before.rss_kib as f64) / up as f64
-    } else {
-        0.0
+    let per_tunnel = |from: Sample, n: usize| {
+        if n > 0 {
+            (during.rss_kib as f64 - from.rss_kib as f64) / n as f64
+        } else {
+            0.0
+        }
     };
+    let per = per_tunnel(mid, second.up);
+    let per_from_start = per_tunnel(before, up);
     let errors: Vec<String> = first_err.into_iter().collect();
     let j = Json::new()
         .str("mode", "idle")
@@ -149,9 +160,11 @@ pub(crate) fn run(c: &Common, conns: usize, pid: Option<u32>, hold: f64) -> i32 
         .float("open_seconds", open_secs, 3)
         .float("hold_seconds", hold, 1)
         .int("rss_before_kib", before.rss_kib)
+        .int("rss_mid_kib", mid.rss_kib)
         .int("rss_during_kib", during.rss_kib)
         .int("rss_after_kib", after.rss_kib)
         .float("kib_per_tunnel", per, 2)
+        .float("kib_per_tunnel_from_start", per_from_start, 2)
         .int("fds_before", before.fds)
         .int("fds_during", during.fds)
         .int("fds_after", after.fds)
@@ -176,7 +189,7 @@ impl Opened {
     }
 }
 
-/// Open `n` tunnels with at most MAX_PENDING in setup at once.
+/// Open `n` more tunnels with at most MAX_PENDING in setup at once.
 fn open_all(
     c: &Common,
     ep: &Endpoint,
@@ -188,10 +201,11 @@ fn open_all(
     let dest = ep.dest(c.proxy.scheme);
     let mut events = Events::with_capacity(1024);
     let mut o = Opened::default();
+    let goal = tunnels.len() + n;
     let start = Instant::now();
     let mut next_tick = start + Duration::from_secs(1);
     while o.up + o.failed < n && start.elapsed() < OPEN_TIMEOUT {
-        while o.pending < MAX_PENDING && tunnels.len() < n {
+        while o.pending < MAX_PENDING && tunnels.len() < goal {
             match start_one(poll, tunnels.len(), connect_to, &c.proxy, &dest) {
                 Ok(t) => {
                     tunnels.push(t);
@@ -200,7 +214,7 @@ fn open_all(
                 Err(e) => {
                     // Typically out of fds or ports: more attempts would fail the same way.
                     o.fail(format!("connect: {e}"));
-                    o.failed += n - tunnels.len() - 1;
+                    o.failed += goal - tunnels.len() - 1;
                     return o;
                 }
             }
@@ -252,7 +266,7 @@ fn open_all(
             o.fail("opening phase timed out".into());
         }
     }
-    o.failed += n - tunnels.len();
+    o.failed += goal - tunnels.len();
     o
 }
 
@@ -354,8 +368,15 @@ fn advance(t: &mut Tunnel) -> Result<(), String> {
 fn hold_phase(poll: &mut Poll, tunnels: &mut [Tunnel], hold: f64) -> usize {
     let end = Instant::now() + Duration::from_secs_f64(hold);
     let mut events = Events::with_capacity(1024);
-    let mut dropped = 0;
     let mut buf = [0u8; 1024];
+    // Readiness is edge-triggered: an established tunnel closed while a later batch was opening had its event
+    // consumed there, so every open tunnel is looked at once before waiting for new events.
+    let mut dropped = 0;
+    for t in tunnels.iter_mut() {
+        if closed_by_peer(t, &mut buf) {
+            dropped += 1;
+        }
+    }
     while Instant::now() < end {
         let left = end.saturating_duration_since(Instant::now());
         if let Err(e) = poll.poll(&mut events, Some(left.min(Duration::from_millis(100)))) {
@@ -364,30 +385,30 @@ fn hold_phase(poll: &mut Poll, tunnels: &mut [Tunnel], hold: f64) -> usize {
             }
         }
         for ev in events.iter() {
-            let t = &mut tunnels[ev.token().0];
-            if t.st != St::Up {
-                continue;
-            }
-            loop {
-                match t.sock.read(&mut buf) {
-                    Ok(0) => {
-                        t.st = St::Dead;
-                        dropped += 1;
-                        break;
-                    }
-                    Ok(_) => {}
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        t.st = St::Dead;
-                        dropped += 1;
-                        break;
-                    }
-                }
+            if closed_by_peer(&mut tunnels[ev.token().0], &mut buf) {
+                dropped += 1;
             }
         }
     }
     dropped
+}
+
+/// Drain an established tunnel; true when that finds it closed (it is then marked dead).
+fn closed_by_peer(t: &mut Tunnel, buf: &mut [u8]) -> bool {
+    if t.st != St::Up {
+        return false;
+    }
+    loop {
+        match t.sock.read(buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    t.st = St::Dead;
+    true
 }
 
 #[cfg(test)]

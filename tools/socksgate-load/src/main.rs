@@ -202,6 +202,7 @@ Modes:
   connrate --concurrency C [--ops MAX]   connect+handshake+32-byte echo+close per op
   latency --conns N                      64-byte ping-pong round trips per tunnel
   idle --conns N [--pid PID] [--hold S]  RSS and fd cost of N idle tunnels in PID
+                                         (KiB/tunnel: RSS slope from N/2 to N tunnels)
   udp [--rate R]                         SOCKS5 UDP ASSOCIATE echo, window of 64
   http --concurrency C                   absolute-form GET through an http:// proxy
 
