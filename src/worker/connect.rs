@@ -206,10 +206,15 @@ pub fn on_early(
         conn.peer,
         target_str(conn)
     );
-    // The built-in resolver prefers IPv6 (RFC 6724's default precedence), as it orders its full answers.
+    // The built-in resolver prefers IPv6 (RFC 6724's default precedence), as it orders its full answers; an IPv4
+    // `--bind` cannot dial IPv6, so A is not kept waiting for AAAA then.
+    let preferred = match ctx.cfg.outbound_bind {
+        Some(ip) if ip.is_ipv4() => Family::V4,
+        _ => Family::V6,
+    };
     let sched = Scheduler::new(
         &[Family::V6, Family::V4],
-        Family::V6,
+        preferred,
         ctx.cfg.connection_attempt_delay,
     );
     conn.phase = Phase::Connecting {
