@@ -293,7 +293,8 @@ fn options() -> Options {
     o.optopt(
         "",
         "connection-attempt-delay",
-        "Happy Eyeballs: start the next address this long after the previous attempt (default 250ms, min 10ms)",
+        "Happy Eyeballs: start the next address this long after the previous attempt (default 250ms, min 10ms); \
+         an A answer waits 50ms for a pending AAAA",
         "DUR",
     );
     o.optopt(
@@ -394,12 +395,18 @@ fn options() -> Options {
         "deny these destinations, wins over allow; `private` = loopback, RFC 1918, link-local, ULA",
         "CIDR[:PORT[-PORT]]",
     );
-    o.optopt("", "bind", "source address for outbound TCP and UDP", "IP");
+    o.optopt(
+        "",
+        "bind",
+        "source address for outbound TCP and UDP, and for DNS queries to nameservers of its family",
+        "IP",
+    );
     o.optopt(
         "",
         "upstream",
         "send outbound connections through socks5://[user:pass@]host:port, http://..., or inside TLS: \
-         socks5s://..., https://...",
+         socks5s://..., https://...; a host name is resolved per session (Happy Eyeballs), a failure at start \
+         only warns",
         "URL",
     );
     o.optopt(
@@ -825,7 +832,10 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
     c.resolver = if m.opt_present("dns-system") {
         Resolver::system(hosts)
     } else {
-        Resolver::dns(hosts, dns_settings(&m)?)
+        let mut dns = dns_settings(&m)?;
+        // Lookups leave by the same source address (and so interface) as the connections they are made for.
+        dns.source = c.outbound_bind;
+        Resolver::dns(hosts, dns)
     };
     let verbose = m.opt_count("v") as i32 - m.opt_count("q") as i32;
     c.log_level = match verbose {
@@ -1021,6 +1031,10 @@ mod tests {
         assert_eq!(d.conf.timeout, Duration::from_millis(500));
         assert_eq!(d.max_ttl, Duration::from_secs(60));
         assert_eq!(d.reload, None, "--dns: resolv.conf is not watched");
+        assert_eq!(d.source, None);
+        let c = run("--dns 127.0.0.1 --bind 127.0.0.2").unwrap();
+        let d = c.resolver.dns_settings().unwrap();
+        assert_eq!(d.source, Some("127.0.0.2".parse().unwrap()), "--bind");
         let c = run("--dns-timeout 2s").unwrap();
         let r = c.resolver.dns_settings().unwrap().reload.clone().unwrap();
         assert_eq!(r.timeout, Some(Duration::from_secs(2)));

@@ -88,6 +88,9 @@ impl Server {
             warn_if_capped(want, l);
         }
         let resolver = ResolverPool::start(cfg.resolver_threads, cfg.resolver.clone())?;
+        if let Some(u) = cfg.upstream.as_ref().filter(|u| u.by_name()) {
+            crate::resolve::check_upstream(&resolver, &u.host, u.port)?;
+        }
         let shared = Shared {
             cfg: Arc::clone(&cfg),
             open: Arc::new(AtomicUsize::new(0)),

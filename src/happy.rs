@@ -136,6 +136,11 @@ impl Scheduler {
         }
     }
 
+    /// True while the answer for `family` is awaited.
+    pub fn pending(&self, family: Family) -> bool {
+        self.pending[family as usize]
+    }
+
     /// The attempt to `addr` failed: the next one may start at once.
     pub fn on_attempt_failed(&mut self, addr: SocketAddr) {
         self.in_flight.retain(|a| *a != addr);
@@ -147,6 +152,11 @@ impl Scheduler {
         self.queued.iter_mut().for_each(VecDeque::clear);
         let others = self.in_flight.drain(..).filter(|a| *a != addr).collect();
         others
+    }
+
+    /// True once an attempt was started (some address was given and dialled).
+    pub fn started(&self) -> bool {
+        self.started
     }
 
     /// Attempts started and not yet resolved.
@@ -246,6 +256,7 @@ mod tests {
             s.on_attempt_failed(a);
         }
         assert_eq!(s.next(t0 + ms(900)), Step::Exhausted);
+        assert!(s.started());
     }
 
     #[test]
@@ -253,6 +264,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = sched();
         s.on_answer(Family::V4, &[v4(1)], t0);
+        assert!(s.pending(Family::V6) && !s.pending(Family::V4));
         assert_eq!(s.next(t0), Step::WaitUntil(t0 + RESOLUTION_DELAY));
         // AAAA in time: IPv6 goes first.
         s.on_answer(Family::V6, &[v6(1)], t0 + ms(30));
@@ -313,6 +325,7 @@ mod tests {
         assert_eq!(s.next(t0), Step::Idle, "A still outstanding");
         s.on_answer(Family::V4, &[], t0);
         assert_eq!(s.next(t0), Step::Exhausted);
+        assert!(!s.started(), "nothing was dialled");
         // An empty AAAA answer ends the resolution delay early: no reason to wait.
         let mut s = sched();
         s.on_answer(Family::V4, &[v4(1)], t0);

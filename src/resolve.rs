@@ -214,6 +214,9 @@ pub enum Work {
         host: String,
         /// The port.
         port: u16,
+        /// Also send [`Outcome::Early`] when one address family answers before the other (the built-in resolver
+        /// only; getaddrinfo gives both at once).
+        early: bool,
     },
     /// Check a password against a hashed users-table entry.
     Verify {
@@ -230,6 +233,9 @@ pub enum Work {
 pub enum Outcome {
     /// Addresses, or the lookup error.
     Resolved(io::Result<Vec<SocketAddr>>),
+    /// One family's addresses while the other family's query is still out (RFC 8305 §3), for a job that asked
+    /// for it. The job's [`Outcome::Resolved`] follows with every address, these included.
+    Early(Vec<SocketAddr>),
     /// The authenticated user, or `None` for a wrong password or unknown name.
     Verified(Option<Authorized>),
 }
@@ -325,6 +331,52 @@ impl ResolverPool {
     }
 }
 
+/// Checks in the background that the `--upstream` proxy's name resolves, and logs what it resolves to or a
+/// warning. Sessions resolve the name themselves, so one that does not resolve at start is not fatal (Squid treats
+/// a `cache_peer` name so; HAProxy does with `init-addr none`): the proxy comes up while DNS is still unreachable,
+/// and the first sessions after it returns work.
+pub fn check_upstream(pool: &ResolverPool, host: &str, port: u16) -> io::Result<()> {
+    let tx = pool.sender();
+    let host = host.to_string();
+    let poll = mio::Poll::new()?;
+    let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0))?);
+    thread::Builder::new()
+        .name("upstream-check".into())
+        .spawn(move || {
+            let (reply_tx, reply_rx) = mpsc::channel();
+            let job = Job {
+                key: 0,
+                gen: 0,
+                tag: 0,
+                work: Work::Resolve {
+                    host: host.clone(),
+                    port,
+                    early: false,
+                },
+                reply: ReplyTo {
+                    tx: reply_tx,
+                    waker,
+                },
+            };
+            if tx.send(job).is_err() {
+                return;
+            }
+            // The pool stops once every sender is gone: this one must not outlive the question.
+            drop(tx);
+            let _poll = poll;
+            match reply_rx.recv().map(|r| r.outcome) {
+                Ok(Outcome::Resolved(Ok(addrs))) => log::info!(
+                    "upstream proxy {host} resolves to {addrs:?} (resolved again per session, through the cache)"
+                ),
+                Ok(Outcome::Resolved(Err(e))) => log::warn!(
+                    "upstream proxy {host} does not resolve now ({e}); sessions keep asking, and fail until it does"
+                ),
+                _ => {}
+            }
+        })?;
+    Ok(())
+}
+
 fn run(rx: &Mutex<Receiver<Job>>, resolver: &Resolver, dns: Option<&Dns>) {
     loop {
         // Hold the lock only to take a job, never while resolving.
@@ -333,7 +385,7 @@ fn run(rx: &Mutex<Receiver<Job>>, resolver: &Resolver, dns: Option<&Dns>) {
             Err(_) => return,
         };
         let Ok(job) = job else { return };
-        if let (Some(dns), Work::Resolve { host, port }) = (dns, &job.work) {
+        if let (Some(dns), Work::Resolve { host, port, .. }) = (dns, &job.work) {
             // Static answers here; everything else is answered by the DNS side (hosts file, cache, resolver thread).
             match resolver.early(host, *port) {
                 Some(r) => reply(job, Outcome::Resolved(r)),
@@ -342,7 +394,7 @@ fn run(rx: &Mutex<Receiver<Job>>, resolver: &Resolver, dns: Option<&Dns>) {
             continue;
         }
         let outcome = match job.work {
-            Work::Resolve { host, port } => Outcome::Resolved(resolver.lookup(&host, port)),
+            Work::Resolve { host, port, .. } => Outcome::Resolved(resolver.lookup(&host, port)),
             Work::Verify {
                 users,
                 user,
@@ -473,6 +525,7 @@ mod tests {
                     work: Work::Resolve {
                         host: "asked.test".into(),
                         port: 80,
+                        early: false,
                     },
                     reply: reply.clone(),
                 })
@@ -492,6 +545,127 @@ mod tests {
         assert!(rx.recv_timeout(std::time::Duration::from_secs(10)).is_ok());
         assert_eq!(asked.load(Relaxed), 2);
         assert_eq!(pool.resolver.stats().cache_hits.load(Relaxed), 2);
+        drop(quick);
+        pool.shutdown();
+    }
+
+    #[test]
+    fn the_first_family_is_sent_early_then_the_whole_answer() {
+        use crate::dns::message::tests::{a, response};
+        use hickory_proto::op::{Message, ResponseCode};
+        use hickory_proto::rr::rdata::AAAA;
+        use hickory_proto::rr::{Name, RData, Record, RecordType};
+        use std::net::UdpSocket;
+        use std::time::Duration;
+
+        // A nameserver answering A at once and holding AAAA until the test has seen the early answer.
+        let ns = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let ns_addr = ns.local_addr().unwrap();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            let mut held = None;
+            while let Ok((n, from)) = ns.recv_from(&mut buf) {
+                let Ok(q) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let question = &q.queries()[0];
+                let name = question.name().to_ascii();
+                if question.query_type() == RecordType::A {
+                    let r = response(
+                        q.id(),
+                        &name,
+                        RecordType::A,
+                        ResponseCode::NoError,
+                        vec![a(&name, 60, [127, 0, 0, 7])],
+                        None,
+                    );
+                    let _ = ns.send_to(&r, from);
+                } else {
+                    held = Some((q.id(), name, from));
+                }
+                if let Some((id, name, from)) = held.take() {
+                    if release_rx.recv().is_err() {
+                        return;
+                    }
+                    let six = Record::from_rdata(
+                        Name::from_ascii(&name).unwrap(),
+                        30,
+                        RData::AAAA(AAAA("::7".parse().unwrap())),
+                    );
+                    let r = response(
+                        id,
+                        &name,
+                        RecordType::AAAA,
+                        ResponseCode::NoError,
+                        vec![six],
+                        None,
+                    );
+                    let _ = ns.send_to(&r, from);
+                }
+            }
+        });
+        let mut settings = DnsSettings {
+            hosts_path: std::env::temp_dir().join("socksgate-no-such-hosts-file"),
+            ..DnsSettings::default()
+        };
+        settings.conf.servers = vec![ns_addr];
+        let pool = ResolverPool::start(1, Resolver::dns(StaticHosts::default(), settings)).unwrap();
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        let (tx, rx) = mpsc::channel();
+        let reply = ReplyTo { tx, waker };
+        let ask = |key, early| {
+            pool.sender()
+                .send(Job {
+                    key,
+                    gen: 1,
+                    tag: 9,
+                    work: Work::Resolve {
+                        host: "split.test".into(),
+                        port: 443,
+                        early,
+                    },
+                    reply: reply.clone(),
+                })
+                .unwrap();
+        };
+        let wait = Duration::from_secs(10);
+        ask(1, true);
+        let r = rx.recv_timeout(wait).unwrap();
+        let Outcome::Early(addrs) = r.outcome else {
+            panic!("no early answer")
+        };
+        assert_eq!((r.key, r.tag), (1, 9));
+        assert_eq!(addrs, vec!["127.0.0.7:443".parse::<SocketAddr>().unwrap()]);
+        // Joining the lookup in flight: one who asked for early answers gets it at once, one who did not waits.
+        ask(2, true);
+        ask(3, false);
+        let r = rx.recv_timeout(wait).unwrap();
+        assert!(matches!(r.outcome, Outcome::Early(_)) && r.key == 2);
+        release_tx.send(()).unwrap();
+        let mut keys = Vec::new();
+        for _ in 0..3 {
+            let r = rx.recv_timeout(wait).unwrap();
+            let Outcome::Resolved(Ok(addrs)) = r.outcome else {
+                panic!("not resolved")
+            };
+            assert_eq!(
+                addrs,
+                vec![
+                    "[::7]:443".parse::<SocketAddr>().unwrap(),
+                    "127.0.0.7:443".parse().unwrap()
+                ],
+                "IPv6 first"
+            );
+            keys.push(r.key);
+        }
+        keys.sort_unstable();
+        assert_eq!(keys, vec![1, 2, 3]);
+        assert!(rx.try_recv().is_err(), "nothing else");
+        // Both families are cached together.
+        let quick = pool.quick_answers();
+        assert_eq!(quick.get("split.test", 1).unwrap().unwrap().len(), 2);
         drop(quick);
         pool.shutdown();
     }
@@ -521,6 +695,7 @@ mod tests {
                     work: Work::Resolve {
                         host: format!("n{key}.test"),
                         port: 80,
+                        early: false,
                     },
                     reply: reply.clone(),
                 })

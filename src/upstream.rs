@@ -1,7 +1,13 @@
 //! `--upstream` URLs: the proxy every outbound connection is chained through.
+//!
+//! A host given by name is not resolved here: sessions resolve it through the resolver (its cache and TTLs) when
+//! they need it and dial its addresses with Happy Eyeballs (src/worker/connect.rs), so the proxy follows the
+//! upstream's DNS changes and a dead address of a dual-stack upstream costs one attempt delay. Parsing never waits
+//! on DNS; the start-up check that the name resolves ([`crate::resolve::check_upstream`]) only warns, as Squid
+//! does for a `cache_peer` name, so the proxy comes up while DNS is not reachable yet.
 
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
 /// The protocol spoken to the upstream proxy.
@@ -22,7 +28,7 @@ pub struct Upstream {
     pub host: String,
     /// Port.
     pub port: u16,
-    /// Addresses, resolved once at startup (the control thread may block; workers never do).
+    /// The address when the host is an IP literal; empty for a name, which each session resolves.
     pub addrs: Vec<SocketAddr>,
     /// Credentials.
     pub credentials: Option<(String, String)>,
@@ -50,6 +56,26 @@ impl fmt::Display for Upstream {
             None => String::new(),
         };
         write!(f, "{scheme}://{user}{}:{}", self.host, self.port)
+    }
+}
+
+/// A host name as DNS can carry it (RFC 1123 labels, the hosts file's names): the resolver checks it again.
+fn valid_name(host: &str) -> bool {
+    let name = host.strip_suffix('.').unwrap_or(host);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+impl Upstream {
+    /// True when the host is a name (resolved per session) rather than an IP address.
+    pub fn by_name(&self) -> bool {
+        self.addrs.is_empty()
     }
 }
 
@@ -116,13 +142,11 @@ impl FromStr for Upstream {
         if host.is_empty() || port == 0 {
             return Err("host and a non-zero port are required".to_string());
         }
-        let addrs: Vec<SocketAddr> = (host.as_str(), port)
-            .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve {host}: {e}"))?
-            .collect();
-        if addrs.is_empty() {
-            return Err(format!("{host} has no addresses"));
-        }
+        let addrs = match host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) if valid_name(&host) => Vec::new(),
+            Err(_) => return Err(format!("{host:?} is neither an IP address nor a host name")),
+        };
         Ok(Upstream {
             kind,
             host,
@@ -162,5 +186,13 @@ mod tests {
         assert!("socks5://127.0.0.1".parse::<Upstream>().is_err());
         assert!("socks5://127.0.0.1:0".parse::<Upstream>().is_err());
         assert!("socks5://127.0.0.1:99999".parse::<Upstream>().is_err());
+        // Names are kept for the sessions to resolve: nothing is looked up here.
+        let u: Upstream = "socks5://proxy.example.test:1080".parse().unwrap();
+        assert!(u.by_name() && u.addrs.is_empty());
+        assert_eq!(u.host, "proxy.example.test");
+        assert!(!"socks5://[::1]:1080".parse::<Upstream>().unwrap().by_name());
+        for bad in ["socks5://a..b:1", "socks5://a b:1", "socks5://-:1:2"] {
+            assert!(bad.parse::<Upstream>().is_err(), "{bad}");
+        }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use slab::Slab;
 
 use super::conf::{ResolvConf, Watch};
 use super::lookup::{Lookup, Outcome, Send, Servers, Transport, SLOTS};
-use super::{answer_job, log_conf, servers_of, Shared};
+use super::{answer_early, answer_job, log_conf, servers_of, Shared};
 use crate::resolve::{Job, Work};
 
 const WAKER: Token = Token(usize::MAX);
@@ -58,8 +58,13 @@ impl Drop for Handle {
     }
 }
 
-/// Starts the resolver thread with settings `conf`, re-read through `watch` when the file changes.
-pub fn start(shared: Arc<Shared>, conf: ResolvConf, watch: Option<Watch>) -> io::Result<Handle> {
+/// Starts the resolver thread with settings `conf`, re-read through `watch` when the file changes, sending queries
+/// from `source` where its family matches the server's.
+pub fn start(
+    shared: Arc<Shared>,
+    (conf, source): (ResolvConf, Option<IpAddr>),
+    watch: Option<Watch>,
+) -> io::Result<Handle> {
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     let (tx, rx) = mpsc::channel();
@@ -69,6 +74,7 @@ pub fn start(shared: Arc<Shared>, conf: ResolvConf, watch: Option<Watch>) -> io:
         shared,
         servers: servers_of(&conf),
         conf,
+        source,
         watch,
         rx,
         stop: Arc::clone(&stop),
@@ -105,6 +111,8 @@ struct Flight {
     lookup: Lookup,
     socks: [Option<Sock>; SLOTS],
     waiters: Vec<Job>,
+    /// The waiters were sent the first family's addresses (`Lookup::early`); later waiters get them on joining.
+    early_sent: bool,
     started: Instant,
 }
 
@@ -114,6 +122,8 @@ struct Engine {
     /// Search list and options; lookups in flight keep the `servers` they started with.
     conf: ResolvConf,
     servers: Arc<Servers>,
+    /// `--bind`: queries leave from the address outbound connections leave from.
+    source: Option<IpAddr>,
     watch: Option<Watch>,
     rx: Receiver<Job>,
     stop: Arc<AtomicBool>,
@@ -181,7 +191,11 @@ impl Engine {
             let name = host.to_ascii_lowercase();
             if let Some(&key) = self.by_name.get(&name) {
                 self.shared.stats.coalesced.fetch_add(1, Relaxed);
-                self.flights[key].waiters.push(job);
+                let f = &mut self.flights[key];
+                if let Some((_, ips)) = f.lookup.early().filter(|_| f.early_sent) {
+                    answer_early(&job, ips);
+                }
+                f.waiters.push(job);
                 continue;
             }
             // The cache may have been filled while this job was on its way here.
@@ -210,6 +224,7 @@ impl Engine {
                 lookup,
                 socks: [None, None],
                 waiters: vec![job],
+                early_sent: false,
                 started: now,
             });
             self.by_name.insert(name, key);
@@ -257,16 +272,33 @@ impl Engine {
         }
         if f.lookup.outcome().is_some() {
             self.finish(key, now);
+            return;
+        }
+        if !f.early_sent {
+            if let Some((slot, ips)) = f.lookup.early() {
+                f.early_sent = true;
+                debug!(
+                    "dns: {} answered {} first",
+                    f.name,
+                    if slot == 0 { "A" } else { "AAAA" }
+                );
+                for job in &f.waiters {
+                    answer_early(job, ips);
+                }
+            }
         }
     }
 
     /// A fresh socket per query: the kernel picks a random source port for each (RFC 5452 §9.2).
     fn open(&mut self, key: usize, s: Send) -> io::Result<()> {
         let token = Token(key * SLOTS + s.slot);
-        let local: SocketAddr = if s.server.is_ipv4() {
-            SocketAddr::from(([0, 0, 0, 0], 0))
-        } else {
-            SocketAddr::from(([0u16; 8], 0))
+        // A server of the other family than `--bind` is still asked, from the kernel's choice of source: DNS is
+        // the proxy's own traffic, and failing every lookup over a family mismatch would help nobody.
+        let source = self.source.filter(|ip| ip.is_ipv4() == s.server.is_ipv4());
+        let local = match source {
+            Some(ip) => SocketAddr::new(ip, 0),
+            None if s.server.is_ipv4() => SocketAddr::from(([0, 0, 0, 0], 0)),
+            None => SocketAddr::from(([0u16; 8], 0)),
         };
         debug!(
             "dns: asking {} for {} over {:?}",
@@ -286,7 +318,7 @@ impl Engine {
                 Sock::Udp(u)
             }
             Transport::Tcp => {
-                let mut t = TcpStream::connect(s.server)?;
+                let mut t = crate::net::connect(s.server, source, (None, &Default::default()))?;
                 self.poll.registry().register(
                     &mut t,
                     token,

@@ -68,7 +68,8 @@ pub enum Error {
 /// The end of a lookup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Addresses (IPv4 first, then IPv6) and the TTL to cache them for.
+    /// Addresses (IPv6 first, then IPv4: RFC 6724's default precedence, which Happy Eyeballs starts from) and the
+    /// TTL to cache them for.
     Addrs(Vec<IpAddr>, u32),
     /// A failure and, for negative answers with a SOA, the TTL to cache it for.
     Failed(Error, Option<u32>),
@@ -167,6 +168,25 @@ impl Lookup {
                 .queries
                 .get(slot)
                 .is_some_and(|q| q.state == State::Waiting)
+    }
+
+    /// One family's addresses while the other family's query is still out: (slot, addresses). Once a query of the
+    /// current candidate has addresses the search ends with that candidate, so these are part of the outcome
+    /// whatever the other query brings; a worker can start connecting with them (RFC 8305 §3).
+    pub fn early(&self) -> Option<(usize, &[IpAddr])> {
+        if self.outcome.is_some() {
+            return None;
+        }
+        let mut waiting = false;
+        let mut found = None;
+        for (slot, q) in self.queries.iter().enumerate() {
+            match &q.state {
+                State::Waiting => waiting = true,
+                State::Done(Verdict::Addrs(a, _)) if !a.is_empty() => found = Some((slot, &a[..])),
+                _ => {}
+            }
+        }
+        found.filter(|_| waiting)
     }
 
     /// When the machine next needs [`Lookup::on_tick`].
@@ -313,12 +333,16 @@ impl Lookup {
         let mut ttl = u32::MAX;
         let mut failure = None;
         let mut negatives = Vec::new();
+        // AAAA's addresses first (see [`Outcome::Addrs`]).
+        for q in self.queries.iter().rev() {
+            if let State::Done(Verdict::Addrs(a, t)) = &q.state {
+                addrs.extend_from_slice(a);
+                ttl = ttl.min(*t);
+            }
+        }
         for q in &self.queries {
             match &q.state {
-                State::Done(Verdict::Addrs(a, t)) => {
-                    addrs.extend_from_slice(a);
-                    ttl = ttl.min(*t);
-                }
+                State::Done(Verdict::Addrs(..)) => {}
                 State::Done(Verdict::NxDomain(t)) => negatives.push((true, *t)),
                 State::Done(Verdict::NoData(t)) => negatives.push((false, *t)),
                 State::Failed(e) => failure = failure.or(Some(*e)),
@@ -405,7 +429,7 @@ mod tests {
     }
 
     #[test]
-    fn both_families_in_parallel_ipv4_first() {
+    fn both_families_in_parallel_ipv6_first() {
         let t0 = Instant::now();
         let mut l = Lookup::start(&["h.test".into()], servers(&[S1], 2), counter(), t0);
         let sends = l.take_sends();
@@ -429,6 +453,8 @@ mod tests {
         l.on_message(1, addr(S1), &six, t0);
         assert!(l.outcome().is_none());
         assert!(!l.slot_waiting(1) && l.slot_waiting(0));
+        // AAAA answered first: its addresses can be used before A answers.
+        assert_eq!(l.early(), Some((1, &["::1".parse().unwrap()][..])));
         let four = response(
             id0,
             "h.test.",
@@ -441,11 +467,12 @@ mod tests {
         assert_eq!(
             l.outcome(),
             Some(&Outcome::Addrs(
-                vec!["127.0.0.9".parse().unwrap(), "::1".parse().unwrap()],
+                vec!["::1".parse().unwrap(), "127.0.0.9".parse().unwrap()],
                 50
             ))
         );
         assert_eq!(l.deadline(), None);
+        assert_eq!(l.early(), None, "the outcome says it all");
     }
 
     #[test]
@@ -501,6 +528,67 @@ mod tests {
         l.on_tick(t);
         assert!(l.take_sends().is_empty());
         assert_eq!(l.outcome(), Some(&Outcome::Failed(Error::Timeout, None)));
+    }
+
+    #[test]
+    fn early_addresses_only_once_the_candidate_is_settled() {
+        let t0 = Instant::now();
+        let mut l = Lookup::start(
+            &["h.a.test".into(), "h.test".into()],
+            servers(&[S1], 1),
+            counter(),
+            t0,
+        );
+        let s = l.take_sends();
+        let (id0, _) = asked(&s[0]);
+        let (id1, _) = asked(&s[1]);
+        // A NODATA for A says nothing yet: if AAAA is negative too, the next candidate is asked.
+        l.on_message(
+            0,
+            addr(S1),
+            &response(
+                id0,
+                "h.a.test.",
+                RecordType::A,
+                ResponseCode::NoError,
+                vec![],
+                Some((9, 9)),
+            ),
+            t0,
+        );
+        assert_eq!(l.early(), None);
+        l.on_message(
+            1,
+            addr(S1),
+            &response(
+                id1,
+                "h.a.test.",
+                RecordType::AAAA,
+                ResponseCode::NoError,
+                vec![],
+                Some((9, 9)),
+            ),
+            t0,
+        );
+        let s = l.take_sends();
+        let (id2, n2) = asked(&s[0]);
+        assert_eq!(n2, "h.test.");
+        assert_eq!(l.early(), None);
+        l.on_message(
+            0,
+            addr(S1),
+            &response(
+                id2,
+                "h.test.",
+                RecordType::A,
+                ResponseCode::NoError,
+                vec![a("h.test.", 9, [10, 0, 0, 1])],
+                None,
+            ),
+            t0,
+        );
+        assert_eq!(l.early(), Some((0, &["10.0.0.1".parse().unwrap()][..])));
+        assert!(l.outcome().is_none(), "AAAA is still out");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //!
 //! Workers keep talking to the blocking-work pool (src/resolve.rs) with `Work::Resolve`; a pool thread answers
 //! hosts-file and cache hits on the spot and hands misses to the resolver thread ([`engine`]), which coalesces
-//! lookups of the same name, runs the [`lookup::Lookup`] machines and answers through the worker's channel and waker.
+//! lookups of the same name, runs the [`lookup::Lookup`] machines and answers through the worker's channel and waker:
+//! for jobs that ask (`early`), first with the family that answered first while the other is still out (RFC 8305
+//! §3), then with the whole answer, which is also what the cache keeps.
 
 pub mod cache;
 pub mod conf;
@@ -42,6 +44,8 @@ pub struct DnsSettings {
     pub hosts_path: PathBuf,
     /// Re-read `conf` from this file when it changes (`None` with `--dns`).
     pub reload: Option<conf::Reload>,
+    /// The source address of queries (`--bind`), used for servers of its family; the kernel picks for the others.
+    pub source: Option<IpAddr>,
 }
 
 impl Default for DnsSettings {
@@ -52,6 +56,7 @@ impl Default for DnsSettings {
             cache_size: cache::DEFAULT_CAPACITY,
             hosts_path: PathBuf::from("/etc/hosts"),
             reload: None,
+            source: None,
         }
     }
 }
@@ -109,7 +114,11 @@ impl Dns {
         });
         log_conf("", &settings.conf);
         let watch = settings.reload.clone().map(conf::Watch::new);
-        let engine = engine::start(Arc::clone(&shared), settings.conf.clone(), watch)?;
+        let engine = engine::start(
+            Arc::clone(&shared),
+            (settings.conf.clone(), settings.source),
+            watch,
+        )?;
         Ok(Dns { shared, engine })
     }
 
@@ -208,6 +217,25 @@ pub fn answer_job(job: Job, outcome: &Outcome, stats: &DnsStats) {
         gen: job.gen,
         tag: job.tag,
         outcome: JobOutcome::Resolved(result),
+    };
+    if job.reply.tx.send(reply).is_ok() {
+        let _ = job.reply.waker.wake();
+    }
+}
+
+/// Sends the addresses one family answered with while the other is still out, if `job` asked for them.
+pub fn answer_early(job: &Job, ips: &[IpAddr]) {
+    let Work::Resolve {
+        port, early: true, ..
+    } = job.work
+    else {
+        return;
+    };
+    let reply = Reply {
+        key: job.key,
+        gen: job.gen,
+        tag: job.tag,
+        outcome: JobOutcome::Early(with_port(ips, port)),
     };
     if job.reply.tx.send(reply).is_ok() {
         let _ = job.reply.waker.wake();

@@ -387,6 +387,17 @@ pub fn open_attempt(
     open(token::attempt(key, slot), ctx, allowed.addr(), source)
 }
 
+/// Opens Happy Eyeballs attempt `slot` to an address of the `--upstream` proxy given by name (the operator's own
+/// choice, like [`open_upstream_proxy`]: the destination rules do not apply to it).
+pub fn open_proxy_attempt(
+    key: usize,
+    slot: usize,
+    ctx: &mut Ctx,
+    (addr, source): (SocketAddr, Source),
+) -> io::Result<Sock> {
+    open(token::attempt(key, slot), ctx, addr, source)
+}
+
 /// Opens a connection to the `index`th address of the configured `--upstream` proxy (the operator's own choice,
 /// not a client's destination: the rules are for what clients ask for). None when there is no such address.
 pub fn open_upstream_proxy(

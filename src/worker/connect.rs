@@ -1,15 +1,27 @@
 //! Resolving -> Connecting -> (upstream handshake) -> success reply -> relay.
 //!
 //! Addresses are dialled per Happy Eyeballs (RFC 8305, the sans-IO scheduler in `crate::happy`): families
-//! interleaved starting with the resolver's first (getaddrinfo sorts per RFC 6724), the next attempt
-//! `--connection-attempt-delay` after the previous while earlier ones stay in flight (at once when one fails), the
-//! first to connect wins and the others are closed, all within `--connect-timeout`. Every address is checked
-//! against the destination rules before anything is dialled, so a name cannot be used to reach a denied address.
-//! Both families of a name arrive in one answer from the resolver, so the resolution delay of RFC 8305 §3 never
-//! applies here.
+//! interleaved starting with the resolver's first (getaddrinfo sorts per RFC 6724; the built-in resolver puts IPv6
+//! first), the next attempt `--connection-attempt-delay` after the previous while earlier ones stay in flight (at
+//! once when one fails), the first to connect wins and the others are closed, all within `--connect-timeout`.
+//! Every address is checked against the destination rules before anything is dialled, so a name cannot be used to
+//! reach a denied address.
+//!
+//! The built-in resolver answers a lookup it has to send to DNS in up to two steps: `Outcome::Early` with the
+//! family that answered first while the other is still out, then `Outcome::Resolved` with everything. The early
+//! answer starts the Connecting phase with the other family pending, so the scheduler applies the resolution delay
+//! of RFC 8305 §3 (IPv4 waits 50 ms for AAAA) or dials IPv6 at once. Answers known without a query (cache, hosts
+//! file, `--resolve`) come whole and inline. Each lookup has its own resolver tag, so a full answer that arrives
+//! after its connection moved on (to another origin over HTTP keep-alive) is not taken for a later lookup's.
+//!
+//! An `--upstream` proxy given by name goes the same way, as `Answer::Chain`: its name is resolved per session
+//! (through the cache), its addresses are dialled with Happy Eyeballs without the destination rules (they are
+//! the operator's, not a client's), and the connected socket is handed to the upstream handshake.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Instant;
 
 use log::debug;
@@ -17,9 +29,9 @@ use log::debug;
 use super::close::CloseReason;
 use mio::Interest;
 
-use super::conn::{open_attempt, path_failed, Conn, Dest, Phase};
+use super::conn::{open_attempt, open_proxy_attempt, path_failed, Conn, Dest, Phase};
 use super::ctx::{Ctx, Next, ReplyKind};
-use super::phase::{Answer, Attempts};
+use super::phase::{Answer, Attempts, CONNECT_TAGS};
 use super::relay::start_relay;
 use super::reply;
 use super::timers::TimerKind;
@@ -31,8 +43,18 @@ use crate::net::{self, ConnectState};
 use crate::proto::{self, Failure, TargetAddr};
 use crate::resolve::{Job, Work};
 
-/// Resolver tag for TCP connects (UDP datagram lookups use other tags).
-pub const RESOLVE_TAG: u32 = u32::MAX;
+/// Numbers the connect lookups of every worker (the tag space is shared by the pool's answers).
+static NEXT_TAG: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh resolver tag for a connect lookup.
+fn next_tag() -> u32 {
+    CONNECT_TAGS | (NEXT_TAG.fetch_add(1, Relaxed) & !CONNECT_TAGS)
+}
+
+/// True for the resolver tags of connect lookups (UDP datagram lookups use the others).
+pub fn is_connect_tag(tag: u32) -> bool {
+    tag >= CONNECT_TAGS
+}
 
 /// Starts connecting `conn` to `target`, answering with `reply` when done.
 pub fn start(
@@ -67,56 +89,178 @@ pub fn start(
                 return fail(conn, ctx, reply, CloseReason::DestDenied);
             }
         }
+        if group.is_none() {
+            let cfg = Arc::clone(&ctx.cfg);
+            if let Some(u) = cfg.upstream.as_ref().filter(|u| u.by_name()) {
+                // Given by name: resolved per session and dialled here, then the handshake takes over.
+                let hs = upstream::handshake(conn, ctx, (answer, target, None), deadline);
+                return resolve(
+                    key,
+                    conn,
+                    ctx,
+                    (Answer::Chain(hs), deadline),
+                    (&u.host, u.port),
+                );
+            }
+        }
         return upstream::start_connect(key, conn, ctx, (answer, target, group), deadline);
     }
     match target {
         TargetAddr::Ip(addr) => begin(key, conn, ctx, (answer, deadline), vec![addr]),
         TargetAddr::Domain(name, port) => {
             metrics::inc(&ctx.stats.dns_lookups);
-            // A name known without a query (`--resolve`, hosts file, a live cache entry) is answered here: no
-            // pool hop, no waker, no second loop iteration.
-            if let Some(result) = ctx.quick.get(name.as_str(), port) {
-                debug!("{}: {} answered without a lookup", conn.peer, name.as_str());
-                conn.phase = Phase::Resolving { answer, deadline };
-                return on_resolved(key, conn, ctx, result);
-            }
-            let job = Job {
-                key,
-                gen: conn.gen,
-                tag: RESOLVE_TAG,
-                work: Work::Resolve {
-                    host: name.as_str().to_string(),
-                    port,
-                },
-                reply: ctx.reply_to.clone(),
-            };
-            debug!("{}: resolving {}", conn.peer, name.as_str());
-            if ctx.resolve_tx.send(job).is_err() {
-                return fail(conn, ctx, reply, CloseReason::Internal);
-            }
-            conn.phase = Phase::Resolving { answer, deadline };
-            Next::Wait
+            resolve(key, conn, ctx, (answer, deadline), (name.as_str(), port))
         }
     }
 }
 
-/// A resolver answer arrived for `conn`.
+/// Resolves `host`: inline when the answer is known without a query, else through the resolver pool.
+fn resolve(
+    key: usize,
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    (answer, deadline): (Answer, Instant),
+    (host, port): (&str, u16),
+) -> Next {
+    // A name known without a query (`--resolve`, hosts file, a live cache entry) is answered here: no pool hop, no
+    // waker, no second loop iteration.
+    if let Some(result) = ctx.quick.get(host, port) {
+        debug!("{}: {host} answered without a lookup", conn.peer);
+        return resolved(key, conn, ctx, (answer, deadline), result);
+    }
+    let tag = next_tag();
+    let job = Job {
+        key,
+        gen: conn.gen,
+        tag,
+        work: Work::Resolve {
+            host: host.to_string(),
+            port,
+            early: true,
+        },
+        reply: ctx.reply_to.clone(),
+    };
+    debug!("{}: resolving {host}", conn.peer);
+    if ctx.resolve_tx.send(job).is_err() {
+        return fail(conn, ctx, answer.kind(), CloseReason::Internal);
+    }
+    conn.phase = Phase::Resolving {
+        answer,
+        deadline,
+        tag,
+    };
+    Next::Wait
+}
+
+/// The full resolver answer for lookup `tag` arrived for `conn`.
 pub fn on_resolved(
     key: usize,
     conn: &mut Conn,
     ctx: &mut Ctx,
+    tag: u32,
     result: io::Result<Vec<SocketAddr>>,
 ) -> Next {
-    if !matches!(conn.phase, Phase::Resolving { .. }) {
+    match &mut conn.phase {
+        Phase::Resolving { tag: t, .. } if *t == tag => {
+            let Phase::Resolving {
+                answer, deadline, ..
+            } = std::mem::replace(&mut conn.phase, Phase::Closing)
+            else {
+                return Next::Wait;
+            };
+            resolved(key, conn, ctx, (answer, deadline), result)
+        }
+        Phase::Connecting { attempts, .. } if attempts.lookup == Some(tag) => {
+            // The rest of an answer whose first family is already being dialled.
+            attempts.lookup = None;
+            let addrs = result.unwrap_or_default();
+            add_answer(conn, ctx, &[Family::V6, Family::V4], addrs);
+            pump(key, conn, ctx)
+        }
+        _ => Next::Wait,
+    }
+}
+
+/// One family of lookup `tag` answered while the other is still out: start Connecting with it (RFC 8305 §3).
+pub fn on_early(
+    key: usize,
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    tag: u32,
+    addrs: Vec<SocketAddr>,
+) -> Next {
+    if !matches!(&conn.phase, Phase::Resolving { tag: t, .. } if *t == tag) {
         return Next::Wait;
     }
-    let Phase::Resolving { answer, deadline } = std::mem::replace(&mut conn.phase, Phase::Closing)
+    let Some(family) = addrs.first().map(Family::of) else {
+        return Next::Wait;
+    };
+    let Phase::Resolving {
+        answer, deadline, ..
+    } = std::mem::replace(&mut conn.phase, Phase::Closing)
     else {
         return Next::Wait;
     };
+    debug!(
+        "{}: {} answered for {family:?} first",
+        conn.peer,
+        target_str(conn)
+    );
+    // The built-in resolver prefers IPv6 (RFC 6724's default precedence), as it orders its full answers; an IPv4
+    // `--bind` cannot dial IPv6, so A is not kept waiting for AAAA then.
+    let preferred = match ctx.cfg.outbound_bind {
+        Some(ip) if ip.is_ipv4() => Family::V4,
+        _ => Family::V6,
+    };
+    let sched = Scheduler::new(
+        &[Family::V6, Family::V4],
+        preferred,
+        ctx.cfg.connection_attempt_delay,
+    );
+    conn.phase = Phase::Connecting {
+        answer,
+        deadline,
+        attempts: Box::new(Attempts {
+            sched,
+            allowed: Vec::new(),
+            proxy: Vec::new(),
+            lookup: Some(tag),
+            denied: false,
+            socks: Default::default(),
+            last: Failure::General,
+            wake: None,
+        }),
+    };
+    add_answer(conn, ctx, &[family], addrs);
+    pump(key, conn, ctx)
+}
+
+/// A whole answer (inline, or the pool's in one piece): connect, or report the failure.
+fn resolved(
+    key: usize,
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    (answer, deadline): (Answer, Instant),
+    result: io::Result<Vec<SocketAddr>>,
+) -> Next {
     let reply = answer.kind();
+    let chain = matches!(answer, Answer::Chain(_));
     match result {
         Ok(addrs) if !addrs.is_empty() => begin(key, conn, ctx, (answer, deadline), addrs),
+        Ok(_) | Err(_) if chain => {
+            let u = ctx.cfg.upstream.as_ref().map(|u| u.host.as_str());
+            debug!(
+                "{}: cannot resolve the upstream proxy {}",
+                conn.peer,
+                u.unwrap_or("")
+            );
+            fail(
+                conn,
+                ctx,
+                reply,
+                CloseReason::UpstreamProxy(Failure::General),
+            )
+        }
         Ok(_) | Err(_) => {
             metrics::inc(&ctx.stats.dns_failures);
             debug!("{}: cannot resolve {}", conn.peer, target_str(conn));
@@ -141,19 +285,17 @@ pub fn begin(
     addrs: Vec<SocketAddr>,
 ) -> Next {
     let reply = answer.kind();
-    let cmd = gate::command_of(reply);
-    let allowed: Vec<_> = addrs
-        .into_iter()
-        .map(|a| SocketAddr::new(proto::canonical_ip(a.ip()), a.port()))
-        .filter_map(|a| match ctx.cfg.dest_rules.check(a) {
-            Ok(proof) if gate::allows(conn, ctx, cmd, a) => Some(proof),
-            _ => {
-                debug!("{}: destination {a} denied by rules", conn.peer);
-                None
-            }
-        })
+    let Admitted {
+        allowed,
+        proxy,
+        denied,
+    } = admit(conn, ctx, &answer, addrs);
+    let list: Vec<SocketAddr> = allowed
+        .iter()
+        .map(DestAllowed::addr)
+        .chain(proxy.iter().copied())
         .collect();
-    let Some(first) = allowed.first() else {
+    let Some(first) = list.first() else {
         debug!(
             "{}: every address of {} denied by rules",
             conn.peer,
@@ -162,8 +304,7 @@ pub fn begin(
         return fail(conn, ctx, reply, CloseReason::DestDenied);
     };
     // The resolver's order (RFC 6724 for getaddrinfo; --resolve as written) names the preferred family.
-    let preferred = Family::of(&first.addr());
-    let list: Vec<SocketAddr> = allowed.iter().map(DestAllowed::addr).collect();
+    let preferred = Family::of(first);
     let sched = Scheduler::with_addrs(&list, preferred, ctx.cfg.connection_attempt_delay);
     conn.phase = Phase::Connecting {
         answer,
@@ -171,12 +312,91 @@ pub fn begin(
         attempts: Box::new(Attempts {
             sched,
             allowed,
+            proxy,
+            lookup: None,
+            denied,
             socks: Default::default(),
             last: Failure::General,
             wake: None,
         }),
     };
     pump(key, conn, ctx)
+}
+
+/// What may be dialled of an answer.
+struct Admitted {
+    /// A client's destination: the addresses the rules allow, as their proofs.
+    allowed: Vec<DestAllowed>,
+    /// The operator's upstream proxy (`Answer::Chain`): every address, which the rules are not for.
+    proxy: Vec<SocketAddr>,
+    /// Some address was refused by the rules.
+    denied: bool,
+}
+
+/// Sorts an answer's addresses into what may be dialled: through the destination rules for a client's target, all
+/// of them for the operator's upstream proxy.
+fn admit(conn: &Conn, ctx: &Ctx, answer: &Answer, addrs: Vec<SocketAddr>) -> Admitted {
+    let addrs = addrs
+        .into_iter()
+        .map(|a| SocketAddr::new(proto::canonical_ip(a.ip()), a.port()));
+    if matches!(answer, Answer::Chain(_)) {
+        return Admitted {
+            allowed: Vec::new(),
+            proxy: addrs.collect(),
+            denied: false,
+        };
+    }
+    let cmd = gate::command_of(answer.kind());
+    let mut denied = false;
+    let allowed = addrs
+        .filter_map(|a| match ctx.cfg.dest_rules.check(a) {
+            Ok(proof) if gate::allows(conn, ctx, cmd, a) => Some(proof),
+            _ => {
+                debug!("{}: destination {a} denied by rules", conn.peer);
+                denied = true;
+                None
+            }
+        })
+        .collect();
+    Admitted {
+        allowed,
+        proxy: Vec::new(),
+        denied,
+    }
+}
+
+/// Feeds a (further) answer to a connect in progress: the addresses of `families` still awaited pass the rules
+/// and join the scheduler; each of `families` counts as answered.
+fn add_answer(conn: &mut Conn, ctx: &mut Ctx, families: &[Family], addrs: Vec<SocketAddr>) {
+    let Phase::Connecting {
+        answer, attempts, ..
+    } = &conn.phase
+    else {
+        return;
+    };
+    let fresh: Vec<SocketAddr> = addrs
+        .into_iter()
+        .filter(|a| families.contains(&Family::of(a)) && attempts.sched.pending(Family::of(a)))
+        .collect();
+    let Admitted {
+        allowed,
+        proxy,
+        denied,
+    } = admit(conn, ctx, answer, fresh);
+    let Phase::Connecting { attempts, .. } = &mut conn.phase else {
+        return;
+    };
+    attempts.denied |= denied;
+    let list: Vec<SocketAddr> = allowed
+        .iter()
+        .map(DestAllowed::addr)
+        .chain(proxy.iter().copied())
+        .collect();
+    attempts.allowed.extend(allowed);
+    attempts.proxy.extend(proxy);
+    for f in families {
+        attempts.sched.on_answer(*f, &list, ctx.now);
+    }
 }
 
 /// Keeps the more specific of two failures: a refusal or an unreachable route says more than "general failure".
@@ -211,24 +431,47 @@ fn pump(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             }
             Step::Idle | Step::Done => return Next::Wait,
             Step::Exhausted => {
-                let (reply, last) = (answer.kind(), attempts.last);
-                return fail(conn, ctx, reply, CloseReason::Failed(last));
+                let reply = answer.kind();
+                let reason = if matches!(answer, Answer::Chain(_)) {
+                    CloseReason::UpstreamProxy(Failure::General)
+                } else if !attempts.sched.started() && attempts.denied {
+                    debug!(
+                        "{}: every address of {} denied by rules",
+                        conn.peer,
+                        target_str(conn)
+                    );
+                    CloseReason::DestDenied
+                } else if !attempts.sched.started() {
+                    // Nothing dialable came of the answers.
+                    metrics::inc(&ctx.stats.dns_failures);
+                    CloseReason::Unresolved
+                } else {
+                    CloseReason::Failed(attempts.last)
+                };
+                return fail(conn, ctx, reply, reason);
             }
         };
-        // Each address is dialled once: its proof is spent on it.
-        let Some(allowed) = attempts
+        // Each address is dialled once: its proof (or, for the upstream proxy, its entry) is spent on it.
+        let target = attempts
             .allowed
             .iter()
             .position(|proof| proof.addr() == addr)
-            .map(|i| attempts.allowed.swap_remove(i))
-        else {
+            .map(|i| attempts.allowed.swap_remove(i));
+        let proxy = attempts
+            .proxy
+            .iter()
+            .position(|a| *a == addr)
+            .map(|i| attempts.proxy.swap_remove(i));
+        if target.is_none() && proxy.is_none() {
             // The scheduler only hands out addresses it was given, and it was given only allowed ones.
             attempts.sched.on_attempt_failed(addr);
             continue;
-        };
+        }
         debug!("{}: connecting to {addr} (attempt slot {slot})", conn.peer);
-        let opened = gate::egress(conn, ctx, addr.is_ipv4())
-            .and_then(|source| open_attempt(key, slot, ctx, allowed, source));
+        let opened = gate::egress(conn, ctx, addr.is_ipv4()).and_then(|source| match target {
+            Some(allowed) => open_attempt(key, slot, ctx, allowed, source),
+            None => open_proxy_attempt(key, slot, ctx, (addr, source)),
+        });
         let Phase::Connecting { attempts, .. } = &mut conn.phase else {
             return Next::Wait;
         };
@@ -331,6 +574,26 @@ fn won(key: usize, conn: &mut Conn, ctx: &mut Ctx, slot: usize) -> Next {
         }
     }
     debug!("{}: connected to {addr} ({})", conn.peer, target_str(conn));
+    if matches!(
+        conn.phase,
+        Phase::Connecting {
+            answer: Answer::Chain(_),
+            ..
+        }
+    ) {
+        // The upstream proxy given by name is reached: its handshake takes the socket (it sees it writable and
+        // finds it connected).
+        sock.writable = true;
+        conn.upstream = Some(sock);
+        if let Phase::Connecting {
+            answer: Answer::Chain(hs),
+            ..
+        } = std::mem::replace(&mut conn.phase, Phase::Closing)
+        {
+            conn.phase = Phase::Upstream(hs);
+        }
+        return Next::Again;
+    }
     conn.upstream = Some(sock);
     connected(conn)
 }

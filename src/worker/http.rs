@@ -74,10 +74,8 @@ fn response_started(st: &HttpState) -> bool {
 pub fn busy(conn: &Conn) -> bool {
     match &conn.phase {
         Phase::Http(st) => matches!(st.exchange, Exchange::InFlight(_)),
-        Phase::Resolving { answer, .. } | Phase::Connecting { answer, .. } => {
-            matches!(answer, Answer::Forward(_))
-        }
-        Phase::Upstream(u) => matches!(u.answer, Answer::Forward(_)),
+        Phase::Resolving { answer, .. } | Phase::Connecting { answer, .. } => answer.forwards(),
+        Phase::Upstream(u) => u.answer.forwards(),
         _ => false,
     }
 }

@@ -315,8 +315,11 @@ impl Worker {
                         Outcome::Verified(v) => {
                             handshake::on_verified(reply.key, conn, &mut self.ctx, v)
                         }
-                        Outcome::Resolved(r) if reply.tag == connect::RESOLVE_TAG => {
-                            connect::on_resolved(reply.key, conn, &mut self.ctx, r)
+                        Outcome::Resolved(r) if connect::is_connect_tag(reply.tag) => {
+                            connect::on_resolved(reply.key, conn, &mut self.ctx, reply.tag, r)
+                        }
+                        Outcome::Early(a) => {
+                            connect::on_early(reply.key, conn, &mut self.ctx, reply.tag, a)
                         }
                         Outcome::Resolved(r) => {
                             udp::on_resolved(reply.key, conn, &mut self.ctx, reply.tag, r)

@@ -16,6 +16,10 @@ use crate::proto::http::BodyFramer;
 use crate::proto::{Name, TargetAddr};
 use crate::sys::Pipe;
 
+/// Resolver tags at and above this are connect lookups (one tag per lookup, see `connect`); UDP datagram lookups
+/// use the tags below it.
+pub const CONNECT_TAGS: u32 = 0x8000_0000;
+
 /// Where a connection is in its life. Each variant holds only what that phase needs, its deadline included.
 pub enum Phase {
     /// The client's handshake, until its request is complete.
@@ -31,6 +35,8 @@ pub enum Phase {
         answer: Answer,
         /// The connect deadline (resolving and connecting together).
         deadline: Instant,
+        /// The lookup's resolver tag: answers with another tag are for an earlier lookup of this connection.
+        tag: u32,
     },
     /// Nonblocking connects are in flight (Happy Eyeballs: possibly several at once).
     Connecting {
@@ -70,8 +76,16 @@ pub enum Phase {
 pub struct Attempts {
     /// Which address to dial next, and when.
     pub sched: crate::happy::Scheduler,
-    /// Every address the rules allowed, with its proof (looked up when the scheduler picks it).
+    /// Every address the rules allowed and not dialled yet, as its proof (spent on the dial when the scheduler picks
+    /// the address).
     pub allowed: Vec<crate::acl::DestAllowed>,
+    /// The addresses of the operator's own upstream proxy given by name (`Answer::Chain`), which the rules are not
+    /// for; taken out like `allowed` when dialled.
+    pub proxy: Vec<SocketAddr>,
+    /// The resolver tag whose full answer is still out after an early one (one family answered first).
+    pub lookup: Option<u32>,
+    /// Some address was refused by the destination rules (the failure to report if none was allowed).
+    pub denied: bool,
     /// The attempts in flight, indexed by token slot (see `token::attempt`).
     pub socks: [Option<(SocketAddr, Sock)>; super::token::ATTEMPT_SLOTS],
     /// The most specific failure seen so far (what the client is told when every attempt fails).
@@ -86,6 +100,9 @@ pub enum Answer {
     Reply(ReplyKind),
     /// A forwarded HTTP request: its forwarding state travels with the connect phases and comes back to `http`.
     Forward(Box<HttpState>),
+    /// The connection is to the `--upstream` proxy, given by name: once it is up, this handshake takes over (and
+    /// holds who gets the connection in the end).
+    Chain(Box<UpstreamHandshake>),
 }
 
 impl Answer {
@@ -94,6 +111,16 @@ impl Answer {
         match self {
             Answer::Reply(k) => *k,
             Answer::Forward(_) => ReplyKind::HttpForward,
+            Answer::Chain(hs) => hs.answer.kind(),
+        }
+    }
+
+    /// True when the connection is for a forwarded HTTP request (directly or through an upstream by name).
+    pub fn forwards(&self) -> bool {
+        match self {
+            Answer::Forward(_) => true,
+            Answer::Reply(_) => false,
+            Answer::Chain(hs) => hs.answer.forwards(),
         }
     }
 }
@@ -102,7 +129,7 @@ impl Phase {
     /// Takes the forwarding state out of a connect phase that was started for a forwarded HTTP request, leaving
     /// `Phase::Closing` (the caller builds the next phase).
     pub fn take_forward(&mut self) -> Option<Box<HttpState>> {
-        let answer = match std::mem::replace(self, Phase::Closing) {
+        let mut answer = match std::mem::replace(self, Phase::Closing) {
             Phase::Resolving { answer, .. } | Phase::Connecting { answer, .. } => answer,
             Phase::Upstream(hs) => hs.answer,
             other => {
@@ -110,9 +137,12 @@ impl Phase {
                 return None;
             }
         };
-        match answer {
-            Answer::Forward(st) => Some(st),
-            Answer::Reply(_) => None,
+        loop {
+            match answer {
+                Answer::Forward(st) => return Some(st),
+                Answer::Reply(_) => return None,
+                Answer::Chain(hs) => answer = hs.answer,
+            }
         }
     }
 }

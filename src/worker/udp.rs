@@ -374,8 +374,8 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 let tag = match in_flight {
                     Some(tag) => tag,
                     None => {
-                        // Tags stay below the TCP connect tag (u32::MAX).
-                        u.next_tag = (u.next_tag + 1) % (u32::MAX - 1);
+                        // Tags stay below the TCP connect tags.
+                        u.next_tag = (u.next_tag + 1) % super::phase::CONNECT_TAGS;
                         metrics::inc(&ctx.stats.dns_lookups);
                         let _ = ctx.resolve_tx.send(Job {
                             key,
@@ -384,6 +384,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                             work: Work::Resolve {
                                 host: name.as_str().to_string(),
                                 port,
+                                early: false,
                             },
                             reply: ctx.reply_to.clone(),
                         });
@@ -469,7 +470,7 @@ pub fn on_resolved(
         mine
     };
     let ip = match r {
-        Ok(addrs) => addrs.first().map(|a| a.ip()),
+        Ok(addrs) => udp_address(&addrs, u.out_dual, &u.out),
         Err(_) => None,
     };
     let Some(ip) = ip else {
@@ -491,6 +492,20 @@ pub fn on_resolved(
     Next::Wait
 }
 
+/// The address a name's datagrams go to: one the outbound socket can send to, IPv4 first. A datagram has no
+/// Happy Eyeballs to fall back with, and IPv4 is the family a host can reach most often (the resolver's own
+/// order, IPv6 first, is for TCP connects, which try the next address).
+fn udp_address(addrs: &[SocketAddr], dual: bool, out: &UdpSocket) -> Option<IpAddr> {
+    let out_v4 = out.local_addr().is_ok_and(|a| a.is_ipv4());
+    let usable = |a: &&SocketAddr| dual || a.is_ipv4() == out_v4;
+    addrs
+        .iter()
+        .filter(usable)
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.iter().find(usable))
+        .map(|a| a.ip())
+}
+
 /// Idle check: close after `--udp-idle-timeout` without datagrams, else re-arm.
 pub fn on_idle_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let Phase::Udp(u) = &conn.phase else {
@@ -509,4 +524,29 @@ pub fn on_idle_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 pub fn release(u: &mut UdpState, registry: &mio::Registry) {
     let _ = registry.deregister(&mut u.relay);
     let _ = registry.deregister(&mut u.out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_s_datagrams_go_to_an_address_the_socket_can_reach_ipv4_first() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let both = [a("[::1]:53"), a("127.0.0.1:53")];
+        let v4 = UdpSocket::bind(a("127.0.0.1:0")).unwrap();
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        // The resolver puts IPv6 first; a datagram goes to IPv4 all the same.
+        assert_eq!(udp_address(&both, true, &v4), ip("127.0.0.1"));
+        assert_eq!(udp_address(&both, false, &v4), ip("127.0.0.1"));
+        assert_eq!(udp_address(&both[..1], true, &v4), ip("::1"));
+        assert_eq!(
+            udp_address(&both[..1], false, &v4),
+            None,
+            "an IPv4 socket cannot send to IPv6"
+        );
+        if let Ok(v6) = UdpSocket::bind(a("[::1]:0")) {
+            assert_eq!(udp_address(&both, false, &v6), ip("::1"));
+        }
+    }
 }

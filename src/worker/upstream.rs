@@ -34,9 +34,22 @@ pub fn start_connect(
     key: usize,
     conn: &mut Conn,
     ctx: &mut Ctx,
-    (answer, target, group): (Answer, TargetAddr, Option<Arc<Group>>),
+    route: (Answer, TargetAddr, Option<Arc<Group>>),
     deadline: Instant,
 ) -> Next {
+    conn.phase = Phase::Upstream(handshake(conn, ctx, route, deadline));
+    try_next(key, conn, ctx)
+}
+
+/// The handshake with the upstream proxy, before its connection is opened. `connect` uses it on its own for an
+/// `--upstream` given by name: it resolves and dials the name (Happy Eyeballs), then hands over the connected
+/// socket in `conn.upstream` with this handshake as `Phase::Upstream`.
+pub fn handshake(
+    conn: &Conn,
+    ctx: &Ctx,
+    (answer, target, group): (Answer, TargetAddr, Option<Arc<Group>>),
+    deadline: Instant,
+) -> Box<UpstreamHandshake> {
     let route = match group {
         Some(group) => Route::Group {
             order: group.order(conn.peer.ip(), ctx.now),
@@ -46,15 +59,14 @@ pub fn start_connect(
         },
         None => Route::Flag,
     };
-    conn.phase = Phase::Upstream(Box::new(UpstreamHandshake {
+    Box::new(UpstreamHandshake {
         answer,
         state: UpstreamState::Connecting,
         next_addr: 0,
         deadline,
         target,
         route,
-    }));
-    try_next(key, conn, ctx)
+    })
 }
 
 /// The server the handshake talks to now.

@@ -1,6 +1,7 @@
 //! The built-in resolver end to end: a real dnsmasq on a loopback port (skipped with a note when it is missing) and
 //! small responders written here with hickory-proto for what dnsmasq cannot be made to do (truncation, spoofing,
-//! holding an answer back). Every name is answered on loopback; the machine's own nameservers are never asked.
+//! holding an answer back, answering A and AAAA at different times, recording query sources). Every name is
+//! answered on loopback; the machine's own nameservers are never asked.
 
 use crate::common;
 
@@ -212,7 +213,7 @@ fn a_only_aaaa_only_both_and_cname_chain() {
         let (rep, mut s) = connect_name(proxy.addr(), "v6.test", port);
         assert_eq!(rep, 0, "AAAA only");
         assert_eq!(read_n(&mut s, 4), b"six\n");
-        // both.test: IPv4 first; the IPv4 origin is gone, so a success proves the IPv6 address was in the answer.
+        // both.test: the IPv4 origin is gone, so a success proves the IPv6 address was in the answer.
         drop(echo4);
         assert!(wait_until(Duration::from_secs(10), &mut || {
             TcpStream::connect(("127.0.0.1", port)).is_err()
@@ -431,7 +432,7 @@ impl Responder {
     fn start(
         tcp: bool,
         handle: impl Fn(&UdpSocket, SocketAddr, &Message) + Send + 'static,
-        tcp_handle: impl Fn(&Message) -> Message + Send + 'static,
+        tcp_handle: impl Fn(SocketAddr, &Message) -> Message + Send + 'static,
     ) -> Responder {
         // UDP and TCP on the same port number, as a nameserver has them.
         let (udp, listener) = loop {
@@ -476,13 +477,14 @@ impl Responder {
                         return;
                     }
                     let Ok(mut s) = s else { continue };
+                    let Ok(peer) = s.peer_addr() else { continue };
                     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
                     let len = read_n(&mut s, 2);
                     let q = read_n(&mut s, usize::from(u16::from_be_bytes([len[0], len[1]])));
                     let Ok(q) = Message::from_vec(&q) else {
                         continue;
                     };
-                    let a = tcp_handle(&q).to_vec().unwrap();
+                    let a = tcp_handle(peer, &q).to_vec().unwrap();
                     let mut out = (a.len() as u16).to_be_bytes().to_vec();
                     out.extend_from_slice(&a);
                     let _ = s.write_all(&out);
@@ -528,7 +530,7 @@ fn truncated_udp_answer_is_asked_again_over_tcp() {
             m.set_truncated(true);
             send(udp, from, &m);
         },
-        move |q| {
+        move |_, q| {
             t2.fetch_add(1, Ordering::Relaxed);
             answer_for(q, [127, 0, 0, 1])
         },
@@ -568,7 +570,7 @@ fn spoofed_answers_are_ignored() {
             }
             send(udp, from, &answer_for(q, [127, 0, 0, 1]));
         },
-        |q| answer_for(q, [127, 0, 0, 1]),
+        |_, q| answer_for(q, [127, 0, 0, 1]),
     );
     let proxy = proxy_with_dns(&[r.addr.to_string()], &[]);
     let (rep, mut s) = connect_name(proxy.addr(), "real.test", echo.addr.port());
@@ -596,7 +598,7 @@ fn concurrent_lookups_of_one_name_are_coalesced() {
             }
             held2.lock().unwrap().push((from, q.clone()));
         },
-        |q| answer_for(q, [127, 0, 0, 1]),
+        |_, q| answer_for(q, [127, 0, 0, 1]),
     );
     // Long DNS and connect timeouts: a retry while the answer is held back would be a second query.
     let proxy = proxy_with_dns(
@@ -635,4 +637,244 @@ fn concurrent_lookups_of_one_name_are_coalesced() {
         "one A query for {CLIENTS} lookups"
     );
     assert_eq!(r.count(RecordType::AAAA), 1);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Per-family answers (RFC 8305 §3)
+
+/// The answer to `q`: A `v4` or AAAA `v6` (NODATA for the type not given).
+fn answer_with(q: &Message, v4: Option<[u8; 4]>, v6: Option<std::net::Ipv6Addr>) -> Message {
+    let mut m = answer_for(q, v4.unwrap_or([0; 4]));
+    if v4.is_none() {
+        m.take_answers();
+    }
+    if let (Some(question), Some(ip)) = (q.queries().first(), v6) {
+        if question.query_type() == RecordType::AAAA {
+            let name = question.name().clone();
+            m.add_answer(Record::from_rdata(
+                name,
+                60,
+                RData::AAAA(hickory_proto::rr::rdata::AAAA(ip)),
+            ));
+        }
+    }
+    m
+}
+
+/// A responder that answers A at once with `v4` and AAAA with `v6` after `aaaa_delay`; `aaaa_sent` turns true
+/// once the AAAA answer went out.
+fn slow_aaaa_responder(
+    v4: [u8; 4],
+    v6: std::net::Ipv6Addr,
+    aaaa_delay: Duration,
+    aaaa_sent: Arc<AtomicBool>,
+) -> Responder {
+    Responder::start(
+        false,
+        move |udp, from, q| {
+            let Some(question) = q.queries().first() else {
+                return;
+            };
+            if question.query_type() == RecordType::A {
+                send(udp, from, &answer_with(q, Some(v4), None));
+                return;
+            }
+            let (udp, q, sent) = (udp.try_clone().unwrap(), q.clone(), Arc::clone(&aaaa_sent));
+            thread::spawn(move || {
+                thread::sleep(aaaa_delay);
+                send(&udp, from, &answer_with(&q, None, Some(v6)));
+                sent.store(true, Ordering::Relaxed);
+            });
+        },
+        |_, q| answer_for(q, [127, 0, 0, 1]),
+    )
+}
+
+#[test]
+fn a_first_connects_without_waiting_for_a_slow_aaaa() {
+    let echo = TestServer::echo();
+    let sent = Arc::new(AtomicBool::new(false));
+    // AAAA says ::1, where nothing listens on the echo server's port: refused at once once it is cached.
+    let r = slow_aaaa_responder(
+        [127, 0, 0, 1],
+        std::net::Ipv6Addr::LOCALHOST,
+        Duration::from_secs(2),
+        Arc::clone(&sent),
+    );
+    let proxy = proxy_with_dns(&[r.addr.to_string()], &["--dns-timeout", "10s"]);
+    let started = Instant::now();
+    let (rep, mut s) = connect_name(proxy.addr(), "slow6.test", echo.addr.port());
+    let took = started.elapsed();
+    assert_eq!(rep, 0);
+    assert_echo(&mut s, b"over ipv4 before AAAA");
+    // The 50 ms resolution delay, then IPv4: well under the 2 s the AAAA answer takes.
+    assert!(
+        took >= Duration::from_millis(50) && took < Duration::from_secs(1),
+        "took {took:?}"
+    );
+    assert!(
+        !sent.load(Ordering::Relaxed),
+        "connected before AAAA answered"
+    );
+    // The whole answer is cached once AAAA is in: the next session asks nothing.
+    assert!(wait_until(Duration::from_secs(10), &mut || {
+        sent.load(Ordering::Relaxed) && proxy.metric("socksgate_dns_cache_names") >= 1
+    }));
+    let (rep, mut s) = connect_name(proxy.addr(), "slow6.test", echo.addr.port());
+    assert_eq!(rep, 0);
+    assert_echo(&mut s, b"from the cache");
+    assert_eq!((r.count(RecordType::A), r.count(RecordType::AAAA)), (1, 1));
+}
+
+#[test]
+fn aaaa_within_the_resolution_delay_is_dialled_first() {
+    if !have_ipv6() {
+        eprintln!("note: no IPv6 loopback: skipped");
+        return;
+    }
+    // The same port on ::1 (recording who connects) and on 127.0.0.1 (a banner that gives IPv4 away).
+    let (six, four, peers) = loop {
+        let (six, peers) = recording_echo("[::1]:0");
+        if let Some(four) = banner_server(&format!("127.0.0.1:{}", six.addr.port()), b"four") {
+            break (six, four, peers);
+        }
+    };
+    let r = slow_aaaa_responder(
+        [127, 0, 0, 1],
+        std::net::Ipv6Addr::LOCALHOST,
+        // Well inside the 50 ms: an AAAA that comes with the A (no early answer) would pass too, IPv6 first.
+        Duration::from_millis(5),
+        Arc::default(),
+    );
+    let proxy = proxy_with_dns(&[r.addr.to_string()], &[]);
+    let (rep, mut s) = connect_name(proxy.addr(), "both.test", six.addr.port());
+    assert_eq!(rep, 0);
+    assert_echo(&mut s, b"over ipv6");
+    let peer = peers.recv_timeout(IO_TIMEOUT).unwrap();
+    assert!(peer.is_ipv6(), "the target saw {peer}");
+    drop(four);
+}
+
+#[test]
+fn upstream_given_by_name_is_resolved_through_the_cache() {
+    let echo = TestServer::echo();
+    let upstream = Proxy::start(&["--resolve", &format!("target.test={}", echo.addr.ip())]);
+    // up.test: A 127.0.0.1 at once, AAAA ::1 (nothing listens there on the upstream's port) a little later.
+    let r = slow_aaaa_responder(
+        [127, 0, 0, 1],
+        std::net::Ipv6Addr::LOCALHOST,
+        Duration::from_millis(200),
+        Arc::default(),
+    );
+    let front = proxy_with_dns(
+        &[r.addr.to_string()],
+        &[
+            "--upstream",
+            &format!("socks5://up.test:{}", upstream.addr().port()),
+        ],
+    );
+    for i in 0..3 {
+        let (rep, mut s) = connect_name(front.addr(), "target.test", echo.addr.port());
+        assert_eq!(rep, 0, "session {i}");
+        assert_echo(&mut s, format!("session {i} through up.test").as_bytes());
+    }
+    // The start-up check and every session shared one lookup (coalesced, then cached for its TTL); the target's
+    // name went to the upstream unresolved.
+    assert_eq!(r.count(RecordType::A), 1);
+    assert!(front.wait_for(Duration::from_secs(10), || front
+        .log()
+        .contains("upstream proxy up.test resolves to")));
+    assert!(!r
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|q| q.1.starts_with("target")));
+}
+
+#[test]
+fn queries_leave_from_the_bind_address() {
+    // 127.0.0.2 is local on Linux (all of 127/8 is); elsewhere the case is skipped.
+    if UdpSocket::bind("127.0.0.2:0").is_err() {
+        eprintln!("note: 127.0.0.2 cannot be bound here: skipped");
+        return;
+    }
+    let echo = TestServer::echo();
+    let sources: Arc<Mutex<Vec<(&'static str, SocketAddr)>>> = Arc::default();
+    let (udp_seen, tcp_seen) = (Arc::clone(&sources), Arc::clone(&sources));
+    // UDP answers come truncated, so the TCP path is asked too.
+    let r = Responder::start(
+        true,
+        move |udp, from, q| {
+            udp_seen.lock().unwrap().push(("udp", from));
+            let mut m = answer_for(q, [127, 0, 0, 1]);
+            m.take_answers();
+            m.set_truncated(true);
+            send(udp, from, &m);
+        },
+        move |peer, q| {
+            tcp_seen.lock().unwrap().push(("tcp", peer));
+            answer_for(q, [127, 0, 0, 1])
+        },
+    );
+    let proxy = proxy_with_dns(&[r.addr.to_string()], &["--bind", "127.0.0.2"]);
+    let (rep, mut s) = connect_name(proxy.addr(), "bound.test", echo.addr.port());
+    assert_eq!(rep, 0);
+    assert_echo(&mut s, b"from 127.0.0.2");
+    let seen = sources.lock().unwrap().clone();
+    assert!(seen.iter().any(|(t, _)| *t == "udp"), "{seen:?}");
+    assert!(seen.iter().any(|(t, _)| *t == "tcp"), "{seen:?}");
+    for (transport, from) in &seen {
+        assert_eq!(
+            from.ip(),
+            "127.0.0.2".parse::<std::net::IpAddr>().unwrap(),
+            "{transport} query from {from}"
+        );
+    }
+}
+
+#[test]
+fn a_late_answer_for_an_earlier_origin_is_not_taken_for_the_next() {
+    use common::origin::{HttpConn, Origin};
+    let (a, b) = (Origin::start(), Origin::start());
+    // a.test: A at once, AAAA 500 ms later, while the connection is already resolving b.test (answered after
+    // 1.5 s). An AAAA answer taken for b.test's lookup would send b's request to a's origin.
+    let r = Responder::start(
+        false,
+        |udp, from, q| {
+            let Some(question) = q.queries().first() else {
+                return;
+            };
+            let name = question.name().to_ascii();
+            let is_a = question.query_type() == RecordType::A;
+            let delay = match (name.as_str(), is_a) {
+                ("a.test.", true) => Duration::ZERO,
+                ("a.test.", false) => Duration::from_millis(500),
+                _ => Duration::from_millis(1500),
+            };
+            let answer = if is_a {
+                answer_with(q, Some([127, 0, 0, 1]), None)
+            } else {
+                answer_with(q, None, Some(std::net::Ipv6Addr::LOCALHOST))
+            };
+            let udp = udp.try_clone().unwrap();
+            thread::spawn(move || {
+                thread::sleep(delay);
+                send(&udp, from, &answer);
+            });
+        },
+        |_, q| answer_for(q, [127, 0, 0, 1]),
+    );
+    let proxy = proxy_with_dns(&[r.addr.to_string()], &["--dns-timeout", "10s"]);
+    let mut c = HttpConn::connect(proxy.addr());
+    let (pa, pb) = (a.addr.port(), b.addr.port());
+    c.send(format!("GET http://a.test:{pa}/one HTTP/1.1\r\nHost: a.test:{pa}\r\n\r\n").as_bytes());
+    let one = c.read_response(false);
+    assert_eq!(one.status, 200);
+    c.send(format!("GET http://b.test:{pb}/two HTTP/1.1\r\nHost: b.test:{pb}\r\n\r\n").as_bytes());
+    let two = c.read_response(false);
+    assert_eq!(two.status, 200, "{}", two.head_text());
+    assert_eq!(two.header("X-Origin-Port"), Some(pb.to_string().as_str()));
+    assert_eq!(b.requests_to("/two").len(), 1);
+    assert!(a.requests_to("/two").is_empty());
 }

@@ -1,6 +1,7 @@
 //! Happy Eyeballs (RFC 8305) end to end: a name with a black-holed address and a working one connects after one
 //! attempt delay, not after the black-holed attempt's timeout; both failing gives the right SOCKS5 code within
-//! `--connect-timeout`; the losing attempt's socket is closed.
+//! `--connect-timeout`; the losing attempt's socket is closed. The same for an `--upstream` proxy given by name,
+//! whose own addresses the destination rules do not cover.
 //!
 //! Black-holing on loopback without a network namespace: a listener with backlog 0 whose accept queue is already
 //! full drops every further SYN silently (Linux counts them as ListenOverflows), so a connect to it neither
@@ -224,4 +225,108 @@ fn attempt_delay_flag_is_validated() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--connection-attempt-delay"), "{err}");
+}
+
+/// SOCKS5h CONNECT through a proxy that chains to `--upstream`: the reply code and how long it took.
+fn connect_via(front: SocketAddr, name: &str, port: u16) -> (u8, Duration, TcpStream) {
+    connect_name(front, name, port)
+}
+
+#[test]
+fn upstream_by_name_black_holed_first_then_working_connects_fast() {
+    let (v6, v4) = families();
+    let echo = TestServer::echo();
+    // The upstream proxy listens on v4:P; the first address of its name black-holes on v6:P.
+    let mut found = None;
+    for _ in 0..10 {
+        let upstream = Proxy::spawn(&[
+            "-l",
+            &SocketAddr::new(v4, 0).to_string(),
+            "--resolve",
+            &format!("target.test={}", echo.addr.ip()),
+        ]);
+        if let Some(hole) = BlackHole::on(SocketAddr::new(v6, upstream.addr().port())) {
+            found = Some((upstream, hole));
+            break;
+        }
+    }
+    let Some((upstream, hole)) = found else {
+        eprintln!("note: cannot black-hole {v6} here; skipped");
+        return;
+    };
+    let port = hole.addr.port();
+    // The destination rules deny loopback: they are for clients' targets, not for the operator's upstream.
+    let front = Proxy::start(&[
+        "--resolve",
+        &format!("up.test={v6},{v4}"),
+        "--upstream",
+        &format!("socks5://up.test:{port}"),
+        "--deny-dest",
+        "127.0.0.0/8",
+        "--deny-dest",
+        "::1/128",
+        "--dns",
+        &format!("127.0.0.1:{}", closed_port()),
+        "--connect-timeout",
+        "10s",
+    ]);
+    assert!(
+        front.wait_for(Duration::from_secs(10), || front
+            .log()
+            .contains("upstream proxy up.test resolves to")),
+        "{}",
+        front.log()
+    );
+    let (rep, took, mut s) = connect_via(front.addr(), "target.test", echo.addr.port());
+    assert_eq!(rep, 0, "through the upstream at {v4}:{port}");
+    // One attempt delay (250 ms); dialling the addresses in turn would have waited for the black hole.
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert_echo(&mut s);
+    drop(upstream);
+}
+
+#[test]
+fn upstream_name_that_does_not_resolve_is_a_warning_then_a_failure() {
+    let front = Proxy::start(&["--upstream", "socks5://nowhere.invalid:1080"]);
+    assert!(
+        front.wait_for(Duration::from_secs(10), || front
+            .log()
+            .contains("upstream proxy nowhere.invalid does not resolve now")),
+        "{}",
+        front.log()
+    );
+    let (rep, took, _s) = connect_via(front.addr(), "target.test", 80);
+    assert_eq!(
+        rep, 0x01,
+        "general failure: the upstream proxy is not reachable"
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}
+
+#[test]
+fn forwarded_http_through_an_http_upstream_given_by_name() {
+    use common::origin::{HttpConn, Origin};
+    let origin = Origin::start();
+    let upstream = Proxy::start(&[]);
+    let front = Proxy::start(&[
+        "--resolve",
+        &format!("up.test={}", upstream.addr().ip()),
+        "--upstream",
+        &format!("http://up.test:{}", upstream.addr().port()),
+    ]);
+    let mut c = HttpConn::connect(front.addr());
+    for path in ["/first", "/second"] {
+        c.send(
+            format!(
+                "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+                origin.url(path),
+                origin.authority()
+            )
+            .as_bytes(),
+        );
+        let r = c.read_response(false);
+        assert_eq!(r.status, 200, "{}", r.head_text());
+        assert_eq!(r.body, format!("path={path}\n").into_bytes());
+    }
+    assert_eq!(origin.requests().len(), 2);
 }
