@@ -293,3 +293,165 @@ pub fn tcp_fastopen(fd: RawFd) -> io::Result<i32> {
     }
     Ok(queue)
 }
+
+/// Most datagrams one [`recv_batch`] or [`send_batch`] call moves: enough to amortise the syscall over a burst,
+/// small enough that the per-call header arrays live on the stack.
+pub const MAX_BATCH: usize = 32;
+
+/// One datagram [`recv_batch`] received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// Bytes written into the slot (after its offset).
+    pub len: usize,
+    /// The sender; `None` when the kernel gave an address that is not IPv4 or IPv6.
+    pub from: Option<std::net::SocketAddr>,
+    /// The datagram did not fit in the slot and was cut (MSG_TRUNC).
+    pub truncated: bool,
+}
+
+/// One datagram for [`send_batch`]: the bytes `buf[start..end]` of the buffer passed along, sent to `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outgoing {
+    /// First byte in the shared buffer.
+    pub start: usize,
+    /// One past the last byte.
+    pub end: usize,
+    /// Destination.
+    pub to: std::net::SocketAddr,
+}
+
+/// Receives up to `out.len()` (at most [`MAX_BATCH`]) datagrams from the nonblocking UDP socket `fd` with one
+/// `recvmmsg(2)`: datagram `i` lands in `buf[i * slot + off .. (i + 1) * slot]` and is described by `out[i]`.
+/// Returns how many arrived; `WouldBlock` when none was waiting.
+pub fn recv_batch(
+    fd: RawFd,
+    buf: &mut [u8],
+    slot: usize,
+    off: usize,
+    out: &mut [Received],
+) -> io::Result<usize> {
+    if slot == 0 || off >= slot {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "bad slot layout",
+        ));
+    }
+    // SAFETY: iovec and mmsghdr are plain C structs of integers and raw pointers, for which all zeroes (null
+    // pointers, zero lengths) is a valid value.
+    let mut iov: [libc::iovec; MAX_BATCH] = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut hdrs: [libc::mmsghdr; MAX_BATCH] = unsafe { std::mem::zeroed() };
+    let mut names: [socket2::SockAddrStorage; MAX_BATCH] =
+        std::array::from_fn(|_| socket2::SockAddrStorage::zeroed());
+    let mut n = 0;
+    for ((chunk, v), name) in buf
+        .chunks_exact_mut(slot)
+        .zip(iov.iter_mut())
+        .zip(names.iter_mut())
+        .take(out.len())
+    {
+        let room = &mut chunk[off..];
+        v.iov_base = room.as_mut_ptr().cast();
+        v.iov_len = room.len();
+        hdrs[n].msg_hdr.msg_name = (name as *mut socket2::SockAddrStorage).cast();
+        hdrs[n].msg_hdr.msg_namelen = name.size_of();
+        n += 1;
+    }
+    for (h, v) in hdrs.iter_mut().zip(iov.iter_mut()).take(n) {
+        h.msg_hdr.msg_iov = v;
+        h.msg_hdr.msg_iovlen = 1;
+    }
+    if n == 0 {
+        return Ok(0);
+    }
+    let got = loop {
+        // SAFETY: the first `n` headers point at `n` distinct iovecs, each covering a disjoint part of `buf` that is
+        // exclusively borrowed for this call, and at `n` distinct address storages of the size given in
+        // msg_namelen; all of them outlive the call. No control buffer, no timeout (the socket is nonblocking).
+        let rc = unsafe {
+            libc::recvmmsg(
+                fd,
+                hdrs.as_mut_ptr(),
+                n as libc::c_uint,
+                0,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc >= 0 {
+            break rc as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    for ((h, name), o) in hdrs
+        .iter()
+        .zip(names.iter_mut())
+        .zip(out.iter_mut())
+        .take(got)
+    {
+        let storage = std::mem::replace(name, socket2::SockAddrStorage::zeroed());
+        // SAFETY: the kernel initialised `msg_namelen` bytes of this storage with the sender's address, and the
+        // length never exceeds the storage it was given.
+        let addr = unsafe { socket2::SockAddr::new(storage, h.msg_hdr.msg_namelen) };
+        *o = Received {
+            len: h.msg_len as usize,
+            from: addr.as_socket(),
+            truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+        };
+    }
+    Ok(got)
+}
+
+/// Sends the first [`MAX_BATCH`] (at most) of `msgs`, whose bytes lie in `buf`, from the nonblocking UDP socket
+/// `fd` with one `sendmmsg(2)`, in order. Returns how many the kernel took: fewer than asked when a later one
+/// failed (the caller retries from the first one not taken to learn its error); an error when the first failed.
+pub fn send_batch(fd: RawFd, buf: &[u8], msgs: &[Outgoing]) -> io::Result<usize> {
+    let n = msgs.len().min(MAX_BATCH);
+    if n == 0 {
+        return Ok(0);
+    }
+    // SAFETY: iovec and mmsghdr are plain C structs of integers and raw pointers, for which all zeroes is valid.
+    let mut iov: [libc::iovec; MAX_BATCH] = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut hdrs: [libc::mmsghdr; MAX_BATCH] = unsafe { std::mem::zeroed() };
+    let addrs: [Option<socket2::SockAddr>; MAX_BATCH] =
+        std::array::from_fn(|i| msgs.get(i).map(|m| socket2::SockAddr::from(m.to)));
+    for (i, m) in msgs.iter().take(n).enumerate() {
+        let Some(bytes) = buf.get(m.start..m.end) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "datagram outside the buffer",
+            ));
+        };
+        iov[i].iov_base = bytes.as_ptr().cast_mut().cast();
+        iov[i].iov_len = bytes.len();
+    }
+    for ((h, v), a) in hdrs
+        .iter_mut()
+        .zip(iov.iter_mut())
+        .zip(addrs.iter())
+        .take(n)
+    {
+        if let Some(a) = a {
+            h.msg_hdr.msg_name = a.as_ptr().cast_mut().cast();
+            h.msg_hdr.msg_namelen = a.len();
+        }
+        h.msg_hdr.msg_iov = v;
+        h.msg_hdr.msg_iovlen = 1;
+    }
+    loop {
+        // SAFETY: the first `n` headers point at `n` iovecs covering parts of `buf` (checked in bounds above) and
+        // at `n` socket addresses with their true lengths, all alive for the call; sendmmsg only reads through
+        // them (the mutable pointers are what the C API takes) and writes msg_len into the headers we own.
+        let rc = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), n as libc::c_uint, 0) };
+        if rc >= 0 {
+            return Ok(rc as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
