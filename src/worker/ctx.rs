@@ -122,6 +122,8 @@ pub struct UdpArena {
     pub got: Vec<crate::sys::Received>,
     /// Datagrams to send, pointing into `buf`, in arrival order.
     pub out: Vec<crate::sys::Outgoing>,
+    /// Whether the kernel takes UDP GSO sends (asked once, with the first association's socket).
+    pub gso: Option<bool>,
 }
 
 /// Handles shared by all workers.
