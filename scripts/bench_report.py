@@ -81,6 +81,14 @@ COMPARISONS = [
     ("http", "requests_per_sec", "socksgate", "tinyproxy", 3.0, True),
     ("http", "requests_per_sec", "socksgate", "direct", None, True),
     ("http", "cpu_us_per_op", "socksgate", "tinyproxy", None, False),
+    # Against an older build (`compare-peers.sh --baseline BIN`), where one was run.
+    *[(t, k, "socksgate", "socksgate-baseline", None, hi)
+      for t in ("tp-1-up", "tp-1-down", "tp-8-up", "tp-8-down")
+      for k, hi in (("gbit_per_sec", True), ("cpu_ns_per_kib", False))],
+    *[(t, k, "socksgate", "socksgate-baseline", None, hi)
+      for t in ("connrate-noauth", "latency-50", "udp", "http")
+      for k, hi in (("ops_per_sec", True), ("round_trips_per_sec", True), ("received_per_sec", True),
+                    ("requests_per_sec", True), ("cpu_us_per_op", False))],
     ("threads-connrate", "ops_per_sec", "socksgate-t2", "socksgate-t1", None, True),
     ("threads-tp-8-up", "gbit_per_sec", "socksgate-t2", "socksgate-t1", None, True),
     ("threads-tp-8-down", "gbit_per_sec", "socksgate-t2", "socksgate-t1", None, True),
@@ -198,7 +206,8 @@ def main():
         f"repeated, up to {meta.get('tries', 1)} tries, and the last try kept (`retried` below). "
         f"{'All proxies, the load generator and the targets ran under `nice -n ' + str(meta['nice']) + '`. ' if meta.get('nice') else ''}"
         f"Peers: {meta['versions']['dante']}, microsocks "
-        f"{meta['versions']['microsocks']}, {meta['versions']['tinyproxy']}.\n")
+        f"{meta['versions']['microsocks']}, {meta['versions']['tinyproxy']}."
+        f"{' Baseline (`socksgate-baseline`): `' + meta['baseline'] + '`, run the same way, interleaved with socksgate.' if meta.get('baseline') else ''}\n")
     idle = ("KiB per tunnel = the RSS growth from half the tunnels open to all of them, divided by the "
             "second half's count, in a freshly started proxy (so what a proxy allocates once is not charged "
             "to its tunnels).")
@@ -226,6 +235,8 @@ def main():
     for test, key, ours, peer, goal, higher in COMPARISONS:
         mo, mp = med.get((test, ours)), med.get((test, peer))
         if not mo or not mp:
+            continue
+        if peer == "socksgate-baseline" and key not in mo["vals"]:
             continue
         label, f = fmt_of(key, mo["mode"])
         vo, vp = mo["vals"].get(key), mp["vals"].get(key)

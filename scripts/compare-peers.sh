@@ -11,6 +11,7 @@
 #   scripts/compare-peers.sh            # full run, ~14 minutes (up to ~19 with retries)
 #   scripts/compare-peers.sh --quick    # ~5 minutes, shorter windows
 #   scripts/compare-peers.sh --only connrate,latency
+#   scripts/compare-peers.sh --only udp --baseline /tmp/socksgate-old   # before/after, interleaved
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib-bench.sh"
 
@@ -18,6 +19,7 @@ usage() {
     cat <<'EOF'
 Usage: scripts/compare-peers.sh [--quick] [--seconds S] [--reps N] [--only LIST]
                                 [--out PREFIX] [--idle-conns N] [--no-build] [--no-install]
+                                [--baseline BIN]
 
   --quick          1.5 s windows, 0.3 s warmup, 1 s idle hold (about 5 minutes in all)
   --seconds S      measured seconds per run (default 7; quick 1.5)
@@ -28,6 +30,10 @@ Usage: scripts/compare-peers.sh [--quick] [--seconds S] [--reps N] [--only LIST]
   --idle-conns N   idle tunnels (default 10000, lowered to what RLIMIT_NOFILE allows)
   --no-build       do not run cargo build --release --workspace
   --no-install     do not apt-get install missing peers (sections needing them are skipped)
+  --baseline BIN   also run another socksgate binary (e.g. one built from an older commit)
+                   as system `socksgate-baseline`, interleaved with the current one in the
+                   throughput, connrate (no auth), latency, udp and http sections, so a change
+                   is measured against its baseline in the same run
   --nice N         run the proxies, the load generator and its targets under `nice -n N`
                    (e.g. -10), so other work on a shared machine takes less of their CPU;
                    applies to every proxy alike (default 0: no change)
@@ -49,6 +55,7 @@ INSTALL=1
 NICE=0
 TRIES=3
 MAX_OTHER=35
+BASELINE=""
 # Retries over the whole run at most, so a busy machine cannot stretch it without bound.
 RETRY_BUDGET=30
 while [ $# -gt 0 ]; do
@@ -64,6 +71,7 @@ while [ $# -gt 0 ]; do
         --nice) NICE=$2; shift 2 ;;
         --tries) TRIES=$2; shift 2 ;;
         --max-other) MAX_OTHER=$2; shift 2 ;;
+        --baseline) BASELINE=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; exit 2 ;;
     esac
@@ -111,6 +119,7 @@ command -v python3 >/dev/null || die "python3 is needed for the report"
 
 [ "$BUILD" = 1 ] && build_release
 if [ ! -x "$LOAD" ] || [ ! -x "$SOCKSGATE" ]; then die "release binaries missing"; fi
+if [ -n "$BASELINE" ] && [ ! -x "$BASELINE" ]; then die "--baseline $BASELINE: not an executable"; fi
 mkdir -p "$(dirname "$OUT")"
 
 WORK=$(mktemp -d /tmp/socksgate-compare.XXXXXX)
@@ -132,7 +141,7 @@ cat >"$OUT.meta.json" <<EOF
 {"date": "$(date -u +%Y-%m-%dT%H:%MZ)", "commit": "$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$ROOT" && [ -n "$(git status --porcelain -- src Cargo.toml 2>/dev/null)" ] && echo ' + uncommitted changes')",
  "kernel": "$(uname -r)", "cpu": "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//;s/"//g')",
  "cores": $(nproc), "loadavg_start": "$(cut -d' ' -f1-3 /proc/loadavg)", "seconds": $SECS, "warmup": $WARMUP, "reps": $REPS, "quick": $QUICK,
- "idle_requested": $IDLE_CONNS, "nice": $NICE, "tries": $TRIES, "max_other": $MAX_OTHER, "idle_conns": $IDLE_N, "nofile": $NOFILE,
+ "baseline": "$BASELINE", "idle_requested": $IDLE_CONNS, "nice": $NICE, "tries": $TRIES, "max_other": $MAX_OTHER, "idle_conns": $IDLE_N, "nofile": $NOFILE,
  "versions": {"dante": "$(danted -v 2>&1 | head -1 | cut -c1-40)",
    "microsocks": "$(dpkg-query -W -f='${Version}' microsocks 2>/dev/null)",
    "tinyproxy": "$(tinyproxy -v 2>&1 | head -1)",
@@ -312,7 +321,23 @@ if want throughput || want connrate || want latency || want udp || want http; th
     start_socksgate "$WORK/socksgate.log" 0 --threads 1
     SGN_PORT=$SG_PORT SGN_PID=$SG_PID
     log "socksgate no-auth pid $SGN_PID port $SGN_PORT"
+    if [ -n "$BASELINE" ]; then
+        CURRENT=$SOCKSGATE SOCKSGATE=$BASELINE
+        start_socksgate "$WORK/socksgate-baseline.log" 0 --threads 1
+        SOCKSGATE=$CURRENT
+        SGB_PORT=$SG_PORT SGB_PID=$SG_PID
+        log "socksgate baseline ($BASELINE) pid $SGB_PID port $SGB_PORT"
+    fi
 fi
+# baseline TEST REP ARGS...: the same measurement against the baseline binary, if one was given;
+# `@PROXY@` in ARGS stands for its address.
+baseline() {
+    [ -n "$BASELINE" ] || return 0
+    local test=$1 rep=$2 a=() x
+    shift 2
+    for x in "$@"; do a+=("${x//@PROXY@/127.0.0.1:$SGB_PORT}"); done
+    record "$test" socksgate-baseline "$rep" 1 "${a[@]}" --cpu-pid "$SGB_PID"
+}
 if want connrate; then
     start_socksgate "$WORK/socksgate-auth.log" 0 --threads 1 -U "$AUTH_USER:$AUTH_PASS"
     SGA_PORT=$SG_PORT SGA_PID=$SG_PID
@@ -336,6 +361,7 @@ for rep in $(seq 1 "$REPS"); do
                 t="tp-$streams-$dir"
                 a=(throughput --streams "$streams" --dir "$dir")
                 record "$t" socksgate "$rep" 1 "${a[@]}" --proxy "$SG" --cpu-pid "$SGN_PID"
+                baseline "$t" "$rep" "${a[@]}" --proxy "socks5://@PROXY@"
                 record "$t" dante "$rep" 1 "${a[@]}" --proxy "socks5://127.0.0.1:$DANTE_PORT" --cpu-pid "$DANTE_PID"
                 record "$t" direct "$rep" 1 "${a[@]}" --proxy direct
             done
@@ -344,6 +370,7 @@ for rep in $(seq 1 "$REPS"); do
     if want connrate; then
         a=(connrate --concurrency 50 --target "127.0.0.1:$T_ECHOCLOSE")
         record connrate-noauth socksgate "$rep" 1 "${a[@]}" --proxy "$SG" --cpu-pid "$SGN_PID"
+        baseline connrate-noauth "$rep" "${a[@]}" --proxy "socks5://@PROXY@"
         record connrate-noauth microsocks "$rep" 1 "${a[@]}" --proxy "socks5://127.0.0.1:$MSN_PORT" --cpu-pid "$MSN_PID"
         record connrate-noauth haproxy "$rep" 1 connrate --concurrency 50 --proxy direct \
             --target "127.0.0.1:$HAPL_ECHOCLOSE" --cpu-pid "$HAPL_PID"
@@ -355,17 +382,20 @@ for rep in $(seq 1 "$REPS"); do
     if want latency; then
         record latency-50 socksgate "$rep" 1 latency --conns 50 --proxy "$SG" \
             --target "127.0.0.1:$T_ECHO" --cpu-pid "$SGN_PID"
+        baseline latency-50 "$rep" latency --conns 50 --proxy "socks5://@PROXY@" --target "127.0.0.1:$T_ECHO"
         record latency-50 haproxy "$rep" 1 latency --conns 50 --proxy direct \
             --target "127.0.0.1:$HAPL_ECHO" --cpu-pid "$HAPL_PID"
     fi
     if want udp; then
         record udp socksgate "$rep" 1 udp --proxy "$SG" --cpu-pid "$SGN_PID"
+        baseline udp "$rep" udp --proxy "socks5://@PROXY@"
         record udp dante "$rep" 1 udp --proxy "socks5://127.0.0.1:$DANTE_PORT" --cpu-pid "$DANTE_PID"
         # The load generator's own ceiling (no proxy), for reading the two above.
         record udp direct "$rep" 1 udp --proxy direct
     fi
     if want http; then
         record http socksgate "$rep" 1 http --concurrency 50 --proxy "http://127.0.0.1:$SGN_PORT" --cpu-pid "$SGN_PID"
+        baseline http "$rep" http --concurrency 50 --proxy "http://@PROXY@"
         record http tinyproxy "$rep" 1 http --concurrency 50 --proxy "http://127.0.0.1:$TP_PORT" --cpu-pid "$TP_PID"
         record http direct "$rep" 1 http --concurrency 50 --proxy direct
     fi

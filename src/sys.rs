@@ -305,3 +305,248 @@ pub fn tcp_fastopen(fd: RawFd) -> io::Result<i32> {
     }
     Ok(queue)
 }
+
+/// Most datagrams one [`recv_batch`] or [`send_batch`] call moves: enough to amortise the syscall over a burst,
+/// small enough that the per-call header arrays live on the stack.
+pub const MAX_BATCH: usize = 32;
+
+/// One datagram [`recv_batch`] received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// Bytes written into the slot (after its offset).
+    pub len: usize,
+    /// The sender; `None` when the kernel gave an address that is not IPv4 or IPv6.
+    pub from: Option<std::net::SocketAddr>,
+    /// The datagram did not fit in the slot and was cut (MSG_TRUNC).
+    pub truncated: bool,
+}
+
+/// One datagram for [`send_batch`]: the bytes `buf[start..end]` of the buffer passed along, sent to `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outgoing {
+    /// First byte in the shared buffer.
+    pub start: usize,
+    /// One past the last byte.
+    pub end: usize,
+    /// Destination.
+    pub to: std::net::SocketAddr,
+}
+
+/// Receives up to `out.len()` (at most [`MAX_BATCH`]) datagrams from the nonblocking UDP socket `fd` with one
+/// `recvmmsg(2)`: datagram `i` lands in `buf[i * slot + off .. (i + 1) * slot]` and is described by `out[i]`.
+/// Returns how many arrived; `WouldBlock` when none was waiting.
+pub fn recv_batch(
+    fd: RawFd,
+    buf: &mut [u8],
+    slot: usize,
+    off: usize,
+    out: &mut [Received],
+) -> io::Result<usize> {
+    if slot == 0 || off >= slot {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "bad slot layout",
+        ));
+    }
+    // SAFETY: iovec and mmsghdr are plain C structs of integers and raw pointers, for which all zeroes (null
+    // pointers, zero lengths) is a valid value.
+    let mut iov: [libc::iovec; MAX_BATCH] = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut hdrs: [libc::mmsghdr; MAX_BATCH] = unsafe { std::mem::zeroed() };
+    // Room for an IPv6 address, the largest a UDP socket reports: 28 bytes a slot to clear instead of the 128 of
+    // a sockaddr_storage, on every call.
+    // SAFETY: sockaddr_in6 is a plain C struct of integers; all zeroes is valid.
+    let mut names: [libc::sockaddr_in6; MAX_BATCH] = unsafe { std::mem::zeroed() };
+    let mut n = 0;
+    for ((chunk, v), name) in buf
+        .chunks_exact_mut(slot)
+        .zip(iov.iter_mut())
+        .zip(names.iter_mut())
+        .take(out.len())
+    {
+        let room = &mut chunk[off..];
+        v.iov_base = room.as_mut_ptr().cast();
+        v.iov_len = room.len();
+        hdrs[n].msg_hdr.msg_name = (name as *mut libc::sockaddr_in6).cast();
+        hdrs[n].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+        n += 1;
+    }
+    for (h, v) in hdrs.iter_mut().zip(iov.iter_mut()).take(n) {
+        h.msg_hdr.msg_iov = v;
+        h.msg_hdr.msg_iovlen = 1;
+    }
+    if n == 0 {
+        return Ok(0);
+    }
+    let got = loop {
+        // SAFETY: the first `n` headers point at `n` distinct iovecs, each covering a disjoint part of `buf` that is
+        // exclusively borrowed for this call, and at `n` distinct address storages of the size given in
+        // msg_namelen; all of them outlive the call. No control buffer, no timeout (the socket is nonblocking).
+        let rc = unsafe {
+            libc::recvmmsg(
+                fd,
+                hdrs.as_mut_ptr(),
+                n as libc::c_uint,
+                0,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc >= 0 {
+            break rc as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    for ((h, name), o) in hdrs.iter().zip(names.iter()).zip(out.iter_mut()).take(got) {
+        let mut storage = socket2::SockAddrStorage::zeroed();
+        // SAFETY: sockaddr_in6 is one of the platform's sockaddr types, as view_as requires.
+        *unsafe { storage.view_as::<libc::sockaddr_in6>() } = *name;
+        // A longer address (not IPv4 or IPv6) was cut by the kernel; its length is clamped to what was kept, and
+        // socket2 reports a family it does not know as no socket address.
+        let len = h
+            .msg_hdr
+            .msg_namelen
+            .min(std::mem::size_of::<libc::sockaddr_in6>() as _);
+        // SAFETY: the storage holds the `len` bytes the kernel wrote (the rest is zeroes).
+        let addr = unsafe { socket2::SockAddr::new(storage, len) };
+        *o = Received {
+            len: h.msg_len as usize,
+            from: addr.as_socket(),
+            truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+        };
+    }
+    Ok(got)
+}
+
+/// Largest datagram sent as one segment of a GSO send: a segment bigger than the route's MTU allows makes the
+/// kernel refuse the whole send, and 1500 minus the IPv6 and UDP headers fits every common path.
+const GSO_MAX_SEGMENT: usize = 1452;
+/// Segments per GSO send: the kernel's UDP_MAX_SEGMENTS (64 before Linux 6.x raised it).
+const GSO_MAX_SEGMENTS: usize = 64;
+/// Bytes per GSO send: the whole must fit one UDP length field (64 KiB minus headers).
+const GSO_MAX_BYTES: usize = 65000;
+
+/// Whether the kernel supports UDP generic segmentation offload (`UDP_SEGMENT`, Linux 4.18): one send carries
+/// several equal-size datagrams to one destination and the stack splits them. Asked of the UDP socket `fd`.
+/// Without it an older kernel would ignore the control message and send one big datagram, so callers must ask.
+pub fn udp_gso_supported(fd: RawFd) -> bool {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `v`, a c_int on our stack, and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    rc == 0
+}
+
+/// Room for one `UDP_SEGMENT` control message (CMSG_SPACE of a u16 is 24 bytes on 64-bit targets), aligned
+/// for cmsghdr.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct SegmentCmsg([u8; 32]);
+
+/// Sends the first [`MAX_BATCH`] (at most) of `msgs`, whose bytes lie in `buf`, from the nonblocking UDP socket
+/// `fd` with one `sendmmsg(2)`, in order. Returns how many the kernel took: fewer than asked when a later one
+/// failed (the caller retries from the first one not taken to learn its error); an error when the first failed.
+///
+/// With `gso` (only where [`udp_gso_supported`] said so), runs of datagrams to one destination whose sizes are
+/// equal (the last may be shorter) go as one message with a `UDP_SEGMENT` control message: the stack builds and
+/// routes one packet and splits it into the same datagrams on the wire, which is most of the cost saved. A GSO
+/// message the kernel refuses (an IPsec route, a small MTU) is sent again datagram by datagram, so GSO never
+/// changes what arrives.
+pub fn send_batch(fd: RawFd, buf: &[u8], msgs: &[Outgoing], gso: bool) -> io::Result<usize> {
+    let n = msgs.len().min(MAX_BATCH);
+    if n == 0 {
+        return Ok(0);
+    }
+    // SAFETY: iovec and mmsghdr are plain C structs of integers and raw pointers, for which all zeroes is valid.
+    let mut iov: [libc::iovec; MAX_BATCH] = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut hdrs: [libc::mmsghdr; MAX_BATCH] = unsafe { std::mem::zeroed() };
+    let mut cmsgs = [SegmentCmsg([0; 32]); MAX_BATCH];
+    // One address per message (a group shares its destination), filled in below for the messages used.
+    let mut addrs = [const { std::mem::MaybeUninit::<socket2::SockAddr>::uninit() }; MAX_BATCH];
+    for (i, m) in msgs.iter().take(n).enumerate() {
+        let Some(bytes) = buf.get(m.start..m.end) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "datagram outside the buffer",
+            ));
+        };
+        iov[i].iov_base = bytes.as_ptr().cast_mut().cast();
+        iov[i].iov_len = bytes.len();
+    }
+    // Group the datagrams: (first, count, segment size) per message.
+    let mut groups = [(0usize, 0usize, 0usize); MAX_BATCH];
+    let mut g = 0;
+    for i in 0..n {
+        let len = msgs[i].end - msgs[i].start;
+        if g > 0 {
+            let (first, count, seg) = groups[g - 1];
+            let last_len = msgs[first + count - 1].end - msgs[first + count - 1].start;
+            let joins = gso
+                && msgs[i].to == msgs[first].to
+                && len > 0
+                && len <= seg
+                && last_len == seg
+                && count < GSO_MAX_SEGMENTS
+                && seg * count + len <= GSO_MAX_BYTES;
+            if joins {
+                groups[g - 1].1 += 1;
+                continue;
+            }
+        }
+        let seg = if len <= GSO_MAX_SEGMENT { len } else { 0 };
+        groups[g] = (i, 1, seg);
+        g += 1;
+    }
+    for (k, &(first, count, seg)) in groups.iter().take(g).enumerate() {
+        let h = &mut hdrs[k].msg_hdr;
+        let a = addrs[k].write(socket2::SockAddr::from(msgs[first].to));
+        h.msg_name = a.as_ptr().cast_mut().cast();
+        h.msg_namelen = a.len();
+        h.msg_iov = &mut iov[first];
+        h.msg_iovlen = count as _;
+        if count > 1 {
+            let c = &mut cmsgs[k];
+            h.msg_control = c.0.as_mut_ptr().cast();
+            // SAFETY: CMSG_SPACE only computes a size.
+            h.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as _;
+            // SAFETY: msg_control points at `c`, 32 bytes aligned for cmsghdr, of which msg_controllen (24) are
+            // declared, so CMSG_FIRSTHDR returns a pointer into `c` with room for the header and a u16 of data.
+            unsafe {
+                let cm = libc::CMSG_FIRSTHDR(h);
+                (*cm).cmsg_level = libc::SOL_UDP;
+                (*cm).cmsg_type = libc::UDP_SEGMENT;
+                (*cm).cmsg_len = libc::CMSG_LEN(2) as _;
+                std::ptr::write_unaligned(libc::CMSG_DATA(cm).cast::<u16>(), seg as u16);
+            }
+        }
+    }
+    let rc = loop {
+        // SAFETY: the first `g` headers point at consecutive runs of the `n` iovecs, which cover parts of `buf`
+        // (checked in bounds above), at socket addresses with their true lengths and at control buffers of the
+        // declared length, all alive for the call; sendmmsg only reads through them (the mutable pointers are
+        // what the C API takes) and writes msg_len into the headers we own.
+        let rc = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), g as libc::c_uint, 0) };
+        if rc >= 0 {
+            break rc as usize;
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => {}
+            io::ErrorKind::WouldBlock => return Err(e),
+            _ if groups[0].1 > 1 => return send_batch(fd, buf, &msgs[..groups[0].1], false),
+            _ => return Err(e),
+        }
+    };
+    Ok(groups.iter().take(rc.min(g)).map(|grp| grp.1).sum())
+}

@@ -104,10 +104,26 @@ pub struct Ctx {
     pub limits: Arc<crate::policy::Limits>,
     /// Reused output buffer for rewritten HTTP heads.
     pub head_out: Vec<u8>,
-    /// Datagram buffer for UDP associations (allocated on first use: 64 KiB plus header room).
-    pub udp_buf: Vec<u8>,
+    /// Batch buffers for UDP associations, shared by all of them (allocated on first use).
+    pub udp: UdpArena,
     /// Idle pipes for `--splice` (a tunnel holds one only while a sink refuses bytes).
     pub pipes: Vec<crate::sys::Pipe>,
+}
+
+/// The worker's datagram arena: one `recvmmsg` batch of slots (each a full-size datagram plus header room), what
+/// the batch received, and the sends assembled from it. One per worker rather than per association, so idle
+/// associations hold no buffer; the slots are zero-filled by the allocator, so pages no datagram touched stay
+/// unmapped.
+#[derive(Default)]
+pub struct UdpArena {
+    /// `sys::MAX_BATCH` slots back to back.
+    pub buf: Vec<u8>,
+    /// What the last receive put in each slot.
+    pub got: Vec<crate::sys::Received>,
+    /// Datagrams to send, pointing into `buf`, in arrival order.
+    pub out: Vec<crate::sys::Outgoing>,
+    /// Whether the kernel takes UDP GSO sends (asked once, with the first association's socket).
+    pub gso: Option<bool>,
 }
 
 /// Handles shared by all workers.

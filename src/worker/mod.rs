@@ -140,7 +140,7 @@ impl Worker {
             user_counts: Arc::clone(&shared.user_counts),
             limits: Arc::clone(&shared.limits),
             head_out: Vec::new(),
-            udp_buf: Vec::new(),
+            udp: Default::default(),
             pipes: Vec::new(),
             cfg,
         };

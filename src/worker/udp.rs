@@ -15,6 +15,8 @@ use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::AtomicU64;
 
 use log::debug;
 use mio::net::UdpSocket;
@@ -22,7 +24,7 @@ use mio::Interest;
 
 use super::close::CloseReason;
 use super::conn::{Conn, Phase, Source};
-use super::ctx::{Ctx, Next, ReplyKind};
+use super::ctx::{Ctx, Next, ReplyKind, UdpArena};
 use super::gate;
 use super::phase::UdpState;
 use super::reply;
@@ -34,11 +36,12 @@ use crate::net;
 use crate::policy::{rules::Command, Policy};
 use crate::proto::{canonical_ip, socks5, Failure, Name, TargetAddr};
 use crate::resolve::{Job, Work};
+use crate::sys::{self, Outgoing, Received};
 
 /// Room kept in front of a received answer for the SOCKS5 UDP header.
 const HEADROOM: usize = socks5::MAX_UDP_HEADER_LEN;
-/// Largest UDP payload plus headroom.
-const DATAGRAM_BUF: usize = HEADROOM + 65536;
+/// One arena slot: the largest UDP payload plus headroom, so no datagram is ever cut.
+const SLOT: usize = HEADROOM + 65536;
 /// Datagrams processed per socket per turn before yielding.
 const PER_TURN: usize = 64;
 /// Names cached per association.
@@ -193,11 +196,11 @@ pub fn start(key: usize, conn: &mut Conn, ctx: &mut Ctx, hint: TargetAddr) -> Ne
         return Next::Close(CloseReason::ClientError);
     }
     metrics::inc(&ctx.stats.handshakes_ok[conn.proto as usize]);
+    if ctx.udp.gso.is_none() {
+        ctx.udp.gso = Some(sys::udp_gso_supported(out.as_raw_fd()));
+    }
     if let Some(b) = conn.c2u.take() {
         ctx.pool.give(b);
-    }
-    if ctx.udp_buf.len() < DATAGRAM_BUF {
-        ctx.udp_buf = vec![0u8; DATAGRAM_BUF];
     }
     conn.phase = Phase::Udp(Box::new(UdpState {
         relay,
@@ -231,43 +234,96 @@ struct Sender<'a> {
     client: IpAddr,
 }
 
-/// Sends `payload` to `dest` from the outbound socket, after the destination rules (checked per datagram): the
-/// flags first, then the policy file's rules (with the name the datagram named, if any).
-#[allow(clippy::too_many_arguments)]
-fn send_out(
-    u: &mut UdpState,
+/// Whether a datagram for `dest` may leave, after the destination rules (checked per datagram): the flags first,
+/// then the policy file's rules (with the name the datagram named, if any). Returns the address to send to on the
+/// outbound socket; a refusal is counted.
+fn admit_out(
+    u: &UdpState,
     cfg: &Config,
     policy: &Policy,
     from: Sender<'_>,
     stats: &Stats,
     name: Option<&str>,
     dest: SocketAddr,
-    payload: &[u8],
-) -> bool {
+) -> Option<SocketAddr> {
     let dest = SocketAddr::new(canonical_ip(dest.ip()), dest.port());
     if cfg.dest_rules.check(dest).is_err() {
         metrics::inc(&stats.udp_drops[UdpDrop::Denied as usize]);
-        return false;
+        return None;
     }
     if !policy.allows_addr(from.user, from.client, Command::Udp, name, dest) {
         metrics::inc(&stats.udp_drops[UdpDrop::Rule as usize]);
-        return false;
+        return None;
     }
-    let wire = match (dest.ip(), u.out_dual) {
+    Some(match (dest.ip(), u.out_dual) {
         (IpAddr::V4(v4), true) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), dest.port()),
         _ => dest,
-    };
-    match u.out.send_to(payload, wire) {
-        Ok(_) => {
-            metrics::inc(&stats.udp_up);
-            u.dgrams_up += 1;
-            true
-        }
-        Err(_) => {
-            metrics::inc(&stats.udp_drops[UdpDrop::SendFailed as usize]);
-            false
+    })
+}
+
+/// Hands `msgs` to `send` (one `sendmmsg` per call, which takes a prefix of what it is given) until every one
+/// was sent or dropped, in order. Returns (sent, dropped).
+///
+/// A partial send means the first one not taken failed: the next call starts there and learns its error. An
+/// error that belongs to one datagram (too big, unreachable, refused by a firewall) drops that one and the rest
+/// go on. A full socket buffer (`WouldBlock`) drops the rest of the batch, as a router drops on a full queue:
+/// waiting would mean holding the arena for one association, and retrying at once would spin.
+fn send_in_order(
+    msgs: &[Outgoing],
+    mut send: impl FnMut(&[Outgoing]) -> io::Result<usize>,
+) -> (usize, usize) {
+    let (mut i, mut sent, mut dropped) = (0, 0, 0);
+    while i < msgs.len() {
+        match send(&msgs[i..]) {
+            Ok(n) if n > 0 => {
+                let n = n.min(msgs.len() - i);
+                sent += n;
+                i += n;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                dropped += msgs.len() - i;
+                break;
+            }
+            // Ok(0) cannot happen for a non-empty batch; treating it as an error of the first keeps the loop
+            // moving whatever the kernel says.
+            Ok(_) | Err(_) => {
+                dropped += 1;
+                i += 1;
+            }
         }
     }
+    (sent, dropped)
+}
+
+/// Sends what the arena holds in `out` from `sock`, counts it, and empties the list. Returns how many were sent.
+fn flush(sock: &UdpSocket, arena: &mut UdpArena, stats: &Stats, sent_counter: &AtomicU64) -> u64 {
+    if arena.out.is_empty() {
+        return 0;
+    }
+    let fd = sock.as_raw_fd();
+    let (buf, gso) = (&arena.buf, arena.gso == Some(true));
+    let (sent, dropped) = send_in_order(&arena.out, |m| sys::send_batch(fd, buf, m, gso));
+    arena.out.clear();
+    metrics::add(sent_counter, sent as u64);
+    metrics::add(
+        &stats.udp_drops[UdpDrop::SendFailed as usize],
+        dropped as u64,
+    );
+    sent as u64
+}
+
+/// Makes sure the worker's arena is allocated (first association on this worker).
+fn ensure_arena(a: &mut UdpArena) {
+    if a.buf.len() < sys::MAX_BATCH * SLOT {
+        // Zeroed allocation: the allocator maps fresh pages, which stay unbacked until a datagram lands there.
+        a.buf = vec![0u8; sys::MAX_BATCH * SLOT];
+    }
+    let empty = Received {
+        len: 0,
+        from: None,
+        truncated: false,
+    };
+    a.got.resize(sys::MAX_BATCH, empty);
 }
 
 /// Drives the association: watches the control connection, relays both ways.
@@ -294,150 +350,187 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         return Next::Wait;
     };
     let mut more = false;
-    let buf = &mut ctx.udp_buf;
-    // Client -> targets.
-    for i in 0..=PER_TURN {
-        if !u.relay_readable {
-            break;
-        }
-        if i == PER_TURN {
+    let arena = &mut ctx.udp;
+    ensure_arena(arena);
+    // Client -> targets, a batch at a time: every datagram of a batch is checked, then the admitted ones leave in
+    // one sendmmsg, in arrival order, before the next batch is read.
+    let mut done = 0;
+    while u.relay_readable {
+        if done >= PER_TURN {
             more = true;
             break;
         }
-        let (n, from) = match u.relay.recv_from(buf) {
-            Ok(x) => x,
+        let fd = u.relay.as_raw_fd();
+        let got = match sys::recv_batch(fd, &mut arena.buf, SLOT, 0, &mut arena.got) {
+            Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 u.relay_readable = false;
                 break;
             }
-            Err(_) => continue,
-        };
-        if canonical_ip(from.ip()) != u.client_ip || u.client_port.is_some_and(|p| p != from.port())
-        {
-            metrics::inc(&ctx.stats.udp_drops[UdpDrop::ForeignSource as usize]);
-            continue;
-        }
-        u.client_port.get_or_insert(from.port());
-        let dgram = &buf[..n];
-        let (header, off) = match socks5::parse_udp_header(dgram) {
-            Ok(x) => x,
+            // An error the socket had queued (it is consumed by reporting it): read on, within the turn's budget.
             Err(_) => {
-                metrics::inc(&ctx.stats.udp_drops[UdpDrop::Malformed as usize]);
+                done += 1;
                 continue;
             }
         };
-        if header.frag != 0 {
-            // RFC 1928 §7: without fragmentation support, drop any datagram whose FRAG is not zero.
-            metrics::inc(&ctx.stats.udp_drops[UdpDrop::Fragmented as usize]);
-            continue;
-        }
-        let payload = &dgram[off..];
-        if limits.is_some_and(|l| !l.up.take_exact(ctx.now, payload.len())) {
-            metrics::inc(&ctx.stats.udp_drops[UdpDrop::Rate as usize]);
-            continue;
-        }
-        count_dest(u, &header.target);
-        u.last_active = ctx.now;
-        conn.bytes_up += payload.len() as u64;
-        match header.target {
-            TargetAddr::Ip(dest) => {
-                let policy = &ctx.policy;
-                send_out(u, &ctx.cfg, policy, sender, &ctx.stats, None, dest, payload);
-            }
-            TargetAddr::Domain(name, port) => {
-                // A name that is invalid or denied by name is dropped before any lookup.
-                if ctx
-                    .policy
-                    .check_name(
-                        sender.user,
-                        sender.client,
-                        Command::Udp,
-                        name.as_str(),
-                        port,
-                    )
-                    .is_err()
+        done += got.max(1);
+        for i in 0..got {
+            let r = arena.got[i];
+            let base = i * SLOT;
+            let from = match r.from {
+                Some(f)
+                    if canonical_ip(f.ip()) == u.client_ip
+                        && u.client_port.is_none_or(|p| p == f.port()) =>
                 {
-                    metrics::inc(&ctx.stats.udp_drops[UdpDrop::Rule as usize]);
+                    f
+                }
+                _ => {
+                    metrics::inc(&ctx.stats.udp_drops[UdpDrop::ForeignSource as usize]);
                     continue;
                 }
-                if let Some((_, ip)) = u.cache.iter().find(|(n, _)| *n == name) {
-                    let dest = SocketAddr::new(*ip, port);
-                    let (policy, n) = (&ctx.policy, Some(name.as_str()));
-                    send_out(u, &ctx.cfg, policy, sender, &ctx.stats, n, dest, payload);
+            };
+            u.client_port.get_or_insert(from.port());
+            if r.truncated {
+                metrics::inc(&ctx.stats.udp_drops[UdpDrop::Malformed as usize]);
+                continue;
+            }
+            let dgram = &arena.buf[base..base + r.len];
+            let (header, off) = match socks5::parse_udp_header(dgram) {
+                Ok(x) => x,
+                Err(_) => {
+                    metrics::inc(&ctx.stats.udp_drops[UdpDrop::Malformed as usize]);
                     continue;
                 }
-                if u.queued.len() >= MAX_QUEUED {
-                    metrics::inc(&ctx.stats.udp_drops[UdpDrop::Unresolved as usize]);
-                    continue;
-                }
-                let in_flight = u.queued.iter().find(|q| q.1 == name).map(|q| q.0);
-                let tag = match in_flight {
-                    Some(tag) => tag,
-                    None => {
-                        // Tags stay below the TCP connect tags.
-                        u.next_tag = (u.next_tag + 1) % super::phase::CONNECT_TAGS;
-                        metrics::inc(&ctx.stats.dns_lookups);
-                        let _ = ctx.resolve_tx.send(Job {
-                            key,
-                            gen,
-                            tag: u.next_tag,
-                            work: Work::Resolve {
-                                host: name.as_str().to_string(),
-                                port,
-                                early: false,
-                            },
-                            reply: ctx.reply_to.clone(),
-                        });
-                        u.next_tag
+            };
+            if header.frag != 0 {
+                // RFC 1928 §7: without fragmentation support, drop any datagram whose FRAG is not zero.
+                metrics::inc(&ctx.stats.udp_drops[UdpDrop::Fragmented as usize]);
+                continue;
+            }
+            let payload = &dgram[off..];
+            if limits.is_some_and(|l| !l.up.take_exact(ctx.now, payload.len())) {
+                metrics::inc(&ctx.stats.udp_drops[UdpDrop::Rate as usize]);
+                continue;
+            }
+            count_dest(u, &header.target);
+            u.last_active = ctx.now;
+            conn.bytes_up += payload.len() as u64;
+            let (start, end) = (base + off, base + r.len);
+            match header.target {
+                TargetAddr::Ip(dest) => {
+                    let (cfg, policy, stats) = (&ctx.cfg, &ctx.policy, &ctx.stats);
+                    if let Some(to) = admit_out(u, cfg, policy, sender, stats, None, dest) {
+                        arena.out.push(Outgoing { start, end, to });
                     }
-                };
-                u.queued.push((tag, name.clone(), port, payload.to_vec()));
+                }
+                TargetAddr::Domain(name, port) => {
+                    // A name that is invalid or denied by name is dropped before any lookup.
+                    if ctx
+                        .policy
+                        .check_name(
+                            sender.user,
+                            sender.client,
+                            Command::Udp,
+                            name.as_str(),
+                            port,
+                        )
+                        .is_err()
+                    {
+                        metrics::inc(&ctx.stats.udp_drops[UdpDrop::Rule as usize]);
+                        continue;
+                    }
+                    if let Some((_, ip)) = u.cache.iter().find(|(n, _)| *n == name) {
+                        let dest = SocketAddr::new(*ip, port);
+                        let (cfg, policy, stats) = (&ctx.cfg, &ctx.policy, &ctx.stats);
+                        let n = Some(name.as_str());
+                        if let Some(to) = admit_out(u, cfg, policy, sender, stats, n, dest) {
+                            arena.out.push(Outgoing { start, end, to });
+                        }
+                        continue;
+                    }
+                    if u.queued.len() >= MAX_QUEUED {
+                        metrics::inc(&ctx.stats.udp_drops[UdpDrop::Unresolved as usize]);
+                        continue;
+                    }
+                    let in_flight = u.queued.iter().find(|q| q.1 == name).map(|q| q.0);
+                    let tag = match in_flight {
+                        Some(tag) => tag,
+                        None => {
+                            // Tags stay below the TCP connect tags.
+                            u.next_tag = (u.next_tag + 1) % super::phase::CONNECT_TAGS;
+                            metrics::inc(&ctx.stats.dns_lookups);
+                            let _ = ctx.resolve_tx.send(Job {
+                                key,
+                                gen,
+                                tag: u.next_tag,
+                                work: Work::Resolve {
+                                    host: name.as_str().to_string(),
+                                    port,
+                                    early: false,
+                                },
+                                reply: ctx.reply_to.clone(),
+                            });
+                            u.next_tag
+                        }
+                    };
+                    u.queued.push((tag, name.clone(), port, payload.to_vec()));
+                }
             }
         }
+        u.dgrams_up += flush(&u.out, arena, &ctx.stats, &ctx.stats.udp_up);
     }
-    // Targets -> client, from the relay socket, with the answering remote's address in the header.
-    for i in 0..=PER_TURN {
-        if !u.out_readable {
-            break;
-        }
-        if i == PER_TURN {
+    // Targets -> client, from the relay socket, with the answering remote's address in the header: each datagram
+    // is received behind HEADROOM bytes of its slot, so the header is written in front of it in place.
+    let mut done = 0;
+    while u.out_readable {
+        if done >= PER_TURN {
             more = true;
             break;
         }
-        let (n, from) = match u.out.recv_from(&mut buf[HEADROOM..]) {
-            Ok(x) => x,
+        let fd = u.out.as_raw_fd();
+        let got = match sys::recv_batch(fd, &mut arena.buf, SLOT, HEADROOM, &mut arena.got) {
+            Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 u.out_readable = false;
                 break;
             }
-            Err(_) => continue,
-        };
-        let Some(port) = u.client_port else {
-            // Nothing came from the client yet, so there is nowhere to send this.
-            metrics::inc(&ctx.stats.udp_drops[UdpDrop::SendFailed as usize]);
-            continue;
-        };
-        if limits.is_some_and(|l| !l.down.take_exact(ctx.now, n)) {
-            metrics::inc(&ctx.stats.udp_drops[UdpDrop::Rate as usize]);
-            continue;
-        }
-        let src = TargetAddr::Ip(SocketAddr::new(canonical_ip(from.ip()), from.port()));
-        let mut head = [0u8; HEADROOM];
-        let hl = socks5::encode_udp_header(&src, &mut head);
-        let start = HEADROOM - hl;
-        buf[start..HEADROOM].copy_from_slice(&head[..hl]);
-        u.last_active = ctx.now;
-        conn.bytes_down += n as u64;
-        match u.relay.send_to(
-            &buf[start..HEADROOM + n],
-            SocketAddr::new(u.client_ip, port),
-        ) {
-            Ok(_) => {
-                metrics::inc(&ctx.stats.udp_down);
-                u.dgrams_down += 1;
+            Err(_) => {
+                done += 1;
+                continue;
             }
-            Err(_) => metrics::inc(&ctx.stats.udp_drops[UdpDrop::SendFailed as usize]),
+        };
+        done += got.max(1);
+        for i in 0..got {
+            let r = arena.got[i];
+            let base = i * SLOT;
+            let (Some(port), Some(from)) = (u.client_port, r.from) else {
+                // Nothing came from the client yet, so there is nowhere to send this.
+                metrics::inc(&ctx.stats.udp_drops[UdpDrop::SendFailed as usize]);
+                continue;
+            };
+            if r.truncated {
+                metrics::inc(&ctx.stats.udp_drops[UdpDrop::Malformed as usize]);
+                continue;
+            }
+            let n = r.len;
+            if limits.is_some_and(|l| !l.down.take_exact(ctx.now, n)) {
+                metrics::inc(&ctx.stats.udp_drops[UdpDrop::Rate as usize]);
+                continue;
+            }
+            let src = TargetAddr::Ip(SocketAddr::new(canonical_ip(from.ip()), from.port()));
+            let mut head = [0u8; HEADROOM];
+            let hl = socks5::encode_udp_header(&src, &mut head);
+            let start = base + HEADROOM - hl;
+            arena.buf[start..base + HEADROOM].copy_from_slice(&head[..hl]);
+            u.last_active = ctx.now;
+            conn.bytes_down += n as u64;
+            arena.out.push(Outgoing {
+                start,
+                end: base + HEADROOM + n,
+                to: SocketAddr::new(u.client_ip, port),
+            });
         }
+        u.dgrams_down += flush(&u.relay, arena, &ctx.stats, &ctx.stats.udp_down);
     }
     if more {
         Next::Yield
@@ -487,23 +580,18 @@ pub fn on_resolved(
     for (_, _, port, payload) in waiting {
         let dest = SocketAddr::new(ip, port);
         let (policy, n) = (&ctx.policy, Some(name.as_str()));
-        send_out(u, &ctx.cfg, policy, sender, &ctx.stats, n, dest, &payload);
+        let Some(to) = admit_out(u, &ctx.cfg, policy, sender, &ctx.stats, n, dest) else {
+            continue;
+        };
+        match u.out.send_to(&payload, to) {
+            Ok(_) => {
+                metrics::inc(&ctx.stats.udp_up);
+                u.dgrams_up += 1;
+            }
+            Err(_) => metrics::inc(&ctx.stats.udp_drops[UdpDrop::SendFailed as usize]),
+        }
     }
     Next::Wait
-}
-
-/// The address a name's datagrams go to: one the outbound socket can send to, IPv4 first. A datagram has no
-/// Happy Eyeballs to fall back with, and IPv4 is the family a host can reach most often (the resolver's own
-/// order, IPv6 first, is for TCP connects, which try the next address).
-fn udp_address(addrs: &[SocketAddr], dual: bool, out: &UdpSocket) -> Option<IpAddr> {
-    let out_v4 = out.local_addr().is_ok_and(|a| a.is_ipv4());
-    let usable = |a: &&SocketAddr| dual || a.is_ipv4() == out_v4;
-    addrs
-        .iter()
-        .filter(usable)
-        .find(|a| a.is_ipv4())
-        .or_else(|| addrs.iter().find(usable))
-        .map(|a| a.ip())
 }
 
 /// Idle check: close after `--udp-idle-timeout` without datagrams, else re-arm.
@@ -518,6 +606,20 @@ pub fn on_idle_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         ctx.timers.push(due, key, conn.gen, TimerKind::UdpIdle);
         Next::Wait
     }
+}
+
+/// The address a name's datagrams go to: one the outbound socket can send to, IPv4 first. A datagram has no
+/// Happy Eyeballs to fall back with, and IPv4 is the family a host can reach most often (the resolver's own
+/// order, IPv6 first, is for TCP connects, which try the next address).
+fn udp_address(addrs: &[SocketAddr], dual: bool, out: &UdpSocket) -> Option<IpAddr> {
+    let out_v4 = out.local_addr().is_ok_and(|a| a.is_ipv4());
+    let usable = |a: &&SocketAddr| dual || a.is_ipv4() == out_v4;
+    addrs
+        .iter()
+        .filter(usable)
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.iter().find(usable))
+        .map(|a| a.ip())
 }
 
 /// Frees the association's sockets (closing them when the state drops).
@@ -548,5 +650,246 @@ mod tests {
         if let Ok(v6) = UdpSocket::bind(a("[::1]:0")) {
             assert_eq!(udp_address(&both, false, &v6), ip("::1"));
         }
+    }
+
+    fn msgs(n: usize) -> Vec<Outgoing> {
+        let to = SocketAddr::from(([127, 0, 0, 1], 9));
+        (0..n)
+            .map(|i| Outgoing {
+                start: i * 10,
+                end: i * 10 + 5,
+                to,
+            })
+            .collect()
+    }
+
+    /// A fake sendmmsg: takes at most `cap` per call, fails the datagrams listed in `bad` (when they come first)
+    /// and records the order in which datagrams left.
+    fn fake<'a>(
+        all: &'a [Outgoing],
+        cap: usize,
+        bad: &'a [usize],
+        sent: &'a mut Vec<usize>,
+        calls: &'a mut usize,
+    ) -> impl FnMut(&[Outgoing]) -> io::Result<usize> + 'a {
+        move |m: &[Outgoing]| {
+            *calls += 1;
+            assert!(*calls < 1000, "send_in_order spins");
+            let first = all.iter().position(|x| x.start == m[0].start).unwrap();
+            let mut n = 0;
+            for i in first..all.len().min(first + cap) {
+                if bad.contains(&i) {
+                    break;
+                }
+                sent.push(i);
+                n += 1;
+            }
+            if n == 0 {
+                return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
+            }
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn partial_sends_resume_where_the_kernel_stopped() {
+        let all = msgs(10);
+        let (mut sent, mut calls) = (Vec::new(), 0);
+        let r = send_in_order(&all, fake(&all, 3, &[], &mut sent, &mut calls));
+        assert_eq!(r, (10, 0));
+        assert_eq!(sent, (0..10).collect::<Vec<_>>());
+        assert_eq!(calls, 4);
+    }
+
+    #[test]
+    fn a_failing_datagram_is_dropped_alone_and_order_kept() {
+        let all = msgs(8);
+        let (mut sent, mut calls) = (Vec::new(), 0);
+        let r = send_in_order(&all, fake(&all, 32, &[0, 3, 4, 7], &mut sent, &mut calls));
+        assert_eq!(r, (4, 4));
+        assert_eq!(sent, vec![1, 2, 5, 6]);
+    }
+
+    #[test]
+    fn a_full_socket_drops_the_rest_without_spinning() {
+        let all = msgs(6);
+        let mut calls = 0;
+        let mut first = true;
+        let r = send_in_order(&all, |m| {
+            calls += 1;
+            if first {
+                first = false;
+                return Ok(2.min(m.len()));
+            }
+            Err(io::Error::from(io::ErrorKind::WouldBlock))
+        });
+        assert_eq!(r, (2, 4));
+        assert_eq!(calls, 2);
+    }
+
+    #[test]
+    fn zero_taken_still_advances() {
+        let all = msgs(3);
+        let mut calls = 0;
+        let r = send_in_order(&all, |_| {
+            calls += 1;
+            Ok(0)
+        });
+        assert_eq!(r, (0, 3));
+        assert_eq!(calls, 3);
+    }
+
+    /// Sends `sizes.len()` datagrams of these sizes (distinct contents) from one socket to another through
+    /// send_batch, receives them through recv_batch, each in its own slot behind an offset, and checks that every
+    /// one arrived alone, whole, in order, with its sender.
+    fn round_trip(sizes: &[usize], gso: bool) {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        b.set_nonblocking(true).unwrap();
+        let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        let mut src = Vec::new();
+        let mut out = Vec::new();
+        for (i, &len) in sizes.iter().enumerate() {
+            let start = src.len();
+            src.extend((0..len).map(|j| (i * 31 + j) as u8));
+            out.push(Outgoing {
+                start,
+                end: src.len(),
+                to: b_addr,
+            });
+        }
+        let (slot, off) = (4096, 40);
+        let mut buf = vec![0u8; sys::MAX_BATCH * slot];
+        let empty = Received {
+            len: 0,
+            from: None,
+            truncated: false,
+        };
+        let mut got = vec![empty; sys::MAX_BATCH];
+        let mut next = 0;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // In chunks, so the receiver's default buffer never overflows.
+        for (c, chunk) in out.chunks(24).enumerate() {
+            let (sent, dropped) =
+                send_in_order(chunk, |m| sys::send_batch(a.as_raw_fd(), &src, m, gso));
+            assert_eq!((sent, dropped), (chunk.len(), 0));
+            let end = c * 24 + chunk.len();
+            while next < end {
+                assert!(std::time::Instant::now() < deadline, "datagrams missing");
+                let n = match sys::recv_batch(b.as_raw_fd(), &mut buf, slot, off, &mut got) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::yield_now();
+                        continue;
+                    }
+                    Err(e) => panic!("recv_batch: {e}"),
+                };
+                for (i, r) in got.iter().take(n).enumerate() {
+                    let want = &src[out[next].start..out[next].end];
+                    assert_eq!(r.from, Some(a_addr));
+                    assert!(!r.truncated);
+                    assert_eq!(r.len, want.len(), "datagram {next} (gso {gso})");
+                    let have = &buf[i * slot + off..i * slot + off + r.len];
+                    assert_eq!(have, want, "datagram {next}");
+                    next += 1;
+                }
+            }
+        }
+        assert!(matches!(
+            sys::recv_batch(b.as_raw_fd(), &mut buf, slot, off, &mut got),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        ));
+    }
+
+    /// Runs of equal sizes (GSO groups, some cut by a shorter last one), singles, an empty datagram, datagrams
+    /// too big to be segments, and more than one batch.
+    fn mixed_sizes() -> Vec<usize> {
+        let mut v = Vec::new();
+        for run in 0..12 {
+            let len = [100, 1452, 1453, 7, 0, 3000, 64][run % 7];
+            v.extend(std::iter::repeat_n(len, run % 5 + 1));
+            if run % 3 == 0 {
+                v.push(len / 2);
+            }
+        }
+        v.extend(std::iter::repeat_n(74, 70));
+        v
+    }
+
+    #[test]
+    fn batches_round_trip_through_real_sockets_in_order() {
+        round_trip(&mixed_sizes(), false);
+    }
+
+    #[test]
+    fn gso_batches_arrive_as_the_same_datagrams() {
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        if !sys::udp_gso_supported(probe.as_raw_fd()) {
+            eprintln!("no UDP GSO in this kernel: skipped");
+            return;
+        }
+        round_trip(&mixed_sizes(), true);
+    }
+
+    #[test]
+    fn a_refused_gso_message_falls_back_to_single_datagrams() {
+        // Broadcast without SO_BROADCAST is refused before anything leaves, whether grouped or not: the group is
+        // retried one by one, each is dropped alone, and the datagrams behind it still leave, in order.
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        b.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let gso = sys::udp_gso_supported(a.as_raw_fd());
+        let bcast = SocketAddr::from(([255, 255, 255, 255], 9));
+        let src: Vec<u8> = (0..50).collect();
+        let mut out: Vec<Outgoing> = (0..3)
+            .map(|i| Outgoing {
+                start: i * 10,
+                end: i * 10 + 10,
+                to: bcast,
+            })
+            .collect();
+        for i in 3..5 {
+            out.push(Outgoing {
+                start: i * 10,
+                end: i * 10 + 10,
+                to: b.local_addr().unwrap(),
+            });
+        }
+        let r = send_in_order(&out, |m| sys::send_batch(a.as_raw_fd(), &src, m, gso));
+        assert_eq!(r, (2, 3));
+        let mut buf = [0u8; 64];
+        for i in 3..5 {
+            let (n, _) = b.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &src[i * 10..i * 10 + 10]);
+        }
+    }
+
+    #[test]
+    fn recv_batch_reports_truncation() {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        a.send_to(&[7u8; 100], b.local_addr().unwrap()).unwrap();
+        // Blocking socket: the datagram is there before recvmmsg returns.
+        let mut buf = vec![0u8; 64];
+        let mut got = vec![
+            Received {
+                len: 0,
+                from: None,
+                truncated: false
+            };
+            1
+        ];
+        let n = sys::recv_batch(b.as_raw_fd(), &mut buf, 64, 32, &mut got).unwrap();
+        assert_eq!(n, 1);
+        assert!(got[0].truncated);
+        assert_eq!(&buf[32..64], &[7u8; 32]);
+        assert!(sys::recv_batch(b.as_raw_fd(), &mut buf, 64, 64, &mut got).is_err());
+        let bad = [Outgoing {
+            start: 60,
+            end: 65,
+            to: b.local_addr().unwrap(),
+        }];
+        assert!(sys::send_batch(a.as_raw_fd(), &buf, &bad, false).is_err());
     }
 }
