@@ -277,11 +277,18 @@ fn upstream_by_name_black_holed_first_then_working_connects_fast() {
         "{}",
         front.log()
     );
+    let base = front.fd_baseline();
     let (rep, took, mut s) = connect_via(front.addr(), "target.test", echo.addr.port());
     assert_eq!(rep, 0, "through the upstream at {v4}:{port}");
     // One attempt delay (250 ms); dialling the addresses in turn would have waited for the black hole.
     assert!(took < Duration::from_secs(1), "took {took:?}");
     assert_echo(&mut s);
+    drop(s);
+    // The attempt to the black hole was closed with the session's sockets.
+    base.assert_back(
+        Duration::from_secs(5),
+        "after a session through the upstream",
+    );
     drop(upstream);
 }
 
