@@ -336,6 +336,11 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             metrics::inc(&ctx.stats.udp_drops[UdpDrop::Rate as usize]);
             continue;
         }
+        if limits.is_some_and(|l| !l.quota.take_exact(payload.len())) {
+            // A datagram that no longer fits the quota ends the association (and her other sessions).
+            ctx.limits.note_exhausted();
+            return Next::Close(CloseReason::Quota);
+        }
         count_dest(u, &header.target);
         u.last_active = ctx.now;
         conn.bytes_up += payload.len() as u64;
@@ -419,6 +424,10 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         if limits.is_some_and(|l| !l.down.take_exact(ctx.now, n)) {
             metrics::inc(&ctx.stats.udp_drops[UdpDrop::Rate as usize]);
             continue;
+        }
+        if limits.is_some_and(|l| !l.quota.take_exact(n)) {
+            ctx.limits.note_exhausted();
+            return Next::Close(CloseReason::Quota);
         }
         let src = TargetAddr::Ip(SocketAddr::new(canonical_ip(from.ip()), from.port()));
         let mut head = [0u8; HEADROOM];
