@@ -174,10 +174,13 @@ impl Server {
     }
 
     /// The control thread's quota duties, each loop turn: have the workers close the sessions of users whose
-    /// quota ran out, and start counters whose period is over again.
-    fn quota_tick(&self) {
+    /// quota ran out, and (when `roll`) start counters whose period is over again.
+    fn quota_tick(&self, roll: bool) {
         if self.limits.take_exhausted() {
             self.send(|| Command::QuotaSweep);
+        }
+        if !roll {
+            return;
         }
         let rolled = self.limits.roll_periods(quota::unix_ms());
         if !rolled.is_empty() {
@@ -343,6 +346,9 @@ fn restore_quotas(
 
 /// How often the quota counters are written to `--state-dir` (when they changed).
 const STATE_SAVE_EVERY: Duration = Duration::from_secs(2);
+
+/// How often quota periods are checked for their end.
+const QUOTA_ROLL_EVERY: Duration = Duration::from_millis(250);
 
 /// Why [`run`] ended other than by a completed drain.
 #[derive(Debug)]
@@ -510,6 +516,7 @@ pub fn run(cfg: Config, start: Startup) -> Result<(), RunError> {
     let mut handed_over = false;
     let mut upgrade: Option<Upgrade> = None;
     let mut last_save = Instant::now();
+    let mut last_roll = Instant::now();
     loop {
         match poll.poll(&mut events, Some(Duration::from_millis(100))) {
             Ok(()) => {}
@@ -625,7 +632,12 @@ pub fn run(cfg: Config, start: Startup) -> Result<(), RunError> {
         if let Some(e) = exporter.as_mut() {
             e.tick(poll.registry(), now);
         }
-        server.quota_tick();
+        // Rolling periods walks every user's entry under the registry lock: a few times a second is enough.
+        let roll = now >= last_roll + QUOTA_ROLL_EVERY;
+        if roll {
+            last_roll = now;
+        }
+        server.quota_tick(roll);
         // After a hand-over the new process keeps the file: ours would overwrite its newer counts.
         if !handed_over && now >= last_save + STATE_SAVE_EVERY {
             last_save = now;
