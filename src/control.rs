@@ -189,7 +189,11 @@ impl Server {
                 "quota period started again for {} users: {}{}",
                 rolled.len(),
                 shown.join(", "),
-                if rolled.len() > shown.len() { ", ..." } else { "" }
+                if rolled.len() > shown.len() {
+                    ", ..."
+                } else {
+                    ""
+                }
             );
         }
     }

@@ -278,9 +278,7 @@ impl Policy {
         let user = user?;
         let u = self.users.get(user);
         let bytes = u.and_then(|u| u.quota).or(self.default_quota)?;
-        let period = u
-            .and_then(|u| u.quota_period)
-            .or(self.default_quota_period);
+        let period = u.and_then(|u| u.quota_period).or(self.default_quota_period);
         Some(QuotaSpec { bytes, period })
     }
 
@@ -1049,10 +1047,16 @@ strategy = "failover"
         );
         assert_eq!(p.quota(None), None);
         assert!(p.has_quotas());
-        let e = errors("[users.bob]\nrate_down = \"2 parsecs\"\nquota = \"100\"\nquota_period = \"500ms\"\n");
+        let e = errors(
+            "[users.bob]\nrate_down = \"2 parsecs\"\nquota = \"100\"\nquota_period = \"500ms\"\n",
+        );
         assert_eq!(e.len(), 3, "{e:#?}");
         assert!(e[1].starts_with("p.toml:3: users.bob.quota: "), "{}", e[1]);
-        assert!(e[2].starts_with("p.toml:4: users.bob.quota_period: "), "{}", e[2]);
+        assert!(
+            e[2].starts_with("p.toml:4: users.bob.quota_period: "),
+            "{}",
+            e[2]
+        );
         let e = errors("[defaults]\nquota = \"1GB\"\nquota_perod = \"1d\"\n");
         assert!(e[0].contains("quota_perod"), "{}", e[0]);
     }

@@ -65,9 +65,12 @@ impl Quota {
         if period == 0 {
             self.start_ms.store(0, Ordering::Relaxed);
         } else {
-            let _ = self
-                .start_ms
-                .compare_exchange(0, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed);
+            let _ = self.start_ms.compare_exchange(
+                0,
+                now_ms.max(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
         }
         self.limit.store(limit, Ordering::Relaxed);
     }
@@ -389,10 +392,7 @@ mod tests {
             },
         );
         assert_eq!(decode(&encode(&m)).unwrap(), m);
-        assert_eq!(
-            decode(&encode(&BTreeMap::new())).unwrap(),
-            BTreeMap::new()
-        );
+        assert_eq!(decode(&encode(&BTreeMap::new())).unwrap(), BTreeMap::new());
         for bad in [
             "",
             "version = 2",
@@ -411,7 +411,13 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         assert!(load(&dir).unwrap_err().contains("not found"));
         let mut m = BTreeMap::new();
-        m.insert("bob".to_string(), Saved { used: 7, period_start_ms: 0 });
+        m.insert(
+            "bob".to_string(),
+            Saved {
+                used: 7,
+                period_start_ms: 0,
+            },
+        );
         save(&dir, &m).unwrap();
         assert_eq!(load(&dir).unwrap(), m);
         std::fs::write(dir.join(STATE_FILE), b"version = 1\n[users.bob\n").unwrap();

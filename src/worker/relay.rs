@@ -61,7 +61,12 @@ pub enum Ask {
 }
 
 /// Reserves up to `want` bytes of the quota and of the bucket (a grant of both, or neither).
-pub fn ask(bucket: Option<&Bucket>, quota: Option<&Quota>, now: std::time::Instant, want: usize) -> Ask {
+pub fn ask(
+    bucket: Option<&Bucket>,
+    quota: Option<&Quota>,
+    now: std::time::Instant,
+    want: usize,
+) -> Ask {
     let want = match quota {
         Some(q) => match q.take(want) {
             0 => return Ask::Quota,

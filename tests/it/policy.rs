@@ -786,12 +786,7 @@ fn check_config_reports_file_line_and_key() {
     assert!(err.contains(":3: users.alice.quota: "), "{err}");
     assert!(err.contains(":4: users.alice.quota_period: "), "{err}");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_socksgate"))
-        .args([
-            "-l",
-            "127.0.0.1:0",
-            "--policy",
-            bad_quota.to_str().unwrap(),
-        ])
+        .args(["-l", "127.0.0.1:0", "--policy", bad_quota.to_str().unwrap()])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));

@@ -229,7 +229,10 @@ quota = "256KiB"
     ]);
     assert_eq!(code, 18, "curl's partial-transfer exit code");
     let n: usize = String::from_utf8_lossy(&out).parse().unwrap();
-    assert!(n < 256 * KIB, "hank got {n} bytes of body with a 256 KiB quota");
+    assert!(
+        n < 256 * KIB,
+        "hank got {n} bytes of body with a 256 KiB quota"
+    );
     wait_log(&proxy, "user=hank proto=http");
     assert!(proxy
         .log()
@@ -305,7 +308,11 @@ fn quota_state_survives_reload_and_restart() {
     proxy.reload();
     assert!(refused(&proxy, "alice", echo.addr), "after SIGHUP");
     let bob_left = remaining(&proxy, "bob");
-    assert_eq!(bob_left, 10 * MIB as u64 - 2000, "bob's counter kept by the reload");
+    assert_eq!(
+        bob_left,
+        10 * MIB as u64 - 2000,
+        "bob's counter kept by the reload"
+    );
     proxy.signal("TERM");
     assert_eq!(proxy.wait_exit(IO_TIMEOUT), Some(0));
     let saved = std::fs::read_to_string(dir.join("quota.state")).unwrap();
@@ -318,7 +325,11 @@ fn quota_state_survives_reload_and_restart() {
     assert_eq!(remaining(&proxy, "bob"), bob_left);
     drop(proxy);
 
-    std::fs::write(dir.join("quota.state"), b"version = 1\n[users.alice\nused = ").unwrap();
+    std::fs::write(
+        dir.join("quota.state"),
+        b"version = 1\n[users.alice\nused = ",
+    )
+    .unwrap();
     let proxy = spawn(&args);
     wait_log(&proxy, "cannot use the saved quota counters");
     let mut a = tunnel(proxy.addr(), "alice", echo.addr);
@@ -369,7 +380,10 @@ fn reload_applies_lowered_quota_and_new_rate_to_running_sessions() {
     )
     .unwrap();
     proxy.reload();
-    assert!(peer_closed(&mut a), "alice's session ends: 600 KiB used of 512 KiB");
+    assert!(
+        peer_closed(&mut a),
+        "alice's session ends: 600 KiB used of 512 KiB"
+    );
     wait_log(&proxy, "end=quota");
     // 6 MiB at 2 MiB/s: about 3 s (less the quarter-second burst); unlimited it would take milliseconds.
     let t0 = Instant::now();
@@ -382,5 +396,8 @@ fn reload_applies_lowered_quota_and_new_rate_to_running_sessions() {
         (2.5..4.0).contains(&secs),
         "6 MiB at a reloaded 2 MiB/s took {secs:.2} s"
     );
-    assert_eq!(digest(&got), digest(&pseudo_random(6 * MIB as u64, 6 * MIB)));
+    assert_eq!(
+        digest(&got),
+        digest(&pseudo_random(6 * MIB as u64, 6 * MIB))
+    );
 }

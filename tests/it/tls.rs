@@ -887,7 +887,12 @@ fn client_certificate_user_is_held_to_her_quota() {
     .unwrap();
     let proxy = tls_proxy(
         &p,
-        &["--tls-client-ca", p.ca(), "--policy", policy.to_str().unwrap()],
+        &[
+            "--tls-client-ca",
+            p.ca(),
+            "--policy",
+            policy.to_str().unwrap(),
+        ],
     );
     let (_, _, cert, key) = p.client("alice", &["alice.clients.test"]);
     let cfg = client_config(&p.ca_pem, Some((&cert, &key)));
@@ -899,7 +904,11 @@ fn client_certificate_user_is_held_to_her_quota() {
     tls.flush().unwrap();
     let mut rest = Vec::new();
     let _ = tls.read_to_end(&mut rest);
-    assert!(rest.is_empty(), "nothing beyond the quota: {} bytes", rest.len());
+    assert!(
+        rest.is_empty(),
+        "nothing beyond the quota: {} bytes",
+        rest.len()
+    );
     assert!(proxy.wait_for(IO_TIMEOUT, || access_lines(&proxy)
         .iter()
         .any(|l| l.contains("user=alice.clients.test") && l.contains("end=quota"))));
@@ -918,5 +927,9 @@ fn client_certificate_user_is_held_to_her_quota() {
     s4.read_exact(&mut r).unwrap();
     assert_eq!(r[1], 91, "SOCKS4 after the quota");
     let mut s5 = tls_connect(proxy.addr(), cfg).expect("handshake");
-    assert_eq!(socks5_over(&mut s5, echo.addr), 0x02, "SOCKS5 after the quota");
+    assert_eq!(
+        socks5_over(&mut s5, echo.addr),
+        0x02,
+        "SOCKS5 after the quota"
+    );
 }
