@@ -316,7 +316,7 @@ impl Limits {
         self.exhausted.load(Ordering::Relaxed) && self.exhausted.swap(false, Ordering::Relaxed)
     }
 
-    /// Starts the quota counters whose period is over again; the users whose count started again.
+    /// Starts the quota counters whose period is over again; the users whose (non-zero) count started again.
     pub fn roll_periods(&self, now_ms: u64) -> Vec<String> {
         let Ok(map) = self.map.lock() else {
             return Vec::new();

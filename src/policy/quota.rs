@@ -149,7 +149,8 @@ impl Quota {
     }
 
     /// Starts the count again when the period is over. The new period starts where the last one should have
-    /// ended (a whole number of periods on), so periods stay on their schedule across restarts. True when reset.
+    /// ended (a whole number of periods on), so periods stay on their schedule across restarts. True when a
+    /// counter that had counted something was reset.
     pub fn roll(&self, now_ms: u64) -> bool {
         let period = self.period_ms.load(Ordering::Relaxed);
         let start = self.start_ms.load(Ordering::Relaxed);
@@ -164,8 +165,8 @@ impl Quota {
         {
             return false;
         }
-        self.used.store(0, Ordering::Relaxed);
-        true
+        // Only a counter that had counted something is worth a log line.
+        self.used.swap(0, Ordering::Relaxed) > 0
     }
 
     /// The counter as saved: bytes used and the period start.
@@ -372,6 +373,10 @@ mod tests {
         );
         assert!(q.exhausted());
         assert_eq!(q.snapshot().period_start_ms, 7000);
+        assert!(q.roll(20_000));
+        // A period with nothing counted starts again silently, on schedule.
+        assert!(!q.roll(23_500));
+        assert_eq!(q.snapshot().period_start_ms, 23_000);
     }
 
     #[test]
