@@ -56,6 +56,8 @@ pub struct Config {
     pub upgrade_timeout: Duration,
     /// Where to write the serving process's pid.
     pub pid_file: Option<PathBuf>,
+    /// `--state-dir`: where the quota counters are kept across reloads and restarts.
+    pub state_dir: Option<PathBuf>,
     /// `--open`: serving without authentication on a non-loopback address was asked for.
     pub open: bool,
     /// Cap on concurrent client connections across all workers.
@@ -144,6 +146,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(30),
             upgrade_timeout: Duration::from_secs(30),
             pid_file: None,
+            state_dir: None,
             open: false,
             max_connections: None,
             user_max_connections: None,
@@ -323,6 +326,13 @@ fn options() -> Options {
     );
     o.optopt(
         "",
+        "state-dir",
+        "keep the policy's quota counters in DIR/quota.state (written every few seconds and on exit; \
+         read at startup)",
+        "DIR",
+    );
+    o.optopt(
+        "",
         "max-connections",
         "cap on concurrent client connections (default unlimited)",
         "N",
@@ -459,7 +469,7 @@ fn options() -> Options {
     o.optflag(
         "",
         "metrics-per-user",
-        "add per-user series to /metrics: bytes, active sessions, seconds throttled",
+        "add per-user series to /metrics: bytes, active sessions, seconds throttled, quota left",
     );
     o.optmulti(
         "",
@@ -751,6 +761,15 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
     c.drain_timeout = dur(&m, "drain-timeout", c.drain_timeout)?;
     c.upgrade_timeout = dur(&m, "upgrade-timeout", c.upgrade_timeout)?;
     c.pid_file = m.opt_str("pid-file").map(PathBuf::from);
+    c.state_dir = m.opt_str("state-dir").map(PathBuf::from);
+    if let Some(d) = &c.state_dir {
+        if !d.is_dir() {
+            return Err(ConfigError(format!(
+                "--state-dir {}: not a directory",
+                d.display()
+            )));
+        }
+    }
     c.open = m.opt_present("open");
     c.udp_idle_timeout = dur(&m, "udp-idle-timeout", c.udp_idle_timeout)?;
     c.bind_timeout = dur(&m, "bind-timeout", c.bind_timeout)?;

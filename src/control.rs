@@ -1,5 +1,6 @@
 //! The control thread: starts workers, handles signals, serves `/metrics`, and fans out reload and drain.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use crate::config::Config;
 use crate::listen::{Handed, ListenError, ListenSet, Origin};
 use crate::metrics::serve::Exporter;
 use crate::metrics::Stats;
+use crate::policy::quota::{self, Saved};
 use crate::resolve::ResolverPool;
 use crate::supervisor::{self, Upgrade, UpgradeState};
 use crate::sys;
@@ -44,6 +46,8 @@ pub struct Server {
     /// The policy the workers use now (its upstream groups feed /metrics, and a reload adopts their health).
     policy: Mutex<Arc<crate::policy::Policy>>,
     limits: Arc<crate::policy::Limits>,
+    /// The quota counters as last written to `--state-dir` (a write is skipped when nothing changed).
+    saved_quotas: Mutex<BTreeMap<String, Saved>>,
 }
 
 /// The kernel silently clamps SO_RCVBUF/SO_SNDBUF to net.core.rmem_max/wmem_max (then doubles them): say so
@@ -91,11 +95,16 @@ impl Server {
         if let Some(u) = cfg.upstream.as_ref().filter(|u| u.by_name()) {
             crate::resolve::check_upstream(&resolver, &u.host, u.port)?;
         }
+        let limits = Arc::new(crate::policy::Limits::default());
+        let saved_quotas = match &cfg.state_dir {
+            Some(dir) => restore_quotas(dir, &limits, &cfg.policy),
+            None => BTreeMap::new(),
+        };
         let shared = Shared {
             cfg: Arc::clone(&cfg),
             open: Arc::new(AtomicUsize::new(0)),
             user_counts: Arc::new(Mutex::new(Default::default())),
-            limits: Arc::new(crate::policy::Limits::default()),
+            limits,
             resolve_tx: resolver.sender(),
             quick: resolver.quick_answers(),
         };
@@ -139,7 +148,57 @@ impl Server {
             policy: Mutex::new(Arc::clone(&cfg.policy)),
             cfg,
             limits: Arc::clone(&shared.limits),
+            saved_quotas: Mutex::new(saved_quotas),
         })
+    }
+
+    /// Writes the quota counters to `--state-dir` if they changed since the last write (off the event loops:
+    /// called by the control thread every few seconds and on exit). A failed write is logged; the counters live
+    /// on in memory and the next write tries again.
+    pub fn save_quotas(&self) {
+        let Some(dir) = &self.cfg.state_dir else {
+            return;
+        };
+        let now = self.limits.snapshot();
+        let Ok(mut last) = self.saved_quotas.lock() else {
+            return;
+        };
+        if *last == now {
+            return;
+        }
+        match quota::save(dir, &now) {
+            Ok(_) => *last = now,
+            Err(e) => error!(
+                "--state-dir {}: cannot write {}: {e}",
+                dir.display(),
+                quota::STATE_FILE
+            ),
+        }
+    }
+
+    /// The control thread's quota duties, each loop turn: have the workers close the sessions of users whose
+    /// quota ran out, and (when `roll`) start counters whose period is over again.
+    fn quota_tick(&self, roll: bool) {
+        if self.limits.take_exhausted() {
+            self.send(|| Command::QuotaSweep);
+        }
+        if !roll {
+            return;
+        }
+        let rolled = self.limits.roll_periods(quota::unix_ms());
+        if !rolled.is_empty() {
+            let shown: Vec<&str> = rolled.iter().take(10).map(|s| s.as_str()).collect();
+            info!(
+                "quota period started again for {} users: {}{}",
+                rolled.len(),
+                shown.join(", "),
+                if rolled.len() > shown.len() {
+                    ", ..."
+                } else {
+                    ""
+                }
+            );
+        }
     }
 
     /// The addresses actually bound (port 0 resolved).
@@ -260,6 +319,43 @@ impl Drop for Server {
 const SIGNALS: Token = Token(usize::MAX);
 const METRICS: Token = Token(usize::MAX - 1);
 const UPGRADE: Token = Token(usize::MAX - 2);
+
+/// Reads the saved quota counters at startup; a missing or corrupt file is logged and the counters start at zero.
+fn restore_quotas(
+    dir: &std::path::Path,
+    limits: &crate::policy::Limits,
+    policy: &crate::policy::Policy,
+) -> BTreeMap<String, Saved> {
+    let path = dir.join(quota::STATE_FILE);
+    if !path.exists() {
+        info!(
+            "--state-dir: {} does not exist yet; quota counters start at zero",
+            path.display()
+        );
+        return BTreeMap::new();
+    }
+    match quota::load(dir) {
+        Ok(saved) => {
+            let n = limits.restore(&saved, policy);
+            info!(
+                "--state-dir: restored the quota counters of {n} users from {}",
+                path.display()
+            );
+            // What the file holds is what was last written: nothing to write until a counter moves.
+            limits.snapshot()
+        }
+        Err(m) => {
+            warn!("--state-dir: cannot use the saved quota counters ({m}); they start at zero");
+            BTreeMap::new()
+        }
+    }
+}
+
+/// How often the quota counters are written to `--state-dir` (when they changed).
+const STATE_SAVE_EVERY: Duration = Duration::from_secs(2);
+
+/// How often quota periods are checked for their end.
+const QUOTA_ROLL_EVERY: Duration = Duration::from_millis(250);
 
 /// Why [`run`] ended other than by a completed drain.
 #[derive(Debug)]
@@ -426,6 +522,8 @@ pub fn run(cfg: Config, start: Startup) -> Result<(), RunError> {
     let mut draining = false;
     let mut handed_over = false;
     let mut upgrade: Option<Upgrade> = None;
+    let mut last_save = Instant::now();
+    let mut last_roll = Instant::now();
     loop {
         match poll.poll(&mut events, Some(Duration::from_millis(100))) {
             Ok(()) => {}
@@ -456,6 +554,8 @@ pub fn run(cfg: Config, start: Startup) -> Result<(), RunError> {
                                     u.pid()
                                 ),
                                 None => {
+                                    // The new process starts from the counters as they are now.
+                                    server.save_quotas();
                                     upgrade = start_upgrade(
                                         &server,
                                         exporter.as_ref(),
@@ -468,6 +568,9 @@ pub fn run(cfg: Config, start: Startup) -> Result<(), RunError> {
                             },
                             _ if draining => {
                                 warn!("second signal: exiting now");
+                                if !handed_over {
+                                    server.save_quotas();
+                                }
                                 if let (Some(p), false) = (&pid_file, handed_over) {
                                     supervisor::remove_pid_file(p);
                                 }
@@ -536,11 +639,26 @@ pub fn run(cfg: Config, start: Startup) -> Result<(), RunError> {
         if let Some(e) = exporter.as_mut() {
             e.tick(poll.registry(), now);
         }
+        // Rolling periods walks every user's entry under the registry lock: a few times a second is enough.
+        let roll = now >= last_roll + QUOTA_ROLL_EVERY;
+        if roll {
+            last_roll = now;
+        }
+        server.quota_tick(roll);
+        // After a hand-over the new process keeps the file: ours would overwrite its newer counts.
+        if !handed_over && now >= last_save + STATE_SAVE_EVERY {
+            last_save = now;
+            server.save_quotas();
+        }
         if draining && server.finished() {
             break;
         }
     }
     info!("drained; exiting");
+    // Every worker has exited: the counters are final.
+    if !handed_over {
+        server.save_quotas();
+    }
     server.stop();
     if let (Some(p), false) = (&pid_file, handed_over) {
         supervisor::remove_pid_file(p);

@@ -1004,6 +1004,18 @@ pub fn policy_target(data: &[u8]) {
                 p2.rule_count(),
                 "policy: rules differ between loads"
             );
+            // Every user's quota (and the defaults') is a positive byte count with a period of at least 1 s.
+            assert_eq!(p.quota(None), None, "policy: a quota for anonymous clients");
+            for user in ["alice", "bob", "u"] {
+                if let Some(q) = p.quota(Some(user)) {
+                    assert!(q.bytes >= 1, "policy: a zero quota");
+                    assert!(
+                        q.period.is_none_or(|d| d.as_secs() >= 1),
+                        "policy: a quota period under 1 s"
+                    );
+                    assert_eq!(p2.quota(Some(user)), Some(q), "policy: quotas differ");
+                }
+            }
         }
         Err(errors) => {
             assert!(!errors.is_empty(), "policy: an error without a message");

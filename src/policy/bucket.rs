@@ -5,11 +5,12 @@
 //! and gives back what the read did not fill, so all workers and all sessions of a user draw on the same rate.
 //! Rate and burst are atomics too: a reload changes them in place and running sessions see the new limit at once.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use super::quota::{self, Quota, QuotaSpec, Saved};
 use super::Policy;
 
 const NS: u128 = 1_000_000_000;
@@ -155,12 +156,15 @@ pub struct UserLimits {
     pub sessions: AtomicU64,
     /// Nanoseconds a direction of hers waited for tokens.
     pub throttled_ns: AtomicU64,
+    /// Her traffic quota, both directions together.
+    pub quota: Quota,
 }
 
 impl UserLimits {
-    fn apply(&self, r: Rates) {
+    fn apply(&self, r: Rates, q: Option<QuotaSpec>) {
         self.up.set(r.up.unwrap_or(0), r.burst.unwrap_or(0));
         self.down.set(r.down.unwrap_or(0), r.burst.unwrap_or(0));
+        self.quota.set(q, quota::unix_ms());
     }
 }
 
@@ -186,6 +190,9 @@ impl Rates {
 #[derive(Debug, Default)]
 pub struct Limits {
     map: Mutex<HashMap<String, Arc<UserLimits>>>,
+    /// Set by a worker that found a user's quota used up: the control thread then has every worker close that
+    /// user's other sessions (idle ones included, which would not notice by themselves).
+    exhausted: AtomicBool,
 }
 
 /// The registry key of an anonymous client: its address behind a NUL (never a user name).
@@ -196,13 +203,19 @@ pub fn anonymous_key(ip: std::net::IpAddr) -> String {
 impl Limits {
     /// The buckets a new session of `key` uses, or `None` when it is not rate-limited (its relay then touches no
     /// atomic). Called at admission only.
-    pub fn session(&self, key: &str, rates: Rates, track: bool) -> Option<Arc<UserLimits>> {
-        if rates.is_unlimited() && !track {
+    pub fn session(
+        &self,
+        key: &str,
+        rates: Rates,
+        quota: Option<QuotaSpec>,
+        track: bool,
+    ) -> Option<Arc<UserLimits>> {
+        if rates.is_unlimited() && quota.is_none() && !track {
             return None;
         }
         let mut map = self.map.lock().ok()?;
         let e = map.entry(key.to_string()).or_default();
-        e.apply(rates);
+        e.apply(rates, quota);
         e.sessions.fetch_add(1, Ordering::Relaxed);
         Some(Arc::clone(e))
     }
@@ -217,13 +230,18 @@ impl Limits {
         let mut users: Vec<(&String, &Arc<UserLimits>)> =
             map.iter().filter(|(k, _)| !k.starts_with('\0')).collect();
         users.sort_by(|a, b| a.0.cmp(b.0));
-        let series: [(&str, &str, &str); 3] = [
+        let series: [(&str, &str, &str); 4] = [
             ("user_bytes_total", "counter", "Bytes relayed per user."),
             ("user_sessions_active", "gauge", "Open sessions per user."),
             (
                 "user_throttled_seconds_total",
                 "counter",
                 "Seconds a user's transfers waited for her rate limit.",
+            ),
+            (
+                "user_quota_remaining_bytes",
+                "gauge",
+                "Bytes left of a user's traffic quota in this period (users with a quota).",
             ),
         ];
         for (i, (name, kind, help)) in series.iter().enumerate() {
@@ -247,9 +265,14 @@ impl Limits {
                         let v = l.sessions.load(Ordering::Relaxed);
                         let _ = writeln!(o, "socksgate_{name}{{user=\"{user}\"}} {v}");
                     }
-                    _ => {
+                    2 => {
                         let v = l.throttled_ns.load(Ordering::Relaxed) as f64 / 1e9;
                         let _ = writeln!(o, "socksgate_{name}{{user=\"{user}\"}} {v:.3}");
+                    }
+                    _ => {
+                        if let Some(v) = l.quota.remaining() {
+                            let _ = writeln!(o, "socksgate_{name}{{user=\"{user}\"}} {v}");
+                        }
                     }
                 }
             }
@@ -279,8 +302,59 @@ impl Limits {
         };
         for (key, e) in map.iter() {
             let user = (!key.starts_with('\0')).then_some(key.as_str());
-            e.apply(policy.rates(user));
+            e.apply(policy.rates(user), policy.quota(user));
         }
+    }
+
+    /// A worker found a quota used up (see [`Limits::take_exhausted`]).
+    pub fn note_exhausted(&self) {
+        self.exhausted.store(true, Ordering::Relaxed);
+    }
+
+    /// True (once) when some quota was found used up since the last call.
+    pub fn take_exhausted(&self) -> bool {
+        self.exhausted.load(Ordering::Relaxed) && self.exhausted.swap(false, Ordering::Relaxed)
+    }
+
+    /// Starts the quota counters whose period is over again; the users whose (non-zero) count started again.
+    pub fn roll_periods(&self, now_ms: u64) -> Vec<String> {
+        let Ok(map) = self.map.lock() else {
+            return Vec::new();
+        };
+        map.iter()
+            .filter(|(_, e)| e.quota.roll(now_ms))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Every user's quota counter, for the state file (users without a quota are left out).
+    pub fn snapshot(&self) -> BTreeMap<String, Saved> {
+        let Ok(map) = self.map.lock() else {
+            return BTreeMap::new();
+        };
+        map.iter()
+            .filter(|(k, e)| !k.starts_with('\0') && e.quota.is_set())
+            .map(|(k, e)| (k.clone(), e.quota.snapshot()))
+            .collect()
+    }
+
+    /// Takes over saved counters at startup, for the users that still have a quota under `policy`; the number
+    /// taken over.
+    pub fn restore(&self, saved: &BTreeMap<String, Saved>, policy: &Policy) -> usize {
+        let Ok(mut map) = self.map.lock() else {
+            return 0;
+        };
+        let mut n = 0;
+        for (user, s) in saved {
+            let Some(q) = policy.quota(Some(user)) else {
+                continue;
+            };
+            let e = map.entry(user.clone()).or_default();
+            e.quota.restore(*s);
+            e.apply(policy.rates(Some(user)), Some(q));
+            n += 1;
+        }
+        n
     }
 }
 

@@ -3,11 +3,11 @@
 //! workers as one immutable [`Policy`] (swapped whole, like the users table).
 //!
 //! Every table refuses unknown keys (a typo must not silently disable a limit), and every error names the file,
-//! the line and the key. Settings that are parsed but not enforced yet (quotas) are refused
-//! with a "not supported yet" error, so an operator never believes a limit is in force when it is not.
+//! the line and the key.
 
 pub mod bucket;
 pub mod name;
+pub mod quota;
 pub mod rules;
 pub mod units;
 
@@ -25,6 +25,7 @@ use crate::config::parse_duration;
 use crate::groups::{Group, Strategy};
 use crate::upstream::Upstream;
 pub use bucket::{Limits, Rates, UserLimits};
+pub use quota::QuotaSpec;
 use rules::{Action, Command, NameVerdict, Pattern, Rule, RuleSet, Who};
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -195,6 +196,10 @@ pub struct UserPolicy {
     pub groups: Vec<Arc<str>>,
     /// `rate_down`, `rate_up` and `burst` of her section (each unset one falls back to `[defaults]`).
     pub rates: Rates,
+    /// `quota` in bytes (unset: `[defaults]`).
+    pub quota: Option<u64>,
+    /// `quota_period` (unset: `[defaults]`).
+    pub quota_period: Option<std::time::Duration>,
 }
 
 /// The whole policy: rules, per-user settings and defaults. `Policy::default()` is "no policy file".
@@ -205,6 +210,8 @@ pub struct Policy {
     users: HashMap<Arc<str>, UserPolicy>,
     default_max_connections: Option<usize>,
     default_rates: Rates,
+    default_quota: Option<u64>,
+    default_quota_period: Option<std::time::Duration>,
 }
 
 /// Why a target is refused before any connection is attempted.
@@ -262,6 +269,22 @@ impl Policy {
             },
             None => d,
         }
+    }
+
+    /// The traffic quota of `user` (her own, each unset key from `[defaults]`). Quotas count per user name:
+    /// anonymous clients (`None`) have none, since a counter per client address would start again with every
+    /// new address.
+    pub fn quota(&self, user: Option<&str>) -> Option<QuotaSpec> {
+        let user = user?;
+        let u = self.users.get(user);
+        let bytes = u.and_then(|u| u.quota).or(self.default_quota)?;
+        let period = u.and_then(|u| u.quota_period).or(self.default_quota_period);
+        Some(QuotaSpec { bytes, period })
+    }
+
+    /// True when any user can have a quota (the control thread then keeps the counters' periods and state file).
+    pub fn has_quotas(&self) -> bool {
+        self.default_quota.is_some() || self.users.values().any(|u| u.quota.is_some())
     }
 
     /// The user's egress list (empty when none is configured).
@@ -468,10 +491,6 @@ impl Errors<'_> {
     }
 }
 
-const NOT_SUPPORTED: &str =
-    "not supported yet: this version parses and validates it but does not enforce it; \
-                             remove it rather than believe it is in force";
-
 /// Parses and validates a policy file's text; `users` is the table from the users file and `--user`, which
 /// `[users.NAME]` sections with a password add to. `file` names the file in error messages.
 pub fn parse(text: &str, file: &str, mut users: Users) -> Loaded {
@@ -512,7 +531,11 @@ pub fn parse(text: &str, file: &str, mut users: Users) -> Loaded {
         if let Some(s) = &d.session_usernames {
             users.set_session_names(*s.get_ref());
         }
-        policy.default_rates = limits(
+        (
+            policy.default_rates,
+            policy.default_quota,
+            policy.default_quota_period,
+        ) = limits(
             &mut errs,
             "defaults",
             [&d.rate_down, &d.rate_up, &d.quota, &d.burst],
@@ -567,7 +590,7 @@ pub fn parse(text: &str, file: &str, mut users: Users) -> Loaded {
                 }
             }
         }
-        up.rates = limits(
+        (up.rates, up.quota, up.quota_period) = limits(
             &mut errs,
             &key,
             [&u.rate_down, &u.rate_up, &u.quota, &u.burst],
@@ -689,13 +712,13 @@ fn limit(errs: &mut Errors<'_>, v: &S<i64>, key: &str) -> Option<usize> {
 /// A parser of one unit-carrying value.
 type UnitParser = fn(&str) -> Result<u64, String>;
 
-/// Rates and burst: validated and returned; quota and its period: validated, then refused as not enforced yet.
+/// Rates and burst, quota and its period of one section, validated.
 fn limits(
     errs: &mut Errors<'_>,
     section: &str,
     [rate_down, rate_up, quota, burst]: [&Option<S<String>>; 4],
     quota_period: &Option<S<String>>,
-) -> Rates {
+) -> (Rates, Option<u64>, Option<std::time::Duration>) {
     let mut one = |value: &Option<S<String>>, name: &str, parse: UnitParser| -> Option<u64> {
         let v = value.as_ref()?;
         match parse(v.get_ref()) {
@@ -711,28 +734,23 @@ fn limits(
         up: one(rate_up, "rate_up", units::parse_rate),
         burst: one(burst, "burst", units::parse_size),
     };
-    if let Some(v) = quota {
-        let key = format!("{section}.quota");
-        match units::parse_size(v.get_ref()) {
-            Ok(_) => errs.push(v.span(), &key, NOT_SUPPORTED),
-            Err(m) => errs.push(v.span(), &key, m),
-        }
-    }
+    let bytes = one(quota, "quota", units::parse_size);
+    let mut period = None;
     if let Some(v) = quota_period {
-        let key = format!("{section}.quota_period");
         match parse_duration(v.get_ref()) {
-            Some(d) if !d.is_zero() => errs.push(v.span(), &key, NOT_SUPPORTED),
+            // Periods are kept in milliseconds (the state file's unit): shorter ones would mean nothing.
+            Some(d) if d >= std::time::Duration::from_secs(1) => period = Some(d),
             _ => errs.push(
                 v.span(),
-                &key,
+                &format!("{section}.quota_period"),
                 format!(
-                    "expected a duration such as \"30d\" or \"12h\", got {:?}",
+                    "expected a duration of at least 1s, such as \"30d\" or \"12h\", got {:?}",
                     v.get_ref()
                 ),
             ),
         }
     }
-    rates
+    (rates, bytes, period)
 }
 
 /// `IP` or `CIDR` for `egress`.
@@ -1012,20 +1030,35 @@ strategy = "failover"
     }
 
     #[test]
-    fn unenforced_limits_are_refused() {
-        let e = errors("[users.bob]\nrate_down = \"2MiB/s\"\nquota = \"100MiB\"\nquota_period = \"30d\"\nburst = \"64KiB\"\nrate_up = \"512KiB/s\"\n");
-        assert_eq!(e.len(), 2, "{e:#?}");
-        assert!(e.iter().all(|l| l.contains("not supported yet")), "{e:#?}");
-        assert!(e.iter().all(|l| l.contains("quota")), "{e:#?}");
-        let (_, p) = load("[defaults]\nrate_up = \"1MiB/s\"\n[users.bob]\nrate_down = \"2MiB/s\"\nburst = \"64KiB\"\n").unwrap();
+    fn rates_and_quotas() {
+        let (_, p) = load("[defaults]\nrate_up = \"1MiB/s\"\nquota_period = \"30d\"\n[users.bob]\nrate_down = \"2MiB/s\"\nquota = \"100MiB\"\nburst = \"64KiB\"\n").unwrap();
         let r = p.rates(Some("bob"));
         assert_eq!(
             (r.down, r.up, r.burst),
             (Some(2 << 20), Some(1 << 20), Some(64 << 10))
         );
         assert_eq!(p.rates(None).up, Some(1 << 20));
-        let e = errors("[users.bob]\nrate_down = \"2 parsecs\"\n");
-        assert!(!e[0].contains("not supported"), "{}", e[0]);
+        assert_eq!(
+            p.quota(Some("bob")),
+            Some(QuotaSpec {
+                bytes: 100 << 20,
+                period: Some(std::time::Duration::from_secs(30 * 86400))
+            })
+        );
+        assert_eq!(p.quota(None), None);
+        assert!(p.has_quotas());
+        let e = errors(
+            "[users.bob]\nrate_down = \"2 parsecs\"\nquota = \"100\"\nquota_period = \"500ms\"\n",
+        );
+        assert_eq!(e.len(), 3, "{e:#?}");
+        assert!(e[1].starts_with("p.toml:3: users.bob.quota: "), "{}", e[1]);
+        assert!(
+            e[2].starts_with("p.toml:4: users.bob.quota_period: "),
+            "{}",
+            e[2]
+        );
+        let e = errors("[defaults]\nquota = \"1GB\"\nquota_perod = \"1d\"\n");
+        assert!(e[0].contains("quota_perod"), "{}", e[0]);
     }
 
     #[test]

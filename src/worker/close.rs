@@ -92,6 +92,8 @@ pub enum CloseReason {
     AuthRequired,
     /// The user is at `--user-max-connections`.
     UserLimit,
+    /// The user's traffic quota is used up (`quota` of the policy file): refused, or cut off while running.
+    Quota,
     /// The destination rules refused every address of the target.
     DestDenied,
     /// An unparsable HTTP request head (`400`).
@@ -157,6 +159,7 @@ impl CloseReason {
             CloseReason::Socks4NeedsAuth => "socks4_needs_auth",
             CloseReason::AuthRequired => "auth_required",
             CloseReason::UserLimit => "user_limit",
+            CloseReason::Quota => "quota",
             CloseReason::DestDenied => "not_allowed",
             CloseReason::BadRequest => "bad_request",
             CloseReason::HeaderTooLarge => "header_too_large",
@@ -190,6 +193,7 @@ impl CloseReason {
             | CloseReason::Draining
             | CloseReason::DrainTimeout
             | CloseReason::Shutdown
+            | CloseReason::Quota
             | CloseReason::Revoked => Fault::Nobody,
             CloseReason::ClientEof
             | CloseReason::ClientReset
@@ -252,6 +256,7 @@ impl CloseReason {
             | CloseReason::Socks4NeedsAuth
             | CloseReason::AuthRequired
             | CloseReason::UserLimit
+            | CloseReason::Quota
             | CloseReason::DestDenied
             | CloseReason::ClientNotAllowed => Failure::NotAllowed,
             CloseReason::Unresolved => Failure::HostUnreachable,
@@ -294,6 +299,7 @@ impl CloseReason {
             }
             CloseReason::UpstreamProxy(_) => "the next proxy in the chain failed",
             CloseReason::UserLimit => "too many connections for this user",
+            CloseReason::Quota => "this user's traffic quota is used up",
             CloseReason::AuthRequired => "proxy authentication required",
             CloseReason::BadRequest | CloseReason::BadRequestBody => "the request is malformed",
             CloseReason::HeaderTooLarge => "the request head is too large",

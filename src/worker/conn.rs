@@ -292,18 +292,41 @@ pub fn grow(slot: &mut Option<Buffer>, limit: usize, pool: &mut BufferPool) -> b
     true
 }
 
+/// Gives the session its user's shared buckets and quota counter when she has any (or per-user metrics are on);
+/// at admission, and again after a reload for sessions that had none (a rate or quota added by the reload then
+/// applies to them at once).
+pub fn attach_limits(conn: &mut Conn, ctx: &Ctx) {
+    if conn.limits.is_some() {
+        return;
+    }
+    let user = conn.user.as_ref().map(|u| u.user());
+    let rates = ctx.policy.rates(user);
+    let quota = ctx.policy.quota(user);
+    // Per-user metrics need the entry of every authenticated user, limited or not (opt-in: it costs an
+    // atomic add per relay turn).
+    let track = ctx.cfg.metrics_per_user && conn.user.is_some();
+    if !rates.is_unlimited() || quota.is_some() || track {
+        conn.limits = ctx.limits.session(&session_key(conn), rates, quota, track);
+    }
+}
+
+/// True when the session's user has a quota and it is used up.
+pub fn quota_exhausted(conn: &Conn) -> bool {
+    conn.limits.as_ref().is_some_and(|l| l.quota.exhausted())
+}
+
 /// Counts the session against its user's session limit (`max_connections` of the policy file, else
-/// `--user-max-connections`), or an anonymous client's against `[defaults] max_connections` per client address;
-/// false when at the limit.
-pub fn user_admit(conn: &mut Conn, ctx: &mut Ctx) -> bool {
-    if conn.limits.is_none() {
-        let rates = ctx.policy.rates(conn.user.as_ref().map(|u| u.user()));
-        // Per-user metrics need the entry of every authenticated user, limited or not (opt-in: it costs an
-        // atomic add per relay turn).
-        let track = ctx.cfg.metrics_per_user && conn.user.is_some();
-        if !rates.is_unlimited() || track {
-            conn.limits = ctx.limits.session(&session_key(conn), rates, track);
-        }
+/// `--user-max-connections`), or an anonymous client's against `[defaults] max_connections` per client address,
+/// and checks her quota; the reason to refuse, if any (`UserLimit`, `Quota`).
+pub fn user_admit(conn: &mut Conn, ctx: &mut Ctx) -> Result<(), CloseReason> {
+    attach_limits(conn, ctx);
+    if quota_exhausted(conn) {
+        debug!(
+            "{}: user {} has used up her quota",
+            conn.peer,
+            conn.user_name()
+        );
+        return Err(CloseReason::Quota);
     }
     let max = match conn.user.as_ref() {
         Some(user) => ctx
@@ -312,13 +335,13 @@ pub fn user_admit(conn: &mut Conn, ctx: &mut Ctx) -> bool {
         None => ctx.policy.anonymous_max_connections(),
     };
     let Some(max) = max else {
-        return true;
+        return Ok(());
     };
     if conn.user_counted {
-        return true;
+        return Ok(());
     }
     let Ok(mut counts) = ctx.user_counts.lock() else {
-        return false;
+        return Err(CloseReason::UserLimit);
     };
     let n = counts.entry(session_key(conn)).or_insert(0);
     if *n >= max {
@@ -327,11 +350,11 @@ pub fn user_admit(conn: &mut Conn, ctx: &mut Ctx) -> bool {
             conn.peer,
             conn.user_name()
         );
-        return false;
+        return Err(CloseReason::UserLimit);
     }
     *n += 1;
     conn.user_counted = true;
-    true
+    Ok(())
 }
 
 /// The key a session is counted under for session limits: the user's name, or for an anonymous client its

@@ -35,6 +35,8 @@ pub enum Command {
     /// Swap in a new users table and policy together (SIGHUP with `--policy`); revokes sessions of users whose
     /// credentials are gone.
     ReloadPolicy(Arc<Users>, Arc<crate::policy::Policy>),
+    /// Some user's quota is used up: close every session whose quota is (`end=quota`).
+    QuotaSweep,
     /// Stop accepting, finish tunnels until the deadline, then exit.
     Drain(Instant),
     /// A new process has taken over the listening sockets (SIGUSR2 upgrade): stop accepting and drain as with

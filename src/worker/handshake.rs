@@ -271,8 +271,8 @@ fn socks5_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 req.command,
                 Dest::from(&req.target)
             );
-            if !user_admit(conn, ctx) {
-                return reply::fail(conn, ctx, ReplyKind::Socks5, CloseReason::UserLimit);
+            if let Err(why) = user_admit(conn, ctx) {
+                return reply::fail(conn, ctx, ReplyKind::Socks5, why);
             }
             match req.command {
                 socks5::Command::Connect => {
@@ -331,8 +331,8 @@ fn socks4_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         debug!("{}: SOCKS4 refused: users are configured", conn.peer);
         return reply::fail(conn, ctx, ReplyKind::Socks4, CloseReason::Socks4NeedsAuth);
     }
-    if !user_admit(conn, ctx) {
-        return reply::fail(conn, ctx, ReplyKind::Socks4, CloseReason::UserLimit);
+    if let Err(why) = user_admit(conn, ctx) {
+        return reply::fail(conn, ctx, ReplyKind::Socks4, why);
     }
     match command {
         socks4::Command::Connect => {

@@ -230,8 +230,8 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending)
         RequestKind::Connect => ReplyKind::HttpConnect,
         RequestKind::Forward => ReplyKind::HttpForward,
     };
-    if !user_admit(conn, ctx) {
-        return reply::fail(conn, ctx, reply, CloseReason::UserLimit);
+    if let Err(why) = user_admit(conn, ctx) {
+        return reply::fail(conn, ctx, reply, why);
     }
     if req.kind == RequestKind::Connect {
         if st.is_some() {
@@ -350,6 +350,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let mut lim = Lim {
         user: limits.as_deref(),
         wake: None,
+        quota_hit: false,
     };
     match upward(conn, ctx, &mut lim) {
         Ok(p) => progress |= p,
@@ -376,6 +377,11 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     match downward(conn, ctx, &mut lim) {
         Ok(p) => progress |= p,
         Err(next) => return next,
+    }
+    if lim.quota_hit {
+        // The response is cut where the quota ran out; the connection closes (her other sessions follow).
+        ctx.limits.note_exhausted();
+        return Next::Close(CloseReason::Quota);
     }
     if let Some(wait) = lim.wake {
         if !conn.throttled {
@@ -514,25 +520,34 @@ fn forward_framed(
 struct Lim<'a> {
     user: Option<&'a UserLimits>,
     wake: Option<Duration>,
+    /// Her quota is used up: the exchange is cut and the connection closes.
+    quota_hit: bool,
 }
 
-/// Reads within the user's rate: `Ok(None)` (as for "nothing to read") also when her bucket for this direction is
-/// dry; the throttle timer drives it again. Each direction asks its own bucket, so a dry download bucket does not
-/// hold back the request body, nor a dry upload bucket the response.
+/// Reads within the user's rate and quota (`up`: her upload bucket): `Ok(None)` (as for "nothing to read") also
+/// when that direction's bucket is dry or her quota is used up; the throttle timer drives it again. Each direction
+/// asks its own bucket, so a dry download bucket does not hold back the request body, nor a dry upload bucket the
+/// response.
 fn read_limited(
     sock: &mut Sock,
     buf: &mut [u8],
-    bucket: Option<&Bucket>,
+    lim: &mut Lim<'_>,
+    up: bool,
     now: Instant,
-    wake: &mut Option<Duration>,
 ) -> std::io::Result<Option<usize>> {
-    let Some(b) = bucket else {
+    let Some(l) = lim.user else {
         return sock.read(buf);
     };
-    let grant = match b.take(now, buf.len()) {
-        Ok(g) => g.min(buf.len()),
-        Err(w) => {
-            *wake = Some(wake.map_or(w, |t| t.min(w)));
+    let bucket: &Bucket = if up { &l.up } else { &l.down };
+    let quota = Some(&l.quota).filter(|q| q.is_set());
+    let grant = match relay::ask(Some(bucket), quota, now, buf.len()) {
+        relay::Ask::Go(g) => g.min(buf.len()),
+        relay::Ask::Throttle(w) => {
+            lim.wake = Some(lim.wake.map_or(w, |t| t.min(w)));
+            return Ok(None);
+        }
+        relay::Ask::Quota => {
+            lim.quota_hit = true;
             return Ok(None);
         }
     };
@@ -541,7 +556,7 @@ fn read_limited(
         Ok(Some(n)) => n,
         _ => 0,
     };
-    b.give_back(grant - used.min(grant));
+    relay::unask(Some(bucket), quota, grant, used);
     r
 }
 
@@ -555,6 +570,7 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, Clo
         // The request head was read before any bucket was asked: it is charged as it goes out.
         if let Some(l) = lim.user {
             l.up.charge(ctx.now, sent);
+            l.quota.charge(sent);
         }
         progress = true;
         conn.bytes_up += sent as u64;
@@ -615,14 +631,7 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, Clo
         if !conn.client.readable || buf.is_full() {
             return Ok(progress);
         }
-        let bucket = lim.user.map(|l| &l.up);
-        match read_limited(
-            &mut conn.client,
-            buf.space(),
-            bucket,
-            ctx.now,
-            &mut lim.wake,
-        ) {
+        match read_limited(&mut conn.client, buf.space(), lim, true, ctx.now) {
             Ok(Some(0)) => conn.client_eof = true,
             Ok(Some(n)) => {
                 buf.fill(n);
@@ -744,8 +753,7 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
             return Ok(progress);
         }
         // Response heads and bodies alike come out of the user's download bucket.
-        let bucket = lim.user.map(|l| &l.down);
-        match read_limited(up, buf.space(), bucket, ctx.now, &mut lim.wake) {
+        match read_limited(up, buf.space(), lim, false, ctx.now) {
             Ok(Some(0)) => {
                 if matches!(&x.response, Download::Body { body, ready: 0, .. } if !body.is_done()) {
                     // Read-until-close body (or a truncated one): the client learns the end from our close.

@@ -371,8 +371,15 @@ impl Worker {
                     self.ctx.limits.apply(&policy);
                     self.ctx.users = users;
                     self.ctx.policy = policy;
+                    // Sessions admitted without limits get them if the reload gave their user a rate or quota.
+                    for (_, c) in self.conns.iter_mut() {
+                        conn::attach_limits(c, &self.ctx);
+                    }
+                    // A quota lowered below what was used ends her running sessions.
+                    self.quota_sweep();
                     debug!("worker {}: users and policy reloaded", self.id);
                 }
+                Ok(Command::QuotaSweep) => self.quota_sweep(),
                 Ok(Command::Drain(deadline)) => self.start_drain(deadline, false),
                 Ok(Command::Handover(deadline)) => self.start_drain(deadline, true),
                 Ok(Command::Barrier(done)) => {
@@ -381,6 +388,21 @@ impl Worker {
                 Ok(Command::Stop) | Err(TryRecvError::Disconnected) => return false,
                 Err(TryRecvError::Empty) => return true,
             }
+        }
+    }
+
+    /// Closes every session whose user's quota is used up.
+    fn quota_sweep(&mut self) {
+        let over: Vec<usize> = self
+            .conns
+            .iter()
+            // A session already answering (a refusal lingering) keeps its reply; the others end.
+            .filter(|(_, c)| !matches!(c.phase, Phase::Linger { .. } | Phase::Closing))
+            .filter(|(_, c)| conn::quota_exhausted(c))
+            .map(|(k, _)| k)
+            .collect();
+        for key in over {
+            self.close(key, CloseReason::Quota);
         }
     }
 

@@ -21,6 +21,7 @@ use std::time::Duration;
 use crate::buffer::BufferPool;
 use crate::metrics;
 use crate::policy::bucket::Bucket;
+use crate::policy::quota::Quota;
 use crate::sys::Pipe;
 
 /// Reads per direction per turn before yielding to other connections.
@@ -34,6 +35,8 @@ struct Pumped {
     bytes: u64,
     /// The bucket ran dry: read again after this long.
     throttle: Option<Duration>,
+    /// The user's quota is used up: the tunnel ends.
+    quota: bool,
 }
 
 /// The worker resources a pump uses.
@@ -43,6 +46,60 @@ struct Res<'a> {
     scratch: &'a mut [u8],
     splice: bool,
     now: std::time::Instant,
+    /// The user's quota, when she has one: every read is capped by what is left of it.
+    quota: Option<&'a Quota>,
+}
+
+/// What the limits allow one read.
+pub enum Ask {
+    /// Read up to this many bytes.
+    Go(usize),
+    /// The bucket is dry: ask again after this long.
+    Throttle(Duration),
+    /// The quota is used up.
+    Quota,
+}
+
+/// Reserves up to `want` bytes of the quota and of the bucket (a grant of both, or neither).
+pub fn ask(
+    bucket: Option<&Bucket>,
+    quota: Option<&Quota>,
+    now: std::time::Instant,
+    want: usize,
+) -> Ask {
+    let want = match quota {
+        Some(q) => match q.take(want) {
+            0 => return Ask::Quota,
+            g => g,
+        },
+        None => want,
+    };
+    match bucket.map(|b| b.take(now, want)) {
+        None => Ask::Go(want),
+        Some(Ok(g)) => {
+            if let Some(q) = quota {
+                q.give_back(want - g.min(want));
+            }
+            Ask::Go(g.min(want))
+        }
+        Some(Err(wait)) => {
+            if let Some(q) = quota {
+                q.give_back(want);
+            }
+            Ask::Throttle(wait)
+        }
+    }
+}
+
+/// Returns what a read granted by [`ask`] did not use.
+pub fn unask(bucket: Option<&Bucket>, quota: Option<&Quota>, granted: usize, used: usize) {
+    let left = granted - used.min(granted);
+    if let Some(b) = bucket {
+        b.give_back(left);
+    }
+    if let Some(q) = quota {
+        q.give_back(left);
+    }
 }
 
 /// Pipes kept per worker for reuse.
@@ -178,23 +235,29 @@ fn pump(
         } else {
             res.scratch.len()
         };
-        // Only a rate-limited user's relay asks a bucket; the others pay one branch per read.
-        let grant = match bucket {
-            None => want,
-            Some(b) => match b.take(res.now, want) {
-                Ok(g) => g,
-                Err(wait) => {
+        // Only a limited user's relay asks a bucket or quota; the others pay one branch per read.
+        let limited = bucket.is_some() || res.quota.is_some();
+        let grant = if limited {
+            match ask(bucket, res.quota, res.now, want) {
+                Ask::Go(g) => g,
+                Ask::Throttle(wait) => {
                     way.half.throttled = true;
                     p.throttle = Some(wait);
                     break;
                 }
-            },
+                Ask::Quota => {
+                    p.quota = true;
+                    break;
+                }
+            }
+        } else {
+            want
         };
         if splicing {
             let sp = splice_once(src, dst, &mut way.pipe, res.pipes, grant);
-            if let Some(b) = bucket {
+            if limited {
                 let used = if let Spliced::Moved(n, _) = sp { n } else { 0 };
-                b.give_back(grant - used.min(grant));
+                unask(bucket, res.quota, grant, used);
             }
             match sp {
                 Spliced::Eof => {
@@ -220,27 +283,31 @@ fn pump(
                 Spliced::NoPipe => {}
             }
         }
-        let grant = match bucket {
-            Some(b) if splicing => match b.take(res.now, res.scratch.len()) {
-                Ok(g) => g,
-                Err(wait) => {
+        let grant = match limited {
+            true if splicing => match ask(bucket, res.quota, res.now, res.scratch.len()) {
+                Ask::Go(g) => g,
+                Ask::Throttle(wait) => {
                     way.half.throttled = true;
                     p.throttle = Some(wait);
                     break;
                 }
+                Ask::Quota => {
+                    p.quota = true;
+                    break;
+                }
             },
-            Some(_) => grant,
-            None => res.scratch.len(),
+            true => grant,
+            false => res.scratch.len(),
         };
         let len = grant.min(res.scratch.len());
         let buf = &mut res.scratch[..len];
         let read = src.read(buf);
-        if let Some(b) = bucket {
+        if limited {
             let used = match read {
                 Ok(Some(n)) => n,
                 _ => 0,
             };
-            b.give_back(grant - used.min(grant));
+            unask(bucket, res.quota, grant, used);
         }
         match read {
             Ok(Some(0)) => way.half.eof = true,
@@ -300,6 +367,8 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Some(l) => (Some(&l.up), Some(&l.down)),
         None => (None, None),
     };
+    let quota = limits.as_deref().map(|l| &l.quota).filter(|q| q.is_set());
+    let mut quota_hit = false;
     let mut throttle: Option<Duration> = None;
     let Phase::Relay(t) = phase else {
         return Next::Wait;
@@ -314,6 +383,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             scratch: &mut ctx.scratch,
             splice: ctx.cfg.splice,
             now: ctx.now,
+            quota,
         };
         let a = pump(
             client,
@@ -341,6 +411,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             Ok(b) => b,
             Err(reason) => return Next::Close(reason),
         };
+        quota_hit |= a.quota || b.quota;
         for w in [a.throttle, b.throttle].into_iter().flatten() {
             throttle = Some(throttle.map_or(w, |t| t.min(w)));
         }
@@ -355,12 +426,17 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         metrics::add(&ctx.stats.bytes_down, b.bytes);
         any |= a.progress || b.progress;
         more = a.more || b.more;
-        if !(a.progress || b.progress) || more {
+        if !(a.progress || b.progress) || more || quota_hit {
             break;
         }
     }
     if any {
         *last_active = ctx.now;
+    }
+    if quota_hit {
+        // Her other sessions, on every worker, are closed too (the control thread passes this on).
+        ctx.limits.note_exhausted();
+        return Next::Close(CloseReason::Quota);
     }
     if let Some(wait) = throttle {
         if let Some(l) = limits.as_deref() {
@@ -415,6 +491,8 @@ pub fn start_relay(key: usize, conn: &mut Conn, ctx: &mut Ctx, outbound: Sock) {
     if let Some(l) = conn.limits.as_deref() {
         l.bytes_up.fetch_add(up, Ordering::Relaxed);
         l.bytes_down.fetch_add(down, Ordering::Relaxed);
+        // They arrived before any quota was asked: at most a buffer each, charged now.
+        l.quota.charge((up + down) as usize);
     }
     conn.phase = Phase::Relay(Box::new(Tunnel {
         outbound,

@@ -350,6 +350,9 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         return Next::Wait;
     };
     let mut more = false;
+    // A datagram that no longer fits the user's quota ends the association (and her other sessions), after the
+    // ones admitted before it in the same batch have gone out.
+    let mut quota_hit = false;
     let arena = &mut ctx.udp;
     ensure_arena(arena);
     // Client -> targets, a batch at a time: every datagram of a batch is checked, then the admitted ones leave in
@@ -411,6 +414,10 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             if limits.is_some_and(|l| !l.up.take_exact(ctx.now, payload.len())) {
                 metrics::inc(&ctx.stats.udp_drops[UdpDrop::Rate as usize]);
                 continue;
+            }
+            if limits.is_some_and(|l| !l.quota.take_exact(payload.len())) {
+                quota_hit = true;
+                break;
             }
             count_dest(u, &header.target);
             u.last_active = ctx.now;
@@ -478,6 +485,10 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             }
         }
         u.dgrams_up += flush(&u.out, arena, &ctx.stats, &ctx.stats.udp_up);
+        if quota_hit {
+            ctx.limits.note_exhausted();
+            return Next::Close(CloseReason::Quota);
+        }
     }
     // Targets -> client, from the relay socket, with the answering remote's address in the header: each datagram
     // is received behind HEADROOM bytes of its slot, so the header is written in front of it in place.
@@ -517,6 +528,10 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 metrics::inc(&ctx.stats.udp_drops[UdpDrop::Rate as usize]);
                 continue;
             }
+            if limits.is_some_and(|l| !l.quota.take_exact(n)) {
+                quota_hit = true;
+                break;
+            }
             let src = TargetAddr::Ip(SocketAddr::new(canonical_ip(from.ip()), from.port()));
             let mut head = [0u8; HEADROOM];
             let hl = socks5::encode_udp_header(&src, &mut head);
@@ -531,6 +546,10 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             });
         }
         u.dgrams_down += flush(&u.relay, arena, &ctx.stats, &ctx.stats.udp_down);
+        if quota_hit {
+            ctx.limits.note_exhausted();
+            return Next::Close(CloseReason::Quota);
+        }
     }
     if more {
         Next::Yield

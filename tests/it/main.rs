@@ -21,6 +21,7 @@ mod lifecycle;
 mod limits;
 mod operations;
 mod policy;
+mod quota;
 mod real_clients;
 mod routing;
 mod security;

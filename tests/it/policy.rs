@@ -747,27 +747,27 @@ fn check_config_reports_file_line_and_key() {
     assert_eq!(code, 2);
     assert!(err.contains(":6: rules[2].dest:"), "{err}");
 
-    // A limit that is not enforced yet is refused, never silently ignored.
-    let unsupported = temp_path("unsupported.toml");
+    // Quota keys validate; a bad value is refused with its line and key, and a server does not start with it.
+    let quota = temp_path("quota.toml");
     std::fs::write(
-        &unsupported,
-        "[users.alice]\npassword = \"x\"\nquota = \"100MiB\"\n",
+        &quota,
+        "[users.alice]\npassword = \"x\"\nquota = \"100MiB\"\nquota_period = \"30d\"\n",
     )
     .unwrap();
-    let (code, _, err) = check_config(&["--policy", unsupported.to_str().unwrap()]);
+    let (code, _, err) = check_config(&["--policy", quota.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let bad_quota = temp_path("bad_quota.toml");
+    std::fs::write(
+        &bad_quota,
+        "[users.alice]\npassword = \"x\"\nquota = \"100 megs\"\nquota_period = \"monthly\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = check_config(&["--policy", bad_quota.to_str().unwrap()]);
     assert_eq!(code, 2);
-    assert!(
-        err.contains(":3: users.alice.quota: not supported yet"),
-        "{err}"
-    );
-    // ...and a server does not start with it.
+    assert!(err.contains(":3: users.alice.quota: "), "{err}");
+    assert!(err.contains(":4: users.alice.quota_period: "), "{err}");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_socksgate"))
-        .args([
-            "-l",
-            "127.0.0.1:0",
-            "--policy",
-            unsupported.to_str().unwrap(),
-        ])
+        .args(["-l", "127.0.0.1:0", "--policy", bad_quota.to_str().unwrap()])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));

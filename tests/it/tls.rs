@@ -872,3 +872,64 @@ fn tls_upstreams_through_a_second_socksgate() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A user named by her client certificate has the policy's quota like any other (issue 12): SOCKS5 stops at it,
+/// and then SOCKS4 (which such a user may speak) is refused with 91, SOCKS5 with 0x02.
+#[test]
+fn client_certificate_user_is_held_to_her_quota() {
+    let p = pki("cert-quota");
+    let echo = TestServer::echo();
+    let policy = common::temp_path("cert-quota.toml");
+    std::fs::write(
+        &policy,
+        "[users.\"alice.clients.test\"]\npassword = \"unused\"\nquota = \"1KiB\"\n",
+    )
+    .unwrap();
+    let proxy = tls_proxy(
+        &p,
+        &[
+            "--tls-client-ca",
+            p.ca(),
+            "--policy",
+            policy.to_str().unwrap(),
+        ],
+    );
+    let (_, _, cert, key) = p.client("alice", &["alice.clients.test"]);
+    let cfg = client_config(&p.ca_pem, Some((&cert, &key)));
+    let mut tls = tls_connect(proxy.addr(), Arc::clone(&cfg)).expect("handshake");
+    assert_eq!(socks5_over(&mut tls, echo.addr), 0);
+    echo_round(&mut tls, &[b'q'; 500]);
+    // 1000 of 1024 bytes used: 24 more go up, nothing comes back, the tunnel closes.
+    tls.write_all(&[b'r'; 100]).unwrap();
+    tls.flush().unwrap();
+    let mut rest = Vec::new();
+    let _ = tls.read_to_end(&mut rest);
+    assert!(
+        rest.is_empty(),
+        "nothing beyond the quota: {} bytes",
+        rest.len()
+    );
+    assert!(proxy.wait_for(IO_TIMEOUT, || access_lines(&proxy)
+        .iter()
+        .any(|l| l.contains("user=alice.clients.test") && l.contains("end=quota"))));
+
+    let mut s4 = tls_connect(proxy.addr(), Arc::clone(&cfg)).expect("handshake");
+    s4.write_all(&common::socks4_request(
+        1,
+        echo.addr.port(),
+        [127, 0, 0, 1],
+        b"",
+        None,
+    ))
+    .unwrap();
+    s4.flush().unwrap();
+    let mut r = [0u8; 8];
+    s4.read_exact(&mut r).unwrap();
+    assert_eq!(r[1], 91, "SOCKS4 after the quota");
+    let mut s5 = tls_connect(proxy.addr(), cfg).expect("handshake");
+    assert_eq!(
+        socks5_over(&mut s5, echo.addr),
+        0x02,
+        "SOCKS5 after the quota"
+    );
+}
