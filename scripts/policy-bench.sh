@@ -3,8 +3,8 @@
 #  - rules: connrate with and without 10,000 destination rules, through socks5h:// (the target is the name
 #    "localhost", so the name index and, after resolution, the address index are both consulted);
 #  - users: connrate, 1-stream download throughput and idle memory per tunnel, RFC 1929 auth in both setups: one
-#    user given with -U against the same user as one of 10,000 policy users, each with its own password, rates,
-#    connection cap and groups (set high enough that no limit is hit).
+#    user given with -U against the same user as one of 10,000 policy users, each with her own password, rates,
+#    quota, connection cap and groups (set high enough that no limit is hit).
 # Starts socksgate itself (--threads 1, pinned to CPU 0 when taskset exists), interleaves the setups, and prints
 # the medians.
 #
@@ -51,7 +51,7 @@ with open(sys.argv[1], "w") as f:
     f.write('[defaults]\nmax_connections = 20000\n')
     for i in range(10000):
         f.write(f'[users.u{i}]\npassword = "pw{i}"\nrate_down = "40GiB/s"\nrate_up = "40GiB/s"\n'
-                f'max_connections = 20000\ngroups = ["g{i % 16}"]\n')
+                f'max_connections = 20000\nquota = "1TiB"\nquota_period = "30d"\ngroups = ["g{i % 16}"]\n')
 PY
 target/release/socksgate --check-config --policy "$work/users.toml" >/dev/null
 
