@@ -208,7 +208,7 @@ pub fn load(files: &TlsFiles) -> Result<(Arc<ServerConfig>, Loaded), TlsError> {
 }
 
 /// How the certificates of TLS upstreams (`https://`, `socks5s://`) are checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum UpstreamTrust {
     /// The system's CA certificates (`/etc/ssl/certs` and the like).
     System,

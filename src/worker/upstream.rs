@@ -356,11 +356,27 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                     return Next::Wait;
                 };
                 let http = server(hs, ctx).is_some_and(|u| u.kind == UpstreamKind::Http);
-                // TLS to the upstream: only the --upstream flag's server can ask for it (groups refuse TLS
-                // members at load).
-                let flag_route = matches!(hs.route, Route::Flag);
-                if flag_route && !super::tls::start_upstream(conn, ctx) {
-                    return fail(
+                // TLS to the upstream when its URL asks for it; a TLS failure later shows up as a failed read
+                // or write of the handshake below, and so counts against a group member like any other.
+                let started = match &hs.route {
+                    Route::Flag => ctx.cfg.upstream.as_ref().is_none_or(|u| {
+                        super::tls::start_upstream(conn, u, ctx.cfg.upstream_tls.as_ref())
+                    }),
+                    Route::Group {
+                        group, order, pos, ..
+                    } => {
+                        let group = Arc::clone(group);
+                        order
+                            .get(*pos)
+                            .and_then(|&i| group.member(usize::from(i)))
+                            .is_some_and(|m| {
+                                super::tls::start_upstream(conn, &m.server, m.tls.as_ref())
+                            })
+                    }
+                };
+                if !started {
+                    return upstream_failed(
+                        key,
                         conn,
                         ctx,
                         reply,
@@ -378,7 +394,9 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         };
     }
     if conn.flush_upstream().is_err() {
-        return fail(
+        // Through TLS this is also where a refused certificate surfaces: a member failure in a group.
+        return upstream_failed(
+            key,
             conn,
             ctx,
             reply,

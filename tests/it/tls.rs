@@ -872,3 +872,137 @@ fn tls_upstreams_through_a_second_socksgate() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A gateway with `policy` as its policy file, /metrics, and `extra` flags.
+fn group_gateway(policy: &str, name: &str, extra: &[&str]) -> Proxy {
+    let path = common::temp_path(name);
+    std::fs::write(&path, policy).unwrap();
+    let mut args = vec![
+        "--metrics",
+        "127.0.0.1:0",
+        "--policy",
+        path.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Proxy::start(&args)
+}
+
+fn group_series(kind: &str, group: &str, server: &str) -> String {
+    format!("socksgate_upstream_{kind}{{group=\"{group}\",server=\"{server}\"}}")
+}
+
+/// A failover group of TLS members: the first is down, the second's certificate does not chain to the group's
+/// `ca`, the third carries the tunnel. Both failures count against their members; the carrying member saw TLS 1.3
+/// and the credentials. A group with `insecure = true` accepts the unverifiable member.
+#[test]
+fn tls_group_fails_over_past_a_dead_and_an_unverified_member() {
+    let p = pki("group");
+    let other = pki("group-other");
+    let echo = TestServer::echo();
+    let good = tls_proxy(&p, &["-U", "up:pw", "--tls-only"]);
+    let bad = tls_proxy(&other, &["--tls-only"]);
+    let dead = common::closed_port();
+    let (g, b) = (good.addr().port(), bad.addr().port());
+    let policy = format!(
+        "[upstreams.corp]\nservers = [\"socks5s://127.0.0.1:{dead}\", \"socks5s://127.0.0.1:{b}\", \
+         \"socks5s://up:pw@127.0.0.1:{g}\"]\nca = \"{}\"\n\n[[rules]]\naction = \"via:corp\"\n",
+        p.ca()
+    );
+    let gw = group_gateway(&policy, "tls-group.toml", &[]);
+    let mut c = common::socks5_connect(gw.addr(), echo.addr).expect("CONNECT through the group");
+    echo_round(&mut c, b"past two failed members");
+    echo_round(&mut c, &common::pseudo_random(21, 1 << 20));
+    drop(c);
+    let dead_label = format!("socks5s://127.0.0.1:{dead}");
+    let bad_label = format!("socks5s://127.0.0.1:{b}");
+    let good_label = format!("socks5s://up@127.0.0.1:{g}");
+    common::wait_metric(&gw, &group_series("failures_total", "corp", &dead_label), 1);
+    common::wait_metric(&gw, &group_series("failures_total", "corp", &bad_label), 1);
+    common::wait_metric(&gw, &group_series("attempts_total", "corp", &good_label), 1);
+    common::wait_metric(&gw, &group_series("failures_total", "corp", &good_label), 0);
+    // The unverified member got as far as a TLS handshake that our side refused, and carried nothing.
+    common::wait_metric(
+        &bad,
+        "socksgate_tls_handshakes_total{outcome=\"error\",version=\"unknown\"}",
+        1,
+    );
+    assert!(
+        access_lines(&bad)
+            .iter()
+            .all(|l| l.contains("end=tls_error")),
+        "{}",
+        bad.log()
+    );
+    assert!(
+        good.wait_for(IO_TIMEOUT, || access_lines(&good)
+            .iter()
+            .any(|l| l.contains("user=up")
+                && l.contains("proto=socks5")
+                && l.contains("tls=1.3"))),
+        "{}",
+        good.log()
+    );
+    // The operator's word for this group: its member's certificate is not checked.
+    let policy = format!(
+        "[upstreams.lax]\nservers = [\"socks5s://127.0.0.1:{b}\"]\ninsecure = true\n\n[[rules]]\naction = \"via:lax\"\n"
+    );
+    let gw = group_gateway(&policy, "tls-group-lax.toml", &[]);
+    let mut c = common::socks5_connect(gw.addr(), echo.addr).expect("insecure member");
+    echo_round(&mut c, b"insecure but encrypted");
+}
+
+/// A round-robin group of a clear SOCKS5 member and an `https://` member verified by `--upstream-ca` (the flag
+/// is the default for groups): sessions alternate, the bytes arrive whole through both, and the TLS member saw
+/// HTTP CONNECT inside TLS with its credentials. A bad group key is a start-up error naming file, line and key.
+#[test]
+fn a_group_mixing_clear_and_tls_members() {
+    let p = pki("group-mixed");
+    let echo = TestServer::echo();
+    let clear = Proxy::start(&["--metrics", "127.0.0.1:0"]);
+    let tls = tls_proxy(&p, &["-U", "up:pw", "--tls-only"]);
+    let policy = format!(
+        "[upstreams.mix]\nservers = [\"socks5://{}\", \"https://up:pw@127.0.0.1:{}\"]\nstrategy = \"round-robin\"\n\n\
+         [[rules]]\naction = \"via:mix\"\n",
+        clear.addr(),
+        tls.addr().port()
+    );
+    let gw = group_gateway(&policy, "tls-group-mixed.toml", &["--upstream-ca", p.ca()]);
+    for i in 0..4 {
+        let mut c =
+            common::socks5_connect(gw.addr(), echo.addr).expect("CONNECT through the group");
+        echo_round(&mut c, &common::pseudo_random(30 + i, 256 << 10));
+    }
+    let tls_label = format!("https://up@127.0.0.1:{}", tls.addr().port());
+    let clear_label = format!("socks5://{}", clear.addr());
+    common::wait_metric(&gw, &group_series("attempts_total", "mix", &tls_label), 2);
+    common::wait_metric(&gw, &group_series("attempts_total", "mix", &clear_label), 2);
+    common::wait_metric(&gw, &group_series("failures_total", "mix", &tls_label), 0);
+    common::wait_metric(&clear, "socksgate_connections_accepted_total", 2);
+    assert!(
+        tls.wait_for(IO_TIMEOUT, || access_lines(&tls)
+            .iter()
+            .filter(|l| l.contains("user=up") && l.contains("proto=http") && l.contains("tls=1.3"))
+            .count()
+            == 2),
+        "{}",
+        tls.log()
+    );
+    // Group keys are checked like any other: an unreadable CA names the file, the line and the key.
+    let path = common::temp_path("tls-group-bad.toml");
+    std::fs::write(
+        &path,
+        "[upstreams.mix]\nservers = [\"https://127.0.0.1:1\"]\nca = \"/nonexistent/ca.pem\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_socksgate"))
+        .args(["-l", "127.0.0.1:0", "--policy", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tls-group-bad.toml:3: upstreams.mix.ca:")
+            && err.contains("/nonexistent/ca.pem"),
+        "{err}"
+    );
+}
