@@ -1006,3 +1006,177 @@ fn a_group_mixing_clear_and_tls_members() {
         "{err}"
     );
 }
+
+/// Reads an HTTP/1.1 request head and answers it with `body` as text/html, then closes.
+fn serve_page(s: &mut impl ReadWrite, body: &str) {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 65536 {
+        match s.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => return,
+        }
+    }
+    let status = if head.starts_with(b"GET / ") {
+        "200 OK"
+    } else {
+        "404 Not Found"
+    };
+    let body = if status.starts_with("200") { body } else { "" };
+    let _ = write!(
+        s,
+        "HTTP/1.1 {status}\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = s.flush();
+}
+
+/// Chrome's `--ignore-certificate-errors-spki-list` value for the test leaf: base64 of the SHA-256 of its
+/// SubjectPublicKeyInfo. Pinning this one key keeps Chrome's verification on for everything else.
+fn spki_pin(leaf_der: &[u8]) -> String {
+    use base64::Engine;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf_der).unwrap();
+    let sha256 = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+        .tls13()
+        .unwrap()
+        .common
+        .hash_provider;
+    let digest = sha256.hash(cert.tbs_certificate.subject_pki.raw);
+    base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+}
+
+/// Runs headless Chromium through `proxy` on `url` with `--dump-dom`, bounded in time; returns the DOM.
+fn chromium_dump(proxy: &str, url: &str, pin: Option<&str>, dir: &std::path::Path) -> String {
+    let profile = dir.join(format!("profile-{}", pin.is_some()));
+    let mut cmd = Command::new("chromium");
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        // Chrome sends loopback targets around a proxy unless told not to.
+        "--proxy-bypass-list=<-loopback>",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()))
+    .arg(format!("--proxy-server={proxy}"))
+    .env("HOME", dir)
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null());
+    if let Some(pin) = pin {
+        cmd.arg(format!("--ignore-certificate-errors-spki-list={pin}"));
+    }
+    cmd.args(["--dump-dom", url]);
+    let mut child = cmd.spawn().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            // Only the browser we started, by its PID; its helpers exit with it.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("chromium did not finish {url} within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    reader.join().unwrap()
+}
+
+/// Chromium with `--proxy-server=https://...` loads a plain http:// page (forwarded inside TLS) and an https://
+/// page (CONNECT inside TLS) through socksgate with `--tls-cert`; the proxy's certificate is verified (only its
+/// key is pinned), and without the pin Chrome refuses the proxy.
+#[test]
+fn chromium_through_the_https_proxy() {
+    if Command::new("chromium").arg("--version").output().is_err() {
+        eprintln!("chromium not installed: skipping");
+        return;
+    }
+    let p = pki("chrome");
+    let dir = p.dir.join("chrome");
+    std::fs::create_dir_all(&dir).unwrap();
+    let nonce = format!("{:016x}", common::digest(&common::pseudo_random(7, 64)));
+    let plain_body = format!("<html><body><p id=\"m\">plain page {nonce}</p></body></html>");
+    let tls_body = format!("<html><body><p id=\"m\">tls page {nonce}</p></body></html>");
+    let plain = {
+        let body = plain_body.clone();
+        TestServer::start(move |mut s| serve_page(&mut s, &body))
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(p.cert())
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(p.key()).unwrap();
+    let server_cfg = Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap(),
+    );
+    let secure = {
+        let body = tls_body.clone();
+        TestServer::start(move |s| {
+            let Ok(conn) = rustls::ServerConnection::new(Arc::clone(&server_cfg)) else {
+                return;
+            };
+            let mut t = StreamOwned::new(conn, s);
+            serve_page(&mut t, &body);
+            t.conn.send_close_notify();
+            let _ = t.flush();
+        })
+    };
+    // Chrome's own background requests reach the proxy too: a nameserver on a closed loopback port makes their
+    // names fail at once, so no query leaves the machine.
+    let dns = format!("127.0.0.1:{}", common::closed_port());
+    let gw = tls_proxy(&p, &["--tls-only", "--dns", &dns]);
+    let proxy = format!("https://127.0.0.1:{}", gw.addr().port());
+    let pin = spki_pin(&p.leaf_der);
+
+    let dom = chromium_dump(&proxy, &format!("http://{}/", plain.addr), Some(&pin), &dir);
+    assert!(
+        dom.contains(&format!("plain page {nonce}")),
+        "DOM: {dom}\n{}",
+        gw.log()
+    );
+    let dom = chromium_dump(
+        &proxy,
+        &format!("https://{}/", secure.addr),
+        Some(&pin),
+        &dir,
+    );
+    assert!(
+        dom.contains(&format!("tls page {nonce}")),
+        "DOM: {dom}\n{}",
+        gw.log()
+    );
+    let lines = access_lines(&gw);
+    let forwarded = format!("url=http://{}/ status=200 tls=1.3", plain.addr);
+    assert!(lines.iter().any(|l| l.contains(&forwarded)), "{}", gw.log());
+    let tunnel = format!("target={} tls=1.3", secure.addr);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("proto=http") && l.contains(&tunnel)),
+        "{}",
+        gw.log()
+    );
+    // Without the pin Chrome verifies the proxy's certificate against its roots and refuses it.
+    let dom = chromium_dump(&proxy, &format!("http://{}/", plain.addr), None, &dir);
+    assert!(!dom.contains(&nonce), "DOM: {dom}");
+}
