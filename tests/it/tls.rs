@@ -1180,3 +1180,54 @@ fn chromium_through_the_https_proxy() {
     let dom = chromium_dump(&proxy, &format!("http://{}/", plain.addr), None, &dir);
     assert!(!dom.contains(&nonce), "DOM: {dom}");
 }
+
+/// Forwarded plain HTTP through a group whose first `https://` member's certificate does not verify: the
+/// request waits for the TLS handshake, the refusal counts against that member, and the second member forwards
+/// the request (inside TLS) to the origin.
+#[test]
+fn http_forwarding_through_a_tls_group_skips_an_unverified_member() {
+    let p = pki("group-forward");
+    let other = pki("group-forward-other");
+    let page = TestServer::start(|mut s| serve_page(&mut s, "forwarded through TLS"));
+    let good = tls_proxy(&p, &["--tls-only"]);
+    let bad = tls_proxy(&other, &["--tls-only"]);
+    let (g, b) = (good.addr().port(), bad.addr().port());
+    let policy = format!(
+        "[upstreams.web]\nservers = [\"https://127.0.0.1:{b}\", \"https://127.0.0.1:{g}\"]\nca = \"{}\"\n\n\
+         [[rules]]\naction = \"via:web\"\n",
+        p.ca()
+    );
+    let gw = group_gateway(&policy, "tls-group-forward.toml", &[]);
+    let mut s = common::connect(gw.addr());
+    write!(
+        s,
+        "GET http://{0}/ HTTP/1.1\r\nHost: {0}\r\nConnection: close\r\n\r\n",
+        page.addr
+    )
+    .unwrap();
+    let (resp, _) = common::read_until_closed(&mut s);
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(
+        resp.starts_with("HTTP/1.1 200") && resp.ends_with("forwarded through TLS"),
+        "{resp}\n{}",
+        gw.log()
+    );
+    common::wait_metric(
+        &gw,
+        &group_series("failures_total", "web", &format!("https://127.0.0.1:{b}")),
+        1,
+    );
+    common::wait_metric(
+        &gw,
+        &group_series("failures_total", "web", &format!("https://127.0.0.1:{g}")),
+        0,
+    );
+    let forwarded = format!("url=http://{}/ status=200 tls=1.3", page.addr);
+    assert!(
+        good.wait_for(IO_TIMEOUT, || access_lines(&good)
+            .iter()
+            .any(|l| l.contains(&forwarded))),
+        "{}",
+        good.log()
+    );
+}
