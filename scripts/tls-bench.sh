@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # TLS on the proxy port against HAProxy terminating TLS (`bind ... ssl crt`, mode tcp), loopback only:
 #   handshakes  openssl s_time -new (ECDSA P-256, TLS 1.3, no resumption): handshakes and server CPU per handshake
-#   bulk        2 GiB uploaded inside TLS (socksgate: SOCKS5 CONNECT inside TLS): server CPU per KiB
+#   upload      2 GiB client -> target inside TLS (socksgate: SOCKS5 CONNECT inside TLS): server CPU per KiB
+#   download    2 GiB target -> client inside TLS: server CPU per KiB (the direction rustls encrypts)
 #   idle        N idle TLS tunnels: server RSS per tunnel (socksgate also in clear text, for comparison)
-# The server is pinned to core 0 (socksgate --threads 1, haproxy nbthread 1), clients to core 1.
-# Usage: scripts/tls-bench.sh [--seconds S] [--tunnels N]     (needs openssl, python3; haproxy optional)
+# stunnel (where installed) gets the handshake and both bulk directions too.
+# The server is pinned to core 0 (socksgate --threads 1, haproxy nbthread 1), clients to core 1. The last lines
+# are ratios against haproxy measured in the same run.
+# Usage: scripts/tls-bench.sh [--seconds S] [--tunnels N]     (needs openssl, python3; haproxy, stunnel optional)
+#        SOCKSGATE_ARGS="--buffer-size 65536" scripts/tls-bench.sh   (extra flags for socksgate)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_RUN=5
@@ -50,10 +54,14 @@ start_target sink
 SINK=$TARGET_PORT
 start_target hold
 HOLD=$TARGET_PORT
+start_target source
+SOURCE=$TARGET_PORT
+declare -A HS UP DOWN IDLE
 
 start_socksgate() { # -> sets SG_PID SG_PORT
+  # shellcheck disable=SC2086 # SOCKSGATE_ARGS is a list of flags
   taskset -c 0 "$BIN" -t 1 -q -l 127.0.0.1:0 --tls-cert "$WORK/cert.pem" --tls-key "$WORK/key.pem" \
-    > "$WORK/sg.out" 2> "$WORK/sg.err" &
+    ${SOCKSGATE_ARGS:-} > "$WORK/sg.out" 2> "$WORK/sg.err" &
   SG_PID=$!
   PIDS+=($SG_PID)
   for _ in $(seq 100); do grep -q "listening on" "$WORK/sg.out" 2>/dev/null && break; sleep 0.05; done
@@ -88,6 +96,29 @@ CFG
     sleep 0.05
   done
 }
+start_stunnel() { # backend port -> sets ST_PID ST_PORT (empty without stunnel)
+  ST_PID=""
+  command -v stunnel > /dev/null || return 0
+  ST_PORT=$(free_port)
+  cat > "$WORK/stunnel.conf" <<CFG
+foreground = yes
+pid =
+debug = 3
+[b]
+accept = 127.0.0.1:$ST_PORT
+connect = 127.0.0.1:$1
+cert = $WORK/cert.pem
+key = $WORK/key.pem
+sslVersionMin = TLSv1.3
+CFG
+  taskset -c 0 stunnel "$WORK/stunnel.conf" > "$WORK/stunnel.log" 2>&1 &
+  ST_PID=$!
+  PIDS+=($ST_PID)
+  for _ in $(seq 100); do
+    python3 -c "import socket; socket.create_connection(('127.0.0.1', $ST_PORT)).close()" 2>/dev/null && break
+    sleep 0.05
+  done
+}
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 handshakes() { # name pid port
@@ -100,17 +131,21 @@ handshakes() { # name pid port
   secs=$(echo "$out" | awk '{print $4}')
   # s_time's client (one openssl process on core 1) is usually the limit: the server CPU per handshake is the
   # figure that compares the servers.
+  HS[$1]=$(echo "($t1 - $t0) * 1000 / $hz / ${n:-1}" | bc -l)
   printf "%-10s handshakes: %6s in %ss, %.0f/s; server CPU %.3f ms per handshake\n" "$1" "${n:-0}" "${secs:-?}" \
-    "$(echo "${n:-0} / ${secs:-1}" | bc -l)" "$(echo "($t1 - $t0) * 1000 / $hz / ${n:-1}" | bc -l)"
+    "$(echo "${n:-0} / ${secs:-1}" | bc -l)" "${HS[$1]}"
 }
-bulk() { # name pid port mode
-  local t0 t1 gbit bytes=$((2 << 30))
+bulk() { # name pid port mode upload|download
+  local t0 t1 gbit bytes=$((2 << 30)) cmd target
+  if [ "$5" = upload ]; then cmd=bulk target=$SINK; else cmd=download target=$SOURCE; fi
   t0=$(ticks "$2")
-  gbit=$(taskset -c 1 python3 "$HERE/client.py" bulk "$3" "$4" "$bytes" "$SINK")
+  gbit=$(taskset -c 1 python3 "$HERE/client.py" "$cmd" "$3" "$4" "$bytes" "$target")
   sleep 0.3
   t1=$(ticks "$2")
-  printf "%-10s bulk upload: %s Gbit/s; server CPU %.0f ns per KiB\n" "$1" "$gbit" \
-    "$(echo "($t1 - $t0) * 1000000000 / $hz / ($bytes / 1024)" | bc -l)"
+  local ns
+  ns=$(echo "($t1 - $t0) * 1000000000 / $hz / ($bytes / 1024)" | bc -l)
+  if [ "$5" = upload ]; then UP[$1]=$ns; else DOWN[$1]=$ns; fi
+  printf "%-10s bulk %-8s: %s Gbit/s; server CPU %.0f ns per KiB\n" "$1" "$5" "$gbit" "$ns"
 }
 idle() { # name pid port mode tls|clear
   local r0 r1 fifo=$WORK/idle.fifo
@@ -124,27 +159,58 @@ idle() { # name pid port mode tls|clear
   r1=$(rss "$2")
   exec 7>&-
   wait "$cpid" 2>/dev/null || true
-  printf "%-10s idle %s tunnels (%s): %.2f KiB per tunnel\n" "$1" "$TUNNELS" "$5" \
-    "$(echo "($r1 - $r0) / $TUNNELS" | bc -l)"
+  IDLE[$1-$5]=$(echo "($r1 - $r0) / $TUNNELS" | bc -l)
+  printf "%-10s idle %s tunnels (%s): %.2f KiB per tunnel\n" "$1" "$TUNNELS" "$5" "${IDLE[$1-$5]}"
 }
 
+# The targets are fixed per direction, so one socksgate serves both bulk runs.
 start_socksgate
 handshakes socksgate "$SG_PID" "$SG_PORT"
-bulk socksgate "$SG_PID" "$SG_PORT" socks
+bulk socksgate "$SG_PID" "$SG_PORT" socks upload
+bulk socksgate "$SG_PID" "$SG_PORT" socks download
 idle socksgate "$SG_PID" "$SG_PORT" socks tls
 stop "$SG_PID"
 start_socksgate
 idle socksgate "$SG_PID" "$SG_PORT" socks clear
 stop "$SG_PID"
 
+# haproxy and stunnel forward to one fixed backend: one instance per target.
 start_haproxy "$SINK"
 if [ -n "$HA_PID" ]; then
   handshakes haproxy "$HA_PID" "$HA_PORT"
-  bulk haproxy "$HA_PID" "$HA_PORT" raw
+  bulk haproxy "$HA_PID" "$HA_PORT" raw upload
+  stop "$HA_PID"
+  start_haproxy "$SOURCE"
+  bulk haproxy "$HA_PID" "$HA_PORT" raw download
   stop "$HA_PID"
   start_haproxy "$HOLD"
   idle haproxy "$HA_PID" "$HA_PORT" raw tls
   stop "$HA_PID"
 else
   echo "haproxy not installed: no comparison"
+fi
+start_stunnel "$SINK"
+if [ -n "$ST_PID" ]; then
+  handshakes stunnel "$ST_PID" "$ST_PORT"
+  bulk stunnel "$ST_PID" "$ST_PORT" raw upload
+  stop "$ST_PID"
+  start_stunnel "$SOURCE"
+  bulk stunnel "$ST_PID" "$ST_PORT" raw download
+  stop "$ST_PID"
+fi
+
+ratio() { # value baseline
+  if [ -n "${2:-}" ] && [ -n "${1:-}" ]; then printf "%.2fx" "$(echo "$1 / $2" | bc -l)"; else printf "n/a"; fi
+}
+if [ -n "${HS[haproxy]:-}" ]; then
+  echo "ratios vs haproxy (same run; < 1.0x: socksgate uses less):"
+  for who in socksgate stunnel; do
+    [ -n "${HS[$who]:-}" ] || continue
+    printf "  %-10s handshake CPU %s, upload CPU/KiB %s, download CPU/KiB %s\n" "$who" \
+      "$(ratio "${HS[$who]}" "${HS[haproxy]}")" "$(ratio "${UP[$who]}" "${UP[haproxy]}")" \
+      "$(ratio "${DOWN[$who]}" "${DOWN[haproxy]}")"
+  done
+  printf "  socksgate  idle memory per TLS tunnel %s (%.2f vs %.2f KiB; clear text %.2f KiB)\n" \
+    "$(ratio "${IDLE[socksgate-tls]}" "${IDLE[haproxy-tls]}")" "${IDLE[socksgate-tls]}" "${IDLE[haproxy-tls]}" \
+    "${IDLE[socksgate-clear]}"
 fi

@@ -94,6 +94,8 @@ pub struct Config {
     pub upstream: Option<Upstream>,
     /// The client configuration for a TLS upstream (`https://`, `socks5s://`).
     pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
+    /// How TLS upstreams are verified (`--upstream-ca`, `--upstream-insecure`); policy groups default to it.
+    pub upstream_trust: crate::tls::UpstreamTrust,
     /// Every connection starts with a PROXY protocol v1/v2 header.
     pub proxy_protocol: bool,
     /// TLS on every listener (`--tls-cert` / `--tls-key`): connections starting with a TLS record are TLS.
@@ -165,6 +167,7 @@ impl Default for Config {
             outbound_bind: None,
             upstream: None,
             upstream_tls: None,
+            upstream_trust: crate::tls::UpstreamTrust::System,
             proxy_protocol: false,
             tls: None,
             tls_only: false,
@@ -422,13 +425,14 @@ fn options() -> Options {
     o.optopt(
         "",
         "upstream-ca",
-        "trust only the CAs in this PEM file for https:// and socks5s:// upstreams (default: system roots)",
+        "trust only the CAs in this PEM file for https:// and socks5s:// upstreams and TLS group members \
+         (default: system roots)",
         "FILE",
     );
     o.optflag(
         "",
         "upstream-insecure",
-        "do not verify the certificate of a TLS upstream (only where you control the path to it)",
+        "do not verify the certificate of a TLS upstream or TLS group member (only where you control the path)",
     );
     o.optflag(
         "",
@@ -641,22 +645,15 @@ fn ip(m: &getopts::Matches, name: &str) -> Result<Option<IpAddr>, ConfigError> {
     }
 }
 
-/// The client configuration for a TLS upstream (`--upstream-ca`, `--upstream-insecure`, else the system roots).
+/// The trust for TLS upstreams (`--upstream-ca`, `--upstream-insecure`, else the system roots) and the client
+/// configuration for a TLS `--upstream`. The flags also apply to TLS members of policy groups.
 fn upstream_tls(
     m: &getopts::Matches,
     upstream: Option<&Upstream>,
-) -> Result<Option<Arc<rustls::ClientConfig>>, ConfigError> {
+    policy: bool,
+) -> Result<(crate::tls::UpstreamTrust, Option<Arc<rustls::ClientConfig>>), ConfigError> {
     let ca = m.opt_str("upstream-ca");
     let insecure = m.opt_present("upstream-insecure");
-    let Some(up) = upstream.filter(|u| u.tls) else {
-        if ca.is_some() || insecure {
-            return Err(ConfigError(
-                "--upstream-ca and --upstream-insecure need an https:// or socks5s:// --upstream"
-                    .to_string(),
-            ));
-        }
-        return Ok(None);
-    };
     let trust = match (ca, insecure) {
         (Some(_), true) => {
             return Err(ConfigError(
@@ -667,9 +664,20 @@ fn upstream_tls(
         (None, true) => crate::tls::UpstreamTrust::Insecure,
         (None, false) => crate::tls::UpstreamTrust::System,
     };
+    let Some(up) = upstream.filter(|u| u.tls) else {
+        // With a policy file the flags are for its groups' TLS members.
+        if trust != crate::tls::UpstreamTrust::System && !policy {
+            return Err(ConfigError(
+                "--upstream-ca and --upstream-insecure need an https:// or socks5s:// --upstream, or a --policy \
+                 file with TLS group members"
+                    .to_string(),
+            ));
+        }
+        return Ok((trust, None));
+    };
     let http = up.kind == crate::upstream::UpstreamKind::Http;
     crate::tls::upstream_client_config(&trust, http)
-        .map(Some)
+        .map(|c| (trust, Some(c)))
         .map_err(|e| ConfigError(e.to_string()))
 }
 
@@ -823,7 +831,8 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
                 .map_err(|e| ConfigError(format!("--upstream: {e}")))?,
         );
     }
-    c.upstream_tls = upstream_tls(&m, c.upstream.as_ref())?;
+    (c.upstream_trust, c.upstream_tls) =
+        upstream_tls(&m, c.upstream.as_ref(), m.opt_present("policy"))?;
     c.proxy_protocol = m.opt_present("proxy-protocol");
     c.tls = tls(&m)?;
     c.tls_only = m.opt_present("tls-only") || m.opt_present("tls-client-ca");
@@ -870,6 +879,7 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
         &c.inline_users,
         c.users_file.as_deref(),
         c.policy_file.as_deref(),
+        &c.upstream_trust,
     ) {
         Ok((users, policy)) => {
             c.users = Arc::new(users);

@@ -778,6 +778,7 @@ fn reload_files(server: &Server) {
         &cfg.inline_users,
         cfg.users_file.as_deref(),
         cfg.policy_file.as_deref(),
+        &cfg.upstream_trust,
     );
     match loaded {
         Ok((users, _)) if users.is_empty() && !cfg.users.is_empty() => {

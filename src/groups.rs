@@ -63,6 +63,8 @@ pub struct Member {
     pub server: Upstream,
     /// The URL without the password (metrics labels, logs).
     pub label: String,
+    /// The TLS client configuration for an `https://` or `socks5s://` member (its trust set at policy load).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     state: Arc<MemberState>,
 }
 
@@ -110,9 +112,11 @@ fn ms(now: Instant) -> u64 {
 
 /// The server URL without its password.
 pub fn label(server: &Upstream) -> String {
-    let scheme = match server.kind {
-        crate::upstream::UpstreamKind::Socks5 => "socks5",
-        crate::upstream::UpstreamKind::Http => "http",
+    let scheme = match (server.kind, server.tls) {
+        (crate::upstream::UpstreamKind::Socks5, false) => "socks5",
+        (crate::upstream::UpstreamKind::Socks5, true) => "socks5s",
+        (crate::upstream::UpstreamKind::Http, false) => "http",
+        (crate::upstream::UpstreamKind::Http, true) => "https",
     };
     let user = match &server.credentials {
         Some((u, _)) => format!("{u}@"),
@@ -139,6 +143,7 @@ impl Group {
             .map(|server| Member {
                 label: label(&server),
                 server,
+                tls: None,
                 state: Arc::default(),
             })
             .collect();

@@ -1,6 +1,8 @@
 """TLS client for scripts/tls-bench.sh (loopback only).
 
 bulk PORT socks|raw BYTES TARGET_PORT   send BYTES inside TLS (SOCKS5 CONNECT to TARGET_PORT first with `socks`)
+download PORT socks|raw BYTES TARGET_PORT
+                                        receive BYTES inside TLS from a `source` target, then close
 idle PORT socks|raw N TARGET_PORT tls|clear
                                         open N tunnels, print "open", hold them until stdin closes
 """
@@ -40,6 +42,20 @@ if cmd == "bulk":
         sent += len(chunk)
     s.close()
     print(f"{sent / (time.time() - t0) * 8 / 1e9:.2f}")
+elif cmd == "download":
+    total, target = int(sys.argv[4]), int(sys.argv[5])
+    s = connect(port, mode == "socks", target)
+    buf = bytearray(256 * 1024)
+    got, t0 = 0, time.time()
+    while got < total:
+        n = s.recv_into(buf)
+        if n == 0:
+            break
+        got += n
+    elapsed = time.time() - t0
+    s.close()
+    assert got >= total, f"only {got} bytes arrived"
+    print(f"{got / elapsed * 8 / 1e9:.2f}")
 else:
     n, target, tls = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "tls"
     conns = []

@@ -1,5 +1,5 @@
-"""Loopback target for scripts/tls-bench.sh: `sink` reads and discards, `hold` keeps every connection open.
-Binds 127.0.0.1 on the given port (0: any) and prints the port."""
+"""Loopback target for scripts/tls-bench.sh: `sink` reads and discards, `hold` keeps every connection open,
+`source` writes until the client goes away. Binds 127.0.0.1 on the given port (0: any) and prints the port."""
 import socket
 import sys
 import threading
@@ -19,9 +19,21 @@ def drain(c):
     c.close()
 
 
+def pour(c):
+    chunk = b"y" * (1 << 20)
+    try:
+        while True:
+            c.sendall(chunk)
+    except OSError:
+        pass
+    c.close()
+
+
 while True:
     conn, _ = listener.accept()
     if mode == "hold":
         held.append(conn)
+    elif mode == "source":
+        threading.Thread(target=pour, args=(conn,), daemon=True).start()
     else:
         threading.Thread(target=drain, args=(conn,), daemon=True).start()

@@ -23,6 +23,7 @@ use crate::acl::Cidr;
 use crate::auth::Users;
 use crate::config::parse_duration;
 use crate::groups::{Group, Strategy};
+use crate::tls::UpstreamTrust;
 use crate::upstream::Upstream;
 pub use bucket::{Limits, Rates, UserLimits};
 pub use quota::QuotaSpec;
@@ -93,6 +94,10 @@ struct UpstreamSection {
     strategy: Option<S<String>>,
     max_fails: Option<S<i64>>,
     fail_timeout: Option<S<String>>,
+    /// CAs for this group's TLS members, instead of `--upstream-ca` / the system roots.
+    ca: Option<S<String>>,
+    /// Do not verify this group's TLS members' certificates.
+    insecure: Option<S<bool>>,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -421,10 +426,13 @@ pub type Loaded = Result<(Users, Policy), Vec<String>>;
 
 /// Loads the users table (`--user` pairs over the users file) and then the policy file, which may add users.
 /// Errors are lines of the form `FILE:LINE: KEY: problem`.
+/// `trust` is how TLS group members are verified where their group does not say (`--upstream-ca`,
+/// `--upstream-insecure`, else the system roots).
 pub fn load_all(
     inline: &[(String, String)],
     users_file: Option<&Path>,
     policy_file: Option<&Path>,
+    trust: &UpstreamTrust,
 ) -> Loaded {
     let users = crate::config::load_users(inline, users_file).map_err(|e| vec![e])?;
     let Some(path) = policy_file else {
@@ -432,7 +440,7 @@ pub fn load_all(
     };
     let text = std::fs::read_to_string(path)
         .map_err(|e| vec![format!("{}: cannot read policy file: {e}", path.display())])?;
-    parse(&text, &path.display().to_string(), users)
+    parse_with(&text, &path.display().to_string(), users, trust)
 }
 
 /// Collects errors with their positions while a file is compiled.
@@ -493,7 +501,12 @@ impl Errors<'_> {
 
 /// Parses and validates a policy file's text; `users` is the table from the users file and `--user`, which
 /// `[users.NAME]` sections with a password add to. `file` names the file in error messages.
-pub fn parse(text: &str, file: &str, mut users: Users) -> Loaded {
+pub fn parse(text: &str, file: &str, users: Users) -> Loaded {
+    parse_with(text, file, users, &UpstreamTrust::System)
+}
+
+/// [`parse`], with `trust` for TLS group members whose group names no `ca` or `insecure` of its own.
+pub fn parse_with(text: &str, file: &str, mut users: Users, trust: &UpstreamTrust) -> Loaded {
     let mut errs = Errors {
         file,
         text,
@@ -606,6 +619,7 @@ pub fn parse(text: &str, file: &str, mut users: Users) -> Loaded {
     }
 
     // Upstream groups, indexed in name order (the order `via:NAME` rules refer to them by).
+    let mut tls_configs = TlsConfigs::default();
     for (name, section) in &parsed.upstreams {
         let g = section.get_ref();
         let key = format!("upstreams.{name}");
@@ -665,13 +679,9 @@ pub fn parse(text: &str, file: &str, mut users: Users) -> Loaded {
                 );
             }
         }
-        policy.groups.push(Arc::new(Group::new(
-            name.clone(),
-            servers,
-            strategy,
-            max_fails,
-            fail_timeout,
-        )));
+        let mut group = Group::new(name.clone(), servers, strategy, max_fails, fail_timeout);
+        member_tls(&mut errs, &key, g, &mut group, trust, &mut tls_configs);
+        policy.groups.push(Arc::new(group));
     }
 
     let groups: Vec<Arc<str>> = policy
@@ -793,14 +803,84 @@ fn check_upstream_url(s: &str) -> Result<Upstream, String> {
         return Err("the server must be given by IP address (names are not resolved here)".into());
     }
     // A URL that failed to parse can contain a password: report the parser's message, never the URL.
-    let u = s.parse::<Upstream>()?;
-    if u.tls {
-        // The group path speaks clear text to its members; refusing is better than a silent downgrade.
-        return Err(
-            "TLS members (https://, socks5s://) are not supported in groups; use --upstream".into(),
-        );
+    s.parse::<Upstream>()
+}
+
+/// TLS client configurations made during one load, by trust and ALPN: members that share them share one (the
+/// system roots are read once, not once per member).
+type TlsConfigs = HashMap<(UpstreamTrust, bool), Arc<rustls::ClientConfig>>;
+
+/// Gives the group's `https://` and `socks5s://` members their TLS client configuration: the group's `ca` or
+/// `insecure` if set, else `default` (the flags). The group's keys without a TLS member are an error, since
+/// they would silently do nothing.
+fn member_tls(
+    errs: &mut Errors<'_>,
+    key: &str,
+    g: &UpstreamSection,
+    group: &mut Group,
+    default: &UpstreamTrust,
+    cache: &mut TlsConfigs,
+) {
+    let insecure = g.insecure.as_ref().filter(|i| *i.get_ref());
+    let (trust, at) = match (&g.ca, insecure) {
+        (Some(_), Some(i)) => {
+            errs.push(
+                i.span(),
+                &format!("{key}.insecure"),
+                "excludes ca (a certificate is either verified or not)",
+            );
+            return;
+        }
+        (Some(ca), None) => {
+            if ca.get_ref().is_empty() {
+                errs.push(ca.span(), &format!("{key}.ca"), "empty file name");
+                return;
+            }
+            (
+                UpstreamTrust::Ca(ca.get_ref().into()),
+                Some((ca.span(), "ca")),
+            )
+        }
+        (None, Some(i)) => (UpstreamTrust::Insecure, Some((i.span(), "insecure"))),
+        (None, None) => (default.clone(), None),
+    };
+    let any_tls = group.members.iter().any(|m| m.server.tls);
+    if !any_tls {
+        if let Some((span, field)) = at {
+            errs.push(
+                span,
+                &format!("{key}.{field}"),
+                "applies to https:// and socks5s:// members, and the group has none",
+            );
+        }
+        return;
     }
-    Ok(u)
+    for m in &mut group.members {
+        if !m.server.tls {
+            continue;
+        }
+        let http = m.server.kind == crate::upstream::UpstreamKind::Http;
+        let made = match cache.get(&(trust.clone(), http)) {
+            Some(c) => Ok(Arc::clone(c)),
+            None => crate::tls::upstream_client_config(&trust, http).inspect(|c| {
+                cache.insert((trust.clone(), http), Arc::clone(c));
+            }),
+        };
+        match made {
+            Ok(c) => m.tls = Some(c),
+            Err(e) => {
+                let (span, field) = at.clone().unwrap_or((g.servers.span(), "servers"));
+                // The loader names the flag; here the key in front of the message says where it came from.
+                let msg = e.to_string();
+                let msg = msg
+                    .strip_prefix("--upstream-ca ")
+                    .or_else(|| msg.strip_prefix("--upstream: "))
+                    .unwrap_or(&msg);
+                errs.push(span, &format!("{key}.{field}"), msg);
+                return;
+            }
+        }
+    }
 }
 
 fn compile_rule(
@@ -1161,10 +1241,48 @@ strategy = "failover"
     }
 
     #[test]
-    fn tls_group_members_are_refused() {
-        for url in ["socks5s://127.0.0.1:1081", "https://127.0.0.1:3128"] {
-            let e = errors(&format!("[upstreams.u]\nservers = [\"{url}\"]\n"));
-            assert!(e[0].contains("not supported in groups"), "{}", e[0]);
-        }
+    fn tls_group_members_get_a_client_configuration() {
+        let text =
+            "[upstreams.u]\nservers = [\"socks5s://127.0.0.1:1081\", \"https://127.0.0.1:3128\", \
+                    \"socks5://127.0.0.1:1080\"]\ninsecure = true\n";
+        let (_, policy) = load(text).unwrap();
+        let g = &policy.groups[0];
+        assert!(g.members[0].tls.is_some() && g.members[1].tls.is_some());
+        assert!(g.members[2].tls.is_none());
+        assert_eq!(g.members[0].label, "socks5s://127.0.0.1:1081");
+        // https members offer http/1.1 by ALPN; socks5s members offer nothing.
+        assert!(g.members[0].tls.as_ref().unwrap().alpn_protocols.is_empty());
+        assert_eq!(
+            g.members[1].tls.as_ref().unwrap().alpn_protocols,
+            vec![b"http/1.1".to_vec()]
+        );
+    }
+
+    #[test]
+    fn group_tls_keys_are_validated() {
+        let e = errors(
+            "[upstreams.u]\nservers = [\"https://127.0.0.1:1\"]\nca = \"/nonexistent/ca.pem\"\n",
+        );
+        assert!(
+            e[0].starts_with("p.toml:3: upstreams.u.ca: ") && e[0].contains("/nonexistent/ca.pem"),
+            "{}",
+            e[0]
+        );
+        let e = errors(
+            "[upstreams.u]\nservers = [\"https://127.0.0.1:1\"]\nca = \"x\"\ninsecure = true\n",
+        );
+        assert!(
+            e[0].starts_with("p.toml:4: upstreams.u.insecure: "),
+            "{}",
+            e[0]
+        );
+        let e = errors("[upstreams.u]\nservers = [\"socks5://127.0.0.1:1\"]\ninsecure = true\n");
+        assert!(
+            e[0].starts_with("p.toml:3: upstreams.u.insecure: "),
+            "{}",
+            e[0]
+        );
+        let e = errors("[upstreams.u]\nservers = [\"https://127.0.0.1:1\"]\ninsecure = \"yes\"\n");
+        assert!(e[0].contains("insecure"), "{}", e[0]);
     }
 }

@@ -24,9 +24,10 @@ pub use session::{Established, TlsFailure, TlsSession, TlsVersion, Transport};
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
 
 /// Outgoing bytes rustls may hold per connection (plaintext waiting for the handshake, or records waiting for the
-/// socket). The transport hands rustls new plaintext only once earlier records reached the kernel, so this is the
-/// bound on a TLS leg's memory beyond its relay buffers.
-pub const BUFFER_LIMIT: usize = 16 * 1024;
+/// socket). The transport hands rustls new plaintext only once earlier records reached the kernel, so a leg holds
+/// at most one relay buffer's worth (`--buffer-size`) up to this cap. Above one record (16 KiB) so that a larger
+/// relay buffer goes out as several records in one writev instead of one syscall per record.
+pub const BUFFER_LIMIT: usize = 64 * 1024;
 
 /// A certificate, key or CA file that could not be used. The message names the flag, the file and the problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,7 +209,7 @@ pub fn load(files: &TlsFiles) -> Result<(Arc<ServerConfig>, Loaded), TlsError> {
 }
 
 /// How the certificates of TLS upstreams (`https://`, `socks5s://`) are checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum UpstreamTrust {
     /// The system's CA certificates (`/etc/ssl/certs` and the like).
     System,

@@ -381,6 +381,9 @@ pub enum UpstreamState {
     Reply,
     /// Waiting for the HTTP CONNECT response head.
     HttpReply,
+    /// Forwarded HTTP to a TLS group member: waiting for its TLS handshake before the request head goes out, so
+    /// that a refused certificate counts against the member and the next one is tried.
+    TlsForward,
 }
 
 /// The upstream handshake of one connection.

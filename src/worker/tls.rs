@@ -13,6 +13,7 @@ use super::ctx::{Ctx, Next};
 use crate::auth::Authorized;
 use crate::metrics::{self, Refusal, Stats, TlsOutcome};
 use crate::tls::{TlsFailure, TlsSession};
+use crate::upstream::Upstream;
 
 /// The first byte of a TLS handshake record (RFC 8446 §5.1, content type 22); no SOCKS version or HTTP method
 /// starts with it.
@@ -73,20 +74,28 @@ pub fn on_established(conn: &mut Conn, ctx: &mut Ctx) -> Option<Next> {
     None
 }
 
-/// Right after the TCP connect to an `https://` or `socks5s://` upstream: TLS under the outbound socket, so the
-/// upstream handshake that follows (and the relay) run inside it. The ClientHello goes out now; the first
-/// handshake bytes written are held by rustls until the TLS handshake completes. False: it could not start.
-pub fn start_upstream(conn: &mut Conn, ctx: &mut Ctx) -> bool {
-    let (Some(upstream), Some(cfg)) = (ctx.cfg.upstream.as_ref(), ctx.cfg.upstream_tls.as_ref())
-    else {
-        return true;
-    };
+/// Right after the TCP connect to an `https://` or `socks5s://` upstream (the `--upstream` flag's or a group
+/// member, with the client configuration that goes with it): TLS under the outbound socket, so the upstream
+/// handshake that follows (and the relay) run inside it. The ClientHello goes out now; the first handshake bytes
+/// written are held by rustls until the TLS handshake completes. False: it could not start.
+pub fn start_upstream(
+    conn: &mut Conn,
+    upstream: &Upstream,
+    cfg: Option<&Arc<rustls::ClientConfig>>,
+) -> bool {
     if !upstream.tls {
         return true;
     }
+    // A TLS server without a configuration cannot happen (the flags and the policy load make one); refusing is
+    // better than speaking clear text to it.
+    let Some(cfg) = cfg else {
+        return false;
+    };
     let Some(sock) = conn.upstream.as_mut() else {
         return false;
     };
+    // The name checked against the certificate is the host as configured: a DNS name, or an IP address (an IP
+    // SAN), since group members are given by address.
     let session = ServerName::try_from(upstream.host.clone())
         .map_err(|e| e.to_string())
         .and_then(|name| TlsSession::client(Arc::clone(cfg), name).map_err(|e| e.to_string()))

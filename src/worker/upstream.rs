@@ -368,16 +368,38 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                     return Next::Wait;
                 };
                 let http = server(hs, ctx).is_some_and(|u| u.kind == UpstreamKind::Http);
-                // TLS to the upstream: only the --upstream flag's server can ask for it (groups refuse TLS
-                // members at load).
-                let flag_route = matches!(hs.route, Route::Flag);
-                if flag_route && !super::tls::start_upstream(conn, ctx) {
-                    return fail(
+                let group_route = matches!(hs.route, Route::Group { .. });
+                // TLS to the upstream when its URL asks for it; a TLS failure later shows up as a failed read
+                // or write of the handshake below, and so counts against a group member like any other.
+                let started = match &hs.route {
+                    Route::Flag => ctx.cfg.upstream.as_ref().is_none_or(|u| {
+                        super::tls::start_upstream(conn, u, ctx.cfg.upstream_tls.as_ref())
+                    }),
+                    Route::Group {
+                        group, order, pos, ..
+                    } => {
+                        let group = Arc::clone(group);
+                        order
+                            .get(*pos)
+                            .and_then(|&i| group.member(usize::from(i)))
+                            .is_some_and(|m| {
+                                super::tls::start_upstream(conn, &m.server, m.tls.as_ref())
+                            })
+                    }
+                };
+                if !started {
+                    return upstream_failed(
+                        key,
                         conn,
                         ctx,
                         reply,
                         CloseReason::UpstreamProxy(Failure::General),
                     );
+                }
+                let tls_member = group_route && conn.upstream.as_ref().is_some_and(|s| s.is_tls());
+                if http && reply == ReplyKind::HttpForward && tls_member {
+                    set_state(conn, UpstreamState::TlsForward);
+                    return Next::Again;
                 }
                 if http && reply == ReplyKind::HttpForward {
                     // Forwarded requests go to an HTTP upstream in absolute-form (as Squid's cache_peer sends
@@ -390,7 +412,9 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         };
     }
     if conn.flush_upstream().is_err() {
-        return fail(
+        // Through TLS this is also where a refused certificate surfaces: a member failure in a group.
+        return upstream_failed(
+            key,
             conn,
             ctx,
             reply,
@@ -416,6 +440,31 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 break;
             }
         }
+    }
+    if state == UpstreamState::TlsForward {
+        let established = sock.tls.as_ref().is_some_and(|t| !t.is_handshaking());
+        // An HTTP server speaks only when spoken to: anything before our request is not HTTP.
+        let early = !buf.is_empty();
+        if buf.is_empty() {
+            if let Some(b) = conn.u2c.take() {
+                ctx.pool.give(b);
+            }
+        }
+        if established && !early {
+            member_ok(conn);
+            return forward_head_for_member(conn, ctx, reply);
+        }
+        if eof || early {
+            debug!("{}: TLS to the upstream group member failed", conn.peer);
+            return upstream_failed(
+                key,
+                conn,
+                ctx,
+                reply,
+                CloseReason::UpstreamProxy(Failure::General),
+            );
+        }
+        return Next::Wait;
     }
     let step = parse_step(state, buf.data());
     match step {
@@ -487,7 +536,7 @@ enum Step {
 
 fn parse_step(state: UpstreamState, data: &[u8]) -> Step {
     match state {
-        UpstreamState::Connecting => Step::More,
+        UpstreamState::Connecting | UpstreamState::TlsForward => Step::More,
         UpstreamState::Method => match up::parse_method_choice(data) {
             Ok(Parse::Incomplete) => Step::More,
             Ok(Parse::Done(socks5::METHOD_NO_AUTH, n)) => Step::Ok(n, Then::SendRequest),

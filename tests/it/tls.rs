@@ -933,3 +933,362 @@ fn client_certificate_user_is_held_to_her_quota() {
         "SOCKS5 after the quota"
     );
 }
+
+/// A gateway with `policy` as its policy file, /metrics, and `extra` flags.
+fn group_gateway(policy: &str, name: &str, extra: &[&str]) -> Proxy {
+    let path = common::temp_path(name);
+    std::fs::write(&path, policy).unwrap();
+    let mut args = vec![
+        "--metrics",
+        "127.0.0.1:0",
+        "--policy",
+        path.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Proxy::start(&args)
+}
+
+fn group_series(kind: &str, group: &str, server: &str) -> String {
+    format!("socksgate_upstream_{kind}{{group=\"{group}\",server=\"{server}\"}}")
+}
+
+/// A failover group of TLS members: the first is down, the second's certificate does not chain to the group's
+/// `ca`, the third carries the tunnel. Both failures count against their members; the carrying member saw TLS 1.3
+/// and the credentials. A group with `insecure = true` accepts the unverifiable member.
+#[test]
+fn tls_group_fails_over_past_a_dead_and_an_unverified_member() {
+    let p = pki("group");
+    let other = pki("group-other");
+    let echo = TestServer::echo();
+    let good = tls_proxy(&p, &["-U", "up:pw", "--tls-only"]);
+    let bad = tls_proxy(&other, &["--tls-only"]);
+    let dead = common::closed_port();
+    let (g, b) = (good.addr().port(), bad.addr().port());
+    let policy = format!(
+        "[upstreams.corp]\nservers = [\"socks5s://127.0.0.1:{dead}\", \"socks5s://127.0.0.1:{b}\", \
+         \"socks5s://up:pw@127.0.0.1:{g}\"]\nca = \"{}\"\n\n[[rules]]\naction = \"via:corp\"\n",
+        p.ca()
+    );
+    let gw = group_gateway(&policy, "tls-group.toml", &[]);
+    let mut c = common::socks5_connect(gw.addr(), echo.addr).expect("CONNECT through the group");
+    echo_round(&mut c, b"past two failed members");
+    echo_round(&mut c, &common::pseudo_random(21, 1 << 20));
+    drop(c);
+    let dead_label = format!("socks5s://127.0.0.1:{dead}");
+    let bad_label = format!("socks5s://127.0.0.1:{b}");
+    let good_label = format!("socks5s://up@127.0.0.1:{g}");
+    common::wait_metric(&gw, &group_series("failures_total", "corp", &dead_label), 1);
+    common::wait_metric(&gw, &group_series("failures_total", "corp", &bad_label), 1);
+    common::wait_metric(&gw, &group_series("attempts_total", "corp", &good_label), 1);
+    common::wait_metric(&gw, &group_series("failures_total", "corp", &good_label), 0);
+    // The unverified member got as far as a TLS handshake that our side refused, and carried nothing.
+    common::wait_metric(
+        &bad,
+        "socksgate_tls_handshakes_total{outcome=\"error\",version=\"unknown\"}",
+        1,
+    );
+    assert!(
+        access_lines(&bad)
+            .iter()
+            .all(|l| l.contains("end=tls_error")),
+        "{}",
+        bad.log()
+    );
+    assert!(
+        good.wait_for(IO_TIMEOUT, || access_lines(&good)
+            .iter()
+            .any(|l| l.contains("user=up")
+                && l.contains("proto=socks5")
+                && l.contains("tls=1.3"))),
+        "{}",
+        good.log()
+    );
+    // The operator's word for this group: its member's certificate is not checked.
+    let policy = format!(
+        "[upstreams.lax]\nservers = [\"socks5s://127.0.0.1:{b}\"]\ninsecure = true\n\n[[rules]]\naction = \"via:lax\"\n"
+    );
+    let gw = group_gateway(&policy, "tls-group-lax.toml", &[]);
+    let mut c = common::socks5_connect(gw.addr(), echo.addr).expect("insecure member");
+    echo_round(&mut c, b"insecure but encrypted");
+}
+
+/// A round-robin group of a clear SOCKS5 member and an `https://` member verified by `--upstream-ca` (the flag
+/// is the default for groups): sessions alternate, the bytes arrive whole through both, and the TLS member saw
+/// HTTP CONNECT inside TLS with its credentials. A bad group key is a start-up error naming file, line and key.
+#[test]
+fn a_group_mixing_clear_and_tls_members() {
+    let p = pki("group-mixed");
+    let echo = TestServer::echo();
+    let clear = Proxy::start(&["--metrics", "127.0.0.1:0"]);
+    let tls = tls_proxy(&p, &["-U", "up:pw", "--tls-only"]);
+    let policy = format!(
+        "[upstreams.mix]\nservers = [\"socks5://{}\", \"https://up:pw@127.0.0.1:{}\"]\nstrategy = \"round-robin\"\n\n\
+         [[rules]]\naction = \"via:mix\"\n",
+        clear.addr(),
+        tls.addr().port()
+    );
+    let gw = group_gateway(&policy, "tls-group-mixed.toml", &["--upstream-ca", p.ca()]);
+    for i in 0..4 {
+        let mut c =
+            common::socks5_connect(gw.addr(), echo.addr).expect("CONNECT through the group");
+        echo_round(&mut c, &common::pseudo_random(30 + i, 256 << 10));
+    }
+    let tls_label = format!("https://up@127.0.0.1:{}", tls.addr().port());
+    let clear_label = format!("socks5://{}", clear.addr());
+    common::wait_metric(&gw, &group_series("attempts_total", "mix", &tls_label), 2);
+    common::wait_metric(&gw, &group_series("attempts_total", "mix", &clear_label), 2);
+    common::wait_metric(&gw, &group_series("failures_total", "mix", &tls_label), 0);
+    common::wait_metric(&clear, "socksgate_connections_accepted_total", 2);
+    assert!(
+        tls.wait_for(IO_TIMEOUT, || access_lines(&tls)
+            .iter()
+            .filter(|l| l.contains("user=up") && l.contains("proto=http") && l.contains("tls=1.3"))
+            .count()
+            == 2),
+        "{}",
+        tls.log()
+    );
+    // Group keys are checked like any other: an unreadable CA names the file, the line and the key.
+    let path = common::temp_path("tls-group-bad.toml");
+    std::fs::write(
+        &path,
+        "[upstreams.mix]\nservers = [\"https://127.0.0.1:1\"]\nca = \"/nonexistent/ca.pem\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_socksgate"))
+        .args(["-l", "127.0.0.1:0", "--policy", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tls-group-bad.toml:3: upstreams.mix.ca:")
+            && err.contains("/nonexistent/ca.pem"),
+        "{err}"
+    );
+}
+
+/// Reads an HTTP/1.1 request head and answers it with `body` as text/html, then closes.
+fn serve_page(s: &mut impl ReadWrite, body: &str) {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 65536 {
+        match s.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => return,
+        }
+    }
+    let status = if head.starts_with(b"GET / ") {
+        "200 OK"
+    } else {
+        "404 Not Found"
+    };
+    let body = if status.starts_with("200") { body } else { "" };
+    let _ = write!(
+        s,
+        "HTTP/1.1 {status}\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = s.flush();
+}
+
+/// Chrome's `--ignore-certificate-errors-spki-list` value for the test leaf: base64 of the SHA-256 of its
+/// SubjectPublicKeyInfo. Pinning this one key keeps Chrome's verification on for everything else.
+fn spki_pin(leaf_der: &[u8]) -> String {
+    use base64::Engine;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf_der).unwrap();
+    let sha256 = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+        .tls13()
+        .unwrap()
+        .common
+        .hash_provider;
+    let digest = sha256.hash(cert.tbs_certificate.subject_pki.raw);
+    base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+}
+
+/// Runs headless Chromium through `proxy` on `url` with `--dump-dom`, bounded in time; returns the DOM.
+fn chromium_dump(proxy: &str, url: &str, pin: Option<&str>, dir: &std::path::Path) -> String {
+    let profile = dir.join(format!("profile-{}", pin.is_some()));
+    let mut cmd = Command::new("chromium");
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        // Chrome sends loopback targets around a proxy unless told not to.
+        "--proxy-bypass-list=<-loopback>",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()))
+    .arg(format!("--proxy-server={proxy}"))
+    .env("HOME", dir)
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null());
+    if let Some(pin) = pin {
+        cmd.arg(format!("--ignore-certificate-errors-spki-list={pin}"));
+    }
+    cmd.args(["--dump-dom", url]);
+    let mut child = cmd.spawn().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            // Only the browser we started, by its PID; its helpers exit with it.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("chromium did not finish {url} within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    reader.join().unwrap()
+}
+
+/// Chromium with `--proxy-server=https://...` loads a plain http:// page (forwarded inside TLS) and an https://
+/// page (CONNECT inside TLS) through socksgate with `--tls-cert`; the proxy's certificate is verified (only its
+/// key is pinned), and without the pin Chrome refuses the proxy.
+#[test]
+fn chromium_through_the_https_proxy() {
+    if Command::new("chromium").arg("--version").output().is_err() {
+        eprintln!("chromium not installed: skipping");
+        return;
+    }
+    let p = pki("chrome");
+    let dir = p.dir.join("chrome");
+    std::fs::create_dir_all(&dir).unwrap();
+    let nonce = format!("{:016x}", common::digest(&common::pseudo_random(7, 64)));
+    let plain_body = format!("<html><body><p id=\"m\">plain page {nonce}</p></body></html>");
+    let tls_body = format!("<html><body><p id=\"m\">tls page {nonce}</p></body></html>");
+    let plain = {
+        let body = plain_body.clone();
+        TestServer::start(move |mut s| serve_page(&mut s, &body))
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(p.cert())
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(p.key()).unwrap();
+    let server_cfg = Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap(),
+    );
+    let secure = {
+        let body = tls_body.clone();
+        TestServer::start(move |s| {
+            let Ok(conn) = rustls::ServerConnection::new(Arc::clone(&server_cfg)) else {
+                return;
+            };
+            let mut t = StreamOwned::new(conn, s);
+            serve_page(&mut t, &body);
+            t.conn.send_close_notify();
+            let _ = t.flush();
+        })
+    };
+    // Chrome's own background requests reach the proxy too: a nameserver on a closed loopback port makes their
+    // names fail at once, so no query leaves the machine.
+    let dns = format!("127.0.0.1:{}", common::closed_port());
+    let gw = tls_proxy(&p, &["--tls-only", "--dns", &dns]);
+    let proxy = format!("https://127.0.0.1:{}", gw.addr().port());
+    let pin = spki_pin(&p.leaf_der);
+
+    let dom = chromium_dump(&proxy, &format!("http://{}/", plain.addr), Some(&pin), &dir);
+    assert!(
+        dom.contains(&format!("plain page {nonce}")),
+        "DOM: {dom}\n{}",
+        gw.log()
+    );
+    let dom = chromium_dump(
+        &proxy,
+        &format!("https://{}/", secure.addr),
+        Some(&pin),
+        &dir,
+    );
+    assert!(
+        dom.contains(&format!("tls page {nonce}")),
+        "DOM: {dom}\n{}",
+        gw.log()
+    );
+    let lines = access_lines(&gw);
+    let forwarded = format!("url=http://{}/ status=200 tls=1.3", plain.addr);
+    assert!(lines.iter().any(|l| l.contains(&forwarded)), "{}", gw.log());
+    let tunnel = format!("target={} tls=1.3", secure.addr);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("proto=http") && l.contains(&tunnel)),
+        "{}",
+        gw.log()
+    );
+    // Without the pin Chrome verifies the proxy's certificate against its roots and refuses it.
+    let dom = chromium_dump(&proxy, &format!("http://{}/", plain.addr), None, &dir);
+    assert!(!dom.contains(&nonce), "DOM: {dom}");
+}
+
+/// Forwarded plain HTTP through a group whose first `https://` member's certificate does not verify: the
+/// request waits for the TLS handshake, the refusal counts against that member, and the second member forwards
+/// the request (inside TLS) to the origin.
+#[test]
+fn http_forwarding_through_a_tls_group_skips_an_unverified_member() {
+    let p = pki("group-forward");
+    let other = pki("group-forward-other");
+    let page = TestServer::start(|mut s| serve_page(&mut s, "forwarded through TLS"));
+    let good = tls_proxy(&p, &["--tls-only"]);
+    let bad = tls_proxy(&other, &["--tls-only"]);
+    let (g, b) = (good.addr().port(), bad.addr().port());
+    let policy = format!(
+        "[upstreams.web]\nservers = [\"https://127.0.0.1:{b}\", \"https://127.0.0.1:{g}\"]\nca = \"{}\"\n\n\
+         [[rules]]\naction = \"via:web\"\n",
+        p.ca()
+    );
+    let gw = group_gateway(&policy, "tls-group-forward.toml", &[]);
+    let mut s = common::connect(gw.addr());
+    write!(
+        s,
+        "GET http://{0}/ HTTP/1.1\r\nHost: {0}\r\nConnection: close\r\n\r\n",
+        page.addr
+    )
+    .unwrap();
+    let (resp, _) = common::read_until_closed(&mut s);
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(
+        resp.starts_with("HTTP/1.1 200") && resp.ends_with("forwarded through TLS"),
+        "{resp}\n{}",
+        gw.log()
+    );
+    common::wait_metric(
+        &gw,
+        &group_series("failures_total", "web", &format!("https://127.0.0.1:{b}")),
+        1,
+    );
+    common::wait_metric(
+        &gw,
+        &group_series("failures_total", "web", &format!("https://127.0.0.1:{g}")),
+        0,
+    );
+    let forwarded = format!("url=http://{}/ status=200 tls=1.3", page.addr);
+    assert!(
+        good.wait_for(IO_TIMEOUT, || access_lines(&good)
+            .iter()
+            .any(|l| l.contains(&forwarded))),
+        "{}",
+        good.log()
+    );
+}
