@@ -339,44 +339,84 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     if conn.flush_client().is_err() {
         return Next::Close(CloseReason::ClientError);
     }
-    let gen = conn.gen;
-    let sender = Sender {
+    let from = Sender {
         user: conn.user.as_ref().map(|u| u.user()),
         client: conn.peer.ip(),
     };
-    // A datagram is all or nothing: one over the user's rate is dropped, as a router would.
-    let limits = conn.limits.as_deref();
     let Phase::Udp(u) = &mut conn.phase else {
         return Next::Wait;
     };
-    let mut more = false;
-    // A datagram that no longer fits the user's quota ends the association (and her other sessions), after the
-    // ones admitted before it in the same batch have gone out.
-    let mut quota_hit = false;
-    let arena = &mut ctx.udp;
-    ensure_arena(arena);
-    // Client -> targets, a batch at a time: every datagram of a batch is checked, then the admitted ones leave in
-    // one sendmmsg, in arrival order, before the next batch is read.
-    let mut done = 0;
-    while u.relay_readable {
-        if done >= PER_TURN {
-            more = true;
-            break;
+    let mut io = Pump {
+        key,
+        gen: conn.gen,
+        from,
+        limits: conn.limits.as_deref(),
+        bytes_up: &mut conn.bytes_up,
+        bytes_down: &mut conn.bytes_down,
+        quota_hit: false,
+    };
+    // The arena is lent to this association for the turn (a move of three vectors, no copy of their contents).
+    let mut arena = std::mem::take(&mut ctx.udp);
+    ensure_arena(&mut arena);
+    // One batch each way in turn, so while one direction is handled the other's queue fills: the batches, and
+    // with them the GSO messages, grow instead of each socket being drained a few datagrams at a time.
+    let (mut up, mut down) = (0, 0);
+    let more = loop {
+        let up_left = u.relay_readable && up < PER_TURN;
+        let down_left = u.out_readable && down < PER_TURN;
+        if !up_left && !down_left {
+            break u.relay_readable || u.out_readable;
         }
+        if up_left {
+            up += io.up(u, &mut arena, ctx);
+        }
+        if down_left && !io.quota_hit {
+            down += io.down(u, &mut arena, ctx);
+        }
+        if io.quota_hit {
+            // The datagrams admitted before the one that did not fit have gone out; the association ends (and the
+            // control thread ends her other sessions).
+            ctx.udp = arena;
+            ctx.limits.note_exhausted();
+            return Next::Close(CloseReason::Quota);
+        }
+    };
+    ctx.udp = arena;
+    if more {
+        Next::Yield
+    } else {
+        Next::Wait
+    }
+}
+
+/// What a turn of [`drive`] needs from the connection besides the association.
+struct Pump<'a> {
+    key: usize,
+    gen: u32,
+    from: Sender<'a>,
+    // A datagram is all or nothing: one over the user's rate is dropped, as a router would.
+    limits: Option<&'a crate::policy::UserLimits>,
+    bytes_up: &'a mut u64,
+    bytes_down: &'a mut u64,
+    /// A datagram no longer fit the user's quota: the batch stopped there.
+    quota_hit: bool,
+}
+
+impl Pump<'_> {
+    /// Client -> targets, one batch: every datagram is checked, then the admitted ones leave in one sendmmsg, in
+    /// arrival order. Returns how much of the turn's budget it used.
+    fn up(&mut self, u: &mut UdpState, arena: &mut UdpArena, ctx: &Ctx) -> usize {
         let fd = u.relay.as_raw_fd();
         let got = match sys::recv_batch(fd, &mut arena.buf, SLOT, 0, &mut arena.got) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 u.relay_readable = false;
-                break;
+                return 0;
             }
             // An error the socket had queued (it is consumed by reporting it): read on, within the turn's budget.
-            Err(_) => {
-                done += 1;
-                continue;
-            }
+            Err(_) => return 1,
         };
-        done += got.max(1);
+        let sender = self.from;
         for i in 0..got {
             let r = arena.got[i];
             let base = i * SLOT;
@@ -411,44 +451,43 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 continue;
             }
             let payload = &dgram[off..];
-            if limits.is_some_and(|l| !l.up.take_exact(ctx.now, payload.len())) {
+            if self
+                .limits
+                .is_some_and(|l| !l.up.take_exact(ctx.now, payload.len()))
+            {
                 metrics::inc(&ctx.stats.udp_drops[UdpDrop::Rate as usize]);
                 continue;
             }
-            if limits.is_some_and(|l| !l.quota.take_exact(payload.len())) {
-                quota_hit = true;
+            if self
+                .limits
+                .is_some_and(|l| !l.quota.take_exact(payload.len()))
+            {
+                self.quota_hit = true;
                 break;
             }
             count_dest(u, &header.target);
             u.last_active = ctx.now;
-            conn.bytes_up += payload.len() as u64;
+            *self.bytes_up += payload.len() as u64;
             let (start, end) = (base + off, base + r.len);
+            let (cfg, policy, stats) = (&ctx.cfg, &ctx.policy, &ctx.stats);
             match header.target {
                 TargetAddr::Ip(dest) => {
-                    let (cfg, policy, stats) = (&ctx.cfg, &ctx.policy, &ctx.stats);
                     if let Some(to) = admit_out(u, cfg, policy, sender, stats, None, dest) {
                         arena.out.push(Outgoing { start, end, to });
                     }
                 }
                 TargetAddr::Domain(name, port) => {
                     // A name that is invalid or denied by name is dropped before any lookup.
-                    if ctx
-                        .policy
-                        .check_name(
-                            sender.user,
-                            sender.client,
-                            Command::Udp,
-                            name.as_str(),
-                            port,
-                        )
+                    let (user, client) = (sender.user, sender.client);
+                    if policy
+                        .check_name(user, client, Command::Udp, name.as_str(), port)
                         .is_err()
                     {
-                        metrics::inc(&ctx.stats.udp_drops[UdpDrop::Rule as usize]);
+                        metrics::inc(&stats.udp_drops[UdpDrop::Rule as usize]);
                         continue;
                     }
                     if let Some((_, ip)) = u.cache.iter().find(|(n, _)| *n == name) {
                         let dest = SocketAddr::new(*ip, port);
-                        let (cfg, policy, stats) = (&ctx.cfg, &ctx.policy, &ctx.stats);
                         let n = Some(name.as_str());
                         if let Some(to) = admit_out(u, cfg, policy, sender, stats, n, dest) {
                             arena.out.push(Outgoing { start, end, to });
@@ -456,7 +495,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                         continue;
                     }
                     if u.queued.len() >= MAX_QUEUED {
-                        metrics::inc(&ctx.stats.udp_drops[UdpDrop::Unresolved as usize]);
+                        metrics::inc(&stats.udp_drops[UdpDrop::Unresolved as usize]);
                         continue;
                     }
                     let in_flight = u.queued.iter().find(|q| q.1 == name).map(|q| q.0);
@@ -465,10 +504,10 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                         None => {
                             // Tags stay below the TCP connect tags.
                             u.next_tag = (u.next_tag + 1) % super::phase::CONNECT_TAGS;
-                            metrics::inc(&ctx.stats.dns_lookups);
+                            metrics::inc(&stats.dns_lookups);
                             let _ = ctx.resolve_tx.send(Job {
-                                key,
-                                gen,
+                                key: self.key,
+                                gen: self.gen,
                                 tag: u.next_tag,
                                 work: Work::Resolve {
                                     host: name.as_str().to_string(),
@@ -485,32 +524,22 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             }
         }
         u.dgrams_up += flush(&u.out, arena, &ctx.stats, &ctx.stats.udp_up);
-        if quota_hit {
-            ctx.limits.note_exhausted();
-            return Next::Close(CloseReason::Quota);
-        }
+        got.max(1)
     }
-    // Targets -> client, from the relay socket, with the answering remote's address in the header: each datagram
-    // is received behind HEADROOM bytes of its slot, so the header is written in front of it in place.
-    let mut done = 0;
-    while u.out_readable {
-        if done >= PER_TURN {
-            more = true;
-            break;
-        }
+
+    /// Targets -> client, one batch, with the answering remote's address in the header: each datagram is received
+    /// behind HEADROOM bytes of its slot, so the header is written in front of it in place. Returns how much of the
+    /// turn's budget it used.
+    fn down(&mut self, u: &mut UdpState, arena: &mut UdpArena, ctx: &Ctx) -> usize {
         let fd = u.out.as_raw_fd();
         let got = match sys::recv_batch(fd, &mut arena.buf, SLOT, HEADROOM, &mut arena.got) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 u.out_readable = false;
-                break;
+                return 0;
             }
-            Err(_) => {
-                done += 1;
-                continue;
-            }
+            Err(_) => return 1,
         };
-        done += got.max(1);
         for i in 0..got {
             let r = arena.got[i];
             let base = i * SLOT;
@@ -524,12 +553,12 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 continue;
             }
             let n = r.len;
-            if limits.is_some_and(|l| !l.down.take_exact(ctx.now, n)) {
+            if self.limits.is_some_and(|l| !l.down.take_exact(ctx.now, n)) {
                 metrics::inc(&ctx.stats.udp_drops[UdpDrop::Rate as usize]);
                 continue;
             }
-            if limits.is_some_and(|l| !l.quota.take_exact(n)) {
-                quota_hit = true;
+            if self.limits.is_some_and(|l| !l.quota.take_exact(n)) {
+                self.quota_hit = true;
                 break;
             }
             let src = TargetAddr::Ip(SocketAddr::new(canonical_ip(from.ip()), from.port()));
@@ -538,7 +567,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             let start = base + HEADROOM - hl;
             arena.buf[start..base + HEADROOM].copy_from_slice(&head[..hl]);
             u.last_active = ctx.now;
-            conn.bytes_down += n as u64;
+            *self.bytes_down += n as u64;
             arena.out.push(Outgoing {
                 start,
                 end: base + HEADROOM + n,
@@ -546,15 +575,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             });
         }
         u.dgrams_down += flush(&u.relay, arena, &ctx.stats, &ctx.stats.udp_down);
-        if quota_hit {
-            ctx.limits.note_exhausted();
-            return Next::Close(CloseReason::Quota);
-        }
-    }
-    if more {
-        Next::Yield
-    } else {
-        Next::Wait
+        got.max(1)
     }
 }
 
