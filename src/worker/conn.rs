@@ -7,7 +7,7 @@
 //!              |                            |
 //!           [Detect] <---------------------+
 //!        /     |      \
-//! Socks5*  Socks4Request  HttpHead ------------------------+
+//!  Socks5    Socks4     HttpHead --------------------------+
 //!        \     |      /                                     |
 //!   [Resolving] -> [Connecting] -> [UpstreamHandshake]      | (absolute-form)
 //!                        |                |                 v

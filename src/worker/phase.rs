@@ -13,6 +13,7 @@ use super::ctx::ReplyKind;
 use super::sock::Sock;
 use crate::buffer::Buffer;
 use crate::proto::http::BodyFramer;
+use crate::proto::server::{Socks4Server, Socks5Server, Socks5Stage};
 use crate::proto::{Name, TargetAddr};
 use crate::sys::Pipe;
 
@@ -143,14 +144,10 @@ pub enum Handshake {
     ProxyHeader,
     /// Waiting for the first byte.
     Detect,
-    /// SOCKS5 method negotiation.
-    Socks5Greeting,
-    /// RFC 1929 sub-negotiation.
-    Socks5Auth,
-    /// SOCKS5 request.
-    Socks5Request,
-    /// A SOCKS4/4a request.
-    Socks4Request,
+    /// A SOCKS5 handshake (greeting, RFC 1929 credentials, request), sequenced by its sans-IO machine.
+    Socks5(Socks5Server),
+    /// A SOCKS4/4a request, sequenced by its sans-IO machine.
+    Socks4(Socks4Server),
     /// An HTTP request head (first request of the connection).
     HttpHead,
     /// A password is being checked against a slow hash on the blocking pool.
@@ -163,10 +160,13 @@ impl Handshake {
         match self {
             Handshake::ProxyHeader => "proxy_header",
             Handshake::Detect => "detect",
-            Handshake::Socks5Greeting => "socks5_greeting",
-            Handshake::Socks5Auth => "socks5_auth",
-            Handshake::Socks5Request => "socks5_request",
-            Handshake::Socks4Request => "socks4_request",
+            Handshake::Socks5(hs) => match hs.stage() {
+                Socks5Stage::Greeting => "socks5_greeting",
+                Socks5Stage::Auth | Socks5Stage::Verifying => "socks5_auth",
+                Socks5Stage::Request => "socks5_request",
+                Socks5Stage::Over => "socks5_done",
+            },
+            Handshake::Socks4(_) => "socks4_request",
             Handshake::HttpHead => "http_head",
             Handshake::Verifying(_) => "verifying",
         }
@@ -211,8 +211,8 @@ impl Phase {
 /// between variants costs nothing on other connections.
 #[allow(clippy::large_enum_variant)]
 pub enum PendingAuth {
-    /// Send the RFC 1929 status, then read the SOCKS5 request.
-    Socks5,
+    /// Send the RFC 1929 status (this handshake's machine encodes it), then read the SOCKS5 request.
+    Socks5(Socks5Server),
     /// Carry on with this HTTP request (its rewritten head is kept alongside, and the connection's forwarding state
     /// when it is not its first request).
     Http(crate::proto::http::Request, Vec<u8>, Option<Box<HttpState>>),
