@@ -12,7 +12,7 @@ use super::close::CloseReason;
 use super::ctx::ReplyKind;
 use super::sock::Sock;
 use crate::buffer::Buffer;
-use crate::proto::http::BodyFramer;
+use crate::proto::http::Exchange;
 use crate::proto::server::{Socks4Server, Socks5Server, Socks5Stage};
 use crate::proto::{Name, TargetAddr};
 use crate::sys::Pipe;
@@ -266,76 +266,15 @@ pub struct UdpState {
     pub(super) dests: HashSet<u64>,
 }
 
-/// Forwarding state of one client connection.
+/// Forwarding state of one client connection: the exchange machine (framing, keep-alive, the kept origin's
+/// target; `proto::http::Exchange`) and what only the worker keeps.
 pub struct HttpState {
-    /// The origin the current upstream socket is connected to.
-    pub(super) origin: Option<TargetAddr>,
-    /// The origin allows another request on its connection.
-    pub(super) origin_reusable: bool,
+    /// Where the exchanges stand: idle (with a kept origin or none), or a request and its response in flight.
+    pub(super) exchange: Exchange,
     /// Credentials that passed verification on this connection (user NUL pass).
     pub(super) auth_token: Option<Box<[u8]>>,
     /// The request head, held until the path to the origin is up (an upstream proxy's handshake goes first).
     pub(super) pending_head: Vec<u8>,
-    /// The exchange in progress.
-    pub(super) exchange: Exchange,
-}
-
-/// Where a forwarded request/response exchange stands.
-pub enum Exchange {
-    /// Between requests: the next head is awaited (a kept origin connection is watched meanwhile).
-    Idle,
-    /// A request is being answered.
-    InFlight(InFlight),
-}
-
-/// A request in flight and its response. Built fresh for every request, so nothing is reset by hand.
-pub struct InFlight {
-    /// The request is a HEAD request.
-    pub(super) is_head: bool,
-    /// The client's HTTP minor version.
-    pub(super) minor: u8,
-    /// The client wants to keep the connection.
-    pub(super) client_keep_alive: bool,
-    /// How far the request got.
-    pub(super) upload: Upload,
-    /// How far the response got.
-    pub(super) response: Download,
-}
-
-/// The request side of an exchange.
-pub enum Upload {
-    /// Body bytes are still to be forwarded: their framing, and how many bytes at the front of `c2u` are known to
-    /// be body.
-    Sending {
-        /// Request body framing.
-        body: BodyFramer,
-        /// Framed bytes not yet forwarded.
-        ready: usize,
-    },
-    /// The whole request (head and body) went to the origin.
-    Sent,
-    /// The origin reset while the request was still being sent: deliver whatever response it managed to send,
-    /// then close the client connection.
-    Abandoned,
-}
-
-/// The response side of an exchange.
-pub enum Download {
-    /// The final response head is awaited; `started` once an interim response reached the client (after that,
-    /// errors can only close).
-    Head {
-        /// Anything of the response reached the client.
-        started: bool,
-    },
-    /// The final head went to the client; its body passes through.
-    Body {
-        /// Response body framing.
-        body: BodyFramer,
-        /// Framed bytes at the front of `u2c` not yet forwarded.
-        ready: usize,
-        /// The client connection stays open after this response.
-        keep_client: bool,
-    },
 }
 
 /// Where the upstream conversation stands.
