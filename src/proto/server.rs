@@ -298,6 +298,13 @@ impl Socks4Server {
     }
 }
 
+impl<E> Step<E> {
+    /// (consumed, written, event), so a caller can let go of its input buffer once the event is dealt with.
+    pub fn parts(self) -> (usize, usize, E) {
+        (self.consumed, self.written, self.event)
+    }
+}
+
 fn done<E>(consumed: usize, written: usize, event: E) -> Step<E> {
     Step {
         consumed,

@@ -19,7 +19,7 @@ use crate::auth::Authorized;
 use crate::metrics::{self, Proto, Refusal};
 use crate::proto::detect::{self, Protocol};
 use crate::proto::server::{
-    socks4_allowed, Socks4Event, Socks4Server, Socks5Event, Socks5Server, Socks5Stage, Step,
+    socks4_allowed, Socks4Event, Socks4Server, Socks5Event, Socks5Server, Socks5Stage,
     MAX_STEP_OUTPUT,
 };
 use crate::proto::{proxy_protocol, socks4, socks5, Failure, Parse, ProtoError};
@@ -176,11 +176,7 @@ fn socks5(key: usize, conn: &mut Conn, ctx: &mut Ctx, mut hs: Socks5Server) -> N
     let stage = hs.stage();
     let name = Handshake::Socks5(hs).name();
     let mut out = [0u8; MAX_STEP_OUTPUT];
-    let Step {
-        consumed,
-        written,
-        event,
-    } = hs.step(data(conn), &mut out);
+    let (consumed, written, event) = hs.step(data(conn), &mut out).parts();
     let turn = match event {
         Socks5Event::NeedMore => Socks5Turn::NeedMore,
         Socks5Event::Continue => Socks5Turn::Continue,
@@ -319,11 +315,7 @@ fn socks5_request(key: usize, conn: &mut Conn, ctx: &mut Ctx, req: socks5::Reque
 /// One step of a SOCKS4/4a handshake: the machine parses the request and makes the socks4-with-users decision.
 fn socks4(key: usize, conn: &mut Conn, ctx: &mut Ctx, mut hs: Socks4Server) -> Next {
     let mut out = [0u8; MAX_STEP_OUTPUT];
-    let Step {
-        consumed,
-        written,
-        event,
-    } = hs.step(data(conn), &mut out);
+    let (consumed, written, event) = hs.step(data(conn), &mut out).parts();
     let reply = out.get(..written).unwrap_or(&[]);
     let (request, allowed) = match event {
         Socks4Event::NeedMore => return need_more(conn, ctx),

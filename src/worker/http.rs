@@ -477,7 +477,20 @@ fn between_requests(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     on_head(key, conn, ctx)
 }
 
-/// Request head and body toward the origin. Ok(progress) or Err(close reason).
+/// Writes the first `n` bytes of `buf` (body the exchange framed) to `sink` and drops what it took.
+fn pass(sink: &mut Sock, buf: &mut crate::buffer::Buffer, n: usize) -> std::io::Result<usize> {
+    let w = sink.write_some(buf.data().get(..n).unwrap_or(&[]))?;
+    buf.consume(w);
+    Ok(w)
+}
+
+/// Counts `n` bytes relayed one way on the connection and the worker's counter; true if there were any.
+fn count(total: &mut u64, counter: &std::sync::atomic::AtomicU64, n: usize) -> bool {
+    *total += n as u64;
+    metrics::add(counter, n as u64);
+    n > 0
+}
+
 /// The user's buckets during one drive of a forwarding connection, and when a dry one wants to be asked again.
 struct Lim<'a> {
     user: Option<&'a UserLimits>,
@@ -516,6 +529,7 @@ fn read_limited(
     r
 }
 
+/// Request head and body toward the origin. Ok(progress) or Err(close reason).
 fn upward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, CloseReason> {
     let mut progress = false;
     let before = conn.to_upstream.len();
@@ -527,10 +541,8 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, Clo
         if let Some(l) = lim.user {
             l.up.charge(ctx.now, sent);
         }
-        progress = true;
-        conn.bytes_up += sent as u64;
-        metrics::add(&ctx.stats.bytes_up, sent as u64);
     }
+    progress |= count(&mut conn.bytes_up, &ctx.stats.bytes_up, sent);
     if !conn.to_upstream.is_empty() {
         return Ok(progress);
     }
@@ -548,16 +560,9 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, Clo
             let Some(up) = conn.upstream.as_mut() else {
                 return Err(CloseReason::Internal);
             };
-            let w = up
-                .write_some(buf.data().get(..n).unwrap_or(&[]))
-                .map_err(|_| CloseReason::UpstreamReset)?;
-            buf.consume(w);
+            let w = pass(up, buf, n).map_err(|_| CloseReason::UpstreamReset)?;
             st.exchange.sent_to_origin(w);
-            if w > 0 {
-                progress = true;
-                conn.bytes_up += w as u64;
-                metrics::add(&ctx.stats.bytes_up, w as u64);
-            }
+            progress |= count(&mut conn.bytes_up, &ctx.stats.bytes_up, w);
             if w < n {
                 return Ok(progress);
             }
@@ -620,9 +625,7 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
             conn.flush_client()
                 .map_err(|_| Next::Close(CloseReason::ClientReset))?;
             let sent = before - conn.to_client.len();
-            conn.bytes_down += sent as u64;
-            metrics::add(&ctx.stats.bytes_down, sent as u64);
-            progress |= sent > 0;
+            progress |= count(&mut conn.bytes_down, &ctx.stats.bytes_down, sent);
             if !conn.to_client.is_empty() {
                 return Ok(progress);
             }
@@ -671,17 +674,10 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
                 }
             }
             OriginEvent::Body(n) => {
-                let w = conn
-                    .client
-                    .write_some(buf.data().get(..n).unwrap_or(&[]))
+                let w = pass(&mut conn.client, buf, n)
                     .map_err(|_| Next::Close(CloseReason::ClientReset))?;
-                buf.consume(w);
                 st.exchange.sent_to_client(w);
-                if w > 0 {
-                    progress = true;
-                    conn.bytes_down += w as u64;
-                    metrics::add(&ctx.stats.bytes_down, w as u64);
-                }
+                progress |= count(&mut conn.bytes_down, &ctx.stats.bytes_down, w);
                 if w < n || st.exchange.response_complete() {
                     return Ok(progress);
                 }

@@ -136,6 +136,37 @@ pub enum After {
     },
 }
 
+/// Where a body stands once the new bytes of the input are framed.
+enum Framing {
+    /// The first `n` input bytes are body, still to be forwarded.
+    Ready(usize),
+    /// Everything framed so far was forwarded; the body goes on.
+    More,
+    /// Everything was forwarded and the body has ended.
+    Done,
+    /// The framing is invalid.
+    Bad,
+}
+
+/// Frames the input bytes after the `ready` ones already known to be body (either direction: the framer says
+/// where the body ends; later bytes are the next message).
+fn frame(body: &mut BodyFramer, ready: &mut usize, input: &[u8]) -> Framing {
+    if !body.is_done() {
+        let fresh = input.get(*ready..).unwrap_or(&[]);
+        if !fresh.is_empty() {
+            match body.advance(fresh) {
+                Ok(n) => *ready += n,
+                Err(_) => return Framing::Bad,
+            }
+        }
+    }
+    match (*ready, body.is_done()) {
+        (0, true) => Framing::Done,
+        (0, false) => Framing::More,
+        (n, _) => Framing::Ready(n),
+    }
+}
+
 /// The request side of an exchange.
 #[derive(Debug, Clone)]
 enum Upload {
@@ -238,22 +269,14 @@ impl Exchange {
         let Upload::Sending { body, ready } = &mut x.upload else {
             return UploadEvent::Sent;
         };
-        if !body.is_done() {
-            let fresh = input.get(*ready..).unwrap_or(&[]);
-            if !fresh.is_empty() {
-                match body.advance(fresh) {
-                    Ok(n) => *ready += n,
-                    Err(_) => return UploadEvent::BadBody,
-                }
+        match frame(body, ready, input) {
+            Framing::Ready(n) => UploadEvent::Body(n),
+            Framing::More => UploadEvent::NeedBody,
+            Framing::Bad => UploadEvent::BadBody,
+            Framing::Done => {
+                x.upload = Upload::Sent;
+                UploadEvent::Complete
             }
-        }
-        if *ready > 0 {
-            UploadEvent::Body(*ready)
-        } else if body.is_done() {
-            x.upload = Upload::Sent;
-            UploadEvent::Complete
-        } else {
-            UploadEvent::NeedBody
         }
     }
 
@@ -344,24 +367,12 @@ impl Exchange {
                     Err(e) => OriginEvent::Bad(e),
                 }
             }
-            Download::Body { body, ready, .. } => {
-                if !body.is_done() {
-                    let fresh = input.get(*ready..).unwrap_or(&[]);
-                    if !fresh.is_empty() {
-                        match body.advance(fresh) {
-                            Ok(n) => *ready += n,
-                            Err(_) => return OriginEvent::BadBody,
-                        }
-                    }
-                }
-                if *ready > 0 {
-                    OriginEvent::Body(*ready)
-                } else if body.is_done() {
-                    OriginEvent::Complete
-                } else {
-                    OriginEvent::NeedBody
-                }
-            }
+            Download::Body { body, ready, .. } => match frame(body, ready, input) {
+                Framing::Ready(n) => OriginEvent::Body(n),
+                Framing::More => OriginEvent::NeedBody,
+                Framing::Bad => OriginEvent::BadBody,
+                Framing::Done => OriginEvent::Complete,
+            },
         }
     }
 

@@ -202,6 +202,15 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Parses the request head `raw` and starts its exchange.
+fn begin(x: &mut Exchange, raw: &[u8]) -> Request {
+    let HeadEvent::Request { request, .. } = x.read_head(raw, &OPTS, &mut Vec::new()) else {
+        panic!("no request in {:?}", text(raw));
+    };
+    x.begin(&request);
+    request
+}
+
 const OK_HELLO: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
 const OK_CHUNKED: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
 
@@ -324,10 +333,7 @@ fn interim_heads_head_requests_and_bad_framing() {
 fn keep_alive_decisions() {
     let req = |x: &mut Exchange, raw: &[u8]| {
         let mut out = Vec::new();
-        let HeadEvent::Request { request, .. } = x.read_head(raw, &OPTS, &mut out) else {
-            panic!("no request in {:?}", text(raw));
-        };
-        x.begin(&request);
+        let request = begin(x, raw);
         assert_eq!(x.request_step(&[]), UploadEvent::Complete);
         assert_eq!(x.request_step(b"GET"), UploadEvent::Sent, "the next request is held");
         assert_eq!(
@@ -367,10 +373,7 @@ fn keep_alive_decisions() {
     let mut x = Exchange::new();
     let mut out = Vec::new();
     let raw = b"PUT http://a.test/ HTTP/1.1\r\nHost: a.test\r\nContent-Length: 9\r\n\r\n";
-    let HeadEvent::Request { request, .. } = x.read_head(raw, &OPTS, &mut out) else {
-        panic!();
-    };
-    x.begin(&request);
+    begin(&mut x, raw);
     x.abandon_upload();
     assert!(!x.response_started());
     assert!(matches!(x.origin_step(OK_HELLO, &OPTS, &mut out), OriginEvent::Head { .. }));
@@ -382,10 +385,7 @@ fn keep_alive_decisions() {
     // A close-delimited body ends with the origin's close; a missing head does not.
     let mut x = Exchange::new();
     let get10 = b"GET http://a.test/ HTTP/1.0\r\nHost: a.test\r\n\r\n";
-    let HeadEvent::Request { request, .. } = x.read_head(get10, &OPTS, &mut out) else {
-        panic!();
-    };
-    x.begin(&request);
+    begin(&mut x, get10);
     assert!(!x.origin_closed());
     x.request_step(&[]);
     let ev = x.origin_step(b"HTTP/1.0 200 OK\r\n\r\nstream", &OPTS, &mut out);
@@ -401,10 +401,7 @@ fn an_http_upstreams_407_is_not_the_clients() {
     let mut x = Exchange::new();
     let mut out = Vec::new();
     let get = b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n";
-    let HeadEvent::Request { request, .. } = x.read_head(get, &OPTS, &mut out) else {
-        panic!();
-    };
-    x.begin(&request);
+    begin(&mut x, get);
     let resp = b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n";
     let upstream = HeadOptions {
         http_upstream: true,
