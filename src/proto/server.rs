@@ -136,7 +136,11 @@ impl Socks5Server {
         if self.state != Socks5Stage::Verifying {
             return 0;
         }
-        self.state = if ok { Socks5Stage::Request } else { Socks5Stage::Over };
+        self.state = if ok {
+            Socks5Stage::Request
+        } else {
+            Socks5Stage::Over
+        };
         socks5::encode_auth_status(ok, out)
     }
 

@@ -127,10 +127,7 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 Next::Wait
             };
         }
-        HeadEvent::Request {
-            request,
-            consumed,
-        } => {
+        HeadEvent::Request { request, consumed } => {
             if let Some(b) = conn.c2u.as_mut() {
                 b.consume(consumed);
             }
@@ -165,11 +162,13 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         {
             Check::Pass
         }
-        ProxyAuth::Verify(c) if ctx.users.needs_slow_verify(c.user()) => Check::Slow(Work::Verify {
-            users: Arc::clone(&ctx.users),
-            user: c.user().to_vec(),
-            pass: c.pass().to_vec(),
-        }),
+        ProxyAuth::Verify(c) if ctx.users.needs_slow_verify(c.user()) => {
+            Check::Slow(Work::Verify {
+                users: Arc::clone(&ctx.users),
+                user: c.user().to_vec(),
+                pass: c.pass().to_vec(),
+            })
+        }
         ProxyAuth::Verify(c) => Check::Verdict(ctx.users.verify(c.user(), c.pass())),
         ProxyAuth::Refuse => Check::Verdict(None),
     };
@@ -425,9 +424,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     }
     let leftover = conn.u2c.as_ref().is_some_and(|b| !b.is_empty());
     let after = match state_mut(&mut conn.phase) {
-        Some(st) => st
-            .exchange
-            .finish(conn.client_eof, ctx.draining, leftover),
+        Some(st) => st.exchange.finish(conn.client_eof, ctx.draining, leftover),
         None => After::Close,
     };
     match after {

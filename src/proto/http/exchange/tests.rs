@@ -212,7 +212,8 @@ fn begin(x: &mut Exchange, raw: &[u8]) -> Request {
 }
 
 const OK_HELLO: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
-const OK_CHUNKED: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+const OK_CHUNKED: &[u8] =
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
 
 #[test]
 fn pipelined_requests_are_answered_in_order_on_one_kept_origin() {
@@ -228,7 +229,10 @@ fn pipelined_requests_are_answered_in_order_on_one_kept_origin() {
     assert!(first < second, "{origin}");
     let client = text(&t.client);
     assert!(client.find("hello").unwrap() < client.find("3\r\nabc\r\n0\r\n\r\n").unwrap());
-    assert!(t.client.ends_with(b"3\r\nabc\r\n0\r\n\r\n"), "chunked passes verbatim");
+    assert!(
+        t.client.ends_with(b"3\r\nabc\r\n0\r\n\r\n"),
+        "chunked passes verbatim"
+    );
     assert_eq!(
         t.events[1..],
         [
@@ -294,7 +298,11 @@ fn a_second_request_without_credentials_gets_407() {
         "credentials are never forwarded"
     );
     // With credentials on both, both are served; wrong ones are refused.
-    let t = every_cut(format!("{first}{first}").as_bytes(), &[OK_HELLO, OK_HELLO], true);
+    let t = every_cut(
+        format!("{first}{first}").as_bytes(),
+        &[OK_HELLO, OK_HELLO],
+        true,
+    );
     assert_eq!(t.client.len(), 2 * OK_HELLO.len());
     let wrong = first.replace("YWxpY2U6c2VjcmV0", "YWxpY2U6d3Jvbmc=");
     let t = every_cut(wrong.as_bytes(), &[], true);
@@ -335,14 +343,28 @@ fn keep_alive_decisions() {
         let mut out = Vec::new();
         let request = begin(x, raw);
         assert_eq!(x.request_step(&[]), UploadEvent::Complete);
-        assert_eq!(x.request_step(b"GET"), UploadEvent::Sent, "the next request is held");
         assert_eq!(
-            x.read_head(b"GET http://a.test/ HTTP/1.1\r\n\r\n", &OPTS, &mut Vec::new()),
+            x.request_step(b"GET"),
+            UploadEvent::Sent,
+            "the next request is held"
+        );
+        assert_eq!(
+            x.read_head(
+                b"GET http://a.test/ HTTP/1.1\r\n\r\n",
+                &OPTS,
+                &mut Vec::new()
+            ),
             HeadEvent::Held
         );
         let ev = x.origin_step(OK_HELLO, &OPTS, &mut out);
-        assert!(matches!(ev, OriginEvent::Head { status: 200, .. }), "{ev:?}");
-        assert_eq!(x.origin_step(b"hello", &OPTS, &mut out), OriginEvent::Body(5));
+        assert!(
+            matches!(ev, OriginEvent::Head { status: 200, .. }),
+            "{ev:?}"
+        );
+        assert_eq!(
+            x.origin_step(b"hello", &OPTS, &mut out),
+            OriginEvent::Body(5)
+        );
         x.sent_to_client(5);
         assert_eq!(x.origin_step(&[], &OPTS, &mut out), OriginEvent::Complete);
         request
@@ -350,8 +372,14 @@ fn keep_alive_decisions() {
     let get = b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n";
     // (client EOF, draining, origin sent extra bytes, close hook) -> after.
     let table = [
-        ((false, false, false, false), After::Next { keep_origin: true }),
-        ((false, false, true, false), After::Next { keep_origin: false }),
+        (
+            (false, false, false, false),
+            After::Next { keep_origin: true },
+        ),
+        (
+            (false, false, true, false),
+            After::Next { keep_origin: false },
+        ),
         ((true, false, false, false), After::Close),
         ((false, true, false, false), After::Close),
         ((false, false, false, true), After::Close),
@@ -362,12 +390,19 @@ fn keep_alive_decisions() {
         if hook {
             x.close_after_response();
         }
-        assert_eq!(x.finish(eof, draining, leftover), want, "{eof} {draining} {leftover} {hook}");
+        assert_eq!(
+            x.finish(eof, draining, leftover),
+            want,
+            "{eof} {draining} {leftover} {hook}"
+        );
         assert!(!x.in_flight());
         let keep = matches!(want, After::Next { keep_origin: true });
         let mut y = x.clone();
         y.origin_up();
-        assert_eq!(x.reuses_origin(&r.target, false), keep && x.origin.is_some());
+        assert_eq!(
+            x.reuses_origin(&r.target, false),
+            keep && x.origin.is_some()
+        );
     }
     // An upload the origin stopped taking ends the client connection after the response.
     let mut x = Exchange::new();
@@ -376,10 +411,16 @@ fn keep_alive_decisions() {
     begin(&mut x, raw);
     x.abandon_upload();
     assert!(!x.response_started());
-    assert!(matches!(x.origin_step(OK_HELLO, &OPTS, &mut out), OriginEvent::Head { .. }));
+    assert!(matches!(
+        x.origin_step(OK_HELLO, &OPTS, &mut out),
+        OriginEvent::Head { .. }
+    ));
     assert!(text(&out).contains("Connection: close"), "{}", text(&out));
     assert!(x.response_started());
-    assert_eq!(x.origin_step(b"hello", &OPTS, &mut out), OriginEvent::Body(5));
+    assert_eq!(
+        x.origin_step(b"hello", &OPTS, &mut out),
+        OriginEvent::Body(5)
+    );
     x.sent_to_client(5);
     assert_eq!(x.finish(false, false, false), After::Close);
     // A close-delimited body ends with the origin's close; a missing head does not.
@@ -390,7 +431,10 @@ fn keep_alive_decisions() {
     x.request_step(&[]);
     let ev = x.origin_step(b"HTTP/1.0 200 OK\r\n\r\nstream", &OPTS, &mut out);
     assert!(matches!(ev, OriginEvent::Head { .. }));
-    assert_eq!(x.origin_step(b"stream", &OPTS, &mut out), OriginEvent::Body(6));
+    assert_eq!(
+        x.origin_step(b"stream", &OPTS, &mut out),
+        OriginEvent::Body(6)
+    );
     assert!(!x.origin_closed(), "bytes still to forward");
     x.sent_to_client(6);
     assert!(x.origin_closed());
@@ -407,10 +451,16 @@ fn an_http_upstreams_407_is_not_the_clients() {
         http_upstream: true,
         ..OPTS
     };
-    assert_eq!(x.origin_step(resp, &upstream, &mut out), OriginEvent::UpstreamRefused);
+    assert_eq!(
+        x.origin_step(resp, &upstream, &mut out),
+        OriginEvent::UpstreamRefused
+    );
     assert!(matches!(
         x.origin_step(resp, &OPTS, &mut out),
         OriginEvent::Head { status: 407, .. }
     ));
-    assert_eq!(Exchange::new().origin_step(b"x", &OPTS, &mut out), OriginEvent::Idle);
+    assert_eq!(
+        Exchange::new().origin_step(b"x", &OPTS, &mut out),
+        OriginEvent::Idle
+    );
 }
