@@ -437,7 +437,6 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             if let Some(b) = conn.u2c.take() {
                 ctx.pool.give(b);
             }
-            let _ = key;
             Next::Again
         }
     }
