@@ -17,8 +17,8 @@ use log::debug;
 use super::access;
 use super::close::CloseReason;
 use super::conn::{
-    drop_upstream, fill_client, grow, user_admit, verify_off_loop, Answer, Conn, Dest, PendingAuth,
-    Phase, RequestLog, Sock,
+    fill_client, grow, user_admit, verify_off_loop, Answer, Conn, Dest, PendingAuth, Phase,
+    RequestLog, Sock,
 };
 use super::connect;
 use super::ctx::{Ctx, Next, ReplyKind};
@@ -56,6 +56,7 @@ impl HttpState {
     fn new() -> HttpState {
         HttpState {
             exchange: Exchange::new(),
+            origin: None,
             auth_token: None,
             pending_head: Vec::new(),
         }
@@ -261,10 +262,10 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending)
         return reply::fail(conn, ctx, reply, CloseReason::UserLimit);
     }
     if req.kind == RequestKind::Connect {
-        if st.is_some() {
+        if let Some(mut st) = st {
             // CONNECT after forwarded requests: the old origin connection is not the tunnel's, and the tunnel
             // gets its own session line.
-            drop_upstream(conn, ctx);
+            release(st.origin.take(), ctx);
             conn.request_lines = false;
         }
         let answer = Answer::Reply(ReplyKind::HttpConnect);
@@ -301,9 +302,8 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending)
     };
     // An HTTP upstream proxy takes requests for any origin on one connection.
     // (Through a group the kept connection's member and head form are not known here: a new one per request.)
-    let reuse = conn.upstream.is_some()
-        && !via_group
-        && st.exchange.reuses_origin(&req.target, via_http_proxy);
+    let reuse =
+        st.origin.is_some() && !via_group && st.exchange.reuses_origin(&req.target, via_http_proxy);
     if reuse {
         conn.to_upstream.extend_from_slice(&head);
         if ctx.head_out.capacity() == 0 {
@@ -316,7 +316,7 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending)
         return Next::Again;
     }
     st.pending_head = head;
-    drop_upstream(conn, ctx);
+    release(st.origin.take(), ctx);
     st.exchange.connecting(&req.target);
     if let Some(b) = conn.u2c.take() {
         ctx.pool.give(b);
@@ -340,6 +340,8 @@ pub fn on_origin_connected(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         return Next::Close(CloseReason::Internal);
     };
     st.exchange.origin_up();
+    // The connect phases made the socket on the connection; from here the exchange owns it.
+    st.origin = conn.upstream.take();
     // Whatever an upstream proxy's handshake queued has gone out first: the request follows it.
     conn.to_upstream.append(&mut st.pending_head);
     st.pending_head = Vec::new();
@@ -383,7 +385,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Err(CloseReason::BadRequestBody)
             if !state(&conn.phase).is_some_and(|s| s.exchange.response_started()) =>
         {
-            drop_upstream(conn, ctx);
+            drop_origin(conn, ctx);
             return reply::fail(
                 conn,
                 ctx,
@@ -432,7 +434,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         After::Close => finish(conn, ctx),
         After::Next { keep_origin } => {
             if !keep_origin {
-                drop_upstream(conn, ctx);
+                drop_origin(conn, ctx);
             }
             if let Some(b) = conn.u2c.take() {
                 ctx.pool.give(b);
@@ -444,23 +446,18 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 
 /// Graceful end of a forwarding connection: shut down our side and wait briefly for the client's EOF.
 fn finish(conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    drop_upstream(conn, ctx);
+    drop_origin(conn, ctx);
     graceful_end(conn, CloseReason::Done)
 }
 
 /// Between requests: watch the idle origin connection and parse the next request.
 fn between_requests(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    if let Some(up) = conn.upstream.as_mut() {
-        if up.readable {
+    if let Some(st) = state_mut(&mut conn.phase) {
+        if let Some(up) = st.origin.as_mut().filter(|o| o.readable) {
             // An idle origin that speaks or closes is no longer reusable.
-            match up.read(&mut ctx.scratch) {
-                Ok(None) => {}
-                _ => {
-                    drop_upstream(conn, ctx);
-                    if let Some(st) = state_mut(&mut conn.phase) {
-                        st.exchange.origin_lost();
-                    }
-                }
+            if !matches!(up.read(&mut ctx.scratch), Ok(None)) {
+                release(st.origin.take(), ctx);
+                st.exchange.origin_lost();
             }
         }
     }
@@ -471,6 +468,19 @@ fn between_requests(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         return Next::Close(CloseReason::ClientReset);
     }
     on_head(key, conn, ctx)
+}
+
+/// Deregisters and closes an origin connection that is no longer wanted.
+fn release(origin: Option<Sock>, ctx: &mut Ctx) {
+    if let Some(mut o) = origin {
+        let _ = ctx.registry.deregister(&mut o.stream);
+    }
+}
+
+/// Drops the forwarding connection's origin connection.
+fn drop_origin(conn: &mut Conn, ctx: &mut Ctx) {
+    let origin = state_mut(&mut conn.phase).and_then(|st| st.origin.take());
+    release(origin, ctx);
 }
 
 /// Writes the first `n` bytes of `buf` (body the exchange framed) to `sink` and drops what it took.
@@ -553,7 +563,7 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, Clo
         let buf = conn.c2u.get_or_insert_with(|| ctx.pool.take());
         let mut event = st.exchange.request_step(buf.data());
         if let UploadEvent::Body(n) = event {
-            let Some(up) = conn.upstream.as_mut() else {
+            let Some(up) = st.origin.as_mut() else {
                 return Err(CloseReason::Internal);
             };
             let w = pass(up, buf, n).map_err(|_| CloseReason::UpstreamReset)?;
@@ -683,7 +693,7 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
             OriginEvent::NeedBody => {}
         }
         // Need more bytes from the origin.
-        let Some(up) = conn.upstream.as_mut() else {
+        let Some(up) = st.origin.as_mut() else {
             return Err(Next::Close(CloseReason::Internal));
         };
         if !up.readable || buf.is_full() {
@@ -729,7 +739,7 @@ fn origin_error(conn: &mut Conn, ctx: &mut Ctx, reason: CloseReason) -> Next {
     let started = state(&conn.phase)
         .map(|s| s.exchange.response_started())
         .unwrap_or(true);
-    drop_upstream(conn, ctx);
+    drop_origin(conn, ctx);
     if started {
         return Next::Close(reason);
     }

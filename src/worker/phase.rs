@@ -271,6 +271,9 @@ pub struct UdpState {
 pub struct HttpState {
     /// Where the exchanges stand: idle (with a kept origin or none), or a request and its response in flight.
     pub(super) exchange: Exchange,
+    /// The connection to the origin (or to the HTTP upstream proxy), once up; kept between requests when the
+    /// exchange allows it. (While it is being made it is the connect phases' `Conn::upstream`.)
+    pub(super) origin: Option<Sock>,
     /// Credentials that passed verification on this connection (user NUL pass).
     pub(super) auth_token: Option<Box<[u8]>>,
     /// The request head, held until the path to the origin is up (an upstream proxy's handshake goes first).
