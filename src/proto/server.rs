@@ -41,6 +41,14 @@ pub fn choose_method(greeting: &Greeting, users_configured: bool) -> u8 {
     }
 }
 
+/// Whether a SOCKS5 client must authenticate with a password (users are configured), unless a verified client
+/// certificate already authenticates it and it offers "no authentication" (a client with a certificate that offers
+/// only username/password still gets that method; the caller then accepts its credentials for the certificate's
+/// user).
+pub fn password_required(users_configured: bool, certified: bool, greeting: &Greeting) -> bool {
+    users_configured && !(certified && greeting.no_auth)
+}
+
 /// Whether a SOCKS4 request may be served: SOCKS4 carries no password, so with users configured it would be a way
 /// around authentication, unless the operator allowed it explicitly (`--socks4-with-users`).
 pub fn socks4_allowed(users_configured: bool, socks4_with_users: bool) -> bool {
@@ -49,11 +57,14 @@ pub fn socks4_allowed(users_configured: bool, socks4_with_users: bool) -> bool {
 
 /// Where a SOCKS5 handshake stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
+pub enum Socks5Stage {
+    /// The greeting (method offer) is awaited.
     Greeting,
+    /// RFC 1929 credentials are awaited.
     Auth,
     /// Credentials were handed out; no input is read until [`Socks5Server::auth_result`].
     Verifying,
+    /// The request is awaited.
     Request,
     /// Finished: a request was handed out, or the handshake failed.
     Over,
@@ -79,28 +90,42 @@ pub enum Socks5Event<'a> {
 }
 
 /// The server side of a SOCKS5 handshake: greeting, then username/password if chosen, then the request.
-#[derive(Debug, Clone)]
+// Copy: it is a few bytes, and the worker moves it in and out of its connection phase by value.
+#[derive(Debug, Clone, Copy)]
 pub struct Socks5Server {
-    state: State,
+    state: Socks5Stage,
     users_configured: bool,
+    certified: bool,
+    method: Option<u8>,
+    error: Option<ProtoError>,
 }
 
 impl Socks5Server {
     /// A handshake that expects the greeting; `users_configured` decides the method ([`choose_method`]).
     pub fn new(users_configured: bool) -> Socks5Server {
         Socks5Server {
-            state: State::Greeting,
+            state: Socks5Stage::Greeting,
             users_configured,
+            certified: false,
+            method: None,
+            error: None,
         }
+    }
+
+    /// The same handshake for a client that presented a verified certificate, when `certified`: the certificate
+    /// is its authentication if it offers "no authentication" ([`password_required`]).
+    pub fn certified(mut self, certified: bool) -> Socks5Server {
+        self.certified = certified;
+        self
     }
 
     /// Handles the next message in `input`, writing any reply to `out` ([`MAX_STEP_OUTPUT`] bytes suffice).
     pub fn step<'a>(&mut self, input: &'a [u8], out: &mut [u8]) -> Step<Socks5Event<'a>> {
         match self.state {
-            State::Greeting => self.greeting(input, out),
-            State::Auth => self.auth(input),
-            State::Request => self.request(input, out),
-            State::Verifying | State::Over => done(0, 0, Socks5Event::NeedMore),
+            Socks5Stage::Greeting => self.greeting(input, out),
+            Socks5Stage::Auth => self.auth(input),
+            Socks5Stage::Request => self.request(input, out),
+            Socks5Stage::Verifying | Socks5Stage::Over => done(0, 0, Socks5Event::NeedMore),
         }
     }
 
@@ -108,16 +133,36 @@ impl Socks5Server {
     /// status to `out` and returns its length. On success the request comes next (step again); on failure the
     /// connection must be closed after the status is sent (RFC 1929 §2).
     pub fn auth_result(&mut self, ok: bool, out: &mut [u8]) -> usize {
-        if self.state != State::Verifying {
+        if self.state != Socks5Stage::Verifying {
             return 0;
         }
-        self.state = if ok { State::Request } else { State::Over };
+        self.state = if ok {
+            Socks5Stage::Request
+        } else {
+            Socks5Stage::Over
+        };
         socks5::encode_auth_status(ok, out)
     }
 
     /// True once a request was handed out or the handshake failed: nothing more is parsed.
     pub fn is_over(&self) -> bool {
-        self.state == State::Over
+        self.state == Socks5Stage::Over
+    }
+
+    /// Which message the handshake waits for.
+    pub fn stage(&self) -> Socks5Stage {
+        self.state
+    }
+
+    /// The method answered to the greeting (X'FF' when none was acceptable), once the greeting was handled.
+    pub fn method(&self) -> Option<u8> {
+        self.method
+    }
+
+    /// The parse error that ended the handshake, if one did (for the caller's log: the event names only the
+    /// failure answered).
+    pub fn error(&self) -> Option<ProtoError> {
+        self.error
     }
 
     fn greeting<'a>(&mut self, input: &'a [u8], out: &mut [u8]) -> Step<Socks5Event<'a>> {
@@ -126,19 +171,21 @@ impl Socks5Server {
             Ok(Parse::Done(g, n)) => (g, n),
             Err(e) => return self.malformed(e),
         };
-        let method = choose_method(&greeting, self.users_configured);
+        let required = password_required(self.users_configured, self.certified, &greeting);
+        let method = choose_method(&greeting, required);
+        self.method = Some(method);
         let written = socks5::encode_method(method, out);
         let event = match method {
             socks5::METHOD_NO_AUTH => {
-                self.state = State::Request;
+                self.state = Socks5Stage::Request;
                 Socks5Event::Continue
             }
             socks5::METHOD_USER_PASS => {
-                self.state = State::Auth;
+                self.state = Socks5Stage::Auth;
                 Socks5Event::Continue
             }
             _ => {
-                self.state = State::Over;
+                self.state = Socks5Stage::Over;
                 Socks5Event::Reject(Failure::NotAllowed)
             }
         };
@@ -149,7 +196,7 @@ impl Socks5Server {
         match socks5::parse_user_pass(input) {
             Ok(Parse::Incomplete) => done(0, 0, Socks5Event::NeedMore),
             Ok(Parse::Done(creds, n)) => {
-                self.state = State::Verifying;
+                self.state = Socks5Stage::Verifying;
                 done(n, 0, Socks5Event::Credentials(creds))
             }
             Err(e) => self.malformed(e),
@@ -160,12 +207,13 @@ impl Socks5Server {
         match socks5::parse_request(input) {
             Ok(Parse::Incomplete) => done(0, 0, Socks5Event::NeedMore),
             Ok(Parse::Done(req, n)) => {
-                self.state = State::Over;
+                self.state = Socks5Stage::Over;
                 done(n, 0, Socks5Event::Request(req))
             }
             // RFC 1928 §6: a bad request is answered with the matching REP (X'07' command, X'08' address type).
             Err(e) => {
-                self.state = State::Over;
+                self.state = Socks5Stage::Over;
+                self.error = Some(e);
                 let unspecified = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
                 let written = socks5::encode_reply(e.failure().socks5_reply(), unspecified, out);
                 done(0, written, Socks5Event::Reject(e.failure()))
@@ -174,7 +222,8 @@ impl Socks5Server {
     }
 
     fn malformed<'a>(&mut self, e: ProtoError) -> Step<Socks5Event<'a>> {
-        self.state = State::Over;
+        self.state = Socks5Stage::Over;
+        self.error = Some(e);
         done(0, 0, Socks5Event::Malformed(e))
     }
 }
@@ -188,15 +237,20 @@ pub enum Socks4Event<'a> {
     NeedMore,
     /// The request, for the caller to serve (and to answer).
     Request(socks4::Request<'a>),
-    /// Refused: `out` holds the SOCKS4 reply (CD 91); send it, then close.
+    /// A complete request that policy refuses ([`socks4_allowed`]): `out` holds the SOCKS4 reply (CD 91); send
+    /// it, then close. The request is handed out so the caller can say what was asked.
+    NotAllowed(socks4::Request<'a>),
+    /// Malformed: `out` holds the SOCKS4 reply (CD 91); send it, then close.
     Reject(Failure),
 }
 
 /// The server side of a SOCKS4/4a handshake: one request, refused by policy or handed to the caller.
-#[derive(Debug, Clone)]
+// Copy, like Socks5Server: moved in and out of the worker's connection phase by value.
+#[derive(Debug, Clone, Copy)]
 pub struct Socks4Server {
     allowed: bool,
     over: bool,
+    error: Option<ProtoError>,
 }
 
 impl Socks4Server {
@@ -205,6 +259,7 @@ impl Socks4Server {
         Socks4Server {
             allowed,
             over: false,
+            error: None,
         }
     }
 
@@ -213,25 +268,44 @@ impl Socks4Server {
         if self.over {
             return done(0, 0, Socks4Event::NeedMore);
         }
-        let (failure, consumed) = match socks4::parse_request(input) {
-            Ok(Parse::Incomplete) => return done(0, 0, Socks4Event::NeedMore),
+        let unspecified = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0);
+        match socks4::parse_request(input) {
+            Ok(Parse::Incomplete) => done(0, 0, Socks4Event::NeedMore),
             Ok(Parse::Done(req, n)) if self.allowed => {
                 self.over = true;
-                return done(n, 0, Socks4Event::Request(req));
+                done(n, 0, Socks4Event::Request(req))
             }
             // Parsed first, so the refusal can name the target in the caller's log.
-            Ok(Parse::Done(_, n)) => (Failure::NotAllowed, n),
-            Err(e) => (e.failure(), 0),
-        };
-        self.over = true;
-        let unspecified = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0);
-        let written = socks4::encode_reply(failure.socks4_reply(), unspecified, out);
-        done(consumed, written, Socks4Event::Reject(failure))
+            Ok(Parse::Done(req, n)) => {
+                self.over = true;
+                let reply = Failure::NotAllowed.socks4_reply();
+                let written = socks4::encode_reply(reply, unspecified, out);
+                done(n, written, Socks4Event::NotAllowed(req))
+            }
+            Err(e) => {
+                self.over = true;
+                self.error = Some(e);
+                let written = socks4::encode_reply(e.failure().socks4_reply(), unspecified, out);
+                done(0, written, Socks4Event::Reject(e.failure()))
+            }
+        }
     }
 
     /// True once the request was handed out or refused.
     pub fn is_over(&self) -> bool {
         self.over
+    }
+
+    /// The parse error that ended the handshake, if one did (for the caller's log).
+    pub fn error(&self) -> Option<ProtoError> {
+        self.error
+    }
+}
+
+impl<E> Step<E> {
+    /// (consumed, written, event), so a caller can let go of its input buffer once the event is dealt with.
+    pub fn parts(self) -> (usize, usize, E) {
+        (self.consumed, self.written, self.event)
     }
 }
 

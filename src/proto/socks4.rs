@@ -272,22 +272,20 @@ mod tests {
 
     #[test]
     fn request_malformed() {
-        for vn in [0u8, 5, 3, 0xff] {
-            check_err!(
-                parse_request,
-                &[vn, 1, 0, 80, 1, 2, 3, 4, 0],
-                ProtoError::BadVersion(vn),
-                1
-            );
-        }
-        for cd in [0u8, 3, 90, 0xff] {
-            check_err!(
-                parse_request,
-                &[4, cd, 0, 80, 1, 2, 3, 4, 0],
-                ProtoError::BadCommand(cd),
-                2
-            );
-        }
+        check_bad_byte!(
+            parse_request,
+            &[0, 1, 0, 80, 1, 2, 3, 4, 0],
+            0,
+            [0u8, 5, 3, 0xff],
+            ProtoError::BadVersion
+        );
+        check_bad_byte!(
+            parse_request,
+            &[4, 0, 0, 80, 1, 2, 3, 4, 0],
+            1,
+            [0u8, 3, 90, 0xff],
+            ProtoError::BadCommand
+        );
         // USERID over the cap: TooLong as soon as byte MAX_USERID + 1 arrives without a NUL.
         let msg = cat(&[&[4, 1, 0, 80, 1, 2, 3, 4], &[b'u'; MAX_USERID + 10], &[0]]);
         check_err!(parse_request, &msg, ProtoError::TooLong, 8 + MAX_USERID + 1);
@@ -384,14 +382,13 @@ mod tests {
 
     #[test]
     fn reply_malformed() {
-        for vn in [4u8, 5, 1, 0xff] {
-            check_err!(
-                parse_reply,
-                &[vn, 90, 0, 0, 0, 0, 0, 0],
-                ProtoError::BadVersion(vn),
-                1
-            );
-        }
+        check_bad_byte!(
+            parse_reply,
+            &[0, 90, 0, 0, 0, 0, 0, 0],
+            0,
+            [4u8, 5, 1, 0xff],
+            ProtoError::BadVersion
+        );
     }
 
     // ---- never panic on arbitrary input ----

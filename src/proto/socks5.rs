@@ -380,9 +380,13 @@ mod tests {
 
     #[test]
     fn greeting_malformed() {
-        for ver in [0u8, 1, 4, 6, 0x16, b'G', 0xff] {
-            check_err!(parse_greeting, &[ver, 1, 0], ProtoError::BadVersion(ver), 1);
-        }
+        check_bad_byte!(
+            parse_greeting,
+            &[0, 1, 0],
+            0,
+            [0u8, 1, 4, 6, 0x16, b'G', 0xff],
+            ProtoError::BadVersion
+        );
         check_err!(parse_greeting, &[5, 0, 0, 2], ProtoError::NoMethods, 2);
     }
 
@@ -438,14 +442,13 @@ mod tests {
 
     #[test]
     fn user_pass_malformed() {
-        for ver in [0u8, 2, 4, 6, 0xff] {
-            check_err!(
-                parse_user_pass,
-                &[ver, 1, b'u', 0],
-                ProtoError::BadVersion(ver),
-                1
-            );
-        }
+        check_bad_byte!(
+            parse_user_pass,
+            &[0, 1, b'u', 0],
+            0,
+            [0u8, 2, 4, 6, 0xff],
+            ProtoError::BadVersion
+        );
         check_err!(parse_user_pass, &[1, 0, 1, b'p'], ProtoError::BadField, 2);
         check_err!(parse_user_pass, &[5, 0, 0], ProtoError::BadField, 2);
     }
@@ -539,30 +542,27 @@ mod tests {
 
     #[test]
     fn request_malformed() {
-        for ver in [0u8, 4, 6, 0xff] {
-            check_err!(
-                parse_request,
-                &[ver, 1, 0, 1, 1, 2, 3, 4, 0, 80],
-                ProtoError::BadVersion(ver),
-                1
-            );
-        }
-        for cmd in [0u8, 4, 0x80, 0xff] {
-            check_err!(
-                parse_request,
-                &[5, cmd, 0, 1, 1, 2, 3, 4, 0, 80],
-                ProtoError::BadCommand(cmd),
-                2
-            );
-        }
-        for atyp in [0u8, 2, 5, 0xff] {
-            check_err!(
-                parse_request,
-                &[5, 1, 0, atyp, 1, 2, 3, 4, 0, 80],
-                ProtoError::BadAddressType(atyp),
-                4
-            );
-        }
+        check_bad_byte!(
+            parse_request,
+            &[0, 1, 0, 1, 1, 2, 3, 4, 0, 80],
+            0,
+            [0u8, 4, 6, 0xff],
+            ProtoError::BadVersion
+        );
+        check_bad_byte!(
+            parse_request,
+            &[5, 0, 0, 1, 1, 2, 3, 4, 0, 80],
+            1,
+            [0u8, 4, 0x80, 0xff],
+            ProtoError::BadCommand
+        );
+        check_bad_byte!(
+            parse_request,
+            &[5, 1, 0, 0, 1, 2, 3, 4, 0, 80],
+            3,
+            [0u8, 2, 5, 0xff],
+            ProtoError::BadAddressType
+        );
         // Empty name: fails on the length byte.
         check_err!(
             parse_request,

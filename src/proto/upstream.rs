@@ -325,14 +325,13 @@ mod tests {
             let n = socks5::encode_method(m, &mut out);
             assert_eq!(parse_method_choice(&out[..n]), Ok(Parse::Done(m, 2)));
         }
-        for ver in [0u8, 1, 4, 0xff] {
-            check_err!(
-                parse_method_choice,
-                &[ver, 0],
-                ProtoError::BadVersion(ver),
-                1
-            );
-        }
+        check_bad_byte!(
+            parse_method_choice,
+            &[0, 0],
+            0,
+            [0u8, 1, 4, 0xff],
+            ProtoError::BadVersion
+        );
     }
 
     #[test]
@@ -341,9 +340,13 @@ mod tests {
         check_valid!(parse_auth_status, &[5, 0], true, &[5, 0, 0, 1]);
         check_valid!(parse_auth_status, &[1, 1], false, &[5, 0, 0, 1]);
         check_valid!(parse_auth_status, &[1, 0xff], false, &[5, 0, 0, 1]);
-        for ver in [0u8, 2, 4, 0xff] {
-            check_err!(parse_auth_status, &[ver, 0], ProtoError::BadVersion(ver), 1);
-        }
+        check_bad_byte!(
+            parse_auth_status,
+            &[0, 0],
+            0,
+            [0u8, 2, 4, 0xff],
+            ProtoError::BadVersion
+        );
         for ok in [true, false] {
             let mut out = [0u8; socks5::MAX_AUTH_STATUS_LEN];
             let n = socks5::encode_auth_status(ok, &mut out);
@@ -383,22 +386,20 @@ mod tests {
 
     #[test]
     fn socks5_reply_malformed() {
-        for ver in [0u8, 1, 4, 0xff] {
-            check_err!(
-                parse_socks5_reply,
-                &[ver, 0, 0, 1, 1, 1, 1, 1, 0, 1],
-                ProtoError::BadVersion(ver),
-                1
-            );
-        }
-        for atyp in [0u8, 2, 5, 0xff] {
-            check_err!(
-                parse_socks5_reply,
-                &[5, 0, 0, atyp, 1, 1, 1, 1, 0, 1],
-                ProtoError::BadAddressType(atyp),
-                4
-            );
-        }
+        check_bad_byte!(
+            parse_socks5_reply,
+            &[0, 0, 0, 1, 1, 1, 1, 1, 0, 1],
+            0,
+            [0u8, 1, 4, 0xff],
+            ProtoError::BadVersion
+        );
+        check_bad_byte!(
+            parse_socks5_reply,
+            &[5, 0, 0, 0, 1, 1, 1, 1, 0, 1],
+            3,
+            [0u8, 2, 5, 0xff],
+            ProtoError::BadAddressType
+        );
         check_err!(
             parse_socks5_reply,
             &[5, 0, 0, 3, 0, 0, 1],

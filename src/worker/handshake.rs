@@ -1,5 +1,6 @@
-//! Client handshakes: feeds the sans-IO parsers from the client buffer, applies policy (auth, limits), and hands
-//! over to `connect`, `udp`, `bind` or `http`. Also the error path: reply, linger, close.
+//! Client handshakes: feeds the client's bytes to the sans-IO machines of `proto::server` (SOCKS5, SOCKS4) and to
+//! the PROXY header and HTTP head parsers, sends what they encode, checks passwords (slow hashes off the loop),
+//! applies the session limits, and hands over to `connect`, `udp`, `bind` or `http`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,7 +18,11 @@ use super::{bind, connect, http, tls, udp};
 use crate::auth::Authorized;
 use crate::metrics::{self, Proto, Refusal};
 use crate::proto::detect::{self, Protocol};
-use crate::proto::{proxy_protocol, socks4, socks5, Failure, Parse};
+use crate::proto::server::{
+    socks4_allowed, Socks4Event, Socks4Server, Socks5Event, Socks5Server, Socks5Stage,
+    MAX_STEP_OUTPUT,
+};
+use crate::proto::{proxy_protocol, socks4, socks5, Failure, Parse, ProtoError};
 use crate::resolve::Work;
 
 fn data(conn: &Conn) -> &[u8] {
@@ -64,36 +69,16 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     if let Some(next) = tls::on_established(conn, ctx) {
         return next;
     }
-    match conn.phase {
-        Phase::Handshake {
-            step: Handshake::ProxyHeader,
-            ..
-        } => proxy_header(conn, ctx),
-        Phase::Handshake {
-            step: Handshake::Detect,
-            ..
-        } => detect(conn, ctx),
-        Phase::Handshake {
-            step: Handshake::Socks5Greeting,
-            ..
-        } => socks5_greeting(conn, ctx),
-        Phase::Handshake {
-            step: Handshake::Socks5Auth,
-            ..
-        } => socks5_auth(key, conn, ctx),
-        Phase::Handshake {
-            step: Handshake::Socks5Request,
-            ..
-        } => socks5_request(key, conn, ctx),
-        Phase::Handshake {
-            step: Handshake::Socks4Request,
-            ..
-        } => socks4_request(key, conn, ctx),
-        Phase::Handshake {
-            step: Handshake::HttpHead,
-            ..
-        } => http::on_head(key, conn, ctx),
-        _ => Next::Wait,
+    let Phase::Handshake { step, .. } = &conn.phase else {
+        return Next::Wait;
+    };
+    match step {
+        Handshake::ProxyHeader => proxy_header(conn, ctx),
+        Handshake::Detect => detect(conn, ctx),
+        Handshake::Socks5(hs) => socks5(key, conn, ctx, *hs),
+        Handshake::Socks4(hs) => socks4(key, conn, ctx, *hs),
+        Handshake::HttpHead => http::on_head(key, conn, ctx),
+        Handshake::Verifying(_) => Next::Wait,
     }
 }
 
@@ -137,9 +122,19 @@ fn detect(conn: &mut Conn, ctx: &mut Ctx) -> Next {
             return next;
         }
     }
+    // The handshake's policy is fixed here, when its machine is made: whether users are configured (the table of
+    // this moment) and whether a client certificate authenticates the client.
+    let users_required = !ctx.users.is_empty();
+    let certified = tls::cert_user(conn);
     let (proto, phase) = match detect::detect(first) {
-        Protocol::Socks5 => (Proto::Socks5, Handshake::Socks5Greeting),
-        Protocol::Socks4 if ctx.cfg.socks4 => (Proto::Socks4, Handshake::Socks4Request),
+        Protocol::Socks5 => (
+            Proto::Socks5,
+            Handshake::Socks5(Socks5Server::new(users_required).certified(certified)),
+        ),
+        Protocol::Socks4 if ctx.cfg.socks4 => {
+            let allowed = socks4_allowed(users_required && !certified, ctx.cfg.socks4_with_users);
+            (Proto::Socks4, Handshake::Socks4(Socks4Server::new(allowed)))
+        }
         Protocol::Http if ctx.cfg.http => (Proto::Http, Handshake::HttpHead),
         _ => {
             metrics::inc(&ctx.stats.refused[Refusal::UnknownProtocol as usize]);
@@ -160,56 +155,79 @@ fn detect(conn: &mut Conn, ctx: &mut Ctx) -> Next {
     Next::Again
 }
 
-fn socks5_greeting(conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    match socks5::parse_greeting(data(conn)) {
-        Ok(Parse::Incomplete) => need_more(conn, ctx),
-        Ok(Parse::Done(g, n)) => {
-            consume(conn, n);
-            // A verified client certificate is the authentication: no password is asked for (a client that
-            // offers only user/password gets it, and whatever it sends is accepted for the certificate's user).
-            let by_certificate = tls::cert_user(conn) && g.no_auth;
-            let users_required = !ctx.users.is_empty() && !by_certificate;
-            let method = crate::proto::server::choose_method(&g, users_required);
-            let mut out = [0u8; 2];
-            let len = socks5::encode_method(method, &mut out);
-            if conn.send_client(&out[..len]).is_err() {
-                return Next::Close(CloseReason::ClientError);
-            }
-            debug!("{}: SOCKS5 method {method:#04x} chosen", conn.peer);
-            match method {
-                socks5::METHOD_NO_AUTH => set_step(conn, Handshake::Socks5Request),
-                socks5::METHOD_USER_PASS => set_step(conn, Handshake::Socks5Auth),
-                _ => {
-                    metrics::inc(&ctx.stats.auth_failures);
-                    debug!("{}: SOCKS5: no acceptable method offered", conn.peer);
-                    return enter_linger(conn, ctx, CloseReason::AuthFailed);
-                }
-            }
-            Next::Again
-        }
-        Err(e) => bad_handshake(conn, ctx, e),
-    }
+/// What one step of the SOCKS5 machine asks the worker to do, with the client's bytes no longer borrowed (so the
+/// step's input can be consumed before anything is sent).
+// The request holds its target inline as the parser returns it; a turn lives for one call.
+#[allow(clippy::large_enum_variant)]
+enum Socks5Turn {
+    NeedMore,
+    Continue,
+    /// The credentials were checked on the loop (or stood for by a client certificate).
+    Checked(Option<Authorized>),
+    /// The credentials need a slow hash check.
+    Slow(Work),
+    Request(socks5::Request),
+    Reject(Failure),
+    Malformed(ProtoError),
 }
 
-fn socks5_auth(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    let (verdict, n) = match socks5::parse_user_pass(data(conn)) {
-        Ok(Parse::Incomplete) => return need_more(conn, ctx),
-        Ok(Parse::Done(_, n)) if tls::cert_user(conn) => (conn.user.clone(), n),
-        Ok(Parse::Done(creds, n)) if ctx.users.needs_slow_verify(creds.user) => {
-            // A hashed password takes milliseconds to check: do it on the blocking pool, never on the loop.
-            let work = Work::Verify {
+/// One step of a SOCKS5 handshake: the machine sequences the messages and encodes the answers; the worker reads,
+/// writes, checks passwords and serves the request.
+fn socks5(key: usize, conn: &mut Conn, ctx: &mut Ctx, mut hs: Socks5Server) -> Next {
+    let certified = tls::cert_user(conn);
+    let stage = hs.stage();
+    let name = Handshake::Socks5(hs).name();
+    let mut out = [0u8; MAX_STEP_OUTPUT];
+    let (consumed, written, event) = hs.step(data(conn), &mut out).parts();
+    let turn = match event {
+        Socks5Event::NeedMore => Socks5Turn::NeedMore,
+        Socks5Event::Continue => Socks5Turn::Continue,
+        // A verified client certificate is the authentication: whatever credentials a client that offered only
+        // user/password sends are accepted for the certificate's user.
+        Socks5Event::Credentials(_) if certified => Socks5Turn::Checked(conn.user.clone()),
+        Socks5Event::Credentials(c) if ctx.users.needs_slow_verify(c.user) => {
+            Socks5Turn::Slow(Work::Verify {
                 users: Arc::clone(&ctx.users),
-                user: creds.user.to_vec(),
-                pass: creds.pass.to_vec(),
-            };
-            consume(conn, n);
-            return verify_off_loop(key, conn, ctx, work, PendingAuth::Socks5);
+                user: c.user.to_vec(),
+                pass: c.pass.to_vec(),
+            })
         }
-        Ok(Parse::Done(creds, n)) => (ctx.users.verify(creds.user, creds.pass), n),
-        Err(e) => return bad_handshake(conn, ctx, e),
+        Socks5Event::Credentials(c) => Socks5Turn::Checked(ctx.users.verify(c.user, c.pass)),
+        Socks5Event::Request(req) => Socks5Turn::Request(req),
+        Socks5Event::Reject(f) => Socks5Turn::Reject(f),
+        Socks5Event::Malformed(e) => Socks5Turn::Malformed(e),
     };
-    consume(conn, n);
-    socks5_auth_result(conn, ctx, verdict)
+    consume(conn, consumed);
+    set_step(conn, Handshake::Socks5(hs));
+    let reply = out.get(..written).unwrap_or(&[]);
+    if stage == Socks5Stage::Greeting && !reply.is_empty() {
+        if conn.send_client(reply).is_err() {
+            return Next::Close(CloseReason::ClientError);
+        }
+        if let Some(method) = hs.method() {
+            debug!("{}: SOCKS5 method {method:#04x} chosen", conn.peer);
+        }
+    }
+    match turn {
+        Socks5Turn::NeedMore => need_more(conn, ctx),
+        Socks5Turn::Continue => Next::Again,
+        Socks5Turn::Checked(verdict) => socks5_auth_result(conn, ctx, hs, verdict),
+        // A hashed password takes milliseconds to check: do it on the blocking pool, never on the loop.
+        Socks5Turn::Slow(work) => verify_off_loop(key, conn, ctx, work, PendingAuth::Socks5(hs)),
+        Socks5Turn::Request(req) => socks5_request(key, conn, ctx, req),
+        Socks5Turn::Reject(_) if stage == Socks5Stage::Greeting => {
+            metrics::inc(&ctx.stats.auth_failures);
+            debug!("{}: SOCKS5: no acceptable method offered", conn.peer);
+            enter_linger(conn, ctx, CloseReason::AuthFailed)
+        }
+        Socks5Turn::Reject(f) => {
+            if let Some(e) = hs.error() {
+                debug!("{}: bad SOCKS5 request: {e}", conn.peer);
+            }
+            reply::refuse(conn, ctx, reply, CloseReason::Failed(f))
+        }
+        Socks5Turn::Malformed(e) => bad_handshake(conn, ctx, name, e),
+    }
 }
 
 /// A slow password check answered.
@@ -225,29 +243,34 @@ pub fn on_verified(
     if !matches!(step, Handshake::Verifying(_)) {
         return Next::Wait;
     }
-    let Handshake::Verifying(pending) = std::mem::replace(step, Handshake::Socks5Auth) else {
+    let Handshake::Verifying(pending) = std::mem::replace(step, Handshake::HttpHead) else {
         return Next::Wait;
     };
     match *pending {
-        PendingAuth::Socks5 => socks5_auth_result(conn, ctx, verdict),
+        PendingAuth::Socks5(hs) => socks5_auth_result(conn, ctx, hs, verdict),
         PendingAuth::Http(req, head, st) => {
             http::on_verified(key, conn, ctx, verdict, (req, head, st))
         }
     }
 }
 
-fn socks5_auth_result(conn: &mut Conn, ctx: &mut Ctx, verdict: Option<Authorized>) -> Next {
-    let ok = verdict.is_some();
-    let mut out = [0u8; 2];
-    let len = socks5::encode_auth_status(ok, &mut out);
-    if conn.send_client(&out[..len]).is_err() {
+/// The verdict on RFC 1929 credentials: the machine encodes the status, the worker sends it and records the user.
+fn socks5_auth_result(
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    mut hs: Socks5Server,
+    verdict: Option<Authorized>,
+) -> Next {
+    let mut out = [0u8; MAX_STEP_OUTPUT];
+    let len = hs.auth_result(verdict.is_some(), &mut out);
+    set_step(conn, Handshake::Socks5(hs));
+    if conn.send_client(out.get(..len).unwrap_or(&[])).is_err() {
         return Next::Close(CloseReason::ClientError);
     }
     match verdict {
         Some(user) => {
             debug!("{}: SOCKS5 user {} authenticated", conn.peer, user.user());
             conn.user = Some(user);
-            set_step(conn, Handshake::Socks5Request);
             Next::Again
         }
         None => {
@@ -259,77 +282,64 @@ fn socks5_auth_result(conn: &mut Conn, ctx: &mut Ctx, verdict: Option<Authorized
     }
 }
 
-fn socks5_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    match socks5::parse_request(data(conn)) {
-        Ok(Parse::Incomplete) => need_more(conn, ctx),
-        Ok(Parse::Done(req, n)) => {
-            consume(conn, n);
-            conn.target = Some(Dest::from(&req.target));
-            debug!(
-                "{}: SOCKS5 {:?} {}",
-                conn.peer,
-                req.command,
-                Dest::from(&req.target)
-            );
-            if let Err(why) = user_admit(conn, ctx) {
-                return reply::fail(conn, ctx, ReplyKind::Socks5, why);
-            }
-            match req.command {
-                socks5::Command::Connect => {
-                    connect::start(key, conn, ctx, req.target, Answer::Reply(ReplyKind::Socks5))
-                }
-                socks5::Command::UdpAssociate if ctx.cfg.udp => {
-                    udp::start(key, conn, ctx, req.target)
-                }
-                socks5::Command::Bind if ctx.cfg.bind_cmd => {
-                    bind::start(key, conn, ctx, req.target, ReplyKind::Socks5)
-                }
-                _ => {
-                    debug!("{}: SOCKS5 command not supported or disabled", conn.peer);
-                    reply::fail(
-                        conn,
-                        ctx,
-                        ReplyKind::Socks5,
-                        CloseReason::Failed(Failure::CommandNotSupported),
-                    )
-                }
-            }
+/// Serves a complete SOCKS5 request (the handshake machine is over).
+fn socks5_request(key: usize, conn: &mut Conn, ctx: &mut Ctx, req: socks5::Request) -> Next {
+    conn.target = Some(Dest::from(&req.target));
+    debug!(
+        "{}: SOCKS5 {:?} {}",
+        conn.peer,
+        req.command,
+        Dest::from(&req.target)
+    );
+    if let Err(why) = user_admit(conn, ctx) {
+        return reply::fail(conn, ctx, ReplyKind::Socks5, why);
+    }
+    match req.command {
+        socks5::Command::Connect => {
+            connect::start(key, conn, ctx, req.target, Answer::Reply(ReplyKind::Socks5))
         }
-        Err(e) => {
-            debug!("{}: bad SOCKS5 request: {e}", conn.peer);
+        socks5::Command::UdpAssociate if ctx.cfg.udp => udp::start(key, conn, ctx, req.target),
+        socks5::Command::Bind if ctx.cfg.bind_cmd => {
+            bind::start(key, conn, ctx, req.target, ReplyKind::Socks5)
+        }
+        _ => {
+            debug!("{}: SOCKS5 command not supported or disabled", conn.peer);
             reply::fail(
                 conn,
                 ctx,
                 ReplyKind::Socks5,
-                CloseReason::Failed(e.failure()),
+                CloseReason::Failed(Failure::CommandNotSupported),
             )
         }
     }
 }
 
-fn socks4_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    let (command, target, n) = match socks4::parse_request(data(conn)) {
-        Ok(Parse::Incomplete) => return need_more(conn, ctx),
-        Ok(Parse::Done(req, n)) => (req.command, req.target, n),
-        Err(e) => {
-            debug!("{}: bad SOCKS4 request: {e}", conn.peer);
-            return reply::fail(
-                conn,
-                ctx,
-                ReplyKind::Socks4,
-                CloseReason::Failed(e.failure()),
-            );
+/// One step of a SOCKS4/4a handshake: the machine parses the request and makes the socks4-with-users decision.
+fn socks4(key: usize, conn: &mut Conn, ctx: &mut Ctx, mut hs: Socks4Server) -> Next {
+    let mut out = [0u8; MAX_STEP_OUTPUT];
+    let (consumed, written, event) = hs.step(data(conn), &mut out).parts();
+    let reply = out.get(..written).unwrap_or(&[]);
+    let (request, allowed) = match event {
+        Socks4Event::NeedMore => return need_more(conn, ctx),
+        Socks4Event::Request(req) => ((req.command, req.target), true),
+        Socks4Event::NotAllowed(req) => ((req.command, req.target), false),
+        Socks4Event::Reject(f) => {
+            if let Some(e) = hs.error() {
+                debug!("{}: bad SOCKS4 request: {e}", conn.peer);
+            }
+            return reply::refuse(conn, ctx, reply, CloseReason::Failed(f));
         }
     };
-    consume(conn, n);
+    consume(conn, consumed);
+    set_step(conn, Handshake::Socks4(hs));
+    let (command, target) = request;
     conn.target = Some(Dest::from(&target));
     debug!("{}: SOCKS4 {command:?} {}", conn.peer, Dest::from(&target));
-    // SOCKS4 carries no password: with users configured it would be a way around authentication.
-    let users_required = !ctx.users.is_empty() && !tls::cert_user(conn);
-    if !crate::proto::server::socks4_allowed(users_required, ctx.cfg.socks4_with_users) {
+    if !allowed {
+        // SOCKS4 carries no password: with users configured it would be a way around authentication.
         metrics::inc(&ctx.stats.auth_failures);
         debug!("{}: SOCKS4 refused: users are configured", conn.peer);
-        return reply::fail(conn, ctx, ReplyKind::Socks4, CloseReason::Socks4NeedsAuth);
+        return reply::refuse(conn, ctx, reply, CloseReason::Socks4NeedsAuth);
     }
     if let Err(why) = user_admit(conn, ctx) {
         return reply::fail(conn, ctx, ReplyKind::Socks4, why);
@@ -350,12 +360,8 @@ fn socks4_request(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     }
 }
 
-fn bad_handshake(conn: &mut Conn, ctx: &mut Ctx, e: crate::proto::ProtoError) -> Next {
-    debug!(
-        "{}: malformed {} message: {e}",
-        conn.peer,
-        conn.phase.name()
-    );
+fn bad_handshake(conn: &mut Conn, ctx: &mut Ctx, what: &str, e: ProtoError) -> Next {
+    debug!("{}: malformed {what} message: {e}", conn.peer);
     metrics::inc(&ctx.stats.handshakes_failed[conn.proto as usize]);
     Next::Close(CloseReason::Malformed)
 }

@@ -1,12 +1,12 @@
 //! HTTP proxy: CONNECT tunnels and plain forwarding of absolute-form requests with keep-alive.
 //!
-//! One request is in flight per client connection: the next request head stays in the client buffer until the
-//! current response is complete, so pipelined requests are answered in order. Bodies pass through verbatim
-//! (chunked stays chunked); `proto::http::BodyFramer` only says where each body ends. The origin connection is
-//! reused for the next request when it goes to the same origin and both sides allow it.
+//! The sequencing and framing decisions are `proto::http::Exchange`'s (sans-IO, tested in memory): where heads and
+//! bodies end, one request in flight at a time (pipelined requests wait in the client buffer and are answered in
+//! order), whether the client and origin connections carry another request. This module does the reads, the
+//! writes, the timers, the origin socket and the password checks. Bodies pass through verbatim from the buffers.
 //!
 //! ```text
-//! WaitHead --(request)--> [connect or reuse origin] --> Exchange --(response done)--> WaitHead | close
+//! idle --(head, credentials)--> [connect or reuse origin] --> in flight --(response done)--> idle | close
 //! ```
 
 use std::sync::Arc;
@@ -17,24 +17,26 @@ use log::debug;
 use super::access;
 use super::close::CloseReason;
 use super::conn::{
-    drop_upstream, fill_client, grow, user_admit, verify_off_loop, Answer, Conn, Dest, PendingAuth,
-    Phase, RequestLog, Sock,
+    fill_client, grow, user_admit, verify_off_loop, Answer, Conn, Dest, PendingAuth, Phase,
+    RequestLog, Sock,
 };
 use super::connect;
 use super::ctx::{Ctx, Next, ReplyKind};
 use super::gate;
-use super::phase::{Download, Exchange, HttpState, InFlight, Upload};
+use super::phase::HttpState;
 use super::relay;
 use super::reply::{self, graceful_end};
 use super::timers::TimerKind;
 use crate::auth::Authorized;
-use crate::buffer::Buffer;
 use crate::metrics;
 use crate::policy::bucket::Bucket;
 use crate::policy::rules::Command;
 use crate::policy::UserLimits;
-use crate::proto::http::{self as h, BodyFramer, RequestKind, ResponseContext, RewriteOptions};
-use crate::proto::{upstream as chain, Failure, Parse, ProtoError};
+use crate::proto::http::exchange::{
+    proxy_auth, After, HeadEvent, HeadOptions, OriginEvent, ProxyAuth, UploadEvent,
+};
+use crate::proto::http::{self as h, Exchange, RequestKind};
+use crate::proto::{upstream as chain, Failure, ProtoError};
 use crate::resolve::Work;
 use crate::upstream::UpstreamKind;
 
@@ -47,33 +49,37 @@ fn auth_token(user: &[u8], pass: &[u8]) -> Box<[u8]> {
     t.into_boxed_slice()
 }
 
+/// Body reads per direction in one drive of a forwarding connection, before the loop moves on.
+const BODY_READS: usize = 32;
+
 impl HttpState {
     fn new() -> HttpState {
         HttpState {
+            exchange: Exchange::new(),
             origin: None,
-            origin_reusable: false,
             auth_token: None,
             pending_head: Vec::new(),
-            exchange: Exchange::Idle,
         }
     }
 }
 
-/// Anything of the current response reached the client (after that, errors can only close).
-fn response_started(st: &HttpState) -> bool {
-    match &st.exchange {
-        Exchange::InFlight(x) => match x.response {
-            Download::Head { started } => started,
-            Download::Body { .. } => true,
-        },
-        Exchange::Idle => false,
+/// What the exchange machine needs from the configuration (and whether the worker is draining).
+fn head_options(cfg: &crate::config::Config, draining: bool) -> HeadOptions<'_> {
+    HeadOptions {
+        max_head: cfg.max_head,
+        via: cfg.via.as_deref(),
+        draining,
+        http_upstream: cfg
+            .upstream
+            .as_ref()
+            .is_some_and(|u| u.kind == UpstreamKind::Http),
     }
 }
 
 /// True while an exchange is in flight, its origin connection included (a drain lets it finish).
 pub fn busy(conn: &Conn) -> bool {
     match &conn.phase {
-        Phase::Http(st) => matches!(st.exchange, Exchange::InFlight(_)),
+        Phase::Http(st) => st.exchange.in_flight(),
         Phase::Resolving { answer, .. } | Phase::Connecting { answer, .. } => answer.forwards(),
         Phase::Upstream(u) => u.answer.forwards(),
         _ => false,
@@ -83,9 +89,7 @@ pub fn busy(conn: &Conn) -> bool {
 /// Parses the next request head from the client buffer (phase HttpHead, or Http between requests).
 pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let max = ctx.cfg.max_head;
-    let opts = RewriteOptions {
-        via: ctx.cfg.via.as_deref(),
-    };
+    let opts = head_options(&ctx.cfg, ctx.draining);
     let data = conn.c2u.as_ref().map(|b| b.data()).unwrap_or(&[]);
     if data.is_empty() {
         if conn.client_eof {
@@ -101,8 +105,14 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         }
         return Next::Wait;
     }
-    let req = match h::parse_request(data, max, &opts, &mut ctx.head_out) {
-        Ok(Parse::Incomplete) => {
+    // The first request of a connection has no forwarding state yet: a fresh machine is idle all the same.
+    let fresh = Exchange::new();
+    let exchange = match &conn.phase {
+        Phase::Http(st) => &st.exchange,
+        _ => &fresh,
+    };
+    let req = match exchange.read_head(data, &opts, &mut ctx.head_out) {
+        HeadEvent::NeedHead => {
             let full = conn.c2u.as_ref().map(|b| b.is_full()).unwrap_or(false);
             if full && !grow(&mut conn.c2u, max, &mut ctx.pool) {
                 return bad_request(conn, ctx, ProtoError::HeadTooLarge);
@@ -116,13 +126,15 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 Next::Wait
             };
         }
-        Ok(Parse::Done(req, n)) => {
+        HeadEvent::Request { request, consumed } => {
             if let Some(b) = conn.c2u.as_mut() {
-                b.consume(n);
+                b.consume(consumed);
             }
-            req
+            request
         }
-        Err(e) => return bad_request(conn, ctx, e),
+        HeadEvent::Bad(e) => return bad_request(conn, ctx, e),
+        // The drive only reads heads between requests; a successor waits in the buffer.
+        HeadEvent::Held => return Next::Wait,
     };
     let head = std::mem::take(&mut ctx.head_out);
     if req.kind == RequestKind::Forward {
@@ -138,30 +150,44 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     // Proxy authentication (RFC 9110 §11.7), on every request of a kept-alive connection (Basic credentials are
     // per request); the credentials are consumed here and never forwarded. Credentials equal to the ones that
     // already passed on this connection are accepted without verifying a slow hash again.
-    if !ctx.users.is_empty() && !super::tls::cert_user(conn) {
-        if let (Some(c), Some(token)) = (
-            req.credentials.as_ref(),
-            st.as_ref().and_then(|h| h.auth_token.as_deref()),
-        ) {
-            if conn.user.is_some() && crate::auth::ct_eq(&auth_token(c.user(), c.pass()), token) {
-                return proceed(key, conn, ctx, (req, head, st));
-            }
+    let users_required = !ctx.users.is_empty() && !super::tls::cert_user(conn);
+    let remembered = st.as_ref().and_then(|h| h.auth_token.as_deref());
+    let check = match proxy_auth(users_required, &req) {
+        ProxyAuth::Open => Check::Pass,
+        ProxyAuth::Verify(c)
+            if conn.user.is_some()
+                && remembered
+                    .is_some_and(|t| crate::auth::ct_eq(&auth_token(c.user(), c.pass()), t)) =>
+        {
+            Check::Pass
         }
-        let verdict = match req.credentials.as_ref() {
-            Some(c) if ctx.users.needs_slow_verify(c.user()) => {
-                let work = Work::Verify {
-                    users: Arc::clone(&ctx.users),
-                    user: c.user().to_vec(),
-                    pass: c.pass().to_vec(),
-                };
-                return verify_off_loop(key, conn, ctx, work, PendingAuth::Http(req, head, st));
-            }
-            Some(c) => ctx.users.verify(c.user(), c.pass()),
-            None => None,
-        };
-        return on_verified(key, conn, ctx, verdict, (req, head, st));
+        ProxyAuth::Verify(c) if ctx.users.needs_slow_verify(c.user()) => {
+            Check::Slow(Work::Verify {
+                users: Arc::clone(&ctx.users),
+                user: c.user().to_vec(),
+                pass: c.pass().to_vec(),
+            })
+        }
+        ProxyAuth::Verify(c) => Check::Verdict(ctx.users.verify(c.user(), c.pass())),
+        ProxyAuth::Refuse => Check::Verdict(None),
+    };
+    match check {
+        Check::Pass => proceed(key, conn, ctx, (req, head, st)),
+        Check::Slow(work) => {
+            verify_off_loop(key, conn, ctx, work, PendingAuth::Http(req, head, st))
+        }
+        Check::Verdict(verdict) => on_verified(key, conn, ctx, verdict, (req, head, st)),
     }
-    proceed(key, conn, ctx, (req, head, st))
+}
+
+/// What a request's credentials call for, decided before the request moves on.
+enum Check {
+    /// Serve it (no users, or the credentials that already passed on this connection).
+    Pass,
+    /// A hashed password: check it on the blocking pool.
+    Slow(Work),
+    /// Checked on the loop (None: missing or wrong, 407).
+    Verdict(Option<Authorized>),
 }
 
 /// A request with its rewritten head and the connection's forwarding state (none before its first request).
@@ -234,27 +260,21 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending)
         return reply::fail(conn, ctx, reply, why);
     }
     if req.kind == RequestKind::Connect {
-        if st.is_some() {
+        if let Some(mut st) = st {
             // CONNECT after forwarded requests: the old origin connection is not the tunnel's, and the tunnel
             // gets its own session line.
-            drop_upstream(conn, ctx);
+            release(st.origin.take(), ctx);
             conn.request_lines = false;
         }
         let answer = Answer::Reply(ReplyKind::HttpConnect);
         return connect::start(key, conn, ctx, req.target, answer);
     }
+    // Hook for per-user limits on forwarded requests: a refusal (say 403 with a body) is answered here with
+    // reply::fail before anything is forwarded; a decision to end the connection after this request's response
+    // is `st.exchange.close_after_response()` once `st` is at hand below.
     metrics::inc(&ctx.stats.http_requests);
     let mut st = st.unwrap_or_else(|| Box::new(HttpState::new()));
-    st.exchange = Exchange::InFlight(InFlight {
-        is_head: req.is_head,
-        minor: req.minor_version,
-        client_keep_alive: req.keep_alive,
-        upload: Upload::Sending {
-            body: BodyFramer::new(req.body),
-            ready: 0,
-        },
-        response: Download::Head { started: false },
-    });
+    st.exchange.begin(&req);
     conn.to_upstream.clear();
     // Through a policy group the member (and so the head's form) is chosen when connecting: `upstream` rewrites it.
     let via_group = gate::route(conn, ctx, Command::Http, &req.target).is_some();
@@ -280,10 +300,8 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending)
     };
     // An HTTP upstream proxy takes requests for any origin on one connection.
     // (Through a group the kept connection's member and head form are not known here: a new one per request.)
-    let reuse = conn.upstream.is_some()
-        && !via_group
-        && st.origin_reusable
-        && (via_http_proxy || st.origin.as_ref() == Some(&req.target));
+    let reuse =
+        st.origin.is_some() && !via_group && st.exchange.reuses_origin(&req.target, via_http_proxy);
     if reuse {
         conn.to_upstream.extend_from_slice(&head);
         if ctx.head_out.capacity() == 0 {
@@ -296,9 +314,8 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending)
         return Next::Again;
     }
     st.pending_head = head;
-    drop_upstream(conn, ctx);
-    st.origin = Some(req.target.clone());
-    st.origin_reusable = false;
+    release(st.origin.take(), ctx);
+    st.exchange.connecting(&req.target);
     if let Some(b) = conn.u2c.take() {
         ctx.pool.give(b);
     }
@@ -320,7 +337,9 @@ pub fn on_origin_connected(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let Some(mut st) = conn.phase.take_forward() else {
         return Next::Close(CloseReason::Internal);
     };
-    st.origin_reusable = true;
+    st.exchange.origin_up();
+    // The connect phases made the socket on the connection; from here the exchange owns it.
+    st.origin = conn.upstream.take();
     // Whatever an upstream proxy's handshake queued has gone out first: the request follows it.
     conn.to_upstream.append(&mut st.pending_head);
     st.pending_head = Vec::new();
@@ -357,14 +376,15 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Err(CloseReason::UpstreamReset) => {
             // The origin stopped taking the request (say it answered 413 and reset): what it sent before the
             // reset is still readable, so deliver that response, then close.
-            if let Some(Exchange::InFlight(x)) = state_mut(&mut conn.phase).map(|s| &mut s.exchange)
-            {
-                x.upload = Upload::Abandoned;
+            if let Some(st) = state_mut(&mut conn.phase) {
+                st.exchange.abandon_upload();
             }
             conn.to_upstream.clear();
         }
-        Err(CloseReason::BadRequestBody) if !state(&conn.phase).is_some_and(response_started) => {
-            drop_upstream(conn, ctx);
+        Err(CloseReason::BadRequestBody)
+            if !state(&conn.phase).is_some_and(|s| s.exchange.response_started()) =>
+        {
+            drop_origin(conn, ctx);
             return reply::fail(
                 conn,
                 ctx,
@@ -397,10 +417,8 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     if progress {
         conn.last_active = ctx.now;
     }
-    let Some(Exchange::InFlight(x)) = state(&conn.phase).map(|s| &s.exchange) else {
-        return Next::Close(CloseReason::Internal);
-    };
-    let resp_done = matches!(&x.response, Download::Body { body, ready: 0, .. } if body.is_done())
+    // upward/downward return early when they change the phase: it is still Http here.
+    let resp_done = state(&conn.phase).is_some_and(|s| s.exchange.response_complete())
         && conn.to_client.is_empty();
     if !resp_done {
         return if progress { Next::Again } else { Next::Wait };
@@ -410,65 +428,40 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         access::request_line(conn, &req, CloseReason::Done, ctx.now);
         conn.request_lines = true;
     }
-    let Some(st) = state(&conn.phase) else {
-        return Next::Close(CloseReason::Internal);
+    let leftover = conn.u2c.as_ref().is_some_and(|b| !b.is_empty());
+    let after = match state_mut(&mut conn.phase) {
+        Some(st) => st.exchange.finish(conn.client_eof, ctx.draining, leftover),
+        None => After::Close,
     };
-    let (sent, keep_client) = match &st.exchange {
-        Exchange::InFlight(x) => (
-            matches!(x.upload, Upload::Sent),
-            matches!(
-                x.response,
-                Download::Body {
-                    keep_client: true,
-                    ..
-                }
-            ),
-        ),
-        Exchange::Idle => (false, false),
-    };
-    if !sent || !keep_client || ctx.draining || conn.client_eof {
+    match after {
         // The client still sends a body we will not read, or asked to close: end gracefully.
-        return finish(conn, ctx);
-    }
-    let reuse = st.origin_reusable && conn.u2c.as_ref().map(|b| b.is_empty()).unwrap_or(true);
-    if !reuse {
-        drop_upstream(conn, ctx);
-        if let Some(st) = state_mut(&mut conn.phase) {
-            st.origin = None;
+        After::Close => finish(conn, ctx),
+        After::Next { keep_origin } => {
+            if !keep_origin {
+                drop_origin(conn, ctx);
+            }
+            if let Some(b) = conn.u2c.take() {
+                ctx.pool.give(b);
+            }
+            Next::Again
         }
     }
-    if let Some(b) = conn.u2c.take() {
-        ctx.pool.give(b);
-    }
-    if let Some(st) = state_mut(&mut conn.phase) {
-        st.exchange = Exchange::Idle;
-    }
-    let _ = key;
-    Next::Again
 }
 
 /// Graceful end of a forwarding connection: shut down our side and wait briefly for the client's EOF.
 fn finish(conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    if let Some(st) = state_mut(&mut conn.phase) {
-        st.exchange = Exchange::Idle;
-    }
-    drop_upstream(conn, ctx);
+    drop_origin(conn, ctx);
     graceful_end(conn, CloseReason::Done)
 }
 
 /// Between requests: watch the idle origin connection and parse the next request.
 fn between_requests(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    if let Some(up) = conn.upstream.as_mut() {
-        if up.readable {
+    if let Some(st) = state_mut(&mut conn.phase) {
+        if let Some(up) = st.origin.as_mut().filter(|o| o.readable) {
             // An idle origin that speaks or closes is no longer reusable.
-            match up.read(&mut ctx.scratch) {
-                Ok(None) => {}
-                _ => {
-                    drop_upstream(conn, ctx);
-                    if let Some(st) = state_mut(&mut conn.phase) {
-                        st.origin = None;
-                    }
-                }
+            if !matches!(up.read(&mut ctx.scratch), Ok(None)) {
+                release(st.origin.take(), ctx);
+                st.exchange.origin_lost();
             }
         }
     }
@@ -481,41 +474,33 @@ fn between_requests(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     on_head(key, conn, ctx)
 }
 
-/// Why forwarding a framed body stopped.
-enum Framed {
-    /// The body's framing is invalid.
-    Body,
-    /// Writing to the sink failed.
-    Sink,
+/// Deregisters and closes an origin connection that is no longer wanted.
+fn release(origin: Option<Sock>, ctx: &mut Ctx) {
+    if let Some(mut o) = origin {
+        let _ = ctx.registry.deregister(&mut o.stream);
+    }
 }
 
-/// Frames the newly buffered bytes of a body (`ready` counts the bytes at the front of `buf` already known to be
-/// body) and writes the framed bytes to `sink`; returns how many were written. Bytes after the end of the body stay
-/// in `buf`: they are the next message.
-fn forward_framed(
-    framer: &mut BodyFramer,
-    ready: &mut usize,
-    buf: &mut Buffer,
-    sink: &mut Sock,
-) -> Result<usize, Framed> {
-    if !framer.is_done() {
-        let fresh = buf.data().get(*ready..).unwrap_or(&[]);
-        if !fresh.is_empty() {
-            *ready += framer.advance(fresh).map_err(|_| Framed::Body)?;
-        }
-    }
-    if *ready == 0 {
-        return Ok(0);
-    }
-    let n = sink
-        .write_some(&buf.data()[..*ready])
-        .map_err(|_| Framed::Sink)?;
-    buf.consume(n);
-    *ready -= n;
-    Ok(n)
+/// Drops the forwarding connection's origin connection.
+fn drop_origin(conn: &mut Conn, ctx: &mut Ctx) {
+    let origin = state_mut(&mut conn.phase).and_then(|st| st.origin.take());
+    release(origin, ctx);
 }
 
-/// Request head and body toward the origin. Ok(progress) or Err(close reason).
+/// Writes the first `n` bytes of `buf` (body the exchange framed) to `sink` and drops what it took.
+fn pass(sink: &mut Sock, buf: &mut crate::buffer::Buffer, n: usize) -> std::io::Result<usize> {
+    let w = sink.write_some(buf.data().get(..n).unwrap_or(&[]))?;
+    buf.consume(w);
+    Ok(w)
+}
+
+/// Counts `n` bytes relayed one way on the connection and the worker's counter; true if there were any.
+fn count(total: &mut u64, counter: &std::sync::atomic::AtomicU64, n: usize) -> bool {
+    *total += n as u64;
+    metrics::add(counter, n as u64);
+    n > 0
+}
+
 /// The user's buckets during one drive of a forwarding connection, and when a dry one wants to be asked again.
 struct Lim<'a> {
     user: Option<&'a UserLimits>,
@@ -560,6 +545,7 @@ fn read_limited(
     r
 }
 
+/// Request head and body toward the origin. Ok(progress) or Err(close reason).
 fn upward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, CloseReason> {
     let mut progress = false;
     let before = conn.to_upstream.len();
@@ -572,58 +558,52 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, Clo
             l.up.charge(ctx.now, sent);
             l.quota.charge(sent);
         }
-        progress = true;
-        conn.bytes_up += sent as u64;
-        metrics::add(&ctx.stats.bytes_up, sent as u64);
     }
+    progress |= count(&mut conn.bytes_up, &ctx.stats.bytes_up, sent);
     if !conn.to_upstream.is_empty() {
         return Ok(progress);
     }
-    let Some(Exchange::InFlight(x)) = state_mut(&mut conn.phase).map(|s| &mut s.exchange) else {
+    let Some(st) = state_mut(&mut conn.phase).filter(|s| s.exchange.in_flight()) else {
         return Ok(progress);
     };
     if conn.client.error {
         return Err(CloseReason::ClientReset);
     }
-    if !matches!(x.upload, Upload::Sending { .. }) {
-        // Keep watching the client while the response is awaited: a reset (or close) must not leave both sockets
-        // open until the idle timeout. Bytes it sends now are its next (pipelined) request: keep them.
-        let buf = conn.c2u.get_or_insert_with(|| ctx.pool.take());
-        while conn.client.readable && !conn.client_eof && !buf.is_full() {
-            match conn.client.read(buf.space()) {
-                Ok(Some(0)) => conn.client_eof = true,
-                Ok(Some(n)) => buf.fill(n),
-                Ok(None) => break,
-                Err(_) => return Err(CloseReason::ClientReset),
-            }
-        }
-        return Ok(progress);
-    }
-    for _ in 0..32 {
+    for _ in 0..BODY_READS {
         // Frame what we have, forward it, read more.
         let buf = conn.c2u.get_or_insert_with(|| ctx.pool.take());
-        let Some(up) = conn.upstream.as_mut() else {
-            return Err(CloseReason::Internal);
-        };
-        let Upload::Sending { body, ready } = &mut x.upload else {
-            return Ok(progress);
-        };
-        let n = match forward_framed(body, ready, buf, up) {
-            Ok(n) => n,
-            Err(Framed::Body) => return Err(CloseReason::BadRequestBody),
-            Err(Framed::Sink) => return Err(CloseReason::UpstreamReset),
-        };
-        if n > 0 {
-            progress = true;
-            conn.bytes_up += n as u64;
-            metrics::add(&ctx.stats.bytes_up, n as u64);
+        let mut event = st.exchange.request_step(buf.data());
+        if let UploadEvent::Body(n) = event {
+            let Some(up) = st.origin.as_mut() else {
+                return Err(CloseReason::Internal);
+            };
+            let w = pass(up, buf, n).map_err(|_| CloseReason::UpstreamReset)?;
+            st.exchange.sent_to_origin(w);
+            progress |= count(&mut conn.bytes_up, &ctx.stats.bytes_up, w);
+            if w < n {
+                return Ok(progress);
+            }
+            event = st.exchange.request_step(buf.data());
         }
-        if *ready > 0 {
-            return Ok(progress);
-        }
-        if body.is_done() {
-            x.upload = Upload::Sent;
-            return Ok(progress);
+        match event {
+            UploadEvent::Body(_) => continue,
+            UploadEvent::BadBody => return Err(CloseReason::BadRequestBody),
+            UploadEvent::Complete => return Ok(progress),
+            UploadEvent::Sent => {
+                // Keep watching the client while the response is awaited: a reset (or close) must not leave both
+                // sockets open until the idle timeout. Bytes it sends now are its next (pipelined) request: keep
+                // them.
+                while conn.client.readable && !conn.client_eof && !buf.is_full() {
+                    match conn.client.read(buf.space()) {
+                        Ok(Some(0)) => conn.client_eof = true,
+                        Ok(Some(n)) => buf.fill(n),
+                        Ok(None) => break,
+                        Err(_) => return Err(CloseReason::ClientReset),
+                    }
+                }
+                return Ok(progress);
+            }
+            UploadEvent::NeedBody => {}
         }
         if conn.client_eof {
             return Err(CloseReason::ClientEofInBody);
@@ -647,15 +627,14 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, Clo
 /// Response heads and body toward the client. Ok(progress) or Err(what to do instead).
 fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, Next> {
     let mut progress = false;
-    for _ in 0..32 {
+    let opts = head_options(&ctx.cfg, ctx.draining);
+    for _ in 0..BODY_READS {
         if !conn.to_client.is_empty() {
             let before = conn.to_client.len();
             conn.flush_client()
                 .map_err(|_| Next::Close(CloseReason::ClientReset))?;
             let sent = before - conn.to_client.len();
-            conn.bytes_down += sent as u64;
-            metrics::add(&ctx.stats.bytes_down, sent as u64);
-            progress |= sent > 0;
+            progress |= count(&mut conn.bytes_down, &ctx.stats.bytes_down, sent);
             if !conn.to_client.is_empty() {
                 return Ok(progress);
             }
@@ -663,90 +642,61 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
         let Some(st) = state_mut(&mut conn.phase) else {
             return Ok(progress);
         };
-        let Exchange::InFlight(x) = &mut st.exchange else {
-            return Ok(progress);
-        };
         let buf = conn.u2c.get_or_insert_with(|| ctx.pool.take());
-        if let Download::Head { .. } = x.response {
-            if !buf.is_empty() {
-                let rctx = ResponseContext {
-                    request_is_head: x.is_head,
-                    // A response that arrives before the request is complete ends the connection (we will not
-                    // read the rest of that body), so it must say `Connection: close`.
-                    client_keep_alive: x.client_keep_alive
-                        && !ctx.draining
-                        && matches!(x.upload, Upload::Sent),
-                    client_minor_version: x.minor,
-                    via: ctx.cfg.via.as_deref(),
-                };
-                match h::parse_response(buf.data(), ctx.cfg.max_head, &rctx, &mut ctx.head_out) {
-                    Ok(Parse::Done(resp, _))
-                        if resp.status == 407
-                            && ctx
-                                .cfg
-                                .upstream
-                                .as_ref()
-                                .is_some_and(|u| u.kind == UpstreamKind::Http) =>
-                    {
-                        // The upstream proxy refused our credentials: that is not the client's to answer.
-                        return Err(origin_error(
-                            conn,
-                            ctx,
-                            CloseReason::UpstreamProxy(Failure::NotAllowed),
-                        ));
-                    }
-                    Ok(Parse::Done(resp, n)) => {
-                        buf.consume(n);
-                        if !resp.interim {
-                            if let Some(r) = conn.request.as_mut() {
-                                r.status = resp.status;
-                            }
-                        }
-                        conn.to_client.extend_from_slice(&ctx.head_out);
-                        progress = true;
-                        x.response = if resp.interim {
-                            Download::Head { started: true }
-                        } else {
-                            st.origin_reusable = resp.keep_origin;
-                            Download::Body {
-                                body: BodyFramer::new(resp.body),
-                                ready: 0,
-                                keep_client: resp.keep_client,
-                            }
-                        };
-                        continue;
-                    }
-                    Ok(Parse::Incomplete) => {
-                        if buf.is_full() {
-                            if grow(&mut conn.u2c, ctx.cfg.max_head, &mut ctx.pool) {
-                                continue;
-                            }
-                            return Err(origin_error(conn, ctx, CloseReason::ResponseHeadTooLarge));
-                        }
-                    }
-                    Err(e) => {
-                        debug!("{}: bad response from origin: {e}", conn.peer);
-                        return Err(origin_error(conn, ctx, CloseReason::BadResponse));
+        match st
+            .exchange
+            .origin_step(buf.data(), &opts, &mut ctx.head_out)
+        {
+            OriginEvent::Head {
+                consumed,
+                status,
+                interim,
+            } => {
+                buf.consume(consumed);
+                if !interim {
+                    if let Some(r) = conn.request.as_mut() {
+                        r.status = status;
                     }
                 }
-            }
-        } else if let Download::Body { body, ready, .. } = &mut x.response {
-            let n = match forward_framed(body, ready, buf, &mut conn.client) {
-                Ok(n) => n,
-                Err(Framed::Body) => return Err(Next::Close(CloseReason::BadResponseBody)),
-                Err(Framed::Sink) => return Err(Next::Close(CloseReason::ClientReset)),
-            };
-            if n > 0 {
+                conn.to_client.extend_from_slice(&ctx.head_out);
                 progress = true;
-                conn.bytes_down += n as u64;
-                metrics::add(&ctx.stats.bytes_down, n as u64);
+                continue;
             }
-            if *ready > 0 || body.is_done() {
-                return Ok(progress);
+            OriginEvent::UpstreamRefused => {
+                // The upstream proxy refused our credentials: that is not the client's to answer.
+                return Err(origin_error(
+                    conn,
+                    ctx,
+                    CloseReason::UpstreamProxy(Failure::NotAllowed),
+                ));
             }
+            OriginEvent::Bad(e) => {
+                debug!("{}: bad response from origin: {e}", conn.peer);
+                return Err(origin_error(conn, ctx, CloseReason::BadResponse));
+            }
+            OriginEvent::NeedHead => {
+                if buf.is_full() {
+                    if grow(&mut conn.u2c, ctx.cfg.max_head, &mut ctx.pool) {
+                        continue;
+                    }
+                    return Err(origin_error(conn, ctx, CloseReason::ResponseHeadTooLarge));
+                }
+            }
+            OriginEvent::Body(n) => {
+                let w = pass(&mut conn.client, buf, n)
+                    .map_err(|_| Next::Close(CloseReason::ClientReset))?;
+                st.exchange.sent_to_client(w);
+                progress |= count(&mut conn.bytes_down, &ctx.stats.bytes_down, w);
+                if w < n || st.exchange.response_complete() {
+                    return Ok(progress);
+                }
+            }
+            OriginEvent::BadBody => return Err(Next::Close(CloseReason::BadResponseBody)),
+            OriginEvent::Complete | OriginEvent::Idle => return Ok(progress),
+            OriginEvent::NeedBody => {}
         }
         // Need more bytes from the origin.
-        let Some(up) = conn.upstream.as_mut() else {
+        let Some(up) = st.origin.as_mut() else {
             return Err(Next::Close(CloseReason::Internal));
         };
         if !up.readable || buf.is_full() {
@@ -755,7 +705,7 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
         // Response heads and bodies alike come out of the user's download bucket.
         match read_limited(up, buf.space(), lim, false, ctx.now) {
             Ok(Some(0)) => {
-                if matches!(&x.response, Download::Body { body, ready: 0, .. } if !body.is_done()) {
+                if st.exchange.origin_closed() {
                     // Read-until-close body (or a truncated one): the client learns the end from our close.
                     if let Some(b) = conn.u2c.take() {
                         ctx.pool.give(b);
@@ -781,13 +731,15 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
 
 /// The origin failed mid-exchange: a 502 if the client has seen nothing yet, otherwise just close.
 fn origin_error(conn: &mut Conn, ctx: &mut Ctx, reason: CloseReason) -> Next {
-    let started = state(&conn.phase).map(response_started).unwrap_or(true);
-    drop_upstream(conn, ctx);
+    let started = state(&conn.phase)
+        .map(|s| s.exchange.response_started())
+        .unwrap_or(true);
+    drop_origin(conn, ctx);
     if started {
         return Next::Close(reason);
     }
     if let Some(st) = state_mut(&mut conn.phase) {
-        st.exchange = Exchange::Idle;
+        st.exchange.abort();
     }
     ctx.stats.connect_error(Failure::General);
     reply::fail(conn, ctx, ReplyKind::HttpForward, reason)

@@ -12,7 +12,8 @@ use super::close::CloseReason;
 use super::ctx::ReplyKind;
 use super::sock::Sock;
 use crate::buffer::Buffer;
-use crate::proto::http::BodyFramer;
+use crate::proto::http::Exchange;
+use crate::proto::server::{Socks4Server, Socks5Server, Socks5Stage};
 use crate::proto::{Name, TargetAddr};
 use crate::sys::Pipe;
 
@@ -173,14 +174,10 @@ pub enum Handshake {
     ProxyHeader,
     /// Waiting for the first byte.
     Detect,
-    /// SOCKS5 method negotiation.
-    Socks5Greeting,
-    /// RFC 1929 sub-negotiation.
-    Socks5Auth,
-    /// SOCKS5 request.
-    Socks5Request,
-    /// A SOCKS4/4a request.
-    Socks4Request,
+    /// A SOCKS5 handshake (greeting, RFC 1929 credentials, request), sequenced by its sans-IO machine.
+    Socks5(Socks5Server),
+    /// A SOCKS4/4a request, sequenced by its sans-IO machine.
+    Socks4(Socks4Server),
     /// An HTTP request head (first request of the connection).
     HttpHead,
     /// A password is being checked against a slow hash on the blocking pool.
@@ -193,10 +190,13 @@ impl Handshake {
         match self {
             Handshake::ProxyHeader => "proxy_header",
             Handshake::Detect => "detect",
-            Handshake::Socks5Greeting => "socks5_greeting",
-            Handshake::Socks5Auth => "socks5_auth",
-            Handshake::Socks5Request => "socks5_request",
-            Handshake::Socks4Request => "socks4_request",
+            Handshake::Socks5(hs) => match hs.stage() {
+                Socks5Stage::Greeting => "socks5_greeting",
+                Socks5Stage::Auth | Socks5Stage::Verifying => "socks5_auth",
+                Socks5Stage::Request => "socks5_request",
+                Socks5Stage::Over => "socks5_done",
+            },
+            Handshake::Socks4(_) => "socks4_request",
             Handshake::HttpHead => "http_head",
             Handshake::Verifying(_) => "verifying",
         }
@@ -241,8 +241,8 @@ impl Phase {
 /// between variants costs nothing on other connections.
 #[allow(clippy::large_enum_variant)]
 pub enum PendingAuth {
-    /// Send the RFC 1929 status, then read the SOCKS5 request.
-    Socks5,
+    /// Send the RFC 1929 status (this handshake's machine encodes it), then read the SOCKS5 request.
+    Socks5(Socks5Server),
     /// Carry on with this HTTP request (its rewritten head is kept alongside, and the connection's forwarding state
     /// when it is not its first request).
     Http(crate::proto::http::Request, Vec<u8>, Option<Box<HttpState>>),
@@ -296,76 +296,18 @@ pub struct UdpState {
     pub(super) dests: HashSet<u64>,
 }
 
-/// Forwarding state of one client connection.
+/// Forwarding state of one client connection: the exchange machine (framing, keep-alive, the kept origin's
+/// target; `proto::http::Exchange`) and what only the worker keeps.
 pub struct HttpState {
-    /// The origin the current upstream socket is connected to.
-    pub(super) origin: Option<TargetAddr>,
-    /// The origin allows another request on its connection.
-    pub(super) origin_reusable: bool,
+    /// Where the exchanges stand: idle (with a kept origin or none), or a request and its response in flight.
+    pub(super) exchange: Exchange,
+    /// The connection to the origin (or to the HTTP upstream proxy), once up; kept between requests when the
+    /// exchange allows it. (While it is being made it is the connect phases' `Conn::upstream`.)
+    pub(super) origin: Option<Sock>,
     /// Credentials that passed verification on this connection (user NUL pass).
     pub(super) auth_token: Option<Box<[u8]>>,
     /// The request head, held until the path to the origin is up (an upstream proxy's handshake goes first).
     pub(super) pending_head: Vec<u8>,
-    /// The exchange in progress.
-    pub(super) exchange: Exchange,
-}
-
-/// Where a forwarded request/response exchange stands.
-pub enum Exchange {
-    /// Between requests: the next head is awaited (a kept origin connection is watched meanwhile).
-    Idle,
-    /// A request is being answered.
-    InFlight(InFlight),
-}
-
-/// A request in flight and its response. Built fresh for every request, so nothing is reset by hand.
-pub struct InFlight {
-    /// The request is a HEAD request.
-    pub(super) is_head: bool,
-    /// The client's HTTP minor version.
-    pub(super) minor: u8,
-    /// The client wants to keep the connection.
-    pub(super) client_keep_alive: bool,
-    /// How far the request got.
-    pub(super) upload: Upload,
-    /// How far the response got.
-    pub(super) response: Download,
-}
-
-/// The request side of an exchange.
-pub enum Upload {
-    /// Body bytes are still to be forwarded: their framing, and how many bytes at the front of `c2u` are known to
-    /// be body.
-    Sending {
-        /// Request body framing.
-        body: BodyFramer,
-        /// Framed bytes not yet forwarded.
-        ready: usize,
-    },
-    /// The whole request (head and body) went to the origin.
-    Sent,
-    /// The origin reset while the request was still being sent: deliver whatever response it managed to send,
-    /// then close the client connection.
-    Abandoned,
-}
-
-/// The response side of an exchange.
-pub enum Download {
-    /// The final response head is awaited; `started` once an interim response reached the client (after that,
-    /// errors can only close).
-    Head {
-        /// Anything of the response reached the client.
-        started: bool,
-    },
-    /// The final head went to the client; its body passes through.
-    Body {
-        /// Response body framing.
-        body: BodyFramer,
-        /// Framed bytes at the front of `u2c` not yet forwarded.
-        ready: usize,
-        /// The client connection stays open after this response.
-        keep_client: bool,
-    },
 }
 
 /// Where the upstream conversation stands.

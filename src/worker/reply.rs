@@ -47,14 +47,14 @@ fn socks4_addr(addr: SocketAddr) -> SocketAddrV4 {
 pub fn fail(conn: &mut Conn, ctx: &mut Ctx, kind: ReplyKind, reason: CloseReason) -> Next {
     let failure = reason.failure();
     let mut out = [0u8; socks5::MAX_REPLY_LEN];
-    let sent = match kind {
+    match kind {
         ReplyKind::Socks5 => {
             let len = socks5::encode_reply(
                 failure.socks5_reply(),
                 SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
                 &mut out,
             );
-            conn.send_client(&out[..len])
+            refuse(conn, ctx, &out[..len], reason)
         }
         ReplyKind::Socks4 => {
             let len = socks4::encode_reply(
@@ -62,7 +62,7 @@ pub fn fail(conn: &mut Conn, ctx: &mut Ctx, kind: ReplyKind, reason: CloseReason
                 SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
                 &mut out,
             );
-            conn.send_client(&out[..len])
+            refuse(conn, ctx, &out[..len], reason)
         }
         ReplyKind::HttpConnect | ReplyKind::HttpForward => {
             let status = reason.http_status();
@@ -79,10 +79,15 @@ pub fn fail(conn: &mut Conn, ctx: &mut Ctx, kind: ReplyKind, reason: CloseReason
                 r.status = status;
             }
             debug!("{}: answering {status}: {detail}", conn.peer);
-            conn.send_client(&resp)
+            refuse(conn, ctx, &resp, reason)
         }
-    };
-    if sent.is_err() {
+    }
+}
+
+/// Sends a refusal already encoded (by [`fail`], or by a handshake machine in `proto::server`), then lingers and
+/// closes with `reason`.
+pub fn refuse(conn: &mut Conn, ctx: &mut Ctx, reply: &[u8], reason: CloseReason) -> Next {
+    if conn.send_client(reply).is_err() {
         return Next::Close(CloseReason::ClientError);
     }
     enter_linger(conn, ctx, reason)

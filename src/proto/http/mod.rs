@@ -17,6 +17,7 @@ use super::TargetAddr;
 
 mod body;
 mod canned;
+pub mod exchange;
 mod fields;
 mod request;
 mod response;
@@ -27,6 +28,7 @@ mod tests;
 
 pub use body::BodyFramer;
 pub use canned::{canned_response, error_response};
+pub use exchange::Exchange;
 pub use request::parse_request;
 pub use response::parse_response;
 

@@ -415,8 +415,8 @@ fn socks4_requests_and_refusals_in_any_split() {
             let (out, event, consumed) = socks4_run(false, &input, k);
             assert_eq!(out, [0, 91, 0, 0, 0, 0, 0, 0], "split {k}");
             assert_eq!(
-                (event.as_str(), consumed),
-                ("Reject(NotAllowed)", n),
+                (event, consumed),
+                (format!("{:?}", Socks4Event::NotAllowed(want.clone())), n),
                 "split {k}"
             );
         }
@@ -431,4 +431,69 @@ fn socks4_requests_and_refusals_in_any_split() {
             0
         )
     );
+}
+
+#[test]
+fn a_certificate_authenticates_a_client_that_offers_no_authentication() {
+    // (users configured, certified, offers no-auth, offers user/pass) -> password required.
+    let table = [
+        ((false, false, true, true), false),
+        ((false, true, false, true), false),
+        ((true, false, true, true), true),
+        ((true, true, true, false), false),
+        ((true, true, true, true), false),
+        // Only username/password offered: it is asked for, and the caller accepts it for the certificate.
+        ((true, true, false, true), true),
+    ];
+    for ((users, certified, no_auth, user_pass), want) in table {
+        let g = Greeting { no_auth, user_pass };
+        assert_eq!(
+            password_required(users, certified, &g),
+            want,
+            "{users} {certified} {g:?}"
+        );
+    }
+    let input = greeting(&[socks5::METHOD_NO_AUTH, socks5::METHOD_USER_PASS]);
+    let mut out = [0u8; MAX_STEP_OUTPUT];
+    for (certified, method) in [
+        (false, socks5::METHOD_USER_PASS),
+        (true, socks5::METHOD_NO_AUTH),
+    ] {
+        let mut hs = Socks5Server::new(true).certified(certified);
+        assert_eq!(hs.method(), None);
+        let s = hs.step(&input, &mut out);
+        assert_eq!(
+            (s.consumed, &out[..s.written], s.event),
+            (input.len(), &[5, method][..], Socks5Event::Continue),
+            "certified {certified}"
+        );
+        assert_eq!(hs.method(), Some(method));
+        let next = if certified {
+            Socks5Stage::Request
+        } else {
+            Socks5Stage::Auth
+        };
+        assert_eq!(hs.stage(), next);
+    }
+}
+
+#[test]
+fn the_error_that_ended_a_handshake_is_kept_for_the_log() {
+    let mut out = [0u8; MAX_STEP_OUTPUT];
+    let mut hs = Socks5Server::new(false);
+    hs.step(&greeting(&[socks5::METHOD_NO_AUTH]), &mut out);
+    assert_eq!(hs.error(), None);
+    let s = hs.step(&[5, 9, 0, 1, 127, 0, 0, 1, 0, 80], &mut out);
+    assert_eq!(s.event, Socks5Event::Reject(Failure::CommandNotSupported));
+    assert_eq!(hs.error(), Some(ProtoError::BadCommand(9)));
+    let mut hs = Socks5Server::new(false);
+    hs.step(&[4, 1, 0], &mut out);
+    assert_eq!(
+        (hs.error(), hs.stage()),
+        (Some(ProtoError::BadVersion(4)), Socks5Stage::Over)
+    );
+    let mut hs = Socks4Server::new(true);
+    let s = hs.step(&[4, 9, 0, 80], &mut out);
+    assert_eq!(s.event, Socks4Event::Reject(Failure::CommandNotSupported));
+    assert_eq!(hs.error(), Some(ProtoError::BadCommand(9)));
 }
