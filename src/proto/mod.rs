@@ -51,16 +51,18 @@ macro_rules! check_err {
     }};
 }
 
-/// Every value of `$values` put at byte `$index` of `$template` is rejected with `$err(value)`, from the moment
-/// that byte is in (`check_err!` at `$index + 1`).
+/// For each row `(template, index, values, err)`: every value put at byte `index` of `template` is rejected with
+/// `err(value)` from the moment that byte is in (`check_err!` at `index + 1`).
 #[cfg(test)]
-macro_rules! check_bad_byte {
-    ($parse:expr, $template:expr, $index:expr, $values:expr, $err:expr) => {{
-        for v in $values {
-            let mut msg = $template.to_vec();
-            msg[$index] = v;
-            check_err!($parse, &msg, $err(v), $index + 1);
-        }
+macro_rules! check_bad_bytes {
+    ($parse:expr, $(($template:expr, $index:expr, $values:expr, $err:expr)),+ $(,)?) => {{
+        $(
+            for v in $values {
+                let mut msg = $template.to_vec();
+                msg[$index] = v;
+                check_err!($parse, &msg, $err(v), $index + 1);
+            }
+        )+
     }};
 }
 

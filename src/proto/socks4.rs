@@ -272,19 +272,10 @@ mod tests {
 
     #[test]
     fn request_malformed() {
-        check_bad_byte!(
-            parse_request,
-            &[0, 1, 0, 80, 1, 2, 3, 4, 0],
-            0,
-            [0u8, 5, 3, 0xff],
-            ProtoError::BadVersion
-        );
-        check_bad_byte!(
-            parse_request,
-            &[4, 0, 0, 80, 1, 2, 3, 4, 0],
-            1,
-            [0u8, 3, 90, 0xff],
-            ProtoError::BadCommand
+        #[rustfmt::skip]
+        check_bad_bytes!(parse_request,
+            (&[0, 1, 0, 80, 1, 2, 3, 4, 0], 0, [0u8, 5, 3, 0xff], ProtoError::BadVersion),
+            (&[4, 0, 0, 80, 1, 2, 3, 4, 0], 1, [0u8, 3, 90, 0xff], ProtoError::BadCommand),
         );
         // USERID over the cap: TooLong as soon as byte MAX_USERID + 1 arrives without a NUL.
         let msg = cat(&[&[4, 1, 0, 80, 1, 2, 3, 4], &[b'u'; MAX_USERID + 10], &[0]]);
@@ -382,12 +373,9 @@ mod tests {
 
     #[test]
     fn reply_malformed() {
-        check_bad_byte!(
-            parse_reply,
-            &[0, 90, 0, 0, 0, 0, 0, 0],
-            0,
-            [4u8, 5, 1, 0xff],
-            ProtoError::BadVersion
+        #[rustfmt::skip]
+        check_bad_bytes!(parse_reply,
+            (&[0, 90, 0, 0, 0, 0, 0, 0], 0, [4u8, 5, 1, 0xff], ProtoError::BadVersion),
         );
     }
 

@@ -380,12 +380,9 @@ mod tests {
 
     #[test]
     fn greeting_malformed() {
-        check_bad_byte!(
-            parse_greeting,
-            &[0, 1, 0],
-            0,
-            [0u8, 1, 4, 6, 0x16, b'G', 0xff],
-            ProtoError::BadVersion
+        #[rustfmt::skip]
+        check_bad_bytes!(parse_greeting,
+            (&[0, 1, 0], 0, [0u8, 1, 4, 6, 0x16, b'G', 0xff], ProtoError::BadVersion),
         );
         check_err!(parse_greeting, &[5, 0, 0, 2], ProtoError::NoMethods, 2);
     }
@@ -442,12 +439,9 @@ mod tests {
 
     #[test]
     fn user_pass_malformed() {
-        check_bad_byte!(
-            parse_user_pass,
-            &[0, 1, b'u', 0],
-            0,
-            [0u8, 2, 4, 6, 0xff],
-            ProtoError::BadVersion
+        #[rustfmt::skip]
+        check_bad_bytes!(parse_user_pass,
+            (&[0, 1, b'u', 0], 0, [0u8, 2, 4, 6, 0xff], ProtoError::BadVersion),
         );
         check_err!(parse_user_pass, &[1, 0, 1, b'p'], ProtoError::BadField, 2);
         check_err!(parse_user_pass, &[5, 0, 0], ProtoError::BadField, 2);
@@ -542,26 +536,11 @@ mod tests {
 
     #[test]
     fn request_malformed() {
-        check_bad_byte!(
-            parse_request,
-            &[0, 1, 0, 1, 1, 2, 3, 4, 0, 80],
-            0,
-            [0u8, 4, 6, 0xff],
-            ProtoError::BadVersion
-        );
-        check_bad_byte!(
-            parse_request,
-            &[5, 0, 0, 1, 1, 2, 3, 4, 0, 80],
-            1,
-            [0u8, 4, 0x80, 0xff],
-            ProtoError::BadCommand
-        );
-        check_bad_byte!(
-            parse_request,
-            &[5, 1, 0, 0, 1, 2, 3, 4, 0, 80],
-            3,
-            [0u8, 2, 5, 0xff],
-            ProtoError::BadAddressType
+        #[rustfmt::skip]
+        check_bad_bytes!(parse_request,
+            (&[0, 1, 0, 1, 1, 2, 3, 4, 0, 80], 0, [0u8, 4, 6, 0xff], ProtoError::BadVersion),
+            (&[5, 0, 0, 1, 1, 2, 3, 4, 0, 80], 1, [0u8, 4, 0x80, 0xff], ProtoError::BadCommand),
+            (&[5, 1, 0, 0, 1, 2, 3, 4, 0, 80], 3, [0u8, 2, 5, 0xff], ProtoError::BadAddressType),
         );
         // Empty name: fails on the length byte.
         check_err!(

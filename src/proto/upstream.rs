@@ -325,12 +325,9 @@ mod tests {
             let n = socks5::encode_method(m, &mut out);
             assert_eq!(parse_method_choice(&out[..n]), Ok(Parse::Done(m, 2)));
         }
-        check_bad_byte!(
-            parse_method_choice,
-            &[0, 0],
-            0,
-            [0u8, 1, 4, 0xff],
-            ProtoError::BadVersion
+        #[rustfmt::skip]
+        check_bad_bytes!(parse_method_choice,
+            (&[0, 0], 0, [0u8, 1, 4, 0xff], ProtoError::BadVersion),
         );
     }
 
@@ -340,12 +337,9 @@ mod tests {
         check_valid!(parse_auth_status, &[5, 0], true, &[5, 0, 0, 1]);
         check_valid!(parse_auth_status, &[1, 1], false, &[5, 0, 0, 1]);
         check_valid!(parse_auth_status, &[1, 0xff], false, &[5, 0, 0, 1]);
-        check_bad_byte!(
-            parse_auth_status,
-            &[0, 0],
-            0,
-            [0u8, 2, 4, 0xff],
-            ProtoError::BadVersion
+        #[rustfmt::skip]
+        check_bad_bytes!(parse_auth_status,
+            (&[0, 0], 0, [0u8, 2, 4, 0xff], ProtoError::BadVersion),
         );
         for ok in [true, false] {
             let mut out = [0u8; socks5::MAX_AUTH_STATUS_LEN];
@@ -386,19 +380,10 @@ mod tests {
 
     #[test]
     fn socks5_reply_malformed() {
-        check_bad_byte!(
-            parse_socks5_reply,
-            &[0, 0, 0, 1, 1, 1, 1, 1, 0, 1],
-            0,
-            [0u8, 1, 4, 0xff],
-            ProtoError::BadVersion
-        );
-        check_bad_byte!(
-            parse_socks5_reply,
-            &[5, 0, 0, 0, 1, 1, 1, 1, 0, 1],
-            3,
-            [0u8, 2, 5, 0xff],
-            ProtoError::BadAddressType
+        #[rustfmt::skip]
+        check_bad_bytes!(parse_socks5_reply,
+            (&[0, 0, 0, 1, 1, 1, 1, 1, 0, 1], 0, [0u8, 1, 4, 0xff], ProtoError::BadVersion),
+            (&[5, 0, 0, 0, 1, 1, 1, 1, 0, 1], 3, [0u8, 2, 5, 0xff], ProtoError::BadAddressType),
         );
         check_err!(
             parse_socks5_reply,
