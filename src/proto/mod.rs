@@ -66,6 +66,22 @@ macro_rules! check_bad_bytes {
     }};
 }
 
+/// `ROUNDS` random inputs (`testutil::Rng::fill` from `$seed`, each starting with a prefix of the next of
+/// `$shapes` in turn, filler from `$alphabet`) through `check_contract!` for every parser listed.
+#[cfg(test)]
+macro_rules! fuzz_contract {
+    ($seed:expr, $shapes:expr, $alphabet:expr, $($parse:expr),+ $(,)?) => {{
+        let mut rng = $crate::proto::testutil::Rng($seed);
+        let mut store = [0u8; $crate::proto::testutil::FILL_LEN];
+        let shapes: &[&[u8]] = &$shapes;
+        for i in 0..$crate::proto::testutil::ROUNDS {
+            let shape = shapes.get(i % shapes.len()).copied().unwrap_or(&[]);
+            let buf = rng.fill(&mut store, shape, $alphabet).to_vec();
+            $(check_contract!($parse, &buf, rng);)+
+        }
+    }};
+}
+
 /// Checks the sans-IO contract on `buf` and a random prefix of it: Done never overruns and does not depend on
 /// later bytes, and once a prefix is Done or an error, every longer input gives the same answer.
 #[cfg(test)]

@@ -726,35 +726,24 @@ mod tests {
 
     #[test]
     fn fuzz_parse_greeting() {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-        let mut store = [0u8; FILL_LEN];
-        for _ in 0..ROUNDS {
-            let buf = rng.fill(&mut store, &[5, 3, 0, 1, 2], &[]).to_vec();
-            check_contract!(parse_greeting, &buf, rng);
-        }
+        fuzz_contract!(
+            0x9e37_79b9_7f4a_7c15,
+            [&[5, 3, 0, 1, 2]],
+            &[],
+            parse_greeting
+        );
     }
 
     #[test]
     fn fuzz_parse_user_pass() {
-        let mut rng = Rng(0x0123_4567_89ab_cdef);
-        let mut store = [0u8; FILL_LEN];
-        for _ in 0..ROUNDS {
-            let buf = rng
-                .fill(&mut store, &[1, 3, b'a', b'b', b'c', 2, b'p'], &[])
-                .to_vec();
-            check_contract!(parse_user_pass, &buf, rng);
-        }
+        let shape: &[u8] = &[1, 3, b'a', b'b', b'c', 2, b'p'];
+        fuzz_contract!(0x0123_4567_89ab_cdef, [shape], &[], parse_user_pass);
     }
 
     #[test]
     fn fuzz_parse_request() {
-        let mut rng = Rng(0xdead_beef_cafe_f00d);
-        let mut store = [0u8; FILL_LEN];
         let shapes: [&[u8]; 3] = [&[5, 1, 0, 1], &[5, 3, 0, 3, 7, b'e', b'x'], &[5, 2, 0, 4]];
-        for i in 0..ROUNDS {
-            let buf = rng.fill(&mut store, shapes[i % 3], &[]).to_vec();
-            check_contract!(parse_request, &buf, rng);
-        }
+        fuzz_contract!(0xdead_beef_cafe_f00d, shapes, &[], parse_request);
     }
 
     #[test]

@@ -712,30 +712,30 @@ mod tests {
 
     // ---- never panic on arbitrary input ----
 
-    use crate::proto::testutil::{Rng, FILL_LEN, ROUNDS};
-
     /// Header-ish text makes HTTP heads complete.
     const HEAD_TEXT: &[u8] = b"\r\n\r\n: aZ-09\t";
 
     #[test]
     fn fuzz_socks5_client_parsers() {
-        let mut rng = Rng(0xa076_1d64_78bd_642f);
-        let mut store = [0u8; FILL_LEN];
-        for i in 0..ROUNDS {
-            let buf = rng.fill(&mut store, &[5, 0, 0, 1 + (i % 4) as u8], HEAD_TEXT);
-            check_contract!(parse_method_choice, buf, rng);
-            check_contract!(parse_auth_status, buf, rng);
-            check_contract!(parse_socks5_reply, buf, rng);
-        }
+        let shapes: [&[u8]; 4] = [&[5, 0, 0, 1], &[5, 0, 0, 2], &[5, 0, 0, 3], &[5, 0, 0, 4]];
+        fuzz_contract!(
+            0xa076_1d64_78bd_642f,
+            shapes,
+            HEAD_TEXT,
+            parse_method_choice,
+            parse_auth_status,
+            parse_socks5_reply,
+        );
     }
 
     #[test]
     fn fuzz_http_connect_reply() {
-        let mut rng = Rng(0xe703_7ed1_a0b4_28db);
-        let mut store = [0u8; FILL_LEN];
-        for _ in 0..ROUNDS {
-            let buf = rng.fill(&mut store, b"HTTP/1.1 200 OK\r\n", HEAD_TEXT);
-            check_contract!(parse_http_connect_reply, buf, rng);
-        }
+        let shape: &[u8] = b"HTTP/1.1 200 OK\r\n";
+        fuzz_contract!(
+            0xe703_7ed1_a0b4_28db,
+            [shape],
+            HEAD_TEXT,
+            parse_http_connect_reply
+        );
     }
 }
