@@ -51,15 +51,33 @@ macro_rules! check_err {
     }};
 }
 
-/// Every value of `$values` put at byte `$index` of `$template` is rejected with `$err(value)`, from the moment
-/// that byte is in (`check_err!` at `$index + 1`).
+/// For each row `(template, index, values, err)`: every value put at byte `index` of `template` is rejected with
+/// `err(value)` from the moment that byte is in (`check_err!` at `index + 1`).
 #[cfg(test)]
-macro_rules! check_bad_byte {
-    ($parse:expr, $template:expr, $index:expr, $values:expr, $err:expr) => {{
-        for v in $values {
-            let mut msg = $template.to_vec();
-            msg[$index] = v;
-            check_err!($parse, &msg, $err(v), $index + 1);
+macro_rules! check_bad_bytes {
+    ($parse:expr, $(($template:expr, $index:expr, $values:expr, $err:expr)),+ $(,)?) => {{
+        $(
+            for v in $values {
+                let mut msg = $template.to_vec();
+                msg[$index] = v;
+                check_err!($parse, &msg, $err(v), $index + 1);
+            }
+        )+
+    }};
+}
+
+/// `ROUNDS` random inputs (`testutil::Rng::fill` from `$seed`, each starting with a prefix of the next of
+/// `$shapes` in turn, filler from `$alphabet`) through `check_contract!` for every parser listed.
+#[cfg(test)]
+macro_rules! fuzz_contract {
+    ($seed:expr, $shapes:expr, $alphabet:expr, $($parse:expr),+ $(,)?) => {{
+        let mut rng = $crate::proto::testutil::Rng($seed);
+        let mut store = [0u8; $crate::proto::testutil::FILL_LEN];
+        let shapes: &[&[u8]] = &$shapes;
+        for i in 0..$crate::proto::testutil::ROUNDS {
+            let shape = shapes.get(i % shapes.len()).copied().unwrap_or(&[]);
+            let buf = rng.fill(&mut store, shape, $alphabet).to_vec();
+            $(check_contract!($parse, &buf, rng);)+
         }
     }};
 }

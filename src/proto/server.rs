@@ -8,7 +8,9 @@
 //! them) and an event. The caller keeps the sockets, the timers and the users table: password checks can be slow
 //! (hashes) and go wherever the caller likes, and the answer comes back through
 //! [`Socks5Server::auth_result`]. Policy is a pure function of configuration ([`choose_method`],
-//! [`socks4_allowed`]), so it can be tested without a socket.
+//! [`password_required`], [`socks4_allowed`]), so it can be tested without a socket. The worker
+//! (`worker/handshake.rs`) drives these machines; the machines are `Copy`, a few bytes each, so the worker's
+//! connection phase holds one by value.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 

@@ -272,19 +272,10 @@ mod tests {
 
     #[test]
     fn request_malformed() {
-        check_bad_byte!(
-            parse_request,
-            &[0, 1, 0, 80, 1, 2, 3, 4, 0],
-            0,
-            [0u8, 5, 3, 0xff],
-            ProtoError::BadVersion
-        );
-        check_bad_byte!(
-            parse_request,
-            &[4, 0, 0, 80, 1, 2, 3, 4, 0],
-            1,
-            [0u8, 3, 90, 0xff],
-            ProtoError::BadCommand
+        #[rustfmt::skip]
+        check_bad_bytes!(parse_request,
+            (&[0, 1, 0, 80, 1, 2, 3, 4, 0], 0, [0u8, 5, 3, 0xff], ProtoError::BadVersion),
+            (&[4, 0, 0, 80, 1, 2, 3, 4, 0], 1, [0u8, 3, 90, 0xff], ProtoError::BadCommand),
         );
         // USERID over the cap: TooLong as soon as byte MAX_USERID + 1 arrives without a NUL.
         let msg = cat(&[&[4, 1, 0, 80, 1, 2, 3, 4], &[b'u'; MAX_USERID + 10], &[0]]);
@@ -382,40 +373,35 @@ mod tests {
 
     #[test]
     fn reply_malformed() {
-        check_bad_byte!(
-            parse_reply,
-            &[0, 90, 0, 0, 0, 0, 0, 0],
-            0,
-            [4u8, 5, 1, 0xff],
-            ProtoError::BadVersion
+        #[rustfmt::skip]
+        check_bad_bytes!(parse_reply,
+            (&[0, 90, 0, 0, 0, 0, 0, 0], 0, [4u8, 5, 1, 0xff], ProtoError::BadVersion),
         );
     }
 
     // ---- never panic on arbitrary input ----
-
-    use crate::proto::testutil::{Rng, FILL_LEN, ROUNDS};
 
     /// Plenty of NULs and letters make terminated fields and valid names likely.
     const NUL_AND_LETTERS: &[u8] = b"\0\0\0\0\0abcdefghijklmnopqrstuvwxyz";
 
     #[test]
     fn fuzz_parse_request() {
-        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
-        let mut store = [0u8; FILL_LEN];
         let shapes: [&[u8]; 2] = [&[4, 1, 0, 80, 1, 2, 3, 4], &[4, 1, 0, 80, 0, 0, 0, 1]];
-        for i in 0..ROUNDS {
-            let buf = rng.fill(&mut store, shapes[i % 2], NUL_AND_LETTERS);
-            check_contract!(parse_request, buf, rng);
-        }
+        fuzz_contract!(
+            0x2545_f491_4f6c_dd1d,
+            shapes,
+            NUL_AND_LETTERS,
+            parse_request
+        );
     }
 
     #[test]
     fn fuzz_parse_reply() {
-        let mut rng = Rng(0x1357_9bdf_2468_ace0);
-        let mut store = [0u8; FILL_LEN];
-        for _ in 0..ROUNDS {
-            let buf = rng.fill(&mut store, &[0, 90], NUL_AND_LETTERS);
-            check_contract!(parse_reply, buf, rng);
-        }
+        fuzz_contract!(
+            0x1357_9bdf_2468_ace0,
+            [&[0, 90]],
+            NUL_AND_LETTERS,
+            parse_reply
+        );
     }
 }

@@ -380,12 +380,9 @@ mod tests {
 
     #[test]
     fn greeting_malformed() {
-        check_bad_byte!(
-            parse_greeting,
-            &[0, 1, 0],
-            0,
-            [0u8, 1, 4, 6, 0x16, b'G', 0xff],
-            ProtoError::BadVersion
+        #[rustfmt::skip]
+        check_bad_bytes!(parse_greeting,
+            (&[0, 1, 0], 0, [0u8, 1, 4, 6, 0x16, b'G', 0xff], ProtoError::BadVersion),
         );
         check_err!(parse_greeting, &[5, 0, 0, 2], ProtoError::NoMethods, 2);
     }
@@ -442,12 +439,9 @@ mod tests {
 
     #[test]
     fn user_pass_malformed() {
-        check_bad_byte!(
-            parse_user_pass,
-            &[0, 1, b'u', 0],
-            0,
-            [0u8, 2, 4, 6, 0xff],
-            ProtoError::BadVersion
+        #[rustfmt::skip]
+        check_bad_bytes!(parse_user_pass,
+            (&[0, 1, b'u', 0], 0, [0u8, 2, 4, 6, 0xff], ProtoError::BadVersion),
         );
         check_err!(parse_user_pass, &[1, 0, 1, b'p'], ProtoError::BadField, 2);
         check_err!(parse_user_pass, &[5, 0, 0], ProtoError::BadField, 2);
@@ -542,26 +536,11 @@ mod tests {
 
     #[test]
     fn request_malformed() {
-        check_bad_byte!(
-            parse_request,
-            &[0, 1, 0, 1, 1, 2, 3, 4, 0, 80],
-            0,
-            [0u8, 4, 6, 0xff],
-            ProtoError::BadVersion
-        );
-        check_bad_byte!(
-            parse_request,
-            &[5, 0, 0, 1, 1, 2, 3, 4, 0, 80],
-            1,
-            [0u8, 4, 0x80, 0xff],
-            ProtoError::BadCommand
-        );
-        check_bad_byte!(
-            parse_request,
-            &[5, 1, 0, 0, 1, 2, 3, 4, 0, 80],
-            3,
-            [0u8, 2, 5, 0xff],
-            ProtoError::BadAddressType
+        #[rustfmt::skip]
+        check_bad_bytes!(parse_request,
+            (&[0, 1, 0, 1, 1, 2, 3, 4, 0, 80], 0, [0u8, 4, 6, 0xff], ProtoError::BadVersion),
+            (&[5, 0, 0, 1, 1, 2, 3, 4, 0, 80], 1, [0u8, 4, 0x80, 0xff], ProtoError::BadCommand),
+            (&[5, 1, 0, 0, 1, 2, 3, 4, 0, 80], 3, [0u8, 2, 5, 0xff], ProtoError::BadAddressType),
         );
         // Empty name: fails on the length byte.
         check_err!(
@@ -747,35 +726,24 @@ mod tests {
 
     #[test]
     fn fuzz_parse_greeting() {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-        let mut store = [0u8; FILL_LEN];
-        for _ in 0..ROUNDS {
-            let buf = rng.fill(&mut store, &[5, 3, 0, 1, 2], &[]).to_vec();
-            check_contract!(parse_greeting, &buf, rng);
-        }
+        fuzz_contract!(
+            0x9e37_79b9_7f4a_7c15,
+            [&[5, 3, 0, 1, 2]],
+            &[],
+            parse_greeting
+        );
     }
 
     #[test]
     fn fuzz_parse_user_pass() {
-        let mut rng = Rng(0x0123_4567_89ab_cdef);
-        let mut store = [0u8; FILL_LEN];
-        for _ in 0..ROUNDS {
-            let buf = rng
-                .fill(&mut store, &[1, 3, b'a', b'b', b'c', 2, b'p'], &[])
-                .to_vec();
-            check_contract!(parse_user_pass, &buf, rng);
-        }
+        let shape: &[u8] = &[1, 3, b'a', b'b', b'c', 2, b'p'];
+        fuzz_contract!(0x0123_4567_89ab_cdef, [shape], &[], parse_user_pass);
     }
 
     #[test]
     fn fuzz_parse_request() {
-        let mut rng = Rng(0xdead_beef_cafe_f00d);
-        let mut store = [0u8; FILL_LEN];
         let shapes: [&[u8]; 3] = [&[5, 1, 0, 1], &[5, 3, 0, 3, 7, b'e', b'x'], &[5, 2, 0, 4]];
-        for i in 0..ROUNDS {
-            let buf = rng.fill(&mut store, shapes[i % 3], &[]).to_vec();
-            check_contract!(parse_request, &buf, rng);
-        }
+        fuzz_contract!(0xdead_beef_cafe_f00d, shapes, &[], parse_request);
     }
 
     #[test]

@@ -325,12 +325,9 @@ mod tests {
             let n = socks5::encode_method(m, &mut out);
             assert_eq!(parse_method_choice(&out[..n]), Ok(Parse::Done(m, 2)));
         }
-        check_bad_byte!(
-            parse_method_choice,
-            &[0, 0],
-            0,
-            [0u8, 1, 4, 0xff],
-            ProtoError::BadVersion
+        #[rustfmt::skip]
+        check_bad_bytes!(parse_method_choice,
+            (&[0, 0], 0, [0u8, 1, 4, 0xff], ProtoError::BadVersion),
         );
     }
 
@@ -340,12 +337,9 @@ mod tests {
         check_valid!(parse_auth_status, &[5, 0], true, &[5, 0, 0, 1]);
         check_valid!(parse_auth_status, &[1, 1], false, &[5, 0, 0, 1]);
         check_valid!(parse_auth_status, &[1, 0xff], false, &[5, 0, 0, 1]);
-        check_bad_byte!(
-            parse_auth_status,
-            &[0, 0],
-            0,
-            [0u8, 2, 4, 0xff],
-            ProtoError::BadVersion
+        #[rustfmt::skip]
+        check_bad_bytes!(parse_auth_status,
+            (&[0, 0], 0, [0u8, 2, 4, 0xff], ProtoError::BadVersion),
         );
         for ok in [true, false] {
             let mut out = [0u8; socks5::MAX_AUTH_STATUS_LEN];
@@ -386,19 +380,10 @@ mod tests {
 
     #[test]
     fn socks5_reply_malformed() {
-        check_bad_byte!(
-            parse_socks5_reply,
-            &[0, 0, 0, 1, 1, 1, 1, 1, 0, 1],
-            0,
-            [0u8, 1, 4, 0xff],
-            ProtoError::BadVersion
-        );
-        check_bad_byte!(
-            parse_socks5_reply,
-            &[5, 0, 0, 0, 1, 1, 1, 1, 0, 1],
-            3,
-            [0u8, 2, 5, 0xff],
-            ProtoError::BadAddressType
+        #[rustfmt::skip]
+        check_bad_bytes!(parse_socks5_reply,
+            (&[0, 0, 0, 1, 1, 1, 1, 1, 0, 1], 0, [0u8, 1, 4, 0xff], ProtoError::BadVersion),
+            (&[5, 0, 0, 0, 1, 1, 1, 1, 0, 1], 3, [0u8, 2, 5, 0xff], ProtoError::BadAddressType),
         );
         check_err!(
             parse_socks5_reply,
@@ -727,30 +712,30 @@ mod tests {
 
     // ---- never panic on arbitrary input ----
 
-    use crate::proto::testutil::{Rng, FILL_LEN, ROUNDS};
-
     /// Header-ish text makes HTTP heads complete.
     const HEAD_TEXT: &[u8] = b"\r\n\r\n: aZ-09\t";
 
     #[test]
     fn fuzz_socks5_client_parsers() {
-        let mut rng = Rng(0xa076_1d64_78bd_642f);
-        let mut store = [0u8; FILL_LEN];
-        for i in 0..ROUNDS {
-            let buf = rng.fill(&mut store, &[5, 0, 0, 1 + (i % 4) as u8], HEAD_TEXT);
-            check_contract!(parse_method_choice, buf, rng);
-            check_contract!(parse_auth_status, buf, rng);
-            check_contract!(parse_socks5_reply, buf, rng);
-        }
+        let shapes: [&[u8]; 4] = [&[5, 0, 0, 1], &[5, 0, 0, 2], &[5, 0, 0, 3], &[5, 0, 0, 4]];
+        fuzz_contract!(
+            0xa076_1d64_78bd_642f,
+            shapes,
+            HEAD_TEXT,
+            parse_method_choice,
+            parse_auth_status,
+            parse_socks5_reply,
+        );
     }
 
     #[test]
     fn fuzz_http_connect_reply() {
-        let mut rng = Rng(0xe703_7ed1_a0b4_28db);
-        let mut store = [0u8; FILL_LEN];
-        for _ in 0..ROUNDS {
-            let buf = rng.fill(&mut store, b"HTTP/1.1 200 OK\r\n", HEAD_TEXT);
-            check_contract!(parse_http_connect_reply, buf, rng);
-        }
+        let shape: &[u8] = b"HTTP/1.1 200 OK\r\n";
+        fuzz_contract!(
+            0xe703_7ed1_a0b4_28db,
+            [shape],
+            HEAD_TEXT,
+            parse_http_connect_reply
+        );
     }
 }
