@@ -96,25 +96,6 @@ fn upload(mut s: TcpStream, n: usize) -> f64 {
     t0.elapsed().as_secs_f64()
 }
 
-/// An HTTP origin answering every request with `n` bytes of body (`Connection: close`).
-fn http_origin(n: usize) -> TestServer {
-    TestServer::start(move |mut s| {
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            match s.read(&mut b) {
-                Ok(1) => head.push(b[0]),
-                _ => return,
-            }
-        }
-        let _ = write!(
-            s,
-            "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
-        );
-        let _ = s.write_all(&vec![b'x'; n]);
-    })
-}
-
 fn tunnel(proxy: SocketAddr, user: &str, target: SocketAddr) -> TcpStream {
     socks5_connect_auth(proxy, user, "pw", target)
         .unwrap_or_else(|e| panic!("{user}: CONNECT failed: {e:#x}"))
@@ -170,7 +151,7 @@ rate_up = "1MiB/s"
     let (proxy, _path) = with_policy(policy, &[]);
     let p = proxy.addr();
     // Frank uses plain HTTP forwarding (curl): response heads and bodies count against his rate_down.
-    let origin = http_origin(10 * MIB);
+    let origin = http_close_origin(vec![b'x'; 10 * MIB]);
     let frank = have_curl().then(|| {
         let (proxy_url, url) = (
             format!("http://frank:pw@{p}"),
@@ -383,13 +364,8 @@ fn http_forwarding_throttles_each_direction_alone() {
     let done_tx = std::sync::Mutex::new(done_tx);
     let origin = TestServer::start(move |mut s| {
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            match s.read(&mut b) {
-                Ok(1) => head.push(b[0]),
-                _ => return,
-            }
+        if read_http_head_bytes(&mut s).is_none() {
+            return;
         }
         let mut w = s.try_clone().unwrap();
         let writer = thread::spawn(move || {

@@ -68,25 +68,6 @@ fn blob_server() -> TestServer {
     })
 }
 
-/// An HTTP origin answering every request with `n` bytes of body.
-fn http_origin(n: usize) -> TestServer {
-    TestServer::start(move |mut s| {
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            match s.read(&mut b) {
-                Ok(1) => head.push(b[0]),
-                _ => return,
-            }
-        }
-        let _ = write!(
-            s,
-            "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
-        );
-        let _ = s.write_all(&vec![b'x'; n]);
-    })
-}
-
 fn tunnel(proxy: SocketAddr, user: &str, target: SocketAddr) -> TcpStream {
     socks5_connect_auth(proxy, user, "pw", target)
         .unwrap_or_else(|e| panic!("{user}: CONNECT failed: {e:#x}"))
@@ -201,7 +182,7 @@ quota = "256KiB"
         eprintln!("curl not found: skipping the HTTP forwarding part");
         return;
     }
-    let origin = http_origin(2 * MIB);
+    let origin = http_close_origin(vec![b'x'; 2 * MIB]);
     let url = format!("http://{}/blob", origin.addr);
     let (code, out, err) = curl(&["-x", &format!("http://alice:pw@{p}"), &url]);
     assert_eq!(code, 0, "curl: {err}");

@@ -158,26 +158,6 @@ impl Drop for Activated {
     }
 }
 
-/// An HTTP origin answering every request with `body` (Connection: close).
-fn http_origin(body: &'static [u8]) -> TestServer {
-    TestServer::start(move |mut s| {
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            match s.read(&mut b) {
-                Ok(1) => head.push(b[0]),
-                _ => return,
-            }
-        }
-        let _ = write!(
-            s,
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        let _ = s.write_all(body);
-    })
-}
-
 fn serves_socks5_and_http(addr: SocketAddr, echo: SocketAddr, origin: SocketAddr) {
     let mut t = socks5_connect(addr, echo).expect("SOCKS5 through the passed socket");
     assert_echo(&mut t, b"activated");
@@ -203,7 +183,7 @@ fn serves_socks5_and_http(addr: SocketAddr, echo: SocketAddr, origin: SocketAddr
 
 fn socket_activation(threads: &str) {
     let echo = TestServer::echo();
-    let origin = http_origin(b"origin says hi");
+    let origin = http_close_origin(b"origin says hi".to_vec());
     // The -l address must not be bound: the passed socket replaces it. The test holds that address itself, so a
     // proxy that tried to bind it would refuse to start (it will not share a port another process listens on),
     // and no other test can take the port meanwhile.
@@ -250,7 +230,7 @@ fn socket_activation_serves_socks5_and_http_four_threads() {
 #[test]
 fn several_passed_sockets_are_all_served() {
     let echo = TestServer::echo();
-    let origin = http_origin(b"origin says hi");
+    let origin = http_close_origin(b"origin says hi".to_vec());
     let Some(a) = Activated::start(2, Some("socks:web"), &["--threads", "2"]) else {
         return;
     };

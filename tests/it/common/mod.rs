@@ -874,3 +874,35 @@ pub fn base64_basic(user: &str, pass: &str) -> String {
     }
     out
 }
+
+/// Reads an HTTP head through its blank line, byte by byte so nothing after it is consumed; `None` when the peer
+/// closes or fails first, or the head passes 64 KiB.
+pub fn read_http_head_bytes(s: &mut impl Read) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= 64 * 1024 {
+            return None;
+        }
+        match s.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => return None,
+        }
+    }
+    Some(head)
+}
+
+/// An HTTP origin answering every request with `body` (`Connection: close`).
+pub fn http_close_origin(body: Vec<u8>) -> TestServer {
+    TestServer::start(move |mut s| {
+        if read_http_head_bytes(&mut s).is_none() {
+            return;
+        }
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = s.write_all(&body);
+    })
+}
