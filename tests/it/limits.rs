@@ -32,34 +32,6 @@ fn with_policy(text: &str, extra: &[&str]) -> (Proxy, std::path::PathBuf) {
     (Proxy::spawn(&args), path)
 }
 
-/// A target that reads an 8-byte big-endian length and sends that many pseudo-random bytes, or with length 0
-/// counts what the client uploads until EOF and answers with the count.
-fn blob_server() -> TestServer {
-    TestServer::start(|mut s| {
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut len = [0u8; 8];
-        if s.read_exact(&mut len).is_err() {
-            return;
-        }
-        let n = u64::from_be_bytes(len) as usize;
-        if n == 0 {
-            let mut total = 0u64;
-            let mut buf = vec![0u8; 65536];
-            while let Ok(k) = s.read(&mut buf) {
-                if k == 0 {
-                    break;
-                }
-                total += k as u64;
-            }
-            let _ = s.write_all(&total.to_be_bytes());
-            return;
-        }
-        let data = pseudo_random(n as u64, n);
-        let _ = s.write_all(&data);
-    })
-}
-
 /// Downloads `n` bytes over an established tunnel; returns the seconds it took and checks every byte.
 fn download(mut s: TcpStream, n: usize) -> f64 {
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();

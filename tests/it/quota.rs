@@ -54,20 +54,6 @@ fn state_dir() -> PathBuf {
     d
 }
 
-/// A target that reads an 8-byte big-endian length and sends that many pseudo-random bytes.
-fn blob_server() -> TestServer {
-    TestServer::start(|mut s| {
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut len = [0u8; 8];
-        if s.read_exact(&mut len).is_err() {
-            return;
-        }
-        let n = u64::from_be_bytes(len) as usize;
-        let _ = s.write_all(&pseudo_random(n as u64, n));
-    })
-}
-
 fn tunnel(proxy: SocketAddr, user: &str, target: SocketAddr) -> TcpStream {
     socks5_connect_auth(proxy, user, "pw", target)
         .unwrap_or_else(|e| panic!("{user}: CONNECT failed: {e:#x}"))

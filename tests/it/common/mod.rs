@@ -906,3 +906,31 @@ pub fn http_close_origin(body: Vec<u8>) -> TestServer {
         let _ = s.write_all(&body);
     })
 }
+
+/// A target that reads an 8-byte big-endian length and sends that many pseudo-random bytes, or with length 0
+/// counts what the client uploads until EOF and answers with the count.
+pub fn blob_server() -> TestServer {
+    TestServer::start(|mut s| {
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut len = [0u8; 8];
+        if s.read_exact(&mut len).is_err() {
+            return;
+        }
+        let n = u64::from_be_bytes(len) as usize;
+        if n == 0 {
+            let mut total = 0u64;
+            let mut buf = vec![0u8; 65536];
+            while let Ok(k) = s.read(&mut buf) {
+                if k == 0 {
+                    break;
+                }
+                total += k as u64;
+            }
+            let _ = s.write_all(&total.to_be_bytes());
+            return;
+        }
+        let data = pseudo_random(n as u64, n);
+        let _ = s.write_all(&data);
+    })
+}
