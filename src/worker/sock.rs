@@ -24,6 +24,8 @@ pub struct Sock {
     pub error: bool,
     /// The peer's FIN (or an error) was reported: keep reading until EOF even after short reads.
     pub read_closed: bool,
+    /// A short read drained the queue after the peer's FIN was reported: the next read is EOF.
+    eof_next: bool,
     /// The TLS session when this socket speaks TLS.
     pub tls: Option<Box<TlsSession>>,
 }
@@ -37,6 +39,7 @@ impl Sock {
             writable: false,
             error: false,
             read_closed: false,
+            eof_next: false,
             tls: None,
         }
     }
@@ -131,18 +134,28 @@ impl Sock {
     /// Reads once; `WouldBlock` clears the readable bit and returns `Ok(None)`. A short read clears it too: the
     /// receive queue was empty, and epoll reports every later arrival as a new edge, so the read that would only
     /// return `WouldBlock` is saved. The exception is a FIN that arrived together with the data (one edge for both):
-    /// once the peer's close was reported, we read on until EOF.
+    /// once the peer's close was reported, the next read is EOF. That read is not made either: the FIN was queued
+    /// behind every byte the peer sent before the event was reported, so a short read after it emptied the queue
+    /// up to the FIN (haproxy relies on the same), and the `recv` that would return 0 is saved. After an error the
+    /// socket is read for real, so a reset is reported as one.
     pub fn read(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
         if let Some(t) = self.tls.as_mut() {
             let r = t.read(&mut self.stream, buf);
             self.sync_tls();
             return r;
         }
+        if self.eof_next && !self.error {
+            return Ok(Some(0));
+        }
         loop {
             match self.stream.read(buf) {
                 Ok(n) => {
-                    if n > 0 && n < buf.len() && !self.read_closed {
-                        self.readable = false;
+                    if n > 0 && n < buf.len() {
+                        if !self.read_closed {
+                            self.readable = false;
+                        } else {
+                            self.eof_next = true;
+                        }
                     }
                     return Ok(Some(n));
                 }
@@ -180,5 +193,63 @@ impl Sock {
             }
         }
         Ok(off)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Shutdown, TcpListener};
+    use std::time::{Duration, Instant};
+
+    /// A connected pair: our nonblocking side and the peer's blocking std side.
+    fn pair() -> (Sock, std::net::TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let peer = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (ours, _) = l.accept().expect("accept");
+        ours.set_nonblocking(true).expect("nonblocking");
+        (Sock::new(TcpStream::from_std(ours)), peer)
+    }
+
+    /// Waits until the peer's bytes and FIN are all in our receive queue (peeked, not consumed).
+    fn wait_queued(s: &Sock, len: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut b = vec![0u8; len + 1];
+        while s.stream.peek(&mut b).map_or(true, |n| n < len) {
+            assert!(Instant::now() < deadline, "peer bytes never arrived");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_short_read_after_the_peers_fin_makes_the_next_read_eof() {
+        let (mut s, mut peer) = pair();
+        peer.write_all(b"abc").expect("write");
+        peer.shutdown(Shutdown::Write).expect("shutdown");
+        wait_queued(&s, 3);
+        s.readable = true;
+        s.read_closed = true;
+        let mut buf = [0u8; 16];
+        assert_eq!(s.read(&mut buf).expect("read"), Some(3));
+        assert_eq!(&buf[..3], b"abc");
+        assert!(s.eof_next, "the short read after the FIN should mark EOF");
+        assert_eq!(s.read(&mut buf).expect("read"), Some(0));
+    }
+
+    #[test]
+    fn a_full_read_after_the_fin_reads_on_and_a_short_read_without_it_clears_readable() {
+        let (mut s, mut peer) = pair();
+        peer.write_all(b"abcdef").expect("write");
+        wait_queued(&s, 6);
+        s.readable = true;
+        let mut small = [0u8; 3];
+        // Exactly full: more may be queued, so nothing is concluded.
+        assert_eq!(s.read(&mut small).expect("read"), Some(3));
+        assert!(s.readable && !s.eof_next);
+        let mut buf = [0u8; 16];
+        // Short without a reported FIN: the queue is empty for now, not closed.
+        assert_eq!(s.read(&mut buf).expect("read"), Some(3));
+        assert!(!s.readable && !s.eof_next);
+        peer.shutdown(Shutdown::Write).expect("shutdown");
     }
 }
