@@ -105,16 +105,16 @@ fn open_out(ctx: &Ctx, egress: Source) -> io::Result<(UdpSocket, bool)> {
     }
 }
 
+/// Answers the UDP ASSOCIATE request with `failure` and ends the control connection.
+fn refuse(conn: &mut Conn, ctx: &mut Ctx, failure: Failure) -> Next {
+    reply::fail(conn, ctx, ReplyKind::Socks5, CloseReason::Failed(failure))
+}
+
 /// Starts an association for a UDP ASSOCIATE request whose DST names the client's sending address (`hint`).
 pub fn start(key: usize, conn: &mut Conn, ctx: &mut Ctx, hint: TargetAddr) -> Next {
     if ctx.cfg.upstream.is_some() {
         // Relaying UDP through an upstream proxy is not supported: say so with the protocol's own code.
-        return reply::fail(
-            conn,
-            ctx,
-            ReplyKind::Socks5,
-            CloseReason::Failed(Failure::CommandNotSupported),
-        );
+        return refuse(conn, ctx, Failure::CommandNotSupported);
     }
     let client_ip = canonical_ip(conn.peer.ip());
     let client_port = match &hint {
@@ -127,12 +127,7 @@ pub fn start(key: usize, conn: &mut Conn, ctx: &mut Ctx, hint: TargetAddr) -> Ne
         _ => None,
     };
     let Some(local_ip) = conn.local_ip() else {
-        return reply::fail(
-            conn,
-            ctx,
-            ReplyKind::Socks5,
-            CloseReason::Failed(Failure::General),
-        );
+        return refuse(conn, ctx, Failure::General);
     };
     // One outbound socket serves every target: a user's egress list gives it the family of its first entry.
     let first_v4 = ctx
@@ -159,12 +154,7 @@ pub fn start(key: usize, conn: &mut Conn, ctx: &mut Ctx, hint: TargetAddr) -> Ne
                 gate::log_egress_error(conn, &e);
             }
             debug!("{}: UDP ASSOCIATE: cannot open sockets: {e}", conn.peer);
-            return reply::fail(
-                conn,
-                ctx,
-                ReplyKind::Socks5,
-                CloseReason::Failed(Failure::General),
-            );
+            return refuse(conn, ctx, Failure::General);
         }
     };
     let reg = ctx
@@ -181,12 +171,7 @@ pub fn start(key: usize, conn: &mut Conn, ctx: &mut Ctx, hint: TargetAddr) -> Ne
     let (Ok(()), Ok(bound)) = (reg, bound) else {
         let _ = ctx.registry.deregister(&mut relay);
         let _ = ctx.registry.deregister(&mut out);
-        return reply::fail(
-            conn,
-            ctx,
-            ReplyKind::Socks5,
-            CloseReason::Failed(Failure::General),
-        );
+        return refuse(conn, ctx, Failure::General);
     };
     let advertised = SocketAddr::new(ctx.cfg.udp_advertise.unwrap_or(bound.ip()), bound.port());
     debug!("{}: UDP relay on {advertised}", conn.peer);
