@@ -20,6 +20,7 @@ pub mod control;
 pub mod dns;
 pub mod groups;
 pub mod happy;
+mod indexed;
 pub mod listen;
 pub mod metrics;
 pub mod net;

@@ -10,65 +10,54 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
+use crate::indexed::indexed_enum;
 use crate::proto::Failure;
 
-/// A protocol label for per-protocol series.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Proto {
-    /// Not yet known (PROXY header or first byte pending).
-    Unknown = 0,
-    /// SOCKS5.
-    Socks5 = 1,
-    /// SOCKS4 or SOCKS4a.
-    Socks4 = 2,
-    /// HTTP proxy (CONNECT or forwarding).
-    Http = 3,
+indexed_enum! {
+    /// A protocol label for per-protocol series.
+    pub enum Proto {
+        /// Not yet known (PROXY header or first byte pending).
+        Unknown => "unknown",
+        /// SOCKS5.
+        Socks5 => "socks5",
+        /// SOCKS4 or SOCKS4a.
+        Socks4 => "socks4",
+        /// HTTP proxy (CONNECT or forwarding).
+        Http => "http",
+    }
 }
 
-/// Label values of [`Proto`], in discriminant order.
-pub const PROTO_LABELS: [&str; 4] = ["unknown", "socks5", "socks4", "http"];
-
-/// Why a connection was refused before any handshake.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// `--allow-client` did not match.
-    ClientAcl = 0,
-    /// `--max-connections` reached (counted when the backlog is finally accepted and closed at drain).
-    Limit = 1,
-    /// The first byte was not a protocol we serve.
-    UnknownProtocol = 2,
-    /// A missing or invalid PROXY protocol header.
-    ProxyHeader = 3,
-    /// A clear-text client under `--tls-only` (or `--tls-client-ca`).
-    TlsRequired = 4,
+indexed_enum! {
+    /// Why a connection was refused before any handshake.
+    pub enum Refusal {
+        /// `--allow-client` did not match.
+        ClientAcl => "client_acl",
+        /// `--max-connections` reached (counted when the backlog is finally accepted and closed at drain).
+        Limit => "limit",
+        /// The first byte was not a protocol we serve.
+        UnknownProtocol => "unknown_protocol",
+        /// A missing or invalid PROXY protocol header.
+        ProxyHeader => "proxy_header",
+        /// A clear-text client under `--tls-only` (or `--tls-client-ca`).
+        TlsRequired => "tls_required",
+    }
 }
 
-/// Label values of [`Refusal`].
-pub const REFUSAL_LABELS: [&str; 5] = [
-    "client_acl",
-    "limit",
-    "unknown_protocol",
-    "proxy_header",
-    "tls_required",
-];
-
-/// How a TLS handshake on the proxy port ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsOutcome {
-    /// Completed.
-    Ok = 0,
-    /// The client certificate was missing, did not verify, or named nobody.
-    ClientCert = 1,
-    /// Garbage, truncated records or another protocol error (a TLS alert was sent where one applies).
-    Error = 2,
-    /// The handshake deadline passed first.
-    Timeout = 3,
-    /// The client closed or reset the connection mid-handshake.
-    Aborted = 4,
+indexed_enum! {
+    /// How a TLS handshake on the proxy port ended.
+    pub enum TlsOutcome {
+        /// Completed.
+        Ok => "ok",
+        /// The client certificate was missing, did not verify, or named nobody.
+        ClientCert => "client_cert",
+        /// Garbage, truncated records or another protocol error (a TLS alert was sent where one applies).
+        Error => "error",
+        /// The handshake deadline passed first.
+        Timeout => "timeout",
+        /// The client closed or reset the connection mid-handshake.
+        Aborted => "aborted",
+    }
 }
-
-/// Label values of [`TlsOutcome`].
-pub const TLS_OUTCOME_LABELS: [&str; 5] = ["ok", "client_cert", "error", "timeout", "aborted"];
 
 /// Label values of the TLS version index: [`crate::tls::TlsVersion`] as usize, then "unknown" (failed before
 /// a version was chosen).
@@ -86,38 +75,27 @@ pub const FAILURE_LABELS: [&str; 8] = [
     "bad_address_type",
 ];
 
-/// Why a UDP datagram was dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UdpDrop {
-    /// From an address other than the associated client.
-    ForeignSource = 0,
-    /// FRAG != 0 (fragmentation is not supported, RFC 1928 §7).
-    Fragmented = 1,
-    /// Header did not parse.
-    Malformed = 2,
-    /// Destination rules refused it.
-    Denied = 3,
-    /// Name resolution failed.
-    Unresolved = 4,
-    /// The socket would block or send failed.
-    SendFailed = 5,
-    /// A rule of the policy file denied the destination.
-    Rule = 6,
-    /// Over the user's `rate_up` / `rate_down`.
-    Rate = 7,
+indexed_enum! {
+    /// Why a UDP datagram was dropped.
+    pub enum UdpDrop {
+        /// From an address other than the associated client.
+        ForeignSource => "foreign_source",
+        /// FRAG != 0 (fragmentation is not supported, RFC 1928 §7).
+        Fragmented => "fragmented",
+        /// Header did not parse.
+        Malformed => "malformed",
+        /// Destination rules refused it.
+        Denied => "denied",
+        /// Name resolution failed.
+        Unresolved => "unresolved",
+        /// The socket would block or send failed.
+        SendFailed => "send_failed",
+        /// A rule of the policy file denied the destination.
+        Rule => "rule",
+        /// Over the user's `rate_up` / `rate_down`.
+        Rate => "rate",
+    }
 }
-
-/// Label values of [`UdpDrop`].
-pub const UDP_DROP_LABELS: [&str; 8] = [
-    "foreign_source",
-    "fragmented",
-    "malformed",
-    "denied",
-    "unresolved",
-    "send_failed",
-    "rule",
-    "rate",
-];
 
 /// One worker's counters and gauges.
 #[derive(Default)]
@@ -125,17 +103,17 @@ pub struct Stats {
     /// Connections accepted.
     pub accepted: AtomicU64,
     /// Connections refused, by [`Refusal`].
-    pub refused: [AtomicU64; 5],
+    pub refused: [AtomicU64; Refusal::COUNT],
     /// Sessions open now, by [`Proto`] (gauge).
-    pub active: [AtomicU64; 4],
+    pub active: [AtomicU64; Proto::COUNT],
     /// Successful handshakes by [`Proto`].
-    pub handshakes_ok: [AtomicU64; 4],
+    pub handshakes_ok: [AtomicU64; Proto::COUNT],
     /// Failed handshakes by [`Proto`] (malformed, refused, auth failure, connect failure).
-    pub handshakes_failed: [AtomicU64; 4],
+    pub handshakes_failed: [AtomicU64; Proto::COUNT],
     /// Authentication failures.
     pub auth_failures: AtomicU64,
     /// Outbound connect failures by [`Failure`].
-    pub connect_errors: [AtomicU64; 8],
+    pub connect_errors: [AtomicU64; FAILURE_LABELS.len()],
     /// Bytes from clients to targets.
     pub bytes_up: AtomicU64,
     /// Bytes from targets to clients.
@@ -145,7 +123,7 @@ pub struct Stats {
     /// UDP datagrams relayed target -> client.
     pub udp_down: AtomicU64,
     /// UDP datagrams dropped by [`UdpDrop`].
-    pub udp_drops: [AtomicU64; 8],
+    pub udp_drops: [AtomicU64; UdpDrop::COUNT],
     /// DNS lookups started.
     pub dns_lookups: AtomicU64,
     /// DNS lookups that failed.
@@ -159,7 +137,7 @@ pub struct Stats {
     /// Drive loops that hit their iteration cap (a fairness yield, not an error).
     pub loop_yields: AtomicU64,
     /// TLS handshakes by [`TlsOutcome`] and version index ([`TLS_VERSION_LABELS`]).
-    pub tls_handshakes: [[AtomicU64; 3]; 5],
+    pub tls_handshakes: [[AtomicU64; TLS_VERSION_LABELS.len()]; TlsOutcome::COUNT],
 }
 
 /// Adds `n` to a counter that only the calling worker writes.
@@ -274,7 +252,7 @@ pub fn render(workers: &[Arc<Stats>]) -> String {
         "counter",
         "Connections refused before a handshake completed.",
         "reason",
-        &REFUSAL_LABELS,
+        &Refusal::LABELS,
         |s| &s.refused,
     );
     labelled(
@@ -284,7 +262,7 @@ pub fn render(workers: &[Arc<Stats>]) -> String {
         "gauge",
         "Sessions open now.",
         "protocol",
-        &PROTO_LABELS,
+        &Proto::LABELS,
         |s| &s.active,
     );
     family(
@@ -293,7 +271,7 @@ pub fn render(workers: &[Arc<Stats>]) -> String {
         "counter",
         "Handshakes by protocol and outcome.",
     );
-    for (i, p) in PROTO_LABELS.iter().enumerate() {
+    for (i, p) in Proto::LABELS.iter().enumerate() {
         let ok = sum(w, |s| &s.handshakes_ok[i]);
         let failed = sum(w, |s| &s.handshakes_failed[i]);
         let _ = writeln!(
@@ -347,7 +325,7 @@ pub fn render(workers: &[Arc<Stats>]) -> String {
         "counter",
         "UDP datagrams dropped, by reason.",
         "reason",
-        &UDP_DROP_LABELS,
+        &UdpDrop::LABELS,
         |s| &s.udp_drops,
     );
     single(
@@ -396,7 +374,7 @@ pub fn render(workers: &[Arc<Stats>]) -> String {
         "counter",
         "TLS handshakes on the proxy port, by outcome and protocol version.",
     );
-    for (i, outcome) in TLS_OUTCOME_LABELS.iter().enumerate() {
+    for (i, outcome) in TlsOutcome::LABELS.iter().enumerate() {
         for (j, version) in TLS_VERSION_LABELS.iter().enumerate() {
             let n = sum(w, |s| &s.tls_handshakes[i][j]);
             let _ = writeln!(

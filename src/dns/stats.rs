@@ -69,34 +69,36 @@ impl DnsStats {
 
     /// Appends the resolver's series in the Prometheus text format.
     pub fn render(&self, o: &mut String) {
-        let mut single = |name: &str, kind: &str, help: &str, v: u64| {
+        let single = [
+            (
+                "dns_cache_hits_total",
+                "counter",
+                "Lookups answered from the DNS cache.",
+                &self.cache_hits,
+            ),
+            (
+                "dns_static_hits_total",
+                "counter",
+                "Lookups answered from /etc/hosts or --resolve.",
+                &self.static_hits,
+            ),
+            (
+                "dns_coalesced_total",
+                "counter",
+                "Lookups that joined a query already in flight for the same name.",
+                &self.coalesced,
+            ),
+            (
+                "dns_cache_names",
+                "gauge",
+                "Names in the DNS cache.",
+                &self.cache_names,
+            ),
+        ];
+        for (name, kind, help, v) in single {
             family(o, name, kind, help);
-            let _ = writeln!(o, "socksgate_{name} {v}");
-        };
-        single(
-            "dns_cache_hits_total",
-            "counter",
-            "Lookups answered from the DNS cache.",
-            self.cache_hits.load(Relaxed),
-        );
-        single(
-            "dns_static_hits_total",
-            "counter",
-            "Lookups answered from /etc/hosts or --resolve.",
-            self.static_hits.load(Relaxed),
-        );
-        single(
-            "dns_coalesced_total",
-            "counter",
-            "Lookups that joined a query already in flight for the same name.",
-            self.coalesced.load(Relaxed),
-        );
-        single(
-            "dns_cache_names",
-            "gauge",
-            "Names in the DNS cache.",
-            self.cache_names.load(Relaxed),
-        );
+            let _ = writeln!(o, "socksgate_{name} {}", v.load(Relaxed));
+        }
         let by = [
             (
                 "dns_queries_total",

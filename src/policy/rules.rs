@@ -17,31 +17,27 @@ use std::sync::Arc;
 
 use super::name::{normalize, parent_suffixes};
 use crate::acl::{self, Cidr};
+use crate::indexed::indexed_enum;
 use crate::proto::canonical_ip;
 
-/// What a session asks for, as rules name it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Command {
-    /// SOCKS5/SOCKS4 CONNECT and HTTP CONNECT.
-    Connect = 0,
-    /// HTTP forwarding (absolute-form requests).
-    Http = 1,
-    /// SOCKS5/SOCKS4 BIND.
-    Bind = 2,
-    /// SOCKS5 UDP ASSOCIATE (checked per datagram).
-    Udp = 3,
+indexed_enum! {
+    /// What a session asks for, as rules name it.
+    pub enum Command {
+        /// SOCKS5/SOCKS4 CONNECT and HTTP CONNECT.
+        Connect => "connect",
+        /// HTTP forwarding (absolute-form requests).
+        Http => "http",
+        /// SOCKS5/SOCKS4 BIND.
+        Bind => "bind",
+        /// SOCKS5 UDP ASSOCIATE (checked per datagram).
+        Udp => "udp",
+    }
 }
 
 impl Command {
     /// The spelling in the policy file.
     pub fn parse(s: &str) -> Option<Command> {
-        Some(match s {
-            "connect" => Command::Connect,
-            "http" => Command::Http,
-            "bind" => Command::Bind,
-            "udp" => Command::Udp,
-            _ => return None,
-        })
+        Command::ALL.into_iter().find(|c| c.label() == s)
     }
 
     fn bit(self) -> u8 {

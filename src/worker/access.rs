@@ -17,7 +17,6 @@ use log::{debug, info, warn};
 
 use super::close::CloseReason;
 use super::conn::{Conn, RequestLog};
-use crate::metrics;
 
 /// Writes the line of one forwarded request.
 pub fn request_line(conn: &Conn, req: &RequestLog, reason: CloseReason, now: Instant) {
@@ -54,7 +53,7 @@ pub fn session_line(conn: &Conn, target: &str, reason: CloseReason, now: Instant
         "client={} user={} proto={} target={} tls={} up={} down={} ms={}{} end={}",
         conn.peer,
         conn.user_name(),
-        metrics::PROTO_LABELS[conn.proto as usize],
+        conn.proto.label(),
         target,
         super::tls::log_label(conn),
         conn.bytes_up,

@@ -145,11 +145,7 @@ fn detect(conn: &mut Conn, ctx: &mut Ctx) -> Next {
             return Next::Close(CloseReason::UnknownProtocol);
         }
     };
-    debug!(
-        "{}: {} handshake",
-        conn.peer,
-        metrics::PROTO_LABELS[proto as usize]
-    );
+    debug!("{}: {} handshake", conn.peer, proto.label());
     set_proto(conn, ctx, proto);
     set_step(conn, phase);
     Next::Again

@@ -577,7 +577,7 @@ impl Worker {
             fault.level(),
             "{}: {} session ended: {} (fault: {})",
             conn.peer,
-            metrics::PROTO_LABELS[conn.proto as usize],
+            conn.proto.label(),
             reason.label(),
             fault.label()
         );

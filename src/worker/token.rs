@@ -10,17 +10,20 @@
 
 use mio::Token;
 
-/// Which socket of a connection an event is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// The accepted client socket.
-    Client = 0,
-    /// The outbound socket to the target (or upstream proxy).
-    Upstream = 1,
-    /// The UDP relay socket of an association.
-    Udp = 2,
-    /// The listening socket of a BIND request.
-    BindListener = 3,
+use crate::indexed::indexed_enum;
+
+indexed_enum! {
+    /// Which socket of a connection an event is for (its index is the token's low two bits).
+    pub enum Role {
+        /// The accepted client socket.
+        Client,
+        /// The outbound socket to the target (or upstream proxy).
+        Upstream,
+        /// The UDP relay socket of an association.
+        Udp,
+        /// The listening socket of a BIND request.
+        BindListener,
+    }
 }
 
 /// What a token addresses.
@@ -51,6 +54,8 @@ pub enum Target {
 pub const ATTEMPT_SLOTS: usize = 8;
 const SLOT_SHIFT: u32 = 2;
 const KEY_SHIFT: u32 = 5;
+// The role fills the bits below the slot exactly, so that every value of them decodes to a role.
+const _: () = assert!(Role::COUNT == 1 << SLOT_SHIFT);
 
 /// The waker's token.
 pub const WAKER: Token = Token(usize::MAX);
@@ -83,12 +88,7 @@ pub fn decode(token: Token) -> Target {
     } else if t > usize::MAX - RESERVED {
         Target::Listener(usize::MAX - 1 - t)
     } else {
-        let role = match t & 3 {
-            0 => Role::Client,
-            1 => Role::Upstream,
-            2 => Role::Udp,
-            _ => Role::BindListener,
-        };
+        let role = Role::ALL[t & (Role::COUNT - 1)];
         let key = t >> KEY_SHIFT;
         match (t >> SLOT_SHIFT) & (ATTEMPT_SLOTS - 1) {
             0 => Target::Conn { key, role },
@@ -108,7 +108,7 @@ mod tests {
             assert_eq!(decode(listener(i)), Target::Listener(i));
         }
         for key in [0, 1, 12345, ((usize::MAX - RESERVED) >> KEY_SHIFT) - 1] {
-            for role in [Role::Client, Role::Upstream, Role::Udp, Role::BindListener] {
+            for role in Role::ALL {
                 assert_eq!(decode(conn(key, role)), Target::Conn { key, role });
             }
             assert_eq!(
