@@ -585,7 +585,7 @@ fn forward_head_for_member(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> 
         group, order, pos, ..
     } = &hs.route
     else {
-        return Next::Connected(reply);
+        return hand_off(conn);
     };
     let Some(member) = order.get(*pos).and_then(|&i| group.member(usize::from(i))) else {
         return Next::Close(CloseReason::Internal);
@@ -596,7 +596,7 @@ fn forward_head_for_member(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> 
         .as_ref()
         .map(|(u, p)| (u.as_bytes(), p.as_bytes()));
     let Answer::Forward(st) = &mut hs.answer else {
-        return Next::Connected(reply);
+        return hand_off(conn);
     };
     let mut abs = Vec::with_capacity(st.pending_head.len() + 64);
     if !up::encode_forward_head(&st.pending_head, &hs.target, creds, &mut abs) {
@@ -608,7 +608,24 @@ fn forward_head_for_member(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> 
         );
     }
     st.pending_head = abs;
-    Next::Connected(reply)
+    hand_off(conn)
+}
+
+/// The path through the upstream proxy is up: its socket and the handshake's answer go, by value, to whoever
+/// gets the connection.
+fn hand_off(conn: &mut Conn) -> Next {
+    // The handshake ran on this socket (`drive` waits while there is none).
+    let Some(sock) = conn.upstream.take() else {
+        return Next::Close(CloseReason::Internal);
+    };
+    match std::mem::replace(&mut conn.phase, Phase::Closing) {
+        Phase::Upstream(hs) => Next::Connected(hs.answer.connected(sock)),
+        other => {
+            conn.phase = other;
+            conn.upstream = Some(sock);
+            Next::Wait
+        }
+    }
 }
 
 /// The TCP connection to the upstream is up: open the conversation.
@@ -703,7 +720,7 @@ fn advance(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, then: Then) -> Next
         }
         Then::Established => {
             member_ok(conn);
-            Next::Connected(reply)
+            hand_off(conn)
         }
     }
 }
