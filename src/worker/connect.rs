@@ -29,7 +29,7 @@ use log::debug;
 use super::close::CloseReason;
 use mio::Interest;
 
-use super::conn::{open_attempt, open_proxy_attempt, path_failed, Conn, Dest, Phase};
+use super::conn::{open_attempt, open_proxy_attempt, path_failed, Conn, Dest, Phase, Sock};
 use super::ctx::{Ctx, Next, ReplyKind};
 use super::phase::{Answer, Attempts, CONNECT_TAGS};
 use super::relay::start_relay;
@@ -574,28 +574,25 @@ fn won(key: usize, conn: &mut Conn, ctx: &mut Ctx, slot: usize) -> Next {
         }
     }
     debug!("{}: connected to {addr} ({})", conn.peer, target_str(conn));
-    if matches!(
-        conn.phase,
+    match std::mem::replace(&mut conn.phase, Phase::Closing) {
         Phase::Connecting {
-            answer: Answer::Chain(_),
-            ..
-        }
-    ) {
-        // The upstream proxy given by name is reached: its handshake takes the socket (it sees it writable and
-        // finds it connected).
-        sock.writable = true;
-        conn.upstream = Some(sock);
-        if let Phase::Connecting {
             answer: Answer::Chain(hs),
             ..
-        } = std::mem::replace(&mut conn.phase, Phase::Closing)
-        {
+        } => {
+            // The upstream proxy given by name is reached: its handshake takes the socket (it sees it writable
+            // and finds it connected).
+            sock.writable = true;
+            conn.upstream = Some(sock);
             conn.phase = Phase::Upstream(hs);
+            Next::Again
         }
-        return Next::Again;
+        Phase::Connecting { answer, .. } => Next::Connected(answer.connected(sock)),
+        other => {
+            // `won` is only reached from a Connecting phase (checked above): nothing to hand over otherwise.
+            conn.phase = other;
+            Next::Wait
+        }
     }
-    conn.upstream = Some(sock);
-    connected(conn)
 }
 
 /// Deregisters and closes every attempt still in flight.
@@ -605,31 +602,23 @@ fn close_attempts(attempts: &mut Attempts, ctx: &mut Ctx) {
     }
 }
 
-/// The outbound TCP connection is up.
-fn connected(conn: &Conn) -> Next {
-    let reply = match &conn.phase {
-        Phase::Connecting { answer, .. } => answer.kind(),
-        _ => return Next::Wait,
-    };
-    Next::Connected(reply)
-}
-
 /// The path to the target is ready (directly, or through the upstream proxy): answer the client and relay.
 /// (Forwarded HTTP goes to `http` instead: the dispatcher routes `Next::Connected` by reply kind.)
-pub fn established(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
-    let local = conn
-        .upstream
-        .as_ref()
-        .and_then(|u| u.stream.local_addr().ok())
+pub fn established(
+    key: usize,
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    reply: ReplyKind,
+    outbound: Sock,
+) -> Next {
+    let local = outbound
+        .stream
+        .local_addr()
         .unwrap_or(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
     // SOCKS4 reports an IPv6 outbound socket as 0.0.0.0:0 (its reply has no room for it).
     let local = match (reply, local) {
         (ReplyKind::Socks4, SocketAddr::V6(_)) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
         _ => local,
-    };
-    // Connecting and the upstream handshake leave the outbound socket here; it cannot be missing.
-    let Some(outbound) = conn.upstream.take() else {
-        return Next::Close(CloseReason::Internal);
     };
     if reply::granted(conn, reply, local).is_err() {
         return Next::Close(CloseReason::ClientError);

@@ -1,5 +1,5 @@
 //! The vocabulary every phase shares: the worker context a phase may touch besides its connection, what a phase
-//! asks the dispatcher to do next, and how the client is to be answered.
+//! asks the dispatcher to do next (how the client is to be answered, `ReplyKind`, lives with the phases).
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
@@ -8,25 +8,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::close::CloseReason;
+use super::phase::Connected;
+pub use super::phase::ReplyKind;
 use super::timers::Timers;
 use crate::auth::Users;
 use crate::buffer::BufferPool;
 use crate::config::Config;
 use crate::metrics::Stats;
 use crate::resolve::{Job, Reply, ReplyTo};
-
-/// How to answer the client once the outbound connection succeeds or fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplyKind {
-    /// RFC 1928 §6 reply.
-    Socks5,
-    /// SOCKS4 reply (VN 0, CD 90/91).
-    Socks4,
-    /// `200 Connection established` or an error status.
-    HttpConnect,
-    /// Plain HTTP forwarding: on success send the rewritten request head.
-    HttpForward,
-}
 
 /// Messages from the control thread.
 pub enum Command {
@@ -50,7 +39,6 @@ pub enum Command {
 }
 
 /// What a phase handler wants next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
     /// Nothing more until new readiness arrives.
     Wait,
@@ -60,9 +48,9 @@ pub enum Next {
     Yield,
     /// Close the connection, with this reason for the access log.
     Close(CloseReason),
-    /// The path to the target is up (directly or through the upstream proxy): the dispatcher hands the connection
-    /// to whoever answers this kind of request.
-    Connected(ReplyKind),
+    /// The path to the target is up (directly or through the upstream proxy): the dispatcher hands the outbound
+    /// socket, by value, to whoever answers this kind of request.
+    Connected(Connected),
     /// Resolving or connecting failed (already counted, outbound socket dropped): the dispatcher answers the client.
     Failed(ReplyKind, CloseReason),
 }

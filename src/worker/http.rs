@@ -23,7 +23,7 @@ use super::conn::{
 use super::connect;
 use super::ctx::{Ctx, Next, ReplyKind};
 use super::gate;
-use super::phase::HttpState;
+use super::phase::{HttpState, Origin};
 use super::relay;
 use super::reply::{self, graceful_end};
 use super::timers::TimerKind;
@@ -56,7 +56,7 @@ impl HttpState {
     fn new() -> HttpState {
         HttpState {
             exchange: Exchange::new(),
-            origin: None,
+            origin: Origin::Idle(None),
             auth_token: None,
             pending_head: Vec::new(),
         }
@@ -79,7 +79,7 @@ fn head_options(cfg: &crate::config::Config, draining: bool) -> HeadOptions<'_> 
 /// True while an exchange is in flight, its origin connection included (a drain lets it finish).
 pub fn busy(conn: &Conn) -> bool {
     match &conn.phase {
-        Phase::Http(st) => st.exchange.in_flight(),
+        Phase::Http(st) => matches!(st.origin, Origin::InFlight(_)),
         Phase::Resolving { answer, .. } | Phase::Connecting { answer, .. } => answer.forwards(),
         Phase::Upstream(u) => u.answer.forwards(),
         _ => false,
@@ -207,6 +207,17 @@ fn state_mut(phase: &mut Phase) -> Option<&mut HttpState> {
     }
 }
 
+/// The exchange and its origin connection while a request is in flight.
+fn in_flight(phase: &mut Phase) -> Option<(&mut Exchange, &mut Sock)> {
+    match phase {
+        Phase::Http(st) => match &mut st.origin {
+            Origin::InFlight(origin) => Some((&mut st.exchange, origin)),
+            Origin::Idle(_) => None,
+        },
+        _ => None,
+    }
+}
+
 /// Takes the forwarding state out of `Phase::Http` (leaving `Phase::Closing` for the caller to replace).
 fn take_state(conn: &mut Conn) -> Option<Box<HttpState>> {
     if !matches!(conn.phase, Phase::Http(_)) {
@@ -300,9 +311,14 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending)
     };
     // An HTTP upstream proxy takes requests for any origin on one connection.
     // (Through a group the kept connection's member and head form are not known here: a new one per request.)
-    let reuse =
-        st.origin.is_some() && !via_group && st.exchange.reuses_origin(&req.target, via_http_proxy);
-    if reuse {
+    let kept = match st.origin.take() {
+        Some(origin) if !via_group && st.exchange.reuses_origin(&req.target, via_http_proxy) => {
+            Ok(origin)
+        }
+        other => Err(other),
+    };
+    if let Ok(origin) = kept {
+        st.origin = Origin::InFlight(origin);
         conn.to_upstream.extend_from_slice(&head);
         if ctx.head_out.capacity() == 0 {
             // Give the allocation back for the next head.
@@ -314,7 +330,9 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending)
         return Next::Again;
     }
     st.pending_head = head;
-    release(st.origin.take(), ctx);
+    if let Err(unwanted) = kept {
+        release(unwanted, ctx);
+    }
     st.exchange.connecting(&req.target);
     if let Some(b) = conn.u2c.take() {
         ctx.pool.give(b);
@@ -331,15 +349,17 @@ fn bad_request(conn: &mut Conn, ctx: &mut Ctx, e: ProtoError) -> Next {
     reply::fail(conn, ctx, ReplyKind::HttpForward, reason)
 }
 
-/// The origin connection for a forwarded request is up.
-pub fn on_origin_connected(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    // The connect phases carried the state for exactly this: it cannot be missing.
-    let Some(mut st) = conn.phase.take_forward() else {
-        return Next::Close(CloseReason::Internal);
-    };
+/// The origin connection for a forwarded request is up: the connect phases hand back the forwarding state they
+/// carried and the socket they made, and the request in flight owns the socket from here.
+pub fn on_origin_connected(
+    key: usize,
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    mut st: Box<HttpState>,
+    origin: Sock,
+) -> Next {
     st.exchange.origin_up();
-    // The connect phases made the socket on the connection; from here the exchange owns it.
-    st.origin = conn.upstream.take();
+    st.origin = Origin::InFlight(origin);
     // Whatever an upstream proxy's handshake queued has gone out first: the request follows it.
     conn.to_upstream.append(&mut st.pending_head);
     st.pending_head = Vec::new();
@@ -437,8 +457,11 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         // The client still sends a body we will not read, or asked to close: end gracefully.
         After::Close => finish(conn, ctx),
         After::Next { keep_origin } => {
-            if !keep_origin {
-                drop_origin(conn, ctx);
+            // The exchange is over: the origin connection is kept for the next request, or closed.
+            let origin = state_mut(&mut conn.phase).and_then(|st| st.origin.take());
+            match state_mut(&mut conn.phase) {
+                Some(st) if keep_origin => st.origin = Origin::Idle(origin),
+                _ => release(origin, ctx),
             }
             if let Some(b) = conn.u2c.take() {
                 ctx.pool.give(b);
@@ -457,7 +480,7 @@ fn finish(conn: &mut Conn, ctx: &mut Ctx) -> Next {
 /// Between requests: watch the idle origin connection and parse the next request.
 fn between_requests(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     if let Some(st) = state_mut(&mut conn.phase) {
-        if let Some(up) = st.origin.as_mut().filter(|o| o.readable) {
+        if let Some(up) = st.origin.sock_mut().filter(|o| o.readable) {
             // An idle origin that speaks or closes is no longer reusable.
             if !matches!(up.read(&mut ctx.scratch), Ok(None)) {
                 release(st.origin.take(), ctx);
@@ -563,7 +586,7 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, Clo
     if !conn.to_upstream.is_empty() {
         return Ok(progress);
     }
-    let Some(st) = state_mut(&mut conn.phase).filter(|s| s.exchange.in_flight()) else {
+    let Some((exchange, origin)) = in_flight(&mut conn.phase) else {
         return Ok(progress);
     };
     if conn.client.error {
@@ -572,18 +595,15 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, Clo
     for _ in 0..BODY_READS {
         // Frame what we have, forward it, read more.
         let buf = conn.c2u.get_or_insert_with(|| ctx.pool.take());
-        let mut event = st.exchange.request_step(buf.data());
+        let mut event = exchange.request_step(buf.data());
         if let UploadEvent::Body(n) = event {
-            let Some(up) = st.origin.as_mut() else {
-                return Err(CloseReason::Internal);
-            };
-            let w = pass(up, buf, n).map_err(|_| CloseReason::UpstreamReset)?;
-            st.exchange.sent_to_origin(w);
+            let w = pass(origin, buf, n).map_err(|_| CloseReason::UpstreamReset)?;
+            exchange.sent_to_origin(w);
             progress |= count(&mut conn.bytes_up, &ctx.stats.bytes_up, w);
             if w < n {
                 return Ok(progress);
             }
-            event = st.exchange.request_step(buf.data());
+            event = exchange.request_step(buf.data());
         }
         match event {
             UploadEvent::Body(_) => continue,
@@ -639,14 +659,12 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
                 return Ok(progress);
             }
         }
-        let Some(st) = state_mut(&mut conn.phase) else {
+        // The origin was dropped only on the way out (the phase ends with it): nothing more to read then.
+        let Some((exchange, up)) = in_flight(&mut conn.phase) else {
             return Ok(progress);
         };
         let buf = conn.u2c.get_or_insert_with(|| ctx.pool.take());
-        match st
-            .exchange
-            .origin_step(buf.data(), &opts, &mut ctx.head_out)
-        {
+        match exchange.origin_step(buf.data(), &opts, &mut ctx.head_out) {
             OriginEvent::Head {
                 consumed,
                 status,
@@ -685,9 +703,9 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
             OriginEvent::Body(n) => {
                 let w = pass(&mut conn.client, buf, n)
                     .map_err(|_| Next::Close(CloseReason::ClientReset))?;
-                st.exchange.sent_to_client(w);
+                exchange.sent_to_client(w);
                 progress |= count(&mut conn.bytes_down, &ctx.stats.bytes_down, w);
-                if w < n || st.exchange.response_complete() {
+                if w < n || exchange.response_complete() {
                     return Ok(progress);
                 }
             }
@@ -696,16 +714,13 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
             OriginEvent::NeedBody => {}
         }
         // Need more bytes from the origin.
-        let Some(up) = st.origin.as_mut() else {
-            return Err(Next::Close(CloseReason::Internal));
-        };
         if !up.readable || buf.is_full() {
             return Ok(progress);
         }
         // Response heads and bodies alike come out of the user's download bucket.
         match read_limited(up, buf.space(), lim, false, ctx.now) {
             Ok(Some(0)) => {
-                if st.exchange.origin_closed() {
+                if exchange.origin_closed() {
                     // Read-until-close body (or a truncated one): the client learns the end from our close.
                     if let Some(b) = conn.u2c.take() {
                         ctx.pool.give(b);

@@ -5,8 +5,9 @@
 /// and this module's dispatcher routes it. `accept` is an `impl Worker` block, the dispatcher's own part.
 pub const LAYERS: &[&[&str]] = &[
     &["token", "timers", "close"],
-    &["ctx", "sock"],
+    &["sock"],
     &["phase"],
+    &["ctx"],
     &["conn"],
     &["tls"],
     &["reply", "access", "gate"],
@@ -55,6 +56,7 @@ use crate::resolve::{Outcome, Reply, ReplyTo};
 use close::{CloseReason, ResetSide};
 use conn::{Conn, Handshake, Phase};
 pub use ctx::{Channels, Command, Ctx, Next, ReplyKind, Shared, UserCounts};
+use phase::Connected;
 use timers::{TimerKind, Timers};
 use token::{Role, Target};
 
@@ -609,8 +611,12 @@ impl Worker {
 /// connect path knows nothing of who asked; forwarded HTTP goes back to `http`, everything else gets its reply.
 fn settle(key: usize, conn: &mut Conn, ctx: &mut Ctx, next: Next) -> Next {
     match next {
-        Next::Connected(ReplyKind::HttpForward) => http::on_origin_connected(key, conn, ctx),
-        Next::Connected(kind) => connect::established(key, conn, ctx, kind),
+        Next::Connected(Connected::Forward(st, origin)) => {
+            http::on_origin_connected(key, conn, ctx, st, origin)
+        }
+        Next::Connected(Connected::Reply(kind, outbound)) => {
+            connect::established(key, conn, ctx, kind, outbound)
+        }
         Next::Failed(ReplyKind::HttpForward, reason) => http::on_origin_failed(conn, ctx, reason),
         Next::Failed(kind, reason) => reply::fail(conn, ctx, kind, reason),
         other => other,

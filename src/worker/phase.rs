@@ -9,7 +9,6 @@ use std::time::Instant;
 use mio::net::{TcpListener, UdpSocket};
 
 use super::close::CloseReason;
-use super::ctx::ReplyKind;
 use super::sock::Sock;
 use crate::buffer::Buffer;
 use crate::proto::http::Exchange;
@@ -20,6 +19,19 @@ use crate::sys::Pipe;
 /// Resolver tags at and above this are connect lookups (one tag per lookup, see `connect`); UDP datagram lookups
 /// use the tags below it.
 pub const CONNECT_TAGS: u32 = 0x8000_0000;
+
+/// How to answer the client once the outbound connection succeeds or fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyKind {
+    /// RFC 1928 §6 reply.
+    Socks5,
+    /// SOCKS4 reply (VN 0, CD 90/91).
+    Socks4,
+    /// `200 Connection established` or an error status.
+    HttpConnect,
+    /// Plain HTTP forwarding: on success send the rewritten request head.
+    HttpForward,
+}
 
 /// Where a connection is in its life. Each variant holds only what that phase needs, its deadline included.
 pub enum Phase {
@@ -126,26 +138,25 @@ impl Answer {
     }
 }
 
-impl Phase {
-    /// Takes the forwarding state out of a connect phase that was started for a forwarded HTTP request, leaving
-    /// `Phase::Closing` (the caller builds the next phase).
-    pub fn take_forward(&mut self) -> Option<Box<HttpState>> {
-        let mut answer = match std::mem::replace(self, Phase::Closing) {
-            Phase::Resolving { answer, .. } | Phase::Connecting { answer, .. } => answer,
-            Phase::Upstream(hs) => hs.answer,
-            other => {
-                *self = other;
-                return None;
-            }
-        };
-        loop {
-            match answer {
-                Answer::Forward(st) => return Some(st),
-                Answer::Reply(_) => return None,
-                Answer::Chain(hs) => answer = hs.answer,
-            }
+impl Answer {
+    /// The path is up on `outbound`: the hand-off to whoever gets the connection. (A chain's answer is reached
+    /// through its handshake, which the connect phases run before they get here.)
+    pub fn connected(self, outbound: Sock) -> Connected {
+        match self {
+            Answer::Reply(kind) => Connected::Reply(kind, outbound),
+            Answer::Forward(st) => Connected::Forward(st, outbound),
+            Answer::Chain(hs) => hs.answer.connected(outbound),
         }
     }
+}
+
+/// The path to the target is up: the outbound socket and who gets it, handed over by value (so neither can be
+/// missing when the next phase starts).
+pub enum Connected {
+    /// A client waiting for its success reply (SOCKS, HTTP CONNECT), then the relay.
+    Reply(ReplyKind, Sock),
+    /// A forwarded HTTP request: its forwarding state takes the socket as its origin connection.
+    Forward(Box<HttpState>, Sock),
 }
 
 /// An established tunnel: the outbound socket (target, chained proxy or BIND peer) and both directions.
@@ -301,13 +312,47 @@ pub struct UdpState {
 pub struct HttpState {
     /// Where the exchanges stand: idle (with a kept origin or none), or a request and its response in flight.
     pub(super) exchange: Exchange,
-    /// The connection to the origin (or to the HTTP upstream proxy), once up; kept between requests when the
-    /// exchange allows it. (While it is being made it is the connect phases' `Conn::upstream`.)
-    pub(super) origin: Option<Sock>,
+    /// The connection to the origin (or to the HTTP upstream proxy): always there while a request is in flight,
+    /// kept between requests when the exchange allows it. (While it is being made the connect phases own it.)
+    pub(super) origin: Origin,
     /// Credentials that passed verification on this connection (user NUL pass).
     pub(super) auth_token: Option<Box<[u8]>>,
     /// The request head, held until the path to the origin is up (an upstream proxy's handshake goes first).
     pub(super) pending_head: Vec<u8>,
+}
+
+/// A forwarding connection's origin connection, by where its exchange stands.
+pub enum Origin {
+    /// Between requests: the connection kept from the last exchange, if it may carry the next request.
+    Idle(Option<Sock>),
+    /// A request and its response in flight: they cannot be without their connection.
+    InFlight(Sock),
+}
+
+impl Origin {
+    /// The socket, wherever it is kept.
+    pub fn sock(&self) -> Option<&Sock> {
+        match self {
+            Origin::Idle(s) => s.as_ref(),
+            Origin::InFlight(s) => Some(s),
+        }
+    }
+
+    /// The socket, mutably.
+    pub fn sock_mut(&mut self) -> Option<&mut Sock> {
+        match self {
+            Origin::Idle(s) => s.as_mut(),
+            Origin::InFlight(s) => Some(s),
+        }
+    }
+
+    /// Takes the socket out, leaving no origin connection.
+    pub fn take(&mut self) -> Option<Sock> {
+        match std::mem::replace(self, Origin::Idle(None)) {
+            Origin::Idle(s) => s,
+            Origin::InFlight(s) => Some(s),
+        }
+    }
 }
 
 /// Where the upstream conversation stands.

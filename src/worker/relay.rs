@@ -189,6 +189,24 @@ fn splice_once(
     }
 }
 
+/// The bytes a direction may read after asking its bucket and quota; None when it stops for now (throttled, with
+/// its wake-up noted, or out of quota).
+#[inline]
+fn granted(asked: Ask, way: &mut Way, p: &mut Pumped) -> Option<usize> {
+    match asked {
+        Ask::Go(g) => Some(g),
+        Ask::Throttle(wait) => {
+            way.half.throttled = true;
+            p.throttle = Some(wait);
+            None
+        }
+        Ask::Quota => {
+            p.quota = true;
+            None
+        }
+    }
+}
+
 /// Moves bytes `src -> dst`, parking what `dst` would not take.
 fn pump(
     src: &mut Sock,
@@ -238,18 +256,10 @@ fn pump(
         // Only a limited user's relay asks a bucket or quota; the others pay one branch per read.
         let limited = bucket.is_some() || res.quota.is_some();
         let grant = if limited {
-            match ask(bucket, res.quota, res.now, want) {
-                Ask::Go(g) => g,
-                Ask::Throttle(wait) => {
-                    way.half.throttled = true;
-                    p.throttle = Some(wait);
-                    break;
-                }
-                Ask::Quota => {
-                    p.quota = true;
-                    break;
-                }
-            }
+            let Some(g) = granted(ask(bucket, res.quota, res.now, want), way, &mut p) else {
+                break;
+            };
+            g
         } else {
             want
         };
@@ -284,18 +294,13 @@ fn pump(
             }
         }
         let grant = match limited {
-            true if splicing => match ask(bucket, res.quota, res.now, res.scratch.len()) {
-                Ask::Go(g) => g,
-                Ask::Throttle(wait) => {
-                    way.half.throttled = true;
-                    p.throttle = Some(wait);
+            true if splicing => {
+                let asked = ask(bucket, res.quota, res.now, res.scratch.len());
+                let Some(g) = granted(asked, way, &mut p) else {
                     break;
-                }
-                Ask::Quota => {
-                    p.quota = true;
-                    break;
-                }
-            },
+                };
+                g
+            }
             true => grant,
             false => res.scratch.len(),
         };
@@ -385,7 +390,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             now: ctx.now,
             quota,
         };
-        let a = pump(
+        let pumped = pump(
             client,
             outbound,
             up,
@@ -393,22 +398,21 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             bucket_up,
             down.half.shut,
             (CloseReason::ClientReset, CloseReason::UpstreamReset),
-        );
-        let a = match a {
-            Ok(a) => a,
-            Err(reason) => return Next::Close(reason),
-        };
-        let b = pump(
-            outbound,
-            client,
-            down,
-            &mut res,
-            bucket_down,
-            up.half.shut,
-            (CloseReason::UpstreamReset, CloseReason::ClientReset),
-        );
-        let b = match b {
-            Ok(b) => b,
+        )
+        .and_then(|a| {
+            let b = pump(
+                outbound,
+                client,
+                down,
+                &mut res,
+                bucket_down,
+                up.half.shut,
+                (CloseReason::UpstreamReset, CloseReason::ClientReset),
+            );
+            b.map(|b| (a, b))
+        });
+        let (a, b) = match pumped {
+            Ok(ab) => ab,
             Err(reason) => return Next::Close(reason),
         };
         quota_hit |= a.quota || b.quota;

@@ -283,6 +283,17 @@ fn upstream_failed(
     try_next(key, conn, ctx)
 }
 
+/// The upstream proxy (or group member) failed in itself, not for the target: the general upstream failure.
+fn member_failed(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
+    upstream_failed(
+        key,
+        conn,
+        ctx,
+        reply,
+        CloseReason::UpstreamProxy(Failure::General),
+    )
+}
+
 /// A connect timer popped during the upstream phase: the session's deadline (answer "timed out"), or the current
 /// member's share of it (try the next member).
 pub fn on_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
@@ -351,13 +362,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             ConnectState::Failed(e) => {
                 debug!("{}: upstream connect: {e}", conn.peer);
                 if current(conn).is_some() {
-                    return upstream_failed(
-                        key,
-                        conn,
-                        ctx,
-                        reply,
-                        CloseReason::UpstreamProxy(Failure::General),
-                    );
+                    return member_failed(key, conn, ctx, reply);
                 }
                 drop_upstream(conn, ctx);
                 try_next(key, conn, ctx)
@@ -388,13 +393,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                     }
                 };
                 if !started {
-                    return upstream_failed(
-                        key,
-                        conn,
-                        ctx,
-                        reply,
-                        CloseReason::UpstreamProxy(Failure::General),
-                    );
+                    return member_failed(key, conn, ctx, reply);
                 }
                 let tls_member = group_route && conn.upstream.as_ref().is_some_and(|s| s.is_tls());
                 if http && reply == ReplyKind::HttpForward && tls_member {
@@ -413,13 +412,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     }
     if conn.flush_upstream().is_err() {
         // Through TLS this is also where a refused certificate surfaces: a member failure in a group.
-        return upstream_failed(
-            key,
-            conn,
-            ctx,
-            reply,
-            CloseReason::UpstreamProxy(Failure::General),
-        );
+        return member_failed(key, conn, ctx, reply);
     }
     // Read the upstream's reply into the downstream buffer: whatever follows the reply is tunnel data.
     let buf = conn.u2c.get_or_insert_with(|| ctx.pool.take());
@@ -456,13 +449,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         }
         if eof || early {
             debug!("{}: TLS to the upstream group member failed", conn.peer);
-            return upstream_failed(
-                key,
-                conn,
-                ctx,
-                reply,
-                CloseReason::UpstreamProxy(Failure::General),
-            );
+            return member_failed(key, conn, ctx, reply);
         }
         return Next::Wait;
     }
@@ -473,24 +460,12 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                 "{}: upstream closed or overflowed during its handshake",
                 conn.peer
             );
-            upstream_failed(
-                key,
-                conn,
-                ctx,
-                reply,
-                CloseReason::UpstreamProxy(Failure::General),
-            )
+            member_failed(key, conn, ctx, reply)
         }
         Step::More => Next::Wait,
         Step::Bad => {
             debug!("{}: malformed answer from the upstream proxy", conn.peer);
-            upstream_failed(
-                key,
-                conn,
-                ctx,
-                reply,
-                CloseReason::UpstreamProxy(Failure::General),
-            )
+            member_failed(key, conn, ctx, reply)
         }
         Step::Refused(f) => {
             debug!("{}: the upstream proxy refused us", conn.peer);
@@ -585,7 +560,7 @@ fn forward_head_for_member(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> 
         group, order, pos, ..
     } = &hs.route
     else {
-        return Next::Connected(reply);
+        return hand_off(conn);
     };
     let Some(member) = order.get(*pos).and_then(|&i| group.member(usize::from(i))) else {
         return Next::Close(CloseReason::Internal);
@@ -596,7 +571,7 @@ fn forward_head_for_member(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> 
         .as_ref()
         .map(|(u, p)| (u.as_bytes(), p.as_bytes()));
     let Answer::Forward(st) = &mut hs.answer else {
-        return Next::Connected(reply);
+        return hand_off(conn);
     };
     let mut abs = Vec::with_capacity(st.pending_head.len() + 64);
     if !up::encode_forward_head(&st.pending_head, &hs.target, creds, &mut abs) {
@@ -608,7 +583,24 @@ fn forward_head_for_member(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> 
         );
     }
     st.pending_head = abs;
-    Next::Connected(reply)
+    hand_off(conn)
+}
+
+/// The path through the upstream proxy is up: its socket and the handshake's answer go, by value, to whoever
+/// gets the connection.
+fn hand_off(conn: &mut Conn) -> Next {
+    // The handshake ran on this socket (`drive` waits while there is none).
+    let Some(sock) = conn.upstream.take() else {
+        return Next::Close(CloseReason::Internal);
+    };
+    match std::mem::replace(&mut conn.phase, Phase::Closing) {
+        Phase::Upstream(hs) => Next::Connected(hs.answer.connected(sock)),
+        other => {
+            conn.phase = other;
+            conn.upstream = Some(sock);
+            Next::Wait
+        }
+    }
 }
 
 /// The TCP connection to the upstream is up: open the conversation.
@@ -644,7 +636,13 @@ fn greet(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
             )
         }
     };
-    if len == 0 {
+    say(conn, ctx, reply, &out[..len], state)
+}
+
+/// Sends the next handshake message and awaits its answer in `state`. An empty message is a target the message
+/// cannot carry.
+fn say(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, msg: &[u8], state: UpstreamState) -> Next {
+    if msg.is_empty() {
         return fail(
             conn,
             ctx,
@@ -653,7 +651,7 @@ fn greet(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> Next {
         );
     }
     set_state(conn, state);
-    if let Err(r) = send(conn, &out[..len]) {
+    if let Err(r) = send(conn, msg) {
         return Next::Close(r);
     }
     Next::Again
@@ -676,34 +674,18 @@ fn advance(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, then: Then) -> Next
                 );
             };
             let len = socks5::encode_user_pass(u.as_bytes(), p.as_bytes(), &mut out);
-            set_state(conn, UpstreamState::Auth);
-            if let Err(r) = send(conn, &out[..len]) {
-                return Next::Close(r);
-            }
-            Next::Again
+            say(conn, ctx, reply, &out[..len], UpstreamState::Auth)
         }
         Then::SendRequest => {
             let Phase::Upstream(hs) = &conn.phase else {
                 return Next::Wait;
             };
             let len = socks5::encode_request(socks5::Command::Connect, &hs.target, &mut out);
-            if len == 0 {
-                return fail(
-                    conn,
-                    ctx,
-                    reply,
-                    CloseReason::Failed(Failure::AddressNotSupported),
-                );
-            }
-            set_state(conn, UpstreamState::Reply);
-            if let Err(r) = send(conn, &out[..len]) {
-                return Next::Close(r);
-            }
-            Next::Again
+            say(conn, ctx, reply, &out[..len], UpstreamState::Reply)
         }
         Then::Established => {
             member_ok(conn);
-            Next::Connected(reply)
+            hand_off(conn)
         }
     }
 }
