@@ -78,10 +78,7 @@ fn read_cstr<'a>(
 /// [`Name::new`] refuses, fails with `BadName` as soon as the offending byte arrives.
 pub fn parse_request(buf: &[u8]) -> Result<Parse<Request<'_>>, ProtoError> {
     let mut r = Reader::new(buf);
-    let vn = need!(r.u8());
-    if vn != VERSION {
-        return Err(ProtoError::BadVersion(vn));
-    }
+    need!(r.version(&[VERSION])?);
     let cd = need!(r.u8());
     let command = match cd {
         1 => Command::Connect,
@@ -173,10 +170,7 @@ pub fn encode_request(
 /// so the caller compares it with [`REPLY_GRANTED`] (91, 92 and 93 are all refusals).
 pub fn parse_reply(buf: &[u8]) -> Result<Parse<(u8, SocketAddrV4)>, ProtoError> {
     let mut r = Reader::new(buf);
-    let vn = need!(r.u8());
-    if vn != 0 {
-        return Err(ProtoError::BadVersion(vn));
-    }
+    need!(r.version(&[0])?);
     let cd = need!(r.u8());
     let port = need!(r.u16());
     let ip = need!(r.array::<4>());

@@ -6,11 +6,8 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use super::socks5::{read_target, VERSION as SOCKS5_VERSION};
+use super::socks5::{parse_coded, AUTH_VERSION, VERSION as SOCKS5_VERSION};
 use super::{base64, canonical_ip, Failure, Parse, ProtoError, Reader, TargetAddr, Writer};
-
-/// RFC 1929 §2: the sub-negotiation version byte.
-const AUTH_VERSION: u8 = 0x01;
 
 /// Largest CONNECT response head we buffer; a longer one is `HeadTooLarge` (no proxy needs more than a few lines).
 pub const MAX_HTTP_REPLY_HEAD: usize = 16 * 1024;
@@ -43,21 +40,13 @@ pub fn parse_method_choice(buf: &[u8]) -> Result<Parse<u8>, ProtoError> {
 /// Parses the RFC 1929 §2 status `VER STATUS`; VER X'01' or, leniently, X'05'; true when STATUS is X'00' (any
 /// other value is a failure, RFC 1929 §2).
 pub fn parse_auth_status(buf: &[u8]) -> Result<Parse<bool>, ProtoError> {
-    Ok(
-        match parse_version_and_byte(buf, &[AUTH_VERSION, SOCKS5_VERSION])? {
-            Parse::Done(status, n) => Parse::Done(status == 0, n),
-            Parse::Incomplete => Parse::Incomplete,
-        },
-    )
+    Ok(parse_version_and_byte(buf, &[AUTH_VERSION, SOCKS5_VERSION])?.map(|status| status == 0))
 }
 
 /// Parses a two-byte `VER VALUE` message whose VER is one of `versions`; returns VALUE.
 fn parse_version_and_byte(buf: &[u8], versions: &[u8]) -> Result<Parse<u8>, ProtoError> {
     let mut r = Reader::new(buf);
-    let ver = need!(r.u8());
-    if !versions.contains(&ver) {
-        return Err(ProtoError::BadVersion(ver));
-    }
+    need!(r.version(versions)?);
     let value = need!(r.u8());
     Ok(Parse::Done(value, r.pos()))
 }
@@ -76,15 +65,7 @@ pub struct Socks5Reply {
 /// REP is returned unchecked and a non-zero RSV is tolerated (as in [`super::socks5::parse_request`]); an
 /// unknown ATYP, or a domain BND.ADDR that is empty or has bytes [`super::Name::new`] refuses, is an error.
 pub fn parse_socks5_reply(buf: &[u8]) -> Result<Parse<Socks5Reply>, ProtoError> {
-    let mut r = Reader::new(buf);
-    let ver = need!(r.u8());
-    if ver != SOCKS5_VERSION {
-        return Err(ProtoError::BadVersion(ver));
-    }
-    let rep = need!(r.u8());
-    let _rsv = need!(r.u8());
-    let bnd = need!(read_target(buf, &mut r)?);
-    Ok(Parse::Done(Socks5Reply { rep, bnd }, r.pos()))
+    Ok(parse_coded(buf, Ok)?.map(|(rep, bnd)| Socks5Reply { rep, bnd }))
 }
 
 /// Maps an upstream's REP (RFC 1928 §6) onto our [`Failure`], so our client sees the upstream's reason; X'00'
