@@ -184,6 +184,7 @@ pub fn parse_reply(buf: &[u8]) -> Result<Parse<(u8, SocketAddrV4)>, ProtoError> 
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+    use crate::proto::testutil::BAD_NAMES;
 
     fn v4(ip: [u8; 4], port: u16) -> TargetAddr {
         TargetAddr::Ip(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(ip), port)))
@@ -289,13 +290,7 @@ mod tests {
             11
         );
         // Bad bytes in DOMAIN fail when they arrive.
-        for (bad, pos) in [
-            (&b"a b"[..], 1),
-            (b"x/y", 1),
-            (b"\x01", 0),
-            (b"ok\xff", 2),
-            (b"\\", 0),
-        ] {
+        for &(bad, pos) in BAD_NAMES {
             let msg = cat(&[&[4, 1, 0, 80, 0, 0, 0, 1, 0], bad, &[0]]);
             check_err!(parse_request, &msg, ProtoError::BadName, 9 + pos + 1);
         }

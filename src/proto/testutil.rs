@@ -1,4 +1,5 @@
-//! Test support shared by the parsers' unit tests: one deterministic generator for the random-input loops.
+//! Test support shared by the parsers' unit tests: one deterministic generator for the random-input loops, and
+//! the bad SOCKS5 domain addresses every parser of an RFC 1928 address must refuse.
 //! (`check_valid!`, `check_err!` and `check_contract!` are macros in `proto/mod.rs`: the parsers return values
 //! that borrow their input, which a generic helper function cannot name.)
 
@@ -58,4 +59,29 @@ impl Rng {
         buf[..keep].copy_from_slice(&shape[..keep]);
         &buf[..len]
     }
+}
+
+/// Host names [`super::Name::new`] refuses, none with a NUL (SOCKS4a ends its DOMAIN there), each with the
+/// offset of its first bad byte: a parser must fail as soon as that byte arrives.
+pub(crate) const BAD_NAMES: &[(&[u8], usize)] = &[
+    (b"a b", 1),
+    (b"a b.c", 1),
+    (b"x/y", 1),
+    (b"\x01", 0),
+    (b"ok\xff", 2),
+    (b"\\", 0),
+    (b"a\xc3\xa9", 1),
+];
+
+/// SOCKS5 DOMAIN addresses (RFC 1928 §5: `03 LEN NAME PORT`) that are `BadName`, each with how many of its bytes
+/// arrive before the error: the empty name fails on its length byte, the others at their first bad byte (a NUL
+/// is one in SOCKS5).
+pub(crate) fn bad_socks5_domains() -> Vec<(Vec<u8>, usize)> {
+    let with_nul: &[(&[u8], usize)] = &[(b"ab\0cd", 2), (b"a\0b", 1)];
+    let mut all = vec![(vec![3, 0, 0, 80], 2)];
+    for &(bad, pos) in BAD_NAMES.iter().chain(with_nul) {
+        let len = u8::try_from(bad.len()).unwrap_or(u8::MAX);
+        all.push(([&[3, len], bad, &[0, 80]].concat(), 2 + pos + 1));
+    }
+    all
 }

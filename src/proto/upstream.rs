@@ -277,6 +277,7 @@ pub fn failure_from_http_status(status: u16) -> Failure {
 mod tests {
     use super::*;
     use crate::proto::socks5;
+    use crate::proto::testutil::bad_socks5_domains;
     use crate::proto::Name;
     use std::net::SocketAddr;
 
@@ -366,18 +367,10 @@ mod tests {
             (&[0, 0, 0, 1, 1, 1, 1, 1, 0, 1], 0, [0u8, 1, 4, 0xff], ProtoError::BadVersion),
             (&[5, 0, 0, 0, 1, 1, 1, 1, 0, 1], 3, [0u8, 2, 5, 0xff], ProtoError::BadAddressType),
         );
-        check_err!(
-            parse_socks5_reply,
-            &[5, 0, 0, 3, 0, 0, 1],
-            ProtoError::BadName,
-            5
-        );
-        check_err!(
-            parse_socks5_reply,
-            &[5, 0, 0, 3, 3, b'a', 0, b'b', 0, 1],
-            ProtoError::BadName,
-            7
-        );
+        for (bnd, at) in bad_socks5_domains() {
+            let msg = cat(&[&[5, 0, 0], &bnd]);
+            check_err!(parse_socks5_reply, &msg, ProtoError::BadName, 3 + at);
+        }
     }
 
     #[test]
