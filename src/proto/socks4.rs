@@ -184,19 +184,7 @@ pub fn parse_reply(buf: &[u8]) -> Result<Parse<(u8, SocketAddrV4)>, ProtoError> 
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use crate::proto::testutil::BAD_NAMES;
-
-    fn v4(ip: [u8; 4], port: u16) -> TargetAddr {
-        TargetAddr::Ip(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(ip), port)))
-    }
-
-    fn dom(name: &[u8], port: u16) -> TargetAddr {
-        TargetAddr::Domain(Name::new(name).unwrap(), port)
-    }
-
-    fn cat(parts: &[&[u8]]) -> Vec<u8> {
-        parts.concat()
-    }
+    use crate::proto::testutil::{cat, dom, v4, BAD_NAMES};
 
     fn req(command: Command, target: TargetAddr, userid: &[u8]) -> Request<'_> {
         Request {
