@@ -386,10 +386,11 @@ impl Lookup {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dns::message::tests::{a, response, truncated};
+    use crate::dns::message::tests::{a, answer, response, truncated};
     use hickory_proto::op::{Message, ResponseCode};
     use hickory_proto::rr::rdata::AAAA;
     use hickory_proto::rr::{RData, Record};
+    use ResponseCode::{NXDomain, NoError, ServFail};
 
     const S1: &str = "127.0.0.1:53";
     const S2: &str = "127.0.0.2:53";
@@ -420,6 +421,39 @@ mod tests {
         (m.id(), m.queries()[0].name().to_ascii())
     }
 
+    /// Hands `l` what the server `send` went to answers it: the send's own ID, name and type, with `rcode`,
+    /// the `records` and an optional SOA (ttl, minimum) in authority.
+    fn reply(
+        l: &mut Lookup,
+        send: &Send,
+        rcode: ResponseCode,
+        records: Vec<Record>,
+        soa: Option<(u32, u32)>,
+        now: Instant,
+    ) {
+        let m = Message::from_vec(&send.packet).unwrap();
+        let q = &m.queries()[0];
+        let name = q.name().to_ascii();
+        let bytes = response(m.id(), &name, q.query_type(), rcode, records, soa);
+        l.on_message(send.slot, send.server, &bytes, now);
+    }
+
+    /// [`reply`] with NOERROR, `records` and no SOA.
+    fn reply_records(l: &mut Lookup, send: &Send, records: Vec<Record>, now: Instant) {
+        reply(l, send, NoError, records, None, now);
+    }
+
+    /// [`reply`] without records: `rcode` and an optional SOA (ttl, minimum).
+    fn reply_negative(
+        l: &mut Lookup,
+        send: &Send,
+        rcode: ResponseCode,
+        soa: Option<(u32, u32)>,
+        now: Instant,
+    ) {
+        reply(l, send, rcode, vec![], soa, now);
+    }
+
     fn aaaa(name: &str, ttl: u32, ip: &str) -> Record {
         Record::from_rdata(
             Name::from_ascii(name).unwrap(),
@@ -439,31 +473,20 @@ mod tests {
             .iter()
             .all(|s| s.transport == Transport::Udp && s.server == addr(S1)));
         let (id0, n0) = asked(&sends[0]);
-        let (id1, _) = asked(&sends[1]);
-        assert_eq!(n0, "h.test.");
+        let (id1, n1) = asked(&sends[1]);
+        assert_eq!((n0.as_str(), n1.as_str()), ("h.test.", "h.test."));
         assert_ne!(id0, id1);
-        let six = response(
-            id1,
-            "h.test.",
-            RecordType::AAAA,
-            ResponseCode::NoError,
-            vec![aaaa("h.test.", 50, "::1")],
-            None,
-        );
-        l.on_message(1, addr(S1), &six, t0);
+        reply_records(&mut l, &sends[1], vec![aaaa("h.test.", 50, "::1")], t0);
         assert!(l.outcome().is_none());
         assert!(!l.slot_waiting(1) && l.slot_waiting(0));
         // AAAA answered first: its addresses can be used before A answers.
         assert_eq!(l.early(), Some((1, &["::1".parse().unwrap()][..])));
-        let four = response(
-            id0,
-            "h.test.",
-            RecordType::A,
-            ResponseCode::NoError,
+        reply_records(
+            &mut l,
+            &sends[0],
             vec![a("h.test.", 70, [127, 0, 0, 9])],
-            None,
+            t0,
         );
-        l.on_message(0, addr(S1), &four, t0);
         assert_eq!(
             l.outcome(),
             Some(&Outcome::Addrs(
@@ -481,22 +504,14 @@ mod tests {
         let mut l = Lookup::start(&["h.test".into()], servers(&[S1], 1), counter(), t0);
         let sends = l.take_sends();
         let (id0, _) = asked(&sends[0]);
-        let good = response(
+        let good = answer(
             id0,
             "h.test.",
             RecordType::A,
-            ResponseCode::NoError,
             vec![a("h.test.", 9, [10, 0, 0, 1])],
-            None,
         );
-        let spoof = response(
-            id0.wrapping_add(7),
-            "h.test.",
-            RecordType::A,
-            ResponseCode::NoError,
-            vec![a("h.test.", 9, [6, 6, 6, 6])],
-            None,
-        );
+        let spoofed = vec![a("h.test.", 9, [6, 6, 6, 6])];
+        let spoof = answer(id0.wrapping_add(7), "h.test.", RecordType::A, spoofed);
         l.on_message(0, addr(S1), &spoof, t0);
         l.on_message(0, addr("127.0.0.66:53"), &good, t0);
         l.on_message(0, addr(S1), b"\x00\x01garbage", t0);
@@ -540,53 +555,15 @@ mod tests {
             t0,
         );
         let s = l.take_sends();
-        let (id0, _) = asked(&s[0]);
-        let (id1, _) = asked(&s[1]);
+        assert_eq!(asked(&s[0]).1, "h.a.test.");
         // A NODATA for A says nothing yet: if AAAA is negative too, the next candidate is asked.
-        l.on_message(
-            0,
-            addr(S1),
-            &response(
-                id0,
-                "h.a.test.",
-                RecordType::A,
-                ResponseCode::NoError,
-                vec![],
-                Some((9, 9)),
-            ),
-            t0,
-        );
+        reply_negative(&mut l, &s[0], NoError, Some((9, 9)), t0);
         assert_eq!(l.early(), None);
-        l.on_message(
-            1,
-            addr(S1),
-            &response(
-                id1,
-                "h.a.test.",
-                RecordType::AAAA,
-                ResponseCode::NoError,
-                vec![],
-                Some((9, 9)),
-            ),
-            t0,
-        );
+        reply_negative(&mut l, &s[1], NoError, Some((9, 9)), t0);
         let s = l.take_sends();
-        let (id2, n2) = asked(&s[0]);
-        assert_eq!(n2, "h.test.");
+        assert_eq!(asked(&s[0]).1, "h.test.");
         assert_eq!(l.early(), None);
-        l.on_message(
-            0,
-            addr(S1),
-            &response(
-                id2,
-                "h.test.",
-                RecordType::A,
-                ResponseCode::NoError,
-                vec![a("h.test.", 9, [10, 0, 0, 1])],
-                None,
-            ),
-            t0,
-        );
+        reply_records(&mut l, &s[0], vec![a("h.test.", 9, [10, 0, 0, 1])], t0);
         assert_eq!(l.early(), Some((0, &["10.0.0.1".parse().unwrap()][..])));
         assert!(l.outcome().is_none(), "AAAA is still out");
     }
@@ -596,67 +573,16 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Lookup::start(&["h.test".into()], servers(&[S1, S2], 1), counter(), t0);
         let s = l.take_sends();
-        let (id0, _) = asked(&s[0]);
-        let (id1, _) = asked(&s[1]);
-        l.on_message(
-            0,
-            addr(S1),
-            &response(
-                id0,
-                "h.test.",
-                RecordType::A,
-                ResponseCode::ServFail,
-                vec![],
-                None,
-            ),
-            t0,
-        );
+        reply_negative(&mut l, &s[0], ServFail, None, t0);
         let again = l.take_sends();
         assert_eq!(again.len(), 1);
         assert_eq!((again[0].slot, again[0].server), (0, addr(S2)));
         // The second server's answer is taken; the first server may no longer answer for slot 0.
-        let (id2, _) = asked(&again[0]);
-        l.on_message(
-            0,
-            addr(S2),
-            &response(
-                id2,
-                "h.test.",
-                RecordType::A,
-                ResponseCode::NoError,
-                vec![a("h.test.", 9, [10, 0, 0, 1])],
-                None,
-            ),
-            t0,
-        );
-        l.on_message(
-            1,
-            addr(S1),
-            &response(
-                id1,
-                "h.test.",
-                RecordType::AAAA,
-                ResponseCode::ServFail,
-                vec![],
-                None,
-            ),
-            t0,
-        );
+        reply_records(&mut l, &again[0], vec![a("h.test.", 9, [10, 0, 0, 1])], t0);
+        reply_negative(&mut l, &s[1], ServFail, None, t0);
         let s = l.take_sends();
-        let (id3, _) = asked(&s[0]);
-        l.on_message(
-            1,
-            addr(S2),
-            &response(
-                id3,
-                "h.test.",
-                RecordType::AAAA,
-                ResponseCode::ServFail,
-                vec![],
-                None,
-            ),
-            t0,
-        );
+        assert_eq!((s[0].slot, s[0].server), (1, addr(S2)));
+        reply_negative(&mut l, &s[0], ServFail, None, t0);
         // IPv4 answered, IPv6 failed everywhere: the IPv4 addresses are the result.
         assert_eq!(
             l.outcome(),
@@ -697,73 +623,21 @@ mod tests {
             "h".to_string(),
         ];
         let mut l = Lookup::start(&names, servers(&[S1], 1), counter(), t0);
-        for (cand, ttls) in [
-            ("h.a.test.", (Some(20), Some(10))),
-            ("h.b.test.", (Some(5), Some(30))),
+        for (cand, rcodes, ttls) in [
+            ("h.a.test.", (NXDomain, NXDomain), (Some(20), Some(10))),
+            ("h.b.test.", (NXDomain, NXDomain), (Some(5), Some(30))),
+            ("h.", (NXDomain, NoError), (Some(60), Some(60))),
         ] {
+            assert!(l.outcome().is_none());
             let s = l.take_sends();
             assert_eq!(s.len(), 2);
-            let (id0, n0) = asked(&s[0]);
-            let (id1, _) = asked(&s[1]);
-            assert_eq!(n0, cand);
-            l.on_message(
-                0,
-                addr(S1),
-                &response(
-                    id0,
-                    cand,
-                    RecordType::A,
-                    ResponseCode::NXDomain,
-                    vec![],
-                    ttls.0.map(|t| (t, t)),
-                ),
-                t0,
+            assert_eq!(
+                (asked(&s[0]).1.as_str(), asked(&s[1]).1.as_str()),
+                (cand, cand)
             );
-            l.on_message(
-                1,
-                addr(S1),
-                &response(
-                    id1,
-                    cand,
-                    RecordType::AAAA,
-                    ResponseCode::NXDomain,
-                    vec![],
-                    ttls.1.map(|t| (t, t)),
-                ),
-                t0,
-            );
-            assert!(l.outcome().is_none());
+            reply_negative(&mut l, &s[0], rcodes.0, ttls.0.map(|t| (t, t)), t0);
+            reply_negative(&mut l, &s[1], rcodes.1, ttls.1.map(|t| (t, t)), t0);
         }
-        let s = l.take_sends();
-        let (id0, n0) = asked(&s[0]);
-        let (id1, _) = asked(&s[1]);
-        assert_eq!(n0, "h.");
-        l.on_message(
-            0,
-            addr(S1),
-            &response(
-                id0,
-                "h.",
-                RecordType::A,
-                ResponseCode::NXDomain,
-                vec![],
-                Some((60, 60)),
-            ),
-            t0,
-        );
-        l.on_message(
-            1,
-            addr(S1),
-            &response(
-                id1,
-                "h.",
-                RecordType::AAAA,
-                ResponseCode::NoError,
-                vec![],
-                Some((60, 60)),
-            ),
-            t0,
-        );
         assert_eq!(l.outcome(), Some(&Outcome::Failed(Error::NoData, Some(5))));
     }
 
@@ -772,21 +646,9 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Lookup::start(&["nx.test".into()], servers(&[S1], 1), counter(), t0);
         let s = l.take_sends();
-        for (i, send) in s.iter().enumerate() {
-            let (id, _) = asked(send);
-            l.on_message(
-                i,
-                addr(S1),
-                &response(
-                    id,
-                    "nx.test.",
-                    TYPES[i],
-                    ResponseCode::NXDomain,
-                    vec![],
-                    if i == 0 { Some((9, 9)) } else { None },
-                ),
-                t0,
-            );
+        for (send, soa) in s.iter().zip([Some((9, 9)), None]) {
+            assert_eq!(asked(send).1, "nx.test.");
+            reply_negative(&mut l, send, NXDomain, soa, t0);
         }
         assert_eq!(l.outcome(), Some(&Outcome::Failed(Error::NxDomain, None)));
         let l = Lookup::start(&["a..b".into()], servers(&[S1], 1), counter(), t0);
@@ -800,68 +662,30 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Lookup::start(&["alias.test".into()], servers(&[S1, S2], 1), counter(), t0);
         let s = l.take_sends();
-        let (id0, _) = asked(&s[0]);
-        let (id1, _) = asked(&s[1]);
+        assert_eq!(asked(&s[0]).1, "alias.test.");
         let link =
             |from: &str, to: &str| Record::from_rdata(n(from), 40, RData::CNAME(CNAME(n(to))));
-        l.on_message(
-            0,
-            addr(S1),
-            &response(
-                id0,
-                "alias.test.",
-                RecordType::A,
-                ResponseCode::NoError,
-                vec![link("alias.test.", "mid.test.")],
-                None,
-            ),
-            t0,
-        );
+        reply_records(&mut l, &s[0], vec![link("alias.test.", "mid.test.")], t0);
         let again = l.take_sends();
         assert_eq!(again.len(), 1);
         let (id2, q2) = asked(&again[0]);
         assert_eq!((q2.as_str(), again[0].server), ("mid.test.", addr(S1)));
         // An answer for the old name is no longer taken.
+        let stale = vec![a("alias.test.", 9, [6, 6, 6, 6])];
         l.on_message(
             0,
             addr(S1),
-            &response(
-                id2,
-                "alias.test.",
-                RecordType::A,
-                ResponseCode::NoError,
-                vec![a("alias.test.", 9, [6, 6, 6, 6])],
-                None,
-            ),
+            &answer(id2, "alias.test.", RecordType::A, stale),
             t0,
         );
         assert!(l.slot_waiting(0));
-        l.on_message(
-            0,
-            addr(S1),
-            &response(
-                id2,
-                "mid.test.",
-                RecordType::A,
-                ResponseCode::NoError,
-                vec![a("mid.test.", 300, [10, 0, 0, 5])],
-                None,
-            ),
+        reply_records(
+            &mut l,
+            &again[0],
+            vec![a("mid.test.", 300, [10, 0, 0, 5])],
             t0,
         );
-        l.on_message(
-            1,
-            addr(S1),
-            &response(
-                id1,
-                "alias.test.",
-                RecordType::AAAA,
-                ResponseCode::NoError,
-                vec![],
-                Some((5, 5)),
-            ),
-            t0,
-        );
+        reply_negative(&mut l, &s[1], NoError, Some((5, 5)), t0);
         assert_eq!(
             l.outcome(),
             Some(&Outcome::Addrs(vec!["10.0.0.5".parse().unwrap()], 40)),

@@ -173,17 +173,14 @@ pub(crate) mod tests {
         m.to_vec().unwrap()
     }
 
+    /// A NOERROR response to (id, name, rtype) carrying `answers` and no authority section.
+    pub(crate) fn answer(id: u16, name: &str, rtype: RecordType, answers: Vec<Record>) -> Vec<u8> {
+        response(id, name, rtype, ResponseCode::NoError, answers, None)
+    }
+
     /// An empty NOERROR response to (id, name, A) with the TC bit set: the answer did not fit a UDP datagram.
     pub(crate) fn truncated(id: u16, name: &str) -> Vec<u8> {
-        let mut m = Message::from_vec(&response(
-            id,
-            name,
-            RecordType::A,
-            ResponseCode::NoError,
-            vec![],
-            None,
-        ))
-        .unwrap();
+        let mut m = Message::from_vec(&answer(id, name, RecordType::A, vec![])).unwrap();
         m.set_truncated(true);
         m.to_vec().unwrap()
     }
@@ -218,20 +215,14 @@ pub(crate) mod tests {
     #[test]
     fn addresses_and_cname_chain() {
         let name = n("www.test.");
-        let r = response(
-            7,
-            "www.test.",
-            RecordType::A,
-            ResponseCode::NoError,
-            vec![
-                cname("www.test.", 300, "mid.test."),
-                a("other.test.", 1, [9, 9, 9, 9]),
-                cname("mid.test.", 60, "end.test."),
-                a("end.test.", 100, [10, 0, 0, 1]),
-                a("END.test.", 200, [10, 0, 0, 2]),
-            ],
-            None,
-        );
+        let records = vec![
+            cname("www.test.", 300, "mid.test."),
+            a("other.test.", 1, [9, 9, 9, 9]),
+            cname("mid.test.", 60, "end.test."),
+            a("end.test.", 100, [10, 0, 0, 1]),
+            a("END.test.", 200, [10, 0, 0, 2]),
+        ];
+        let r = answer(7, "www.test.", RecordType::A, records);
         assert_eq!(
             judge(&r, 7, &name, RecordType::A),
             Verdict::Addrs(
@@ -240,14 +231,7 @@ pub(crate) mod tests {
             )
         );
         let six = Record::from_rdata(n("v6.test."), 30, RData::AAAA(AAAA("::1".parse().unwrap())));
-        let r = response(
-            8,
-            "v6.test.",
-            RecordType::AAAA,
-            ResponseCode::NoError,
-            vec![six],
-            None,
-        );
+        let r = answer(8, "v6.test.", RecordType::AAAA, vec![six]);
         assert_eq!(
             judge(&r, 8, &n("V6.test."), RecordType::AAAA),
             Verdict::Addrs(vec!["::1".parse().unwrap()], 30)
@@ -257,118 +241,54 @@ pub(crate) mod tests {
     #[test]
     fn mismatches_are_foreign() {
         let name = n("www.test.");
-        let ok = response(
-            7,
-            "www.test.",
-            RecordType::A,
-            ResponseCode::NoError,
-            vec![a("www.test.", 5, [1, 2, 3, 4])],
-            None,
-        );
+        let record = a("www.test.", 5, [1, 2, 3, 4]);
+        let ok = answer(7, "www.test.", RecordType::A, vec![record]);
         assert!(matches!(
             judge(&ok, 7, &name, RecordType::A),
             Verdict::Addrs(..)
         ));
-        assert_eq!(judge(&ok, 8, &name, RecordType::A), Verdict::Foreign, "id");
-        assert_eq!(
-            judge(&ok, 7, &n("web.test."), RecordType::A),
-            Verdict::Foreign,
-            "name"
-        );
-        assert_eq!(
-            judge(&ok, 7, &name, RecordType::AAAA),
-            Verdict::Foreign,
-            "type"
-        );
-        assert_eq!(
-            judge(&ok[..ok.len() - 3], 7, &name, RecordType::A),
-            Verdict::Foreign,
-            "short"
-        );
-        assert_eq!(judge(b"", 7, &name, RecordType::A), Verdict::Foreign);
-        // Our own query echoed back is not an answer.
+        let web = n("web.test.");
         let q = query(7, &name, RecordType::A).unwrap();
-        assert_eq!(
-            judge(&q, 7, &name, RecordType::A),
-            Verdict::Foreign,
-            "query bit"
-        );
+        for (bytes, id, asked, rtype, why) in [
+            (&ok[..], 8, &name, RecordType::A, "id"),
+            (&ok[..], 7, &web, RecordType::A, "name"),
+            (&ok[..], 7, &name, RecordType::AAAA, "type"),
+            (&ok[..ok.len() - 3], 7, &name, RecordType::A, "short"),
+            (&[][..], 7, &name, RecordType::A, "empty"),
+            // Our own query echoed back is not an answer.
+            (&q[..], 7, &name, RecordType::A, "query bit"),
+        ] {
+            assert_eq!(judge(bytes, id, asked, rtype), Verdict::Foreign, "{why}");
+        }
     }
 
     #[test]
     fn negative_answers_and_errors() {
+        use ResponseCode::{NXDomain, NoError, Refused, ServFail};
         let name = n("nx.test.");
-        let r = response(
-            1,
-            "nx.test.",
-            RecordType::A,
-            ResponseCode::NXDomain,
-            vec![],
-            Some((600, 20)),
-        );
-        assert_eq!(
-            judge(&r, 1, &name, RecordType::A),
-            Verdict::NxDomain(Some(20))
-        );
-        let r = response(
-            1,
-            "nx.test.",
-            RecordType::A,
-            ResponseCode::NXDomain,
-            vec![],
-            None,
-        );
-        assert_eq!(judge(&r, 1, &name, RecordType::A), Verdict::NxDomain(None));
-        let r = response(
-            1,
-            "nx.test.",
-            RecordType::A,
-            ResponseCode::NoError,
-            vec![],
-            Some((5, 60)),
-        );
-        assert_eq!(judge(&r, 1, &name, RecordType::A), Verdict::NoData(Some(5)));
-        // A CNAME to nowhere is NODATA for the name when a SOA says so, and a target to ask for when not.
-        let chain = vec![cname("nx.test.", 9, "gone.test.")];
-        let r = response(
-            1,
-            "nx.test.",
-            RecordType::A,
-            ResponseCode::NoError,
-            chain.clone(),
-            Some((7, 7)),
-        );
-        assert_eq!(judge(&r, 1, &name, RecordType::A), Verdict::NoData(Some(7)));
-        let r = response(
-            1,
-            "nx.test.",
-            RecordType::A,
-            ResponseCode::NoError,
-            chain,
-            None,
-        );
-        assert_eq!(
-            judge(&r, 1, &name, RecordType::A),
-            Verdict::Alias(n("gone.test."), 9)
-        );
-        let r = response(
-            1,
-            "nx.test.",
-            RecordType::A,
-            ResponseCode::ServFail,
-            vec![],
-            None,
-        );
-        assert_eq!(judge(&r, 1, &name, RecordType::A), Verdict::ServFail);
-        let r = response(
-            1,
-            "nx.test.",
-            RecordType::A,
-            ResponseCode::Refused,
-            vec![],
-            None,
-        );
-        assert_eq!(judge(&r, 1, &name, RecordType::A), Verdict::Refused);
+        let chain = || vec![cname("nx.test.", 9, "gone.test.")];
+        for (rcode, answers, soa, want) in [
+            (
+                NXDomain,
+                vec![],
+                Some((600, 20)),
+                Verdict::NxDomain(Some(20)),
+            ),
+            (NXDomain, vec![], None, Verdict::NxDomain(None)),
+            (NoError, vec![], Some((5, 60)), Verdict::NoData(Some(5))),
+            // A CNAME to nowhere is NODATA for the name when a SOA says so, and a target to ask for when not.
+            (NoError, chain(), Some((7, 7)), Verdict::NoData(Some(7))),
+            (NoError, chain(), None, Verdict::Alias(n("gone.test."), 9)),
+            (ServFail, vec![], None, Verdict::ServFail),
+            (Refused, vec![], None, Verdict::Refused),
+        ] {
+            let r = response(1, "nx.test.", RecordType::A, rcode, answers, soa);
+            assert_eq!(
+                judge(&r, 1, &name, RecordType::A),
+                want,
+                "{rcode:?} {soa:?}"
+            );
+        }
         assert_eq!(
             judge(&truncated(1, "nx.test."), 1, &name, RecordType::A),
             Verdict::Truncated
@@ -377,16 +297,14 @@ pub(crate) mod tests {
 
     #[test]
     fn cname_loops_end() {
-        let r = response(
+        let r = answer(
             1,
             "l.test.",
             RecordType::A,
-            ResponseCode::NoError,
             vec![
                 cname("l.test.", 9, "m.test."),
                 cname("m.test.", 9, "l.test."),
             ],
-            None,
         );
         // The loop ends where it started: nothing to ask for.
         assert_eq!(

@@ -137,6 +137,16 @@ pub enum Parse<T> {
     Done(T, usize),
 }
 
+impl<T> Parse<T> {
+    /// The same outcome with `f` applied to a complete message; the byte count is kept.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Parse<U> {
+        match self {
+            Parse::Done(v, n) => Parse::Done(f(v), n),
+            Parse::Incomplete => Parse::Incomplete,
+        }
+    }
+}
+
 /// A DNS name held inline (no allocation): at most 255 bytes, as in SOCKS5 and SOCKS4a.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Name {
@@ -396,6 +406,14 @@ impl<'a> Reader<'a> {
     /// Takes one byte.
     pub fn u8(&mut self) -> Option<u8> {
         self.take(1).and_then(|s| s.first().copied())
+    }
+
+    /// Takes a VER byte: `Ok(None)` until it arrives, `BadVersion` as soon as it is not one of `accepted`.
+    pub fn version(&mut self, accepted: &[u8]) -> Result<Option<()>, ProtoError> {
+        match self.u8() {
+            Some(v) if !accepted.contains(&v) => Err(ProtoError::BadVersion(v)),
+            v => Ok(v.map(|_| ())),
+        }
     }
 
     /// Takes a big-endian u16.

@@ -78,10 +78,7 @@ fn read_cstr<'a>(
 /// [`Name::new`] refuses, fails with `BadName` as soon as the offending byte arrives.
 pub fn parse_request(buf: &[u8]) -> Result<Parse<Request<'_>>, ProtoError> {
     let mut r = Reader::new(buf);
-    let vn = need!(r.u8());
-    if vn != VERSION {
-        return Err(ProtoError::BadVersion(vn));
-    }
+    need!(r.version(&[VERSION])?);
     let cd = need!(r.u8());
     let command = match cd {
         1 => Command::Connect,
@@ -173,10 +170,7 @@ pub fn encode_request(
 /// so the caller compares it with [`REPLY_GRANTED`] (91, 92 and 93 are all refusals).
 pub fn parse_reply(buf: &[u8]) -> Result<Parse<(u8, SocketAddrV4)>, ProtoError> {
     let mut r = Reader::new(buf);
-    let vn = need!(r.u8());
-    if vn != 0 {
-        return Err(ProtoError::BadVersion(vn));
-    }
+    need!(r.version(&[0])?);
     let cd = need!(r.u8());
     let port = need!(r.u16());
     let ip = need!(r.array::<4>());
@@ -190,18 +184,7 @@ pub fn parse_reply(buf: &[u8]) -> Result<Parse<(u8, SocketAddrV4)>, ProtoError> 
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-
-    fn v4(ip: [u8; 4], port: u16) -> TargetAddr {
-        TargetAddr::Ip(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(ip), port)))
-    }
-
-    fn dom(name: &[u8], port: u16) -> TargetAddr {
-        TargetAddr::Domain(Name::new(name).unwrap(), port)
-    }
-
-    fn cat(parts: &[&[u8]]) -> Vec<u8> {
-        parts.concat()
-    }
+    use crate::proto::testutil::{cat, dom, v4, BAD_NAMES};
 
     fn req(command: Command, target: TargetAddr, userid: &[u8]) -> Request<'_> {
         Request {
@@ -295,13 +278,7 @@ mod tests {
             11
         );
         // Bad bytes in DOMAIN fail when they arrive.
-        for (bad, pos) in [
-            (&b"a b"[..], 1),
-            (b"x/y", 1),
-            (b"\x01", 0),
-            (b"ok\xff", 2),
-            (b"\\", 0),
-        ] {
+        for &(bad, pos) in BAD_NAMES {
             let msg = cat(&[&[4, 1, 0, 80, 0, 0, 0, 1, 0], bad, &[0]]);
             check_err!(parse_request, &msg, ProtoError::BadName, 9 + pos + 1);
         }

@@ -18,7 +18,7 @@ pub const METHOD_USER_PASS: u8 = 0x02;
 pub const METHOD_NO_ACCEPTABLE: u8 = 0xFF;
 
 /// RFC 1929 §2: the sub-negotiation version byte.
-const AUTH_VERSION: u8 = 0x01;
+pub(crate) const AUTH_VERSION: u8 = 0x01;
 
 /// RFC 1928 §5: IP V4 address, 4 octets.
 pub(crate) const ATYP_IPV4: u8 = 0x01;
@@ -54,10 +54,7 @@ pub struct Greeting {
 /// Parses the version identifier/method selection message (RFC 1928 §3): VER NMETHODS METHODS.
 pub fn parse_greeting(buf: &[u8]) -> Result<Parse<Greeting>, ProtoError> {
     let mut r = Reader::new(buf);
-    let ver = need!(r.u8());
-    if ver != VERSION {
-        return Err(ProtoError::BadVersion(ver));
-    }
+    need!(r.version(&[VERSION])?);
     // NMETHODS = 0 can never select a method; reject it now rather than answer X'FF' to an empty list.
     let n = need!(r.u8());
     if n == 0 {
@@ -94,10 +91,7 @@ pub struct Credentials<'a> {
 /// curl and others send an empty password.
 pub fn parse_user_pass(buf: &[u8]) -> Result<Parse<Credentials<'_>>, ProtoError> {
     let mut r = Reader::new(buf);
-    let ver = need!(r.u8());
-    if ver != AUTH_VERSION && ver != VERSION {
-        return Err(ProtoError::BadVersion(ver));
-    }
+    need!(r.version(&[AUTH_VERSION, VERSION])?);
     let ulen = need!(r.u8());
     if ulen == 0 {
         return Err(ProtoError::BadField);
@@ -233,16 +227,38 @@ pub(crate) fn put_target(w: &mut Writer<'_>, target: &TargetAddr) -> Option<()> 
 /// junk there and rejecting them gains nothing). Unknown CMD and ATYP fail as soon as their byte arrives, so the
 /// caller can answer X'07' / X'08' (RFC 1928 §6) at once.
 pub fn parse_request(buf: &[u8]) -> Result<Parse<Request>, ProtoError> {
+    let parsed = parse_coded(buf, |cmd| {
+        command_from(cmd).ok_or(ProtoError::BadCommand(cmd))
+    })?;
+    Ok(parsed.map(|(command, target)| Request { command, target }))
+}
+
+/// Parses `05 CODE RSV ATYP ADDR PORT`, the layout a request (RFC 1928 §4) and a reply (§6) share; `code` judges
+/// CODE (CMD or REP) as soon as it arrives, so a bad one fails without waiting for the address.
+pub(crate) fn parse_coded<T>(
+    buf: &[u8],
+    code: impl FnOnce(u8) -> Result<T, ProtoError>,
+) -> Result<Parse<(T, TargetAddr)>, ProtoError> {
     let mut r = Reader::new(buf);
-    let ver = need!(r.u8());
-    if ver != VERSION {
-        return Err(ProtoError::BadVersion(ver));
-    }
-    let cmd = need!(r.u8());
-    let command = command_from(cmd).ok_or(ProtoError::BadCommand(cmd))?;
+    need!(r.version(&[VERSION])?);
+    let value = code(need!(r.u8()))?;
     let _rsv = need!(r.u8());
     let target = need!(read_target(buf, &mut r)?);
-    Ok(Parse::Done(Request { command, target }, r.pos()))
+    Ok(Parse::Done((value, target), r.pos()))
+}
+
+/// Encodes `05 CODE 00 ATYP ADDR PORT` (see [`parse_coded`]); returns 0 if `out` is too short.
+fn encode_coded(code: u8, target: &TargetAddr, out: &mut [u8]) -> usize {
+    let mut w = Writer::new(out);
+    w.u8(VERSION).u8(code).u8(0x00);
+    finish_with_target(w, target)
+}
+
+/// Appends ATYP ADDR PORT to what `w` holds; the message length, or 0 if it did not fit.
+fn finish_with_target(mut w: Writer<'_>, target: &TargetAddr) -> usize {
+    put_target(&mut w, target)
+        .and_then(|()| w.finish())
+        .unwrap_or(0)
 }
 
 /// Encodes a reply (RFC 1928 §6): `05 REP 00 ATYP BND.ADDR BND.PORT`.
@@ -250,12 +266,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse<Request>, ProtoError> {
 /// BND.ADDR is always a literal (ATYP 1 or 4; IPv4-mapped IPv6 is written as ATYP 1). Returns 0 if `out` is
 /// shorter than needed ([`MAX_REPLY_LEN`] always suffices).
 pub fn encode_reply(rep: u8, bnd: SocketAddr, out: &mut [u8]) -> usize {
-    let mut w = Writer::new(out);
-    w.u8(VERSION).u8(rep).u8(0x00);
-    match put_target(&mut w, &TargetAddr::Ip(bnd)) {
-        Some(()) => w.finish().unwrap_or(0),
-        None => 0,
-    }
+    encode_coded(rep, &TargetAddr::Ip(bnd), out)
 }
 
 /// The RFC 1928 §7 header of a UDP ASSOCIATE datagram.
@@ -289,10 +300,7 @@ pub fn parse_udp_header(datagram: &[u8]) -> Result<(UdpHeader, usize), ProtoErro
 pub fn encode_udp_header(addr: &TargetAddr, out: &mut [u8]) -> usize {
     let mut w = Writer::new(out);
     w.u16(0).u8(0);
-    match put_target(&mut w, addr) {
-        Some(()) => w.finish().unwrap_or(0),
-        None => 0,
-    }
+    finish_with_target(w, addr)
 }
 
 /// Client side: encodes a greeting (RFC 1928 §3) `05 NMETHODS METHODS`; returns 0 if `methods` is empty or has
@@ -324,39 +332,14 @@ pub fn encode_user_pass(user: &[u8], pass: &[u8], out: &mut [u8]) -> usize {
 /// Client side: encodes a request (RFC 1928 §4) `05 CMD 00 ATYP DST.ADDR DST.PORT` (IPv4-mapped IPv6 as ATYP 1);
 /// returns 0 if `out` is too short ([`MAX_REQUEST_LEN`] always suffices).
 pub fn encode_request(command: Command, target: &TargetAddr, out: &mut [u8]) -> usize {
-    let mut w = Writer::new(out);
-    w.u8(VERSION).u8(command_code(command)).u8(0x00);
-    match put_target(&mut w, target) {
-        Some(()) => w.finish().unwrap_or(0),
-        None => 0,
-    }
+    encode_coded(command_code(command), target, out)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-
-    fn v4(ip: [u8; 4], port: u16) -> TargetAddr {
-        TargetAddr::Ip(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(ip), port)))
-    }
-
-    fn v6(ip: &str, port: u16) -> TargetAddr {
-        TargetAddr::Ip(SocketAddr::V6(SocketAddrV6::new(
-            ip.parse().unwrap(),
-            port,
-            0,
-            0,
-        )))
-    }
-
-    fn dom(name: &[u8], port: u16) -> TargetAddr {
-        TargetAddr::Domain(Name::new(name).unwrap(), port)
-    }
-
-    fn cat(parts: &[&[u8]]) -> Vec<u8> {
-        parts.concat()
-    }
+    use crate::proto::testutil::{cat, check_socks5_address_errors, dom, v4, v6};
 
     // ---- greeting (RFC 1928 §3) ----
 
@@ -538,29 +521,9 @@ mod tests {
     fn request_malformed() {
         #[rustfmt::skip]
         check_bad_bytes!(parse_request,
-            (&[0, 1, 0, 1, 1, 2, 3, 4, 0, 80], 0, [0u8, 4, 6, 0xff], ProtoError::BadVersion),
             (&[5, 0, 0, 1, 1, 2, 3, 4, 0, 80], 1, [0u8, 4, 0x80, 0xff], ProtoError::BadCommand),
-            (&[5, 1, 0, 0, 1, 2, 3, 4, 0, 80], 3, [0u8, 2, 5, 0xff], ProtoError::BadAddressType),
         );
-        // Empty name: fails on the length byte.
-        check_err!(
-            parse_request,
-            &[5, 1, 0, 3, 0, 0, 80],
-            ProtoError::BadName,
-            5
-        );
-        // Bad bytes in the name fail as soon as they arrive.
-        for (bad, pos) in [
-            (&b"ab\0cd"[..], 2),
-            (b"a b.c", 1),
-            (b"x/y", 1),
-            (b"\\", 0),
-            (b"a\xc3\xa9", 1),
-        ] {
-            let len = u8::try_from(bad.len()).unwrap();
-            let msg = cat(&[&[5, 1, 0, 3, len], bad, &[0, 80]]);
-            check_err!(parse_request, &msg, ProtoError::BadName, 5 + pos + 1);
-        }
+        check_socks5_address_errors(parse_request, 1);
     }
 
     #[test]

@@ -1,6 +1,13 @@
-//! Test support shared by the parsers' unit tests: one deterministic generator for the random-input loops.
+//! Test support shared by the parsers' unit tests: one deterministic generator for the random-input loops, and
+//! the bad SOCKS5 domain addresses every parser of an RFC 1928 address must refuse, and the small constructors
+//! the SOCKS tests write their messages and targets with.
 //! (`check_valid!`, `check_err!` and `check_contract!` are macros in `proto/mod.rs`: the parsers return values
 //! that borrow their input, which a generic helper function cannot name.)
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+use super::{Name, Parse, ProtoError, TargetAddr};
 
 /// How many random inputs each parser's contract loop feeds it: enough to reach every error path of the small
 /// binary parsers in well under a second in release builds.
@@ -57,5 +64,75 @@ impl Rng {
         let keep = self.below(shape.len() + 1);
         buf[..keep].copy_from_slice(&shape[..keep]);
         &buf[..len]
+    }
+}
+
+/// Host names [`super::Name::new`] refuses, none with a NUL (SOCKS4a ends its DOMAIN there), each with the
+/// offset of its first bad byte: a parser must fail as soon as that byte arrives.
+pub(crate) const BAD_NAMES: &[(&[u8], usize)] = &[
+    (b"a b", 1),
+    (b"a b.c", 1),
+    (b"x/y", 1),
+    (b"\x01", 0),
+    (b"ok\xff", 2),
+    (b"\\", 0),
+    (b"a\xc3\xa9", 1),
+];
+
+/// Checks the errors every parser of `05 CODE RSV ATYP ADDR PORT` (RFC 1928 §4 requests, §6 replies) owes, with
+/// `code` a CODE it accepts: a bad VER, an unknown ATYP, an empty name and bad bytes in a name, each as soon as
+/// the offending byte arrives (`check_err!`).
+pub(crate) fn check_socks5_address_errors<T: fmt::Debug + PartialEq>(
+    parse: impl Fn(&[u8]) -> Result<Parse<T>, ProtoError>,
+    code: u8,
+) {
+    let template = [5, code, 0, 1, 1, 2, 3, 4, 0, 80];
+    check_bad_bytes!(
+        parse,
+        (template, 0, [0u8, 1, 4, 6, 0xff], ProtoError::BadVersion),
+        (template, 3, [0u8, 2, 5, 0xff], ProtoError::BadAddressType),
+    );
+    // `03 LEN NAME PORT`: the empty name fails on its length byte, the others at their first bad byte (a NUL
+    // is one in SOCKS5).
+    check_err!(parse, &[5, code, 0, 3, 0, 0, 80], ProtoError::BadName, 5);
+    let with_nul: &[(&[u8], usize)] = &[(b"ab\0cd", 2), (b"a\0b", 1)];
+    for &(bad, pos) in BAD_NAMES.iter().chain(with_nul) {
+        let len = u8::try_from(bad.len()).unwrap_or(u8::MAX);
+        let msg = [&[5, code, 0, 3, len], bad, &[0, 80]].concat();
+        check_err!(parse, &msg, ProtoError::BadName, 5 + pos + 1);
+    }
+}
+
+/// The parts of a test message, end to end.
+pub(crate) fn cat(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+/// An IPv4 target.
+pub(crate) fn v4(ip: [u8; 4], port: u16) -> TargetAddr {
+    TargetAddr::Ip(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(ip), port)))
+}
+
+/// An IPv6 target from the text of its address.
+pub(crate) fn v6(ip: &str, port: u16) -> TargetAddr {
+    match ip.parse() {
+        Ok(ip) => TargetAddr::Ip(SocketAddr::V6(SocketAddrV6::new(ip, port, 0, 0))),
+        Err(e) => panic!("bad test address {ip}: {e}"),
+    }
+}
+
+/// A literal target from `ip:port` text.
+pub(crate) fn ip(s: &str) -> TargetAddr {
+    match s.parse() {
+        Ok(sa) => TargetAddr::Ip(sa),
+        Err(e) => panic!("bad test address {s}: {e}"),
+    }
+}
+
+/// A domain target; the name must be one [`Name::new`] takes.
+pub(crate) fn dom(name: &[u8], port: u16) -> TargetAddr {
+    match Name::new(name) {
+        Some(n) => TargetAddr::Domain(n, port),
+        None => panic!("bad test name {name:?}"),
     }
 }

@@ -6,11 +6,8 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use super::socks5::{read_target, VERSION as SOCKS5_VERSION};
+use super::socks5::{parse_coded, AUTH_VERSION, VERSION as SOCKS5_VERSION};
 use super::{base64, canonical_ip, Failure, Parse, ProtoError, Reader, TargetAddr, Writer};
-
-/// RFC 1929 §2: the sub-negotiation version byte.
-const AUTH_VERSION: u8 = 0x01;
 
 /// Largest CONNECT response head we buffer; a longer one is `HeadTooLarge` (no proxy needs more than a few lines).
 pub const MAX_HTTP_REPLY_HEAD: usize = 16 * 1024;
@@ -43,21 +40,13 @@ pub fn parse_method_choice(buf: &[u8]) -> Result<Parse<u8>, ProtoError> {
 /// Parses the RFC 1929 §2 status `VER STATUS`; VER X'01' or, leniently, X'05'; true when STATUS is X'00' (any
 /// other value is a failure, RFC 1929 §2).
 pub fn parse_auth_status(buf: &[u8]) -> Result<Parse<bool>, ProtoError> {
-    Ok(
-        match parse_version_and_byte(buf, &[AUTH_VERSION, SOCKS5_VERSION])? {
-            Parse::Done(status, n) => Parse::Done(status == 0, n),
-            Parse::Incomplete => Parse::Incomplete,
-        },
-    )
+    Ok(parse_version_and_byte(buf, &[AUTH_VERSION, SOCKS5_VERSION])?.map(|status| status == 0))
 }
 
 /// Parses a two-byte `VER VALUE` message whose VER is one of `versions`; returns VALUE.
 fn parse_version_and_byte(buf: &[u8], versions: &[u8]) -> Result<Parse<u8>, ProtoError> {
     let mut r = Reader::new(buf);
-    let ver = need!(r.u8());
-    if !versions.contains(&ver) {
-        return Err(ProtoError::BadVersion(ver));
-    }
+    need!(r.version(versions)?);
     let value = need!(r.u8());
     Ok(Parse::Done(value, r.pos()))
 }
@@ -76,15 +65,7 @@ pub struct Socks5Reply {
 /// REP is returned unchecked and a non-zero RSV is tolerated (as in [`super::socks5::parse_request`]); an
 /// unknown ATYP, or a domain BND.ADDR that is empty or has bytes [`super::Name::new`] refuses, is an error.
 pub fn parse_socks5_reply(buf: &[u8]) -> Result<Parse<Socks5Reply>, ProtoError> {
-    let mut r = Reader::new(buf);
-    let ver = need!(r.u8());
-    if ver != SOCKS5_VERSION {
-        return Err(ProtoError::BadVersion(ver));
-    }
-    let rep = need!(r.u8());
-    let _rsv = need!(r.u8());
-    let bnd = need!(read_target(buf, &mut r)?);
-    Ok(Parse::Done(Socks5Reply { rep, bnd }, r.pos()))
+    Ok(parse_coded(buf, Ok)?.map(|(rep, bnd)| Socks5Reply { rep, bnd }))
 }
 
 /// Maps an upstream's REP (RFC 1928 §6) onto our [`Failure`], so our client sees the upstream's reason; X'00'
@@ -296,20 +277,9 @@ pub fn failure_from_http_status(status: u16) -> Failure {
 mod tests {
     use super::*;
     use crate::proto::socks5;
+    use crate::proto::testutil::{cat, check_socks5_address_errors, dom, ip};
     use crate::proto::Name;
     use std::net::SocketAddr;
-
-    fn ip(s: &str) -> TargetAddr {
-        TargetAddr::Ip(s.parse::<SocketAddr>().unwrap())
-    }
-
-    fn dom(name: &[u8], port: u16) -> TargetAddr {
-        TargetAddr::Domain(Name::new(name).unwrap(), port)
-    }
-
-    fn cat(parts: &[&[u8]]) -> Vec<u8> {
-        parts.concat()
-    }
 
     // ---- SOCKS5 client replies ----
 
@@ -380,23 +350,10 @@ mod tests {
 
     #[test]
     fn socks5_reply_malformed() {
-        #[rustfmt::skip]
-        check_bad_bytes!(parse_socks5_reply,
-            (&[0, 0, 0, 1, 1, 1, 1, 1, 0, 1], 0, [0u8, 1, 4, 0xff], ProtoError::BadVersion),
-            (&[5, 0, 0, 0, 1, 1, 1, 1, 0, 1], 3, [0u8, 2, 5, 0xff], ProtoError::BadAddressType),
-        );
-        check_err!(
-            parse_socks5_reply,
-            &[5, 0, 0, 3, 0, 0, 1],
-            ProtoError::BadName,
-            5
-        );
-        check_err!(
-            parse_socks5_reply,
-            &[5, 0, 0, 3, 3, b'a', 0, b'b', 0, 1],
-            ProtoError::BadName,
-            7
-        );
+        // REP is not judged: any value, X'00' included, gets the same checks.
+        for rep in [0, 1, 0xff] {
+            check_socks5_address_errors(parse_socks5_reply, rep);
+        }
     }
 
     #[test]
@@ -665,48 +622,39 @@ mod tests {
             ))
         );
         let over = build(MAX_HTTP_REPLY_HEAD + 1);
-        assert_eq!(
-            parse_http_connect_reply(&over[..MAX_HTTP_REPLY_HEAD]),
-            Ok(Parse::Incomplete)
-        );
-        assert_eq!(
-            parse_http_connect_reply(&over),
-            Err(ProtoError::HeadTooLarge)
-        );
         // An endless head fails as soon as it passes the limit.
         let endless = build(4 * MAX_HTTP_REPLY_HEAD);
         let endless = &endless[..endless.len() - 4];
-        assert_eq!(
-            parse_http_connect_reply(&endless[..MAX_HTTP_REPLY_HEAD]),
-            Ok(Parse::Incomplete)
-        );
-        assert_eq!(
-            parse_http_connect_reply(&endless[..MAX_HTTP_REPLY_HEAD + 1]),
-            Err(ProtoError::HeadTooLarge)
-        );
-        assert_eq!(
-            parse_http_connect_reply(endless),
-            Err(ProtoError::HeadTooLarge)
-        );
+        for (input, want) in [
+            (&over[..MAX_HTTP_REPLY_HEAD], Ok(Parse::Incomplete)),
+            (&over[..], Err(ProtoError::HeadTooLarge)),
+            (&endless[..MAX_HTTP_REPLY_HEAD], Ok(Parse::Incomplete)),
+            (
+                &endless[..MAX_HTTP_REPLY_HEAD + 1],
+                Err(ProtoError::HeadTooLarge),
+            ),
+            (endless, Err(ProtoError::HeadTooLarge)),
+        ] {
+            assert_eq!(
+                parse_http_connect_reply(input),
+                want,
+                "{} bytes",
+                input.len()
+            );
+        }
     }
 
     #[test]
     fn http_failure_mapping() {
-        for (status, f) in [
-            (403, Failure::NotAllowed),
-            (407, Failure::NotAllowed),
-            (401, Failure::NotAllowed),
-            (405, Failure::CommandNotSupported),
-            (501, Failure::CommandNotSupported),
-            (504, Failure::TimedOut),
-            (408, Failure::TimedOut),
-            (502, Failure::General),
-            (503, Failure::General),
-            (400, Failure::General),
-            (500, Failure::General),
-            (200, Failure::General),
+        for (f, statuses) in [
+            (Failure::NotAllowed, &[403, 407, 401][..]),
+            (Failure::CommandNotSupported, &[405, 501]),
+            (Failure::TimedOut, &[504, 408]),
+            (Failure::General, &[502, 503, 400, 500, 200]),
         ] {
-            assert_eq!(failure_from_http_status(status), f, "{status}");
+            for &status in statuses {
+                assert_eq!(failure_from_http_status(status), f, "{status}");
+            }
         }
     }
 

@@ -90,8 +90,11 @@ fn fuzz_never_panics() {
         random_message(&mut rng, &mut buf);
         // Every so often mutate a known-good message so parsing gets past the first line.
         if i % 3 == 0 {
+            let seeds = VALID_REQUESTS.len() + VALID_RESPONSES.len();
             let seed = VALID_REQUESTS
-                .get(rng.below(VALID_REQUESTS.len()))
+                .iter()
+                .chain(VALID_RESPONSES)
+                .nth(rng.below(seeds))
                 .copied()
                 .unwrap_or(b"");
             buf.clear();

@@ -133,6 +133,19 @@ const VALID_REQUESTS: &[&[u8]] = &[
     b"OPTIONS http://example.com HTTP/1.1\r\nMax-Forwards: 3\r\n\r\n",
 ];
 
+/// Responses the parser must accept, one per shape; the fuzz loop mutates them too.
+const VALID_RESPONSES: &[&[u8]] = &[
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+    b"HTTP/1.1 204 No Content\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n",
+    b"HTTP/1.1 500\r\n\r\n",
+    b"\r\nHTTP/1.1 200 OK\r\n\r\n",
+];
+
 mod body;
 mod canned;
 mod credentials;

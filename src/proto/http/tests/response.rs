@@ -2,20 +2,18 @@
 
 use super::*;
 
+/// The head `first` with `then` right behind it: the parse stops at the end of `first`.
+fn stops_at_the_first_head(first: &[u8], then: &[u8]) {
+    let mut both = first.to_vec();
+    both.extend_from_slice(then);
+    let (r, _) = resp(&both, &ctx(false, true, 1));
+    assert_eq!(r.head_len, first.len());
+}
+
 #[test]
 fn every_valid_response_is_incomplete_until_its_last_byte() {
     let c = ctx(false, true, 1);
-    for raw in [
-        &b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"[..],
-        b"HTTP/1.1 204 No Content\r\n\r\n",
-        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n",
-        b"HTTP/1.1 100 Continue\r\n\r\n",
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
-        b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n",
-        b"HTTP/1.1 500\r\n\r\n",
-        b"\r\nHTTP/1.1 200 OK\r\n\r\n",
-    ] {
+    for raw in VALID_RESPONSES {
         resp_split_everywhere(raw, &c);
     }
 }
@@ -49,51 +47,28 @@ fn response_with_length_is_rewritten_byte_exact() {
         "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 12\r\nVia: 1.1 socksgate\r\n\r\n"
     );
     // Two responses joined: head_len stops at the first.
-    let mut both = raw.to_vec();
-    both.extend_from_slice(b"hello world!HTTP/1.1 204 No Content\r\n\r\n");
-    let (r2, _) = resp(&both, &ctx(false, true, 1));
-    assert_eq!(r2.head_len, raw.len());
+    stops_at_the_first_head(raw, b"hello world!HTTP/1.1 204 No Content\r\n\r\n");
 }
 
 #[test]
-fn response_to_head_has_no_body_but_keeps_length() {
-    let (r, out) = resp(
-        b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n",
-        &ctx(true, true, 1),
-    );
-    assert_eq!(r.body, BodyKind::None);
-    assert!(r.keep_client && r.keep_origin);
-    assert_eq!(
-        text(&out),
-        "HTTP/1.1 200 OK\r\nContent-Length: 1234\r\nVia: 1.1 socksgate\r\n\r\n"
-    );
-    // Even without any length a HEAD response ends at its head.
-    let (r, _) = resp(b"HTTP/1.1 200 OK\r\n\r\n", &ctx(true, true, 1));
-    assert_eq!(r.body, BodyKind::None);
-    assert!(r.keep_client && r.keep_origin);
-}
-
-#[test]
-fn response_204_and_304() {
-    let (r, out) = resp(
-        b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
-        &ctx(false, true, 1),
-    );
-    assert_eq!(r.body, BodyKind::None);
-    assert!(r.keep_client && r.keep_origin);
-    assert_eq!(
-        text(&out),
-        "HTTP/1.1 204 No Content\r\nVia: 1.1 socksgate\r\n\r\n"
-    );
-    let (r, out) = resp(
-        b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
-        &ctx(false, true, 1),
-    );
-    assert_eq!(r.body, BodyKind::None);
-    assert_eq!(
-        text(&out),
-        "HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\nVia: 1.1 socksgate\r\n\r\n"
-    );
+fn responses_without_a_body() {
+    // (status, Content-Length, the request was HEAD, the length is forwarded); all keep both connections.
+    for (status, length, head, forwarded) in [
+        ("200 OK", Some(1234), true, true),
+        // Even without any length a HEAD response ends at its head.
+        ("200 OK", None, true, false),
+        ("204 No Content", Some(5), false, false),
+        ("304 Not Modified", Some(5), false, true),
+    ] {
+        let fields = length.map_or(String::new(), |n| format!("Content-Length: {n}\r\n"));
+        let raw = format!("HTTP/1.1 {status}\r\n{fields}\r\n");
+        let (r, out) = resp(raw.as_bytes(), &ctx(head, true, 1));
+        assert_eq!(r.body, BodyKind::None, "{raw}");
+        assert!(r.keep_client && r.keep_origin, "{raw}");
+        let kept = if forwarded { fields.as_str() } else { "" };
+        let want = format!("HTTP/1.1 {status}\r\n{kept}Via: 1.1 socksgate\r\n\r\n");
+        assert_eq!(text(&out), want);
+    }
 }
 
 #[test]
@@ -107,11 +82,8 @@ fn interim_responses() {
         "HTTP/1.1 100 Continue\r\nVia: 1.1 socksgate\r\n\r\n"
     );
     // The final response follows right after the interim head.
-    let mut both = raw.to_vec();
-    both.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
-    let (r, _) = resp(&both, &ctx(false, true, 1));
-    assert_eq!(r.head_len, raw.len());
-    let rest = both.get(raw.len()..).unwrap_or(&[]);
+    let rest = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+    stops_at_the_first_head(raw, rest);
     let (r, _) = resp(rest, &ctx(false, true, 1));
     assert!(!r.interim && r.status == 200 && r.body == BodyKind::None);
     // 103 Early Hints is interim too; its framing fields are dropped.
@@ -163,19 +135,19 @@ fn chunked_response_drops_content_length() {
 
 #[test]
 fn close_delimited_responses() {
-    for raw in [
-        &b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n"[..],
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
-        b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+    // (the origin's HTTP/1.x minor version, its framing field)
+    for (minor, field) in [
+        (1, "Content-Type: text/plain"),
+        (1, "Transfer-Encoding: gzip"),
+        (1, "Transfer-Encoding: chunked, gzip"),
+        (0, "Transfer-Encoding: chunked"),
     ] {
-        let (r, out) = resp(raw, &ctx(false, true, 1));
-        assert_eq!(r.body, BodyKind::UntilClose, "{}", text(raw));
-        assert!(!r.keep_client && !r.keep_origin, "{}", text(raw));
-        assert!(
-            text(&out).ends_with("Connection: close\r\nVia: 1.1 socksgate\r\n\r\n")
-                || text(&out).ends_with("Connection: close\r\nVia: 1.0 socksgate\r\n\r\n")
-        );
+        let raw = format!("HTTP/1.{minor} 200 OK\r\n{field}\r\n\r\n");
+        let (r, out) = resp(raw.as_bytes(), &ctx(false, true, 1));
+        assert_eq!(r.body, BodyKind::UntilClose, "{raw}");
+        assert!(!r.keep_client && !r.keep_origin, "{raw}");
+        let end = format!("Connection: close\r\nVia: 1.{minor} socksgate\r\n\r\n");
+        assert!(text(&out).ends_with(&end), "{raw}");
     }
     let (_, out) = resp(b"HTTP/1.1 200 OK\r\nX: y\r\n\r\n", &ctx(false, true, 1));
     assert_eq!(
