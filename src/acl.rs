@@ -332,22 +332,27 @@ mod tests {
 
     #[test]
     fn cidr_forms() {
-        assert_eq!(cidr("10.0.0.0/8").to_string(), "10.0.0.0/8");
-        assert_eq!(cidr("192.168.1.1").to_string(), "192.168.1.1/32");
-        assert_eq!(cidr("::1/128").to_string(), "::1/128");
-        assert_eq!(cidr("::1").to_string(), "::1/128");
-        assert_eq!(cidr("fe80::/10").to_string(), "fe80::/10");
-        assert_eq!(cidr("0.0.0.0/0").to_string(), "0.0.0.0/0");
-        assert_eq!(cidr("::/0").to_string(), "::/0");
-        // Host bits are cleared.
+        for (written, shown) in [
+            ("10.0.0.0/8", "10.0.0.0/8"),
+            ("192.168.1.1", "192.168.1.1/32"),
+            ("::1/128", "::1/128"),
+            ("::1", "::1/128"),
+            ("fe80::/10", "fe80::/10"),
+            ("0.0.0.0/0", "0.0.0.0/0"),
+            ("::/0", "::/0"),
+            // Host bits are cleared.
+            ("10.1.2.3/8", "10.0.0.0/8"),
+            ("fe80::1234/10", "fe80::/10"),
+            ("10.1.2.3/0", "0.0.0.0/0"),
+            // Mapped blocks become IPv4.
+            ("::ffff:10.0.0.0/104", "10.0.0.0/8"),
+            ("::ffff:0:0/96", "0.0.0.0/0"),
+            ("::ffff:10.1.2.3", "10.1.2.3/32"),
+            ("::ffff:0:0/95", "::fffe:0:0/95"),
+        ] {
+            assert_eq!(cidr(written).to_string(), shown, "{written}");
+        }
         assert_eq!(cidr("10.1.2.3/8"), cidr("10.0.0.0/8"));
-        assert_eq!(cidr("fe80::1234/10").to_string(), "fe80::/10");
-        assert_eq!(cidr("10.1.2.3/0").to_string(), "0.0.0.0/0");
-        // Mapped blocks become IPv4.
-        assert_eq!(cidr("::ffff:10.0.0.0/104").to_string(), "10.0.0.0/8");
-        assert_eq!(cidr("::ffff:0:0/96").to_string(), "0.0.0.0/0");
-        assert_eq!(cidr("::ffff:10.1.2.3").to_string(), "10.1.2.3/32");
-        assert_eq!(cidr("::ffff:0:0/95").to_string(), "::fffe:0:0/95");
         assert!(!cidr("::ffff:0:0/95").contains(ip("::ffff:1.2.3.4")));
         assert!(cidr("::ffff:0:0/95").contains(ip("::fffe:1.2.3.4")));
     }
@@ -378,29 +383,30 @@ mod tests {
 
     #[test]
     fn cidr_contains() {
-        let c = cidr("10.0.0.0/8");
-        assert!(c.contains(ip("10.0.0.0")));
-        assert!(c.contains(ip("10.255.255.255")));
-        assert!(!c.contains(ip("11.0.0.0")));
-        assert!(!c.contains(ip("9.255.255.255")));
-        // Mapped IPv6 is matched as IPv4; an IPv6 block never matches IPv4.
-        assert!(c.contains(ip("::ffff:10.1.2.3")));
-        assert!(!c.contains(ip("::a01:203")));
-        assert!(!cidr("::/0").contains(ip("10.0.0.1")));
-        assert!(!cidr("::/0").contains(ip("::ffff:10.0.0.1")));
-        assert!(cidr("::/0").contains(ip("2001:db8::1")));
-        assert!(!cidr("0.0.0.0/0").contains(ip("2001:db8::1")));
-        assert!(cidr("0.0.0.0/0").contains(ip("::ffff:8.8.8.8")));
-        assert!(cidr("::ffff:0:0/96").contains(ip("1.2.3.4")));
-        let c = cidr("fe80::/10");
-        assert!(c.contains(ip("fe80::1")));
-        assert!(c.contains(ip("febf:ffff::1")));
-        assert!(!c.contains(ip("fec0::1")));
-        let host = cidr("192.168.1.1");
-        assert!(host.contains(ip("192.168.1.1")));
-        assert!(!host.contains(ip("192.168.1.2")));
-        assert!(cidr("::1").contains(ip("::1")));
-        assert!(!cidr("::1").contains(ip("::2")));
+        for (block, addr, inside) in [
+            ("10.0.0.0/8", "10.0.0.0", true),
+            ("10.0.0.0/8", "10.255.255.255", true),
+            ("10.0.0.0/8", "11.0.0.0", false),
+            ("10.0.0.0/8", "9.255.255.255", false),
+            // Mapped IPv6 is matched as IPv4; an IPv6 block never matches IPv4.
+            ("10.0.0.0/8", "::ffff:10.1.2.3", true),
+            ("10.0.0.0/8", "::a01:203", false),
+            ("::/0", "10.0.0.1", false),
+            ("::/0", "::ffff:10.0.0.1", false),
+            ("::/0", "2001:db8::1", true),
+            ("0.0.0.0/0", "2001:db8::1", false),
+            ("0.0.0.0/0", "::ffff:8.8.8.8", true),
+            ("::ffff:0:0/96", "1.2.3.4", true),
+            ("fe80::/10", "fe80::1", true),
+            ("fe80::/10", "febf:ffff::1", true),
+            ("fe80::/10", "fec0::1", false),
+            ("192.168.1.1", "192.168.1.1", true),
+            ("192.168.1.1", "192.168.1.2", false),
+            ("::1", "::1", true),
+            ("::1", "::2", false),
+        ] {
+            assert_eq!(cidr(block).contains(ip(addr)), inside, "{block} {addr}");
+        }
     }
 
     #[test]
@@ -500,6 +506,17 @@ mod tests {
         );
     }
 
+    /// Checks each address against `rules`: true where it must be allowed.
+    fn check_all(rules: &DestRules, cases: &[(&str, bool)]) {
+        for &(addr, allowed) in cases {
+            let got = rules.check(sa(addr));
+            assert_eq!(got.is_ok(), allowed, "{addr}");
+            if !allowed {
+                assert_eq!(got, Err(Denied), "{addr}");
+            }
+        }
+    }
+
     #[test]
     fn dest_rules_ports_and_precedence() {
         let rules = DestRules::new(
@@ -507,31 +524,35 @@ mod tests {
             parse_dest_rules("private 203.0.113.0/24:8080").unwrap(),
         );
         assert!(!rules.is_empty());
-        assert!(rules.check(sa("8.8.8.8:443")).is_ok());
-        assert!(rules.check(sa("8.8.8.8:8000")).is_ok());
-        assert!(rules.check(sa("8.8.8.8:8080")).is_ok());
-        assert_eq!(rules.check(sa("8.8.8.8:7999")), Err(Denied));
-        assert_eq!(rules.check(sa("8.8.8.8:8081")), Err(Denied));
-        assert_eq!(rules.check(sa("8.8.8.8:80")), Err(Denied));
-        assert!(rules.check(sa("[2001:db8::1]:443")).is_ok());
-        assert_eq!(rules.check(sa("[2001:db8::1]:8000")), Err(Denied));
-        assert!(rules.check(sa("[::ffff:8.8.8.8]:443")).is_ok());
-        // Deny wins over a matching allow.
-        assert_eq!(rules.check(sa("10.0.0.1:443")), Err(Denied));
-        assert_eq!(rules.check(sa("[::ffff:10.0.0.1]:443")), Err(Denied));
-        assert_eq!(rules.check(sa("[::1]:443")), Err(Denied));
-        assert!(rules.check(sa("203.0.113.5:8000")).is_ok());
-        assert_eq!(rules.check(sa("203.0.113.5:8080")), Err(Denied));
+        check_all(
+            &rules,
+            &[
+                ("8.8.8.8:443", true),
+                ("8.8.8.8:8000", true),
+                ("8.8.8.8:8080", true),
+                ("8.8.8.8:7999", false),
+                ("8.8.8.8:8081", false),
+                ("8.8.8.8:80", false),
+                ("[2001:db8::1]:443", true),
+                ("[2001:db8::1]:8000", false),
+                ("[::ffff:8.8.8.8]:443", true),
+                // Deny wins over a matching allow.
+                ("10.0.0.1:443", false),
+                ("[::ffff:10.0.0.1]:443", false),
+                ("[::1]:443", false),
+                ("203.0.113.5:8000", true),
+                ("203.0.113.5:8080", false),
+            ],
+        );
         // Empty rules allow everything.
         let none = DestRules::default();
         assert!(none.is_empty());
-        assert!(none.check(sa("127.0.0.1:22")).is_ok());
+        check_all(&none, &[("127.0.0.1:22", true)]);
         assert!(DestRules::new(vec![], vec![]).is_empty());
         // Deny only: everything else allowed.
         let deny_only = DestRules::new(vec![], parse_dest_rules("10.0.0.0/8:22").unwrap());
         assert!(!deny_only.is_empty());
-        assert!(deny_only.check(sa("10.0.0.1:23")).is_ok());
-        assert_eq!(deny_only.check(sa("10.0.0.1:22")), Err(Denied));
+        check_all(&deny_only, &[("10.0.0.1:23", true), ("10.0.0.1:22", false)]);
     }
 
     #[test]
@@ -541,11 +562,15 @@ mod tests {
         assert!(open.allows(ip("203.0.113.9")));
         let rules = ClientRules::new(vec![cidr("192.168.0.0/16"), cidr("2001:db8::/32")]);
         assert!(!rules.is_empty());
-        assert!(rules.allows(ip("192.168.5.5")));
-        assert!(rules.allows(ip("::ffff:192.168.5.5")));
-        assert!(rules.allows(ip("2001:db8:1::1")));
-        assert!(!rules.allows(ip("192.169.0.1")));
-        assert!(!rules.allows(ip("2001:db9::1")));
-        assert!(!rules.allows(ip("::ffff:10.0.0.1")));
+        for (client, allowed) in [
+            ("192.168.5.5", true),
+            ("::ffff:192.168.5.5", true),
+            ("2001:db8:1::1", true),
+            ("192.169.0.1", false),
+            ("2001:db9::1", false),
+            ("::ffff:10.0.0.1", false),
+        ] {
+            assert_eq!(rules.allows(ip(client)), allowed, "{client}");
+        }
     }
 }

@@ -288,22 +288,27 @@ pub fn set_tcp_fastopen(fd: RawFd, queue: i32) -> io::Result<()> {
 
 /// Reads TCP_FASTOPEN back (the queue length of a listener, 0 when off).
 pub fn tcp_fastopen(fd: RawFd) -> io::Result<i32> {
-    let mut queue: libc::c_int = 0;
+    getsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_FASTOPEN)
+}
+
+/// One integer socket option, for the options socket2 cannot read.
+fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `queue`, a c_int on our stack, and updates `len`.
+    // SAFETY: getsockopt writes at most `len` bytes into `v`, a c_int on our stack, and updates `len`.
     let rc = unsafe {
         libc::getsockopt(
             fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_FASTOPEN,
-            (&mut queue as *mut i32).cast(),
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
             &mut len,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(queue)
+    Ok(v)
 }
 
 /// Most datagrams one [`recv_batch`] or [`send_batch`] call moves: enough to amortise the syscall over a burst,
@@ -432,19 +437,7 @@ const GSO_MAX_BYTES: usize = 65000;
 /// several equal-size datagrams to one destination and the stack splits them. Asked of the UDP socket `fd`.
 /// Without it an older kernel would ignore the control message and send one big datagram, so callers must ask.
 pub fn udp_gso_supported(fd: RawFd) -> bool {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `v`, a c_int on our stack, and updates `len`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_UDP,
-            libc::UDP_SEGMENT,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    rc == 0
+    getsockopt_int(fd, libc::SOL_UDP, libc::UDP_SEGMENT).is_ok()
 }
 
 /// Room for one `UDP_SEGMENT` control message (CMSG_SPACE of a u16 is 24 bytes on 64-bit targets), aligned

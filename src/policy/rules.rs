@@ -394,24 +394,10 @@ impl RuleSet {
         consider(&self.any, &mut best);
         if let Some(ip) = ip {
             match canonical_ip(ip) {
-                IpAddr::V4(a) => {
-                    let a = u32::from(a);
-                    for (prefix, map) in &self.v4 {
-                        let key = a & acl::v4_mask(*prefix).unwrap_or(0);
-                        if let Some(v) = map.get(&key) {
-                            consider(v, &mut best);
-                        }
-                    }
-                }
-                IpAddr::V6(a) => {
-                    let a = u128::from(a);
-                    for (prefix, map) in &self.v6 {
-                        let key = a & acl::v6_mask(*prefix).unwrap_or(0);
-                        if let Some(v) = map.get(&key) {
-                            consider(v, &mut best);
-                        }
-                    }
-                }
+                IpAddr::V4(a) => prefix_hits(&self.v4, u32::from(a), acl::v4_mask)
+                    .for_each(|v| consider(v, &mut best)),
+                IpAddr::V6(a) => prefix_hits(&self.v6, u128::from(a), acl::v6_mask)
+                    .for_each(|v| consider(v, &mut best)),
             }
         }
         if let Some(name) = name {
@@ -441,6 +427,21 @@ impl RuleSet {
         }
         (best != u32::MAX).then_some(best as usize)
     }
+}
+
+/// The entries of every prefix length whose block holds `addr` (one map lookup per length in use).
+fn prefix_hits<'a, K>(
+    maps: &'a [(u8, HashMap<K, Vec<Entry>>)],
+    addr: K,
+    mask: fn(u8) -> Option<K>,
+) -> impl Iterator<Item = &'a [Entry]>
+where
+    K: Copy + Default + Eq + std::hash::Hash + std::ops::BitAnd<Output = K> + 'a,
+{
+    maps.iter().filter_map(move |(prefix, map)| {
+        map.get(&(addr & mask(*prefix).unwrap_or_default()))
+            .map(Vec::as_slice)
+    })
 }
 
 /// The map for one prefix length, created on first use (the list stays short: at most 33 or 129 entries).

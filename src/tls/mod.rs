@@ -149,6 +149,17 @@ fn describe_leaf(der: &[u8]) -> (String, String, Vec<String>) {
     )
 }
 
+/// The CA certificates of `path` (`flag` names it in errors), each one checked as a trust anchor.
+fn load_roots(flag: &str, path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(flag, path)? {
+        roots
+            .add(c)
+            .map_err(|e| err(flag, path, format!("not a usable CA certificate: {e}")))?;
+    }
+    Ok(roots)
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -166,13 +177,8 @@ pub fn load(files: &TlsFiles) -> Result<(Arc<ServerConfig>, Loaded), TlsError> {
     let builder = match &files.client_ca {
         Some(path) => {
             let flag = "--tls-client-ca";
-            let mut roots = RootCertStore::empty();
-            for c in load_certs(flag, path)? {
-                roots
-                    .add(c)
-                    .map_err(|e| err(flag, path, format!("not a usable CA certificate: {e}")))?;
-                client_cas += 1;
-            }
+            let roots = load_roots(flag, path)?;
+            client_cas = roots.len();
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .map_err(|e| err(flag, path, e))?;
@@ -232,7 +238,9 @@ pub fn upstream_client_config(
     let mut cfg = match trust {
         UpstreamTrust::Insecure => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoChainCheck(provider)))
+            .with_custom_certificate_verifier(Arc::new(NoChainCheck(
+                provider.signature_verification_algorithms,
+            )))
             .with_no_client_auth(),
         UpstreamTrust::System => {
             let found = rustls_native_certs::load_native_certs();
@@ -247,16 +255,9 @@ pub fn upstream_client_config(
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
-        UpstreamTrust::Ca(path) => {
-            let flag = "--upstream-ca";
-            let mut roots = RootCertStore::empty();
-            for c in load_certs(flag, path)? {
-                roots
-                    .add(c)
-                    .map_err(|e| err(flag, path, format!("not a usable CA certificate: {e}")))?;
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
+        UpstreamTrust::Ca(path) => builder
+            .with_root_certificates(load_roots("--upstream-ca", path)?)
+            .with_no_client_auth(),
     };
     if http {
         cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
@@ -267,7 +268,11 @@ pub fn upstream_client_config(
 /// `--upstream-insecure`: any certificate and name are accepted, but the handshake signatures are still checked,
 /// so the session keys at least belong to the key in the certificate presented.
 #[derive(Debug)]
-struct NoChainCheck(Arc<CryptoProvider>);
+struct NoChainCheck(rustls::crypto::WebPkiSupportedAlgorithms);
+
+/// The signature checks' argument and result, named once for the two methods the trait wants (one per version).
+type Dss = rustls::DigitallySignedStruct;
+type Valid = Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error>;
 
 impl rustls::client::danger::ServerCertVerifier for NoChainCheck {
     fn verify_server_cert(
@@ -281,36 +286,16 @@ impl rustls::client::danger::ServerCertVerifier for NoChainCheck {
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+    fn verify_tls12_signature(&self, msg: &[u8], cert: &CertificateDer<'_>, dss: &Dss) -> Valid {
+        rustls::crypto::verify_tls12_signature(msg, cert, dss, &self.0)
     }
 
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+    fn verify_tls13_signature(&self, msg: &[u8], cert: &CertificateDer<'_>, dss: &Dss) -> Valid {
+        rustls::crypto::verify_tls13_signature(msg, cert, dss, &self.0)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.0.supported_schemes()
     }
 }
 
@@ -533,6 +518,18 @@ mod tests {
         }
     }
 
+    /// Runs `openssl ARGS FILE -out OUT` (ARGS split at spaces); false when it fails or is not installed.
+    fn openssl(args: &str, file: &Path, out: &Path) -> bool {
+        std::process::Command::new("openssl")
+            .args(args.split(' '))
+            .arg(file)
+            .arg("-out")
+            .arg(out)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
     #[test]
     fn loads_rsa_keys_in_pkcs1_and_pkcs8() {
         // ring cannot generate RSA keys: the openssl CLI makes them (skipped where it is missing).
@@ -540,31 +537,12 @@ mod tests {
         let key8 = d.0.join("k8.pem");
         let key1 = d.0.join("k1.pem");
         let cert = d.0.join("c.pem");
-        let ok = std::process::Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            ])
-            .args(["-subj", "/CN=localhost", "-keyout"])
-            .arg(&key8)
-            .arg("-out")
-            .arg(&cert)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !ok {
+        let req = "req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost -keyout";
+        if !openssl(req, &key8, &cert) {
             eprintln!("openssl unavailable: skipping the RSA test");
             return;
         }
-        let ok = std::process::Command::new("openssl")
-            .args(["rsa", "-traditional", "-in"])
-            .arg(&key8)
-            .arg("-out")
-            .arg(&key1)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
+        let ok = openssl("rsa -traditional -in", &key8, &key1);
         assert!(ok, "openssl rsa -traditional");
         let k1 = std::fs::read_to_string(&key1).expect("k1");
         assert!(k1.contains("BEGIN RSA PRIVATE KEY"), "a PKCS#1 key");
