@@ -458,11 +458,9 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         After::Close => finish(conn, ctx),
         After::Next { keep_origin } => {
             // The exchange is over: the origin connection is kept for the next request, or closed.
-            let origin = state_mut(&mut conn.phase).and_then(|st| st.origin.take());
-            match state_mut(&mut conn.phase) {
-                Some(st) if keep_origin => st.origin = Origin::Idle(origin),
-                _ => release(origin, ctx),
-            }
+            let unwanted =
+                state_mut(&mut conn.phase).and_then(|st| st.origin.end_exchange(keep_origin));
+            release(unwanted, ctx);
             if let Some(b) = conn.u2c.take() {
                 ctx.pool.give(b);
             }

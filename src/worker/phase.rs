@@ -346,6 +346,17 @@ impl Origin {
         }
     }
 
+    /// The exchange is over: the socket stays as the idle connection when `keep`, else it is returned to be
+    /// closed.
+    pub fn end_exchange(&mut self, keep: bool) -> Option<Sock> {
+        let sock = self.take();
+        if !keep {
+            return sock;
+        }
+        *self = Origin::Idle(sock);
+        None
+    }
+
     /// Takes the socket out, leaving no origin connection.
     pub fn take(&mut self) -> Option<Sock> {
         match std::mem::replace(self, Origin::Idle(None)) {
