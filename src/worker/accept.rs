@@ -80,7 +80,7 @@ impl Worker {
             self.accept_paused = true;
             self.ctx
                 .timers
-                .push(self.ctx.now + ACCEPT_RETRY, 0, 0, TimerKind::AcceptRetry);
+                .arm_worker(self.ctx.now + ACCEPT_RETRY, TimerKind::AcceptRetry);
         }
     }
 
@@ -134,7 +134,7 @@ impl Worker {
         entry.insert(Conn::new(gen, stream, peer, phase, now, buf));
         self.ctx
             .timers
-            .push(deadline, key, gen, TimerKind::Handshake);
+            .arm(deadline, key, gen, TimerKind::Handshake);
         self.open.fetch_add(1, Ordering::Relaxed);
         metrics::inc(&self.ctx.stats.active[metrics::Proto::Unknown as usize]);
     }

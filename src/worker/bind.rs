@@ -116,7 +116,7 @@ pub fn start(
         reply,
         starved: false,
     }));
-    ctx.timers.push(
+    ctx.timers.arm(
         ctx.now + ctx.cfg.bind_timeout,
         key,
         conn.gen,
@@ -159,9 +159,9 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                     );
                 }
                 // Out of descriptors: the peer stays queued, and no new event will come for it, so look again
-                // shortly (the same timer kind; `on_timeout` tells a retry from the deadline).
+                // shortly (`on_timeout` tells a retry from the deadline).
                 ctx.timers
-                    .push(ctx.now + RETRY, key, conn.gen, TimerKind::Bind);
+                    .arm(ctx.now + RETRY, key, conn.gen, TimerKind::BindRetry);
                 return Next::Wait;
             }
             Err(_) => b.readable = false,

@@ -75,7 +75,7 @@ pub fn start(
         return fail(conn, ctx, reply, reason);
     }
     let deadline = ctx.now + ctx.cfg.connect_timeout;
-    ctx.timers.push(deadline, key, conn.gen, TimerKind::Connect);
+    ctx.timers.arm(deadline, key, conn.gen, TimerKind::Connect);
     // A `via:NAME` rule picks a policy group instead of `--upstream`.
     let group = gate::route(conn, ctx, gate::command_of(reply), &target);
     if group.is_some() || ctx.cfg.upstream.is_some() {
@@ -425,7 +425,7 @@ fn pump(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             Step::WaitUntil(at) => {
                 if attempts.wake != Some(at) {
                     attempts.wake = Some(at);
-                    ctx.timers.push(at, key, conn.gen, TimerKind::Connect);
+                    ctx.timers.arm(at, key, conn.gen, TimerKind::Attempt);
                 }
                 return Next::Wait;
             }

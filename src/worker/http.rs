@@ -431,7 +431,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
                     .fetch_add(wait.as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
             }
             ctx.timers
-                .push(ctx.now + wait, key, conn.gen, TimerKind::Throttle);
+                .arm_by(ctx.now + wait, key, conn.gen, TimerKind::Throttle);
         }
     }
     if progress {

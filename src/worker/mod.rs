@@ -427,7 +427,7 @@ impl Worker {
         self.drain_deadline = Some(deadline);
         self.ctx.draining = true;
         // Idle tunnels raise no events: without this entry nothing would wake the loop at the deadline.
-        self.ctx.timers.push(deadline, 0, 0, TimerKind::Drain);
+        self.ctx.timers.arm_worker(deadline, TimerKind::Drain);
         for l in self.listeners.iter_mut() {
             if let Some(mut l) = l.take() {
                 let _ = l.deregister(self.poll.registry());
@@ -492,16 +492,20 @@ impl Worker {
                     }
                     _ => Next::Wait,
                 },
-                TimerKind::Connect if matches!(conn.phase, Phase::Upstream(_)) => {
+                TimerKind::Connect | TimerKind::Attempt
+                    if matches!(conn.phase, Phase::Upstream(_)) =>
+                {
                     upstream::on_timer(key, conn, &mut self.ctx)
                 }
-                TimerKind::Connect => connect::on_timer(key, conn, &mut self.ctx),
+                TimerKind::Connect | TimerKind::Attempt => {
+                    connect::on_timer(key, conn, &mut self.ctx)
+                }
                 TimerKind::Idle => relay::on_idle_timer(key, conn, &mut self.ctx),
                 TimerKind::Linger => match conn.phase {
                     Phase::Linger { reason, .. } => Next::Close(reason),
                     _ => Next::Wait,
                 },
-                TimerKind::Bind => bind::on_timeout(conn, &mut self.ctx),
+                TimerKind::Bind | TimerKind::BindRetry => bind::on_timeout(conn, &mut self.ctx),
                 TimerKind::UdpIdle => udp::on_idle_timer(key, conn, &mut self.ctx),
                 TimerKind::Throttle => relay::on_throttle_timer(conn),
                 TimerKind::AcceptRetry | TimerKind::Drain => Next::Wait,
@@ -522,6 +526,8 @@ impl Worker {
         let Some(mut conn) = self.conns.try_remove(key) else {
             return;
         };
+        // Its deadlines go with it: the timers hold entries for live connections only.
+        self.ctx.timers.cancel(key);
         // The client and upstream sockets are not deregistered: they were never dup'd, so closing them (when
         // `conn` drops below) removes them from the epoll set, and two epoll_ctl calls per connection are saved.
         let abort = match reason.reset() {

@@ -447,9 +447,10 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             l.throttled_ns
                 .fetch_add(wait.as_nanos() as u64, Ordering::Relaxed);
         }
-        // One timer per dry spell: a throttled direction reads nothing, so it cannot ask again before it fires.
+        // One timer per dry spell: a throttled direction reads nothing, so it cannot ask again before it fires. The
+        // other direction may run dry meanwhile with a different wait: the earlier wake-up stays, and serves both.
         ctx.timers
-            .push(ctx.now + wait, key, *gen, TimerKind::Throttle);
+            .arm_by(ctx.now + wait, key, *gen, TimerKind::Throttle);
     }
     if up.half.shut && down.half.shut {
         // TLS records still queued inside rustls go out on the next writable edge first.
@@ -532,23 +533,14 @@ pub fn on_throttle_timer(conn: &mut Conn) -> Next {
     Next::Again
 }
 
-/// Longest an idle-check entry waits in the timer heap. Entries are never removed when their connection closes,
-/// only dropped when they pop; checking at least this often bounds what a high connection rate leaves behind
-/// (at most this many seconds' worth of closed connections, instead of a whole `--idle-timeout`'s).
-const IDLE_CHECK: Duration = Duration::from_secs(10);
-
-/// Schedules the next idle check of a tunnel.
+/// Schedules the next idle check of a tunnel (replacing the one armed: a closed tunnel's entry is cancelled with
+/// it, so nothing bounds how far ahead it may lie).
 pub fn arm_idle(key: usize, conn: &Conn, ctx: &mut Ctx) {
     let due = conn.last_active + ctx.cfg.idle_timeout;
-    ctx.timers.push(
-        due.min(ctx.now + IDLE_CHECK),
-        key,
-        conn.gen,
-        TimerKind::Idle,
-    );
+    ctx.timers.arm(due, key, conn.gen, TimerKind::Idle);
 }
 
-/// The idle timer of a tunnel popped: close it, or re-arm (lazy re-arm: activity never touches the timer heap).
+/// The idle timer of a tunnel popped: close it, or re-arm (lazy re-arm: activity never touches the timers).
 pub fn on_idle_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     if !matches!(conn.phase, Phase::Relay(_) | Phase::Http(_)) {
         return Next::Wait;

@@ -120,7 +120,7 @@ pub fn linger(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     if !*armed {
         *armed = true;
         ctx.timers
-            .push(ctx.now + LINGER, key, conn.gen, TimerKind::Linger);
+            .arm(ctx.now + LINGER, key, conn.gen, TimerKind::Linger);
     }
     match conn.flush_client() {
         Ok(true) => {}

@@ -203,7 +203,7 @@ pub fn start(key: usize, conn: &mut Conn, ctx: &mut Ctx, hint: TargetAddr) -> Ne
         dgrams_down: 0,
         dests: HashSet::new(),
     }));
-    ctx.timers.push(
+    ctx.timers.arm(
         ctx.now + ctx.cfg.udp_idle_timeout,
         key,
         conn.gen,
@@ -628,7 +628,7 @@ pub fn on_idle_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     if due <= ctx.now {
         Next::Close(CloseReason::UdpIdleTimeout)
     } else {
-        ctx.timers.push(due, key, conn.gen, TimerKind::UdpIdle);
+        ctx.timers.arm(due, key, conn.gen, TimerKind::UdpIdle);
         Next::Wait
     }
 }

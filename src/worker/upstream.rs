@@ -183,7 +183,7 @@ fn try_member(key: usize, conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind) -> N
                     }
                 }
                 if left > 0 {
-                    ctx.timers.push(at, key, conn.gen, TimerKind::Connect);
+                    ctx.timers.arm(at, key, conn.gen, TimerKind::Attempt);
                 }
                 return Next::Wait;
             }
