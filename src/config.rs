@@ -91,7 +91,7 @@ pub struct Config {
     /// Source address for outbound connections and UDP.
     pub outbound_bind: Option<IpAddr>,
     /// Proxy to send every outbound connection through.
-    pub upstream: Option<Upstream>,
+    pub upstream: Option<Arc<Upstream>>,
     /// The client configuration for a TLS upstream (`https://`, `socks5s://`).
     pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
     /// How TLS upstreams are verified (`--upstream-ca`, `--upstream-insecure`); policy groups default to it.
@@ -826,13 +826,13 @@ pub fn parse(args: &[String]) -> Result<Command, ConfigError> {
     c.dest_rules = DestRules::new(allow, deny);
     c.outbound_bind = ip(&m, "bind")?;
     if let Some(u) = m.opt_str("upstream") {
-        c.upstream = Some(
+        c.upstream = Some(Arc::new(
             u.parse::<Upstream>()
                 .map_err(|e| ConfigError(format!("--upstream: {e}")))?,
-        );
+        ));
     }
     (c.upstream_trust, c.upstream_tls) =
-        upstream_tls(&m, c.upstream.as_ref(), m.opt_present("policy"))?;
+        upstream_tls(&m, c.upstream.as_deref(), m.opt_present("policy"))?;
     c.proxy_protocol = m.opt_present("proxy-protocol");
     c.tls = tls(&m)?;
     c.tls_only = m.opt_present("tls-only") || m.opt_present("tls-client-ca");

@@ -60,7 +60,7 @@ pub struct MemberState {
 /// One member of a group.
 pub struct Member {
     /// The server as configured (its address is an IP: nothing is resolved).
-    pub server: Upstream,
+    pub server: Arc<Upstream>,
     /// The URL without the password (metrics labels, logs).
     pub label: String,
     /// The TLS client configuration for an `https://` or `socks5s://` member (its trust set at policy load).
@@ -142,7 +142,7 @@ impl Group {
             .into_iter()
             .map(|server| Member {
                 label: label(&server),
-                server,
+                server: Arc::new(server),
                 tls: None,
                 state: Arc::default(),
             })

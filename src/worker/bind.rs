@@ -208,7 +208,7 @@ fn accepted(
         return Next::Close(CloseReason::ClientError);
     }
     metrics::inc(&ctx.stats.handshakes_ok[conn.proto as usize]);
-    start_relay(key, conn, ctx, outbound);
+    start_relay(key, conn, ctx, outbound, None);
     Next::Again
 }
 

@@ -31,12 +31,13 @@ use mio::Interest;
 
 use super::conn::{open_attempt, open_proxy_attempt, path_failed, Conn, Dest, Phase, Sock};
 use super::ctx::{Ctx, Next, ReplyKind};
-use super::phase::{Answer, Attempts, CONNECT_TAGS};
+use super::phase::{Answer, Attempts, Route, CONNECT_TAGS};
 use super::relay::start_relay;
 use super::reply;
 use super::timers::TimerKind;
 use super::{gate, token, upstream};
 use crate::acl::DestAllowed;
+use crate::buffer::Buffer;
 use crate::happy::{Family, Scheduler, Step};
 use crate::metrics;
 use crate::net::{self, ConnectState};
@@ -77,8 +78,11 @@ pub fn start(
     let deadline = ctx.now + ctx.cfg.connect_timeout;
     ctx.timers.arm(deadline, key, conn.gen, TimerKind::Connect);
     // A `via:NAME` rule picks a policy group instead of `--upstream`.
-    let group = gate::route(conn, ctx, gate::command_of(reply), &target);
-    if group.is_some() || ctx.cfg.upstream.is_some() {
+    let route = match gate::route(conn, ctx, gate::command_of(reply), &target) {
+        Some(group) => Some(upstream::group_route(conn, ctx, group, deadline)),
+        None => ctx.cfg.upstream.clone().map(Route::Flag),
+    };
+    if let Some(route) = route {
         // Through an upstream proxy the target is the upstream's business: connect to the proxy itself, but
         // still apply the destination rules when the target is a literal address.
         if let TargetAddr::Ip(addr) = &target {
@@ -89,21 +93,21 @@ pub fn start(
                 return fail(conn, ctx, reply, CloseReason::DestDenied);
             }
         }
-        if group.is_none() {
-            let cfg = Arc::clone(&ctx.cfg);
-            if let Some(u) = cfg.upstream.as_ref().filter(|u| u.by_name()) {
+        let plan = upstream::plan(answer, target, route, deadline);
+        if let Route::Flag(u) = &plan.route {
+            if u.by_name() {
                 // Given by name: resolved per session and dialled here, then the handshake takes over.
-                let hs = upstream::handshake(conn, ctx, (answer, target, None), deadline);
+                let u = Arc::clone(u);
                 return resolve(
                     key,
                     conn,
                     ctx,
-                    (Answer::Chain(hs), deadline),
+                    (Answer::Chain(Box::new(plan)), deadline),
                     (&u.host, u.port),
                 );
             }
         }
-        return upstream::start_connect(key, conn, ctx, (answer, target, group), deadline);
+        return upstream::dial(key, conn, ctx, plan);
     }
     match target {
         TargetAddr::Ip(addr) => begin(key, conn, ctx, (answer, deadline), vec![addr]),
@@ -576,17 +580,15 @@ fn won(key: usize, conn: &mut Conn, ctx: &mut Ctx, slot: usize) -> Next {
     debug!("{}: connected to {addr} ({})", conn.peer, target_str(conn));
     match std::mem::replace(&mut conn.phase, Phase::Closing) {
         Phase::Connecting {
-            answer: Answer::Chain(hs),
+            answer: Answer::Chain(plan),
             ..
         } => {
             // The upstream proxy given by name is reached: its handshake takes the socket (it sees it writable
             // and finds it connected).
             sock.writable = true;
-            conn.upstream = Some(sock);
-            conn.phase = Phase::Upstream(hs);
-            Next::Again
+            upstream::reached_by_name(conn, ctx, *plan, sock)
         }
-        Phase::Connecting { answer, .. } => Next::Connected(answer.connected(sock)),
+        Phase::Connecting { answer, .. } => Next::Connected(answer.connected(sock, None)),
         other => {
             // `won` is only reached from a Connecting phase (checked above): nothing to hand over otherwise.
             conn.phase = other;
@@ -609,7 +611,7 @@ pub fn established(
     conn: &mut Conn,
     ctx: &mut Ctx,
     reply: ReplyKind,
-    outbound: Sock,
+    (outbound, early): (Sock, Option<Buffer>),
 ) -> Next {
     let local = outbound
         .stream
@@ -624,7 +626,7 @@ pub fn established(
         return Next::Close(CloseReason::ClientError);
     }
     metrics::inc(&ctx.stats.handshakes_ok[conn.proto as usize]);
-    start_relay(key, conn, ctx, outbound);
+    start_relay(key, conn, ctx, outbound, early);
     Next::Again
 }
 
@@ -633,7 +635,7 @@ fn fail(conn: &mut Conn, ctx: &mut Ctx, reply: ReplyKind, reason: CloseReason) -
     if let Phase::Connecting { attempts, .. } = &mut conn.phase {
         close_attempts(attempts, ctx);
     }
-    path_failed(conn, ctx, reply, reason)
+    path_failed(ctx, reply, reason)
 }
 
 /// A connect timer popped: the attempt delay ran out (dial the next address), or the whole connect deadline
@@ -655,7 +657,7 @@ pub fn on_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 pub fn on_timeout(conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let reply = match &conn.phase {
         Phase::Resolving { answer, .. } | Phase::Connecting { answer, .. } => answer.kind(),
-        Phase::Upstream(u) => u.answer.kind(),
+        Phase::Upstream(u) => u.plan.answer.kind(),
         _ => return Next::Wait,
     };
     debug!("{}: connect to {} timed out", conn.peer, target_str(conn));

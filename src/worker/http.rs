@@ -81,7 +81,7 @@ pub fn busy(conn: &Conn) -> bool {
     match &conn.phase {
         Phase::Http(st) => matches!(st.origin, Origin::InFlight(_)),
         Phase::Resolving { answer, .. } | Phase::Connecting { answer, .. } => answer.forwards(),
-        Phase::Upstream(u) => u.answer.forwards(),
+        Phase::Upstream(u) => u.plan.answer.forwards(),
         _ => false,
     }
 }

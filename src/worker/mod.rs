@@ -620,8 +620,8 @@ fn settle(key: usize, conn: &mut Conn, ctx: &mut Ctx, next: Next) -> Next {
         Next::Connected(Connected::Forward(st, origin)) => {
             http::on_origin_connected(key, conn, ctx, st, origin)
         }
-        Next::Connected(Connected::Reply(kind, outbound)) => {
-            connect::established(key, conn, ctx, kind, outbound)
+        Next::Connected(Connected::Reply(kind, outbound, early)) => {
+            connect::established(key, conn, ctx, kind, (outbound, early))
         }
         Next::Failed(ReplyKind::HttpForward, reason) => http::on_origin_failed(conn, ctx, reason),
         Next::Failed(kind, reason) => reply::fail(conn, ctx, kind, reason),

@@ -115,7 +115,7 @@ pub enum Answer {
     Forward(Box<HttpState>),
     /// The connection is to the `--upstream` proxy, given by name: once it is up, this handshake takes over (and
     /// holds who gets the connection in the end).
-    Chain(Box<UpstreamHandshake>),
+    Chain(Box<UpstreamPlan>),
 }
 
 impl Answer {
@@ -124,7 +124,7 @@ impl Answer {
         match self {
             Answer::Reply(k) => *k,
             Answer::Forward(_) => ReplyKind::HttpForward,
-            Answer::Chain(hs) => hs.answer.kind(),
+            Answer::Chain(plan) => plan.answer.kind(),
         }
     }
 
@@ -133,19 +133,20 @@ impl Answer {
         match self {
             Answer::Forward(_) => true,
             Answer::Reply(_) => false,
-            Answer::Chain(hs) => hs.answer.forwards(),
+            Answer::Chain(plan) => plan.answer.forwards(),
         }
     }
 }
 
 impl Answer {
-    /// The path is up on `outbound`: the hand-off to whoever gets the connection. (A chain's answer is reached
-    /// through its handshake, which the connect phases run before they get here.)
-    pub fn connected(self, outbound: Sock) -> Connected {
+    /// The path is up on `outbound`, with `early` the bytes that came from it before the client was answered (an
+    /// upstream proxy's first tunnel bytes): the hand-off to whoever gets the connection. (A chain's answer is
+    /// reached through its handshake, which the connect phases run before they get here.)
+    pub fn connected(self, outbound: Sock, early: Option<Buffer>) -> Connected {
         match self {
-            Answer::Reply(kind) => Connected::Reply(kind, outbound),
+            Answer::Reply(kind) => Connected::Reply(kind, outbound, early),
             Answer::Forward(st) => Connected::Forward(st, outbound),
-            Answer::Chain(hs) => hs.answer.connected(outbound),
+            Answer::Chain(plan) => plan.answer.connected(outbound, early),
         }
     }
 }
@@ -153,8 +154,9 @@ impl Answer {
 /// The path to the target is up: the outbound socket and who gets it, handed over by value (so neither can be
 /// missing when the next phase starts).
 pub enum Connected {
-    /// A client waiting for its success reply (SOCKS, HTTP CONNECT), then the relay.
-    Reply(ReplyKind, Sock),
+    /// A client waiting for its success reply (SOCKS, HTTP CONNECT), then the relay; with the bytes the outbound
+    /// side sent already (after an upstream proxy's reply), which the relay delivers first.
+    Reply(ReplyKind, Sock, Option<Buffer>),
     /// A forwarded HTTP request: its forwarding state takes the socket as its origin connection.
     Forward(Box<HttpState>, Sock),
 }
@@ -226,7 +228,7 @@ impl Phase {
             Phase::Resolving { deadline, .. } | Phase::Connecting { deadline, .. } => {
                 Some(*deadline)
             }
-            Phase::Upstream(u) => Some(u.deadline),
+            Phase::Upstream(u) => Some(u.plan.deadline),
             _ => None,
         }
     }
@@ -384,11 +386,12 @@ pub enum UpstreamState {
     TlsForward,
 }
 
-/// The upstream handshake of one connection.
-pub struct UpstreamHandshake {
+/// A chain through an upstream proxy before a connection to it is open: who gets the path, where it leads, and
+/// which upstreams to try. It goes by value from one connection attempt to the next.
+pub struct UpstreamPlan {
     /// Who gets the connection once the chain is up.
     pub answer: Answer,
-    pub(super) state: UpstreamState,
+    /// The next of `--upstream`'s addresses to dial.
     pub(super) next_addr: usize,
     /// The connect deadline (reaching the upstream and its handshake together).
     pub(super) deadline: Instant,
@@ -398,10 +401,29 @@ pub struct UpstreamHandshake {
     pub(super) route: Route,
 }
 
+/// The upstream handshake of one connection: the plan, the server it is talking to, and the connection it talks
+/// on (so a handshake without its connection cannot be built).
+pub struct UpstreamHandshake {
+    /// What is left to try if this server fails, and who gets the path.
+    pub(super) plan: UpstreamPlan,
+    /// The server being talked to: `--upstream` or the group member being tried.
+    pub(super) server: std::sync::Arc<crate::upstream::Upstream>,
+    /// Its TLS client configuration (`https://`, `socks5s://`).
+    pub(super) tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// The group member's index, for its health; `None` through `--upstream`.
+    pub(super) member: Option<usize>,
+    pub(super) state: UpstreamState,
+    /// The connection to the server.
+    pub(super) sock: Sock,
+    /// What the server sent: its replies, then any tunnel bytes that came with the last one (they go to the
+    /// relay with the socket).
+    pub(super) inbox: Option<Buffer>,
+}
+
 /// The upstream a handshake talks to.
 pub enum Route {
     /// The `--upstream` proxy (its addresses in turn).
-    Flag,
+    Flag(std::sync::Arc<crate::upstream::Upstream>),
     /// A policy group's members, in the order this session tries them.
     Group {
         /// The group (the session keeps it across reloads).

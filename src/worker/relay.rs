@@ -18,7 +18,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::buffer::BufferPool;
+use crate::buffer::{Buffer, BufferPool};
 use crate::metrics;
 use crate::policy::bucket::Bucket;
 use crate::policy::quota::Quota;
@@ -479,11 +479,18 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 /// Both directions are pumped this many times per turn at most, before yielding to other connections.
 const PUMPS_PER_TURN: usize = 4;
 
-/// Switches to the relay phase with the idle timer armed. The tunnel takes the outbound socket and what is left
-/// in the connection's buffers by value: the client's bytes that arrived with its handshake go out first.
-pub fn start_relay(key: usize, conn: &mut Conn, ctx: &mut Ctx, outbound: Sock) {
+/// Switches to the relay phase with the idle timer armed. The tunnel takes the outbound socket, the client's bytes
+/// that arrived with its handshake and `early`, the outbound side's bytes that came with an upstream proxy's
+/// reply, by value: they go out first.
+pub fn start_relay(
+    key: usize,
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    outbound: Sock,
+    early: Option<Buffer>,
+) {
     let parked_up = conn.c2u.take();
-    let parked_down = conn.u2c.take();
+    let parked_down = early;
     // Bytes that arrived together with the handshake (pipelined after a SOCKS request or a CONNECT head, sent
     // while a BIND waited, or after the upstream proxy's reply) are relayed first from the buffers: count them
     // here, since the relay counts only what it reads itself.

@@ -10,6 +10,7 @@ use rustls::pki_types::ServerName;
 use super::close::CloseReason;
 use super::conn::Conn;
 use super::ctx::{Ctx, Next};
+use super::sock::Sock;
 use crate::auth::Authorized;
 use crate::metrics::{self, Refusal, Stats, TlsOutcome};
 use crate::tls::{TlsFailure, TlsSession};
@@ -79,7 +80,8 @@ pub fn on_established(conn: &mut Conn, ctx: &mut Ctx) -> Option<Next> {
 /// handshake that follows (and the relay) run inside it. The ClientHello goes out now; the first handshake bytes
 /// written are held by rustls until the TLS handshake completes. False: it could not start.
 pub fn start_upstream(
-    conn: &mut Conn,
+    sock: &mut Sock,
+    peer: std::net::SocketAddr,
     upstream: &Upstream,
     cfg: Option<&Arc<rustls::ClientConfig>>,
 ) -> bool {
@@ -91,9 +93,6 @@ pub fn start_upstream(
     let Some(cfg) = cfg else {
         return false;
     };
-    let Some(sock) = conn.upstream.as_mut() else {
-        return false;
-    };
     // The name checked against the certificate is the host as configured: a DNS name, or an IP address (an IP
     // SAN), since group members are given by address.
     let session = ServerName::try_from(upstream.host.clone())
@@ -103,7 +102,7 @@ pub fn start_upstream(
     match session {
         Ok(()) => true,
         Err(e) => {
-            debug!("{}: upstream {}: TLS: {e}", conn.peer, upstream.host);
+            debug!("{peer}: upstream {}: TLS: {e}", upstream.host);
             false
         }
     }
