@@ -206,7 +206,7 @@ impl Conn {
     pub fn flush_upstream(&mut self) -> io::Result<bool> {
         let outbound = match &mut self.phase {
             Phase::Relay(t) => Some(&mut t.outbound),
-            Phase::Http(st) => st.origin.sock_mut(),
+            Phase::Http(st) => st.exchange.origin_mut(),
             _ => self.upstream.as_mut(),
         };
         if let Some(up) = outbound {
@@ -235,7 +235,7 @@ impl Conn {
     pub fn outbound(&self) -> Option<&Sock> {
         match &self.phase {
             Phase::Relay(t) => Some(&t.outbound),
-            Phase::Http(st) => st.origin.sock(),
+            Phase::Http(st) => st.exchange.origin(),
             _ => self.upstream.as_ref(),
         }
     }
@@ -244,7 +244,7 @@ impl Conn {
     pub fn outbound_mut(&mut self) -> Option<&mut Sock> {
         match &mut self.phase {
             Phase::Relay(t) => Some(&mut t.outbound),
-            Phase::Http(st) => st.origin.sock_mut(),
+            Phase::Http(st) => st.exchange.origin_mut(),
             _ => self.upstream.as_mut(),
         }
     }

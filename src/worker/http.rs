@@ -23,7 +23,7 @@ use super::conn::{
 use super::connect;
 use super::ctx::{Ctx, Next, ReplyKind};
 use super::gate;
-use super::phase::{HttpState, Origin};
+use super::phase::HttpState;
 use super::relay;
 use super::reply::{self, graceful_end};
 use super::timers::TimerKind;
@@ -33,7 +33,7 @@ use crate::policy::bucket::Bucket;
 use crate::policy::rules::Command;
 use crate::policy::UserLimits;
 use crate::proto::http::exchange::{
-    proxy_auth, After, HeadEvent, HeadOptions, OriginEvent, ProxyAuth, UploadEvent,
+    proxy_auth, After, Begin, HeadEvent, HeadOptions, OriginEvent, ProxyAuth, UploadEvent,
 };
 use crate::proto::http::{self as h, Exchange, RequestKind};
 use crate::proto::{upstream as chain, Failure, ProtoError};
@@ -56,7 +56,6 @@ impl HttpState {
     fn new() -> HttpState {
         HttpState {
             exchange: Exchange::new(),
-            origin: Origin::Idle(None),
             auth_token: None,
             pending_head: Vec::new(),
         }
@@ -79,7 +78,7 @@ fn head_options(cfg: &crate::config::Config, draining: bool) -> HeadOptions<'_> 
 /// True while an exchange is in flight, its origin connection included (a drain lets it finish).
 pub fn busy(conn: &Conn) -> bool {
     match &conn.phase {
-        Phase::Http(st) => matches!(st.origin, Origin::InFlight(_)),
+        Phase::Http(st) => st.exchange.in_flight(),
         Phase::Resolving { answer, .. } | Phase::Connecting { answer, .. } => answer.forwards(),
         Phase::Upstream(u) => u.answer.forwards(),
         _ => false,
@@ -106,7 +105,7 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         return Next::Wait;
     }
     // The first request of a connection has no forwarding state yet: a fresh machine is idle all the same.
-    let fresh = Exchange::new();
+    let fresh: Exchange<Sock> = Exchange::new();
     let exchange = match &conn.phase {
         Phase::Http(st) => &st.exchange,
         _ => &fresh,
@@ -207,13 +206,10 @@ fn state_mut(phase: &mut Phase) -> Option<&mut HttpState> {
     }
 }
 
-/// The exchange and its origin connection while a request is in flight.
-fn in_flight(phase: &mut Phase) -> Option<(&mut Exchange, &mut Sock)> {
+/// The exchange while a request is in flight (on its origin connection: in `Phase::Http` it never waits for one).
+fn in_flight(phase: &mut Phase) -> Option<&mut Exchange<Sock>> {
     match phase {
-        Phase::Http(st) => match &mut st.origin {
-            Origin::InFlight(origin) => Some((&mut st.exchange, origin)),
-            Origin::Idle(_) => None,
-        },
+        Phase::Http(st) if st.exchange.in_flight() => Some(&mut st.exchange),
         _ => None,
     }
 }
@@ -274,7 +270,7 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending)
         if let Some(mut st) = st {
             // CONNECT after forwarded requests: the old origin connection is not the tunnel's, and the tunnel
             // gets its own session line.
-            release(st.origin.take(), ctx);
+            release(st.exchange.take_origin(), ctx);
             conn.request_lines = false;
         }
         let answer = Answer::Reply(ReplyKind::HttpConnect);
@@ -285,7 +281,6 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending)
     // is `st.exchange.close_after_response()` once `st` is at hand below.
     metrics::inc(&ctx.stats.http_requests);
     let mut st = st.unwrap_or_else(|| Box::new(HttpState::new()));
-    st.exchange.begin(&req);
     conn.to_upstream.clear();
     // Through a policy group the member (and so the head's form) is chosen when connecting: `upstream` rewrites it.
     let via_group = gate::route(conn, ctx, Command::Http, &req.target).is_some();
@@ -309,16 +304,14 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending)
     } else {
         head
     };
+    if via_group {
+        // Through a group the kept connection's member and head form are not known here: a new one per request.
+        release(st.exchange.take_origin(), ctx);
+    }
     // An HTTP upstream proxy takes requests for any origin on one connection.
-    // (Through a group the kept connection's member and head form are not known here: a new one per request.)
-    let kept = match st.origin.take() {
-        Some(origin) if !via_group && st.exchange.reuses_origin(&req.target, via_http_proxy) => {
-            Ok(origin)
-        }
-        other => Err(other),
-    };
-    if let Ok(origin) = kept {
-        st.origin = Origin::InFlight(origin);
+    if let Begin::Connect(unwanted) = st.exchange.begin(&req, via_http_proxy) {
+        release(unwanted, ctx);
+    } else {
         conn.to_upstream.extend_from_slice(&head);
         if ctx.head_out.capacity() == 0 {
             // Give the allocation back for the next head.
@@ -330,10 +323,6 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending)
         return Next::Again;
     }
     st.pending_head = head;
-    if let Err(unwanted) = kept {
-        release(unwanted, ctx);
-    }
-    st.exchange.connecting(&req.target);
     if let Some(b) = conn.u2c.take() {
         ctx.pool.give(b);
     }
@@ -358,8 +347,10 @@ pub fn on_origin_connected(
     mut st: Box<HttpState>,
     origin: Sock,
 ) -> Next {
-    st.exchange.origin_up();
-    st.origin = Origin::InFlight(origin);
+    if let Err(origin) = st.exchange.connected(origin) {
+        release(Some(origin), ctx);
+        return Next::Close(CloseReason::Internal);
+    }
     // Whatever an upstream proxy's handshake queued has gone out first: the request follows it.
     conn.to_upstream.append(&mut st.pending_head);
     st.pending_head = Vec::new();
@@ -449,18 +440,16 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         conn.request_lines = true;
     }
     let leftover = conn.u2c.as_ref().is_some_and(|b| !b.is_empty());
-    let after = match state_mut(&mut conn.phase) {
+    // The exchange is over: the origin connection is kept for the next request, or handed back to be closed.
+    let (after, unwanted) = match state_mut(&mut conn.phase) {
         Some(st) => st.exchange.finish(conn.client_eof, ctx.draining, leftover),
-        None => After::Close,
+        None => (After::Close, None),
     };
+    release(unwanted, ctx);
     match after {
         // The client still sends a body we will not read, or asked to close: end gracefully.
         After::Close => finish(conn, ctx),
-        After::Next { keep_origin } => {
-            // The exchange is over: the origin connection is kept for the next request, or closed.
-            let unwanted =
-                state_mut(&mut conn.phase).and_then(|st| st.origin.end_exchange(keep_origin));
-            release(unwanted, ctx);
+        After::Next { .. } => {
             if let Some(b) = conn.u2c.take() {
                 ctx.pool.give(b);
             }
@@ -478,11 +467,10 @@ fn finish(conn: &mut Conn, ctx: &mut Ctx) -> Next {
 /// Between requests: watch the idle origin connection and parse the next request.
 fn between_requests(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     if let Some(st) = state_mut(&mut conn.phase) {
-        if let Some(up) = st.origin.sock_mut().filter(|o| o.readable) {
+        if let Some(up) = st.exchange.origin_mut().filter(|o| o.readable) {
             // An idle origin that speaks or closes is no longer reusable.
             if !matches!(up.read(&mut ctx.scratch), Ok(None)) {
-                release(st.origin.take(), ctx);
-                st.exchange.origin_lost();
+                release(st.exchange.take_origin(), ctx);
             }
         }
     }
@@ -502,9 +490,9 @@ fn release(origin: Option<Sock>, ctx: &mut Ctx) {
     }
 }
 
-/// Drops the forwarding connection's origin connection.
+/// Drops the forwarding connection's origin connection (and with it the exchange in flight, if any).
 fn drop_origin(conn: &mut Conn, ctx: &mut Ctx) {
-    let origin = state_mut(&mut conn.phase).and_then(|st| st.origin.take());
+    let origin = state_mut(&mut conn.phase).and_then(|st| st.exchange.take_origin());
     release(origin, ctx);
 }
 
@@ -584,7 +572,7 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, Clo
     if !conn.to_upstream.is_empty() {
         return Ok(progress);
     }
-    let Some((exchange, origin)) = in_flight(&mut conn.phase) else {
+    let Some(exchange) = in_flight(&mut conn.phase) else {
         return Ok(progress);
     };
     if conn.client.error {
@@ -595,6 +583,9 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, Clo
         let buf = conn.c2u.get_or_insert_with(|| ctx.pool.take());
         let mut event = exchange.request_step(buf.data());
         if let UploadEvent::Body(n) = event {
+            let Some(origin) = exchange.origin_mut() else {
+                return Ok(progress);
+            };
             let w = pass(origin, buf, n).map_err(|_| CloseReason::UpstreamReset)?;
             exchange.sent_to_origin(w);
             progress |= count(&mut conn.bytes_up, &ctx.stats.bytes_up, w);
@@ -658,7 +649,7 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
             }
         }
         // The origin was dropped only on the way out (the phase ends with it): nothing more to read then.
-        let Some((exchange, up)) = in_flight(&mut conn.phase) else {
+        let Some(exchange) = in_flight(&mut conn.phase) else {
             return Ok(progress);
         };
         let buf = conn.u2c.get_or_insert_with(|| ctx.pool.take());
@@ -712,6 +703,9 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
             OriginEvent::NeedBody => {}
         }
         // Need more bytes from the origin.
+        let Some(up) = exchange.origin_mut() else {
+            return Ok(progress);
+        };
         if !up.readable || buf.is_full() {
             return Ok(progress);
         }
@@ -747,12 +741,10 @@ fn origin_error(conn: &mut Conn, ctx: &mut Ctx, reason: CloseReason) -> Next {
     let started = state(&conn.phase)
         .map(|s| s.exchange.response_started())
         .unwrap_or(true);
+    // The exchange in flight ends with its origin connection.
     drop_origin(conn, ctx);
     if started {
         return Next::Close(reason);
-    }
-    if let Some(st) = state_mut(&mut conn.phase) {
-        st.exchange.abort();
     }
     ctx.stats.connect_error(Failure::General);
     reply::fail(conn, ctx, ReplyKind::HttpForward, reason)
