@@ -274,9 +274,15 @@ pub const HANDSHAKE_BUFFER: usize = 2048;
 /// Reads what the client has sent into its buffer (until `WouldBlock`, EOF or a full buffer).
 pub fn fill_client(conn: &mut Conn, ctx: &mut Ctx) -> std::io::Result<()> {
     let buf = conn.c2u.get_or_insert_with(|| ctx.pool.take());
-    while conn.client.readable && !conn.client_eof && !buf.is_full() {
-        match conn.client.read(buf.space())? {
-            Some(0) => conn.client_eof = true,
+    read_client(&mut conn.client, &mut conn.client_eof, buf)
+}
+
+/// Reads what `client` has sent into `buf` (until `WouldBlock`, EOF, which sets `eof`, or a full buffer): for
+/// whichever buffer the phase keeps the client's bytes in.
+pub fn read_client(client: &mut Sock, eof: &mut bool, buf: &mut Buffer) -> std::io::Result<()> {
+    while client.readable && !*eof && !buf.is_full() {
+        match client.read(buf.space())? {
+            Some(0) => *eof = true,
             Some(n) => buf.fill(n),
             None => break,
         }

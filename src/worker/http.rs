@@ -17,7 +17,7 @@ use log::debug;
 use super::access;
 use super::close::CloseReason;
 use super::conn::{
-    fill_client, grow, user_admit, verify_off_loop, Answer, Conn, Dest, PendingAuth, Phase,
+    grow, read_client, user_admit, verify_off_loop, Answer, Conn, Dest, PendingAuth, Phase,
     RequestLog, Sock,
 };
 use super::connect;
@@ -28,6 +28,7 @@ use super::relay;
 use super::reply::{self, graceful_end};
 use super::timers::TimerKind;
 use crate::auth::Authorized;
+use crate::buffer::Buffer;
 use crate::metrics;
 use crate::policy::bucket::Bucket;
 use crate::policy::rules::Command;
@@ -56,6 +57,8 @@ impl HttpState {
     fn new() -> HttpState {
         HttpState {
             exchange: Exchange::new(),
+            from_client: None,
+            from_origin: None,
             auth_token: None,
             pending_head: Vec::new(),
         }
@@ -85,35 +88,37 @@ pub fn busy(conn: &Conn) -> bool {
     }
 }
 
-/// Parses the next request head from the client buffer (phase HttpHead, or Http between requests).
+/// Parses the next request head from the client's bytes (the handshake's buffer in phase HttpHead, the phase's own
+/// in Http between requests).
 pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let max = ctx.cfg.max_head;
     let opts = head_options(&ctx.cfg, ctx.draining);
-    let data = conn.c2u.as_ref().map(|b| b.data()).unwrap_or(&[]);
+    let forwarding = matches!(conn.phase, Phase::Http(_));
+    // The first request of a connection has no forwarding state yet: a fresh machine is idle all the same.
+    let fresh: Exchange<Sock> = Exchange::new();
+    let (input, exchange) = match &mut conn.phase {
+        Phase::Http(st) => (&mut st.from_client, &st.exchange),
+        _ => (&mut conn.c2u, &fresh),
+    };
+    let data = input.as_ref().map(|b| b.data()).unwrap_or(&[]);
     if data.is_empty() {
         if conn.client_eof {
-            return Next::Close(if matches!(conn.phase, Phase::Http(_)) {
+            return Next::Close(if forwarding {
                 CloseReason::Done
             } else {
                 CloseReason::ClientEof
             });
         }
         // A kept-alive connection between requests holds no buffer.
-        if let Some(b) = conn.c2u.take() {
+        if let Some(b) = input.take() {
             ctx.pool.give(b);
         }
         return Next::Wait;
     }
-    // The first request of a connection has no forwarding state yet: a fresh machine is idle all the same.
-    let fresh: Exchange<Sock> = Exchange::new();
-    let exchange = match &conn.phase {
-        Phase::Http(st) => &st.exchange,
-        _ => &fresh,
-    };
     let req = match exchange.read_head(data, &opts, &mut ctx.head_out) {
         HeadEvent::NeedHead => {
-            let full = conn.c2u.as_ref().map(|b| b.is_full()).unwrap_or(false);
-            if full && !grow(&mut conn.c2u, max, &mut ctx.pool) {
+            let full = input.as_ref().is_some_and(|b| b.is_full());
+            if full && !grow(input, max, &mut ctx.pool) {
                 return bad_request(conn, ctx, ProtoError::HeadTooLarge);
             }
             if full {
@@ -126,7 +131,7 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             };
         }
         HeadEvent::Request { request, consumed } => {
-            if let Some(b) = conn.c2u.as_mut() {
+            if let Some(b) = input.as_mut() {
                 b.consume(consumed);
             }
             request
@@ -145,7 +150,7 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         debug!("{}: HTTP CONNECT {}", conn.peer, Dest::from(&req.target));
     }
     // The forwarding state travels with the request from here (through a slow-hash check, or a connect).
-    let st = take_state(conn);
+    let st = take_state(conn, ctx);
     // Proxy authentication (RFC 9110 §11.7), on every request of a kept-alive connection (Basic credentials are
     // per request); the credentials are consumed here and never forwarded. Credentials equal to the ones that
     // already passed on this connection are accepted without verifying a slow hash again.
@@ -206,22 +211,46 @@ fn state_mut(phase: &mut Phase) -> Option<&mut HttpState> {
     }
 }
 
-/// The exchange while a request is in flight (on its origin connection: in `Phase::Http` it never waits for one).
-fn in_flight(phase: &mut Phase) -> Option<&mut Exchange<Sock>> {
+/// The forwarding state while a request is in flight (on its origin connection: in `Phase::Http` it never waits
+/// for one).
+fn in_flight(phase: &mut Phase) -> Option<&mut HttpState> {
     match phase {
-        Phase::Http(st) if st.exchange.in_flight() => Some(&mut st.exchange),
+        Phase::Http(st) if st.exchange.in_flight() => Some(&mut **st),
         _ => None,
     }
 }
 
-/// Takes the forwarding state out of `Phase::Http` (leaving `Phase::Closing` for the caller to replace).
-fn take_state(conn: &mut Conn) -> Option<Box<HttpState>> {
+/// Takes the forwarding state out of `Phase::Http` (leaving `Phase::Closing` for the caller to replace). The
+/// buffers stay behind: the client's unread bytes go back to the connection's input buffer, which a password
+/// check or a connect leaves as the handshake does (and `Worker::close` and the linger return to the pool), and
+/// the origin's buffer, empty between requests, to the pool.
+fn take_state(conn: &mut Conn, ctx: &mut Ctx) -> Option<Box<HttpState>> {
     if !matches!(conn.phase, Phase::Http(_)) {
         return None;
     }
     match std::mem::replace(&mut conn.phase, Phase::Closing) {
-        Phase::Http(st) => Some(st),
+        Phase::Http(mut st) => {
+            put(&mut conn.c2u, st.from_client.take(), ctx);
+            put(&mut st.from_origin, None, ctx);
+            Some(st)
+        }
         _ => None,
+    }
+}
+
+/// Enters `Phase::Http` with `st`, which takes the buffers by value: the client's unread bytes (the handshake's
+/// leftover, or what came while a password check or a connect had the state), and what the origin's side sent
+/// before the request (after an upstream proxy's reply).
+fn enter(conn: &mut Conn, ctx: &mut Ctx, mut st: Box<HttpState>) {
+    put(&mut st.from_client, conn.c2u.take(), ctx);
+    put(&mut st.from_origin, conn.u2c.take(), ctx);
+    conn.phase = Phase::Http(st);
+}
+
+/// Puts `buf` into `slot`, returning what was there to the pool.
+fn put(slot: &mut Option<Buffer>, buf: Option<Buffer>, ctx: &mut Ctx) {
+    if let Some(old) = std::mem::replace(slot, buf) {
+        ctx.pool.give(old);
     }
 }
 
@@ -319,13 +348,10 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending)
             head.clear();
             ctx.head_out = head;
         }
-        conn.phase = Phase::Http(st);
+        enter(conn, ctx, st);
         return Next::Again;
     }
     st.pending_head = head;
-    if let Some(b) = conn.u2c.take() {
-        ctx.pool.give(b);
-    }
     connect::start(key, conn, ctx, req.target, Answer::Forward(st))
 }
 
@@ -335,6 +361,8 @@ fn bad_request(conn: &mut Conn, ctx: &mut Ctx, e: ProtoError) -> Next {
         ProtoError::HeadTooLarge => CloseReason::HeaderTooLarge,
         _ => CloseReason::BadRequest,
     };
+    // Between requests the reply replaces the forwarding phase.
+    end_phase(conn, ctx);
     reply::fail(conn, ctx, ReplyKind::HttpForward, reason)
 }
 
@@ -357,7 +385,7 @@ pub fn on_origin_connected(
     if conn.proto as usize != 0 {
         metrics::inc(&ctx.stats.handshakes_ok[conn.proto as usize]);
     }
-    conn.phase = Phase::Http(st);
+    enter(conn, ctx, st);
     conn.last_active = ctx.now;
     relay::arm_idle(key, conn, ctx);
     Next::Again
@@ -395,7 +423,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Err(CloseReason::BadRequestBody)
             if !state(&conn.phase).is_some_and(|s| s.exchange.response_started()) =>
         {
-            drop_origin(conn, ctx);
+            end_phase(conn, ctx);
             return reply::fail(
                 conn,
                 ctx,
@@ -439,7 +467,9 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         access::request_line(conn, &req, CloseReason::Done, ctx.now);
         conn.request_lines = true;
     }
-    let leftover = conn.u2c.as_ref().is_some_and(|b| !b.is_empty());
+    let leftover = state(&conn.phase)
+        .and_then(|s| s.from_origin.as_ref())
+        .is_some_and(|b| !b.is_empty());
     // The exchange is over: the origin connection is kept for the next request, or handed back to be closed.
     let (after, unwanted) = match state_mut(&mut conn.phase) {
         Some(st) => st.exchange.finish(conn.client_eof, ctx.draining, leftover),
@@ -450,8 +480,8 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         // The client still sends a body we will not read, or asked to close: end gracefully.
         After::Close => finish(conn, ctx),
         After::Next { .. } => {
-            if let Some(b) = conn.u2c.take() {
-                ctx.pool.give(b);
+            if let Some(st) = state_mut(&mut conn.phase) {
+                put(&mut st.from_origin, None, ctx);
             }
             Next::Again
         }
@@ -460,24 +490,26 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 
 /// Graceful end of a forwarding connection: shut down our side and wait briefly for the client's EOF.
 fn finish(conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    drop_origin(conn, ctx);
+    end_phase(conn, ctx);
     graceful_end(conn, CloseReason::Done)
 }
 
 /// Between requests: watch the idle origin connection and parse the next request.
 fn between_requests(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    if let Some(st) = state_mut(&mut conn.phase) {
-        if let Some(up) = st.exchange.origin_mut().filter(|o| o.readable) {
-            // An idle origin that speaks or closes is no longer reusable.
-            if !matches!(up.read(&mut ctx.scratch), Ok(None)) {
-                release(st.exchange.take_origin(), ctx);
-            }
+    let Some(st) = state_mut(&mut conn.phase) else {
+        return Next::Wait;
+    };
+    if let Some(up) = st.exchange.origin_mut().filter(|o| o.readable) {
+        // An idle origin that speaks or closes is no longer reusable.
+        if !matches!(up.read(&mut ctx.scratch), Ok(None)) {
+            release(st.exchange.take_origin(), ctx);
         }
     }
     if ctx.draining {
         return Next::Close(CloseReason::Draining);
     }
-    if fill_client(conn, ctx).is_err() {
+    let buf = st.from_client.get_or_insert_with(|| ctx.pool.take());
+    if read_client(&mut conn.client, &mut conn.client_eof, buf).is_err() {
         return Next::Close(CloseReason::ClientReset);
     }
     on_head(key, conn, ctx)
@@ -490,14 +522,18 @@ fn release(origin: Option<Sock>, ctx: &mut Ctx) {
     }
 }
 
-/// Drops the forwarding connection's origin connection (and with it the exchange in flight, if any).
-fn drop_origin(conn: &mut Conn, ctx: &mut Ctx) {
-    let origin = state_mut(&mut conn.phase).and_then(|st| st.exchange.take_origin());
-    release(origin, ctx);
+/// The forwarding phase ends (a reply or a graceful end replaces it, or the connection closes): its origin
+/// connection is closed, with the exchange in flight if any, and its buffers go back to the pool.
+fn end_phase(conn: &mut Conn, ctx: &mut Ctx) {
+    if let Some(st) = state_mut(&mut conn.phase) {
+        release(st.exchange.take_origin(), ctx);
+        put(&mut st.from_client, None, ctx);
+        put(&mut st.from_origin, None, ctx);
+    }
 }
 
 /// Writes the first `n` bytes of `buf` (body the exchange framed) to `sink` and drops what it took.
-fn pass(sink: &mut Sock, buf: &mut crate::buffer::Buffer, n: usize) -> std::io::Result<usize> {
+fn pass(sink: &mut Sock, buf: &mut Buffer, n: usize) -> std::io::Result<usize> {
     let w = sink.write_some(buf.data().get(..n).unwrap_or(&[]))?;
     buf.consume(w);
     Ok(w)
@@ -572,15 +608,16 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, Clo
     if !conn.to_upstream.is_empty() {
         return Ok(progress);
     }
-    let Some(exchange) = in_flight(&mut conn.phase) else {
+    let Some(st) = in_flight(&mut conn.phase) else {
         return Ok(progress);
     };
     if conn.client.error {
         return Err(CloseReason::ClientReset);
     }
+    let exchange = &mut st.exchange;
     for _ in 0..BODY_READS {
         // Frame what we have, forward it, read more.
-        let buf = conn.c2u.get_or_insert_with(|| ctx.pool.take());
+        let buf = st.from_client.get_or_insert_with(|| ctx.pool.take());
         let mut event = exchange.request_step(buf.data());
         if let UploadEvent::Body(n) = event {
             let Some(origin) = exchange.origin_mut() else {
@@ -602,15 +639,9 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, Clo
                 // Keep watching the client while the response is awaited: a reset (or close) must not leave both
                 // sockets open until the idle timeout. Bytes it sends now are its next (pipelined) request: keep
                 // them.
-                while conn.client.readable && !conn.client_eof && !buf.is_full() {
-                    match conn.client.read(buf.space()) {
-                        Ok(Some(0)) => conn.client_eof = true,
-                        Ok(Some(n)) => buf.fill(n),
-                        Ok(None) => break,
-                        Err(_) => return Err(CloseReason::ClientReset),
-                    }
-                }
-                return Ok(progress);
+                return read_client(&mut conn.client, &mut conn.client_eof, buf)
+                    .map(|()| progress)
+                    .map_err(|_| CloseReason::ClientReset);
             }
             UploadEvent::NeedBody => {}
         }
@@ -649,10 +680,11 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
             }
         }
         // The origin was dropped only on the way out (the phase ends with it): nothing more to read then.
-        let Some(exchange) = in_flight(&mut conn.phase) else {
+        let Some(st) = in_flight(&mut conn.phase) else {
             return Ok(progress);
         };
-        let buf = conn.u2c.get_or_insert_with(|| ctx.pool.take());
+        let exchange = &mut st.exchange;
+        let buf = st.from_origin.get_or_insert_with(|| ctx.pool.take());
         match exchange.origin_step(buf.data(), &opts, &mut ctx.head_out) {
             OriginEvent::Head {
                 consumed,
@@ -683,7 +715,7 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
             }
             OriginEvent::NeedHead => {
                 if buf.is_full() {
-                    if grow(&mut conn.u2c, ctx.cfg.max_head, &mut ctx.pool) {
+                    if grow(&mut st.from_origin, ctx.cfg.max_head, &mut ctx.pool) {
                         continue;
                     }
                     return Err(origin_error(conn, ctx, CloseReason::ResponseHeadTooLarge));
@@ -714,9 +746,6 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
             Ok(Some(0)) => {
                 if exchange.origin_closed() {
                     // Read-until-close body (or a truncated one): the client learns the end from our close.
-                    if let Some(b) = conn.u2c.take() {
-                        ctx.pool.give(b);
-                    }
                     if let Some(req) = conn.request.take() {
                         access::request_line(conn, &req, CloseReason::Done, ctx.now);
                         conn.request_lines = true;
@@ -742,7 +771,7 @@ fn origin_error(conn: &mut Conn, ctx: &mut Ctx, reason: CloseReason) -> Next {
         .map(|s| s.exchange.response_started())
         .unwrap_or(true);
     // The exchange in flight ends with its origin connection.
-    drop_origin(conn, ctx);
+    end_phase(conn, ctx);
     if started {
         return Next::Close(reason);
     }

@@ -550,6 +550,14 @@ impl Worker {
                     self.ctx.pool.give(b);
                 }
             }
+            Phase::Http(st) => {
+                for b in [st.from_client.take(), st.from_origin.take()]
+                    .into_iter()
+                    .flatten()
+                {
+                    self.ctx.pool.give(b);
+                }
+            }
             _ => {}
         }
         if let Some(b) = conn.c2u.take() {

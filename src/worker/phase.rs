@@ -314,6 +314,12 @@ pub struct HttpState {
     /// idle with the one kept from the last exchange or none, a request waiting for a new one (which the connect
     /// phases are making), or a request and its response in flight on theirs.
     pub(super) exchange: Exchange<Sock>,
+    /// The client's bytes not yet forwarded (request heads and bodies, and a pipelined successor): taken by value
+    /// from the connection's input buffer on entry into `Phase::Http`, given back to it when the state leaves for a
+    /// password check or a connect (so only `Phase::Http` holds buffers here).
+    pub(super) from_client: Option<Buffer>,
+    /// The origin's bytes not yet forwarded (response heads and bodies).
+    pub(super) from_origin: Option<Buffer>,
     /// Credentials that passed verification on this connection (user NUL pass).
     pub(super) auth_token: Option<Box<[u8]>>,
     /// The request head, held until the path to the origin is up (an upstream proxy's handshake goes first).
