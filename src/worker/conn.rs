@@ -90,13 +90,12 @@ pub struct Conn {
     pub client: Sock,
     /// Lifecycle phase.
     pub phase: Phase,
-    /// Bytes from the client not yet consumed: handshake input, then relay payload parked for the upstream.
+    /// Client bytes the handshake has not consumed: its input, then what follows it, which the next phase (relay,
+    /// forwarded HTTP, UDP) takes by value.
     pub c2u: Option<Buffer>,
-    /// Bytes from the upstream parked for the client.
-    pub u2c: Option<Buffer>,
-    /// Bytes we generated for the client (replies, rewritten heads), flushed before `u2c`.
+    /// Bytes we generated for the client (replies, rewritten heads), flushed before anything relayed.
     pub to_client: Vec<u8>,
-    /// Bytes we generated for the upstream (rewritten heads, upstream handshakes), flushed before `c2u`.
+    /// Bytes we generated for the upstream (rewritten heads, upstream handshakes), flushed before anything relayed.
     pub to_upstream: Vec<u8>,
     /// The client sent EOF (before the relay, which tracks it per direction).
     pub client_eof: bool,
@@ -148,7 +147,6 @@ impl Conn {
             client: Sock::new(stream),
             phase,
             c2u: Some(c2u),
-            u2c: None,
             to_client: Vec::new(),
             to_upstream: Vec::new(),
             client_eof: false,
@@ -194,7 +192,7 @@ impl Conn {
     pub fn flush_upstream(&mut self) -> io::Result<bool> {
         let outbound = match &mut self.phase {
             Phase::Relay(t) => Some(&mut t.outbound),
-            Phase::Http(st) => st.origin.sock_mut(),
+            Phase::Http(st) => st.exchange.origin_mut(),
             Phase::Upstream(hs) => Some(&mut hs.sock),
             _ => None,
         };
@@ -218,7 +216,7 @@ impl Conn {
     pub fn outbound(&self) -> Option<&Sock> {
         match &self.phase {
             Phase::Relay(t) => Some(&t.outbound),
-            Phase::Http(st) => st.origin.sock(),
+            Phase::Http(st) => st.exchange.origin(),
             Phase::Upstream(hs) => Some(&hs.sock),
             _ => None,
         }
@@ -228,7 +226,7 @@ impl Conn {
     pub fn outbound_mut(&mut self) -> Option<&mut Sock> {
         match &mut self.phase {
             Phase::Relay(t) => Some(&mut t.outbound),
-            Phase::Http(st) => st.origin.sock_mut(),
+            Phase::Http(st) => st.exchange.origin_mut(),
             Phase::Upstream(hs) => Some(&mut hs.sock),
             _ => None,
         }
@@ -259,9 +257,15 @@ pub const HANDSHAKE_BUFFER: usize = 2048;
 /// Reads what the client has sent into its buffer (until `WouldBlock`, EOF or a full buffer).
 pub fn fill_client(conn: &mut Conn, ctx: &mut Ctx) -> std::io::Result<()> {
     let buf = conn.c2u.get_or_insert_with(|| ctx.pool.take());
-    while conn.client.readable && !conn.client_eof && !buf.is_full() {
-        match conn.client.read(buf.space())? {
-            Some(0) => conn.client_eof = true,
+    read_client(&mut conn.client, &mut conn.client_eof, buf)
+}
+
+/// Reads what `client` has sent into `buf` (until `WouldBlock`, EOF, which sets `eof`, or a full buffer): for
+/// whichever buffer the phase keeps the client's bytes in.
+pub fn read_client(client: &mut Sock, eof: &mut bool, buf: &mut Buffer) -> std::io::Result<()> {
+    while client.readable && !*eof && !buf.is_full() {
+        match client.read(buf.space())? {
+            Some(0) => *eof = true,
             Some(n) => buf.fill(n),
             None => break,
         }

@@ -17,23 +17,24 @@ use log::debug;
 use super::access;
 use super::close::CloseReason;
 use super::conn::{
-    fill_client, grow, user_admit, verify_off_loop, Answer, Conn, Dest, PendingAuth, Phase,
+    grow, read_client, user_admit, verify_off_loop, Answer, Conn, Dest, PendingAuth, Phase,
     RequestLog, Sock,
 };
 use super::connect;
 use super::ctx::{Ctx, Next, ReplyKind};
 use super::gate;
-use super::phase::{HttpState, Origin};
+use super::phase::HttpState;
 use super::relay;
 use super::reply::{self, graceful_end};
 use super::timers::TimerKind;
 use crate::auth::Authorized;
+use crate::buffer::Buffer;
 use crate::metrics;
 use crate::policy::bucket::Bucket;
 use crate::policy::rules::Command;
 use crate::policy::UserLimits;
 use crate::proto::http::exchange::{
-    proxy_auth, After, HeadEvent, HeadOptions, OriginEvent, ProxyAuth, UploadEvent,
+    proxy_auth, After, Begin, HeadEvent, HeadOptions, OriginEvent, ProxyAuth, UploadEvent,
 };
 use crate::proto::http::{self as h, Exchange, RequestKind};
 use crate::proto::{upstream as chain, Failure, ProtoError};
@@ -56,7 +57,8 @@ impl HttpState {
     fn new() -> HttpState {
         HttpState {
             exchange: Exchange::new(),
-            origin: Origin::Idle(None),
+            from_client: None,
+            from_origin: None,
             auth_token: None,
             pending_head: Vec::new(),
         }
@@ -79,42 +81,44 @@ fn head_options(cfg: &crate::config::Config, draining: bool) -> HeadOptions<'_> 
 /// True while an exchange is in flight, its origin connection included (a drain lets it finish).
 pub fn busy(conn: &Conn) -> bool {
     match &conn.phase {
-        Phase::Http(st) => matches!(st.origin, Origin::InFlight(_)),
+        Phase::Http(st) => st.exchange.in_flight(),
         Phase::Resolving { answer, .. } | Phase::Connecting { answer, .. } => answer.forwards(),
         Phase::Upstream(u) => u.plan.answer.forwards(),
         _ => false,
     }
 }
 
-/// Parses the next request head from the client buffer (phase HttpHead, or Http between requests).
+/// Parses the next request head from the client's bytes (the handshake's buffer in phase HttpHead, the phase's own
+/// in Http between requests).
 pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     let max = ctx.cfg.max_head;
     let opts = head_options(&ctx.cfg, ctx.draining);
-    let data = conn.c2u.as_ref().map(|b| b.data()).unwrap_or(&[]);
+    let forwarding = matches!(conn.phase, Phase::Http(_));
+    // The first request of a connection has no forwarding state yet: a fresh machine is idle all the same.
+    let fresh: Exchange<Sock> = Exchange::new();
+    let (input, exchange) = match &mut conn.phase {
+        Phase::Http(st) => (&mut st.from_client, &st.exchange),
+        _ => (&mut conn.c2u, &fresh),
+    };
+    let data = input.as_ref().map(|b| b.data()).unwrap_or(&[]);
     if data.is_empty() {
         if conn.client_eof {
-            return Next::Close(if matches!(conn.phase, Phase::Http(_)) {
+            return Next::Close(if forwarding {
                 CloseReason::Done
             } else {
                 CloseReason::ClientEof
             });
         }
         // A kept-alive connection between requests holds no buffer.
-        if let Some(b) = conn.c2u.take() {
+        if let Some(b) = input.take() {
             ctx.pool.give(b);
         }
         return Next::Wait;
     }
-    // The first request of a connection has no forwarding state yet: a fresh machine is idle all the same.
-    let fresh = Exchange::new();
-    let exchange = match &conn.phase {
-        Phase::Http(st) => &st.exchange,
-        _ => &fresh,
-    };
     let req = match exchange.read_head(data, &opts, &mut ctx.head_out) {
         HeadEvent::NeedHead => {
-            let full = conn.c2u.as_ref().map(|b| b.is_full()).unwrap_or(false);
-            if full && !grow(&mut conn.c2u, max, &mut ctx.pool) {
+            let full = input.as_ref().is_some_and(|b| b.is_full());
+            if full && !grow(input, max, &mut ctx.pool) {
                 return bad_request(conn, ctx, ProtoError::HeadTooLarge);
             }
             if full {
@@ -127,7 +131,7 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             };
         }
         HeadEvent::Request { request, consumed } => {
-            if let Some(b) = conn.c2u.as_mut() {
+            if let Some(b) = input.as_mut() {
                 b.consume(consumed);
             }
             request
@@ -146,7 +150,7 @@ pub fn on_head(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         debug!("{}: HTTP CONNECT {}", conn.peer, Dest::from(&req.target));
     }
     // The forwarding state travels with the request from here (through a slow-hash check, or a connect).
-    let st = take_state(conn);
+    let st = take_state(conn, ctx);
     // Proxy authentication (RFC 9110 §11.7), on every request of a kept-alive connection (Basic credentials are
     // per request); the credentials are consumed here and never forwarded. Credentials equal to the ones that
     // already passed on this connection are accepted without verifying a slow hash again.
@@ -207,25 +211,45 @@ fn state_mut(phase: &mut Phase) -> Option<&mut HttpState> {
     }
 }
 
-/// The exchange and its origin connection while a request is in flight.
-fn in_flight(phase: &mut Phase) -> Option<(&mut Exchange, &mut Sock)> {
+/// The forwarding state while a request is in flight (on its origin connection: in `Phase::Http` it never waits
+/// for one).
+fn in_flight(phase: &mut Phase) -> Option<&mut HttpState> {
     match phase {
-        Phase::Http(st) => match &mut st.origin {
-            Origin::InFlight(origin) => Some((&mut st.exchange, origin)),
-            Origin::Idle(_) => None,
-        },
+        Phase::Http(st) if st.exchange.in_flight() => Some(&mut **st),
         _ => None,
     }
 }
 
-/// Takes the forwarding state out of `Phase::Http` (leaving `Phase::Closing` for the caller to replace).
-fn take_state(conn: &mut Conn) -> Option<Box<HttpState>> {
+/// Takes the forwarding state out of `Phase::Http` (leaving `Phase::Closing` for the caller to replace). The
+/// buffers stay behind: the client's unread bytes go back to the connection's input buffer, which a password
+/// check or a connect leaves as the handshake does (and `Worker::close` and the linger return to the pool), and
+/// the origin's buffer, empty between requests, to the pool.
+fn take_state(conn: &mut Conn, ctx: &mut Ctx) -> Option<Box<HttpState>> {
     if !matches!(conn.phase, Phase::Http(_)) {
         return None;
     }
     match std::mem::replace(&mut conn.phase, Phase::Closing) {
-        Phase::Http(st) => Some(st),
+        Phase::Http(mut st) => {
+            put(&mut conn.c2u, st.from_client.take(), ctx);
+            put(&mut st.from_origin, None, ctx);
+            Some(st)
+        }
         _ => None,
+    }
+}
+
+/// Enters `Phase::Http` with `st`, which takes the client's unread bytes by value (the handshake's leftover, or
+/// what came while a password check or a connect had the state). What the origin's side sent before the request
+/// (after an upstream proxy's reply) is already in `from_origin` (`Answer::connected`).
+fn enter(conn: &mut Conn, ctx: &mut Ctx, mut st: Box<HttpState>) {
+    put(&mut st.from_client, conn.c2u.take(), ctx);
+    conn.phase = Phase::Http(st);
+}
+
+/// Puts `buf` into `slot`, returning what was there to the pool.
+fn put(slot: &mut Option<Buffer>, buf: Option<Buffer>, ctx: &mut Ctx) {
+    if let Some(old) = std::mem::replace(slot, buf) {
+        ctx.pool.give(old);
     }
 }
 
@@ -274,7 +298,7 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending)
         if let Some(mut st) = st {
             // CONNECT after forwarded requests: the old origin connection is not the tunnel's, and the tunnel
             // gets its own session line.
-            release(st.origin.take(), ctx);
+            release(st.exchange.take_origin(), ctx);
             conn.request_lines = false;
         }
         let answer = Answer::Reply(ReplyKind::HttpConnect);
@@ -285,7 +309,6 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending)
     // is `st.exchange.close_after_response()` once `st` is at hand below.
     metrics::inc(&ctx.stats.http_requests);
     let mut st = st.unwrap_or_else(|| Box::new(HttpState::new()));
-    st.exchange.begin(&req);
     conn.to_upstream.clear();
     // Through a policy group the member (and so the head's form) is chosen when connecting: `upstream` rewrites it.
     let via_group = gate::route(conn, ctx, Command::Http, &req.target).is_some();
@@ -309,16 +332,14 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending)
     } else {
         head
     };
+    if via_group {
+        // Through a group the kept connection's member and head form are not known here: a new one per request.
+        release(st.exchange.take_origin(), ctx);
+    }
     // An HTTP upstream proxy takes requests for any origin on one connection.
-    // (Through a group the kept connection's member and head form are not known here: a new one per request.)
-    let kept = match st.origin.take() {
-        Some(origin) if !via_group && st.exchange.reuses_origin(&req.target, via_http_proxy) => {
-            Ok(origin)
-        }
-        other => Err(other),
-    };
-    if let Ok(origin) = kept {
-        st.origin = Origin::InFlight(origin);
+    if let Begin::Connect(unwanted) = st.exchange.begin(&req, via_http_proxy) {
+        release(unwanted, ctx);
+    } else {
         conn.to_upstream.extend_from_slice(&head);
         if ctx.head_out.capacity() == 0 {
             // Give the allocation back for the next head.
@@ -326,17 +347,10 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending)
             head.clear();
             ctx.head_out = head;
         }
-        conn.phase = Phase::Http(st);
+        enter(conn, ctx, st);
         return Next::Again;
     }
     st.pending_head = head;
-    if let Err(unwanted) = kept {
-        release(unwanted, ctx);
-    }
-    st.exchange.connecting(&req.target);
-    if let Some(b) = conn.u2c.take() {
-        ctx.pool.give(b);
-    }
     connect::start(key, conn, ctx, req.target, Answer::Forward(st))
 }
 
@@ -346,6 +360,8 @@ fn bad_request(conn: &mut Conn, ctx: &mut Ctx, e: ProtoError) -> Next {
         ProtoError::HeadTooLarge => CloseReason::HeaderTooLarge,
         _ => CloseReason::BadRequest,
     };
+    // Between requests the reply replaces the forwarding phase.
+    end_phase(conn, ctx);
     reply::fail(conn, ctx, ReplyKind::HttpForward, reason)
 }
 
@@ -358,15 +374,17 @@ pub fn on_origin_connected(
     mut st: Box<HttpState>,
     origin: Sock,
 ) -> Next {
-    st.exchange.origin_up();
-    st.origin = Origin::InFlight(origin);
+    if let Err(origin) = st.exchange.connected(origin) {
+        release(Some(origin), ctx);
+        return Next::Close(CloseReason::Internal);
+    }
     // Whatever an upstream proxy's handshake queued has gone out first: the request follows it.
     conn.to_upstream.append(&mut st.pending_head);
     st.pending_head = Vec::new();
     if conn.proto as usize != 0 {
         metrics::inc(&ctx.stats.handshakes_ok[conn.proto as usize]);
     }
-    conn.phase = Phase::Http(st);
+    enter(conn, ctx, st);
     conn.last_active = ctx.now;
     relay::arm_idle(key, conn, ctx);
     Next::Again
@@ -404,7 +422,7 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         Err(CloseReason::BadRequestBody)
             if !state(&conn.phase).is_some_and(|s| s.exchange.response_started()) =>
         {
-            drop_origin(conn, ctx);
+            end_phase(conn, ctx);
             return reply::fail(
                 conn,
                 ctx,
@@ -448,21 +466,21 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         access::request_line(conn, &req, CloseReason::Done, ctx.now);
         conn.request_lines = true;
     }
-    let leftover = conn.u2c.as_ref().is_some_and(|b| !b.is_empty());
-    let after = match state_mut(&mut conn.phase) {
+    let leftover = state(&conn.phase)
+        .and_then(|s| s.from_origin.as_ref())
+        .is_some_and(|b| !b.is_empty());
+    // The exchange is over: the origin connection is kept for the next request, or handed back to be closed.
+    let (after, unwanted) = match state_mut(&mut conn.phase) {
         Some(st) => st.exchange.finish(conn.client_eof, ctx.draining, leftover),
-        None => After::Close,
+        None => (After::Close, None),
     };
+    release(unwanted, ctx);
     match after {
         // The client still sends a body we will not read, or asked to close: end gracefully.
         After::Close => finish(conn, ctx),
-        After::Next { keep_origin } => {
-            // The exchange is over: the origin connection is kept for the next request, or closed.
-            let unwanted =
-                state_mut(&mut conn.phase).and_then(|st| st.origin.end_exchange(keep_origin));
-            release(unwanted, ctx);
-            if let Some(b) = conn.u2c.take() {
-                ctx.pool.give(b);
+        After::Next { .. } => {
+            if let Some(st) = state_mut(&mut conn.phase) {
+                put(&mut st.from_origin, None, ctx);
             }
             Next::Again
         }
@@ -471,25 +489,26 @@ pub fn drive(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
 
 /// Graceful end of a forwarding connection: shut down our side and wait briefly for the client's EOF.
 fn finish(conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    drop_origin(conn, ctx);
+    end_phase(conn, ctx);
     graceful_end(conn, CloseReason::Done)
 }
 
 /// Between requests: watch the idle origin connection and parse the next request.
 fn between_requests(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
-    if let Some(st) = state_mut(&mut conn.phase) {
-        if let Some(up) = st.origin.sock_mut().filter(|o| o.readable) {
-            // An idle origin that speaks or closes is no longer reusable.
-            if !matches!(up.read(&mut ctx.scratch), Ok(None)) {
-                release(st.origin.take(), ctx);
-                st.exchange.origin_lost();
-            }
+    let Some(st) = state_mut(&mut conn.phase) else {
+        return Next::Wait;
+    };
+    if let Some(up) = st.exchange.origin_mut().filter(|o| o.readable) {
+        // An idle origin that speaks or closes is no longer reusable.
+        if !matches!(up.read(&mut ctx.scratch), Ok(None)) {
+            release(st.exchange.take_origin(), ctx);
         }
     }
     if ctx.draining {
         return Next::Close(CloseReason::Draining);
     }
-    if fill_client(conn, ctx).is_err() {
+    let buf = st.from_client.get_or_insert_with(|| ctx.pool.take());
+    if read_client(&mut conn.client, &mut conn.client_eof, buf).is_err() {
         return Next::Close(CloseReason::ClientReset);
     }
     on_head(key, conn, ctx)
@@ -502,14 +521,18 @@ fn release(origin: Option<Sock>, ctx: &mut Ctx) {
     }
 }
 
-/// Drops the forwarding connection's origin connection.
-fn drop_origin(conn: &mut Conn, ctx: &mut Ctx) {
-    let origin = state_mut(&mut conn.phase).and_then(|st| st.origin.take());
-    release(origin, ctx);
+/// The forwarding phase ends (a reply or a graceful end replaces it, or the connection closes): its origin
+/// connection is closed, with the exchange in flight if any, and its buffers go back to the pool.
+fn end_phase(conn: &mut Conn, ctx: &mut Ctx) {
+    if let Some(st) = state_mut(&mut conn.phase) {
+        release(st.exchange.take_origin(), ctx);
+        put(&mut st.from_client, None, ctx);
+        put(&mut st.from_origin, None, ctx);
+    }
 }
 
 /// Writes the first `n` bytes of `buf` (body the exchange framed) to `sink` and drops what it took.
-fn pass(sink: &mut Sock, buf: &mut crate::buffer::Buffer, n: usize) -> std::io::Result<usize> {
+fn pass(sink: &mut Sock, buf: &mut Buffer, n: usize) -> std::io::Result<usize> {
     let w = sink.write_some(buf.data().get(..n).unwrap_or(&[]))?;
     buf.consume(w);
     Ok(w)
@@ -584,17 +607,21 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, Clo
     if !conn.to_upstream.is_empty() {
         return Ok(progress);
     }
-    let Some((exchange, origin)) = in_flight(&mut conn.phase) else {
+    let Some(st) = in_flight(&mut conn.phase) else {
         return Ok(progress);
     };
     if conn.client.error {
         return Err(CloseReason::ClientReset);
     }
+    let exchange = &mut st.exchange;
     for _ in 0..BODY_READS {
         // Frame what we have, forward it, read more.
-        let buf = conn.c2u.get_or_insert_with(|| ctx.pool.take());
+        let buf = st.from_client.get_or_insert_with(|| ctx.pool.take());
         let mut event = exchange.request_step(buf.data());
         if let UploadEvent::Body(n) = event {
+            let Some(origin) = exchange.origin_mut() else {
+                return Ok(progress);
+            };
             let w = pass(origin, buf, n).map_err(|_| CloseReason::UpstreamReset)?;
             exchange.sent_to_origin(w);
             progress |= count(&mut conn.bytes_up, &ctx.stats.bytes_up, w);
@@ -611,15 +638,9 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, Clo
                 // Keep watching the client while the response is awaited: a reset (or close) must not leave both
                 // sockets open until the idle timeout. Bytes it sends now are its next (pipelined) request: keep
                 // them.
-                while conn.client.readable && !conn.client_eof && !buf.is_full() {
-                    match conn.client.read(buf.space()) {
-                        Ok(Some(0)) => conn.client_eof = true,
-                        Ok(Some(n)) => buf.fill(n),
-                        Ok(None) => break,
-                        Err(_) => return Err(CloseReason::ClientReset),
-                    }
-                }
-                return Ok(progress);
+                return read_client(&mut conn.client, &mut conn.client_eof, buf)
+                    .map(|()| progress)
+                    .map_err(|_| CloseReason::ClientReset);
             }
             UploadEvent::NeedBody => {}
         }
@@ -658,10 +679,11 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
             }
         }
         // The origin was dropped only on the way out (the phase ends with it): nothing more to read then.
-        let Some((exchange, up)) = in_flight(&mut conn.phase) else {
+        let Some(st) = in_flight(&mut conn.phase) else {
             return Ok(progress);
         };
-        let buf = conn.u2c.get_or_insert_with(|| ctx.pool.take());
+        let exchange = &mut st.exchange;
+        let buf = st.from_origin.get_or_insert_with(|| ctx.pool.take());
         match exchange.origin_step(buf.data(), &opts, &mut ctx.head_out) {
             OriginEvent::Head {
                 consumed,
@@ -692,7 +714,7 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
             }
             OriginEvent::NeedHead => {
                 if buf.is_full() {
-                    if grow(&mut conn.u2c, ctx.cfg.max_head, &mut ctx.pool) {
+                    if grow(&mut st.from_origin, ctx.cfg.max_head, &mut ctx.pool) {
                         continue;
                     }
                     return Err(origin_error(conn, ctx, CloseReason::ResponseHeadTooLarge));
@@ -712,6 +734,9 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
             OriginEvent::NeedBody => {}
         }
         // Need more bytes from the origin.
+        let Some(up) = exchange.origin_mut() else {
+            return Ok(progress);
+        };
         if !up.readable || buf.is_full() {
             return Ok(progress);
         }
@@ -720,9 +745,6 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
             Ok(Some(0)) => {
                 if exchange.origin_closed() {
                     // Read-until-close body (or a truncated one): the client learns the end from our close.
-                    if let Some(b) = conn.u2c.take() {
-                        ctx.pool.give(b);
-                    }
                     if let Some(req) = conn.request.take() {
                         access::request_line(conn, &req, CloseReason::Done, ctx.now);
                         conn.request_lines = true;
@@ -747,12 +769,10 @@ fn origin_error(conn: &mut Conn, ctx: &mut Ctx, reason: CloseReason) -> Next {
     let started = state(&conn.phase)
         .map(|s| s.exchange.response_started())
         .unwrap_or(true);
-    drop_origin(conn, ctx);
+    // The exchange in flight ends with its origin connection.
+    end_phase(conn, ctx);
     if started {
         return Next::Close(reason);
-    }
-    if let Some(st) = state_mut(&mut conn.phase) {
-        st.exchange.abort();
     }
     ctx.stats.connect_error(Failure::General);
     reply::fail(conn, ctx, ReplyKind::HttpForward, reason)

@@ -550,12 +550,17 @@ impl Worker {
                     self.ctx.pool.give(b);
                 }
             }
+            Phase::Http(st) => {
+                for b in [st.from_client.take(), st.from_origin.take()]
+                    .into_iter()
+                    .flatten()
+                {
+                    self.ctx.pool.give(b);
+                }
+            }
             _ => {}
         }
         if let Some(b) = conn.c2u.take() {
-            self.ctx.pool.give(b);
-        }
-        if let Some(b) = conn.u2c.take() {
             self.ctx.pool.give(b);
         }
         metrics::dec(&self.ctx.stats.active[conn.proto as usize]);

@@ -145,7 +145,11 @@ impl Answer {
     pub fn connected(self, outbound: Sock, early: Option<Buffer>) -> Connected {
         match self {
             Answer::Reply(kind) => Connected::Reply(kind, outbound, early),
-            Answer::Forward(st) => Connected::Forward(st, outbound),
+            Answer::Forward(mut st) => {
+                // `take_state` emptied the origin's buffer when the state left `Phase::Http`.
+                st.from_origin = early;
+                Connected::Forward(st, outbound)
+            }
             Answer::Chain(plan) => plan.answer.connected(outbound, early),
         }
     }
@@ -310,62 +314,22 @@ pub struct UdpState {
 }
 
 /// Forwarding state of one client connection: the exchange machine (framing, keep-alive, the kept origin's
-/// target; `proto::http::Exchange`) and what only the worker keeps.
+/// target; `proto::http::Exchange`) holding the origin connection, and what only the worker keeps.
 pub struct HttpState {
-    /// Where the exchanges stand: idle (with a kept origin or none), or a request and its response in flight.
-    pub(super) exchange: Exchange,
-    /// The connection to the origin (or to the HTTP upstream proxy): always there while a request is in flight,
-    /// kept between requests when the exchange allows it. (While it is being made the connect phases own it.)
-    pub(super) origin: Origin,
+    /// Where the exchanges stand, with the connection to the origin (or to the HTTP upstream proxy) each state has:
+    /// idle with the one kept from the last exchange or none, a request waiting for a new one (which the connect
+    /// phases are making), or a request and its response in flight on theirs.
+    pub(super) exchange: Exchange<Sock>,
+    /// The client's bytes not yet forwarded (request heads and bodies, and a pipelined successor): taken by value
+    /// from the connection's input buffer on entry into `Phase::Http`, given back to it when the state leaves for a
+    /// password check or a connect (so only `Phase::Http` holds buffers here).
+    pub(super) from_client: Option<Buffer>,
+    /// The origin's bytes not yet forwarded (response heads and bodies).
+    pub(super) from_origin: Option<Buffer>,
     /// Credentials that passed verification on this connection (user NUL pass).
     pub(super) auth_token: Option<Box<[u8]>>,
     /// The request head, held until the path to the origin is up (an upstream proxy's handshake goes first).
     pub(super) pending_head: Vec<u8>,
-}
-
-/// A forwarding connection's origin connection, by where its exchange stands.
-pub enum Origin {
-    /// Between requests: the connection kept from the last exchange, if it may carry the next request.
-    Idle(Option<Sock>),
-    /// A request and its response in flight: they cannot be without their connection.
-    InFlight(Sock),
-}
-
-impl Origin {
-    /// The socket, wherever it is kept.
-    pub fn sock(&self) -> Option<&Sock> {
-        match self {
-            Origin::Idle(s) => s.as_ref(),
-            Origin::InFlight(s) => Some(s),
-        }
-    }
-
-    /// The socket, mutably.
-    pub fn sock_mut(&mut self) -> Option<&mut Sock> {
-        match self {
-            Origin::Idle(s) => s.as_mut(),
-            Origin::InFlight(s) => Some(s),
-        }
-    }
-
-    /// The exchange is over: the socket stays as the idle connection when `keep`, else it is returned to be
-    /// closed.
-    pub fn end_exchange(&mut self, keep: bool) -> Option<Sock> {
-        let sock = self.take();
-        if !keep {
-            return sock;
-        }
-        *self = Origin::Idle(sock);
-        None
-    }
-
-    /// Takes the socket out, leaving no origin connection.
-    pub fn take(&mut self) -> Option<Sock> {
-        match std::mem::replace(self, Origin::Idle(None)) {
-            Origin::Idle(s) => s,
-            Origin::InFlight(s) => Some(s),
-        }
-    }
 }
 
 /// Where the upstream conversation stands.

@@ -4,10 +4,15 @@
 //! has read and reports what it has written.
 //!
 //! ```text
-//!  Idle (origin kept or none) --begin--> InFlight { upload: Sending -> Sent | Abandoned,
-//!       ^                                          response: Head -> Body }
-//!       +------------------ finish (keep-alive) -------+---- finish (close) / abort
+//!  Idle(kept origin or none) --begin--> Connecting --connected(origin)--> InFlight(origin) { upload, response }
+//!       |         \______________________ begin (reused) _____________________^       |
+//!       ^------------------- finish (keep-alive: origin kept or handed back) ----------+
+//!                            finish (close) / take_origin: origin handed back to be closed
 //! ```
+//!
+//! The machine holds the origin connection as an opaque handle `O` (the worker's socket; a unit or a fake in tests)
+//! that it never touches: the state that has a request in flight is the one that holds its connection, so neither
+//! can be without the other. It hands the handle back when the caller is to close it.
 //!
 //! Each direction has its step: [`Exchange::read_head`] and [`Exchange::request_step`] for the client's bytes,
 //! [`Exchange::origin_step`] for the origin's. Bodies are never copied: a step answers "the first `n` bytes of your input are body, forward them", and the
@@ -16,8 +21,8 @@
 //! where they are until the response is complete.
 
 use super::{
-    parse_request, parse_response, BasicCredentials, BodyFramer, Request, RequestKind,
-    ResponseContext, RewriteOptions,
+    parse_request, parse_response, BasicCredentials, BodyFramer, Request, ResponseContext,
+    RewriteOptions,
 };
 use crate::proto::{Parse, ProtoError, TargetAddr};
 
@@ -193,7 +198,7 @@ enum Download {
 
 /// A request in flight and its response; built fresh for every request.
 #[derive(Debug, Clone)]
-struct InFlight {
+struct Flight {
     is_head: bool,
     minor: u8,
     client_keep_alive: bool,
@@ -201,44 +206,97 @@ struct InFlight {
     response: Download,
 }
 
-/// The forwarding exchanges of one client connection.
+/// Where the exchanges stand; each state holds the origin connection it can have, and only that.
 #[derive(Debug, Clone)]
-pub struct Exchange {
-    /// `None` between requests.
-    flight: Option<InFlight>,
+enum Stage<O> {
+    /// Between requests: the connection kept from the last exchange, if it may carry the next request.
+    Idle(Option<O>),
+    /// A request is accepted and waits for the connection the caller is making ([`Exchange::connected`]).
+    Connecting(Flight),
+    /// A request and its response in flight on their connection.
+    InFlight(O, Flight),
+}
+
+/// What [`Exchange::begin`] did with the request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Begin<O> {
+    /// The kept origin connection carries it: it is in flight.
+    Reused,
+    /// It waits for a new origin connection ([`Exchange::connected`]); the kept one, if there was one, cannot
+    /// carry it and is handed back to be closed.
+    Connect(Option<O>),
+}
+
+/// The forwarding exchanges of one client connection, over origin connections of the caller's type `O`.
+#[derive(Debug, Clone)]
+pub struct Exchange<O> {
+    /// Idle (with the kept origin connection or none), waiting for a connection, or in flight on one.
+    stage: Stage<O>,
     /// The origin the current origin connection goes to.
-    origin: Option<TargetAddr>,
+    target: Option<TargetAddr>,
     /// That connection may carry another request.
     origin_reusable: bool,
     /// A caller's decision that the client connection ends after the current response.
     close_after: bool,
 }
 
-impl Default for Exchange {
-    fn default() -> Exchange {
+impl<O> Default for Exchange<O> {
+    fn default() -> Exchange<O> {
         Exchange::new()
     }
 }
 
-impl Exchange {
+impl<O> Exchange<O> {
     /// A connection before its first request, with no origin connection.
-    pub fn new() -> Exchange {
+    pub fn new() -> Exchange<O> {
         Exchange {
-            flight: None,
-            origin: None,
+            stage: Stage::Idle(None),
+            target: None,
             origin_reusable: false,
             close_after: false,
         }
     }
 
-    /// True while a request is in flight (its response not yet complete).
+    /// True while a request is in flight (its response not yet complete), or waits for its origin connection.
     pub fn in_flight(&self) -> bool {
-        self.flight.is_some()
+        !matches!(self.stage, Stage::Idle(_))
+    }
+
+    /// The origin connection: the one the request in flight uses, or the one kept between requests.
+    pub fn origin(&self) -> Option<&O> {
+        match &self.stage {
+            Stage::Idle(o) => o.as_ref(),
+            Stage::Connecting(_) => None,
+            Stage::InFlight(o, _) => Some(o),
+        }
+    }
+
+    /// The origin connection, mutably.
+    pub fn origin_mut(&mut self) -> Option<&mut O> {
+        match &mut self.stage {
+            Stage::Idle(o) => o.as_mut(),
+            Stage::Connecting(_) => None,
+            Stage::InFlight(o, _) => Some(o),
+        }
+    }
+
+    fn flight(&self) -> Option<&Flight> {
+        match &self.stage {
+            Stage::Idle(_) => None,
+            Stage::Connecting(x) | Stage::InFlight(_, x) => Some(x),
+        }
+    }
+
+    fn flight_mut(&mut self) -> Option<&mut Flight> {
+        match &mut self.stage {
+            Stage::Idle(_) => None,
+            Stage::Connecting(x) | Stage::InFlight(_, x) => Some(x),
+        }
     }
 
     /// Anything of the current response reached the client: after that, errors can only close.
     pub fn response_started(&self) -> bool {
-        match &self.flight {
+        match self.flight() {
             Some(x) => match x.response {
                 Download::Head { started } => started,
                 Download::Body { .. } => true,
@@ -250,7 +308,7 @@ impl Exchange {
     /// Parses the next request head from the client's buffered bytes `input` (rewriting it into `out`), between
     /// requests; while one is in flight the bytes are held.
     pub fn read_head(&self, input: &[u8], opts: &HeadOptions<'_>, out: &mut Vec<u8>) -> HeadEvent {
-        if self.flight.is_some() {
+        if self.in_flight() {
             return HeadEvent::Held;
         }
         let rewrite = RewriteOptions { via: opts.via };
@@ -263,7 +321,7 @@ impl Exchange {
 
     /// Frames the request body in the client's buffered bytes `input` (the head was already consumed).
     pub fn request_step(&mut self, input: &[u8]) -> UploadEvent {
-        let Some(x) = self.flight.as_mut() else {
+        let Some(x) = self.flight_mut() else {
             return UploadEvent::Sent;
         };
         let Upload::Sending { body, ready } = &mut x.upload else {
@@ -282,21 +340,30 @@ impl Exchange {
 
     /// The caller wrote `n` request body bytes (from the front of the last [`UploadEvent::Body`]) to the origin.
     pub fn sent_to_origin(&mut self, n: usize) {
-        if let Some(InFlight {
+        if let Some(Flight {
             upload: Upload::Sending { ready, .. },
             ..
-        }) = self.flight.as_mut()
+        }) = self.flight_mut()
         {
             *ready = ready.saturating_sub(n);
         }
     }
 
-    /// Starts forwarding `req` (its rewritten head goes out first, by the caller). Between requests only.
-    pub fn begin(&mut self, req: &Request) {
-        if req.kind != RequestKind::Forward {
-            return;
-        }
-        self.flight = Some(InFlight {
+    /// Whether the kept origin connection can carry a request for `target`: there is one, it may (the last
+    /// response allowed it) and it goes there, or `any_target` (an HTTP upstream proxy takes requests for any
+    /// origin on one connection).
+    pub fn reuses_origin(&self, target: &TargetAddr, any_target: bool) -> bool {
+        matches!(self.stage, Stage::Idle(Some(_)))
+            && self.origin_reusable
+            && (any_target || self.target.as_ref() == Some(target))
+    }
+
+    /// Starts forwarding the forward request `req` (its rewritten head goes out first, by the caller), between
+    /// requests: on the kept origin connection when [`Exchange::reuses_origin`] says it can carry it, else it
+    /// waits for a new connection to its target.
+    pub fn begin(&mut self, req: &Request, any_target: bool) -> Begin<O> {
+        let reuse = self.reuses_origin(&req.target, any_target);
+        let flight = Flight {
             is_head: req.is_head,
             minor: req.minor_version,
             client_keep_alive: req.keep_alive,
@@ -305,13 +372,41 @@ impl Exchange {
                 ready: 0,
             },
             response: Download::Head { started: false },
-        });
+        };
+        match self.take_stage() {
+            Some(origin) if reuse => {
+                self.stage = Stage::InFlight(origin, flight);
+                Begin::Reused
+            }
+            unwanted => {
+                self.target = Some(req.target.clone());
+                self.origin_reusable = false;
+                self.stage = Stage::Connecting(flight);
+                Begin::Connect(unwanted)
+            }
+        }
+    }
+
+    /// The new origin connection for the waiting request is up: the request goes on it. Handed back when no
+    /// request waits for one.
+    pub fn connected(&mut self, origin: O) -> Result<(), O> {
+        match std::mem::replace(&mut self.stage, Stage::Idle(None)) {
+            Stage::Connecting(x) => {
+                self.stage = Stage::InFlight(origin, x);
+                self.origin_reusable = true;
+                Ok(())
+            }
+            other => {
+                self.stage = other;
+                Err(origin)
+            }
+        }
     }
 
     /// The origin stopped taking the request (say it answered 413 and reset): whatever it sent is still
     /// delivered, then the client connection closes.
     pub fn abandon_upload(&mut self) {
-        if let Some(x) = self.flight.as_mut() {
+        if let Some(x) = self.flight_mut() {
             x.upload = Upload::Abandoned;
         }
     }
@@ -324,8 +419,9 @@ impl Exchange {
         out: &mut Vec<u8>,
     ) -> OriginEvent {
         let close_after = self.close_after;
-        let Some(x) = self.flight.as_mut() else {
-            return OriginEvent::Idle;
+        let x = match &mut self.stage {
+            Stage::Connecting(x) | Stage::InFlight(_, x) => x,
+            Stage::Idle(_) => return OriginEvent::Idle,
         };
         match &mut x.response {
             Download::Head { .. } if input.is_empty() => OriginEvent::NeedHead,
@@ -378,10 +474,10 @@ impl Exchange {
 
     /// The caller wrote `n` response body bytes (from the front of the last [`OriginEvent::Body`]) to the client.
     pub fn sent_to_client(&mut self, n: usize) {
-        if let Some(InFlight {
+        if let Some(Flight {
             response: Download::Body { ready, .. },
             ..
-        }) = self.flight.as_mut()
+        }) = self.flight_mut()
         {
             *ready = ready.saturating_sub(n);
         }
@@ -390,8 +486,8 @@ impl Exchange {
     /// The response is complete: its whole body went to the client.
     pub fn response_complete(&self) -> bool {
         matches!(
-            &self.flight,
-            Some(InFlight { response: Download::Body { body, ready: 0, .. }, .. }) if body.is_done()
+            self.flight(),
+            Some(Flight { response: Download::Body { body, ready: 0, .. }, .. }) if body.is_done()
         )
     }
 
@@ -400,17 +496,28 @@ impl Exchange {
     /// breaks the exchange (no final head yet, or body bytes still to forward).
     pub fn origin_closed(&self) -> bool {
         matches!(
-            &self.flight,
-            Some(InFlight { response: Download::Body { body, ready: 0, .. }, .. }) if !body.is_done()
+            self.flight(),
+            Some(Flight { response: Download::Body { body, ready: 0, .. }, .. }) if !body.is_done()
         )
     }
 
     /// Ends the exchange whose response is complete: whether the client connection carries another request, and
-    /// whether the origin connection does. `client_eof` (the client closed its side), `draining` and
-    /// `origin_leftover` (the origin sent bytes past its response) come from the caller.
-    pub fn finish(&mut self, client_eof: bool, draining: bool, origin_leftover: bool) -> After {
-        let Some(x) = self.flight.take() else {
-            return After::Close;
+    /// whether the origin connection does (then it is kept, idle; otherwise it is handed back to be closed).
+    /// `client_eof` (the client closed its side), `draining` and `origin_leftover` (the origin sent bytes past
+    /// its response) come from the caller.
+    pub fn finish(
+        &mut self,
+        client_eof: bool,
+        draining: bool,
+        origin_leftover: bool,
+    ) -> (After, Option<O>) {
+        let (origin, x) = match std::mem::replace(&mut self.stage, Stage::Idle(None)) {
+            Stage::InFlight(o, x) => (Some(o), x),
+            Stage::Connecting(x) => (None, x),
+            Stage::Idle(kept) => {
+                self.stage = Stage::Idle(kept);
+                return (After::Close, None);
+            }
         };
         let sent = matches!(x.upload, Upload::Sent);
         let keep_client = matches!(
@@ -422,47 +529,38 @@ impl Exchange {
         );
         if !sent || !keep_client || draining || client_eof || self.close_after {
             // The client still sends a body that will not be read, or asked to close.
-            return After::Close;
+            return (After::Close, origin);
         }
         let keep_origin = self.origin_reusable && !origin_leftover;
         if !keep_origin {
-            self.origin = None;
+            self.target = None;
+            return (After::Next { keep_origin }, origin);
         }
-        After::Next { keep_origin }
+        self.stage = Stage::Idle(origin);
+        (After::Next { keep_origin }, None)
     }
 
-    /// Abandons the exchange in flight (the origin failed before anything of its response reached the client,
-    /// and the caller answers it).
-    pub fn abort(&mut self) {
-        self.flight = None;
+    /// The caller closes the origin connection (it failed, spoke or closed between requests, or the client
+    /// connection ends): the exchange in flight, if any, is abandoned with it, and the connection is handed back.
+    pub fn take_origin(&mut self) -> Option<O> {
+        self.target = None;
+        self.origin_reusable = false;
+        self.take_stage()
+    }
+
+    /// Leaves the machine idle with no origin connection, and returns the connection it had.
+    fn take_stage(&mut self) -> Option<O> {
+        match std::mem::replace(&mut self.stage, Stage::Idle(None)) {
+            Stage::Idle(o) => o,
+            Stage::InFlight(o, _) => Some(o),
+            Stage::Connecting(_) => None,
+        }
     }
 
     /// Hook for the caller's own limits: the client connection ends after the current response (which then says
     /// `Connection: close` if its head is still to come).
     pub fn close_after_response(&mut self) {
         self.close_after = true;
-    }
-
-    /// Whether the kept origin connection can carry a request for `target`: it may (the last response allowed it)
-    /// and goes there, or `any_target` (an HTTP upstream proxy takes requests for any origin on one connection).
-    pub fn reuses_origin(&self, target: &TargetAddr, any_target: bool) -> bool {
-        self.origin_reusable && (any_target || self.origin.as_ref() == Some(target))
-    }
-
-    /// A new origin connection to `target` is being made; it carries nothing until [`Exchange::origin_up`].
-    pub fn connecting(&mut self, target: &TargetAddr) {
-        self.origin = Some(target.clone());
-        self.origin_reusable = false;
-    }
-
-    /// The origin connection is up: the request goes on it.
-    pub fn origin_up(&mut self) {
-        self.origin_reusable = true;
-    }
-
-    /// The kept origin connection is gone (it spoke or closed between requests).
-    pub fn origin_lost(&mut self) {
-        self.origin = None;
     }
 }
 

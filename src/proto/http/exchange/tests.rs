@@ -35,11 +35,15 @@ struct Run<'a> {
     write: usize,
 }
 
+/// The driver's origin connection handle: its index in [`Transcript::origin`], so what the exchange hands back is
+/// where the bytes go.
+type Handle = usize;
+
 /// Bound on driver turns: the scripts are a few hundred bytes, read one byte per turn at worst.
 const MAX_TURNS: usize = 100_000;
 
 fn run(r: &Run<'_>) -> Transcript {
-    let mut x = Exchange::new();
+    let mut x: Exchange<Handle> = Exchange::new();
     let mut t = Transcript {
         origin: Vec::new(),
         client: Vec::new(),
@@ -48,8 +52,8 @@ fn run(r: &Run<'_>) -> Transcript {
     let (mut client_fed, mut c_buf, mut o_buf) = (0, Vec::new(), Vec::new());
     let mut origin_queue: Vec<u8> = Vec::new();
     let mut responses = r.responses.iter();
-    // The origin connection: open, and whether its response for the current request was already queued.
-    let (mut origin_open, mut answered) = (false, false);
+    // Whether the origin's response for the current request was already queued.
+    let mut answered = false;
     let mut out = Vec::new();
     for _ in 0..MAX_TURNS {
         let feed_client = |c_buf: &mut Vec<u8>, fed: &mut usize| {
@@ -77,18 +81,16 @@ fn run(r: &Run<'_>) -> Transcript {
                         t.events.push(String::from("407"));
                         return t;
                     }
-                    if !(origin_open && x.reuses_origin(&request.target, false)) {
-                        x.connecting(&request.target);
-                        x.origin_up();
+                    if let Begin::Connect(old) = x.begin(&request, false) {
+                        // A kept connection that cannot carry this request is the last one opened.
+                        assert!(old.is_none_or(|o| o + 1 == t.origin.len()), "{old:?}");
                         t.origin.push(Vec::new());
-                        origin_open = true;
                         o_buf.clear();
+                        assert_eq!(x.connected(t.origin.len() - 1), Ok(()));
                     }
-                    x.begin(&request);
                     t.events.push(format!("request {:?}", request.target));
-                    if let Some(o) = t.origin.last_mut() {
-                        o.extend_from_slice(&out);
-                    }
+                    let o = *x.origin().expect("in flight on its connection");
+                    t.origin[o].extend_from_slice(&out);
                     answered = false;
                 }
                 other => {
@@ -102,9 +104,8 @@ fn run(r: &Run<'_>) -> Transcript {
         match x.request_step(&c_buf) {
             UploadEvent::Body(n) => {
                 let w = n.min(r.write);
-                if let Some(o) = t.origin.last_mut() {
-                    o.extend_from_slice(&c_buf[..w]);
-                }
+                let o = *x.origin().expect("in flight on its connection");
+                t.origin[o].extend_from_slice(&c_buf[..w]);
                 c_buf.drain(..w);
                 x.sent_to_origin(w);
             }
@@ -154,14 +155,17 @@ fn run(r: &Run<'_>) -> Transcript {
                 assert!(x.response_complete());
                 let leftover = !o_buf.is_empty() || !origin_queue.is_empty();
                 let client_eof = client_fed == r.client.len() && c_buf.is_empty();
-                match x.finish(client_eof, false, leftover) {
+                let (after, closed) = x.finish(client_eof, false, leftover);
+                match after {
                     After::Close => {
+                        assert!(closed.is_some(), "the origin is handed back to be closed");
                         t.events.push(String::from("close"));
                         return t;
                     }
                     After::Next { keep_origin } => {
+                        assert_eq!(closed.is_none(), keep_origin, "kept, or handed back");
+                        assert_eq!(x.origin().is_some(), keep_origin);
                         t.events.push(format!("next, keep origin {keep_origin}"));
-                        origin_open = keep_origin;
                     }
                 }
             }
@@ -202,12 +206,17 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Parses the request head `raw` and starts its exchange.
-fn begin(x: &mut Exchange, raw: &[u8]) -> Request {
+/// Parses the request head `raw` and starts its exchange on a new origin connection.
+fn begin(x: &mut Exchange<()>, raw: &[u8]) -> Request {
     let HeadEvent::Request { request, .. } = x.read_head(raw, &OPTS, &mut Vec::new()) else {
         panic!("no request in {:?}", text(raw));
     };
-    x.begin(&request);
+    assert_eq!(x.begin(&request, false), Begin::Connect(None));
+    assert!(
+        x.in_flight() && x.origin().is_none(),
+        "waits for its connection"
+    );
+    assert_eq!(x.connected(()), Ok(()));
     request
 }
 
@@ -339,7 +348,7 @@ fn interim_heads_head_requests_and_bad_framing() {
 
 #[test]
 fn keep_alive_decisions() {
-    let req = |x: &mut Exchange, raw: &[u8]| {
+    let req = |x: &mut Exchange<()>, raw: &[u8]| {
         let mut out = Vec::new();
         let request = begin(x, raw);
         assert_eq!(x.request_step(&[]), UploadEvent::Complete);
@@ -390,18 +399,14 @@ fn keep_alive_decisions() {
         if hook {
             x.close_after_response();
         }
-        assert_eq!(
-            x.finish(eof, draining, leftover),
-            want,
-            "{eof} {draining} {leftover} {hook}"
-        );
+        let (after, closed) = x.finish(eof, draining, leftover);
+        assert_eq!(after, want, "{eof} {draining} {leftover} {hook}");
         assert!(!x.in_flight());
         let keep = matches!(want, After::Next { keep_origin: true });
-        let mut y = x.clone();
-        y.origin_up();
+        assert_eq!(closed.is_none(), keep, "the origin is kept or handed back");
         assert_eq!(
             x.reuses_origin(&r.target, false),
-            keep && x.origin.is_some()
+            keep && x.target.is_some()
         );
     }
     // An upload the origin stopped taking ends the client connection after the response.
@@ -422,7 +427,7 @@ fn keep_alive_decisions() {
         OriginEvent::Body(5)
     );
     x.sent_to_client(5);
-    assert_eq!(x.finish(false, false, false), After::Close);
+    assert_eq!(x.finish(false, false, false), (After::Close, Some(())));
     // A close-delimited body ends with the origin's close; a missing head does not.
     let mut x = Exchange::new();
     let get10 = b"GET http://a.test/ HTTP/1.0\r\nHost: a.test\r\n\r\n";
@@ -460,7 +465,70 @@ fn an_http_upstreams_407_is_not_the_clients() {
         OriginEvent::Head { status: 407, .. }
     ));
     assert_eq!(
-        Exchange::new().origin_step(b"x", &OPTS, &mut out),
+        Exchange::<()>::new().origin_step(b"x", &OPTS, &mut out),
         OriginEvent::Idle
     );
+}
+
+#[test]
+fn the_origin_connection_is_held_by_the_state_that_uses_it() {
+    let get = b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n";
+    let HeadEvent::Request { request, .. } =
+        Exchange::<u8>::new().read_head(get, &OPTS, &mut Vec::new())
+    else {
+        panic!("no request");
+    };
+    let mut x: Exchange<u8> = Exchange::new();
+    // No request waits for a connection: it is handed back.
+    assert_eq!(x.connected(1), Err(1));
+    assert_eq!(x.begin(&request, false), Begin::Connect(None));
+    assert_eq!(x.origin(), None);
+    assert_eq!(x.connected(1), Ok(()));
+    assert_eq!(x.connected(2), Err(2), "one connection per request");
+    // The caller closes the origin mid-exchange: the exchange ends with it.
+    assert_eq!(x.take_origin(), Some(1));
+    assert!(!x.in_flight());
+    assert_eq!(
+        x.origin_step(OK_HELLO, &OPTS, &mut Vec::new()),
+        OriginEvent::Idle
+    );
+    // A kept connection carries the next request to the same origin (or to any, through an HTTP proxy).
+    assert_eq!(x.begin(&request, false), Begin::Connect(None));
+    assert_eq!(x.connected(3), Ok(()));
+    assert_eq!(x.request_step(&[]), UploadEvent::Complete);
+    assert!(matches!(
+        x.origin_step(OK_HELLO, &OPTS, &mut Vec::new()),
+        OriginEvent::Head { .. }
+    ));
+    assert_eq!(
+        x.origin_step(b"hello", &OPTS, &mut Vec::new()),
+        OriginEvent::Body(5)
+    );
+    x.sent_to_client(5);
+    assert_eq!(
+        x.finish(false, false, false),
+        (After::Next { keep_origin: true }, None)
+    );
+    assert_eq!(x.origin(), Some(&3), "kept, idle");
+    assert_eq!(x.begin(&request, false), Begin::Reused);
+    assert_eq!(x.origin(), Some(&3));
+    // Between requests, a kept connection that cannot carry the next request is handed back.
+    let mut y = x.clone();
+    assert_eq!(y.take_origin(), Some(3));
+    assert_eq!(y.take_origin(), None);
+    let other = b"GET http://b.test/ HTTP/1.1\r\nHost: b.test\r\n\r\n";
+    let HeadEvent::Request { request: to_b, .. } = y.read_head(other, &OPTS, &mut Vec::new())
+    else {
+        panic!("no request");
+    };
+    let mut z: Exchange<u8> = Exchange::new();
+    assert_eq!(z.begin(&request, false), Begin::Connect(None));
+    assert_eq!(z.connected(4), Ok(()));
+    z.request_step(&[]);
+    z.origin_step(OK_HELLO, &OPTS, &mut Vec::new());
+    z.origin_step(b"hello", &OPTS, &mut Vec::new());
+    z.sent_to_client(5);
+    assert_eq!(z.finish(false, false, false).1, None);
+    assert!(z.reuses_origin(&to_b.target, true) && !z.reuses_origin(&to_b.target, false));
+    assert_eq!(z.begin(&to_b, false), Begin::Connect(Some(4)));
 }
