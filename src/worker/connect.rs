@@ -98,13 +98,8 @@ pub fn start(
             if u.by_name() {
                 // Given by name: resolved per session and dialled here, then the handshake takes over.
                 let u = Arc::clone(u);
-                return resolve(
-                    key,
-                    conn,
-                    ctx,
-                    (Answer::Chain(Box::new(plan)), deadline),
-                    (&u.host, u.port),
-                );
+                let answer = Answer::Chain(Box::new(plan), Arc::clone(&u));
+                return resolve(key, conn, ctx, (answer, deadline), (&u.host, u.port));
             }
         }
         return upstream::dial(key, conn, ctx, plan);
@@ -248,7 +243,7 @@ fn resolved(
     result: io::Result<Vec<SocketAddr>>,
 ) -> Next {
     let reply = answer.kind();
-    let chain = matches!(answer, Answer::Chain(_));
+    let chain = matches!(answer, Answer::Chain(..));
     match result {
         Ok(addrs) if !addrs.is_empty() => begin(key, conn, ctx, (answer, deadline), addrs),
         Ok(_) | Err(_) if chain => {
@@ -343,7 +338,7 @@ fn admit(conn: &Conn, ctx: &Ctx, answer: &Answer, addrs: Vec<SocketAddr>) -> Adm
     let addrs = addrs
         .into_iter()
         .map(|a| SocketAddr::new(proto::canonical_ip(a.ip()), a.port()));
-    if matches!(answer, Answer::Chain(_)) {
+    if matches!(answer, Answer::Chain(..)) {
         return Admitted {
             allowed: Vec::new(),
             proxy: addrs.collect(),
@@ -436,7 +431,7 @@ fn pump(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
             Step::Idle | Step::Done => return Next::Wait,
             Step::Exhausted => {
                 let reply = answer.kind();
-                let reason = if matches!(answer, Answer::Chain(_)) {
+                let reason = if matches!(answer, Answer::Chain(..)) {
                     CloseReason::UpstreamProxy(Failure::General)
                 } else if !attempts.sched.started() && attempts.denied {
                     debug!(
@@ -580,13 +575,13 @@ fn won(key: usize, conn: &mut Conn, ctx: &mut Ctx, slot: usize) -> Next {
     debug!("{}: connected to {addr} ({})", conn.peer, target_str(conn));
     match std::mem::replace(&mut conn.phase, Phase::Closing) {
         Phase::Connecting {
-            answer: Answer::Chain(plan),
+            answer: Answer::Chain(plan, server),
             ..
         } => {
             // The upstream proxy given by name is reached: its handshake takes the socket (it sees it writable
             // and finds it connected).
             sock.writable = true;
-            upstream::reached_by_name(conn, ctx, *plan, sock)
+            upstream::reached_by_name(conn, ctx, *plan, server, sock)
         }
         Phase::Connecting { answer, .. } => Next::Connected(answer.connected(sock, None)),
         other => {

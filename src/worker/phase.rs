@@ -113,9 +113,9 @@ pub enum Answer {
     Reply(ReplyKind),
     /// A forwarded HTTP request: its forwarding state travels with the connect phases and comes back to `http`.
     Forward(Box<HttpState>),
-    /// The connection is to the `--upstream` proxy, given by name: once it is up, this handshake takes over (and
-    /// holds who gets the connection in the end).
-    Chain(Box<UpstreamPlan>),
+    /// The connection is to the `--upstream` proxy given by name (the second field): once it is up, this handshake
+    /// takes over (and holds who gets the connection in the end).
+    Chain(Box<UpstreamPlan>, std::sync::Arc<crate::upstream::Upstream>),
 }
 
 impl Answer {
@@ -124,7 +124,7 @@ impl Answer {
         match self {
             Answer::Reply(k) => *k,
             Answer::Forward(_) => ReplyKind::HttpForward,
-            Answer::Chain(plan) => plan.answer.kind(),
+            Answer::Chain(plan, _) => plan.answer.kind(),
         }
     }
 
@@ -133,7 +133,7 @@ impl Answer {
         match self {
             Answer::Forward(_) => true,
             Answer::Reply(_) => false,
-            Answer::Chain(plan) => plan.answer.forwards(),
+            Answer::Chain(plan, _) => plan.answer.forwards(),
         }
     }
 }
@@ -150,7 +150,7 @@ impl Answer {
                 st.from_origin = early;
                 Connected::Forward(st, outbound)
             }
-            Answer::Chain(plan) => plan.answer.connected(outbound, early),
+            Answer::Chain(plan, _) => plan.answer.connected(outbound, early),
         }
     }
 }

@@ -55,16 +55,13 @@ pub fn plan(answer: Answer, target: TargetAddr, route: Route, deadline: Instant)
 
 /// The `--upstream` proxy given by name was reached by the connect phases (resolved and dialled with Happy
 /// Eyeballs): its handshake takes the socket.
-pub fn reached_by_name(conn: &mut Conn, ctx: &mut Ctx, plan: UpstreamPlan, sock: Sock) -> Next {
-    let Route::Flag(server) = &plan.route else {
-        // Only `--upstream` is ever given by name (group members are addresses): there is no member to count.
-        return path_failed(
-            ctx,
-            plan.answer.kind(),
-            CloseReason::UpstreamProxy(Failure::General),
-        );
-    };
-    let server = Arc::clone(server);
+pub fn reached_by_name(
+    conn: &mut Conn,
+    ctx: &mut Ctx,
+    plan: UpstreamPlan,
+    server: Arc<Upstream>,
+    sock: Sock,
+) -> Next {
     conn.phase = Phase::Upstream(Box::new(UpstreamHandshake {
         plan,
         server,
@@ -100,7 +97,7 @@ fn dial_flag(
     // The user's egress address is the source of the connection to the upstream proxy too.
     let v4 = server.addrs.first().is_none_or(|a| a.is_ipv4());
     let Ok(source) = gate::egress(conn, ctx, v4) else {
-        return fail(ctx, reply, CloseReason::Failed(Failure::General));
+        return path_failed(ctx, reply, CloseReason::Failed(Failure::General));
     };
     while let Some(&addr) = server.addrs.get(plan.next_addr) {
         plan.next_addr += 1;
@@ -119,7 +116,7 @@ fn dial_flag(
             Err(e) => debug!("{}: upstream {addr}: {e}", conn.peer),
         }
     }
-    fail(ctx, reply, CloseReason::UpstreamProxy(Failure::General))
+    path_failed(ctx, reply, CloseReason::UpstreamProxy(Failure::General))
 }
 
 /// Opens a connection to the next member of the group in this session's order.
@@ -187,7 +184,7 @@ fn dial_member(key: usize, conn: &mut Conn, ctx: &mut Ctx, mut plan: UpstreamPla
         }
     }
     debug!("{}: no member of the upstream group answered", conn.peer);
-    fail(ctx, reply, CloseReason::UpstreamProxy(Failure::General))
+    path_failed(ctx, reply, CloseReason::UpstreamProxy(Failure::General))
 }
 
 /// The server the handshake talks to: its URL, its TLS configuration, its index in the group (`None` for
@@ -253,7 +250,7 @@ fn upstream_failed(
     reason: CloseReason,
 ) -> Next {
     let Some((group, index)) = current(&hs) else {
-        return fail(ctx, hs.plan.answer.kind(), reason);
+        return path_failed(ctx, hs.plan.answer.kind(), reason);
     };
     note(group, group.failure(index, ctx.now), index);
     next_server(key, conn, ctx, hs)
@@ -313,7 +310,7 @@ pub fn on_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
     };
     if expired {
         debug!("{}: upstream connect timed out", conn.peer);
-        return fail(
+        return path_failed(
             ctx,
             hs.plan.answer.kind(),
             CloseReason::Failed(Failure::TimedOut),
@@ -324,10 +321,6 @@ pub fn on_timer(key: usize, conn: &mut Conn, ctx: &mut Ctx) -> Next {
         conn.peer
     );
     upstream_failed(key, conn, ctx, hs, CloseReason::Failed(Failure::TimedOut))
-}
-
-fn fail(ctx: &mut Ctx, reply: ReplyKind, reason: CloseReason) -> Next {
-    path_failed(ctx, reply, reason)
 }
 
 /// Takes the handshake out of the connection for a step (see the module comment).
@@ -449,7 +442,7 @@ fn step(key: usize, conn: &mut Conn, ctx: &mut Ctx, mut hs: Box<UpstreamHandshak
                 conn.peer,
                 CloseReason::Failed(f).describe()
             );
-            fail(ctx, reply, CloseReason::Failed(f))
+            path_failed(ctx, reply, CloseReason::Failed(f))
         }
         Step::Ok(n, then) => {
             if let Some(b) = hs.inbox.as_mut() {
@@ -559,7 +552,7 @@ fn forward_head_for_member(ctx: &mut Ctx, mut hs: Box<UpstreamHandshake>) -> Nex
     if let Answer::Forward(st) = &mut plan.answer {
         let mut abs = Vec::with_capacity(st.pending_head.len() + 64);
         if !up::encode_forward_head(&st.pending_head, &plan.target, creds, &mut abs) {
-            return fail(
+            return path_failed(
                 ctx,
                 reply,
                 CloseReason::Failed(Failure::AddressNotSupported),
@@ -627,7 +620,7 @@ fn say(
 ) -> Next {
     if msg.is_empty() {
         let reply = hs.plan.answer.kind();
-        return fail(
+        return path_failed(
             ctx,
             reply,
             CloseReason::Failed(Failure::AddressNotSupported),
@@ -649,7 +642,7 @@ fn advance(conn: &mut Conn, ctx: &mut Ctx, hs: Box<UpstreamHandshake>, then: The
             // the protocol.
             let Some((u, p)) = hs.server.credentials.as_ref() else {
                 let reply = hs.plan.answer.kind();
-                return fail(ctx, reply, CloseReason::UpstreamProxy(Failure::NotAllowed));
+                return path_failed(ctx, reply, CloseReason::UpstreamProxy(Failure::NotAllowed));
             };
             let len = socks5::encode_user_pass(u.as_bytes(), p.as_bytes(), &mut out);
             say(conn, ctx, hs, &out[..len], UpstreamState::Auth)
