@@ -120,10 +120,92 @@ pub fn probe_exclusive(addr: SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
-/// Inodes of the TCP sockets listening on `addr` (or on an address overlapping it: the wildcard of its family),
-/// from /proc/net/tcp{,6}. Together with the inodes of our own sockets this tells whether another process shares
-/// the port: the check that closes the window between two instances' probes and their listens.
+/// Inodes of the TCP sockets listening on `addr` (or on an address overlapping it: the wildcard of its family).
+/// Together with the inodes of our own sockets this tells whether another process shares the port: the check that
+/// closes the window between two instances' probes and their listens. Asked of the kernel's sock_diag interface
+/// (what `ss -lt` uses), which walks only listening sockets; /proc/net/tcp{,6}, which prints every TCP socket of the
+/// host (a second or more on a gateway holding hundreds of thousands), is the fallback where netlink is refused.
 pub fn listening_inodes(addr: SocketAddr) -> io::Result<Vec<u64>> {
+    match diag_listening(addr) {
+        Ok(inodes) => Ok(inodes),
+        Err(e) => {
+            log::debug!("sock_diag: {e}; reading /proc/net/tcp instead");
+            proc_listening(addr)
+        }
+    }
+}
+
+/// [`listening_inodes`] through a NETLINK_SOCK_DIAG dump of the address family's listening TCP sockets.
+fn diag_listening(addr: SocketAddr) -> io::Result<Vec<u64>> {
+    use netlink_packet_core::{
+        NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+    };
+    use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
+    use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+    use netlink_packet_sock_diag::SockDiagMessage;
+    use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket as NlSocket, SocketAddr as NlAddr};
+
+    let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+    let mut sock = NlSocket::new(NETLINK_SOCK_DIAG)?;
+    sock.bind_auto()?;
+    sock.connect(&NlAddr::new(0, 0))?;
+    let (family, socket_id) = match addr {
+        SocketAddr::V4(_) => (AF_INET, SocketId::new_v4()),
+        SocketAddr::V6(_) => (AF_INET6, SocketId::new_v6()),
+    };
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut request = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::LISTEN,
+            socket_id,
+        })
+        .into(),
+    );
+    request.finalize();
+    let mut out = vec![0u8; request.buffer_len()];
+    request.serialize(&mut out);
+    sock.send(&out, 0)?;
+    let mut inodes = Vec::new();
+    // A dump arrives as datagrams of several messages each, at most a page or two apiece; 64 KiB never truncates.
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let n = sock.recv(&mut &mut buf[..], 0)?;
+        let mut at = 0;
+        while at < n {
+            let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[at..n])
+                .map_err(|e| bad(format!("bad sock_diag message: {e}")))?;
+            let len = msg.header.length as usize;
+            match msg.payload {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                    let id = &r.header.socket_id;
+                    if overlaps(addr, id.source_address, id.source_port) {
+                        inodes.push(u64::from(r.header.inode));
+                    }
+                }
+                NetlinkPayload::Done(_) => return Ok(inodes),
+                NetlinkPayload::Error(e) => return Err(bad(format!("sock_diag refused: {e}"))),
+                _ => {}
+            }
+            if len == 0 {
+                return Err(bad("empty sock_diag message".into()));
+            }
+            at += len;
+        }
+    }
+}
+
+/// A listener on `ip`:`port` takes connections for `addr` (same port, same address, or a wildcard on either side).
+fn overlaps(addr: SocketAddr, ip: IpAddr, port: u16) -> bool {
+    port == addr.port() && (ip == addr.ip() || ip.is_unspecified() || addr.ip().is_unspecified())
+}
+
+/// [`listening_inodes`] from /proc/net/tcp{,6}.
+fn proc_listening(addr: SocketAddr) -> io::Result<Vec<u64>> {
     let table = if addr.is_ipv4() {
         "/proc/net/tcp"
     } else {
@@ -155,9 +237,7 @@ fn parse_listening(text: &str, addr: SocketAddr) -> Vec<u64> {
         let Some(ip) = parse_proc_ip(ip_hex) else {
             continue;
         };
-        if port == addr.port()
-            && (ip == addr.ip() || ip.is_unspecified() || addr.ip().is_unspecified())
-        {
+        if overlaps(addr, ip, port) {
             out.push(inode);
         }
     }
@@ -562,6 +642,37 @@ mod tests {
         );
         let inodes = listening_inodes(addr).unwrap();
         assert_eq!(inodes, vec![socket_inode(&l).unwrap()]);
+    }
+
+    #[test]
+    fn sock_diag_and_proc_agree_on_listeners() {
+        let v4 = reuseport_listener("127.0.0.1:0".parse().unwrap(), 16, None).unwrap();
+        let a4 = v4.local_addr().unwrap();
+        // A second listener of the same reuseport group, and a socket connected to the port, which is no listener.
+        let v4b = reuseport_listener(a4, 16, None).unwrap();
+        let _conn = std::net::TcpStream::connect(a4).unwrap();
+        let mut want = vec![socket_inode(&v4).unwrap(), socket_inode(&v4b).unwrap()];
+        want.sort();
+        let mut diag = diag_listening(a4).unwrap();
+        diag.sort();
+        assert_eq!(diag, want);
+        let mut proc = proc_listening(a4).unwrap();
+        proc.sort();
+        assert_eq!(proc, want);
+        // The wildcard of the family overlaps a specific address of it.
+        let any: SocketAddr = format!("0.0.0.0:{}", a4.port()).parse().unwrap();
+        assert_eq!(diag_listening(any).unwrap().len(), 2);
+        if let Ok(v6) = reuseport_listener("[::1]:0".parse().unwrap(), 16, None) {
+            let a6 = v6.local_addr().unwrap();
+            assert_eq!(
+                diag_listening(a6).unwrap(),
+                vec![socket_inode(&v6).unwrap()]
+            );
+            assert_eq!(
+                proc_listening(a6).unwrap(),
+                vec![socket_inode(&v6).unwrap()]
+            );
+        }
     }
 
     #[test]
