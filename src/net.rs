@@ -147,6 +147,9 @@ fn diag_listening(addr: SocketAddr) -> io::Result<Vec<u64>> {
 
     let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
     let mut sock = NlSocket::new(NETLINK_SOCK_DIAG)?;
+    // The kernel answers a dump at once; the timeout only keeps a broken answer from stalling startup (then the
+    // /proc fallback runs).
+    socket2::SockRef::from(&sock).set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
     sock.bind_auto()?;
     sock.connect(&NlAddr::new(0, 0))?;
     let (family, socket_id) = match addr {
