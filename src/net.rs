@@ -656,7 +656,18 @@ mod tests {
         let _conn = std::net::TcpStream::connect(a4).unwrap();
         let mut want = vec![socket_inode(&v4).unwrap(), socket_inode(&v4b).unwrap()];
         want.sort();
-        let mut diag = diag_listening(a4).unwrap();
+        let mut diag = match diag_listening(a4) {
+            Ok(d) => d,
+            // A sandbox without NETLINK_SOCK_DIAG (gVisor, some containers): the /proc path below still runs.
+            Err(e) if e.raw_os_error().is_some() => {
+                eprintln!("no sock_diag here ({e}): only the /proc path is checked");
+                let mut proc = proc_listening(a4).unwrap();
+                proc.sort();
+                assert_eq!(proc, want);
+                return;
+            }
+            Err(e) => panic!("sock_diag answered something undecodable: {e}"),
+        };
         diag.sort();
         assert_eq!(diag, want);
         let mut proc = proc_listening(a4).unwrap();
