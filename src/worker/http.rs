@@ -34,7 +34,8 @@ use crate::policy::bucket::Bucket;
 use crate::policy::rules::Command;
 use crate::policy::UserLimits;
 use crate::proto::http::exchange::{
-    proxy_auth, After, Begin, HeadEvent, HeadOptions, OriginEvent, ProxyAuth, UploadEvent,
+    proxy_auth, After, AwaitingOrigin, Begin, HeadEvent, HeadOptions, OriginEvent, ProxyAuth,
+    UploadEvent,
 };
 use crate::proto::http::{self as h, Exchange, RequestKind};
 use crate::proto::{upstream as chain, Failure, ProtoError};
@@ -337,21 +338,25 @@ fn proceed(key: usize, conn: &mut Conn, ctx: &mut Ctx, (req, head, st): Pending)
         release(st.exchange.take_origin(), ctx);
     }
     // An HTTP upstream proxy takes requests for any origin on one connection.
-    if let Begin::Connect(unwanted) = st.exchange.begin(&req, via_http_proxy) {
-        release(unwanted, ctx);
-    } else {
-        conn.to_upstream.extend_from_slice(&head);
-        if ctx.head_out.capacity() == 0 {
-            // Give the allocation back for the next head.
-            let mut head = head;
-            head.clear();
-            ctx.head_out = head;
+    let pending = match st.exchange.begin(&req, via_http_proxy) {
+        Begin::Connect(unwanted, pending) => {
+            release(unwanted, ctx);
+            pending
         }
-        enter(conn, ctx, st);
-        return Next::Again;
-    }
+        Begin::Reused => {
+            conn.to_upstream.extend_from_slice(&head);
+            if ctx.head_out.capacity() == 0 {
+                // Give the allocation back for the next head.
+                let mut head = head;
+                head.clear();
+                ctx.head_out = head;
+            }
+            enter(conn, ctx, st);
+            return Next::Again;
+        }
+    };
     st.pending_head = head;
-    connect::start(key, conn, ctx, req.target, Answer::Forward(st))
+    connect::start(key, conn, ctx, req.target, Answer::Forward(st, pending))
 }
 
 fn bad_request(conn: &mut Conn, ctx: &mut Ctx, e: ProtoError) -> Next {
@@ -371,13 +376,10 @@ pub fn on_origin_connected(
     key: usize,
     conn: &mut Conn,
     ctx: &mut Ctx,
-    mut st: Box<HttpState>,
+    (mut st, pending): (Box<HttpState>, AwaitingOrigin),
     origin: Sock,
 ) -> Next {
-    if let Err(origin) = st.exchange.connected(origin) {
-        release(Some(origin), ctx);
-        return Next::Close(CloseReason::Internal);
-    }
+    st.exchange.connected(pending, origin);
     // Whatever an upstream proxy's handshake queued has gone out first: the request follows it.
     conn.to_upstream.append(&mut st.pending_head);
     st.pending_head = Vec::new();

@@ -622,8 +622,8 @@ impl Worker {
 /// connect path knows nothing of who asked; forwarded HTTP goes back to `http`, everything else gets its reply.
 fn settle(key: usize, conn: &mut Conn, ctx: &mut Ctx, next: Next) -> Next {
     match next {
-        Next::Connected(Connected::Forward(st, origin)) => {
-            http::on_origin_connected(key, conn, ctx, st, origin)
+        Next::Connected(Connected::Forward(st, pending, origin)) => {
+            http::on_origin_connected(key, conn, ctx, (st, pending), origin)
         }
         Next::Connected(Connected::Reply(kind, outbound, early)) => {
             connect::established(key, conn, ctx, kind, (outbound, early))

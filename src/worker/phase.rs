@@ -11,6 +11,7 @@ use mio::net::{TcpListener, UdpSocket};
 use super::close::CloseReason;
 use super::sock::Sock;
 use crate::buffer::Buffer;
+use crate::proto::http::exchange::AwaitingOrigin;
 use crate::proto::http::Exchange;
 use crate::proto::server::{Socks4Server, Socks5Server, Socks5Stage};
 use crate::proto::{Name, TargetAddr};
@@ -111,8 +112,9 @@ pub struct Attempts {
 pub enum Answer {
     /// A client waiting for this reply (SOCKS, HTTP CONNECT).
     Reply(ReplyKind),
-    /// A forwarded HTTP request: its forwarding state travels with the connect phases and comes back to `http`.
-    Forward(Box<HttpState>),
+    /// A forwarded HTTP request: its forwarding state, and the request waiting in it for its origin connection,
+    /// travel with the connect phases and come back to `http`.
+    Forward(Box<HttpState>, AwaitingOrigin),
     /// The connection is to the `--upstream` proxy given by name (the second field): once it is up, this handshake
     /// takes over (and holds who gets the connection in the end).
     Chain(Box<UpstreamPlan>, std::sync::Arc<crate::upstream::Upstream>),
@@ -123,7 +125,7 @@ impl Answer {
     pub fn kind(&self) -> ReplyKind {
         match self {
             Answer::Reply(k) => *k,
-            Answer::Forward(_) => ReplyKind::HttpForward,
+            Answer::Forward(..) => ReplyKind::HttpForward,
             Answer::Chain(plan, _) => plan.answer.kind(),
         }
     }
@@ -131,7 +133,7 @@ impl Answer {
     /// True when the connection is for a forwarded HTTP request (directly or through an upstream by name).
     pub fn forwards(&self) -> bool {
         match self {
-            Answer::Forward(_) => true,
+            Answer::Forward(..) => true,
             Answer::Reply(_) => false,
             Answer::Chain(plan, _) => plan.answer.forwards(),
         }
@@ -145,10 +147,10 @@ impl Answer {
     pub fn connected(self, outbound: Sock, early: Option<Buffer>) -> Connected {
         match self {
             Answer::Reply(kind) => Connected::Reply(kind, outbound, early),
-            Answer::Forward(mut st) => {
+            Answer::Forward(mut st, pending) => {
                 // `take_state` emptied the origin's buffer when the state left `Phase::Http`.
                 st.from_origin = early;
-                Connected::Forward(st, outbound)
+                Connected::Forward(st, pending, outbound)
             }
             Answer::Chain(plan, _) => plan.answer.connected(outbound, early),
         }
@@ -161,8 +163,9 @@ pub enum Connected {
     /// A client waiting for its success reply (SOCKS, HTTP CONNECT), then the relay; with the bytes the outbound
     /// side sent already (after an upstream proxy's reply), which the relay delivers first.
     Reply(ReplyKind, Sock, Option<Buffer>),
-    /// A forwarded HTTP request: its forwarding state takes the socket as its origin connection.
-    Forward(Box<HttpState>, Sock),
+    /// A forwarded HTTP request: its forwarding state takes the socket as the origin connection of the request
+    /// that waits for it.
+    Forward(Box<HttpState>, AwaitingOrigin, Sock),
 }
 
 /// An established tunnel: the outbound socket (target, chained proxy or BIND peer) and both directions.

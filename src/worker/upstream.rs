@@ -549,7 +549,7 @@ fn forward_head_for_member(ctx: &mut Ctx, mut hs: Box<UpstreamHandshake>) -> Nex
         .credentials
         .as_ref()
         .map(|(u, p)| (u.as_bytes(), p.as_bytes()));
-    if let Answer::Forward(st) = &mut plan.answer {
+    if let Answer::Forward(st, _) = &mut plan.answer {
         let mut abs = Vec::with_capacity(st.pending_head.len() + 64);
         if !up::encode_forward_head(&st.pending_head, &plan.target, creds, &mut abs) {
             return path_failed(

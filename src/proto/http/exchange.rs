@@ -4,7 +4,7 @@
 //! has read and reports what it has written.
 //!
 //! ```text
-//!  Idle(kept origin or none) --begin--> Connecting --connected(origin)--> InFlight(origin) { upload, response }
+//!  Idle(kept origin or none) --begin--> Connecting --connected(awaiting, origin)--> InFlight(origin) { upload, response }
 //!       |         \______________________ begin (reused) _____________________^       |
 //!       ^------------------- finish (keep-alive: origin kept or handed back) ----------+
 //!                            finish (close) / take_origin: origin handed back to be closed
@@ -12,7 +12,9 @@
 //!
 //! The machine holds the origin connection as an opaque handle `O` (the worker's socket; a unit or a fake in tests)
 //! that it never touches: the state that has a request in flight is the one that holds its connection, so neither
-//! can be without the other. It hands the handle back when the caller is to close it.
+//! can be without the other. It hands the handle back when the caller is to close it. While a request waits for a
+//! new connection, its exchange state travels with the caller as a [`AwaitingOrigin`] that only [`Exchange::begin`] makes
+//! and [`Exchange::connected`] takes: a connection can only be attached to a request that waits for one, once.
 //!
 //! Each direction has its step: [`Exchange::read_head`] and [`Exchange::request_step`] for the client's bytes,
 //! [`Exchange::origin_step`] for the origin's. Bodies are never copied: a step answers "the first `n` bytes of your input are body, forward them", and the
@@ -211,21 +213,26 @@ struct Flight {
 enum Stage<O> {
     /// Between requests: the connection kept from the last exchange, if it may carry the next request.
     Idle(Option<O>),
-    /// A request is accepted and waits for the connection the caller is making ([`Exchange::connected`]).
-    Connecting(Flight),
+    /// A request is accepted and waits for the connection the caller is making; its state is the caller's
+    /// [`AwaitingOrigin`] until [`Exchange::connected`].
+    Connecting,
     /// A request and its response in flight on their connection.
     InFlight(O, Flight),
 }
 
 /// What [`Exchange::begin`] did with the request.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Begin<O> {
     /// The kept origin connection carries it: it is in flight.
     Reused,
-    /// It waits for a new origin connection ([`Exchange::connected`]); the kept one, if there was one, cannot
-    /// carry it and is handed back to be closed.
-    Connect(Option<O>),
+    /// It waits for a new origin connection ([`Exchange::connected`], which takes the [`AwaitingOrigin`]); the kept one,
+    /// if there was one, cannot carry it and is handed back to be closed.
+    Connect(Option<O>, AwaitingOrigin),
 }
+
+/// A request waiting for its new origin connection: made by [`Exchange::begin`], taken by [`Exchange::connected`].
+#[derive(Debug)]
+pub struct AwaitingOrigin(Box<Flight>);
 
 /// The forwarding exchanges of one client connection, over origin connections of the caller's type `O`.
 #[derive(Debug, Clone)]
@@ -266,7 +273,7 @@ impl<O> Exchange<O> {
     pub fn origin(&self) -> Option<&O> {
         match &self.stage {
             Stage::Idle(o) => o.as_ref(),
-            Stage::Connecting(_) => None,
+            Stage::Connecting => None,
             Stage::InFlight(o, _) => Some(o),
         }
     }
@@ -275,22 +282,22 @@ impl<O> Exchange<O> {
     pub fn origin_mut(&mut self) -> Option<&mut O> {
         match &mut self.stage {
             Stage::Idle(o) => o.as_mut(),
-            Stage::Connecting(_) => None,
+            Stage::Connecting => None,
             Stage::InFlight(o, _) => Some(o),
         }
     }
 
     fn flight(&self) -> Option<&Flight> {
         match &self.stage {
-            Stage::Idle(_) => None,
-            Stage::Connecting(x) | Stage::InFlight(_, x) => Some(x),
+            Stage::InFlight(_, x) => Some(x),
+            Stage::Idle(_) | Stage::Connecting => None,
         }
     }
 
     fn flight_mut(&mut self) -> Option<&mut Flight> {
         match &mut self.stage {
-            Stage::Idle(_) => None,
-            Stage::Connecting(x) | Stage::InFlight(_, x) => Some(x),
+            Stage::InFlight(_, x) => Some(x),
+            Stage::Idle(_) | Stage::Connecting => None,
         }
     }
 
@@ -381,26 +388,19 @@ impl<O> Exchange<O> {
             unwanted => {
                 self.target = Some(req.target.clone());
                 self.origin_reusable = false;
-                self.stage = Stage::Connecting(flight);
-                Begin::Connect(unwanted)
+                self.stage = Stage::Connecting;
+                Begin::Connect(unwanted, AwaitingOrigin(Box::new(flight)))
             }
         }
     }
 
-    /// The new origin connection for the waiting request is up: the request goes on it. Handed back when no
-    /// request waits for one.
-    pub fn connected(&mut self, origin: O) -> Result<(), O> {
-        match std::mem::replace(&mut self.stage, Stage::Idle(None)) {
-            Stage::Connecting(x) => {
-                self.stage = Stage::InFlight(origin, x);
-                self.origin_reusable = true;
-                Ok(())
-            }
-            other => {
-                self.stage = other;
-                Err(origin)
-            }
-        }
+    /// The new origin connection for the waiting request (`pending`, from [`Exchange::begin`]) is up: the request
+    /// goes on it.
+    pub fn connected(&mut self, pending: AwaitingOrigin, origin: O) {
+        // Nothing else moves the exchange on while its request waits (the caller holds `pending` meanwhile).
+        debug_assert!(matches!(self.stage, Stage::Connecting));
+        self.stage = Stage::InFlight(origin, *pending.0);
+        self.origin_reusable = true;
     }
 
     /// The origin stopped taking the request (say it answered 413 and reset): whatever it sent is still
@@ -420,8 +420,9 @@ impl<O> Exchange<O> {
     ) -> OriginEvent {
         let close_after = self.close_after;
         let x = match &mut self.stage {
-            Stage::Connecting(x) | Stage::InFlight(_, x) => x,
-            Stage::Idle(_) => return OriginEvent::Idle,
+            Stage::InFlight(_, x) => x,
+            // Connecting: the origin's connection is not up yet, so it cannot have said anything.
+            Stage::Idle(_) | Stage::Connecting => return OriginEvent::Idle,
         };
         match &mut x.response {
             Download::Head { .. } if input.is_empty() => OriginEvent::NeedHead,
@@ -513,7 +514,8 @@ impl<O> Exchange<O> {
     ) -> (After, Option<O>) {
         let (origin, x) = match std::mem::replace(&mut self.stage, Stage::Idle(None)) {
             Stage::InFlight(o, x) => (Some(o), x),
-            Stage::Connecting(x) => (None, x),
+            // The request never reached an origin: nothing is known of the connection's framing.
+            Stage::Connecting => return (After::Close, None),
             Stage::Idle(kept) => {
                 self.stage = Stage::Idle(kept);
                 return (After::Close, None);
@@ -553,7 +555,7 @@ impl<O> Exchange<O> {
         match std::mem::replace(&mut self.stage, Stage::Idle(None)) {
             Stage::Idle(o) => o,
             Stage::InFlight(o, _) => Some(o),
-            Stage::Connecting(_) => None,
+            Stage::Connecting => None,
         }
     }
 

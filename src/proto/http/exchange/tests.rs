@@ -81,12 +81,12 @@ fn run(r: &Run<'_>) -> Transcript {
                         t.events.push(String::from("407"));
                         return t;
                     }
-                    if let Begin::Connect(old) = x.begin(&request, false) {
+                    if let Begin::Connect(old, waiting) = x.begin(&request, false) {
                         // A kept connection that cannot carry this request is the last one opened.
                         assert!(old.is_none_or(|o| o + 1 == t.origin.len()), "{old:?}");
                         t.origin.push(Vec::new());
                         o_buf.clear();
-                        assert_eq!(x.connected(t.origin.len() - 1), Ok(()));
+                        x.connected(waiting, t.origin.len() - 1);
                     }
                     t.events.push(format!("request {:?}", request.target));
                     let o = *x.origin().expect("in flight on its connection");
@@ -211,12 +211,14 @@ fn begin(x: &mut Exchange<()>, raw: &[u8]) -> Request {
     let HeadEvent::Request { request, .. } = x.read_head(raw, &OPTS, &mut Vec::new()) else {
         panic!("no request in {:?}", text(raw));
     };
-    assert_eq!(x.begin(&request, false), Begin::Connect(None));
+    let Begin::Connect(None, waiting) = x.begin(&request, false) else {
+        panic!("not waiting for a new connection");
+    };
     assert!(
         x.in_flight() && x.origin().is_none(),
         "waits for its connection"
     );
-    assert_eq!(x.connected(()), Ok(()));
+    x.connected(waiting, ());
     request
 }
 
@@ -479,12 +481,12 @@ fn the_origin_connection_is_held_by_the_state_that_uses_it() {
         panic!("no request");
     };
     let mut x: Exchange<u8> = Exchange::new();
-    // No request waits for a connection: it is handed back.
-    assert_eq!(x.connected(1), Err(1));
-    assert_eq!(x.begin(&request, false), Begin::Connect(None));
+    // A connection can only be attached to a request waiting for one (`connected` takes what `begin` handed out,
+    // once): the type system checks what a runtime refusal used to.
+    let waiting = connect_none(x.begin(&request, false));
     assert_eq!(x.origin(), None);
-    assert_eq!(x.connected(1), Ok(()));
-    assert_eq!(x.connected(2), Err(2), "one connection per request");
+    x.connected(waiting, 1);
+    assert_eq!(x.origin(), Some(&1));
     // The caller closes the origin mid-exchange: the exchange ends with it.
     assert_eq!(x.take_origin(), Some(1));
     assert!(!x.in_flight());
@@ -493,8 +495,8 @@ fn the_origin_connection_is_held_by_the_state_that_uses_it() {
         OriginEvent::Idle
     );
     // A kept connection carries the next request to the same origin (or to any, through an HTTP proxy).
-    assert_eq!(x.begin(&request, false), Begin::Connect(None));
-    assert_eq!(x.connected(3), Ok(()));
+    let waiting = connect_none(x.begin(&request, false));
+    x.connected(waiting, 3);
     assert_eq!(x.request_step(&[]), UploadEvent::Complete);
     assert!(matches!(
         x.origin_step(OK_HELLO, &OPTS, &mut Vec::new()),
@@ -510,7 +512,7 @@ fn the_origin_connection_is_held_by_the_state_that_uses_it() {
         (After::Next { keep_origin: true }, None)
     );
     assert_eq!(x.origin(), Some(&3), "kept, idle");
-    assert_eq!(x.begin(&request, false), Begin::Reused);
+    assert!(matches!(x.begin(&request, false), Begin::Reused));
     assert_eq!(x.origin(), Some(&3));
     // Between requests, a kept connection that cannot carry the next request is handed back.
     let mut y = x.clone();
@@ -522,13 +524,21 @@ fn the_origin_connection_is_held_by_the_state_that_uses_it() {
         panic!("no request");
     };
     let mut z: Exchange<u8> = Exchange::new();
-    assert_eq!(z.begin(&request, false), Begin::Connect(None));
-    assert_eq!(z.connected(4), Ok(()));
+    let waiting = connect_none(z.begin(&request, false));
+    z.connected(waiting, 4);
     z.request_step(&[]);
     z.origin_step(OK_HELLO, &OPTS, &mut Vec::new());
     z.origin_step(b"hello", &OPTS, &mut Vec::new());
     z.sent_to_client(5);
     assert_eq!(z.finish(false, false, false).1, None);
     assert!(z.reuses_origin(&to_b.target, true) && !z.reuses_origin(&to_b.target, false));
-    assert_eq!(z.begin(&to_b, false), Begin::Connect(Some(4)));
+    assert!(matches!(z.begin(&to_b, false), Begin::Connect(Some(4), _)));
+}
+
+/// The request waits for a new connection and no kept one is handed back.
+fn connect_none<O: std::fmt::Debug>(b: Begin<O>) -> AwaitingOrigin {
+    match b {
+        Begin::Connect(None, waiting) => waiting,
+        other => panic!("expected to wait for a new connection: {other:?}"),
+    }
 }
