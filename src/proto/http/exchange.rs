@@ -4,16 +4,16 @@
 //! has read and reports what it has written.
 //!
 //! ```text
-//!  Idle(kept origin or none) --begin--> Connecting --connected(awaiting, origin)--> InFlight(origin) { upload, response }
-//!       |         \______________________ begin (reused) _____________________^       |
-//!       ^------------------- finish (keep-alive: origin kept or handed back) ----------+
-//!                            finish (close) / take_origin: origin handed back to be closed
+//!  Idle(kept origin or none) --begin--> Connecting --connected(awaiting, origin)--> InFlight(origin) {..}
+//!       |         \__________________________ begin (reused) _____________________________^     |
+//!       ^---------------------- finish (keep-alive: origin kept or handed back) -------------------+
+//!                               finish (close) / take_origin: origin handed back to be closed
 //! ```
 //!
 //! The machine holds the origin connection as an opaque handle `O` (the worker's socket; a unit or a fake in tests)
 //! that it never touches: the state that has a request in flight is the one that holds its connection, so neither
 //! can be without the other. It hands the handle back when the caller is to close it. While a request waits for a
-//! new connection, its exchange state travels with the caller as a [`AwaitingOrigin`] that only [`Exchange::begin`] makes
+//! new connection, its state travels with the caller as an [`AwaitingOrigin`], which only [`Exchange::begin`] makes
 //! and [`Exchange::connected`] takes: a connection can only be attached to a request that waits for one, once.
 //!
 //! Each direction has its step: [`Exchange::read_head`] and [`Exchange::request_step`] for the client's bytes,
@@ -225,8 +225,8 @@ enum Stage<O> {
 pub enum Begin<O> {
     /// The kept origin connection carries it: it is in flight.
     Reused,
-    /// It waits for a new origin connection ([`Exchange::connected`], which takes the [`AwaitingOrigin`]); the kept one,
-    /// if there was one, cannot carry it and is handed back to be closed.
+    /// It waits for a new origin connection ([`Exchange::connected`], which takes the [`AwaitingOrigin`]); the
+    /// kept one, if there was one, cannot carry it and is handed back to be closed.
     Connect(Option<O>, AwaitingOrigin),
 }
 
