@@ -181,7 +181,7 @@ fn hash_is_sticky_by_client_address() {
 fn passive_ejection_and_return() {
     let echo = TestServer::echo();
     let live = member(&[]);
-    let dead = closed_port();
+    let dead = free_port();
     let policy = format!(
         "[upstreams.corp]\nservers = [\"socks5://127.0.0.1:{dead}\", \"socks5://{}\"]\nmax_fails = 2\nfail_timeout = \"1s\"\n\n[[rules]]\naction = \"via:corp\"\n",
         live.addr()

@@ -109,7 +109,7 @@ impl Activated {
         // systemd-socket-activate cannot bind port 0: take free ports, retrying if one was taken meanwhile.
         for _ in 0..5 {
             let addrs: Vec<SocketAddr> = (0..n)
-                .map(|_| SocketAddr::from(([127, 0, 0, 1], closed_port())))
+                .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
                 .collect();
             let stderr_path = temp_path("activate.log");
             let mut cmd = Command::new(ACTIVATE);
@@ -746,7 +746,7 @@ fn an_upgrade_hands_on_the_sockets_systemd_passed() {
 #[test]
 fn overlapping_listen_addresses_of_one_instance_are_not_a_conflict() {
     let echo = TestServer::echo();
-    let port = closed_port().to_string();
+    let port = free_port().to_string();
     let (specific, wild) = (format!("127.0.0.1:{port}"), format!("0.0.0.0:{port}"));
     let args = ["-l", &specific, "-l", &wild, "--open", "--threads", "2"];
     let proxy = Proxy::spawn(&args);

@@ -558,12 +558,44 @@ pub fn have_ipv6() -> bool {
     TcpListener::bind("[::1]:0").is_ok()
 }
 
-/// A 127.0.0.1 port with nothing listening on it (bound, then released).
-pub fn closed_port() -> u16 {
+/// A 127.0.0.1 port free now (bound, then released), for a listener the test starts on it later. Another test may take
+/// it in between: callers that cannot tolerate that retry, or use [`closed_port`] when nothing is to listen there.
+pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = l.local_addr().unwrap().port();
     drop(l);
     port
+}
+
+/// A TCP port nothing listens on, for the rest of the test run: a connect to it on any loopback address is refused.
+/// It stays bound (not listening) on the IPv4 wildcard and, where the host has IPv6, on the IPv6 wildcard, so no
+/// other test running alongside can take it for a listener or an outgoing connection meanwhile (a port released
+/// at once could be handed to one, and a "refused" case would then connect).
+pub fn closed_port() -> u16 {
+    use socket2::{Domain, Socket, Type};
+    static HELD: std::sync::Mutex<Vec<Socket>> = std::sync::Mutex::new(Vec::new());
+    for _ in 0..50 {
+        let v4 = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        v4.bind(&SocketAddr::from(([0, 0, 0, 0], 0)).into())
+            .expect("bind");
+        let port = v4.local_addr().unwrap().as_socket().unwrap().port();
+        let v6 = match Socket::new(Domain::IPV6, Type::STREAM, None) {
+            Err(_) => None, // no IPv6 on this host: nothing to hold there
+            Ok(v6) => {
+                v6.set_only_v6(true).expect("IPV6_V6ONLY");
+                let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+                match v6.bind(&any6.into()) {
+                    Ok(()) => Some(v6),
+                    Err(_) => continue, // taken on IPv6: try another port
+                }
+            }
+        };
+        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+        held.push(v4);
+        held.extend(v6);
+        return port;
+    }
+    panic!("no port free on both families after 50 tries");
 }
 
 /// Reads until the peer closes (EOF or reset) or the socket's read timeout passes. Returns the bytes received and
