@@ -17,8 +17,8 @@ use log::debug;
 use super::access;
 use super::close::CloseReason;
 use super::conn::{
-    grow, read_client, user_admit, verify_off_loop, Answer, Conn, Dest, PendingAuth, Phase,
-    RequestLog, Sock,
+    flush_to, grow, read_client, user_admit, verify_off_loop, Answer, Conn, Dest, PendingAuth,
+    Phase, RequestLog, Sock,
 };
 use super::connect;
 use super::ctx::{Ctx, Next, ReplyKind};
@@ -669,8 +669,12 @@ fn upward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, Clo
 fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, Next> {
     let mut progress = false;
     let opts = head_options(&ctx.cfg, ctx.draining);
+    // A response head was just queued: it waits for the body bytes that may follow it in the origin's buffer, so
+    // both leave in one write (one segment, one wake-up of the client) instead of two.
+    let mut head_queued = false;
     for _ in 0..BODY_READS {
-        if !conn.to_client.is_empty() {
+        let head_waits = std::mem::take(&mut head_queued);
+        if !conn.to_client.is_empty() && !head_waits {
             let before = conn.to_client.len();
             conn.flush_client()
                 .map_err(|_| Next::Close(CloseReason::ClientReset))?;
@@ -686,7 +690,19 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
         };
         let exchange = &mut st.exchange;
         let buf = st.from_origin.get_or_insert_with(|| ctx.pool.take());
-        match exchange.origin_step(buf.data(), &opts, &mut ctx.head_out) {
+        let event = exchange.origin_step(buf.data(), &opts, &mut ctx.head_out);
+        if head_waits && !matches!(event, OriginEvent::Body(_) | OriginEvent::Head { .. }) {
+            // No body bytes to go with the head: it leaves alone, before whatever this event leads to.
+            let before = conn.to_client.len();
+            flush_to(&mut conn.client, &mut conn.to_client)
+                .map_err(|_| Next::Close(CloseReason::ClientReset))?;
+            progress |= count(
+                &mut conn.bytes_down,
+                &ctx.stats.bytes_down,
+                before - conn.to_client.len(),
+            );
+        }
+        match event {
             OriginEvent::Head {
                 consumed,
                 status,
@@ -700,6 +716,7 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
                 }
                 conn.to_client.extend_from_slice(&ctx.head_out);
                 progress = true;
+                head_queued = true;
                 continue;
             }
             OriginEvent::UpstreamRefused => {
@@ -720,6 +737,24 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
                         continue;
                     }
                     return Err(origin_error(conn, ctx, CloseReason::ResponseHeadTooLarge));
+                }
+            }
+            OriginEvent::Body(n) if !conn.to_client.is_empty() => {
+                // The head queued just before, and the first body bytes with it.
+                let body = buf.data().get(..n).unwrap_or(&[]);
+                let head_len = conn.to_client.len();
+                let sent = conn
+                    .client
+                    .write_two(&conn.to_client, body)
+                    .map_err(|_| Next::Close(CloseReason::ClientReset))?;
+                let head_sent = sent.min(head_len);
+                conn.to_client.drain(..head_sent);
+                let w = sent - head_sent;
+                buf.consume(w);
+                exchange.sent_to_client(w);
+                progress |= count(&mut conn.bytes_down, &ctx.stats.bytes_down, sent);
+                if w < n || exchange.response_complete() {
+                    return Ok(progress);
                 }
             }
             OriginEvent::Body(n) => {
