@@ -376,7 +376,8 @@ pub fn on_origin_connected(
     key: usize,
     conn: &mut Conn,
     ctx: &mut Ctx,
-    (mut st, pending): (Box<HttpState>, AwaitingOrigin),
+    mut st: Box<HttpState>,
+    pending: AwaitingOrigin,
     origin: Sock,
 ) -> Next {
     st.exchange.connected(pending, origin);
@@ -540,6 +541,37 @@ fn pass(sink: &mut Sock, buf: &mut Buffer, n: usize) -> std::io::Result<usize> {
     Ok(w)
 }
 
+/// Writes what waits in `to_client` (response heads) to the client, counted as downloaded; true if any went.
+/// (Fields, not the connection: the caller may hold the exchange in its phase.)
+fn flush_down(
+    client: &mut Sock,
+    to_client: &mut Vec<u8>,
+    bytes_down: &mut u64,
+    counter: &std::sync::atomic::AtomicU64,
+) -> Result<bool, Next> {
+    let before = to_client.len();
+    flush_to(client, to_client).map_err(|_| Next::Close(CloseReason::ClientReset))?;
+    Ok(count(bytes_down, counter, before - to_client.len()))
+}
+
+/// Writes the queued bytes `head` (usually none) and the first `n` bytes of `buf` to `sink`, in one write where both
+/// fit, and removes what went from each. Returns (head bytes, buffer bytes) written.
+fn pass_after(
+    sink: &mut Sock,
+    head: &mut Vec<u8>,
+    buf: &mut Buffer,
+    n: usize,
+) -> std::io::Result<(usize, usize)> {
+    if head.is_empty() {
+        return pass(sink, buf, n).map(|w| (0, w));
+    }
+    let sent = sink.write_two(head, buf.data().get(..n).unwrap_or(&[]))?;
+    let from_head = sent.min(head.len());
+    head.drain(..from_head);
+    buf.consume(sent - from_head);
+    Ok((from_head, sent - from_head))
+}
+
 /// Counts `n` bytes relayed one way on the connection and the worker's counter; true if there were any.
 fn count(total: &mut u64, counter: &std::sync::atomic::AtomicU64, n: usize) -> bool {
     *total += n as u64;
@@ -675,11 +707,12 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
     for _ in 0..BODY_READS {
         let head_waits = std::mem::take(&mut head_queued);
         if !conn.to_client.is_empty() && !head_waits {
-            let before = conn.to_client.len();
-            conn.flush_client()
-                .map_err(|_| Next::Close(CloseReason::ClientReset))?;
-            let sent = before - conn.to_client.len();
-            progress |= count(&mut conn.bytes_down, &ctx.stats.bytes_down, sent);
+            progress |= flush_down(
+                &mut conn.client,
+                &mut conn.to_client,
+                &mut conn.bytes_down,
+                &ctx.stats.bytes_down,
+            )?;
             if !conn.to_client.is_empty() {
                 return Ok(progress);
             }
@@ -693,14 +726,12 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
         let event = exchange.origin_step(buf.data(), &opts, &mut ctx.head_out);
         if head_waits && !matches!(event, OriginEvent::Body(_) | OriginEvent::Head { .. }) {
             // No body bytes to go with the head: it leaves alone, before whatever this event leads to.
-            let before = conn.to_client.len();
-            flush_to(&mut conn.client, &mut conn.to_client)
-                .map_err(|_| Next::Close(CloseReason::ClientReset))?;
-            progress |= count(
+            progress |= flush_down(
+                &mut conn.client,
+                &mut conn.to_client,
                 &mut conn.bytes_down,
                 &ctx.stats.bytes_down,
-                before - conn.to_client.len(),
-            );
+            )?;
         }
         match event {
             OriginEvent::Head {
@@ -739,29 +770,12 @@ fn downward(conn: &mut Conn, ctx: &mut Ctx, lim: &mut Lim<'_>) -> Result<bool, N
                     return Err(origin_error(conn, ctx, CloseReason::ResponseHeadTooLarge));
                 }
             }
-            OriginEvent::Body(n) if !conn.to_client.is_empty() => {
-                // The head queued just before, and the first body bytes with it.
-                let body = buf.data().get(..n).unwrap_or(&[]);
-                let head_len = conn.to_client.len();
-                let sent = conn
-                    .client
-                    .write_two(&conn.to_client, body)
-                    .map_err(|_| Next::Close(CloseReason::ClientReset))?;
-                let head_sent = sent.min(head_len);
-                conn.to_client.drain(..head_sent);
-                let w = sent - head_sent;
-                buf.consume(w);
-                exchange.sent_to_client(w);
-                progress |= count(&mut conn.bytes_down, &ctx.stats.bytes_down, sent);
-                if w < n || exchange.response_complete() {
-                    return Ok(progress);
-                }
-            }
             OriginEvent::Body(n) => {
-                let w = pass(&mut conn.client, buf, n)
+                // A head queued just before goes in the same write.
+                let (head, w) = pass_after(&mut conn.client, &mut conn.to_client, buf, n)
                     .map_err(|_| Next::Close(CloseReason::ClientReset))?;
                 exchange.sent_to_client(w);
-                progress |= count(&mut conn.bytes_down, &ctx.stats.bytes_down, w);
+                progress |= count(&mut conn.bytes_down, &ctx.stats.bytes_down, head + w);
                 if w < n || exchange.response_complete() {
                     return Ok(progress);
                 }

@@ -623,7 +623,7 @@ impl Worker {
 fn settle(key: usize, conn: &mut Conn, ctx: &mut Ctx, next: Next) -> Next {
     match next {
         Next::Connected(Connected::Forward(st, pending, origin)) => {
-            http::on_origin_connected(key, conn, ctx, (st, pending), origin)
+            http::on_origin_connected(key, conn, ctx, st, pending, origin)
         }
         Next::Connected(Connected::Reply(kind, outbound, early)) => {
             connect::established(key, conn, ctx, kind, (outbound, early))

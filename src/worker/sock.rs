@@ -177,22 +177,7 @@ impl Sock {
             self.sync_tls();
             return r;
         }
-        let mut off = 0;
-        while off < data.len() && self.writable {
-            match self.stream.write(&data[off..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    off += n;
-                    if off < data.len() {
-                        self.writable = false;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(off)
+        self.write_loop(data.len(), |s, off| s.write(&data[off..]))
     }
 
     /// Writes as much of `a` then `b` as the socket takes now, as one `writev` (one segment where both fit) on a
@@ -206,15 +191,26 @@ impl Sock {
             }
             return Ok(w + self.write_some(b)?);
         }
-        let total = a.len() + b.len();
-        let mut off = 0;
-        while off < total && self.writable {
+        self.write_loop(a.len() + b.len(), |s, off| {
             let parts = if off < a.len() {
                 [io::IoSlice::new(&a[off..]), io::IoSlice::new(b)]
             } else {
                 [io::IoSlice::new(&b[off - a.len()..]), io::IoSlice::new(&[])]
             };
-            match self.stream.write_vectored(&parts) {
+            s.write_vectored(&parts)
+        })
+    }
+
+    /// The clear-text write loop of `write_some` and `write_two`: `write(stream, offset)` writes from `offset` of
+    /// `total` bytes, until all went or the socket is full (`WouldBlock` or a short write clears `writable`).
+    fn write_loop(
+        &mut self,
+        total: usize,
+        mut write: impl FnMut(&mut TcpStream, usize) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        let mut off = 0;
+        while off < total && self.writable {
+            match write(&mut self.stream, off) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     off += n;
