@@ -19,7 +19,7 @@ usage() {
     cat <<'EOF'
 Usage: scripts/compare-peers.sh [--quick] [--seconds S] [--reps N] [--only LIST]
                                 [--out PREFIX] [--idle-conns N] [--no-build] [--no-install]
-                                [--baseline BIN]
+                                [--baseline BIN] [--connrate-blocking] [--nice N]
 
   --quick          1.5 s windows, 0.3 s warmup, 1 s idle hold (about 5 minutes in all)
   --seconds S      measured seconds per run (default 7; quick 1.5)
@@ -34,6 +34,9 @@ Usage: scripts/compare-peers.sh [--quick] [--seconds S] [--reps N] [--only LIST]
                    as system `socksgate-baseline`, interleaved with the current one in the
                    throughput, connrate (no auth), latency, udp and http sections, so a change
                    is measured against its baseline in the same run
+  --connrate-blocking
+                   connrate with the load generator's blocking engine (one thread per
+                   connection, as before 2026-12-05) instead of its event loop
   --nice N         run the proxies, the load generator and its targets under `nice -n N`
                    (e.g. -10), so other work on a shared machine takes less of their CPU;
                    applies to every proxy alike (default 0: no change)
@@ -56,6 +59,7 @@ NICE=0
 TRIES=3
 MAX_OTHER=35
 BASELINE=""
+CR_ENGINE=()
 # Retries over the whole run at most, so a busy machine cannot stretch it without bound.
 RETRY_BUDGET=30
 while [ $# -gt 0 ]; do
@@ -72,6 +76,7 @@ while [ $# -gt 0 ]; do
         --tries) TRIES=$2; shift 2 ;;
         --max-other) MAX_OTHER=$2; shift 2 ;;
         --baseline) BASELINE=$2; shift 2 ;;
+        --connrate-blocking) CR_ENGINE=(--blocking); shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; exit 2 ;;
     esac
@@ -141,7 +146,7 @@ cat >"$OUT.meta.json" <<EOF
 {"date": "$(date -u +%Y-%m-%dT%H:%MZ)", "commit": "$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$ROOT" && [ -n "$(git status --porcelain -- src Cargo.toml 2>/dev/null)" ] && echo ' + uncommitted changes')",
  "kernel": "$(uname -r)", "cpu": "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//;s/"//g')",
  "cores": $(nproc), "loadavg_start": "$(cut -d' ' -f1-3 /proc/loadavg)", "seconds": $SECS, "warmup": $WARMUP, "reps": $REPS, "quick": $QUICK,
- "baseline": "$BASELINE", "idle_requested": $IDLE_CONNS, "nice": $NICE, "tries": $TRIES, "max_other": $MAX_OTHER, "idle_conns": $IDLE_N, "nofile": $NOFILE,
+ "baseline": "$BASELINE", "idle_requested": $IDLE_CONNS, "nice": $NICE, "connrate_engine": "$([ ${#CR_ENGINE[@]} = 0 ] && echo events || echo blocking)", "tries": $TRIES, "max_other": $MAX_OTHER, "idle_conns": $IDLE_N, "nofile": $NOFILE,
  "versions": {"dante": "$(danted -v 2>&1 | head -1 | cut -c1-40)",
    "microsocks": "$(dpkg-query -W -f='${Version}' microsocks 2>/dev/null)",
    "tinyproxy": "$(tinyproxy -v 2>&1 | head -1)",
@@ -368,11 +373,11 @@ for rep in $(seq 1 "$REPS"); do
         done
     fi
     if want connrate; then
-        a=(connrate --concurrency 50 --target "127.0.0.1:$T_ECHOCLOSE")
+        a=(connrate ${CR_ENGINE[@]+"${CR_ENGINE[@]}"} --concurrency 50 --target "127.0.0.1:$T_ECHOCLOSE")
         record connrate-noauth socksgate "$rep" 1 "${a[@]}" --proxy "$SG" --cpu-pid "$SGN_PID"
         baseline connrate-noauth "$rep" "${a[@]}" --proxy "socks5://@PROXY@"
         record connrate-noauth microsocks "$rep" 1 "${a[@]}" --proxy "socks5://127.0.0.1:$MSN_PORT" --cpu-pid "$MSN_PID"
-        record connrate-noauth haproxy "$rep" 1 connrate --concurrency 50 --proxy direct \
+        record connrate-noauth haproxy "$rep" 1 connrate ${CR_ENGINE[@]+"${CR_ENGINE[@]}"} --concurrency 50 --proxy direct \
             --target "127.0.0.1:$HAPL_ECHOCLOSE" --cpu-pid "$HAPL_PID"
         record connrate-auth socksgate "$rep" 1 "${a[@]}" \
             --proxy "socks5://$AUTH_USER:$AUTH_PASS@127.0.0.1:$SGA_PORT" --cpu-pid "$SGA_PID"
@@ -432,7 +437,7 @@ if want threads; then
         for t in 1 2; do
             port_var="T${t}_PORT" pid_var="T${t}_PID"
             p="socks5://127.0.0.1:${!port_var}"
-            record threads-connrate "socksgate-t$t" "$rep" - connrate --concurrency 50 --proxy "$p" --cpu-pid "${!pid_var}"
+            record threads-connrate "socksgate-t$t" "$rep" - connrate ${CR_ENGINE[@]+"${CR_ENGINE[@]}"} --concurrency 50 --proxy "$p" --cpu-pid "${!pid_var}"
             record threads-tp-8-up "socksgate-t$t" "$rep" - throughput --streams 8 --dir up --proxy "$p" --cpu-pid "${!pid_var}"
             record threads-tp-8-down "socksgate-t$t" "$rep" - throughput --streams 8 --dir down --proxy "$p" --cpu-pid "${!pid_var}"
         done

@@ -166,6 +166,8 @@ enum Mode {
     Connrate {
         concurrency: usize,
         ops: u64,
+        /// One blocking thread per concurrent operation instead of the event loops.
+        blocking: bool,
     },
     Latency {
         conns: usize,
@@ -187,7 +189,7 @@ enum Mode {
 #[derive(Debug)]
 enum Action {
     Help,
-    Run(Common, Mode),
+    Run(Box<Common>, Mode),
 }
 
 /// Full help text.
@@ -200,6 +202,8 @@ second on stderr and exactly one JSON line on stdout. Exit 0 ok, 1 errors > 1%, 
 Modes:
   throughput --streams N --dir up|down   bulk data through N tunnels (Gbit/s)
   connrate --concurrency C [--ops MAX]   connect+handshake+32-byte echo+close per op
+           [--blocking]                  (C operations in one nonblocking loop per core;
+                                         --blocking: one blocking thread per operation)
   latency --conns N                      64-byte ping-pong round trips per tunnel
   idle --conns N [--pid PID] [--hold S]  RSS and fd cost of N idle tunnels in PID
                                          (KiB/tunnel: RSS slope from N/2 to N tunnels)
@@ -231,7 +235,7 @@ Defaults: --streams 1 --dir up, --concurrency 50, --conns 1 (latency) or 1000 (i
 fn mode_options(mode: &str) -> Option<&'static [&'static str]> {
     Some(match mode {
         "throughput" => &["streams", "dir"],
-        "connrate" => &["concurrency", "ops"],
+        "connrate" => &["concurrency", "ops", "blocking"],
         "latency" => &["conns"],
         "idle" => &["conns", "pid", "hold"],
         "udp" => &["rate"],
@@ -246,6 +250,7 @@ const MODE_OPTIONS: &[&str] = &[
     "dir",
     "concurrency",
     "ops",
+    "blocking",
     "conns",
     "pid",
     "hold",
@@ -283,6 +288,11 @@ fn parse_args(args: &[String], nofile: u64) -> Result<Action, String> {
     o.optopt("", "dir", "throughput direction", "up|down");
     o.optopt("", "concurrency", "parallel workers", "C");
     o.optopt("", "ops", "stop after MAX measured operations", "MAX");
+    o.optflag(
+        "",
+        "blocking",
+        "connrate: one blocking thread per operation",
+    );
     o.optopt("", "conns", "tunnels", "N");
     o.optopt("", "pid", "process to measure (idle)", "PID");
     o.optopt("", "hold", "idle hold seconds", "S");
@@ -341,6 +351,7 @@ fn parse_args(args: &[String], nofile: u64) -> Result<Action, String> {
         "connrate" => Mode::Connrate {
             concurrency: num(&m, "concurrency", 50, 1, 10_000)?,
             ops: num(&m, "ops", 0, 1, u64::MAX)?,
+            blocking: m.opt_present("blocking"),
         },
         "latency" => Mode::Latency {
             conns: num(&m, "conns", 1, 1, 10_000)?,
@@ -380,14 +391,18 @@ fn parse_args(args: &[String], nofile: u64) -> Result<Action, String> {
         }
         _ => unreachable!("mode_options accepted the name"),
     };
-    Ok(Action::Run(common, mode))
+    Ok(Action::Run(Box::new(common), mode))
 }
 
 /// Dispatch to the mode; returns the exit code.
 fn run(c: &Common, mode: Mode) -> i32 {
     match mode {
         Mode::Throughput { streams, dir } => throughput::run(c, streams, dir),
-        Mode::Connrate { concurrency, ops } => connrate::run(c, concurrency, ops),
+        Mode::Connrate {
+            concurrency,
+            ops,
+            blocking,
+        } => connrate::run(c, concurrency, ops, blocking),
         Mode::Latency { conns } => latency::run(c, conns),
         Mode::Idle { conns, pid, hold } => idle::run(c, conns, pid, hold),
         Mode::Udp { rate } => udp::run(c, rate),
@@ -452,9 +467,22 @@ mod tests {
             m,
             Mode::Connrate {
                 concurrency: 50,
-                ops: 5
+                ops: 5,
+                blocking: false
             }
         );
+        let Ok(Action::Run(_, m)) = parse("connrate --blocking --concurrency 7") else {
+            panic!("should parse");
+        };
+        assert_eq!(
+            m,
+            Mode::Connrate {
+                concurrency: 7,
+                ops: 0,
+                blocking: true
+            }
+        );
+        assert!(parse("latency --blocking").is_err());
         assert!(matches!(parse("--help"), Ok(Action::Help)));
     }
 
