@@ -205,6 +205,7 @@ def main():
         f"A run during which more than {meta.get('max_other', 25)} % of CPU 0 went to other work was "
         f"repeated, up to {meta.get('tries', 1)} tries, and the last try kept (`retried` below). "
         f"{'All proxies, the load generator and the targets ran under `nice -n ' + str(meta['nice']) + '`. ' if meta.get('nice') else ''}"
+        f"connrate ran on the load generator's {'blocking engine (a thread per connection)' if meta.get('connrate_engine', 'blocking') == 'blocking' else 'event engine (nonblocking sockets in one mio loop)'}. "
         f"Peers: {meta['versions']['dante']}, microsocks "
         f"{meta['versions']['microsocks']}, {meta['versions']['tinyproxy']}."
         f"{' Baseline (`socksgate-baseline`): `' + meta['baseline'] + '`, run the same way, interleaved with socksgate.' if meta.get('baseline') else ''}\n")
