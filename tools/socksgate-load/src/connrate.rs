@@ -145,6 +145,17 @@ enum St {
     Closing,
 }
 
+impl St {
+    /// The step's name in error messages, as the blocking engine words them.
+    fn step(self) -> &'static str {
+        match self {
+            St::Handshake => "tunnel",
+            St::Echo => "echo read",
+            St::Closing => "waiting for close",
+        }
+    }
+}
+
 /// One operation in flight on a nonblocking socket.
 struct Op {
     sock: TcpStream,
@@ -164,16 +175,29 @@ enum Slot {
     Waiting(Instant),
 }
 
+/// What the operations of one event loop share.
+struct Loop<'a> {
+    run: &'a Run,
+    poll: Poll,
+    proxy: &'a ProxySpec,
+    /// Where every operation connects: the proxy, or the target for `direct`.
+    addr: SocketAddr,
+    dest: Dest,
+    external: bool,
+    hist: Histogram,
+    buf: [u8; 4096],
+    /// One payload per slot; its first 4 bytes carry the operation's sequence number.
+    payloads: Vec<[u8; PAYLOAD]>,
+    seq: u32,
+}
+
 /// One event loop running `n` concurrent operations (payload ids from `first`) back to back until the run ends.
 fn event_loop(run: &Run, proxy: &ProxySpec, ep: &Endpoint, external: bool, first: usize, n: usize) {
-    let mut poll = match Poll::new() {
+    let poll = match Poll::new() {
         Ok(p) => p,
         Err(e) => return run.error(format!("poll: {e}")),
     };
-    let addr = proxy.addr.unwrap_or(ep.addr);
-    let dest = ep.dest(proxy.scheme);
-    let mut hist = Histogram::new();
-    let mut payloads: Vec<[u8; PAYLOAD]> = (0..n)
+    let payloads = (0..n)
         .map(|k| {
             let mut p = [0u8; PAYLOAD];
             for (i, b) in p.iter_mut().enumerate() {
@@ -182,11 +206,21 @@ fn event_loop(run: &Run, proxy: &ProxySpec, ep: &Endpoint, external: bool, first
             p
         })
         .collect();
-    let mut seq = 0u32;
+    let mut lp = Loop {
+        run,
+        poll,
+        proxy,
+        addr: proxy.addr.unwrap_or(ep.addr),
+        dest: ep.dest(proxy.scheme),
+        external,
+        hist: Histogram::new(),
+        buf: [0; 4096],
+        payloads,
+        seq: 0,
+    };
     let now = Instant::now();
     let mut slots: Vec<Slot> = (0..n).map(|_| Slot::Waiting(now)).collect();
     let mut events = Events::with_capacity(1024);
-    let mut buf = [0u8; 4096];
     let mut next_scan = now;
     while run.running() {
         let now = Instant::now();
@@ -198,30 +232,10 @@ fn event_loop(run: &Run, proxy: &ProxySpec, ep: &Endpoint, external: bool, first
             for (i, slot) in slots.iter_mut().enumerate() {
                 match slot {
                     Slot::Busy(op) if now.duration_since(op.started) > OP_TIMEOUT => {
-                        let what = match op.st {
-                            St::Handshake => "tunnel",
-                            St::Echo => "echo read",
-                            St::Closing => "waiting for close",
-                        };
-                        fail(run, slot, format!("{what}: timed out"), now);
+                        let msg = format!("{}: timed out", op.st.step());
+                        fail(run, slot, msg, now);
                     }
-                    Slot::Waiting(at) if now >= *at => {
-                        seq = seq.wrapping_add(1);
-                        payloads[i][..4].copy_from_slice(&seq.to_be_bytes());
-                        start(
-                            run,
-                            &poll,
-                            slot,
-                            i,
-                            addr,
-                            proxy,
-                            &dest,
-                            &payloads[i],
-                            external,
-                            &mut hist,
-                            &mut buf,
-                        );
-                    }
+                    Slot::Waiting(at) if now >= *at => lp.restart(slot, i),
                     _ => {}
                 }
             }
@@ -232,7 +246,7 @@ fn event_loop(run: &Run, proxy: &ProxySpec, ep: &Endpoint, external: bool, first
         } else {
             next_scan.saturating_duration_since(now)
         };
-        if let Err(e) = poll.poll(&mut events, Some(wait)) {
+        if let Err(e) = lp.poll.poll(&mut events, Some(wait)) {
             if e.kind() != ErrorKind::Interrupted {
                 run.error(format!("poll: {e}"));
                 break;
@@ -242,98 +256,77 @@ fn event_loop(run: &Run, proxy: &ProxySpec, ep: &Endpoint, external: bool, first
             let i = ev.token().0;
             // An event can belong to the socket of an operation that already ended in this batch; pumping the
             // slot's new operation then only finds nothing to do.
-            let Some(slot) = slots.get_mut(i) else {
+            let Some(Slot::Busy(op)) = slots.get_mut(i) else {
                 continue;
             };
-            let done = match slot {
-                Slot::Busy(op) => pump(op, &payloads[i], external, &mut buf),
-                Slot::Waiting(_) => continue,
-            };
-            if done.is_some() {
-                finish_op(run, slot, done, &mut hist);
+            if let Some(outcome) = pump(op, &lp.payloads[i], external, &mut lp.buf) {
+                let slot = &mut slots[i];
+                lp.finish(slot, outcome);
                 if matches!(slot, Slot::Waiting(at) if *at <= Instant::now()) {
-                    seq = seq.wrapping_add(1);
-                    payloads[i][..4].copy_from_slice(&seq.to_be_bytes());
-                    start(
-                        run,
-                        &poll,
-                        slot,
-                        i,
-                        addr,
-                        proxy,
-                        &dest,
-                        &payloads[i],
-                        external,
-                        &mut hist,
-                        &mut buf,
-                    );
+                    lp.restart(slot, i);
                 }
             }
         }
     }
-    run.merge(&hist);
+    run.merge(&lp.hist);
 }
 
-/// Starts a new operation in `slot` (token `i`) and takes it as far as it goes at once.
-#[allow(clippy::too_many_arguments)]
-fn start(
-    run: &Run,
-    poll: &Poll,
-    slot: &mut Slot,
-    i: usize,
-    addr: SocketAddr,
-    proxy: &ProxySpec,
-    dest: &Dest,
-    payload: &[u8; PAYLOAD],
-    external: bool,
-    hist: &mut Histogram,
-    buf: &mut [u8],
-) {
-    let opened = Handshake::new(proxy, dest, Command::Connect).and_then(|hs| {
-        let mut sock = TcpStream::connect(addr)?;
-        sock.set_nodelay(true)?;
-        poll.registry()
-            .register(&mut sock, Token(i), Interest::READABLE | Interest::WRITABLE)?;
-        Ok(Op {
-            st: if hs.is_done() {
-                St::Echo
-            } else {
-                St::Handshake
-            },
-            sock,
-            hs,
-            sent: 0,
-            got: 0,
-            echo: [0; PAYLOAD],
-            started: Instant::now(),
-        })
-    });
-    let mut op = match opened {
-        Ok(op) => Box::new(op),
-        Err(e) => return fail(run, slot, format!("tunnel: {e}"), Instant::now()),
-    };
-    // On loopback the connect has usually completed already; a write that finds it still in progress would block.
-    let done = pump(&mut op, payload, external, buf);
-    *slot = Slot::Busy(op);
-    if done.is_some() {
-        finish_op(run, slot, done, hist);
-    }
-}
-
-/// Records the end of the operation in `slot`: its latency, or its error and a pause.
-fn finish_op(run: &Run, slot: &mut Slot, done: Option<Result<(), String>>, hist: &mut Histogram) {
-    let (Some(outcome), Slot::Busy(op)) = (done, &*slot) else {
-        return;
-    };
-    match outcome {
-        Ok(()) => {
-            if run.complete(1) {
-                hist.record_duration(op.started.elapsed());
-            }
-            // The socket closes when the operation is dropped, which also takes it out of the epoll set.
-            *slot = Slot::Waiting(Instant::now());
+impl Loop<'_> {
+    /// Starts the next operation in `slot` (token `i`), with the next sequence number in its payload, and takes it
+    /// as far as it goes at once.
+    fn restart(&mut self, slot: &mut Slot, i: usize) {
+        self.seq = self.seq.wrapping_add(1);
+        self.payloads[i][..4].copy_from_slice(&self.seq.to_be_bytes());
+        let opened = Handshake::new(self.proxy, &self.dest, Command::Connect).and_then(|hs| {
+            let mut sock = TcpStream::connect(self.addr)?;
+            sock.set_nodelay(true)?;
+            self.poll.registry().register(
+                &mut sock,
+                Token(i),
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
+            Ok(Op {
+                st: if hs.is_done() {
+                    St::Echo
+                } else {
+                    St::Handshake
+                },
+                sock,
+                hs,
+                sent: 0,
+                got: 0,
+                echo: [0; PAYLOAD],
+                started: Instant::now(),
+            })
+        });
+        let mut op = match opened {
+            Ok(op) => Box::new(op),
+            Err(e) => return fail(self.run, slot, format!("tunnel: {e}"), Instant::now()),
+        };
+        // On loopback the connect has usually completed already; a write that finds it still in progress would
+        // block.
+        let done = pump(&mut op, &self.payloads[i], self.external, &mut self.buf);
+        *slot = Slot::Busy(op);
+        if let Some(outcome) = done {
+            self.finish(slot, outcome);
         }
-        Err(e) => fail(run, slot, e, Instant::now()),
+    }
+
+    /// Records the end of the operation in `slot`: its latency, or its error and a pause.
+    fn finish(&mut self, slot: &mut Slot, outcome: Result<(), String>) {
+        let Slot::Busy(op) = &*slot else {
+            return;
+        };
+        match outcome {
+            Ok(()) => {
+                if self.run.complete(1) {
+                    self.hist.record_duration(op.started.elapsed());
+                }
+                // The socket closes when the operation is dropped, which also takes it out of the epoll set.
+                *slot = Slot::Waiting(Instant::now());
+            }
+            Err(e) => fail(self.run, slot, e, Instant::now()),
+        }
     }
 }
 
@@ -456,11 +449,7 @@ fn take_echo(
 
 /// The message for a failed read, named after the step it failed in.
 fn read_error(op: &Op, e: &io::Error) -> String {
-    match op.st {
-        St::Handshake => format!("tunnel: {e}"),
-        St::Echo => format!("echo read: {e}"),
-        St::Closing => format!("waiting for close: {e}"),
-    }
+    format!("{}: {e}", op.st.step())
 }
 
 #[cfg(test)]
